@@ -1,0 +1,44 @@
+"""`paratrain` command line: one entry point, each subcommand owned by the package that implements it.
+
+Each owner module exposes `add_arguments(parser)` and `run(args) -> int`; they are imported only when
+their subcommand runs (module top levels stay light, so `paratrain --help` is instant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (owner module, one-line help)
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("server.cli", "Start server + UI + one local worker (the embedded default)."),
+    "worker": ("worker.cli", "Run a worker that claims jobs from a server and launches torchrun."),
+    "data": ("trainer_core.data_cli", "Check a Parallel JSONL dataset: errors with FILE:LINE, or a summary."),
+    "make-tiny-model": ("trainer_core.demo", "Build a tiny random Qwen2 model + locally trained tokenizer."),
+    "make-demo-data": ("trainer_core.demo", "Write a demo Parallel JSONL made from Python's module docs."),
+    "presets": ("trainer_core.vram", "Print VRAM-guided presets and peak-memory estimates."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="paratrain", description="Parallel-branch LoRA fine-tuning manager.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module, _command=name)
+        owner = importlib.import_module(module)
+        add = getattr(owner, f"add_{name.replace('-', '_')}_arguments", None) or owner.add_arguments
+        add(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    owner = importlib.import_module(args._module)
+    run = getattr(owner, f"run_{args._command.replace('-', '_')}", None) or owner.run
+    return int(run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

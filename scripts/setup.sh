@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Idempotent setup: a virtualenv in .venv with the pinned CPU torch first (an unpinned torch, or peft
+# before torch, pulls a multi-GB CUDA build), then paratrain itself. `--test` adds the test tools and
+# Debian's chromium for the browser tests. Safe to run again: it only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${PARATRAIN_VENV:-.venv}
+TORCH_SPEC=${PARATRAIN_TORCH:-torch==2.13.0}
+want_test=0
+[ "${1:-}" = "--test" ] && want_test=1
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV" >&2
+  python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+pipq() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  echo "setup: installing $TORCH_SPEC" >&2
+  pipq "$TORCH_SPEC"
+fi
+stamp="$VENV/.paratrain-installed"
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ $want_test = 1 ] && ! grep -q test "$stamp"; }; then
+  extras=""; [ $want_test = 1 ] && extras="[test]"
+  echo "setup: installing paratrain$extras" >&2
+  pipq -e ".$extras"
+  "$PY" -c "import torch, transformers, peft, fastapi, gradio" >/dev/null
+  echo "ok$extras" | sed 's/\[test\]/ test/' > "$stamp"
+fi
+if [ $want_test = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  echo "setup: installing Debian chromium for the browser tests" >&2
+  SUDO=""; [ "$(id -u)" != 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi

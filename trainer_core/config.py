@@ -1,0 +1,189 @@
+"""The one training-job schema.
+
+Every other view of a job is derived from `TrainConfig`: the `python -m trainer_core.train` flags
+(`add_cli_arguments` / `from_cli`), the server's request body, the UI form (field groups, defaults and
+help come from here) and the worker's torchrun command line (`to_cli_args`). Add a field here and all
+of them gain it; nothing else lists the parameters.
+
+This module must not import torch: the server and UI import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+# Groups as the guide groups its flags ("model", "data", "training") plus where outputs go.
+GROUPS = ("model", "data", "training", "output")
+
+
+def _field(default: Any, help: str, group: str, **kw: Any) -> Any:
+    return Field(default, description=help, json_schema_extra={"group": group}, **kw)
+
+
+class TrainConfig(BaseModel):
+    """Parameters of one parallel-branch LoRA training run (flag names are the guide's)."""
+
+    model_config = ConfigDict(extra="forbid")  # a misspelled key is an error, never a silent default
+
+    # --- model ---------------------------------------------------------------------------------
+    base_model: str = _field(..., "HuggingFace model directory (a local path; nothing is downloaded).", "model",
+                             min_length=1)
+    lora_rank: int = _field(8, "LoRA rank. Guide: <1B models 4-8, 1-3B 8-16, >3B 16-32.", "model", ge=1, le=1024)
+    lora_alpha: float | None = _field(None, "LoRA alpha; empty means 2 x lora_rank.", "model", gt=0)
+    lora_dropout: float = _field(0.0, "Dropout on the LoRA branch.", "model", ge=0.0, lt=1.0)
+    lora_target_modules: str = _field(
+        "all-linear", "Comma-separated module names to adapt, or 'all-linear' (every linear layer of the decoder).",
+        "model", min_length=1)
+    rope_2d_ratio: float = _field(
+        0.5, "Share of rotary frequency pairs (the lowest) that encode 2D (branch, time) positions. "
+        "0 = stock model. Guide: many short branches 0.6-0.7, few long branches 0.3-0.4.", "model", ge=0.0, le=1.0)
+    branch_stride: int = _field(128, "Branch coordinate step between consecutive branches.", "model", ge=1)
+    gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.", "model")
+
+    # --- data ----------------------------------------------------------------------------------
+    data_path: str = _field(..., "Parallel JSONL file: {\"main\", \"branches\"} or {\"text\"} per line.", "data",
+                            min_length=1)
+    max_seq_len: int = _field(1024, "Each branch (and the main) is truncated to this many tokens.", "data", ge=1)
+    branches_per_sample: int = _field(8, "Fixed number of consecutive text records grouped into one sample.",
+                                      "data", ge=1)
+    max_branches_per_sample: int | None = _field(
+        None, "Dynamic grouping: a random count in [min, max] text records per sample.", "data", ge=1)
+    min_branches_per_sample: int = _field(1, "Lower bound of the dynamic branch count.", "data", ge=1)
+    batch_by_samples: bool = _field(False, "batch_size counts samples (otherwise it counts texts/branches).", "data")
+    tokens_per_row: int = _field(
+        16384, "Samples of a step are packed into rows of at most this many tokens (no padding to the "
+        "longest sample).", "data", ge=16)
+
+    # --- training ------------------------------------------------------------------------------
+    epochs: int = _field(3, "Passes over the data.", "training", ge=1)
+    batch_size: int = _field(16, "Per-device batch: samples with --batch_by_samples, else texts.", "training", ge=1)
+    learning_rate: float = _field(1e-4, "Peak AdamW learning rate (warmup, then cosine decay).", "training", gt=0)
+    warmup_ratio: float = _field(0.05, "Share of optimiser steps spent warming up.", "training", ge=0.0, le=1.0)
+    weight_decay: float = _field(0.0, "AdamW weight decay.", "training", ge=0.0)
+    max_grad_norm: float = _field(1.0, "Gradient-norm clipping threshold.", "training", gt=0)
+    accumulation_steps: int = _field(1, "Micro-batches per optimiser step.", "training", ge=1)
+    max_steps: int | None = _field(None, "Stop after this many optimiser steps (empty: run all epochs).",
+                                   "training", ge=1)
+    dtype: Literal["bfloat16", "float16", "float32"] = _field(
+        "bfloat16", "Training precision on CUDA (CPU runs always use float32).", "training")
+    ddp: bool = _field(False, "Distributed data parallel under torchrun (NCCL on CUDA, gloo on CPU).", "training")
+    seed: int = _field(42, "Seed for data order, branch grouping and LoRA init.", "training")
+
+    # --- output --------------------------------------------------------------------------------
+    output_dir: str = _field("out", "Where lora/, adapter/, checkpoints/ and metrics.jsonl go.", "output",
+                             min_length=1)
+    name: str = _field("paratrain", "Run name used in out/lora/{name}_{model}.pth.", "output",
+                       min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
+    log_interval: int = _field(1, "Log metrics every N optimiser steps.", "output", ge=1)
+    save_interval: int = _field(50, "Save a resumable checkpoint every N optimiser steps.", "output", ge=1)
+    resume: bool = _field(True, "Continue from the newest checkpoint in output_dir when there is one.", "output")
+
+    @model_validator(mode="after")
+    def _check_branch_bounds(self) -> "TrainConfig":
+        if self.max_branches_per_sample is not None and self.min_branches_per_sample > self.max_branches_per_sample:
+            raise ValueError("min_branches_per_sample must be <= max_branches_per_sample")
+        return self
+
+    @property
+    def resolved_lora_alpha(self) -> float:
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank
+
+    @property
+    def model_short_name(self) -> str:
+        """The `{model}` part of output names: the last path component of base_model."""
+        return self.base_model.rstrip("/").split("/")[-1] or "model"
+
+    # --- derived views -----------------------------------------------------------------------------
+    def to_cli_args(self) -> list[str]:
+        """Flags for `python -m trainer_core.train`; round-trips through `from_cli`."""
+        args: list[str] = []
+        for name, info in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if _is_bool(info.annotation):
+                if value != info.default:
+                    args.append(f"--{name}" if value else f"--no-{name}")
+                continue
+            args += [f"--{name}", str(value)]
+        return args
+
+    @classmethod
+    def from_cli(cls, argv: list[str] | None = None, prog: str = "trainer_core.train") -> "TrainConfig":
+        parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
+        add_cli_arguments(parser)
+        ns = parser.parse_args(argv)
+        values = {k: v for k, v in vars(ns).items() if v is not None}
+        try:
+            return cls(**values)
+        except ValidationError as e:
+            parser.error(format_validation_error(e))
+            raise  # unreachable: parser.error exits
+
+    @classmethod
+    def fields_by_group(cls) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {g: [] for g in GROUPS}
+        for name, info in cls.model_fields.items():
+            out[_group(info)].append(name)
+        return out
+
+
+def _is_bool(annotation: Any) -> bool:
+    return annotation is bool
+
+
+def _group(info: Any) -> str:
+    extra = info.json_schema_extra or {}
+    return extra.get("group", "training") if isinstance(extra, dict) else "training"
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, spelled as the field; validation is left to pydantic."""
+    for group_name in GROUPS:
+        group = parser.add_argument_group(group_name)
+        for name, info in TrainConfig.model_fields.items():
+            if _group(info) != group_name:
+                continue
+            help_text = info.description or ""
+            if _is_bool(info.annotation):
+                group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
+                continue
+            default = None if info.is_required() else info.default
+            help_text += "" if info.is_required() else f" (default: {default})"
+            group.add_argument(f"--{name}", type=_cli_type(info.annotation), default=None,
+                               required=info.is_required(), help=help_text, metavar=name.upper())
+
+
+def _cli_type(annotation: Any):
+    text = str(annotation)
+    if annotation is int or text == "int | None":
+        return int
+    if annotation is float or text == "float | None":
+        return float
+    return str
+
+
+def format_validation_error(e: ValidationError) -> str:
+    """'field: message' lines, the field named as the user spelled it."""
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        lines.append(f"{loc}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def load_config_file(path: str) -> TrainConfig:
+    """A saved config (YAML or JSON)."""
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if path.endswith((".yaml", ".yml")):
+        import yaml
+
+        data = yaml.safe_load(text)
+    else:
+        data = json.loads(text)
+    return TrainConfig(**data)
