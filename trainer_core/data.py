@@ -1,0 +1,399 @@
+"""Parallel JSONL: validation, tokenisation (cached on disk), grouping into samples, batching.
+
+A line is either `{"main": str, "branches": [str, ...]}` (one sample) or `{"text": str}`; runs of
+consecutive text records are grouped into samples whose branches are those texts (no main).
+
+Files are streamed line by line and never held in memory whole. Tokens live in a flat int32 file
+(memory-mapped) with an offsets index, cached under a key of (file content, tokenizer, max_seq_len),
+so a second run over the same data does not tokenise again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from trainer_core.config import TrainConfig
+from trainer_core.layout import PackedBatch, build_sample_layout, collate_packed
+
+MAX_REPORTED_ERRORS = 50
+TOKENIZE_CHUNK = 1024
+CACHE_VERSION = "1"
+
+
+class DataError(ValueError):
+    """Bad dataset: `lines` are `FILE:LINE: what is wrong` messages, ready to show a user."""
+
+    def __init__(self, lines: list[str]):
+        super().__init__("\n".join(lines))
+        self.lines = lines
+
+
+@dataclass
+class Record:
+    line: int
+    main: str | None = None            # main+branches record
+    branches: list[str] | None = None
+    text: str | None = None            # text record
+
+
+# --- reading and validation ----------------------------------------------------------------------
+
+def iter_raw_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) for every non-blank line, streamed."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if raw.strip():
+                yield lineno, raw
+
+
+def parse_line(raw: bytes) -> Record | str:
+    """A Record, or a message saying what is wrong with the line."""
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return f"not UTF-8 ({e.reason} at byte {e.start})"
+    except json.JSONDecodeError as e:
+        return f"not valid JSON ({e.msg} at column {e.colno})"
+    if not isinstance(obj, dict):
+        return f"expected a JSON object, got {type(obj).__name__}"
+    if "branches" in obj or "main" in obj:
+        if "text" in obj:
+            return "has both 'text' and 'branches'/'main'; use one shape per line"
+        main = obj.get("main", "")
+        branches = obj.get("branches")
+        if not isinstance(main, str):
+            return f"'main' must be a string, got {type(main).__name__}"
+        if branches is None:
+            return "'main' without 'branches'; add a 'branches' list (or use {\"text\": ...})"
+        if not isinstance(branches, list):
+            return f"'branches' must be a list of strings, got {type(branches).__name__}"
+        if not branches:
+            return "'branches' is empty"
+        for i, b in enumerate(branches):
+            if not isinstance(b, str):
+                return f"branches[{i}] must be a string, got {type(b).__name__}"
+        if not main.strip() and not any(b.strip() for b in branches):
+            return "no text at all (main and every branch are empty)"
+        return Record(line=0, main=main, branches=branches)
+    if "text" in obj:
+        text = obj["text"]
+        if not isinstance(text, str):
+            return f"'text' must be a string, got {type(text).__name__}"
+        if not text.strip():
+            return "'text' is empty"
+        return Record(line=0, text=text)
+    keys = ", ".join(sorted(obj)) or "none"
+    return f"no 'main'/'branches' or 'text' key (keys: {keys})"
+
+
+def iter_records(path: str | os.PathLike) -> Iterator[Record]:
+    """Valid records of a file already checked by `validate_file`."""
+    for lineno, raw in iter_raw_lines(path):
+        rec = parse_line(raw)
+        if isinstance(rec, str):
+            raise DataError([f"{path}:{lineno}: {rec}"])
+        rec.line = lineno
+        yield rec
+
+
+def validate_file(path: str | os.PathLike, max_errors: int = MAX_REPORTED_ERRORS) -> int:
+    """Check every line; return the record count or raise DataError listing `FILE:LINE: ...` problems."""
+    p = Path(path)
+    if not p.exists():
+        raise DataError([f"{path}: file not found"])
+    if p.is_dir():
+        raise DataError([f"{path}: is a directory, expected a Parallel JSONL file"])
+    errors: list[str] = []
+    n_errors = 0
+    records = 0
+    for lineno, raw in iter_raw_lines(p):
+        rec = parse_line(raw)
+        if isinstance(rec, str):
+            n_errors += 1
+            if len(errors) < max_errors:
+                errors.append(f"{path}:{lineno}: {rec}")
+        else:
+            records += 1
+    if n_errors > len(errors):
+        errors.append(f"{path}: ... and {n_errors - len(errors)} more bad lines")
+    if not errors and records == 0:
+        errors.append(f"{path}:1: empty file (no records)")
+    if errors:
+        raise DataError(errors)
+    return records
+
+
+# --- tokenizer ---------------------------------------------------------------------------------------
+
+def load_tokenizer(model_dir: str):
+    """The model's tokenizer. A tokenizer that declares itself a plain PreTrainedTokenizerFast is loaded as
+    such: AutoTokenizer would otherwise swap in the model family's own pre-tokenizer."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    cfg_file = Path(model_dir) / "tokenizer_config.json"
+    cls = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.exists() else None
+    if cls == "PreTrainedTokenizerFast":
+        return PreTrainedTokenizerFast.from_pretrained(model_dir)
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _fingerprint_tokenizer(model_dir: str) -> str:
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model"):
+        f = Path(model_dir) / name
+        if f.exists():
+            h.update(name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _fingerprint_file(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --- tokenised dataset -------------------------------------------------------------------------------
+
+@dataclass
+class TokenizedDataset:
+    """All texts of a file as token ids.
+
+    Text t has tokens `tokens[text_offsets[t]:text_offsets[t+1]]`. Record r owns texts
+    `record_texts[r]:record_texts[r+1]`; for a main+branches record (`record_has_main[r]`) the first of
+    them is the main (possibly empty), for a text record it is the single text.
+    """
+
+    tokens: np.ndarray
+    text_offsets: np.ndarray
+    record_texts: np.ndarray
+    record_is_parallel: np.ndarray
+    record_lines: np.ndarray
+
+    @property
+    def num_records(self) -> int:
+        return len(self.record_lines)
+
+    def text(self, t: int) -> np.ndarray:
+        return self.tokens[self.text_offsets[t]:self.text_offsets[t + 1]]
+
+    def text_len(self, t: int) -> int:
+        return int(self.text_offsets[t + 1] - self.text_offsets[t])
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PARATRAIN_CACHE", Path.home() / ".cache" / "paratrain")) / "tokens"
+
+
+def cache_key(data_path: str, tokenizer_dir: str, max_seq_len: int) -> str:
+    h = hashlib.sha256()
+    for part in (CACHE_VERSION, _fingerprint_file(data_path), _fingerprint_tokenizer(tokenizer_dir), str(max_seq_len)):
+        h.update(part.encode())
+    return h.hexdigest()[:24]
+
+
+def prepare_tokens(data_path: str, tokenizer_dir: str, max_seq_len: int,
+                   cache_dir: str | os.PathLike | None = None, log=None) -> Path:
+    """Validate, then tokenise `data_path` once; return the cache directory (`open_tokens` reads it).
+    Later calls with the same file, tokenizer and max_seq_len find the cache and tokenise nothing."""
+    validate_file(data_path)
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    target = root / cache_key(data_path, tokenizer_dir, max_seq_len)
+    if not (target / "index.npz").exists():
+        if log:
+            log(f"tokenising {data_path} (cache: {target})")
+        _tokenize_to(target, data_path, tokenizer_dir, max_seq_len)
+    elif log:
+        log(f"using cached tokens {target}")
+    return target
+
+
+def load_or_tokenize(data_path: str, tokenizer_dir: str, max_seq_len: int,
+                     cache_dir: str | os.PathLike | None = None, log=None) -> TokenizedDataset:
+    return open_tokens(prepare_tokens(data_path, tokenizer_dir, max_seq_len, cache_dir, log))
+
+
+def _tokenize_to(target: Path, data_path: str, tokenizer_dir: str, max_seq_len: int) -> None:
+    tokenizer = load_tokenizer(tokenizer_dir)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    text_lengths: list[int] = []
+    record_texts = [0]
+    record_is_parallel: list[bool] = []
+    record_lines: list[int] = []
+    try:
+        with open(tmp / "tokens.bin", "wb") as out:
+            pending: list[str] = []
+
+            def flush() -> None:
+                if not pending:
+                    return
+                encoded = tokenizer(pending, add_special_tokens=False)["input_ids"]
+                for ids in encoded:
+                    ids = ids[:max_seq_len]
+                    text_lengths.append(len(ids))
+                    out.write(np.asarray(ids, dtype=np.int32).tobytes())
+                pending.clear()
+
+            for rec in iter_records(data_path):
+                texts = [rec.main or ""] + rec.branches if rec.branches is not None else [rec.text]
+                pending.extend(texts)
+                record_texts.append(record_texts[-1] + len(texts))
+                record_is_parallel.append(rec.branches is not None)
+                record_lines.append(rec.line)
+                if len(pending) >= TOKENIZE_CHUNK:
+                    flush()
+            flush()
+        np.savez(tmp / "index.npz",
+                 text_offsets=np.concatenate([[0], np.cumsum(text_lengths, dtype=np.int64)]),
+                 record_texts=np.asarray(record_texts, dtype=np.int64),
+                 record_is_parallel=np.asarray(record_is_parallel, dtype=bool),
+                 record_lines=np.asarray(record_lines, dtype=np.int64))
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process (rank) finished the same cache first: theirs is identical
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def open_tokens(target: Path) -> TokenizedDataset:
+    index = np.load(target / "index.npz")
+    n_tokens = int(index["text_offsets"][-1])
+    tokens = (np.memmap(target / "tokens.bin", dtype=np.int32, mode="r", shape=(n_tokens,))
+              if n_tokens else np.zeros(0, dtype=np.int32))
+    return TokenizedDataset(tokens=tokens, text_offsets=index["text_offsets"], record_texts=index["record_texts"],
+                            record_is_parallel=index["record_is_parallel"], record_lines=index["record_lines"])
+
+
+# --- samples -------------------------------------------------------------------------------------------
+
+@dataclass
+class SampleIndex:
+    """Sample s has main text `main[s]` (-1: none) and branch texts `branch_texts[ptr[s]:ptr[s+1]]`."""
+
+    main: np.ndarray
+    ptr: np.ndarray
+    branch_texts: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.main)
+
+    def num_branches(self, s: int) -> int:
+        return int(self.ptr[s + 1] - self.ptr[s])
+
+
+def build_samples(ds: TokenizedDataset, cfg: TrainConfig) -> SampleIndex:
+    """Turn records into samples: parallel records as they are; runs of text records grouped
+    `branches_per_sample` at a time, or a random count in [min, max] when max_branches_per_sample is set.
+    Texts that tokenise to nothing are dropped."""
+    rng = np.random.default_rng(cfg.seed)
+    mains: list[int] = []
+    ptr = [0]
+    branches: list[int] = []
+
+    def add(main: int, texts: list[int]) -> None:
+        texts = [t for t in texts if ds.text_len(t) > 0]
+        if main >= 0 and ds.text_len(main) == 0:
+            main = -1
+        if texts or main >= 0:
+            mains.append(main)
+            branches.extend(texts)
+            ptr.append(len(branches))
+
+    def flush_run(run: list[int]) -> None:
+        i = 0
+        while i < len(run):
+            if cfg.max_branches_per_sample is not None:
+                n = int(rng.integers(cfg.min_branches_per_sample, cfg.max_branches_per_sample + 1))
+            else:
+                n = cfg.branches_per_sample
+            add(-1, run[i:i + n])
+            i += n
+        run.clear()
+
+    run: list[int] = []
+    for r in range(ds.num_records):
+        first, end = int(ds.record_texts[r]), int(ds.record_texts[r + 1])
+        if ds.record_is_parallel[r]:
+            flush_run(run)
+            add(first, list(range(first + 1, end)))
+        else:
+            run.append(first)
+    flush_run(run)
+    return SampleIndex(main=np.asarray(mains, dtype=np.int64), ptr=np.asarray(ptr, dtype=np.int64),
+                       branch_texts=np.asarray(branches, dtype=np.int64))
+
+
+def sample_token_ids(ds: TokenizedDataset, samples: SampleIndex, s: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    main = ds.text(int(samples.main[s])) if samples.main[s] >= 0 else np.zeros(0, dtype=np.int32)
+    branches = [ds.text(int(t)) for t in samples.branch_texts[samples.ptr[s]:samples.ptr[s + 1]]]
+    return main, branches
+
+
+def sample_lengths(ds: TokenizedDataset, samples: SampleIndex) -> np.ndarray:
+    """Total tokens per sample (vectorised)."""
+    text_len = np.diff(ds.text_offsets)
+    per_branch = text_len[samples.branch_texts]
+    branch_sums = np.add.reduceat(per_branch, samples.ptr[:-1]) if len(per_branch) else np.zeros(len(samples))
+    branch_sums = np.where(np.diff(samples.ptr) > 0, branch_sums, 0)
+    main_len = np.where(samples.main >= 0, text_len[np.maximum(samples.main, 0)], 0)
+    return (branch_sums + main_len).astype(np.int64)
+
+
+# --- batches -------------------------------------------------------------------------------------------
+
+def epoch_batches(samples: SampleIndex, cfg: TrainConfig, epoch: int) -> list[np.ndarray]:
+    """All batches of one epoch (every rank computes the same list), shuffled with seed + epoch.
+
+    With --batch_by_samples a batch is `batch_size` samples; otherwise samples are added until the batch
+    holds at least `batch_size` texts (branches, counting the main)."""
+    order = np.random.default_rng(cfg.seed + 1000 * (epoch + 1)).permutation(len(samples))
+    if cfg.batch_by_samples:
+        return [order[i:i + cfg.batch_size] for i in range(0, len(order), cfg.batch_size)]
+    texts_per_sample = np.diff(samples.ptr) + (samples.main >= 0)
+    batches, start, count = [], 0, 0
+    for i, s in enumerate(order):
+        count += int(texts_per_sample[s])
+        if count >= cfg.batch_size:
+            batches.append(order[start:i + 1])
+            start, count = i + 1, 0
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
+
+def rank_batches(batches: list[np.ndarray], rank: int, world: int) -> list[np.ndarray]:
+    """Disjoint shard for one rank; every rank gets the same count so DDP steps stay in lockstep."""
+    per_rank = len(batches) // world
+    return batches[rank::world][:per_rank]
+
+
+def steps_in_epoch(samples: SampleIndex, cfg: TrainConfig, world: int, epoch: int) -> int:
+    """Optimiser steps of one epoch (text batching makes it vary a little between epochs)."""
+    return len(rank_batches(epoch_batches(samples, cfg, epoch), 0, world)) // cfg.accumulation_steps
+
+
+def collate_batch(ds: TokenizedDataset, samples: SampleIndex, batch: np.ndarray, cfg: TrainConfig) -> PackedBatch:
+    """Sample indices -> packed rows of column-major layouts."""
+    layouts = [build_sample_layout(*_as_torch(sample_token_ids(ds, samples, int(s))), branch_stride=cfg.branch_stride)
+               for s in batch]
+    return collate_packed(layouts, cfg.tokens_per_row)
+
+
+def _as_torch(parts: tuple[np.ndarray, list[np.ndarray]]):
+    main, branches = parts
+    return torch.from_numpy(main.astype(np.int64)), [torch.from_numpy(b.astype(np.int64)) for b in branches]

@@ -1,0 +1,175 @@
+"""Columnar layout of parallel-branch samples, their labels and attention rule, and packing into rows.
+
+Pure tensor functions (DESIGN.md §1). A sample is a main prefix plus parallel branches; branch k of
+`[main] + branches` (or just `branches` when there is no main) gets branch coordinate k * stride. Main
+tokens take times 0..M-1, every branch starts at time M. Tokens are ordered column-major by
+(time, k), so a row reads "column by column" and pos1d is just the index in that order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+PAD_SAMPLE_ID = -1
+
+
+@dataclass
+class SampleLayout:
+    """One sample in column-major order; all fields are 1-D LongTensors of equal length."""
+
+    input_ids: torch.Tensor
+    time_ids: torch.Tensor
+    branch_pos: torch.Tensor
+    pos1d: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.input_ids.numel()
+
+
+def _as_long(ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+
+
+def build_sample_layout(main_ids: Sequence[int] | torch.Tensor | None,
+                        branches_ids: Sequence[Sequence[int] | torch.Tensor],
+                        branch_stride: int = 128) -> SampleLayout:
+    """Lay one sample out in columns (vectorised: no per-token Python loop)."""
+    main = _as_long(main_ids if main_ids is not None else [])
+    has_main = main.numel() > 0
+    seqs = ([main] if has_main else []) + [_as_long(b) for b in branches_ids]
+    if not seqs:
+        raise ValueError("a sample needs a main or at least one branch")
+    main_len = main.numel()
+
+    lengths = torch.tensor([s.numel() for s in seqs], dtype=torch.long)
+    flat_ids = torch.cat(seqs)
+    n = flat_ids.numel()
+    branch_index = torch.repeat_interleave(torch.arange(len(seqs)), lengths)   # k per token
+    starts = torch.cumsum(lengths, 0) - lengths
+    offset_in_branch = torch.arange(n) - starts[branch_index]                   # j per token
+    is_main = (branch_index == 0) & has_main
+    time = torch.where(is_main, offset_in_branch, offset_in_branch + main_len)
+
+    # The next token of the same branch; the last token of each branch predicts nothing.
+    is_last = offset_in_branch == (lengths[branch_index] - 1)
+    next_ids = torch.cat([flat_ids[1:], flat_ids.new_full((1,), IGNORE_INDEX)])
+    flat_labels = torch.where(is_last, torch.full_like(flat_ids, IGNORE_INDEX), next_ids)
+
+    # Column-major order: by time, then branch. (time, k) is unique per token, so the key is exact.
+    order = torch.argsort(time * len(seqs) + branch_index)
+    return SampleLayout(
+        input_ids=flat_ids[order],
+        time_ids=time[order],
+        branch_pos=branch_index[order] * branch_stride,
+        pos1d=torch.arange(n),
+        labels=flat_labels[order],
+    )
+
+
+def columnar_mask(time_ids: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
+    """Dense bool attention mask [B,1,T,T] (True = may attend) for SDPA.
+
+    Query i sees key j iff both are in the same (non-padding) sample and time[j] < time[i], or i == j.
+    Padding (sample id -1) sees only itself, which keeps its softmax finite, and nobody sees it.
+    """
+    if time_ids.shape != sample_ids.shape or time_ids.dim() != 2:
+        raise ValueError(f"time_ids and sample_ids must both be [B,T], got {tuple(time_ids.shape)} "
+                         f"and {tuple(sample_ids.shape)}")
+    T = time_ids.shape[1]
+    same_sample = (sample_ids[:, :, None] == sample_ids[:, None, :]) & (sample_ids[:, :, None] >= 0)
+    earlier = time_ids[:, None, :] < time_ids[:, :, None]
+    diagonal = torch.eye(T, dtype=torch.bool, device=time_ids.device)
+    return ((same_sample & earlier) | diagonal).unsqueeze(1)
+
+
+def columnar_block_mask(time_ids: torch.Tensor, sample_ids: torch.Tensor):
+    """The same rule as `columnar_mask`, as a FlexAttention BlockMask (never materialises [T,T]).
+
+    Fully masked 128x128 blocks (other samples, padding) are skipped by the kernel, so packing several
+    samples into one row costs only their own blocks.
+    """
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, T = time_ids.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        same = (sample_ids[b, q_idx] == sample_ids[b, kv_idx]) & (sample_ids[b, q_idx] >= 0)
+        return (same & (time_ids[b, kv_idx] < time_ids[b, q_idx])) | (q_idx == kv_idx)
+
+    return create_block_mask(mask_mod, B, None, T, T, device=time_ids.device)
+
+
+# --- packing ---------------------------------------------------------------------------------------
+
+def pack_into_rows(lengths: Sequence[int], tokens_per_row: int) -> list[list[int]]:
+    """Group sample indices into rows of at most `tokens_per_row` tokens (first-fit decreasing).
+
+    A sample longer than the budget gets a row of its own: samples are never split, since a branch's
+    tokens must see their own columns.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(tokens_per_row - lengths[i])
+    return rows
+
+
+@dataclass
+class PackedBatch:
+    """Rows of packed samples; every field is [R, T]. sample_ids is -1 on padding."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    pos1d: torch.Tensor
+    branch_pos: torch.Tensor
+    time_ids: torch.Tensor
+    sample_ids: torch.Tensor
+
+    @property
+    def num_label_tokens(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.sample_ids >= 0).sum())
+
+    def to(self, device: torch.device | str) -> "PackedBatch":
+        return PackedBatch(**{k: v.to(device, non_blocking=True) for k, v in vars(self).items()})
+
+
+def collate_packed(layouts: Sequence[SampleLayout], tokens_per_row: int,
+                   pad_to_multiple: int = 8) -> PackedBatch:
+    """Pack sample layouts into as few rows as fit the budget; pad rows to the longest row only."""
+    rows = pack_into_rows([len(lay) for lay in layouts], tokens_per_row)
+    row_len = max(sum(len(layouts[i]) for i in row) for row in rows)
+    T = -(-row_len // pad_to_multiple) * pad_to_multiple
+    R = len(rows)
+    out = {
+        "input_ids": torch.zeros(R, T, dtype=torch.long),
+        "labels": torch.full((R, T), IGNORE_INDEX, dtype=torch.long),
+        "pos1d": torch.zeros(R, T, dtype=torch.long),
+        "branch_pos": torch.zeros(R, T, dtype=torch.long),
+        "time_ids": torch.zeros(R, T, dtype=torch.long),
+        "sample_ids": torch.full((R, T), PAD_SAMPLE_ID, dtype=torch.long),
+    }
+    for r, row in enumerate(rows):
+        parts = [layouts[i] for i in row]
+        n = sum(len(p) for p in parts)
+        for name in ("input_ids", "labels", "pos1d", "branch_pos", "time_ids"):
+            out[name][r, :n] = torch.cat([getattr(p, name) for p in parts])
+        out["sample_ids"][r, :n] = torch.repeat_interleave(
+            torch.arange(len(parts)), torch.tensor([len(p) for p in parts]))
+    return PackedBatch(**out)

@@ -1,0 +1,159 @@
+"""Model side of training: load the base model, add PEFT LoRA and the 2D RoPE patch, compute the loss.
+
+`ParallelBranchLM` owns the whole forward + loss so DDP can wrap it as one module. Logits are never
+materialised for the whole batch: only positions that have a label go through the LM head, in chunks
+that are recomputed in backward (chunked cross-entropy).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from trainer_core.config import TrainConfig
+from trainer_core.layout import IGNORE_INDEX, columnar_block_mask, columnar_mask
+from trainer_core.rope2d import patch_rope_2d, stack_position_ids
+
+ROPE_SETTINGS_FILE = "rope2d.json"
+CE_CHUNK_TOKENS = 8192
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def attention_backend(device: torch.device) -> str:
+    """FlexAttention (block-sparse, compiled) on CUDA; SDPA with a dense bool mask on CPU, where flex
+    has no backward."""
+    return "flex_attention" if device.type == "cuda" else "sdpa"
+
+
+def load_base_model(model_dir: str, device: torch.device, dtype: torch.dtype, attn_implementation: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(device)
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+
+    targets = cfg.lora_target_modules
+    target_modules = "all-linear" if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.resolved_lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
+
+
+def build_lora_model(cfg: TrainConfig, device: torch.device):
+    """Base model (frozen) + LoRA adapters + 2D RoPE patch, ready to train."""
+    from peft import get_peft_model
+
+    dtype = DTYPES[cfg.dtype] if device.type == "cuda" else torch.float32
+    base = load_base_model(cfg.base_model, device, dtype, attention_backend(device))
+    patch_rope_2d(base, cfg.rope_2d_ratio)
+    if cfg.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False
+    model = get_peft_model(base, lora_config(cfg))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable or any("lora_" not in n for n in trainable):
+        raise RuntimeError(f"unexpected trainable parameters: {[n for n in trainable if 'lora_' not in n][:5]}")
+    return model
+
+
+def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
+                          chunk: int = CE_CHUNK_TOKENS) -> torch.Tensor:
+    """Sum of token cross-entropies over positions with a label, without holding full-vocab logits."""
+    keep = labels != IGNORE_INDEX
+    h, y = hidden[keep], labels[keep]
+
+    def chunk_loss(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(lm_head(h_chunk).float(), y_chunk, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.shape[0], chunk):
+        if torch.is_grad_enabled() and h.requires_grad:
+            total = total + checkpoint(chunk_loss, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
+        else:
+            total = total + chunk_loss(h[i:i + chunk], y[i:i + chunk])
+    return total
+
+
+class ParallelBranchLM(nn.Module):
+    """forward(batch tensors) -> summed token loss. The attention rule and 2D coordinates come in with
+    the batch, so nothing is stored between calls."""
+
+    def __init__(self, peft_model: nn.Module):
+        super().__init__()
+        self.peft_model = peft_model
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, pos1d: torch.Tensor,
+                branch_pos: torch.Tensor, time_ids: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
+        hidden = hidden_states(self.peft_model, input_ids, pos1d, branch_pos, time_ids, sample_ids)
+        return chunked_cross_entropy(hidden, labels, self.peft_model.get_base_model().get_output_embeddings())
+
+
+def attention_mask_for(model: nn.Module, time_ids: torch.Tensor, sample_ids: torch.Tensor):
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if impl == "flex_attention":
+        return columnar_block_mask(time_ids, sample_ids)
+    return columnar_mask(time_ids, sample_ids)
+
+
+def hidden_states(peft_model: nn.Module, input_ids, pos1d, branch_pos, time_ids, sample_ids) -> torch.Tensor:
+    """Final hidden states of the (LoRA-adapted) decoder under the columnar rule and 2D coordinates."""
+    base = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    mask = attention_mask_for(base, time_ids, sample_ids)
+    out = base.get_decoder()(input_ids=input_ids, attention_mask=mask,
+                             position_ids=stack_position_ids(pos1d, branch_pos, time_ids), use_cache=False)
+    return out.last_hidden_state
+
+
+def parallel_logits(model: nn.Module, input_ids, pos1d, branch_pos, time_ids, sample_ids) -> torch.Tensor:
+    """Full logits [B,T,V] for evaluation and tests (training never builds these)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    h = hidden_states(model, input_ids, pos1d, branch_pos, time_ids, sample_ids)
+    return base.get_output_embeddings()(h)
+
+
+# --- saving and loading adapters --------------------------------------------------------------------
+
+def lora_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu").clone() for k, v in get_peft_model_state_dict(peft_model).items()}
+
+
+def save_adapter_dir(peft_model: nn.Module, out_dir: Path, cfg: TrainConfig) -> None:
+    """PEFT adapter directory plus the 2D RoPE settings needed to use it."""
+    peft_model.save_pretrained(out_dir)
+    (out_dir / ROPE_SETTINGS_FILE).write_text(json.dumps(
+        {"rope_2d_ratio": cfg.rope_2d_ratio, "branch_stride": cfg.branch_stride,
+         "base_model": cfg.base_model}, indent=2))
+
+
+def load_adapter_dir(base_model: str, adapter_dir: str | Path, device: str | torch.device = "cpu",
+                     dtype: torch.dtype = torch.float32):
+    """Base model + saved adapter + the same 2D RoPE patch, for inference (`generate()` works on it)."""
+    from peft import PeftModel
+
+    settings = json.loads((Path(adapter_dir) / ROPE_SETTINGS_FILE).read_text())
+    base = load_base_model(base_model, torch.device(device), dtype, "sdpa")
+    patch_rope_2d(base, settings["rope_2d_ratio"])
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+def load_pth(base_model: str, pth_path: str | Path, cfg: TrainConfig, device: str | torch.device = "cpu"):
+    """Base model + LoRA weights from a `.pth` state dict (the guide's output format)."""
+    from peft import get_peft_model, set_peft_model_state_dict
+
+    base = load_base_model(base_model, torch.device(device), torch.float32, "sdpa")
+    patch_rope_2d(base, cfg.rope_2d_ratio)
+    model = get_peft_model(base, lora_config(cfg))
+    result = set_peft_model_state_dict(model, torch.load(pth_path, map_location=device, weights_only=True))
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"{pth_path}: keys that are not LoRA weights of this model: {unexpected[:5]}")
+    return model.eval()

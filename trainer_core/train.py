@@ -1,0 +1,269 @@
+"""`python -m trainer_core.train`: parallel-branch LoRA training (the guide's command line).
+
+    torchrun --nproc_per_node 2 -m trainer_core.train --base_model DIR --data_path FILE \\
+        --lora_rank 8 --batch_size 4 --batch_by_samples --max_branches_per_sample 16 \\
+        --rope_2d_ratio 0.5 --epochs 1 --ddp
+
+Reads top to bottom: data -> model -> optimiser -> (resume) -> loop -> outputs. Rank 0 prints one JSON
+object per line on stdout (metrics and events, for machines) and a progress line on stderr (for people).
+Exit codes: 0 done (also after SIGTERM: checkpoint saved), 2 bad config/data, 3 out of memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from trainer_core import checkpoint as ckpt
+from trainer_core.config import TrainConfig
+from trainer_core.data import (DataError, build_samples, collate_batch, epoch_batches, open_tokens,
+                               prepare_tokens, rank_batches, steps_in_epoch)
+from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
+                               compute_init, print0)
+from trainer_core.model import ParallelBranchLM, build_lora_model, lora_state_dict, save_adapter_dir
+
+EXIT_BAD_INPUT = 2
+EXIT_OOM = 3
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it at step boundaries (signal handlers only set flags)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+
+def lr_lambda(total_steps: int, warmup_steps: int):
+    """Linear warmup to the peak, then cosine decay to zero."""
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+def output_names(cfg: TrainConfig) -> tuple[Path, Path, Path]:
+    lora_dir = Path(cfg.output_dir) / "lora"
+    stem = f"{cfg.name}_{cfg.model_short_name}"
+    return lora_dir / f"{stem}.pth", lora_dir / f"{stem}_final.pth", Path(cfg.output_dir) / "adapter"
+
+
+def emit(env: DistEnv, record: dict, metrics_file: Path | None = None) -> None:
+    """One machine-readable JSON line on stdout (rank 0), optionally appended to metrics.jsonl."""
+    if not env.is_main:
+        return
+    line = json.dumps(record)
+    print(line, flush=True)
+    if metrics_file is not None:
+        with open(metrics_file, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def prepare_data(cfg: TrainConfig, env: DistEnv):
+    """Rank 0 validates and tokenises (before any model is loaded); the others read its cache."""
+    result: tuple[str, str] = ("", "")
+    if env.is_main:
+        try:
+            result = ("ok", str(prepare_tokens(cfg.data_path, cfg.base_model, cfg.max_seq_len,
+                                               log=lambda m: print0(env, m))))
+        except DataError as e:
+            result = ("error", str(e))
+    status, payload = broadcast_object(env, result)
+    if status == "error":
+        raise DataError(payload.splitlines())
+    ds = open_tokens(Path(payload))
+    samples = build_samples(ds, cfg)
+    if len(samples) == 0:
+        raise DataError([f"{cfg.data_path}: no sample has any tokens"])
+    return ds, samples
+
+
+def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
+    t_start = time.time()
+    out_dir = Path(cfg.output_dir)
+    ds, samples = prepare_data(cfg, env)
+    per_epoch = [steps_in_epoch(samples, cfg, env.world_size, e) for e in range(cfg.epochs)]
+    total_steps = sum(per_epoch) if cfg.max_steps is None else min(sum(per_epoch), cfg.max_steps)
+    if total_steps == 0:
+        raise DataError([f"{cfg.data_path}: {len(samples)} samples make no full optimiser step with batch_size "
+                         f"{cfg.batch_size} x accumulation_steps {cfg.accumulation_steps} x {env.world_size} ranks"])
+    print0(env, f"data: {ds.num_records} records -> {len(samples)} samples; {total_steps} optimiser steps "
+                f"on {env.world_size} rank(s), device {env.device}")
+
+    torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
+    model = build_lora_model(cfg, env.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    print0(env, f"model: {cfg.base_model}, LoRA r={cfg.lora_rank} on {cfg.lora_target_modules}, "
+                f"{sum(p.numel() for p in trainable):,} trainable parameters, rope_2d_ratio {cfg.rope_2d_ratio}")
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                  fused=env.device.type == "cuda")
+    warmup = max(1, round(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
+
+    step, start_epoch, start_epoch_step = 0, 0, 0
+    last = ckpt.latest_checkpoint(out_dir) if cfg.resume else None
+    if last is not None:
+        from peft import set_peft_model_state_dict
+
+        weights, blob, state = ckpt.load_checkpoint(last)
+        set_peft_model_state_dict(model, weights)
+        optimizer.load_state_dict(blob["optimizer"])
+        scheduler.load_state_dict(blob["scheduler"])
+        torch.set_rng_state(blob["rng_cpu"])
+        step, start_epoch, start_epoch_step = state["step"], state["epoch"], state["epoch_step"]
+        print0(env, f"resuming from {last} (step {step}, epoch {start_epoch + 1}, epoch step {start_epoch_step})")
+    metrics_file = out_dir / "metrics.jsonl"
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _truncate_metrics(metrics_file, after_step=step)
+    emit(env, {"event": "start", "total_steps": total_steps, "resumed_from_step": step,
+               "world_size": env.world_size, "samples": len(samples)})
+
+    lm = ParallelBranchLM(model)
+    lm_ddp = DDP(lm, device_ids=[env.local_rank] if env.device.type == "cuda" else None) if env.ddp else lm
+    latest_pth, final_pth, adapter_dir = output_names(cfg)
+
+    def save(epoch: int, epoch_step: int) -> None:
+        weights = lora_state_dict(model)
+        if env.is_main:
+            path = ckpt.save_checkpoint(out_dir, step=step, lora_weights=weights, optimizer=optimizer,
+                                        scheduler=scheduler, state={"epoch": epoch, "epoch_step": epoch_step,
+                                                                    "total_steps": total_steps})
+            latest_pth.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(weights, latest_pth)
+            emit(env, {"event": "checkpoint", "step": step, "path": str(path)})
+        barrier(env)
+
+    step_time_ema = None
+    epoch = start_epoch
+    while step < total_steps and epoch < cfg.epochs:
+        batches = rank_batches(epoch_batches(samples, cfg, epoch), env.rank, env.world_size)
+        first = start_epoch_step if epoch == start_epoch else 0
+        for epoch_step in range(first, per_epoch[epoch]):
+            t0 = time.time()
+            micro = [collate_batch(ds, samples, b, cfg)
+                     for b in batches[epoch_step * cfg.accumulation_steps:(epoch_step + 1) * cfg.accumulation_steps]]
+            # Token-normalised loss over the whole optimiser step, across micro-batches and ranks.
+            label_tokens = max(1.0, all_reduce_sum(env, float(sum(m.num_label_tokens for m in micro))))
+            loss_sum = torch.zeros((), device=env.device)
+            for i, mb in enumerate(micro):
+                sync_now = i == len(micro) - 1
+                with (lm_ddp.no_sync() if env.ddp and not sync_now else nullcontext()):
+                    loss = lm_ddp(**vars(mb.to(env.device)))
+                    (loss * env.world_size / label_tokens).backward()
+                loss_sum += loss.detach()
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+
+            mean_loss = all_reduce_sum(env, float(loss_sum)) / label_tokens
+            tokens = all_reduce_sum(env, float(sum(m.num_tokens for m in micro)))
+            dt = time.time() - t0
+            step_time_ema = dt if step_time_ema is None else 0.9 * step_time_ema + 0.1 * dt
+            if step % cfg.log_interval == 0 or step == total_steps:
+                record = {"step": step, "epoch": epoch + 1, "loss": round(mean_loss, 6), "lr": lr,
+                          "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(tokens / dt, 1),
+                          "gpu_mem_gb": _gpu_mem_gb(env), "eta_s": round(step_time_ema * (total_steps - step), 1),
+                          "total_steps": total_steps}
+                emit(env, record, metrics_file)
+                print0(env, f"step {step}/{total_steps} (epoch {epoch + 1}) | loss {mean_loss:.4f} | lr {lr:.2e} | "
+                            f"grad {float(grad_norm):.3f} | {tokens / dt:,.0f} tok/s | eta {_hms(record['eta_s'])}")
+
+            stopping = any_rank(env, stop.requested)
+            if stopping or step % cfg.save_interval == 0 or step == total_steps:
+                done_epoch = epoch_step + 1 == per_epoch[epoch]
+                save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else epoch_step + 1)
+            if stopping:
+                print0(env, f"stop requested: checkpoint saved at step {step}; rerun the same command to resume")
+                return 0
+            if step >= total_steps:
+                break
+        epoch += 1
+
+    weights = lora_state_dict(model)
+    if env.is_main:
+        final_pth.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(weights, final_pth)
+        torch.save(weights, latest_pth)
+        save_adapter_dir(model, adapter_dir, cfg)
+        emit(env, {"event": "done", "step": step, "final_path": str(final_pth), "adapter_dir": str(adapter_dir),
+                   "elapsed_s": round(time.time() - t_start, 1)})
+        print0(env, f"done: {final_pth} and {adapter_dir}/")
+    barrier(env)
+    return 0
+
+
+def _truncate_metrics(path: Path, after_step: int) -> None:
+    """On resume, drop lines of steps that will be trained again, so the file has each step once."""
+    if not path.exists():
+        return
+    kept = [ln for ln in path.read_text(encoding="utf-8").splitlines()
+            if ln.strip() and json.loads(ln).get("step", 0) <= after_step]
+    path.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+
+
+def _gpu_mem_gb(env: DistEnv) -> float | None:
+    if env.device.type != "cuda":
+        return None
+    return round(torch.cuda.max_memory_allocated(env.device) / 1e9, 3)
+
+
+def _hms(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _quiet_libraries() -> None:
+    """Keep stderr for our progress lines: no per-load progress bars or library deprecation chatter."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = TrainConfig.from_cli(argv, prog="python -m trainer_core.train")
+    _quiet_libraries()
+    stop = StopFlag()
+    stop.install()
+    env = compute_init(cfg.ddp)
+    try:
+        return train(cfg, env, stop)
+    except DataError as e:
+        if env.is_main:
+            print("\n".join(e.lines), file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except torch.OutOfMemoryError as e:
+        print(f"paratrain: out of memory on rank {env.rank}: {str(e).splitlines()[0]}\n"
+              "Try a smaller --batch_size, more --accumulation_steps, fewer --max_branches_per_sample, "
+              "--gradient_checkpointing or --dtype bfloat16.", file=sys.stderr, flush=True)
+        return EXIT_OOM
+    finally:
+        compute_cleanup(env)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
