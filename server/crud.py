@@ -1,0 +1,372 @@
+"""Keyword-only database operations. Every state change goes through `_set_state` (the allowed-transition
+table) and appends an event in the same transaction, so the SSE stream and the tables never disagree.
+Callers commit."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import delete, func, update
+from sqlmodel import Session, col, select
+
+from server.errors import Conflict, FieldError, NotFound
+from server.models import (
+    ALLOWED_TRANSITIONS,
+    FINAL_STATES,
+    ClaimRequest,
+    EventKind,
+    FailureClass,
+    Finish,
+    Heartbeat,
+    Job,
+    JobCreate,
+    JobEvent,
+    JobPublic,
+    JobState,
+    LogLine,
+    Metric,
+    Report,
+    Worker,
+    WorkerRegister,
+    utcnow,
+)
+from server.paths import confine
+from server.settings import Settings
+from trainer_core.config import TrainConfig
+
+SERVER_LOG_ATTEMPT = 0  # log lines written by the server itself (re-queues, releases)
+
+
+# --- events ----------------------------------------------------------------------------------------
+
+def _emit(session: Session, job: Job, kind: EventKind, data: dict[str, Any]) -> None:
+    job.last_event_id += 1
+    session.add(JobEvent(job_id=job.id, id=job.last_event_id, kind=kind, data=data))
+
+
+def _emit_state(session: Session, job: Job) -> None:
+    session.flush()
+    _emit(session, job, EventKind.state, JobPublic.model_validate(job, from_attributes=True).model_dump(mode="json"))
+
+
+def _add_log(session: Session, job: Job, line: str, *, attempt: int, idx: int) -> None:
+    seq = job.log_count
+    job.log_count += 1
+    session.add(LogLine(job_id=job.id, seq=seq, attempt=attempt, idx=idx, line=line))
+    _emit(session, job, EventKind.log, {"seq": seq, "line": line})
+
+
+def _server_log(session: Session, job: Job, line: str) -> None:
+    _add_log(session, job, f"[paratrain] {line}", attempt=SERVER_LOG_ATTEMPT, idx=job.log_count)
+
+
+def _set_state(session: Session, job: Job, state: JobState) -> None:
+    if state not in ALLOWED_TRANSITIONS[job.state]:
+        raise Conflict(f"job {job.id} is {job.state.value}; it cannot become {state.value}")
+    job.state = state
+    if state in FINAL_STATES:
+        job.finished_at = utcnow()
+        job.lease_expires_at = None
+    _emit_state(session, job)
+
+
+def list_events(*, session: Session, job_id: int, after: int, limit: int = 500) -> list[JobEvent]:
+    stmt = (select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+            .order_by(col(JobEvent.id)).limit(limit))
+    return list(session.exec(stmt))
+
+
+# --- jobs ------------------------------------------------------------------------------------------
+
+def _resolve_config(config: TrainConfig, *, settings: Settings, job_id: int) -> TrainConfig:
+    """Paths made absolute and confined to the roots; output_dir is the server's choice."""
+    assert settings.data_root is not None
+    try:
+        data_path = confine(config.data_path, roots=settings.read_roots, base=settings.data_root)
+    except ValueError as e:
+        raise FieldError(("body", "config", "data_path"), str(e)) from None
+    if not data_path.is_file():
+        raise FieldError(("body", "config", "data_path"), f"{config.data_path!r}: no such file under the data root")
+    try:
+        base_model = confine(config.base_model, roots=settings.read_roots, base=settings.data_root)
+    except ValueError as e:
+        raise FieldError(("body", "config", "base_model"), str(e)) from None
+    if not base_model.is_dir():
+        raise FieldError(("body", "config", "base_model"),
+                         f"{config.base_model!r}: no such model directory under the data root")
+    output_dir = settings.jobs_dir / str(job_id) / "out"
+    return config.model_copy(update={"data_path": str(data_path), "base_model": str(base_model),
+                                     "output_dir": str(output_dir)})
+
+
+def create_job(*, session: Session, job_create: JobCreate, settings: Settings, retry_of: int | None = None) -> Job:
+    if job_create.gpus > 0 and job_create.nproc not in (None, job_create.gpus):
+        raise FieldError(("body", "nproc"), "a GPU job runs one process per GPU; set nproc only when gpus is 0")
+    job = Job(
+        name=job_create.config.name,
+        priority=job_create.priority,
+        gpus=job_create.gpus,
+        nproc=job_create.procs_per_node,
+        nodes=job_create.nodes,
+        config={},
+        max_attempts=job_create.max_attempts or settings.max_attempts,
+        retry_of=retry_of,
+    )
+    session.add(job)
+    session.flush()  # the id names the output dir
+    assert job.id is not None
+    job.config = _resolve_config(job_create.config, settings=settings, job_id=job.id).model_dump()
+    _emit_state(session, job)
+    return job
+
+
+def get_job(*, session: Session, job_id: int, for_update: bool = False) -> Job:
+    stmt = select(Job).where(Job.id == job_id)
+    if for_update:
+        stmt = stmt.with_for_update()
+    job = session.exec(stmt).first()
+    if job is None:
+        raise NotFound(f"job {job_id}")
+    return job
+
+
+def list_jobs(*, session: Session, state: JobState | None, limit: int, offset: int) -> tuple[list[Job], int]:
+    stmt = select(Job)
+    count_stmt = select(func.count()).select_from(Job)
+    if state is not None:
+        stmt = stmt.where(Job.state == state)
+        count_stmt = count_stmt.where(Job.state == state)
+    jobs = session.exec(stmt.order_by(col(Job.id).desc()).offset(offset).limit(limit)).all()
+    return list(jobs), session.exec(count_stmt).one()
+
+
+def cancel_job(*, session: Session, job_id: int) -> Job:
+    job = get_job(session=session, job_id=job_id, for_update=True)
+    if job.state == JobState.queued:
+        job.failure_class = FailureClass.cancelled
+        job.failure_reason = "cancelled before it started"
+        _set_state(session, job, JobState.cancelled)
+    elif job.state == JobState.running:
+        if not job.cancel_requested:
+            job.cancel_requested = True
+            _server_log(session, job, "cancel requested; the worker stops the process group")
+            _emit_state(session, job)
+    else:
+        raise Conflict(f"job {job_id} is already {job.state.value}")
+    return job
+
+
+def retry_job(*, session: Session, job_id: int, settings: Settings) -> Job:
+    old = get_job(session=session, job_id=job_id)
+    if old.state not in FINAL_STATES:
+        raise Conflict(f"job {job_id} is {old.state.value}; only a finished job can be retried")
+    try:
+        config = TrainConfig(**{**old.config, "resume": True})
+    except ValidationError as e:  # the schema changed since the job was made
+        raise Conflict(f"job {job_id}'s config is no longer valid: {e}") from None
+    job_create = JobCreate(config=config, gpus=old.gpus, nproc=old.nproc if old.gpus == 0 else None,
+                           nodes=old.nodes, priority=old.priority, max_attempts=old.max_attempts)
+    return create_job(session=session, job_create=job_create, settings=settings, retry_of=old.id)
+
+
+def delete_job(*, session: Session, job_id: int, settings: Settings) -> None:
+    job = get_job(session=session, job_id=job_id, for_update=True)
+    if job.state not in FINAL_STATES:
+        raise Conflict(f"job {job_id} is {job.state.value}; cancel it first")
+    for table in (Metric, LogLine, JobEvent):
+        session.exec(delete(table).where(table.job_id == job_id))  # type: ignore[attr-defined]
+    session.delete(job)
+    shutil.rmtree(settings.jobs_dir / str(job_id), ignore_errors=True)
+
+
+def list_metrics(*, session: Session, job_id: int, since_step: int) -> list[Metric]:
+    get_job(session=session, job_id=job_id)
+    stmt = select(Metric).where(Metric.job_id == job_id, Metric.step > since_step).order_by(col(Metric.step))
+    return list(session.exec(stmt))
+
+
+def list_logs(*, session: Session, job_id: int, offset: int, limit: int) -> list[LogLine]:
+    get_job(session=session, job_id=job_id)
+    stmt = (select(LogLine).where(LogLine.job_id == job_id, LogLine.seq >= offset)
+            .order_by(col(LogLine.seq)).limit(limit))
+    return list(session.exec(stmt))
+
+
+# --- workers and the queue --------------------------------------------------------------------------
+
+def _lose_job(session: Session, job: Job, reason: str) -> None:
+    """The job's worker is gone: re-queue it (it resumes from its checkpoint) or give up."""
+    job.worker_id = None
+    job.gpu_ids = None
+    job.lease_expires_at = None
+    if job.cancel_requested:
+        job.failure_class = FailureClass.cancelled
+        job.failure_reason = f"{reason} while cancelling"
+        _set_state(session, job, JobState.cancelled)
+    elif job.attempt < job.max_attempts:
+        _server_log(session, job, f"{reason}; re-queued (attempt {job.attempt + 1} of {job.max_attempts})")
+        job.attempt += 1
+        _set_state(session, job, JobState.queued)
+    else:
+        job.failure_class = FailureClass.lost
+        job.failure_reason = f"{reason}; gave up after {job.attempt} attempts"
+        _server_log(session, job, job.failure_reason)
+        _set_state(session, job, JobState.failed)
+
+
+def register_worker(*, session: Session, registration: WorkerRegister) -> Worker:
+    """A worker that comes back under the same name is a restart: its old jobs are re-queued at once
+    (the new process killed its predecessor's process groups before registering)."""
+    worker = session.exec(select(Worker).where(Worker.name == registration.name)).first()
+    now = utcnow()
+    if worker is None:
+        worker = Worker(name=registration.name)
+    else:
+        held = session.exec(select(Job).where(Job.worker_id == worker.id, Job.state == JobState.running)).all()
+        for job in held:
+            _lose_job(session, job, f"worker {worker.name} restarted")
+    worker.hostname = registration.hostname
+    worker.gpus = [g.model_dump() for g in registration.gpus]
+    worker.registered_at = now
+    worker.last_heartbeat_at = now
+    session.add(worker)
+    session.flush()
+    return worker
+
+
+def get_worker(*, session: Session, worker_id: int) -> Worker:
+    worker = session.get(Worker, worker_id)
+    if worker is None:
+        raise NotFound(f"worker {worker_id}")
+    return worker
+
+
+def list_workers(*, session: Session) -> list[tuple[Worker, list[int]]]:
+    workers = session.exec(select(Worker).order_by(col(Worker.id))).all()
+    running = session.exec(select(Job.id, Job.worker_id).where(Job.state == JobState.running)).all()
+    by_worker: dict[int, list[int]] = {}
+    for job_id, worker_id in running:
+        by_worker.setdefault(worker_id, []).append(job_id)
+    return [(w, by_worker.get(w.id or -1, [])) for w in workers]
+
+
+def heartbeat(*, session: Session, worker: Worker, beat: Heartbeat, settings: Settings) -> list[int]:
+    """Renews the leases of the jobs the worker still runs; returns the ones it must stop (cancelled,
+    or no longer its own because its lease ran out)."""
+    now = utcnow()
+    worker.last_heartbeat_at = now
+    session.add(worker)
+    held = {job.id: job for job in
+            session.exec(select(Job).where(Job.worker_id == worker.id, Job.state == JobState.running))}
+    alive = [job_id for job_id in beat.running_job_ids if job_id in held]
+    if alive:
+        session.exec(update(Job).where(col(Job.id).in_(alive), Job.state == JobState.running)
+                     .values(lease_expires_at=now + timedelta(seconds=settings.lease_ttl_s)))
+    stop = [job_id for job_id in beat.running_job_ids if job_id not in held]
+    stop += [job_id for job_id in alive if held[job_id].cancel_requested]
+    return sorted(set(stop))
+
+
+def claim_job(*, session: Session, worker: Worker, request: ClaimRequest,
+              settings: Settings) -> tuple[Job, list[int]] | None:
+    """The highest-priority, oldest queued job that fits the worker's free GPUs.
+
+    The state change is a conditional UPDATE (`... WHERE state = 'queued'`), so of two workers racing
+    for a job only one UPDATE matches a row (and on SQLite the whole transaction holds the write lock).
+    """
+    free = sorted(set(request.free_gpu_indices))
+    stmt = select(Job).where(Job.state == JobState.queued, Job.nodes == 1, Job.gpus <= len(free))
+    if not request.accept_cpu_jobs:
+        stmt = stmt.where(Job.gpus > 0)
+    now = utcnow()
+    candidates = session.exec(stmt.order_by(col(Job.priority).desc(), col(Job.id)).limit(20)).all()
+    for job in candidates:
+        gpu_ids = free[:job.gpus]
+        result = session.exec(
+            update(Job).where(Job.id == job.id, Job.state == JobState.queued).values(
+                state=JobState.running, worker_id=worker.id, gpu_ids=gpu_ids, started_at=now,
+                lease_expires_at=now + timedelta(seconds=settings.lease_ttl_s)))
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            session.refresh(job)
+            _server_log(session, job, f"attempt {job.attempt} started on worker {worker.name}"
+                        + (f" GPUs {gpu_ids}" if gpu_ids else " (CPU)"))
+            _emit_state(session, job)
+            return job, gpu_ids
+    return None
+
+
+def _held_job(session: Session, job_id: int, worker_id: int, attempt: int) -> Job:
+    job = get_job(session=session, job_id=job_id, for_update=True)
+    if job.state != JobState.running or job.worker_id != worker_id or job.attempt != attempt:
+        raise Conflict(f"job {job_id} attempt {attempt} is not running on worker {worker_id}")
+    return job
+
+
+def record_report(*, session: Session, job_id: int, report: Report, settings: Settings) -> None:
+    job = _held_job(session, job_id, report.worker_id, report.attempt)
+    job.lease_expires_at = utcnow() + timedelta(seconds=settings.lease_ttl_s)  # a report is proof of life
+    for point in report.metrics:
+        values = point.model_dump(exclude={"total_steps"})
+        row = session.get(Metric, (job_id, point.step))
+        if row is None:
+            session.add(Metric(job_id=job_id, **values))
+        else:  # a resumed attempt re-ran this step: the newer value replaces the old one
+            row.sqlmodel_update(values)
+        _emit(session, job, EventKind.metric, values)
+        job.step = point.step
+        job.last_loss = point.loss if point.loss is not None else job.last_loss
+        job.tokens_per_s = point.tokens_per_s
+        job.eta_s = point.eta_s
+        if point.total_steps is not None:
+            job.total_steps = point.total_steps
+        if point.gpu_mem_gb is not None:
+            job.peak_mem_gb = max(job.peak_mem_gb or 0.0, point.gpu_mem_gb)
+    if report.logs:
+        stored = session.exec(select(func.max(LogLine.idx)).where(
+            LogLine.job_id == job_id, LogLine.attempt == report.attempt)).one()
+        next_idx = -1 if stored is None else stored
+        for idx, line in enumerate(report.logs, start=report.log_start):
+            if idx > next_idx:
+                _add_log(session, job, line[:settings.max_log_line_chars], attempt=report.attempt, idx=idx)
+    session.add(job)
+
+
+def finish_job(*, session: Session, job_id: int, finish: Finish) -> Job:
+    job = _held_job(session, job_id, finish.worker_id, finish.attempt)
+    job.exit_code = finish.exit_code
+    if finish.release and not job.cancel_requested:
+        job.worker_id = None
+        job.gpu_ids = None
+        job.lease_expires_at = None
+        _server_log(session, job, "handed back by its worker (stopping); re-queued")
+        _set_state(session, job, JobState.queued)
+        return job
+    if job.cancel_requested or finish.failure_class == FailureClass.cancelled:
+        job.failure_class = FailureClass.cancelled
+        job.failure_reason = finish.failure_reason or "cancelled"
+        _set_state(session, job, JobState.cancelled)
+    elif finish.exit_code == 0 and finish.failure_class is None:
+        _set_state(session, job, JobState.succeeded)
+    else:
+        job.failure_class = finish.failure_class or FailureClass.crash
+        job.failure_reason = finish.failure_reason
+        _set_state(session, job, JobState.failed)
+    return job
+
+
+def requeue_expired(*, session: Session, now: datetime) -> list[int]:
+    """The reaper's step: running jobs whose lease ran out lose their worker."""
+    expired = session.exec(select(Job).where(Job.state == JobState.running, col(Job.lease_expires_at) < now)).all()
+    for job in expired:
+        worker = session.get(Worker, job.worker_id) if job.worker_id is not None else None
+        _lose_job(session, job, f"worker {worker.name if worker else '?'} stopped heartbeating (lease expired)")
+    return [job.id for job in expired if job.id is not None]
+
+
+def extend_all_leases(*, session: Session, settings: Settings) -> None:
+    """At server start: the server was down, not the workers; give them one TTL to heartbeat again."""
+    session.exec(update(Job).where(Job.state == JobState.running)
+                 .values(lease_expires_at=utcnow() + timedelta(seconds=settings.lease_ttl_s)))

@@ -1,0 +1,21 @@
+"""Domain errors raised by crud and turned into HTTP answers by handlers in server.main."""
+
+from __future__ import annotations
+
+
+class NotFound(Exception):
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} not found")
+
+
+class Conflict(Exception):
+    """The request is valid but the resource's state forbids it (409)."""
+
+
+class FieldError(Exception):
+    """Bad input that pydantic could not see (a path outside the roots, a missing file): 422 naming the field."""
+
+    def __init__(self, loc: tuple[str | int, ...], msg: str) -> None:
+        super().__init__(msg)
+        self.loc = loc
+        self.msg = msg

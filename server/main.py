@@ -1,0 +1,116 @@
+"""The FastAPI application: `create_app(settings)` builds everything; nothing happens at import."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import APIRouter, FastAPI, Request, status
+from fastapi.responses import JSONResponse, RedirectResponse
+from sqlalchemy.engine import Engine
+from sqlmodel import Session
+
+from server import crud
+from server.auth import ensure_tokens
+from server.db import init_db, make_engine
+from server.errors import Conflict, FieldError, NotFound
+from server.models import utcnow
+from server.routes import configs, estimate, jobs, streams, workers
+from server.settings import Settings, get_settings
+
+log = logging.getLogger("paratrain.server")
+
+
+def reap_once(engine: Engine) -> list[int]:
+    with Session(engine) as session:
+        requeued = crud.requeue_expired(session=session, now=utcnow())
+        session.commit()
+    return requeued
+
+
+async def _reaper(engine: Engine, interval_s: float) -> None:
+    while True:
+        try:
+            lost = await anyio.to_thread.run_sync(reap_once, engine)
+            if lost:
+                log.warning("leases expired for jobs %s", lost)
+        except Exception:  # a locked or briefly unavailable DB must not end the reaper
+            log.exception("reaper step failed")
+        await anyio.sleep(interval_s)
+
+
+def _add_exception_handlers(app: FastAPI) -> None:
+    @app.exception_handler(NotFound)
+    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
+
+    @app.exception_handler(Conflict)
+    async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
+
+    @app.exception_handler(FieldError)
+    async def _field_error(_: Request, exc: FieldError) -> JSONResponse:
+        detail = [{"loc": list(exc.loc), "msg": exc.msg, "type": "value_error"}]
+        return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return JSONResponse({"detail": "internal server error"}, status_code=500)  # no traceback leaves
+
+
+def _mount_ui(app: FastAPI, settings: Settings) -> None:
+    try:
+        from ui.app import mount_ui
+    except ImportError as e:
+        log.info("UI not mounted (%s)", e)
+        return
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+    mount_ui(app, f"http://{host}:{settings.port}")
+
+    @app.get("/", include_in_schema=False)
+    def _root() -> RedirectResponse:
+        return RedirectResponse("/ui")
+
+
+def create_app(settings: Settings | None = None, *, mount_ui: bool = True) -> FastAPI:
+    settings = settings or get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url)
+    init_db(engine)
+    tokens = ensure_tokens(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        with Session(engine) as session:
+            crud.extend_all_leases(session=session, settings=settings)
+            session.commit()
+        async with anyio.create_task_group() as tasks:
+            tasks.start_soon(_reaper, engine, settings.reaper_interval_s)
+            yield
+            tasks.cancel_scope.cancel()
+        engine.dispose()
+
+    app = FastAPI(title="paratrain", version="0.1.0", lifespan=lifespan,
+                  description="Parallel-branch LoRA fine-tuning manager. Every /api route but /api/health "
+                              "needs `Authorization: Bearer <token>`.")
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.tokens = tokens
+    _add_exception_handlers(app)
+
+    api = APIRouter(prefix="/api")
+
+    @api.get("/health", tags=["health"])
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    for module in (jobs, streams, workers, configs, estimate):
+        api.include_router(module.router)
+    api.include_router(workers.agent_router)
+    app.include_router(api)
+    if mount_ui:
+        _mount_ui(app, settings)
+    return app

@@ -1,0 +1,303 @@
+"""Tables and API models. The job's training parameters are `trainer_core.config.TrainConfig`; nothing
+here lists them."""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, field_validator
+from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
+from sqlmodel import Field, SQLModel
+
+from trainer_core.config import TrainConfig
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobState(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATES
+
+
+FINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
+
+# The only state changes crud may make. running -> queued is a lost lease or a worker handing a job back.
+ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.queued: frozenset({JobState.running, JobState.cancelled}),
+    JobState.running: frozenset({JobState.queued, JobState.succeeded, JobState.failed, JobState.cancelled}),
+    JobState.succeeded: frozenset(),
+    JobState.failed: frozenset(),
+    JobState.cancelled: frozenset(),
+}
+
+
+class FailureClass(str, Enum):
+    oom = "oom"
+    data = "data"
+    crash = "crash"
+    cancelled = "cancelled"
+    lost = "lost"
+
+
+class EventKind(str, Enum):
+    state = "state"
+    metric = "metric"
+    log = "log"
+
+
+# --- jobs ------------------------------------------------------------------------------------------
+
+class JobCreate(BaseModel):
+    """What a client submits. `config` is validated by TrainConfig (unknown keys are errors)."""
+
+    config: TrainConfig
+    gpus: int = Field(1, ge=0, le=64, description="GPUs per node; 0 runs on CPU (gloo).")
+    nproc: int | None = Field(None, ge=1, le=64, description="Processes of a CPU job (gpus=0); default 1. "
+                              "A GPU job runs one process per GPU.")
+    nodes: int = Field(1, ge=1, le=1, description="Nodes; multi-node gang scheduling is not implemented yet.")
+    priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first; FIFO within a priority.")
+    max_attempts: int | None = Field(None, ge=1, le=100, description="Lost-lease retries; default: server's.")
+
+    @property
+    def procs_per_node(self) -> int:
+        return self.gpus if self.gpus > 0 else (self.nproc or 1)
+
+
+class Job(SQLModel, table=True):
+    __table_args__ = (
+        Index("ix_job_claim", "state", "priority", "id"),
+        {"sqlite_autoincrement": True},  # ids are never reused: a job's output dir is named after its id
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    name: str
+    state: JobState = Field(default=JobState.queued, index=True)
+    priority: int = 0
+    gpus: int = 1
+    nproc: int = 1
+    nodes: int = 1
+    config: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    worker_id: int | None = Field(default=None, foreign_key="worker.id", index=True)
+    gpu_ids: list[int] | None = Field(default=None, sa_column=Column(JSON))
+    attempt: int = 1
+    max_attempts: int = 3
+    retry_of: int | None = None
+    failure_class: FailureClass | None = None
+    failure_reason: str | None = Field(default=None, sa_column=Column(Text))
+    exit_code: int | None = None
+    step: int = 0
+    total_steps: int | None = None
+    last_loss: float | None = None
+    tokens_per_s: float | None = None
+    eta_s: float | None = None
+    peak_mem_gb: float | None = None
+    cancel_requested: bool = False
+    lease_expires_at: datetime | None = None
+    last_event_id: int = 0  # per-job SSE event counter
+    log_count: int = 0  # per-job log line counter (next seq)
+
+
+class JobPublic(BaseModel):
+    id: int
+    name: str
+    state: JobState
+    priority: int
+    gpus: int
+    nproc: int
+    nodes: int
+    config: dict[str, Any]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    worker_id: int | None
+    gpu_ids: list[int] | None
+    attempt: int
+    max_attempts: int
+    retry_of: int | None
+    failure_class: FailureClass | None
+    failure_reason: str | None
+    exit_code: int | None
+    step: int
+    total_steps: int | None
+    last_loss: float | None
+    tokens_per_s: float | None
+    eta_s: float | None
+    peak_mem_gb: float | None
+    cancel_requested: bool
+
+
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+
+
+# --- metrics, logs, events ----------------------------------------------------------------------------
+
+class MetricBase(SQLModel):
+    step: int = Field(ge=0)
+    epoch: float | None = None
+    loss: float | None = None
+    lr: float | None = None
+    grad_norm: float | None = None
+    tokens_per_s: float | None = None
+    gpu_mem_gb: float | None = None
+    eta_s: float | None = None
+
+
+class MetricIn(MetricBase):
+    total_steps: int | None = Field(default=None, ge=0)
+
+    @field_validator("epoch", "loss", "lr", "grad_norm", "tokens_per_s", "gpu_mem_gb", "eta_s", mode="after")
+    @classmethod
+    def _finite_or_none(cls, value: float | None) -> float | None:
+        # NaN/inf are not JSON; a diverged loss shows up in the log lines instead.
+        return value if value is None or math.isfinite(value) else None
+
+
+class Metric(MetricBase, table=True):
+    job_id: int = Field(foreign_key="job.id", primary_key=True)
+    step: int = Field(primary_key=True)
+
+
+class MetricsPublic(BaseModel):
+    data: list[MetricBase]
+
+
+class LogLine(SQLModel, table=True):
+    __table_args__ = (
+        UniqueConstraint("job_id", "seq"),
+        UniqueConstraint("job_id", "attempt", "idx"),  # a re-sent report batch is stored once
+    )
+
+    id: int | None = Field(default=None, primary_key=True)
+    job_id: int = Field(foreign_key="job.id", index=True)
+    seq: int
+    attempt: int
+    idx: int
+    line: str = Field(sa_column=Column(Text, nullable=False))
+
+
+class LogLinePublic(BaseModel):
+    seq: int
+    line: str
+
+
+class LogsPublic(BaseModel):
+    data: list[LogLinePublic]
+    next_offset: int
+
+
+class JobEvent(SQLModel, table=True):
+    job_id: int = Field(foreign_key="job.id", primary_key=True)
+    id: int = Field(primary_key=True)
+    kind: EventKind
+    data: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
+
+
+class Artifact(BaseModel):
+    path: str
+    size: int
+
+
+class ArtifactsPublic(BaseModel):
+    data: list[Artifact]
+
+
+class CommandPublic(BaseModel):
+    argv: list[str]
+
+
+# --- workers -------------------------------------------------------------------------------------------
+
+class GpuInfo(BaseModel):
+    index: int = Field(ge=0)
+    name: str = ""
+    memory_gb: float = Field(0.0, ge=0)
+
+
+class Worker(SQLModel, table=True):
+    id: int | None = Field(default=None, primary_key=True)
+    name: str = Field(unique=True, index=True)
+    hostname: str = ""
+    gpus: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    registered_at: datetime = Field(default_factory=utcnow)
+    last_heartbeat_at: datetime = Field(default_factory=utcnow)
+
+
+class WorkerRegister(BaseModel):
+    name: str = Field(min_length=1, max_length=200)
+    hostname: str = Field("", max_length=255)
+    gpus: list[GpuInfo] = Field(default_factory=list)
+
+
+class WorkerRegistered(BaseModel):
+    worker_id: int
+    heartbeat_interval_s: float
+    lease_ttl_s: float
+
+
+class WorkerPublic(BaseModel):
+    id: int
+    name: str
+    hostname: str
+    gpus: list[GpuInfo]
+    registered_at: datetime
+    last_heartbeat_at: datetime
+    online: bool
+    running_job_ids: list[int]
+
+
+class WorkersPublic(BaseModel):
+    data: list[WorkerPublic]
+
+
+class Heartbeat(BaseModel):
+    running_job_ids: list[int] = Field(default_factory=list)
+
+
+class HeartbeatReply(BaseModel):
+    cancel_job_ids: list[int]
+
+
+class ClaimRequest(BaseModel):
+    free_gpu_indices: list[int] = Field(default_factory=list)
+    accept_cpu_jobs: bool = Field(True, description="False when the worker's CPU job slots are full.")
+
+
+class Claim(BaseModel):
+    job: JobPublic
+    gpu_ids: list[int]
+    argv: list[str]
+
+
+class Report(BaseModel):
+    worker_id: int
+    attempt: int = Field(ge=1, description="The attempt the worker is running; reports of older ones are refused.")
+    log_start: int = Field(0, ge=0, description="Index of logs[0] among this attempt's lines (re-sends are "
+                           "recognised by it).")
+    metrics: list[MetricIn] = Field(default_factory=list)
+    logs: list[str] = Field(default_factory=list)
+
+
+class Finish(BaseModel):
+    worker_id: int
+    attempt: int = Field(ge=1)
+    exit_code: int | None = None
+    failure_class: FailureClass | None = None
+    failure_reason: str | None = Field(None, max_length=20_000)
+    release: bool = Field(False, description="Hand the job back to the queue (the worker is stopping).")

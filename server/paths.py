@@ -1,0 +1,29 @@
+"""Keep client-given paths inside the configured roots: `..` and symlinks are resolved before the check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def confine(path: str, *, roots: list[Path], base: Path) -> Path:
+    """The resolved path if it lies under one of `roots` (relative paths are taken from `base`).
+
+    Raises ValueError otherwise. Symlinks are followed first, so a link inside a root that points
+    outside it is refused.
+    """
+    candidate = Path(path).expanduser()
+    if not candidate.is_absolute():
+        candidate = base / candidate
+    resolved = candidate.resolve()
+    for root in roots:
+        if resolved.is_relative_to(root.resolve()):
+            return resolved
+    raise ValueError(f"{path!r} is outside the allowed roots")
+
+
+def safe_child(root: Path, relative: str) -> Path:
+    """`root/relative`, refusing anything that resolves outside `root` (artifact downloads)."""
+    target = (root / relative).resolve()
+    if not target.is_relative_to(root.resolve()):
+        raise ValueError(f"{relative!r} is outside the job's output directory")
+    return target

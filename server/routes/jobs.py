@@ -1,0 +1,120 @@
+"""Jobs: create, list, get, cancel, retry, delete, metrics, logs, artifacts, command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi.responses import FileResponse
+
+from server import crud
+from server.deps import SessionDep, SettingsDep, UserAuth
+from server.models import (
+    Artifact,
+    ArtifactsPublic,
+    CommandPublic,
+    Job,
+    JobCreate,
+    JobPublic,
+    JobsPublic,
+    JobState,
+    LogLinePublic,
+    LogsPublic,
+    MetricBase,
+    MetricsPublic,
+)
+from server.paths import safe_child
+from trainer_core.config import TrainConfig
+from worker.command import trainer_argv
+
+router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
+
+
+def _command(job: Job) -> CommandPublic:
+    return CommandPublic(argv=trainer_argv(TrainConfig(**job.config), nproc=job.nproc))
+
+
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+def create_job(job_in: JobCreate, session: SessionDep, settings: SettingsDep) -> Job:
+    job = crud.create_job(session=session, job_create=job_in, settings=settings)
+    session.commit()
+    return job
+
+
+@router.get("", response_model=JobsPublic)
+def list_jobs(session: SessionDep, state: JobState | None = None,
+              limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+              offset: Annotated[int, Query(ge=0)] = 0) -> JobsPublic:
+    jobs, count = crud.list_jobs(session=session, state=state, limit=limit, offset=offset)
+    return JobsPublic(data=[JobPublic.model_validate(j, from_attributes=True) for j in jobs], count=count)
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def get_job(job_id: int, session: SessionDep) -> Job:
+    return crud.get_job(session=session, job_id=job_id)
+
+
+@router.post("/{job_id}/cancel", response_model=JobPublic)
+def cancel_job(job_id: int, session: SessionDep) -> Job:
+    job = crud.cancel_job(session=session, job_id=job_id)
+    session.commit()
+    return job
+
+
+@router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+def retry_job(job_id: int, session: SessionDep, settings: SettingsDep) -> Job:
+    job = crud.retry_job(session=session, job_id=job_id, settings=settings)
+    session.commit()
+    return job
+
+
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_job(job_id: int, session: SessionDep, settings: SettingsDep) -> Response:
+    crud.delete_job(session=session, job_id=job_id, settings=settings)
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsPublic)
+def list_metrics(job_id: int, session: SessionDep, since_step: Annotated[int, Query(ge=-1)] = 0) -> MetricsPublic:
+    rows = crud.list_metrics(session=session, job_id=job_id, since_step=since_step)
+    return MetricsPublic(data=[MetricBase.model_validate(r, from_attributes=True) for r in rows])
+
+
+@router.get("/{job_id}/logs", response_model=LogsPublic)
+def list_logs(job_id: int, session: SessionDep, offset: Annotated[int, Query(ge=0)] = 0,
+              limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> LogsPublic:
+    rows = crud.list_logs(session=session, job_id=job_id, offset=offset, limit=limit)
+    next_offset = rows[-1].seq + 1 if rows else offset
+    return LogsPublic(data=[LogLinePublic(seq=r.seq, line=r.line) for r in rows], next_offset=next_offset)
+
+
+def _output_dir(job: Job) -> Path:
+    return Path(job.config["output_dir"])
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactsPublic)
+def list_artifacts(job_id: int, session: SessionDep) -> ArtifactsPublic:
+    root = _output_dir(crud.get_job(session=session, job_id=job_id))
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()) if root.is_dir() else []
+    return ArtifactsPublic(data=[Artifact(path=p.relative_to(root).as_posix(), size=p.stat().st_size)
+                                 for p in files])
+
+
+@router.get("/{job_id}/artifacts/{path:path}", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def download_artifact(job_id: int, path: str, session: SessionDep) -> FileResponse:
+    root = _output_dir(crud.get_job(session=session, job_id=job_id))
+    try:
+        target = safe_child(root, path)
+    except ValueError as e:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(e)) from None
+    if not target.is_file():
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"no artifact {path!r}")
+    return FileResponse(target, filename=target.name)
+
+
+@router.get("/{job_id}/command", response_model=CommandPublic)
+def get_command(job_id: int, session: SessionDep) -> CommandPublic:
+    return _command(crud.get_job(session=session, job_id=job_id))

@@ -1,0 +1,86 @@
+"""Workers: the user-facing list, and the agent endpoints (worker token) that run the queue."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from fastapi import APIRouter, Response, status
+
+from server import crud
+from server.deps import SessionDep, SettingsDep, UserAuth, WorkerAuth
+from server.models import (
+    Claim,
+    ClaimRequest,
+    Finish,
+    GpuInfo,
+    Heartbeat,
+    HeartbeatReply,
+    Job,
+    JobPublic,
+    Report,
+    WorkerPublic,
+    WorkerRegister,
+    WorkerRegistered,
+    WorkersPublic,
+    utcnow,
+)
+from trainer_core.config import TrainConfig
+from worker.command import trainer_argv
+
+router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[UserAuth])
+agent_router = APIRouter(tags=["worker agent"], dependencies=[WorkerAuth])
+
+
+@router.get("", response_model=WorkersPublic)
+def list_workers(session: SessionDep, settings: SettingsDep) -> WorkersPublic:
+    online_since = utcnow() - timedelta(seconds=settings.lease_ttl_s)
+    return WorkersPublic(data=[
+        WorkerPublic(id=w.id, name=w.name, hostname=w.hostname, gpus=[GpuInfo(**g) for g in w.gpus],
+                     registered_at=w.registered_at, last_heartbeat_at=w.last_heartbeat_at,
+                     online=w.last_heartbeat_at >= online_since, running_job_ids=running)
+        for w, running in crud.list_workers(session=session)])
+
+
+@agent_router.post("/workers/register", response_model=WorkerRegistered)
+def register_worker(registration: WorkerRegister, session: SessionDep, settings: SettingsDep) -> WorkerRegistered:
+    worker = crud.register_worker(session=session, registration=registration)
+    session.commit()
+    assert worker.id is not None
+    return WorkerRegistered(worker_id=worker.id, heartbeat_interval_s=settings.heartbeat_interval_s,
+                            lease_ttl_s=settings.lease_ttl_s)
+
+
+@agent_router.post("/workers/{worker_id}/heartbeat", response_model=HeartbeatReply)
+def heartbeat(worker_id: int, beat: Heartbeat, session: SessionDep, settings: SettingsDep) -> HeartbeatReply:
+    worker = crud.get_worker(session=session, worker_id=worker_id)
+    stop = crud.heartbeat(session=session, worker=worker, beat=beat, settings=settings)
+    session.commit()
+    return HeartbeatReply(cancel_job_ids=stop)
+
+
+@agent_router.post("/workers/{worker_id}/claim", response_model=Claim,
+                   responses={204: {"description": "Nothing queued fits the free GPUs."}})
+def claim(worker_id: int, request: ClaimRequest, session: SessionDep, settings: SettingsDep) -> Claim | Response:
+    worker = crud.get_worker(session=session, worker_id=worker_id)
+    claimed = crud.claim_job(session=session, worker=worker, request=request, settings=settings)
+    if claimed is None:
+        session.rollback()
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    session.commit()
+    job, gpu_ids = claimed
+    argv = trainer_argv(TrainConfig(**job.config), nproc=job.nproc)
+    return Claim(job=JobPublic.model_validate(job, from_attributes=True), gpu_ids=gpu_ids, argv=argv)
+
+
+@agent_router.post("/jobs/{job_id}/report", status_code=status.HTTP_204_NO_CONTENT)
+def report(job_id: int, body: Report, session: SessionDep, settings: SettingsDep) -> Response:
+    crud.record_report(session=session, job_id=job_id, report=body, settings=settings)
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@agent_router.post("/jobs/{job_id}/finish", response_model=JobPublic)
+def finish(job_id: int, body: Finish, session: SessionDep) -> Job:
+    job = crud.finish_job(session=session, job_id=job_id, finish=body)
+    session.commit()
+    return job
