@@ -21,20 +21,24 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """All subcommands are listed; only `command`'s owner is imported to add its arguments."""
     parser = argparse.ArgumentParser(prog="paratrain", description="Parallel-branch LoRA fine-tuning manager.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.set_defaults(_module=module, _command=name)
-        owner = importlib.import_module(module)
-        add = getattr(owner, f"add_{name.replace('-', '_')}_arguments", None) or owner.add_arguments
-        add(p)
+        if name == command:
+            owner = importlib.import_module(module)
+            add = getattr(owner, f"add_{name.replace('-', '_')}_arguments", None) or owner.add_arguments
+            add(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     owner = importlib.import_module(args._module)
     run = getattr(owner, f"run_{args._command.replace('-', '_')}", None) or owner.run
     return int(run(args) or 0)

@@ -69,6 +69,14 @@ def broadcast_object(env: DistEnv, obj):
     return box[0]
 
 
+def gather_objects(env: DistEnv, obj) -> list:
+    if not env.ddp:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(env: DistEnv) -> None:
     if env.ddp:
         dist.barrier()

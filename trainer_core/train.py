@@ -11,6 +11,7 @@ Exit codes: 0 done (also after SIGTERM: checkpoint saved), 2 bad config/data, 3 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import signal
@@ -19,6 +20,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -27,8 +29,9 @@ from trainer_core.config import TrainConfig
 from trainer_core.data import (DataError, build_samples, collate_batch, epoch_batches, open_tokens,
                                prepare_tokens, rank_batches, steps_in_epoch)
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
-                               compute_init, print0)
-from trainer_core.model import ParallelBranchLM, build_lora_model, lora_state_dict, save_adapter_dir
+                               compute_init, gather_objects, print0)
+from trainer_core.model import (ParallelBranchLM, build_lora_model, lora_state_dict, parallel_logits,
+                               save_adapter_dir)
 
 EXIT_BAD_INPUT = 2
 EXIT_OOM = 3
@@ -200,16 +203,39 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         epoch += 1
 
     weights = lora_state_dict(model)
+    hashes = gather_objects(env, weights_digest(weights))  # DDP must leave every rank with the same weights
+    probe = probe_logits(model, ds, samples, cfg, env.device)
     if env.is_main:
         final_pth.parent.mkdir(parents=True, exist_ok=True)
         torch.save(weights, final_pth)
         torch.save(weights, latest_pth)
         save_adapter_dir(model, adapter_dir, cfg)
         emit(env, {"event": "done", "step": step, "final_path": str(final_pth), "adapter_dir": str(adapter_dir),
-                   "elapsed_s": round(time.time() - t_start, 1)})
+                   "elapsed_s": round(time.time() - t_start, 1), "rank_weight_digests": hashes,
+                   "probe_logits": probe})
         print0(env, f"done: {final_pth} and {adapter_dir}/")
     barrier(env)
     return 0
+
+
+def weights_digest(weights: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        h.update(name.encode())
+        h.update(weights[name].float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+@torch.no_grad()
+def probe_logits(model, ds, samples, cfg: TrainConfig, device: torch.device) -> list[float]:
+    """A few logits of the trained model on the first sample: lets anyone check that the saved adapter
+    reproduces the model as it was at the end of training."""
+    batch = collate_batch(ds, samples, np.array([0]), cfg).to(device)
+    was_training = model.training
+    model.eval()
+    logits = parallel_logits(model, batch.input_ids, batch.pos1d, batch.branch_pos, batch.time_ids, batch.sample_ids)
+    model.train(was_training)
+    return [round(float(x), 5) for x in logits[0, -1, :8]]
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:

@@ -1,0 +1,100 @@
+"""Parallel JSONL validation, grouping, truncation and the token cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+import trainer_core.data as data
+from trainer_core.config import TrainConfig
+from trainer_core.data import DataError, build_samples, epoch_batches, load_or_tokenize, rank_batches, validate_file
+
+
+def write(path, lines):
+    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
+    return path
+
+
+@pytest.mark.parametrize("bad_line, message", [
+    ("{not json", "not valid JSON"),
+    ('{"branches": []}', "'branches' is empty"),
+    ('{"branches": ["ok", 3]}', "branches[1] must be a string"),
+    ('{"main": 1, "branches": ["x"]}', "'main' must be a string"),
+    ('{"text": ""}', "'text' is empty"),
+    ('{"label": "x"}', "no 'main'/'branches' or 'text' key"),
+    ('["a"]', "expected a JSON object"),
+    ('{"main": "", "branches": ["", " "]}', "no text at all"),
+])
+def test_bad_line_is_reported_with_file_and_line(tmp_path, bad_line, message):
+    f = write(tmp_path / "d.jsonl", [{"text": "fine"}, {"main": "m", "branches": ["b"]}, bad_line, {"text": "ok"}])
+    with pytest.raises(DataError) as e:
+        validate_file(f)
+    assert e.value.lines[0].startswith(f"{f}:3: ") and message in e.value.lines[0]
+
+
+def test_every_bad_line_is_listed_and_empty_file_rejected(tmp_path):
+    f = write(tmp_path / "d.jsonl", ["{", {"text": "ok"}, "[]"])
+    with pytest.raises(DataError) as e:
+        validate_file(f)
+    assert [ln.split(": ")[0] for ln in e.value.lines] == [f"{f}:1", f"{f}:3"]
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n")
+    with pytest.raises(DataError, match="empty file"):
+        validate_file(empty)
+    (tmp_path / "bin.jsonl").write_bytes(b'{"text": "\xff\xfe"}\n')
+    with pytest.raises(DataError, match="bin.jsonl:1: not UTF-8"):
+        validate_file(tmp_path / "bin.jsonl")
+
+
+def cfg(model, path, **kw):
+    return TrainConfig(base_model=str(model), data_path=str(path), **kw)
+
+
+def test_text_runs_grouped_fixed_and_dynamic(tmp_path, tiny_model_dir):
+    lines = [{"text": f"text number {i}"} for i in range(10)] + [{"main": "m", "branches": ["a", "b"]}] + \
+            [{"text": f"tail {i}"} for i in range(3)]
+    f = write(tmp_path / "d.jsonl", lines)
+    c = cfg(tiny_model_dir, f, branches_per_sample=4)
+    ds = load_or_tokenize(c.data_path, c.base_model, c.max_seq_len)
+    s = build_samples(ds, c)
+    # 10 texts -> 4,4,2; the parallel record; 3 tail texts -> 3 (a run never crosses a parallel record)
+    assert [s.num_branches(i) for i in range(len(s))] == [4, 4, 2, 2, 3]
+    assert list(s.main >= 0) == [False, False, False, True, False]
+    dyn = build_samples(ds, cfg(tiny_model_dir, f, max_branches_per_sample=3, min_branches_per_sample=2))
+    counts = [dyn.num_branches(i) for i in range(len(dyn)) if dyn.main[i] < 0]
+    assert sum(counts) == 13 and all(1 <= n <= 3 for n in counts)
+    assert all(n >= 2 for n in counts[:-1] if n)  # only a run's last group may fall short
+
+
+def test_truncation_and_token_cache_reuse(tmp_path, tiny_model_dir, monkeypatch):
+    f = write(tmp_path / "d.jsonl", [{"main": "word " * 50, "branches": ["short", "other " * 40]}])
+    ds = load_or_tokenize(str(f), str(tiny_model_dir), max_seq_len=16)
+    assert max(np.diff(ds.text_offsets)) == 16
+    # second run: nothing is tokenised again
+    monkeypatch.setattr(data, "_tokenize_to", lambda *a, **k: pytest.fail("tokenised twice"))
+    again = load_or_tokenize(str(f), str(tiny_model_dir), max_seq_len=16)
+    assert np.array_equal(np.asarray(again.tokens), np.asarray(ds.tokens))
+    # a changed file is a new cache entry, so it is tokenised
+    write(f, [{"text": "changed"}])
+    with pytest.raises(pytest.fail.Exception, match="tokenised twice"):
+        load_or_tokenize(str(f), str(tiny_model_dir), max_seq_len=16)
+
+
+def test_ranks_get_disjoint_equal_shards(tmp_path, tiny_model_dir):
+    f = write(tmp_path / "d.jsonl", [{"text": f"t {i}"} for i in range(41)])
+    c = cfg(tiny_model_dir, f, branches_per_sample=1, batch_size=2, batch_by_samples=True)
+    ds = load_or_tokenize(c.data_path, c.base_model, c.max_seq_len)
+    s = build_samples(ds, c)
+    batches = epoch_batches(s, c, epoch=0)
+    shards = [rank_batches(batches, r, 3) for r in range(3)]
+    assert len({len(sh) for sh in shards}) == 1
+    seen = [int(x) for sh in shards for b in sh for x in b]
+    assert len(seen) == len(set(seen))
+    # batch_size counts texts when not batching by samples
+    c2 = cfg(tiny_model_dir, f, branches_per_sample=3, batch_size=5)
+    s2 = build_samples(ds, c2)
+    for b in epoch_batches(s2, c2, 0)[:-1]:
+        texts = sum(s2.num_branches(int(i)) for i in b)
+        assert 5 <= texts < 5 + 3

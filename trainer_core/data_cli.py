@@ -1,0 +1,131 @@
+"""`paratrain data check FILE --tokenizer DIR`: the dataset's errors (FILE:LINE) or a summary of what
+training will see: records, samples, branches per sample, token lengths, packing and padding.
+`summarize()` is also what the server's /api/datasets/check returns."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from trainer_core.config import TrainConfig
+from trainer_core.data import (DataError, build_samples, epoch_batches, load_or_tokenize, load_tokenizer,
+                               sample_lengths, sample_token_ids)
+from trainer_core.layout import pack_into_rows
+
+EXAMPLE_MAX_COLUMNS = 48
+
+
+def summarize(cfg: TrainConfig, with_example: bool = True) -> dict:
+    """Summary dict, or {"errors": ["FILE:LINE: ...", ...]} for a bad file."""
+    try:
+        ds = load_or_tokenize(cfg.data_path, cfg.base_model, cfg.max_seq_len)
+    except DataError as e:
+        return {"errors": e.lines}
+    samples = build_samples(ds, cfg)
+    lengths = sample_lengths(ds, samples)
+    branches = np.diff(samples.ptr) + (samples.main >= 0)
+    text_lens = np.diff(ds.text_offsets)
+    text_lens = text_lens[text_lens > 0]
+    hist = {int(k): int(v) for k, v in zip(*np.unique(branches, return_counts=True))}
+
+    packed_slots = padded_slots = 0
+    for batch in epoch_batches(samples, cfg, epoch=0):
+        lens = [int(lengths[s]) for s in batch]
+        rows = pack_into_rows(lens, cfg.tokens_per_row)
+        row_len = max(sum(lens[i] for i in row) for row in rows)
+        packed_slots += len(rows) * (-(-row_len // 8) * 8)
+        padded_slots += len(lens) * max(lens)          # what padding every sample to the longest costs
+    total = int(lengths.sum())
+    summary = {
+        "data_path": cfg.data_path,
+        "records": ds.num_records,
+        "samples": len(samples),
+        "texts": int(branches.sum()),
+        "branches_histogram": hist,
+        "token_length_percentiles": _percentiles(text_lens),
+        "sample_token_percentiles": _percentiles(lengths),
+        "tokens": total,
+        "tokens_after_packing": packed_slots,
+        "padding_share": round(1 - total / packed_slots, 4) if packed_slots else 0.0,
+        "padding_share_if_padded_to_longest": round(1 - total / padded_slots, 4) if padded_slots else 0.0,
+        "truncated_texts": int((np.diff(ds.text_offsets) >= cfg.max_seq_len).sum()),
+        "errors": [],
+    }
+    if with_example and len(samples):
+        summary["example_layout"] = example_layout(ds, samples, cfg)
+    return summary
+
+
+def example_layout(ds, samples, cfg: TrainConfig, sample: int = 0) -> dict:
+    """The first columns of one sample: which branch and time each token has, and its text."""
+    from trainer_core.layout import build_sample_layout
+
+    main, branches = sample_token_ids(ds, samples, sample)
+    lay = build_sample_layout(main.astype(np.int64), [b.astype(np.int64) for b in branches], cfg.branch_stride)
+    keep = lay.time_ids < EXAMPLE_MAX_COLUMNS
+    tokenizer = load_tokenizer(cfg.base_model)
+    ids = lay.input_ids[keep].tolist()
+    return {
+        "has_main": bool(len(main)),
+        "branch_index": (lay.branch_pos[keep] // cfg.branch_stride).tolist(),
+        "time_ids": lay.time_ids[keep].tolist(),
+        "tokens": [tokenizer.decode([i]) for i in ids],
+        "columns_shown": int(lay.time_ids[keep].max()) + 1 if keep.any() else 0,
+        "columns_total": int(lay.time_ids.max()) + 1,
+    }
+
+
+def _percentiles(values: np.ndarray) -> dict:
+    if len(values) == 0:
+        return {"p50": 0, "p90": 0, "p99": 0, "max": 0}
+    p = np.percentile(values, [50, 90, 99])
+    return {"p50": int(p[0]), "p90": int(p[1]), "p99": int(p[2]), "max": int(values.max())}
+
+
+def format_summary(s: dict) -> str:
+    hist = " ".join(f"{k}:{v}" for k, v in sorted(s["branches_histogram"].items()))
+    t, st = s["token_length_percentiles"], s["sample_token_percentiles"]
+    return "\n".join([
+        f"{s['data_path']}: OK",
+        f"  records {s['records']:,} -> samples {s['samples']:,} ({s['texts']:,} texts incl. mains)",
+        f"  branches per sample (count:samples): {hist}",
+        f"  tokens per text   p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  max {t['max']}"
+        f"  ({s['truncated_texts']} truncated)",
+        f"  tokens per sample p50 {st['p50']}  p90 {st['p90']}  p99 {st['p99']}  max {st['max']}",
+        f"  tokens {s['tokens']:,}; after packing {s['tokens_after_packing']:,} slots: padding "
+        f"{s['padding_share']:.1%} (padding to the longest sample would waste "
+        f"{s['padding_share_if_padded_to_longest']:.1%})",
+    ])
+
+
+# --- CLI hooks: paratrain data check FILE --tokenizer DIR ------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    check = sub.add_parser("check", help="Validate a Parallel JSONL file and summarise it.")
+    check.add_argument("file", help="Parallel JSONL file.")
+    check.add_argument("--tokenizer", required=True, help="Model directory whose tokenizer to use.")
+    for name in ("max_seq_len", "branches_per_sample", "max_branches_per_sample", "min_branches_per_sample",
+                 "batch_size", "tokens_per_row"):
+        info = TrainConfig.model_fields[name]
+        check.add_argument(f"--{name}", type=int, default=None, help=info.description)
+    check.add_argument("--batch_by_samples", action="store_true", help=TrainConfig.model_fields["batch_by_samples"].description)
+    check.add_argument("--json", action="store_true", help="Print the summary as JSON.")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    overrides = {k: getattr(args, k) for k in ("max_seq_len", "branches_per_sample", "max_branches_per_sample",
+                                               "min_branches_per_sample", "batch_size", "tokens_per_row")
+                 if getattr(args, k) is not None}
+    cfg = TrainConfig(base_model=args.tokenizer, data_path=args.file, batch_by_samples=args.batch_by_samples,
+                      **overrides)
+    summary = summarize(cfg, with_example=args.json)
+    if summary["errors"]:
+        print("\n".join(summary["errors"]), file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    return 0
