@@ -1,0 +1,133 @@
+"""The UI without a browser: the form derived from TrainConfig, YAML save/load, the API client against the
+real server app, incremental metric polling, and the pictures/markdown the tabs render."""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import pytest
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from trainer_core import vram  # noqa: E402
+from trainer_core.config import TrainConfig  # noqa: E402
+from ui.api import ApiClient, ApiError  # noqa: E402
+from ui.form import config_dict, from_yaml, job_body, to_yaml, validate  # noqa: E402
+
+
+def test_form_is_derived_from_train_config():
+    from ui.app import build_ui
+
+    ui = build_ui("http://127.0.0.1:9")
+    fields = ui.submit.form.fields
+    assert list(fields) == [n for names in TrainConfig.fields_by_group().values() for n in names]
+    for name, info in TrainConfig.model_fields.items():
+        component = fields[name]
+        assert component.label == name
+        assert info.description.split(" ")[0] in (component.info or "")
+        if not info.is_required() and info.default is not None:
+            assert component.value == info.default, name
+    assert ui.submit.form.job["gpus"].value == 1
+    # groups are rendered as the schema groups them, under the guide's titles
+    config = ui.blocks.get_config_file()
+    labels = {c["props"].get("label") for c in config["components"] if c["type"] == "accordion"}
+    assert {"Model", "Data", "Training", "Output", "Resources"} <= labels
+
+
+def test_form_values_round_trip_through_yaml():
+    values = {name: (info.default if not info.is_required() else None) for name, info in TrainConfig.model_fields.items()}
+    values.update(base_model="models/tiny", data_path="datasets/demo.jsonl", lora_rank=16.0, max_steps=None,
+                  gpus=2, nodes=1, priority=3)
+    config, error = validate(values)
+    assert error == "" and config.lora_rank == 16 and isinstance(config.lora_rank, int)
+    body = job_body(values, config)
+    assert body["gpus"] == 2 and body["priority"] == 3 and body["config"]["base_model"] == "models/tiny"
+    loaded = from_yaml(to_yaml(values))
+    assert loaded["lora_rank"] == 16 and loaded["gpus"] == 2 and loaded["max_steps"] is None
+    assert TrainConfig(**config_dict(loaded)) == config
+
+
+def test_form_validation_names_the_field():
+    config, error = validate({"base_model": "", "data_path": "d.jsonl", "lora_rank": 0})
+    assert config is None and "base_model" in error and "lora_rank" in error
+    with pytest.raises(ValueError, match="unknown config keys: lora_rnak"):
+        from_yaml("base_model: m\ndata_path: d\nlora_rnak: 8\n")
+
+
+def test_api_client_against_real_server(live_server):
+    with pytest.raises(ApiError) as wrong:
+        ApiClient(live_server.base_url, "not-the-token").check_token()
+    assert wrong.value.status == 401 and "token" in str(wrong.value)
+    assert "not-the-token" not in repr(ApiClient(live_server.base_url, "not-the-token"))
+    client = ApiClient(live_server.base_url, live_server.token)
+    client.check_token()
+    with pytest.raises(ApiError) as unreachable:
+        ApiClient("http://127.0.0.1:9", "t").check_token()
+    assert unreachable.value.status == 0
+    job = client.submit_job({"config": {"base_model": "models/tiny", "data_path": "demo.jsonl", "max_steps": 3},
+                             "gpus": 0})
+    assert job["state"] == "queued"
+    assert client.list_jobs()[0]["id"] == job["id"]
+    argv = client.command_preview({"config": job["config"], "gpus": 2})
+    assert "trainer_core.train" in argv and "--max_steps" in argv
+    with pytest.raises(ApiError) as invalid:
+        client.submit_job({"config": {"base_model": "m", "data_path": "d", "lora_rank": 0}})
+    assert invalid.value.status == 422 and "lora_rank" in str(invalid.value)
+    assert client.cancel_job(job["id"])["state"] == "cancelled"
+    retried = client.retry_job(job["id"])
+    assert retried["retry_of"] == job["id"]
+
+
+def test_ui_is_mounted_and_root_redirects(live_server):
+    r = httpx.get(f"{live_server.base_url}/", follow_redirects=False)
+    assert r.status_code in (302, 307) and r.headers["location"].startswith("/ui")
+    page = httpx.get(f"{live_server.base_url}/ui/", follow_redirects=True)
+    assert page.status_code == 200 and "paratrain" in page.text
+
+
+def test_metrics_polling_is_incremental_and_complete(live_server, scripted_worker):
+    from ui.tabs.jobs import curve_frame, empty_watch, fetch_new, table_rows
+
+    client = ApiClient(live_server.base_url, live_server.token)
+    job = client.submit_job({"config": {"base_model": "models/tiny", "data_path": "demo.jsonl"}, "gpus": 1})
+    assert scripted_worker.claim()["id"] == job["id"]
+    scripted_worker.report(job["id"], range(1, 4))
+    watch = empty_watch() | {"job_id": job["id"]}
+    assert fetch_new(client, watch) == (True, True)
+    assert [p["step"] for p in watch["points"]] == [1, 2, 3] and watch["log_lines"][-1] == "step 3 loss 3.846"
+    assert fetch_new(client, watch) == (False, False)  # nothing new: nothing re-sent
+    scripted_worker.report(job["id"], range(4, 6))
+    assert fetch_new(client, watch) == (True, True)
+    assert [p["step"] for p in watch["points"]] == [1, 2, 3, 4, 5]
+    # a reload starts from nothing and gets the whole curve back
+    again = empty_watch() | {"job_id": job["id"]}
+    fetch_new(client, again)
+    assert again["points"] == watch["points"] and again["log_lines"] == watch["log_lines"]
+    frame = curve_frame(again["points"], "loss")
+    assert list(frame.columns) == ["step", "loss"] and len(frame) == 5
+    row = table_rows([client.get_job(job["id"])])[0]
+    assert row[0] == job["id"] and "running" in row[2] and row[3].startswith("5/100")
+
+
+def test_layout_picture_draws_branches_as_rows_and_time_as_columns():
+    import torch
+
+    from trainer_core.layout import build_sample_layout
+    from ui.tabs.dataset import layout_svg
+
+    lay = build_sample_layout(torch.arange(3), [torch.arange(4), torch.arange(2)], branch_stride=128)
+    svg = layout_svg({"time_ids": lay.time_ids.tolist(), "branch_pos": lay.branch_pos.tolist(),
+                      "branch_stride": 128, "has_main": True})
+    assert svg.count("<rect") == 3 + 4 + 2
+    assert "main" in svg and "branch 1" in svg and "branch 2" in svg and "7 time steps" in svg
+    assert "No example" in layout_svg(None)
+
+
+def test_estimate_markdown_shows_breakdown_and_warning():
+    from ui.tabs.memory import estimate_markdown, presets_rows
+
+    text = estimate_markdown(vram.estimate(TrainConfig(base_model="0.5B", data_path="d", batch_size=64), 24))
+    assert "does not fit" in text and "model weights" in text and "⚠️" in text
+    rows = presets_rows(vram.presets(24, "1.5B"))
+    assert len(rows) == 3 and all(r[-1] == "yes" for r in rows)

@@ -1,0 +1,128 @@
+"""Thin client of the paratrain REST API (docs/API.md) — the only way the UI reaches jobs and data.
+
+One `ApiClient` per callback: it holds the server's base URL and the user's token (from the session's
+gr.State), never logs the token, and turns every non-2xx answer into `ApiError` with the server's
+`detail` so callbacks can show it as is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+TIMEOUT_S = 15.0
+
+
+class ApiError(Exception):
+    """A failed API call: the HTTP status (0 when the server could not be reached) and a readable message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    if isinstance(detail, list):  # FastAPI validation errors: [{loc, msg}, ...]
+        detail = "; ".join(
+            f"{'.'.join(str(p) for p in d.get('loc', []) if p not in ('body',))}: {d.get('msg', d)}"
+            if isinstance(d, dict) else str(d) for d in detail)
+    return str(detail) or response.reason_phrase
+
+
+class ApiClient:
+    def __init__(self, base_url: str, token: str | None, transport: httpx.BaseTransport | None = None):
+        self.base_url = base_url.rstrip("/")
+        self._token = token or ""
+        self._transport = transport
+
+    def __repr__(self) -> str:  # never show the token
+        return f"ApiClient({self.base_url!r})"
+
+    # --- plumbing ---------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
+        try:
+            with httpx.Client(base_url=self.base_url, timeout=TIMEOUT_S, transport=self._transport) as client:
+                response = client.request(method, path, headers=headers, **kw)
+        except httpx.HTTPError as e:
+            raise ApiError(0, f"The server at {self.base_url} could not be reached ({type(e).__name__}).") from e
+        if response.status_code == 401:
+            raise ApiError(401, "The token was not accepted: check it and log in again.")
+        if response.status_code >= 400:
+            raise ApiError(response.status_code, f"{response.status_code}: {_detail(response)}")
+        return response
+
+    def _json(self, method: str, path: str, **kw: Any) -> Any:
+        response = self._request(method, path, **kw)
+        return None if response.status_code == 204 or not response.content else response.json()
+
+    # --- session ------------------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        return self._json("GET", "/api/health")
+
+    def check_token(self) -> None:
+        """Raises ApiError(401) for a wrong token; any authenticated endpoint would do."""
+        self._json("GET", "/api/jobs", params={"limit": 1})
+
+    # --- jobs ---------------------------------------------------------------------------------------
+    def list_jobs(self, state: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
+        if state:
+            params["state"] = state
+        return self._json("GET", "/api/jobs", params=params)["data"]
+
+    def get_job(self, job_id: int) -> dict[str, Any]:
+        return self._json("GET", f"/api/jobs/{job_id}")
+
+    def submit_job(self, job: dict[str, Any]) -> dict[str, Any]:
+        return self._json("POST", "/api/jobs", json=job)
+
+    def cancel_job(self, job_id: int) -> dict[str, Any]:
+        return self._json("POST", f"/api/jobs/{job_id}/cancel")
+
+    def retry_job(self, job_id: int) -> dict[str, Any]:
+        return self._json("POST", f"/api/jobs/{job_id}/retry")
+
+    def metrics(self, job_id: int, since_step: int = 0) -> list[dict[str, Any]]:
+        return self._json("GET", f"/api/jobs/{job_id}/metrics", params={"since_step": since_step})["data"]
+
+    def logs(self, job_id: int, offset: int = 0, limit: int = 1000) -> dict[str, Any]:
+        return self._json("GET", f"/api/jobs/{job_id}/logs", params={"offset": offset, "limit": limit})
+
+    def artifacts(self, job_id: int) -> list[dict[str, Any]]:
+        return self._json("GET", f"/api/jobs/{job_id}/artifacts")["data"]
+
+    def download_artifact(self, job_id: int, path: str) -> bytes:
+        return self._request("GET", f"/api/jobs/{job_id}/artifacts/{path}").content
+
+    def command_preview(self, job: dict[str, Any]) -> list[str]:
+        return self._json("POST", "/api/command-preview", json=job)["argv"]
+
+    # --- data, memory, workers ------------------------------------------------------------------------
+    def check_dataset(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._json("POST", "/api/datasets/check", json=body)
+
+    def estimate(self, config: dict[str, Any], gpu_mem_gb: float, measured: list[dict[str, Any]] | None = None,
+                 tokens_per_text: int | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"config": config, "gpu_mem_gb": gpu_mem_gb}
+        if measured:
+            body["measured"] = measured
+        if tokens_per_text:
+            body["tokens_per_text"] = tokens_per_text
+        return self._json("POST", "/api/estimate", json=body)
+
+    def presets(self, gpu_mem_gb: float, model: str) -> list[dict[str, Any]]:
+        data = self._json("GET", "/api/presets", params={"gpu_mem_gb": gpu_mem_gb, "model": model})
+        return data["data"] if isinstance(data, dict) else data
+
+    def workers(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/api/workers")["data"]

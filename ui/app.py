@@ -1,0 +1,161 @@
+"""The paratrain web UI: a Gradio Blocks app mounted into the server at /ui.
+
+It is a client of the REST API like any script (docs/API.md; docs/UI.md): the user's token is checked by
+the API, kept in the session's gr.State, and remembered in the browser (gr.BrowserState, encrypted) so a
+reload logs straight back in and re-selects the job that was open. Nothing here touches the database or
+starts processes; every session's data is its own.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from dataclasses import dataclass  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gradio as gr  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
+
+from ui.api import ApiClient, ApiError  # noqa: E402
+from ui.context import UiContext  # noqa: E402
+from ui.tabs.compare import CompareTab, create_compare_tab  # noqa: E402
+from ui.tabs.dataset import DatasetTab, create_dataset_tab  # noqa: E402
+from ui.tabs.jobs import JobsTab, create_jobs_tab, parse_job_id, picker_update  # noqa: E402
+from ui.tabs.memory import default_gpu_mem  # noqa: E402
+from ui.tabs.submit import SubmitTab, create_submit_tab  # noqa: E402
+
+UI_PATH = "/ui"
+BROWSER_KEY = "paratrain-ui"
+# Laptop screens: use the full width, tighten Gradio's generous spacing.
+CSS = """
+.gradio-container { max-width: 100% !important; padding: 8px 16px !important; }
+#login-panel { max-width: 520px; margin: 48px auto; }
+#header h2 { margin: 0; }
+#job-summary p, #estimate-md p { margin: 2px 0; }
+footer { display: none !important; }
+"""
+
+
+@dataclass
+class ParatrainUI:
+    blocks: gr.Blocks
+    login_panel: gr.Column
+    main_panel: gr.Column
+    token: gr.Textbox
+    login_button: gr.Button
+    login_message: gr.Markdown
+    logout_button: gr.Button
+    tabs: gr.Tabs
+    submit: SubmitTab
+    dataset: DatasetTab
+    jobs: JobsTab
+    compare: CompareTab
+
+
+def build_ui(api_base_url: str) -> ParatrainUI:
+    with gr.Blocks(title="paratrain") as blocks:
+        session = gr.State({"token": None})
+        remembered = gr.BrowserState({"token": None, "job_id": None}, storage_key=BROWSER_KEY)
+        ctx = UiContext(api_base_url, session)
+        with gr.Row(elem_id="header"):
+            gr.Markdown("## paratrain · parallel-branch LoRA fine-tuning")
+            logout_button = gr.Button("Log out", size="sm", visible=False, scale=0, min_width=90,
+                                      elem_id="logout")
+        with gr.Column(visible=True, elem_id="login-panel") as login_panel:
+            token = gr.Textbox(label="API token", type="password", elem_id="login-token",
+                               info="Printed by `paratrain serve` and stored in <data_dir>/token.")
+            login_button = gr.Button("Log in", variant="primary", elem_id="login-button")
+            login_message = gr.Markdown(elem_id="login-message")
+        with gr.Column(visible=False, elem_id="main-panel") as main_panel:
+            with gr.Tabs(elem_id="tabs") as tabs:
+                with gr.Tab("New job", id="submit", elem_id="tab-submit"):
+                    submit = create_submit_tab(ctx)
+                with gr.Tab("Dataset", id="dataset", elem_id="tab-dataset"):
+                    dataset = create_dataset_tab(ctx, submit.form, submit.memory.tokens_per_text)
+                with gr.Tab("Jobs", id="jobs", elem_id="tab-jobs"):
+                    jobs = create_jobs_tab(ctx)
+                with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
+                    compare = create_compare_tab(ctx)
+
+        logged_in_outputs = [session, remembered, login_panel, main_panel, logout_button, login_message,
+                             submit.memory.gpu_mem, jobs.picker]
+
+        def enter(token_value: str, job_id: Any, remembered_value: dict[str, Any] | None) -> list[Any]:
+            client = ApiClient(api_base_url, token_value)
+            client.check_token()  # raises ApiError
+            job_id = parse_job_id(job_id)
+            return [{"token": token_value}, {**(remembered_value or {}), "token": token_value, "job_id": job_id},
+                    gr.update(visible=False), gr.update(visible=True), gr.update(visible=True), "",
+                    default_gpu_mem(client), picker_update(client, job_id)]
+
+        def login(token_value, remembered_value):
+            token_value = (token_value or "").strip()
+            if not token_value:
+                return [gr.skip()] * 5 + ["Enter the token first."] + [gr.skip()] * 2
+            try:
+                return enter(token_value, None, remembered_value)
+            except ApiError as e:
+                message = ("❌ Wrong token: the server did not accept it." if e.status == 401 else f"❌ {e}")
+                return [gr.skip()] * 5 + [message] + [gr.skip()] * 2
+
+        def restore(remembered_value):
+            """Page (re)load: log back in with the remembered token and reopen the remembered job."""
+            saved = remembered_value or {}
+            if not saved.get("token"):
+                return [gr.skip()] * len(logged_in_outputs)
+            try:
+                return enter(saved["token"], saved.get("job_id"), saved)
+            except ApiError as e:
+                if e.status == 401:  # the token changed: forget it
+                    return [gr.skip(), {"token": None, "job_id": None}] + [gr.skip()] * 3 + \
+                        ["Your saved token is no longer valid: log in again."] + [gr.skip()] * 2
+                return [gr.skip()] * 5 + [f"❌ {e}"] + [gr.skip()] * 2
+
+        def logout():
+            return ({"token": None}, {"token": None, "job_id": None}, gr.update(visible=True),
+                    gr.update(visible=False), gr.update(visible=False), "Logged out.")
+
+        def remember_job(job_id, remembered_value):
+            return {**(remembered_value or {}), "job_id": parse_job_id(job_id)}
+
+        def open_submitted(session_value, job_id):
+            if job_id is None:
+                return gr.skip(), gr.skip()
+            try:
+                update = picker_update(ctx.client(session_value), int(job_id))
+            except ApiError:
+                return gr.skip(), gr.skip()
+            return update, gr.Tabs(selected="jobs")
+
+        login_button.click(login, [token, remembered], logged_in_outputs)
+        token.submit(login, [token, remembered], logged_in_outputs)
+        logout_button.click(logout, None, logged_in_outputs[:6], queue=False)
+        blocks.load(restore, remembered, logged_in_outputs)
+        jobs.picker.change(remember_job, [jobs.picker, remembered], remembered, queue=False)
+        submit.submitted_job_id.change(open_submitted, [session, submit.submitted_job_id], [jobs.picker, tabs])
+        # the compare picker offers the same jobs as the jobs table (State.change fires only when the set changes)
+        jobs.table_ids.change(_compare_choices(ctx), [session, jobs.table_ids], compare.picker, queue=False,
+                              show_progress="hidden")
+    return ParatrainUI(blocks, login_panel, main_panel, token, login_button, login_message, logout_button, tabs,
+                       submit, dataset, jobs, compare)
+
+
+def _compare_choices(ctx: UiContext):
+    def update(session_value, ids):
+        try:
+            jobs = ctx.client(session_value).list_jobs(limit=100)
+        except ApiError:
+            return gr.skip()
+        return gr.update(choices=[(f"#{j['id']} {j.get('name') or j['config'].get('name', '')}", j["id"])
+                                  for j in jobs])
+    return update
+
+
+def mount_ui(app: FastAPI, api_base_url: str, path: str = UI_PATH) -> FastAPI:
+    """Mount the UI at `path` of the server's FastAPI app; `api_base_url` is where the UI reaches the REST API
+    (normally the server itself, e.g. http://127.0.0.1:8000). The server redirects `/` here."""
+    ui = build_ui(api_base_url)
+    ui.blocks.queue(default_concurrency_limit=16)  # one slow call of one user must not block the others
+    return gr.mount_gradio_app(app, ui.blocks, path=path, theme=gr.themes.Soft(), css=CSS, footer_links=[])

@@ -1,0 +1,42 @@
+"""What every tab needs: the server's base URL and the session's state (the user's token)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+
+from ui.api import ApiClient, ApiError
+
+
+class NotLoggedIn(ApiError):
+    def __init__(self) -> None:
+        super().__init__(401, "Log in first.")
+
+
+@dataclass
+class UiContext:
+    base_url: str
+    session: gr.State  # per browser session: {"token": str | None}
+
+    def client(self, session: dict[str, Any] | None) -> ApiClient:
+        token = (session or {}).get("token")
+        if not token:
+            raise NotLoggedIn()
+        return ApiClient(self.base_url, token)
+
+
+def fmt_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = int(max(seconds, 0))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def fmt_number(value: float | None, digits: int = 0) -> str:
+    if value is None:
+        return ""
+    return f"{value:,.{digits}f}"

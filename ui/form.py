@@ -1,0 +1,185 @@
+"""The job form, derived from `trainer_core.config.TrainConfig`: one input per field, in the field's group,
+with its default and help. Nothing here names a training parameter, so a new TrainConfig field appears
+in the form by itself.
+
+The schema is read from the class (it imports no torch and holds no state); everything that acts on a
+config — preview, submit, estimate — goes through the REST API.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import gradio as gr
+import yaml
+from pydantic import ValidationError
+
+from trainer_core.config import GROUPS, TrainConfig, format_validation_error
+
+GROUP_TITLES = {"model": "Model", "data": "Data", "training": "Training", "output": "Output"}
+# Job-level settings that are not part of TrainConfig (JobCreate in docs/API.md).
+JOB_FIELDS = ("gpus", "nodes", "priority")
+
+
+def _group_of(info: Any) -> str:
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    return extra.get("group", "training")
+
+
+def _base_type(annotation: Any) -> tuple[Any, bool]:
+    """(type without None, whether None is allowed)."""
+    args = typing.get_args(annotation)
+    if type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else annotation), True
+    return annotation, False
+
+
+def _bounds(info: Any) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for meta in info.metadata:
+        if getattr(meta, "ge", None) is not None:
+            out["minimum"] = meta.ge
+        if getattr(meta, "le", None) is not None:
+            out["maximum"] = meta.le
+    return out
+
+
+def component_for(name: str, info: Any) -> gr.components.Component:
+    """The input for one TrainConfig field: label = flag name, info = the field's help, value = default."""
+    kind, optional = _base_type(info.annotation)
+    default = None if info.is_required() else info.default
+    help_text = info.description or ""
+    if optional:
+        help_text += " (optional: leave empty)"
+    common = {"label": name, "info": help_text, "elem_id": f"cfg-{name}"}
+    if kind is bool:
+        return gr.Checkbox(value=bool(default), **common)
+    if typing.get_origin(kind) is typing.Literal:
+        return gr.Dropdown(choices=list(typing.get_args(kind)), value=default, **common)
+    if kind is int:
+        return gr.Number(value=default, precision=0, **_bounds(info), **common)
+    if kind is float:
+        return gr.Number(value=default, **_bounds(info), **common)
+    placeholder = "required" if info.is_required() else None
+    return gr.Textbox(value=default or "", placeholder=placeholder, max_lines=1, **common)
+
+
+@dataclass
+class ConfigForm:
+    """The form's inputs: TrainConfig fields by name, plus the job-level gpus/nodes/priority."""
+
+    fields: dict[str, gr.components.Component] = field(default_factory=dict)
+    job: dict[str, gr.components.Component] = field(default_factory=dict)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.fields) + list(self.job)
+
+    @property
+    def inputs(self) -> list[gr.components.Component]:
+        return list(self.fields.values()) + list(self.job.values())
+
+    def values(self, args: tuple | list) -> dict[str, Any]:
+        """Callback arguments (in `inputs` order) -> {name: value}."""
+        return dict(zip(self.names, args))
+
+    def updates(self, values: dict[str, Any]) -> list[Any]:
+        """Outputs for `inputs`: the new value where `values` names the field, else unchanged."""
+        return [gr.update(value=values[n]) if n in values else gr.skip() for n in self.names]
+
+
+def build_config_form(open_groups: tuple[str, ...] = ("model", "data", "training")) -> ConfigForm:
+    """Render the grouped inputs in the current Blocks context."""
+    form = ConfigForm()
+    by_group = TrainConfig.fields_by_group()
+    for group in GROUPS:
+        names = by_group.get(group, [])
+        if not names:
+            continue
+        with gr.Accordion(GROUP_TITLES.get(group, group.title()), open=group in open_groups,
+                          elem_id=f"group-{group}"):
+            with gr.Row(equal_height=False):
+                columns = [gr.Column(min_width=240), gr.Column(min_width=240)]
+            for i, name in enumerate(names):
+                with columns[i % 2]:
+                    form.fields[name] = component_for(name, TrainConfig.model_fields[name])
+    with gr.Accordion("Resources", open=True, elem_id="group-resources"):
+        with gr.Row():
+            form.job["gpus"] = gr.Number(value=1, precision=0, minimum=0, label="gpus",
+                                         info="GPUs per node for this job; 0 runs on CPU.", elem_id="job-gpus")
+            form.job["nodes"] = gr.Number(value=1, precision=0, minimum=1, label="nodes",
+                                          info="Machines (workers) the job spans.", elem_id="job-nodes")
+            form.job["priority"] = gr.Number(value=0, precision=0, label="priority",
+                                             info="Higher runs first.", elem_id="job-priority")
+    return form
+
+
+# --- values <-> config ------------------------------------------------------------------------------
+def config_dict(values: dict[str, Any]) -> dict[str, Any]:
+    """Form values -> TrainConfig keyword arguments: empty optional inputs are left out (so the
+    schema's default applies), whole floats from gr.Number become ints where the field is an int."""
+    out: dict[str, Any] = {}
+    for name, info in TrainConfig.model_fields.items():
+        if name not in values:
+            continue
+        value = values[name]
+        if value is None or (isinstance(value, str) and value.strip() == ""):
+            continue
+        kind, _ = _base_type(info.annotation)
+        if kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, str):
+            value = value.strip()
+        out[name] = value
+    return out
+
+
+def validate(values: dict[str, Any]) -> tuple[TrainConfig | None, str]:
+    """(config, "") or (None, 'field: message; ...')."""
+    try:
+        return TrainConfig(**config_dict(values)), ""
+    except ValidationError as e:
+        return None, format_validation_error(e)
+
+
+def job_body(values: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
+    """The JobCreate body of docs/API.md."""
+    body: dict[str, Any] = {"config": config.model_dump(mode="json")}
+    for name in JOB_FIELDS:
+        if values.get(name) is not None:
+            body[name] = int(values[name])
+    return body
+
+
+def to_yaml(values: dict[str, Any]) -> str:
+    """A saved form: the TrainConfig fields that are set, plus a `job:` section (gpus, nodes, priority)."""
+    data = config_dict(values)
+    job = {n: int(values[n]) for n in JOB_FIELDS if values.get(n) is not None}
+    if job:
+        data["job"] = job
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def from_yaml(text: str) -> dict[str, Any]:
+    """Values for the form from a saved YAML (or a bare TrainConfig YAML/JSON); unknown keys are errors,
+    missing ones take the schema default."""
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ValueError("the file does not hold a mapping of field: value")
+    job = data.pop("job", {}) or {}
+    unknown = sorted(set(data) - set(TrainConfig.model_fields))
+    if unknown:
+        raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for name, info in TrainConfig.model_fields.items():
+        if name in data:
+            values[name] = data[name]
+        elif not info.is_required():
+            values[name] = info.default
+    for name in JOB_FIELDS:
+        if name in job:
+            values[name] = job[name]
+    return values

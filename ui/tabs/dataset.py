@@ -1,0 +1,151 @@
+"""Dataset tab: the server's data check (POST /api/datasets/check) for the form's data_path and model
+before anything is submitted — errors with FILE:LINE, branch-count histogram, token lengths, padding share
+after packing — and a picture of one sample's columnar layout (branches as rows, time as columns)."""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from trainer_core.config import TrainConfig
+from ui.api import ApiError
+from ui.context import UiContext
+from ui.form import ConfigForm, config_dict
+
+# Row colours of the layout picture: the main branch, then the branches in turn.
+MAIN_COLOUR = "#4b5563"
+BRANCH_COLOURS = ["#2563eb", "#16a34a", "#ea580c", "#9333ea", "#0891b2", "#dc2626", "#ca8a04", "#db2777"]
+MAX_PICTURE_COLUMNS = 256  # wider samples are cropped (the picture says so)
+MAX_PICTURE_ROWS = 32
+
+
+@dataclass
+class DatasetTab:
+    check_button: gr.Button
+    summary: gr.Markdown
+    errors: gr.Textbox
+    histogram: gr.BarPlot
+    layout: gr.HTML
+
+
+def check_body(values: dict[str, Any]) -> dict[str, Any]:
+    """The check's request: base_model (its tokenizer) and every field of the schema's "data" group."""
+    config = config_dict(values)
+    data_fields = TrainConfig.fields_by_group()["data"]
+    return {k: v for k, v in config.items() if k in data_fields or k == "base_model"}
+
+
+def _flat(values: Any) -> list:
+    """[[...]] (a batch of one) or [...] -> [...]."""
+    if isinstance(values, list) and values and isinstance(values[0], list):
+        return [v for row in values for v in row]
+    return list(values or [])
+
+
+def layout_svg(layout: dict[str, Any] | None) -> str:
+    """One sample as a grid: a row per branch (main first), a column per time step; a filled cell is a token.
+
+    Accepts the example_layout of the check summary: per-token `time_ids` and `branch_ids` (branch index k),
+    or `branch_pos` with `branch_stride`; `has_main` says whether row 0 is the main."""
+    if not layout:
+        return "<p>No example sample.</p>"
+    times = [int(t) for t in _flat(layout.get("time_ids"))]
+    if "branch_ids" in layout or "branch_index" in layout:
+        rows = [int(b) for b in _flat(layout.get("branch_ids", layout.get("branch_index")))]
+    else:
+        stride = int(layout.get("branch_stride") or 128)
+        rows = [int(p) // stride for p in _flat(layout.get("branch_pos"))]
+    if not times or len(times) != len(rows):
+        return "<p>The example sample has no layout to draw.</p>"
+    has_main = bool(layout.get("has_main", layout.get("main_len", 0)))
+    n_rows, n_cols = max(rows) + 1, max(times) + 1
+    shown_rows, shown_cols = min(n_rows, MAX_PICTURE_ROWS), min(n_cols, MAX_PICTURE_COLUMNS)
+    cell_w = max(2.0, min(14.0, 900.0 / shown_cols))
+    cell_h = 14.0 if shown_rows <= 16 else 9.0
+    label_w, top = 70, 18
+    width, height = label_w + shown_cols * cell_w + 4, top + shown_rows * cell_h + 4
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
+             f'role="img" aria-label="columnar layout">',
+             f'<text x="{label_w}" y="12" font-size="11" fill="currentColor">time →  '
+             f'({len(times)} tokens, {n_rows} rows, {n_cols} time steps)</text>']
+    for r in range(shown_rows):
+        name = "main" if has_main and r == 0 else f"branch {r if has_main else r + 1}"
+        parts.append(f'<text x="0" y="{top + r * cell_h + cell_h - 3:.1f}" font-size="10" '
+                     f'fill="currentColor">{html.escape(name)}</text>')
+    for t, r in zip(times, rows):
+        if r >= shown_rows or t >= shown_cols:
+            continue
+        colour = MAIN_COLOUR if has_main and r == 0 else BRANCH_COLOURS[r % len(BRANCH_COLOURS)]
+        parts.append(f'<rect x="{label_w + t * cell_w:.1f}" y="{top + r * cell_h:.1f}" width="{max(cell_w - 1, 1):.1f}" '
+                     f'height="{cell_h - 2:.1f}" fill="{colour}"/>')
+    parts.append("</svg>")
+    notes = []
+    if n_cols > shown_cols:
+        notes.append(f"first {shown_cols} of {n_cols} time steps shown")
+    if n_rows > shown_rows:
+        notes.append(f"first {shown_rows} of {n_rows} rows shown")
+    caption = ("Every branch starts at the column after the main; a token attends to all earlier columns of "
+               "every branch of its sample, never to another branch's token in its own column.")
+    note = f" ({'; '.join(notes)})" if notes else ""
+    return (f'<div class="layout-picture" style="overflow-x:auto">{"".join(parts)}'
+            f'<p style="font-size:12px">{caption}{note}</p></div>')
+
+
+def summary_markdown(s: dict[str, Any]) -> str:
+    pct = s.get("token_length_percentiles") or {}
+    errors = s.get("errors") or []
+    head = "❌ The data has errors: a job with it would not start." if errors else "✅ The data is valid."
+    rows = [("records", s.get("records")), ("samples", s.get("samples")),
+            ("tokens after packing", s.get("tokens_after_packing")),
+            ("padding share after packing", f"{s['padding_share']:.1%}" if s.get("padding_share") is not None else None),
+            ("text length p50 / p90 / p99 / max (tokens)",
+             " / ".join(str(pct.get(k, "?")) for k in ("p50", "p90", "p99", "max")) if pct else None)]
+    lines = [f"### {head}", "", "| | |", "|---|---:|"]
+    lines += [f"| {k} | {v:,} |" if isinstance(v, int) else f"| {k} | {v} |" for k, v in rows if v is not None]
+    return "\n".join(lines)
+
+
+def histogram_frame(s: dict[str, Any]) -> pd.DataFrame:
+    hist = s.get("branches_histogram") or {}
+    items = sorted(((int(k), int(v)) for k, v in hist.items()), key=lambda kv: kv[0])
+    return pd.DataFrame({"branches": [str(k) for k, _ in items], "samples": [v for _, v in items]})
+
+
+def create_dataset_tab(ctx: UiContext, form: ConfigForm, tokens_per_text: gr.Number | None = None) -> DatasetTab:
+    gr.Markdown("Checks the form's `data_path` with the form's `base_model` tokenizer and data settings "
+                "(the **New job** tab), exactly as the trainer will read it.")
+    check_button = gr.Button("Check dataset", variant="primary", elem_id="check-dataset")
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1, min_width=320):
+            summary = gr.Markdown(elem_id="dataset-summary")
+            errors = gr.Textbox(label="Errors (FILE:LINE)", lines=6, max_lines=12, visible=False,
+                                elem_id="dataset-errors")
+        with gr.Column(scale=1, min_width=320):
+            histogram = gr.BarPlot(x="branches", y="samples", title="Branches per sample", height=240,
+                                   elem_id="branches-histogram")
+    gr.Markdown("#### One sample's columnar layout (rows: branches, columns: time)")
+    layout = gr.HTML(elem_id="layout-picture")
+
+    def check(session, *form_args):
+        body = check_body(form.values(form_args))
+        if not body.get("data_path") or not body.get("base_model"):
+            return ("Enter `data_path` and `base_model` in the New job tab first.", gr.update(visible=False),
+                    gr.skip(), gr.skip(), gr.skip())
+        try:
+            s = ctx.client(session).check_dataset(body)
+        except ApiError as e:
+            return f"❌ Check failed: {e}", gr.update(visible=False), gr.skip(), gr.skip(), gr.skip()
+        errors_text = "\n".join(str(e) for e in s.get("errors") or [])
+        if s.get("records") is None:  # only errors: the file could not be read as Parallel JSONL
+            return (summary_markdown(s), gr.update(value=errors_text, visible=True), None, "", gr.skip())
+        p90 = (s.get("token_length_percentiles") or {}).get("p90")
+        return (summary_markdown(s), gr.update(value=errors_text, visible=bool(errors_text)), histogram_frame(s),
+                layout_svg(s.get("example_layout")), int(p90) if p90 else gr.skip())
+
+    outputs = [summary, errors, histogram, layout, tokens_per_text if tokens_per_text is not None else gr.State()]
+    check_button.click(check, [ctx.session, *form.inputs], outputs)
+    return DatasetTab(check_button, summary, errors, histogram, layout)

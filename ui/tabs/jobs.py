@@ -1,0 +1,258 @@
+"""Jobs tab: the job table (GET /api/jobs, every 2 s), and for the selected job its live loss and
+learning-rate curves, log tail and cancel / retry / download-adapter actions.
+
+Live updates poll GET /api/jobs/{id}/metrics?since_step=<last> once a second (a gr.Timer ticks only while
+the page is open, so a closed browser costs the server nothing). The points live in this session's
+gr.State; a reload starts a new session that fetches the whole curve again from step 0, so nothing is lost
+and training is never touched by the UI.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+
+from ui.api import ApiClient, ApiError
+from ui.context import UiContext, fmt_duration, fmt_number
+
+TABLE_COLUMNS = ["id", "name", "state", "progress", "ETA", "tokens/s", "GPU", "attempt", "loss", "peak GB"]
+LOG_TAIL_LINES = 200
+FINAL_STATES = {"succeeded", "failed", "cancelled"}
+STATE_ICONS = {"queued": "⏳", "running": "▶️", "succeeded": "✅", "failed": "❌", "cancelled": "⏹️"}
+
+
+@dataclass
+class JobsTab:
+    table: gr.Dataframe
+    table_ids: gr.State
+    picker: gr.Dropdown
+    refresh_timer: gr.Timer
+    poll_timer: gr.Timer
+    summary: gr.Markdown
+    curve_info: gr.Markdown
+    loss_plot: gr.LinePlot
+    lr_plot: gr.LinePlot
+    log_tail: gr.Textbox
+    cancel_button: gr.Button
+    retry_button: gr.Button
+    download_button: gr.Button
+    adapter_file: gr.File
+    watch: gr.State  # {"job_id", "points": [Metric], "last_step", "log_offset", "log_lines"}
+
+
+def job_label(job: dict[str, Any]) -> str:
+    return f"#{job['id']} {job.get('name') or job['config'].get('name', '')} ({job['state']})"
+
+
+def gpu_text(job: dict[str, Any]) -> str:
+    if not job.get("gpus"):
+        return "CPU"
+    ids = job.get("gpu_ids")
+    where = f" on worker {job['worker_id']}" if job.get("worker_id") else ""
+    return (f"{','.join(str(i) for i in ids)}{where}" if ids else f"{job['gpus']} wanted")
+
+
+def progress_text(job: dict[str, Any]) -> str:
+    step, total = job.get("step") or 0, job.get("total_steps")
+    if total:
+        return f"{step}/{total} ({step / total:.0%})"
+    return str(step) if step else ""
+
+
+def table_rows(jobs: list[dict[str, Any]]) -> list[list[Any]]:
+    return [[j["id"], j.get("name") or j["config"].get("name", ""), f"{STATE_ICONS.get(j['state'], '')} {j['state']}",
+             progress_text(j), fmt_duration(j.get("eta_s")) if j["state"] == "running" else "",
+             fmt_number(j.get("tokens_per_s")), gpu_text(j), f"{j.get('attempt', 1)}/{j.get('max_attempts') or '?'}",
+             fmt_number(j.get("last_loss"), 4), fmt_number(j.get("peak_mem_gb"), 1)] for j in jobs]
+
+
+def job_summary(job: dict[str, Any]) -> str:
+    cfg = job.get("config", {})
+    lines = [f"### Job #{job['id']} · {job.get('name') or cfg.get('name', '')} · {STATE_ICONS.get(job['state'], '')} "
+             f"{job['state']}{' (cancel requested)' if job.get('cancel_requested') and job['state'] == 'running' else ''}",
+             f"**progress** {progress_text(job) or '-'} · **ETA** {fmt_duration(job.get('eta_s')) or '-'} · "
+             f"**tokens/s** {fmt_number(job.get('tokens_per_s')) or '-'} · **GPU** {gpu_text(job)} · "
+             f"**attempt** {job.get('attempt', 1)}/{job.get('max_attempts') or '?'}",
+             f"model `{cfg.get('base_model', '')}` · data `{cfg.get('data_path', '')}`"]
+    if job.get("failure_reason") or job.get("failure_class"):
+        lines.append(f"**failure** {job.get('failure_class') or ''}: {job.get('failure_reason') or ''}")
+    return "\n\n".join(lines)
+
+
+def parse_job_id(value: Any) -> int | None:
+    """The picker's value: a job id (int), or text like "#12 name" / "12" typed by the user."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)):
+        return int(value)
+    digits = "".join(ch for ch in str(value).lstrip("# ").split(" ")[0] if ch.isdigit())
+    return int(digits) if digits else None
+
+
+def picker_update(client: ApiClient, job_id: int | None = None) -> dict[str, Any]:
+    """Fresh choices for the job picker, selecting `job_id` (it may be newer than the last refresh)."""
+    try:
+        choices = [(job_label(j), j["id"]) for j in client.list_jobs(limit=100)]
+    except ApiError:
+        return gr.update(value=job_id) if job_id is not None else gr.update()
+    return gr.update(choices=choices, value=job_id) if job_id is not None else gr.update(choices=choices)
+
+
+def curve_frame(points: list[dict[str, Any]], y: str) -> pd.DataFrame:
+    rows = [(p["step"], p[y]) for p in points if p.get(y) is not None]
+    return pd.DataFrame(rows, columns=["step", y])
+
+
+def empty_watch() -> dict[str, Any]:
+    return {"job_id": None, "points": [], "last_step": 0, "log_offset": 0, "log_lines": []}
+
+
+def fetch_new(client: ApiClient, watch: dict[str, Any]) -> tuple[bool, bool]:
+    """Append metrics and log lines newer than what `watch` holds; (new points?, new log lines?)."""
+    job_id = watch["job_id"]
+    metrics = client.metrics(job_id, since_step=watch["last_step"])
+    if metrics:
+        by_step = {p["step"]: p for p in watch["points"]}
+        by_step.update({p["step"]: p for p in metrics})  # a resumed job re-logging a step replaces it
+        watch["points"] = [by_step[s] for s in sorted(by_step)]
+        watch["last_step"] = watch["points"][-1]["step"]
+    new_lines = False
+    for _ in range(50):  # catch up on a long log a page at a time, bounded per tick
+        page = client.logs(job_id, offset=watch["log_offset"], limit=1000)
+        lines = [row["line"] for row in page.get("data", [])]
+        if not lines:
+            break
+        new_lines = True
+        watch["log_lines"] = (watch["log_lines"] + lines)[-LOG_TAIL_LINES:]
+        next_offset = page.get("next_offset")
+        watch["log_offset"] = next_offset if next_offset is not None else watch["log_offset"] + len(lines)
+        if len(lines) < 1000:
+            break
+    return bool(metrics), new_lines
+
+
+def curve_text(watch: dict[str, Any]) -> str:
+    n = len(watch["points"])
+    return f"Loss curve: {n} point{'s' if n != 1 else ''}" + (f", last step {watch['last_step']}" if n else "")
+
+
+def create_jobs_tab(ctx: UiContext) -> JobsTab:
+    table_ids = gr.State([])
+    watch = gr.State(empty_watch())
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2, min_width=420):
+            table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, wrap=True, max_height=360,
+                                 label="Jobs (newest first; click a row)", elem_id="jobs-table")
+            picker = gr.Dropdown(choices=[], value=None, label="Selected job", elem_id="job-picker")
+            summary = gr.Markdown(elem_id="job-summary")
+            with gr.Row():
+                cancel_button = gr.Button("Cancel", variant="stop", size="sm", elem_id="cancel-job")
+                retry_button = gr.Button("Retry", size="sm", elem_id="retry-job")
+                download_button = gr.Button("Download adapter", size="sm", elem_id="download-adapter")
+            adapter_file = gr.File(label="Adapter", visible=False, interactive=False, elem_id="adapter-file")
+        with gr.Column(scale=3, min_width=420):
+            curve_info = gr.Markdown(elem_id="curve-info")
+            loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=230, elem_id="loss-plot")
+            lr_plot = gr.LinePlot(x="step", y="lr", title="Learning rate", height=180, elem_id="lr-plot")
+            log_tail = gr.Textbox(label="Log tail", lines=8, max_lines=8, autoscroll=True, interactive=False,
+                                  elem_id="log-tail")
+    refresh_timer = gr.Timer(2.0)
+    poll_timer = gr.Timer(1.0)
+
+    def refresh(session):
+        if not (session or {}).get("token"):
+            return gr.skip(), gr.skip(), gr.skip()
+        try:
+            jobs = ctx.client(session).list_jobs(limit=100)
+        except ApiError:
+            return gr.skip(), gr.skip(), gr.skip()
+        return table_rows(jobs), [j["id"] for j in jobs], gr.update(choices=[(job_label(j), j["id"]) for j in jobs])
+
+    def select(session, job_id):
+        """A new selection: fetch everything from step 0 (also what a reloaded page does)."""
+        fresh = empty_watch()
+        job_id = parse_job_id(job_id)
+        if job_id is None or not (session or {}).get("token"):
+            return fresh, "", "", curve_frame([], "loss"), curve_frame([], "lr"), "", gr.update(visible=False)
+        fresh["job_id"] = job_id
+        try:
+            client = ctx.client(session)
+            job = client.get_job(fresh["job_id"])
+            fetch_new(client, fresh)
+        except ApiError as e:
+            return fresh, f"Cannot load job #{job_id}: {e}", "", gr.skip(), gr.skip(), "", gr.update(visible=False)
+        return (fresh, job_summary(job), curve_text(fresh), curve_frame(fresh["points"], "loss"),
+                curve_frame(fresh["points"], "lr"), "\n".join(fresh["log_lines"]), gr.update(visible=False))
+
+    def poll(session, current, selected):
+        skip = (gr.skip(),) * 6
+        if not current or current.get("job_id") is None or not (session or {}).get("token"):
+            return skip
+        if parse_job_id(selected) != current["job_id"]:  # a new selection is loading: leave it alone
+            return skip
+        try:
+            client = ctx.client(session)
+            job = client.get_job(current["job_id"])
+            new_points, new_lines = fetch_new(client, current)
+        except ApiError:
+            return skip
+        return (current, job_summary(job),
+                curve_text(current) if new_points else gr.skip(),
+                curve_frame(current["points"], "loss") if new_points else gr.skip(),
+                curve_frame(current["points"], "lr") if new_points else gr.skip(),
+                "\n".join(current["log_lines"]) if new_lines else gr.skip())
+
+    def pick_row(ids, evt: gr.SelectData):
+        row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
+        return ids[row] if ids and row is not None and row < len(ids) else gr.skip()
+
+    def cancel(session, current):
+        try:
+            job = ctx.client(session).cancel_job(current["job_id"])
+        except (ApiError, TypeError, KeyError) as e:
+            gr.Warning(f"Cancel failed: {e}")
+            return gr.skip()
+        gr.Info(f"Job #{job['id']}: cancel {'requested' if job['state'] == 'running' else 'done'}.")
+        return job_summary(job)
+
+    def retry(session, current):
+        try:
+            job = ctx.client(session).retry_job(current["job_id"])
+        except (ApiError, TypeError, KeyError) as e:
+            gr.Warning(f"Retry failed: {e}")
+            return gr.skip()
+        gr.Info(f"Job #{job['id']} queued as a retry of #{current['job_id']}.")
+        return picker_update(ctx.client(session), job["id"])
+
+    def download(session, current):
+        try:
+            client = ctx.client(session)
+            job_id = current["job_id"]
+            files = [a["path"] for a in client.artifacts(job_id) if a["path"].startswith("adapter/")]
+            if not files:
+                raise ApiError(404, f"job #{job_id} has no adapter yet (it is written when training ends)")
+            target = os.path.join(tempfile.mkdtemp(prefix="paratrain-adapter-"), f"job{job_id}-adapter.zip")
+            with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as z:
+                for path in files:
+                    z.writestr(path, client.download_artifact(job_id, path))
+        except (ApiError, TypeError, KeyError) as e:
+            gr.Warning(f"Download failed: {e}")
+            return gr.update(visible=False)
+        return gr.update(value=target, visible=True)
+
+    view = [watch, summary, curve_info, loss_plot, lr_plot, log_tail]
+    refresh_timer.tick(refresh, ctx.session, [table, table_ids, picker], queue=False, show_progress="hidden")
+    poll_timer.tick(poll, [ctx.session, watch, picker], view, queue=False, show_progress="hidden")
+    picker.change(select, [ctx.session, picker], view + [adapter_file], show_progress="hidden")
+    table.select(pick_row, table_ids, picker, queue=False)
+    cancel_button.click(cancel, [ctx.session, watch], summary)
+    retry_button.click(retry, [ctx.session, watch], picker)
+    download_button.click(download, [ctx.session, watch], adapter_file)
+    return JobsTab(table, table_ids, picker, refresh_timer, poll_timer, summary, curve_info, loss_plot, lr_plot,
+                   log_tail, cancel_button, retry_button, download_button, adapter_file, watch)

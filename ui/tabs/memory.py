@@ -1,0 +1,164 @@
+"""VRAM panel of the New job tab: presets for a GPU size and model (GET /api/presets) and the peak-memory
+estimate of the current form (POST /api/estimate), corrected by the peaks of jobs that already ran on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import gradio as gr
+
+from ui.api import ApiClient, ApiError
+from ui.context import UiContext
+from ui.form import ConfigForm, validate
+
+FORM_MODEL = "base_model of the form"
+SIZES = ["0.5B", "1.5B", "3B", "7B"]
+DEFAULT_GPU_MEM_GB = 80.0
+PRESET_COLUMNS = ["preset", "lora_rank", "batch_size", "accumulation_steps", "batch_by_samples",
+                  "max_branches_per_sample", "max_seq_len", "gradient_checkpointing", "dtype", "rope_2d_ratio",
+                  "peak GB", "fits"]
+
+
+@dataclass
+class MemoryPanel:
+    gpu_mem: gr.Number
+    model: gr.Dropdown
+    tokens_per_text: gr.Number
+    presets_button: gr.Button
+    presets_table: gr.Dataframe
+    preset_choice: gr.Radio
+    apply_button: gr.Button
+    estimate_button: gr.Button
+    estimate_md: gr.Markdown
+    presets_state: gr.State
+    estimate_inputs: list = field(default_factory=list)  # session, gpu_mem, tokens_per_text, *form
+    estimate_fn: Callable[..., str] | None = None  # (estimate_inputs...) -> markdown; reused by app wiring
+
+
+def worker_gpu_mem(client: ApiClient) -> float | None:
+    """Largest GPU the registered workers report (GB), or None without GPU workers."""
+    sizes = [float(g.get("memory_gb") or 0) for w in client.workers() for g in (w.get("gpus") or [])]
+    sizes = [s for s in sizes if s > 0]
+    return max(sizes) if sizes else None
+
+
+def measured_peaks(client: ApiClient) -> list[dict[str, Any]]:
+    """Jobs that ran on a GPU and recorded their peak: what the estimate is corrected with."""
+    return [{"config": j["config"], "peak_mem_gb": j["peak_mem_gb"]} for j in client.list_jobs(limit=200)
+            if j.get("peak_mem_gb") and (j.get("gpus") or 0) > 0]
+
+
+def estimate_markdown(est: dict[str, Any]) -> str:
+    parts = est["breakdown_gb"]
+    share = est["peak_gb"] / est["gpu_mem_gb"] if est["gpu_mem_gb"] else 0
+    verdict = "fits" if est["fits"] else "**does not fit**"
+    icon = "✅" if est["fits"] and not est["warnings"] else ("⚠️" if est["fits"] else "❌")
+    lines = [f"### {icon} Estimated peak {est['peak_gb']:.1f} GB of {est['gpu_mem_gb']:g} GB ({share:.0%}): {verdict}",
+             "", "| part | GB |", "|---|---:|"]
+    labels = {"weights": "model weights", "lora_state": "LoRA + grads + AdamW", "activations": "activations",
+              "logits": "logits (loss chunk)", "overhead": "CUDA context + allocator slack"}
+    lines += [f"| {labels.get(k, k)} | {v:.2f} |" for k, v in parts.items()]
+    model = est.get("model", {})
+    lines += ["", f"{model.get('name', '')} ({model.get('params_b', '?')}B params, from {model.get('source', '?')}); "
+              f"{est['tokens_per_micro_batch']:,} tokens per micro-batch "
+              f"({est['tokens_per_text']} per text)."]
+    corr = est.get("correction")
+    if corr:
+        lines.append(f"Corrected by measured peaks of {corr['jobs']} job(s) ({corr['basis']}): x{corr['factor']} on "
+                     f"activations + logits (uncorrected {est['raw_peak_gb']:.1f} GB).")
+    else:
+        lines.append("No measured GPU job yet: calibrated on the H100 measurements (docs/VRAM.md).")
+    if est["warnings"]:
+        lines += [""] + [f"- ⚠️ {w}" for w in est["warnings"]]
+    return "\n".join(lines)
+
+
+def presets_rows(plist: list[dict[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for p in plist:
+        c = p["config"]
+        rows.append([p["name"], c.get("lora_rank"), c.get("batch_size"), c.get("accumulation_steps", 1),
+                     bool(c.get("batch_by_samples")), c.get("max_branches_per_sample"), c.get("max_seq_len", 1024),
+                     bool(c.get("gradient_checkpointing")), c.get("dtype"), c.get("rope_2d_ratio"),
+                     p["estimate"]["peak_gb"], "yes" if p["fits"] else "NO"])
+    return rows
+
+
+def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
+    gr.Markdown("#### GPU memory")
+    with gr.Row():
+        gpu_mem = gr.Number(value=DEFAULT_GPU_MEM_GB, label="GPU memory (GB)", minimum=1, elem_id="gpu-mem",
+                            info="Default: the largest GPU the workers report.")
+        model = gr.Dropdown(choices=[FORM_MODEL] + SIZES, value=FORM_MODEL, label="Model for presets",
+                            allow_custom_value=True, elem_id="preset-model")
+    tokens_per_text = gr.Number(value=None, precision=0, label="typical tokens per text", minimum=1,
+                                info="Empty: max_seq_len (worst case). The dataset check fills in its p90.",
+                                elem_id="tokens-per-text")
+    with gr.Row():
+        presets_button = gr.Button("Get presets", elem_id="get-presets", size="sm")
+        estimate_button = gr.Button("Estimate memory", elem_id="estimate", size="sm")
+    presets_table = gr.Dataframe(headers=PRESET_COLUMNS, interactive=False, wrap=True, visible=False,
+                                 elem_id="presets-table")
+    with gr.Row():
+        preset_choice = gr.Radio(choices=[], label="Preset", visible=False, elem_id="preset-choice")
+        apply_button = gr.Button("Apply preset", variant="primary", visible=False, elem_id="apply-preset", size="sm")
+    estimate_md = gr.Markdown(elem_id="estimate-md")
+    presets_state = gr.State([])
+
+    def get_presets(session, gpu_mem_gb, model_choice, *form_args):
+        try:
+            client = ctx.client(session)
+            target = model_choice
+            if not target or target == FORM_MODEL:
+                target = (form.values(form_args).get("base_model") or "").strip()
+                if not target:
+                    raise ApiError(422, "Enter base_model in the form, or pick a model size.")
+            plist = client.presets(float(gpu_mem_gb or DEFAULT_GPU_MEM_GB), target)
+        except ApiError as e:
+            gr.Warning(str(e))
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        names = [p["name"] for p in plist]
+        return (plist, gr.update(value=presets_rows(plist), visible=True),
+                gr.update(choices=names, value=names[0] if names else None, visible=True), gr.update(visible=True))
+
+    presets_button.click(get_presets, [ctx.session, gpu_mem, model, *form.inputs],
+                         [presets_state, presets_table, preset_choice, apply_button])
+
+    def apply_preset(plist, choice):
+        chosen = next((p for p in plist if p["name"] == choice), None)
+        if chosen is None:
+            gr.Warning("Pick a preset first.")
+            return form.updates({})
+        values = dict(chosen["config"])
+        if not values.get("batch_by_samples"):
+            values.setdefault("max_branches_per_sample", None)
+        gr.Info(f"Applied preset '{choice}'.")
+        return form.updates(values)
+
+    def run_estimate(session, gpu_mem_gb, tokens, *form_args):
+        config, error = validate(form.values(form_args))
+        if config is None:
+            return f"Cannot estimate: {error}"
+        try:
+            client = ctx.client(session)
+            est = client.estimate(config.model_dump(mode="json"), float(gpu_mem_gb or DEFAULT_GPU_MEM_GB),
+                                  measured_peaks(client), int(tokens) if tokens else None)
+        except ApiError as e:
+            return f"Cannot estimate: {e}"
+        return estimate_markdown(est)
+
+    estimate_inputs = [ctx.session, gpu_mem, tokens_per_text, *form.inputs]
+    apply_button.click(apply_preset, [presets_state, preset_choice], form.inputs, queue=False).then(
+        run_estimate, estimate_inputs, estimate_md)
+    estimate_button.click(run_estimate, estimate_inputs, estimate_md)
+    return MemoryPanel(gpu_mem, model, tokens_per_text, presets_button, presets_table, preset_choice,
+                       apply_button, estimate_button, estimate_md, presets_state, estimate_inputs, run_estimate)
+
+
+def default_gpu_mem(client: ApiClient) -> float:
+    try:
+        return worker_gpu_mem(client) or DEFAULT_GPU_MEM_GB
+    except ApiError:
+        return DEFAULT_GPU_MEM_GB

@@ -1,0 +1,100 @@
+"""New job tab: the TrainConfig form (grouped as the guide groups its flags), GPU count, command preview
+(POST /api/command-preview), submit (POST /api/jobs), save/load YAML, and the VRAM panel beside it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import tempfile
+from dataclasses import dataclass
+
+import gradio as gr
+
+from ui.api import ApiError
+from ui.context import UiContext
+from ui.form import ConfigForm, build_config_form, from_yaml, job_body, to_yaml, validate
+from ui.tabs.memory import MemoryPanel, create_memory_panel
+
+
+@dataclass
+class SubmitTab:
+    form: ConfigForm
+    memory: MemoryPanel
+    preview_button: gr.Button
+    command: gr.Code
+    submit_button: gr.Button
+    status: gr.Markdown
+    save_button: gr.Button
+    load_button: gr.UploadButton
+    saved_file: gr.File
+    submitted_job_id: gr.Number  # the id of the last job submitted in this session (hidden)
+
+
+def create_submit_tab(ctx: UiContext) -> SubmitTab:
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3, min_width=480):
+            form = build_config_form()
+            with gr.Row():
+                load_button = gr.UploadButton("Load YAML", file_types=[".yaml", ".yml", ".json"], size="sm",
+                                              elem_id="load-yaml")
+                save_button = gr.Button("Save as YAML", size="sm", elem_id="save-yaml")
+            saved_file = gr.File(label="Saved config", visible=False, interactive=False, elem_id="saved-yaml")
+        with gr.Column(scale=2, min_width=360):
+            memory = create_memory_panel(ctx, form)
+            gr.Markdown("#### Launch")
+            with gr.Row():
+                preview_button = gr.Button("Preview command", size="sm", elem_id="preview-command")
+                submit_button = gr.Button("Submit job", variant="primary", elem_id="submit-job")
+            status = gr.Markdown(elem_id="submit-status")
+            command = gr.Code(label="torchrun command (as the worker runs it)", language="shell",
+                              interactive=False, elem_id="command-preview")
+            submitted_job_id = gr.Number(visible=False, precision=0)
+
+    def preview(session, *form_args):
+        values = form.values(form_args)
+        config, error = validate(values)
+        if config is None:
+            return f"Fix the form first: {error}"
+        try:
+            argv = ctx.client(session).command_preview(job_body(values, config))
+        except ApiError as e:
+            return f"# preview failed: {e}"
+        return shlex.join(argv)
+
+    def submit(session, *form_args):
+        values = form.values(form_args)
+        config, error = validate(values)
+        if config is None:
+            return f"❌ Fix the form first: {error}", gr.skip()
+        try:
+            job = ctx.client(session).submit_job(job_body(values, config))
+        except ApiError as e:
+            return f"❌ Not submitted: {e}", gr.skip()
+        return f"✅ Job #{job['id']} ({job.get('name') or config.name}) is {job['state']}.", job["id"]
+
+    def save(*form_args):
+        values = form.values(form_args)
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", str(values.get("name") or "paratrain"))
+        path = os.path.join(tempfile.mkdtemp(prefix="paratrain-config-"), f"{name}.yaml")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(to_yaml(values))
+        return gr.update(value=path, visible=True)
+
+    def load(file):
+        path = file if isinstance(file, str) else getattr(file, "name", None)
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = from_yaml(f.read())
+        except (OSError, ValueError, TypeError) as e:
+            gr.Warning(f"Cannot load that file: {e}")
+            return form.updates({})
+        gr.Info(f"Loaded {os.path.basename(path)}.")
+        return form.updates(values)
+
+    preview_button.click(preview, [ctx.session, *form.inputs], command)
+    submit_button.click(submit, [ctx.session, *form.inputs], [status, submitted_job_id])
+    save_button.click(save, form.inputs, saved_file, queue=False)
+    load_button.upload(load, load_button, form.inputs, queue=False)
+    return SubmitTab(form, memory, preview_button, command, submit_button, status, save_button, load_button,
+                     saved_file, submitted_job_id)
