@@ -10,7 +10,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
 
-from server.deps import UserAuth
+from server.deps import SettingsDep, UserAuth
+from server.errors import FieldError
+from server.paths import confine
+from server.settings import Settings
 from trainer_core.config import TrainConfig
 
 router = APIRouter(tags=["estimate"], dependencies=[UserAuth])
@@ -28,12 +31,31 @@ def _vram() -> ModuleType:
         raise HTTPException(status.HTTP_501_NOT_IMPLEMENTED, "the VRAM estimator is not installed") from None
 
 
+def _local_model(model: str, settings: Settings) -> str:
+    """A model directory under the roots, as an absolute path; anything else (a size like '0.5B') as given."""
+    assert settings.data_root is not None
+    try:
+        path = confine(model, roots=settings.read_roots, base=settings.data_root)
+    except ValueError:
+        return model
+    return str(path) if path.is_dir() else model
+
+
 @router.post("/estimate")
-def estimate(body: EstimateRequest) -> dict[str, Any]:
-    return _vram().estimate(body.config, body.gpu_mem_gb)
+def estimate(body: EstimateRequest, settings: SettingsDep) -> dict[str, Any]:
+    vram = _vram()
+    config = body.config.model_copy(update={"base_model": _local_model(body.config.base_model, settings)})
+    try:
+        return vram.estimate(config, body.gpu_mem_gb)
+    except ValueError as e:  # a model whose shape the estimator cannot tell
+        raise FieldError(("body", "config", "base_model"), str(e)) from None
 
 
 @router.get("/presets")
-def presets(gpu_mem_gb: Annotated[float, Query(gt=0, le=4096)] = 80.0,
+def presets(settings: SettingsDep, gpu_mem_gb: Annotated[float, Query(gt=0, le=4096)] = 80.0,
             model: Annotated[str, Query(min_length=1, max_length=500)] = "0.5B") -> list[dict[str, Any]]:
-    return _vram().presets(gpu_mem_gb, model)
+    vram = _vram()
+    try:
+        return vram.presets(gpu_mem_gb, _local_model(model, settings))
+    except ValueError as e:
+        raise FieldError(("query", "model"), str(e)) from None

@@ -1,0 +1,38 @@
+"""An in-process app on a temp data dir (never ./.paratrain) with short leases, plus authed clients."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.main import create_app
+from server.settings import Settings
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "demo.jsonl").write_text('{"main": "m", "branches": ["a", "b"]}\n')
+    (tmp_path / "models" / "tiny").mkdir(parents=True)
+    return Settings(data_dir=tmp_path, heartbeat_interval_s=0.2, lease_ttl_s=1.0, reaper_interval_s=0.1,
+                    max_attempts=2, sse_poll_s=0.05)
+
+
+@pytest.fixture
+def client(settings: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(settings, mount_ui=False)) as c:
+        c.headers["Authorization"] = f"Bearer {c.app.state.tokens.user}"
+        yield c
+
+
+@pytest.fixture
+def worker_headers(client: TestClient) -> dict[str, str]:
+    return {"Authorization": f"Bearer {client.app.state.tokens.worker}"}
+
+
+def job_body(**config) -> dict:
+    return {"config": {"base_model": "models/tiny", "data_path": "datasets/demo.jsonl", "max_steps": 3, **config},
+            "gpus": 0}

@@ -1,0 +1,167 @@
+"""Jobs REST API: create/list/get/cancel/retry/delete, validation naming the field, auth, path roots."""
+
+from __future__ import annotations
+
+import os
+
+from conftest import job_body
+
+
+def test_requests_without_a_token_get_401(client):
+    for method, path in [("get", "/api/jobs"), ("post", "/api/jobs"), ("get", "/api/jobs/1"),
+                         ("get", "/api/workers"), ("get", "/api/config-schema"), ("get", "/api/jobs/1/events")]:
+        r = client.request(method, path, headers={"Authorization": ""})
+        assert r.status_code == 401, (method, path)
+        r = client.request(method, path, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401, (method, path)
+    assert client.get("/api/health", headers={"Authorization": ""}).status_code == 200
+
+
+def test_worker_token_is_not_a_user_token_and_back(client, worker_headers):
+    assert client.get("/api/jobs", headers=worker_headers).status_code == 401
+    r = client.post("/api/workers/register", json={"name": "w"})
+    assert r.status_code == 401
+
+
+def test_create_get_list(client):
+    r = client.post("/api/jobs", json=job_body(name="first"))
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["state"] == "queued" and job["attempt"] == 1 and job["nproc"] == 1
+    assert job["config"]["output_dir"].endswith(f"jobs/{job['id']}/out")
+    assert os.path.isabs(job["config"]["data_path"])
+    assert client.get(f"/api/jobs/{job['id']}").json()["name"] == "first"
+    client.post("/api/jobs", json=job_body(name="second"))
+    listed = client.get("/api/jobs").json()
+    assert listed["count"] == 2 and [j["name"] for j in listed["data"]] == ["second", "first"]
+    assert client.get("/api/jobs", params={"state": "running"}).json()["count"] == 0
+    assert client.get("/api/jobs/999").status_code == 404
+
+
+def test_bad_input_is_422_naming_the_field(client):
+    r = client.post("/api/jobs", json=job_body(lora_rank=0))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "lora_rank"]
+    r = client.post("/api/jobs", json=job_body(no_such_flag=1))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "no_such_flag"
+    r = client.post("/api/jobs", json=job_body(data_path="datasets/missing.jsonl"))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "data_path"]
+    r = client.post("/api/jobs", json={**job_body(), "gpus": -1})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "gpus"]
+    r = client.post("/api/jobs", json={**job_body(), "gpus": 2, "nproc": 3})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "nproc"]
+    r = client.post("/api/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status_code == 422
+
+
+def test_paths_outside_the_data_root_are_refused(client, settings, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret.jsonl").write_text('{"text": "x"}\n')
+    (settings.data_dir / "datasets" / "link.jsonl").symlink_to(outside / "secret.jsonl")
+    (settings.data_dir / "models" / "link").symlink_to(outside)
+    for data_path in ["../secret.jsonl", "datasets/../../secret.jsonl", str(outside / "secret.jsonl"),
+                      "datasets/link.jsonl", "/etc/passwd"]:
+        r = client.post("/api/jobs", json=job_body(data_path=data_path))
+        assert 400 <= r.status_code < 500, data_path
+        assert r.json()["detail"][0]["loc"] == ["body", "config", "data_path"]
+    r = client.post("/api/jobs", json=job_body(base_model="models/link"))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "base_model"]
+
+
+def test_cancel_retry_delete(client, settings):
+    job = client.post("/api/jobs", json=job_body()).json()
+    assert client.delete(f"/api/jobs/{job['id']}").status_code == 409  # not finished
+    assert client.post(f"/api/jobs/{job['id']}/retry").status_code == 409
+    cancelled = client.post(f"/api/jobs/{job['id']}/cancel").json()
+    assert cancelled["state"] == "cancelled" and cancelled["failure_class"] == "cancelled"
+    assert client.post(f"/api/jobs/{job['id']}/cancel").status_code == 409
+    r = client.post(f"/api/jobs/{job['id']}/retry")
+    assert r.status_code == 201
+    retry = r.json()
+    assert retry["retry_of"] == job["id"] and retry["state"] == "queued"
+    assert retry["config"]["output_dir"] != job["config"]["output_dir"]
+    assert {k: v for k, v in retry["config"].items() if k != "output_dir"} == \
+           {k: v for k, v in job["config"].items() if k != "output_dir"}
+    out = settings.jobs_dir / str(job["id"])
+    out.mkdir(parents=True)
+    assert client.delete(f"/api/jobs/{job['id']}").status_code == 204
+    assert client.get(f"/api/jobs/{job['id']}").status_code == 404 and not out.exists()
+    # ids are never reused, so a new job never finds an old job's checkpoints
+    newest = client.post("/api/jobs", json=job_body()).json()
+    assert newest["id"] > retry["id"]
+
+
+def test_priorities_and_fifo(client, worker_headers):
+    low = client.post("/api/jobs", json={**job_body(name="low"), "priority": -1}).json()
+    first = client.post("/api/jobs", json=job_body(name="first")).json()
+    second = client.post("/api/jobs", json=job_body(name="second")).json()
+    high = client.post("/api/jobs", json={**job_body(name="high"), "priority": 5}).json()
+    wid = client.post("/api/workers/register", json={"name": "w"}, headers=worker_headers).json()["worker_id"]
+    order = []
+    for _ in range(4):
+        r = client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers)
+        order.append(r.json()["job"]["id"])
+    assert order == [high["id"], first["id"], second["id"], low["id"]]
+    assert client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers).status_code == 204
+
+
+def test_gpu_jobs_only_go_where_they_fit(client, worker_headers):
+    two = client.post("/api/jobs", json={**job_body(), "gpus": 2}).json()
+    wid = client.post("/api/workers/register", json={"name": "w", "gpus": [{"index": 0}, {"index": 3}]},
+                      headers=worker_headers).json()["worker_id"]
+    r = client.post(f"/api/workers/{wid}/claim", json={"free_gpu_indices": [3]}, headers=worker_headers)
+    assert r.status_code == 204
+    r = client.post(f"/api/workers/{wid}/claim", json={"free_gpu_indices": [3, 0]}, headers=worker_headers)
+    claim = r.json()
+    assert claim["job"]["id"] == two["id"] and claim["gpu_ids"] == [0, 3]
+    assert "--nproc_per_node=2" in claim["argv"] and "--ddp" in claim["argv"]
+    cpu = client.post("/api/jobs", json=job_body()).json()
+    r = client.post(f"/api/workers/{wid}/claim", json={"accept_cpu_jobs": False}, headers=worker_headers)
+    assert r.status_code == 204
+    r = client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers)
+    assert r.json()["job"]["id"] == cpu["id"]
+
+
+def test_cpu_job_with_two_processes(client):
+    r = client.post("/api/jobs", json={**job_body(), "gpus": 0, "nproc": 2})
+    job = r.json()
+    argv = client.get(f"/api/jobs/{job['id']}/command").json()["argv"]
+    assert argv[:3] == ["torchrun", "--standalone", "--nproc_per_node=2"] and "--ddp" in argv
+    preview = client.post("/api/command-preview", json={**job_body(), "gpus": 0, "nproc": 2}).json()["argv"]
+    assert preview[:5] == argv[:5]
+
+
+def test_config_schema_is_the_train_config(client):
+    from trainer_core.config import TrainConfig
+
+    assert client.get("/api/config-schema").json() == TrainConfig.model_json_schema()
+
+
+def test_artifacts_are_confined_to_the_output_dir(client, settings):
+    job = client.post("/api/jobs", json=job_body()).json()
+    out = settings.jobs_dir / str(job["id"]) / "out"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_config.json").write_text("{}")
+    (settings.data_dir / "token_copy").write_text("secret")
+    listed = client.get(f"/api/jobs/{job['id']}/artifacts").json()["data"]
+    assert listed == [{"path": "adapter/adapter_config.json", "size": 2}]
+    assert client.get(f"/api/jobs/{job['id']}/artifacts/adapter/adapter_config.json").content == b"{}"
+    assert client.get(f"/api/jobs/{job['id']}/artifacts/nope").status_code == 404
+    r = client.get(f"/api/jobs/{job['id']}/artifacts/..%2F..%2F..%2Ftoken_copy")
+    assert r.status_code in (400, 404)
+
+
+def test_estimate_and_presets_answer_or_501(client):
+    r = client.post("/api/estimate", json={"config": job_body(base_model="0.5B")["config"], "gpu_mem_gb": 24})
+    assert r.status_code in (200, 501)
+    r = client.post("/api/estimate", json={"config": job_body()["config"], "gpu_mem_gb": 24})
+    assert r.status_code in (422, 501)  # models/tiny has no config.json
+    r = client.get("/api/presets", params={"gpu_mem_gb": 24, "model": "0.5B"})
+    assert r.status_code in (200, 501)
+    assert client.post("/api/estimate", json={"config": {}, "gpu_mem_gb": 24}).status_code == 422
+
+
+def test_dataset_check(client):
+    r = client.post("/api/datasets/check", json={"data_path": "datasets/demo.jsonl"})
+    assert r.status_code == 200 and r.json()["records"] == 1
+    r = client.post("/api/datasets/check", json={"data_path": "../../etc/passwd"})
+    assert r.status_code == 422

@@ -1,0 +1,245 @@
+"""Queue semantics: atomic claims under concurrency, leases and the reaper, reports, finish, SSE resume."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from sqlmodel import Session
+
+from conftest import job_body
+from server import crud
+from server.db import make_engine
+from server.main import create_app, reap_once
+from server.models import ClaimRequest, WorkerRegister
+
+
+def _register(client, worker_headers, name="w", gpus=()):
+    r = client.post("/api/workers/register", json={"name": name, "gpus": [{"index": i} for i in gpus]},
+                    headers=worker_headers)
+    return r.json()["worker_id"]
+
+
+def test_concurrent_claimers_never_share_a_job(client, settings):
+    for _ in range(40):
+        client.post("/api/jobs", json=job_body())
+    claimed: list[int] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def claimer(name: str) -> None:
+        engine = make_engine(settings.database_url)  # its own connections, like another server process
+        try:
+            with Session(engine) as session:
+                worker = crud.register_worker(session=session, registration=WorkerRegister(name=name))
+                session.commit()
+                worker_id = worker.id
+            while True:
+                with Session(engine) as session:
+                    worker = crud.get_worker(session=session, worker_id=worker_id)
+                    got = crud.claim_job(session=session, worker=worker, request=ClaimRequest(), settings=settings)
+                    job_id = got[0].id if got else None
+                    session.commit()
+                if job_id is None:
+                    return
+                with lock:
+                    claimed.append(job_id)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            engine.dispose()
+
+    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(claimed) == 40 and len(set(claimed)) == 40
+
+
+def test_lost_lease_requeues_then_fails_with_reason(client, worker_headers):
+    job = client.post("/api/jobs", json=job_body()).json()  # max_attempts 2 (settings)
+    wid = _register(client, worker_headers)
+    assert client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers).json()["job"]["id"] == job["id"]
+    # heartbeats renew the lease past its TTL (1 s)
+    for _ in range(8):
+        reply = client.post(f"/api/workers/{wid}/heartbeat", json={"running_job_ids": [job["id"]]},
+                            headers=worker_headers).json()
+        assert reply == {"cancel_job_ids": []}
+        time.sleep(0.2)
+    assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "running"
+    # silence: the reaper re-queues it as attempt 2
+    deadline = time.time() + 5
+    while client.get(f"/api/jobs/{job['id']}").json()["state"] != "queued":
+        assert time.time() < deadline
+        time.sleep(0.1)
+    again = client.get(f"/api/jobs/{job['id']}").json()
+    assert again["attempt"] == 2 and again["worker_id"] is None
+    # the old worker learns the job is no longer its own
+    reply = client.post(f"/api/workers/{wid}/heartbeat", json={"running_job_ids": [job["id"]]},
+                        headers=worker_headers).json()
+    assert reply == {"cancel_job_ids": [job["id"]]}
+    client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers)
+    deadline = time.time() + 5
+    while client.get(f"/api/jobs/{job['id']}").json()["state"] != "failed":
+        assert time.time() < deadline
+        time.sleep(0.1)
+    failed = client.get(f"/api/jobs/{job['id']}").json()
+    assert failed["failure_class"] == "lost" and "2 attempts" in failed["failure_reason"]
+
+
+def test_reregistering_releases_the_old_jobs_at_once(client, worker_headers):
+    job = client.post("/api/jobs", json=job_body()).json()
+    wid = _register(client, worker_headers, name="box")
+    client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers)
+    assert _register(client, worker_headers, name="box") == wid
+    again = client.get(f"/api/jobs/{job['id']}").json()
+    assert again["state"] == "queued" and again["attempt"] == 2
+
+
+def _run_one(client, worker_headers, wid):
+    claim = client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers).json()
+    return claim["job"]["id"], claim["job"]["attempt"]
+
+
+def test_reports_are_idempotent_and_a_rerun_step_replaces(client, worker_headers):
+    client.post("/api/jobs", json=job_body())
+    wid = _register(client, worker_headers)
+    job_id, attempt = _run_one(client, worker_headers, wid)
+    body = {"worker_id": wid, "attempt": attempt, "log_start": 0, "logs": ["a", "b"],
+            "metrics": [{"step": 1, "loss": 2.0, "total_steps": 3}, {"step": 2, "loss": float("nan")}]}
+    for _ in range(2):  # the answer to the first one was "lost": the worker sends it again
+        r = client.post(f"/api/jobs/{job_id}/report", content=json.dumps(body),
+                        headers={**worker_headers, "Content-Type": "application/json"})
+        assert r.status_code == 204, r.text
+    body = {"worker_id": wid, "attempt": attempt, "log_start": 1, "logs": ["b", "c"],
+            "metrics": [{"step": 2, "loss": 1.5}]}
+    assert client.post(f"/api/jobs/{job_id}/report", json=body, headers=worker_headers).status_code == 204
+    metrics = client.get(f"/api/jobs/{job_id}/metrics").json()["data"]
+    assert [(m["step"], m["loss"]) for m in metrics] == [(1, 2.0), (2, 1.5)]
+    assert [m["step"] for m in client.get(f"/api/jobs/{job_id}/metrics", params={"since_step": 1}).json()["data"]] == [2]
+    logs = client.get(f"/api/jobs/{job_id}/logs").json()
+    worker_lines = [x["line"] for x in logs["data"] if not x["line"].startswith("[paratrain]")]
+    assert worker_lines == ["a", "b", "c"]
+    page = client.get(f"/api/jobs/{job_id}/logs", params={"offset": 1, "limit": 2}).json()
+    assert [x["seq"] for x in page["data"]] == [1, 2] and page["next_offset"] == 3
+    job = client.get(f"/api/jobs/{job_id}").json()
+    assert job["step"] == 2 and job["total_steps"] == 3 and job["last_loss"] == 1.5
+    # another worker (or a stale attempt) cannot report
+    bad = {**body, "attempt": attempt + 1}
+    assert client.post(f"/api/jobs/{job_id}/report", json=bad, headers=worker_headers).status_code == 409
+
+
+def test_finish_classes(client, worker_headers):
+    wid = _register(client, worker_headers)
+    outcomes = {}
+    for exit_code, failure_class in [(0, None), (2, "data"), (3, "oom"), (-9, "crash")]:
+        client.post("/api/jobs", json=job_body())
+        job_id, attempt = _run_one(client, worker_headers, wid)
+        r = client.post(f"/api/jobs/{job_id}/finish", headers=worker_headers,
+                        json={"worker_id": wid, "attempt": attempt, "exit_code": exit_code,
+                              "failure_class": failure_class, "failure_reason": "why"})
+        outcomes[exit_code] = r.json()
+    assert outcomes[0]["state"] == "succeeded" and outcomes[0]["failure_class"] is None
+    assert outcomes[2]["state"] == "failed" and outcomes[2]["failure_class"] == "data"
+    assert outcomes[3]["failure_class"] == "oom" and outcomes[-9]["failure_class"] == "crash"
+    assert outcomes[-9]["exit_code"] == -9 and outcomes[-9]["finished_at"]
+    # release: back to the queue, same attempt
+    client.post("/api/jobs", json=job_body())
+    job_id, attempt = _run_one(client, worker_headers, wid)
+    r = client.post(f"/api/jobs/{job_id}/finish", headers=worker_headers,
+                    json={"worker_id": wid, "attempt": attempt, "exit_code": 0, "release": True})
+    assert r.json()["state"] == "queued" and r.json()["attempt"] == attempt
+
+
+def test_cancel_running_goes_through_the_worker(client, worker_headers):
+    client.post("/api/jobs", json=job_body())
+    wid = _register(client, worker_headers)
+    job_id, attempt = _run_one(client, worker_headers, wid)
+    job = client.post(f"/api/jobs/{job_id}/cancel").json()
+    assert job["state"] == "running" and job["cancel_requested"]
+    reply = client.post(f"/api/workers/{wid}/heartbeat", json={"running_job_ids": [job_id]},
+                        headers=worker_headers).json()
+    assert reply == {"cancel_job_ids": [job_id]}
+    r = client.post(f"/api/jobs/{job_id}/finish", headers=worker_headers,
+                    json={"worker_id": wid, "attempt": attempt, "exit_code": 0})
+    assert r.json()["state"] == "cancelled" and r.json()["failure_class"] == "cancelled"
+
+
+def _read_sse(client, job_id, **kw):
+    events = []
+    with client.stream("GET", f"/api/jobs/{job_id}/events", **kw) as r:
+        assert r.status_code == 200
+        current = {}
+        for line in r.iter_lines():
+            if not line:
+                if "data" in current:
+                    events.append(current)
+                current = {}
+                continue
+            key, _, value = line.partition(": ")
+            current[key] = value
+    return events
+
+
+def test_sse_replays_after_last_event_id(client, worker_headers):
+    client.post("/api/jobs", json=job_body())
+    wid = _register(client, worker_headers)
+    job_id, attempt = _run_one(client, worker_headers, wid)
+    for step in (1, 2, 3):
+        client.post(f"/api/jobs/{job_id}/report", headers=worker_headers,
+                    json={"worker_id": wid, "attempt": attempt, "log_start": step - 1, "logs": [f"line {step}"],
+                          "metrics": [{"step": step, "loss": 1.0 / step}]})
+    client.post(f"/api/jobs/{job_id}/finish", headers=worker_headers,
+                json={"worker_id": wid, "attempt": attempt, "exit_code": 0})
+    everything = _read_sse(client, job_id)  # the job is final: the stream ends by itself
+    ids = [int(e["id"]) for e in everything]
+    assert ids == list(range(1, len(ids) + 1))
+    assert [json.loads(e["data"])["step"] for e in everything if e["event"] == "metric"] == [1, 2, 3]
+    assert json.loads(everything[-1]["data"])["state"] == "succeeded"
+    for cut in range(len(ids)):
+        rest = _read_sse(client, job_id, headers={"Last-Event-ID": str(cut)})
+        assert [int(e["id"]) for e in rest] == ids[cut:]
+    rest = _read_sse(client, job_id, params={"last_event_id": 4})
+    assert [int(e["id"]) for e in rest] == ids[4:]
+    assert client.get("/api/jobs/999/events").status_code == 404
+
+
+def test_sse_follows_a_live_job(client, worker_headers):
+    client.post("/api/jobs", json=job_body())
+    wid = _register(client, worker_headers)
+    job_id, attempt = _run_one(client, worker_headers, wid)
+
+    def produce() -> None:
+        for step in (1, 2):
+            time.sleep(0.2)
+            client.post(f"/api/jobs/{job_id}/report", headers=worker_headers,
+                        json={"worker_id": wid, "attempt": attempt, "metrics": [{"step": step, "loss": 1.0}]})
+        client.post(f"/api/jobs/{job_id}/finish", headers=worker_headers,
+                    json={"worker_id": wid, "attempt": attempt, "exit_code": 0})
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    events = _read_sse(client, job_id)
+    producer.join()
+    assert [json.loads(e["data"])["step"] for e in events if e["event"] == "metric"] == [1, 2]
+    assert events[-1]["event"] == "state" and json.loads(events[-1]["data"])["state"] == "succeeded"
+
+
+def test_a_restarted_server_gives_workers_a_ttl_to_come_back(settings, worker_headers, client):
+    client.post("/api/jobs", json=job_body())
+    wid = _register(client, worker_headers)
+    job_id, _ = _run_one(client, worker_headers, wid)
+    client.__exit__(None, None, None)  # "kill" the server
+    time.sleep(settings.lease_ttl_s + 0.3)  # down for longer than a lease
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(settings, mount_ui=False)) as again:
+        again.headers["Authorization"] = worker_headers["Authorization"]
+        assert reap_once(again.app.state.engine) == []  # leases were extended at start
+        reply = again.post(f"/api/workers/{wid}/heartbeat", json={"running_job_ids": [job_id]})
+        assert reply.json() == {"cancel_job_ids": []}
+        again.headers["Authorization"] = f"Bearer {again.app.state.tokens.user}"
+        assert again.get(f"/api/jobs/{job_id}").json()["state"] == "running"

@@ -1,0 +1,217 @@
+"""The worker's flat loop: kill a predecessor's leftovers -> register -> (heartbeat thread) -> repeat
+{apply cancels, reap finished jobs, send batched metrics/logs, claim work for free GPUs} until stopped.
+
+Signals only set flags: the first SIGTERM/SIGINT is a warm stop (claim nothing more, let running jobs
+finish); the second is cold (stop every job with SIGTERM and hand it back to the queue, to resume from
+its checkpoint elsewhere)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+from worker.client import JobGone, ServerClient, Unreachable
+from worker.command import trainer_argv
+from worker.runner import LAUNCHED_BY_ENV, JobRun, Outcome, StopReason, find_orphans, kill_groups
+from worker.settings import WorkerSettings
+
+log = logging.getLogger("paratrain.worker")
+
+MAX_METRICS_PER_REPORT = 500
+MAX_LOGS_PER_REPORT = 2000
+
+
+class Agent:
+    def __init__(self, settings: WorkerSettings, client: ServerClient, gpus: list[dict]) -> None:
+        self.settings = settings
+        self.client = client
+        self.gpus = gpus
+        self.worker_id: int | None = None
+        self.heartbeat_interval_s = 5.0
+        self.runs: dict[int, JobRun] = {}
+        self.finished: dict[int, tuple[JobRun, Outcome]] = {}  # exited, final report not yet accepted
+        self.warm_stop = threading.Event()
+        self.cold_stop = threading.Event()
+        self._cancel_ids: set[int] = set()
+        self._cancel_lock = threading.Lock()
+        self._next_claim = 0.0
+
+    # --- signals -----------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if self.warm_stop.is_set():
+            self.cold_stop.set()
+        self.warm_stop.set()
+
+    # --- main loop ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        orphans = find_orphans(self.settings.name)
+        if orphans:
+            log.warning("stopping process groups %s left by a previous worker %r", sorted(orphans), self.settings.name)
+            kill_groups(list(orphans), self.settings.kill_grace_s)
+        if not self._register():
+            return 1
+        beat = threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat")
+        beat.start()
+        try:
+            while True:
+                if self.cold_stop.is_set():
+                    for run in self.runs.values():
+                        run.stop(StopReason.release, self.settings.kill_grace_s)
+                self._apply_cancels()
+                self._reap()
+                self._send_reports()
+                if not self.warm_stop.is_set():
+                    self._claim()
+                elif not self.runs and not self.finished:
+                    return 0
+                time.sleep(self.settings.report_interval_s)
+        finally:
+            for run in self.runs.values():  # only reached on an unexpected error: leave nothing behind
+                run.stop(StopReason.release, 0)
+                run.poll()
+
+    def _register(self) -> bool:
+        while not self.warm_stop.is_set():
+            try:
+                reply = self.client.register(name=self.settings.name, hostname=socket.gethostname(), gpus=self.gpus)
+            except Unreachable as e:
+                log.warning("server %s unreachable (%s); retrying", self.settings.server_url, e)
+                time.sleep(2)
+                continue
+            self.worker_id = reply["worker_id"]
+            self.heartbeat_interval_s = reply["heartbeat_interval_s"]
+            log.info("registered as worker %s (%s) with GPUs %s", self.worker_id, self.settings.name,
+                     [g["index"] for g in self.gpus] or "none (CPU mode)")
+            return True
+        return False
+
+    def _heartbeat_loop(self) -> None:
+        assert self.worker_id is not None
+        while True:
+            try:
+                stop = self.client.heartbeat(self.worker_id, sorted([*self.runs, *self.finished]))
+                with self._cancel_lock:
+                    self._cancel_ids.update(stop)
+            except (*Unreachable, JobGone) as e:
+                log.warning("heartbeat failed: %s", e)
+            time.sleep(self.heartbeat_interval_s)
+
+    def _apply_cancels(self) -> None:
+        with self._cancel_lock:
+            ids, self._cancel_ids = self._cancel_ids, set()
+        for job_id in ids:
+            run = self.runs.get(job_id)
+            if run is not None:
+                log.info("stopping job %s (cancelled or no longer ours)", job_id)
+                run.stop(StopReason.cancel, self.settings.kill_grace_s)
+
+    # --- jobs --------------------------------------------------------------------------------------
+    def _claim(self) -> None:
+        now = time.monotonic()
+        if now < self._next_claim:
+            return
+        busy = {i for run in self.runs.values() for i in run.gpu_ids}
+        free = [g["index"] for g in self.gpus if g["index"] not in busy]
+        cpu_jobs = sum(1 for run in self.runs.values() if not run.gpu_ids)
+        accept_cpu = cpu_jobs < self.settings.max_cpu_jobs
+        if not free and not accept_cpu:
+            return
+        assert self.worker_id is not None
+        try:
+            claim = self.client.claim(self.worker_id, free_gpu_indices=free, accept_cpu_jobs=accept_cpu)
+        except (*Unreachable, JobGone) as e:
+            log.warning("claim failed: %s", e)
+            claim = None
+        if claim is None:
+            self._next_claim = now + self.settings.claim_interval_s
+            return
+        self._start(claim)  # and claim again on the next turn: more may fit
+
+    def _start(self, claim: dict[str, Any]) -> None:
+        from trainer_core.config import TrainConfig
+
+        job = claim["job"]
+        gpu_ids: list[int] = claim["gpu_ids"]
+        argv = trainer_argv(TrainConfig(**job["config"]), nproc=job["nproc"], trainer=self.settings.trainer,
+                            use_torchrun=self.settings.use_torchrun)
+        env = dict(os.environ)
+        env.update({
+            "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpu_ids)),  # empty for a CPU job: no GPU at all
+            "PYTHONUNBUFFERED": "1",
+            "PARATRAIN_JOB_ID": str(job["id"]),
+            LAUNCHED_BY_ENV: self.settings.name,
+        })
+        run = JobRun(job_id=job["id"], attempt=job["attempt"], gpu_ids=gpu_ids, argv=argv, env=env)
+        try:
+            run.start()
+        except OSError as e:
+            log.error("job %s: could not start %s: %s", job["id"], argv[0], e)
+            self._finish(run, Outcome(127, "crash", f"could not start {argv[0]}: {e}"))
+            return
+        self.runs[run.job_id] = run
+        log.info("job %s attempt %s started (pgid %s): %s", run.job_id, run.attempt, run.pgid, " ".join(argv))
+
+    def _reap(self) -> None:
+        for job_id, run in list(self.runs.items()):
+            code = run.poll()
+            if code is not None:
+                del self.runs[job_id]
+                self.finished[job_id] = (run, run.outcome(code))
+                log.info("job %s exited with %s", job_id, code)
+        for job_id, (run, outcome) in list(self.finished.items()):
+            if self._send_report(run, final=True):
+                self._finish(run, outcome)
+
+    def _finish(self, run: JobRun, outcome: Outcome) -> None:
+        assert self.worker_id is not None
+        try:
+            self.client.finish(run.job_id, worker_id=self.worker_id, attempt=run.attempt,
+                               exit_code=outcome.exit_code, failure_class=outcome.failure_class,
+                               failure_reason=outcome.failure_reason, release=outcome.release)
+        except Unreachable as e:
+            log.warning("job %s: finish not delivered yet (%s)", run.job_id, e)
+            self.finished[run.job_id] = (run, outcome)
+            return
+        except JobGone:
+            pass
+        self.finished.pop(run.job_id, None)
+
+    def _send_reports(self) -> None:
+        for run in list(self.runs.values()):
+            self._send_report(run)
+
+    def _send_report(self, run: JobRun, final: bool = False) -> bool:
+        """True when everything the job printed so far is on the server (or the job is no longer ours)."""
+        assert self.worker_id is not None
+        while True:
+            batch = run.take_batch()
+            batch.metrics = batch.metrics[:MAX_METRICS_PER_REPORT]
+            batch.logs = batch.logs[:MAX_LOGS_PER_REPORT]
+            if not batch.metrics and not batch.logs:
+                return True
+            try:
+                self.client.report(run.job_id, worker_id=self.worker_id, attempt=run.attempt,
+                                   metrics=batch.metrics, logs=batch.logs, log_start=batch.log_start)
+            except Unreachable as e:
+                log.warning("job %s: report not delivered yet (%s)", run.job_id, e)
+                return False
+            except JobGone:
+                log.warning("job %s is no longer ours; stopping it", run.job_id)
+                if not final:
+                    run.stop(StopReason.lost, self.settings.kill_grace_s)
+                with run._lock:
+                    run.pending_metrics.clear()
+                    run.pending_logs.clear()
+                return True
+            run.ack(batch)
+            if not final:
+                return True

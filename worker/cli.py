@@ -1,0 +1,48 @@
+"""`paratrain worker --server URL --token T`. Heavy imports happen in run(), not here."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", help="Server URL (env PARATRAIN_WORKER_SERVER_URL; default http://127.0.0.1:8000).")
+    parser.add_argument("--token", help="Worker token (env PARATRAIN_WORKER_TOKEN; the server's <data_dir>/worker_token).")
+    parser.add_argument("--token-file", help="Read the worker token from this file.")
+    parser.add_argument("--name", help="Worker name, unique per machine (default: hostname).")
+    parser.add_argument("--gpus", help="'auto' (NVML, default), 'none', or indices like '0,1'.")
+    parser.add_argument("--max-cpu-jobs", type=int, help="CPU jobs run at the same time (default 1).")
+
+
+def settings_from_args(args: argparse.Namespace):  # -> WorkerSettings
+    from pathlib import Path
+
+    from worker.settings import WorkerSettings
+
+    overrides = {"server_url": args.server, "token": args.token, "name": args.name, "gpus": args.gpus,
+                 "max_cpu_jobs": args.max_cpu_jobs}
+    if args.token_file:
+        overrides["token"] = Path(args.token_file).read_text().strip()
+    return WorkerSettings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+    import sys
+
+    from worker.agent import Agent
+    from worker.client import ServerClient
+    from worker.gpus import detect_gpus
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    settings = settings_from_args(args)
+    if not settings.token:
+        print("paratrain worker: a token is needed (--token, --token-file or PARATRAIN_WORKER_TOKEN)", file=sys.stderr)
+        return 2
+    client = ServerClient(settings.server_url, settings.token, settings.request_timeout_s)
+    agent = Agent(settings, client, detect_gpus(settings.gpus))
+    agent.install_signal_handlers()
+    try:
+        return agent.run()
+    finally:
+        client.close()

@@ -1,0 +1,53 @@
+"""Typed HTTP client for the worker endpoints of the server API (docs/API.md)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+# Transport errors and 5xx mean "the server is down or restarting": the caller keeps its data and retries.
+Unreachable = (httpx.TransportError, httpx.HTTPStatusError)
+
+
+class JobGone(Exception):
+    """409/404: the server no longer gives this job to this worker (lease lost, re-queued, deleted)."""
+
+
+class ServerClient:
+    def __init__(self, base_url: str, token: str, timeout_s: float = 10.0) -> None:
+        self._http = httpx.Client(base_url=base_url.rstrip("/") + "/api", timeout=timeout_s,
+                                  headers={"Authorization": f"Bearer {token}"})
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
+        response = self._http.post(path, json=body)
+        if response.status_code in (404, 409):
+            raise JobGone(f"{path}: {response.status_code} {response.text[:200]}")
+        response.raise_for_status()
+        return response
+
+    def register(self, *, name: str, hostname: str, gpus: list[dict]) -> dict[str, Any]:
+        return self._post("/workers/register", {"name": name, "hostname": hostname, "gpus": gpus}).json()
+
+    def heartbeat(self, worker_id: int, running_job_ids: list[int]) -> list[int]:
+        reply = self._post(f"/workers/{worker_id}/heartbeat", {"running_job_ids": running_job_ids}).json()
+        return list(reply["cancel_job_ids"])
+
+    def claim(self, worker_id: int, *, free_gpu_indices: list[int], accept_cpu_jobs: bool) -> dict[str, Any] | None:
+        response = self._post(f"/workers/{worker_id}/claim", {"free_gpu_indices": free_gpu_indices,
+                                                               "accept_cpu_jobs": accept_cpu_jobs})
+        return None if response.status_code == 204 else response.json()
+
+    def report(self, job_id: int, *, worker_id: int, attempt: int, metrics: list[dict], logs: list[str],
+               log_start: int) -> None:
+        self._post(f"/jobs/{job_id}/report", {"worker_id": worker_id, "attempt": attempt, "metrics": metrics,
+                                              "logs": logs, "log_start": log_start})
+
+    def finish(self, job_id: int, *, worker_id: int, attempt: int, exit_code: int, failure_class: str | None,
+               failure_reason: str | None, release: bool) -> None:
+        self._post(f"/jobs/{job_id}/finish", {"worker_id": worker_id, "attempt": attempt, "exit_code": exit_code,
+                                              "failure_class": failure_class, "failure_reason": failure_reason,
+                                              "release": release})

@@ -1,0 +1,240 @@
+"""One job's process tree: torchrun in its own session (process group), stdout/stderr pumped into
+batches of metrics and log lines, stopped as a whole with killpg (SIGTERM, grace, SIGKILL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+LAUNCHED_BY_ENV = "PARATRAIN_LAUNCHED_BY"  # marks a worker's process trees, so its successor finds them
+STDERR_TAIL_LINES = 40
+METRIC_KEYS = ("step", "loss")
+
+# torchrun does not pass on its ranks' exit codes (it exits 1); its failure summary names them.
+_TORCHRUN_EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
+
+
+class StopReason(str, Enum):
+    cancel = "cancel"  # the user cancelled: the job ends cancelled
+    release = "release"  # the worker is stopping: the job goes back to the queue
+    lost = "lost"  # the server gave the job to someone else: just stop
+
+
+@dataclass
+class Outcome:
+    exit_code: int
+    failure_class: str | None
+    failure_reason: str | None
+    release: bool = False
+
+
+@dataclass
+class Batch:
+    metrics: list[dict[str, Any]]
+    logs: list[str]
+    log_start: int
+
+
+def resolve_program(argv: list[str]) -> list[str]:
+    """`torchrun`/`python` as this worker's environment has them (its venv may not be on PATH)."""
+    program, rest = argv[0], argv[1:]
+    if program == "python":
+        return [sys.executable, *rest]
+    if program == "torchrun":
+        sibling = Path(sys.executable).with_name("torchrun")
+        if sibling.exists():
+            return [str(sibling), *rest]
+        found = shutil.which("torchrun")
+        return [found, *rest] if found else [sys.executable, "-m", "torch.distributed.run", *rest]
+    return argv
+
+
+@dataclass
+class JobRun:
+    job_id: int
+    attempt: int
+    gpu_ids: list[int]
+    argv: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    stop_reason: StopReason | None = None
+    kill_deadline: float | None = None
+    pending_metrics: list[dict[str, Any]] = field(default_factory=list)
+    pending_logs: list[str] = field(default_factory=list)
+    logs_acked: int = 0  # this attempt's lines the server has stored
+    stderr_tail: list[str] = field(default_factory=list)
+    total_steps: int | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _pumps: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def pgid(self) -> int:
+        assert self.process is not None
+        return self.process.pid  # start_new_session: the leader's pid is the group id
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "worker.launch", str(os.getpid()), *resolve_program(self.argv)]
+        self.process = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                        stderr=subprocess.PIPE, env=self.env, start_new_session=True)
+        for stream, is_stdout in ((self.process.stdout, True), (self.process.stderr, False)):
+            pump = threading.Thread(target=self._pump, args=(stream, is_stdout), daemon=True,
+                                    name=f"job{self.job_id}-{'out' if is_stdout else 'err'}")
+            pump.start()
+            self._pumps.append(pump)
+
+    def _pump(self, stream: Any, is_stdout: bool) -> None:
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+            metric = _parse_metric(line) if is_stdout else None
+            with self._lock:
+                self.pending_logs.append(line)
+                if metric is not None:
+                    self.pending_metrics.append(metric)
+                if not is_stdout:
+                    self.stderr_tail.append(line)
+                    del self.stderr_tail[:-200]
+        stream.close()
+
+    def take_batch(self) -> Batch:
+        with self._lock:
+            return Batch(metrics=list(self.pending_metrics), logs=list(self.pending_logs), log_start=self.logs_acked)
+
+    def ack(self, batch: Batch) -> None:
+        with self._lock:
+            del self.pending_metrics[:len(batch.metrics)]
+            del self.pending_logs[:len(batch.logs)]
+            self.logs_acked += len(batch.logs)
+
+    def stop(self, reason: StopReason, grace_s: float) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.kill_deadline = time.monotonic() + grace_s
+            _killpg(self.pgid, signal.SIGTERM)
+
+    def poll(self) -> int | None:
+        """The exit code once the process tree is gone; enforces the SIGKILL deadline meanwhile."""
+        assert self.process is not None
+        if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
+            _killpg(self.pgid, signal.SIGKILL)
+            self.kill_deadline = None
+        code = self.process.poll()
+        if code is None:
+            return None
+        _killpg(self.pgid, signal.SIGKILL)  # ranks or data loaders the launcher left behind
+        for pump in self._pumps:
+            pump.join(timeout=5)
+        return code
+
+    def outcome(self, exit_code: int) -> Outcome:
+        if self.stop_reason == StopReason.release:
+            return Outcome(exit_code, None, "worker stopping", release=True)
+        if self.stop_reason in (StopReason.cancel, StopReason.lost):
+            return Outcome(exit_code, "cancelled", "cancelled by request")
+        failure_class, reason = classify_exit(exit_code, self.stderr_tail)
+        return Outcome(exit_code, failure_class, reason)
+
+
+def _parse_metric(line: str) -> dict[str, Any] | None:
+    if not line.startswith("{"):
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if isinstance(obj, dict) and all(k in obj for k in METRIC_KEYS) and "event" not in obj:
+        return obj
+    return None
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def trainer_exit_code(exit_code: int, stderr_lines: list[str]) -> int:
+    """The trainer's own exit code: torchrun exits 1 and prints the root cause's `exitcode : N`."""
+    if exit_code != 1:
+        return exit_code
+    text = "\n".join(stderr_lines)
+    root = text.rfind("Root Cause")
+    match = _TORCHRUN_EXITCODE.search(text, root if root >= 0 else 0)
+    return int(match.group(1)) if match else exit_code
+
+
+def _trainer_stderr(stderr_lines: list[str]) -> list[str]:
+    """stderr without torchrun's failure summary (a block fenced by ===== lines) and tracebacks' noise."""
+    for i, line in enumerate(stderr_lines):
+        if line.startswith("=" * 20) and any("FAILED" in x for x in stderr_lines[i:i + 3]):
+            stderr_lines = stderr_lines[:i]
+            break
+    return stderr_lines[-STDERR_TAIL_LINES:]
+
+
+def classify_exit(exit_code: int, stderr_lines: list[str]) -> tuple[str | None, str | None]:
+    """(failure_class, failure_reason) by the trainer contract: 0 ok, 2 data, 3 OOM, signal or else crash."""
+    code = trainer_exit_code(exit_code, stderr_lines)
+    tail = "\n".join(_trainer_stderr(stderr_lines)).strip()
+    if code == 0:
+        return None, None
+    if code == 2:
+        return "data", tail or "bad config or data (exit 2)"
+    if code == 3:
+        return "oom", tail or "out of memory (exit 3)"
+    if code < 0 or code > 128:
+        signum = -code if code < 0 else code - 128
+        name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
+        return "crash", f"killed by {name}" + (f"\n{tail}" if tail else "")
+    return "crash", f"exit code {code}" + (f"\n{tail}" if tail else "")
+
+
+def find_orphans(launched_by: str) -> dict[int, list[int]]:
+    """Process groups (pgid -> pids) a previous worker of this name started and left behind (Linux /proc)."""
+    marker = f"{LAUNCHED_BY_ENV}={launched_by}".encode()
+    own_pgid = os.getpgid(0)
+    groups: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            if marker not in environ:
+                continue
+            pgid = os.getpgid(int(entry.name))
+        except (OSError, ProcessLookupError):
+            continue
+        if pgid != own_pgid:
+            groups.setdefault(pgid, []).append(int(entry.name))
+    return groups
+
+
+def kill_groups(pgids: list[int], grace_s: float) -> None:
+    """SIGTERM every group, wait up to grace_s for them to go, SIGKILL what is left."""
+    for pgid in pgids:
+        _killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while pgids and time.monotonic() < deadline:
+        pgids = [g for g in pgids if _group_alive(g)]
+        time.sleep(0.1)
+    for pgid in pgids:
+        _killpg(pgid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False

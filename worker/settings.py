@@ -1,0 +1,28 @@
+"""Worker settings (env prefix PARATRAIN_WORKER_; `paratrain worker` flags override them)."""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from worker.command import DEFAULT_TRAINER
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PARATRAIN_WORKER_", extra="ignore")
+
+    server_url: str = "http://127.0.0.1:8000"
+    token: str = Field("", description="The server's worker token (<data_dir>/worker_token).")
+    name: str = Field(default_factory=socket.gethostname,
+                      description="Unique per machine: registering again under a name re-queues that name's jobs.")
+    gpus: str = Field("auto", description="'auto' (NVML), 'none' (CPU only) or indices like '0,1,3'.")
+    max_cpu_jobs: int = Field(1, ge=0, description="CPU jobs (gpus=0) run at the same time.")
+    claim_interval_s: float = Field(1.0, gt=0, description="How often to ask for work while nothing is claimed.")
+    report_interval_s: float = Field(0.5, gt=0, description="Metrics and log lines are sent in batches this often.")
+    kill_grace_s: float = Field(30.0, ge=0, description="SIGTERM -> this long -> SIGKILL for a job's process group.")
+    request_timeout_s: float = Field(10.0, gt=0)
+    trainer: list[str] = Field(default_factory=lambda: list(DEFAULT_TRAINER),
+                               description="What torchrun runs (tests use a fake trainer script).")
+    use_torchrun: bool = Field(True, description="False runs the trainer with plain python (tests only).")
