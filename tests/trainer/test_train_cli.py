@@ -1,0 +1,127 @@
+"""The trainer as users run it: real `torchrun` / `python -m trainer_core.train` processes on CPU."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer_core.config import TrainConfig
+from trainer_core.data import build_samples, collate_batch, load_or_tokenize
+from trainer_core.model import load_adapter_dir, load_pth, parallel_logits
+
+pytestmark = pytest.mark.slow
+PYTHON = sys.executable
+BIN = Path(PYTHON).parent
+
+
+def guide_args(model, data, out, *extra):
+    """The guide's quick-start flags (script path replaced), plus a step limit to keep it short."""
+    return ["--base_model", str(model), "--data_path", str(data), "--lora_rank", "8", "--batch_size", "4",
+            "--batch_by_samples", "--max_branches_per_sample", "16", "--rope_2d_ratio", "0.5", "--epochs", "1",
+            "--output_dir", str(out), *extra]
+
+
+def json_lines(stdout: str) -> list[dict]:
+    return [json.loads(ln) for ln in stdout.splitlines() if ln.startswith("{")]
+
+
+def test_guide_quick_start_under_torchrun_ddp(tmp_path, tiny_model_dir, demo_data_path):
+    out = tmp_path / "out"
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "trainer_core.train",
+           *guide_args(tiny_model_dir, demo_data_path, out, "--ddp", "--max_steps", "10", "--learning_rate", "2e-2")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json_lines(proc.stdout)
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 10
+    assert sum(losses[-3:]) / 3 < sum(losses[:2]) / 2 - 0.02, losses     # loss falls
+    assert all(set(r) >= {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "gpu_mem_gb", "eta_s"}
+               for r in records if "loss" in r)
+    done = records[-1]
+    assert done["event"] == "done"
+    digests = done["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]                 # both ranks ended identical
+    metrics_file = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics_file] == list(range(1, 11))
+
+    # The guide's outputs exist, and both load back (PEFT + the patch) to the logits of the end of training.
+    final_pth = out / "lora" / f"paratrain_{tiny_model_dir.name}_final.pth"
+    assert final_pth.exists() and (out / "lora" / f"paratrain_{tiny_model_dir.name}.pth").exists()
+    assert (out / "adapter" / "adapter_config.json").exists()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    cfg = TrainConfig.from_cli(guide_args(tiny_model_dir, demo_data_path, out))
+    ds = load_or_tokenize(cfg.data_path, cfg.base_model, cfg.max_seq_len)
+    batch = collate_batch(ds, build_samples(ds, cfg), [0], cfg)
+    args = (batch.input_ids, batch.pos1d, batch.branch_pos, batch.time_ids, batch.sample_ids)
+    with torch.no_grad():
+        from_dir = parallel_logits(load_adapter_dir(str(tiny_model_dir), out / "adapter"), *args)
+        from_pth = parallel_logits(load_pth(str(tiny_model_dir), final_pth, cfg), *args)
+    want = torch.tensor(done["probe_logits"])
+    torch.testing.assert_close(from_dir[0, -1, :8], want, atol=1e-4, rtol=0)
+    torch.testing.assert_close(from_pth, from_dir)
+
+
+def test_bad_line_fails_fast_with_file_and_line(tmp_path, tiny_model_dir):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "one"}\n{"text": "two"}\n{"text": oops}\n{"text": "four"}\n')
+    t0 = time.time()
+    proc = subprocess.run([PYTHON, "-m", "trainer_core.train", "--base_model", str(tiny_model_dir),
+                           "--data_path", str(data), "--output_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"{data}:3: not valid JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    assert time.time() - t0 < 60
+
+
+def test_bad_flag_value_names_the_field(tmp_path, tiny_model_dir, demo_data_path):
+    proc = subprocess.run([PYTHON, "-m", "trainer_core.train", "--base_model", str(tiny_model_dir),
+                           "--data_path", str(demo_data_path), "--rope_2d_ratio", "1.5"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "rope_2d_ratio" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def run_until_step(cmd, step: int) -> tuple[int, list[dict]]:
+    """Start the trainer, SIGTERM it once it has logged `step`, return (exit code, JSON lines)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    records = []
+    for line in proc.stdout:
+        if line.startswith("{"):
+            records.append(json.loads(line))
+            if records[-1].get("step") == step and "loss" in records[-1]:
+                proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=120), records
+
+
+def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, demo_data_path):
+    def cmd(out):
+        return [PYTHON, "-m", "trainer_core.train",
+                *guide_args(tiny_model_dir, demo_data_path, out, "--max_steps", "14", "--save_interval", "4",
+                            "--learning_rate", "1e-2", "--accumulation_steps", "2", "--epochs", "2")]
+
+    full = subprocess.run(cmd(tmp_path / "full"), capture_output=True, text=True, timeout=300)
+    assert full.returncode == 0, full.stderr[-2000:]
+    full_losses = {r["step"]: r["loss"] for r in json_lines(full.stdout) if "loss" in r}
+
+    code, first = run_until_step(cmd(tmp_path / "cut"), step=6)
+    assert code == 0                                          # SIGTERM: saved and exited cleanly
+    saved = [r for r in first if r.get("event") == "checkpoint"][-1]["step"]
+    assert 6 <= saved < 14
+    second = subprocess.run(cmd(tmp_path / "cut"), capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    records = json_lines(second.stdout)
+    assert records[0]["event"] == "start" and records[0]["resumed_from_step"] == saved
+    resumed = {r["step"]: r["loss"] for r in records if "loss" in r}
+    assert min(resumed) == saved + 1 and max(resumed) == 14
+    assert abs(resumed[14] - full_losses[14]) < 1e-3
+    # metrics.jsonl holds every step exactly once
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 15))
