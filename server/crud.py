@@ -341,7 +341,8 @@ def finish_job(*, session: Session, job_id: int, finish: Finish) -> Job:
         job.worker_id = None
         job.gpu_ids = None
         job.lease_expires_at = None
-        _server_log(session, job, "handed back by its worker (stopping); re-queued")
+        _server_log(session, job, f"handed back by its stopping worker; re-queued as attempt {job.attempt + 1}")
+        job.attempt += 1  # every run is an attempt: its log lines are numbered per attempt
         _set_state(session, job, JobState.queued)
         return job
     if job.cancel_requested or finish.failure_class == FailureClass.cancelled:

@@ -59,7 +59,8 @@ class Agent:
             kill_groups(list(orphans), self.settings.kill_grace_s)
         if not self._register():
             return 1
-        beat = threading.Thread(target=self._heartbeat_loop, daemon=True, name="heartbeat")
+        stopped = threading.Event()
+        beat = threading.Thread(target=self._heartbeat_loop, args=(stopped,), daemon=True, name="heartbeat")
         beat.start()
         try:
             while True:
@@ -75,6 +76,7 @@ class Agent:
                     return 0
                 time.sleep(self.settings.report_interval_s)
         finally:
+            stopped.set()
             for run in self.runs.values():  # only reached on an unexpected error: leave nothing behind
                 run.stop(StopReason.release, 0)
                 run.poll()
@@ -94,16 +96,16 @@ class Agent:
             return True
         return False
 
-    def _heartbeat_loop(self) -> None:
+    def _heartbeat_loop(self, stopped: threading.Event) -> None:
         assert self.worker_id is not None
-        while True:
+        while not stopped.is_set():
             try:
                 stop = self.client.heartbeat(self.worker_id, sorted([*self.runs, *self.finished]))
                 with self._cancel_lock:
                     self._cancel_ids.update(stop)
             except (*Unreachable, JobGone) as e:
                 log.warning("heartbeat failed: %s", e)
-            time.sleep(self.heartbeat_interval_s)
+            stopped.wait(self.heartbeat_interval_s)
 
     def _apply_cancels(self) -> None:
         with self._cancel_lock:

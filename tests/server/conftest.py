@@ -33,6 +33,10 @@ def worker_headers(client: TestClient) -> dict[str, str]:
     return {"Authorization": f"Bearer {client.app.state.tokens.worker}"}
 
 
-def job_body(**config) -> dict:
-    return {"config": {"base_model": "models/tiny", "data_path": "datasets/demo.jsonl", "max_steps": 3, **config},
-            "gpus": 0}
+@pytest.fixture
+def job_body():
+    """A valid JobCreate body; keyword arguments override config fields."""
+    def make(**config) -> dict:
+        return {"config": {"base_model": "models/tiny", "data_path": "datasets/demo.jsonl", "max_steps": 3,
+                           **config}, "gpus": 0}
+    return make

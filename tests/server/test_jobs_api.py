@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-from conftest import job_body
 
 
 def test_requests_without_a_token_get_401(client):
@@ -23,7 +22,7 @@ def test_worker_token_is_not_a_user_token_and_back(client, worker_headers):
     assert r.status_code == 401
 
 
-def test_create_get_list(client):
+def test_create_get_list(client, job_body):
     r = client.post("/api/jobs", json=job_body(name="first"))
     assert r.status_code == 201, r.text
     job = r.json()
@@ -38,7 +37,7 @@ def test_create_get_list(client):
     assert client.get("/api/jobs/999").status_code == 404
 
 
-def test_bad_input_is_422_naming_the_field(client):
+def test_bad_input_is_422_naming_the_field(client, job_body):
     r = client.post("/api/jobs", json=job_body(lora_rank=0))
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "lora_rank"]
     r = client.post("/api/jobs", json=job_body(no_such_flag=1))
@@ -53,7 +52,7 @@ def test_bad_input_is_422_naming_the_field(client):
     assert r.status_code == 422
 
 
-def test_paths_outside_the_data_root_are_refused(client, settings, tmp_path_factory):
+def test_paths_outside_the_data_root_are_refused(client, settings, tmp_path_factory, job_body):
     outside = tmp_path_factory.mktemp("outside")
     (outside / "secret.jsonl").write_text('{"text": "x"}\n')
     (settings.data_dir / "datasets" / "link.jsonl").symlink_to(outside / "secret.jsonl")
@@ -67,7 +66,7 @@ def test_paths_outside_the_data_root_are_refused(client, settings, tmp_path_fact
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "base_model"]
 
 
-def test_cancel_retry_delete(client, settings):
+def test_cancel_retry_delete(client, settings, job_body):
     job = client.post("/api/jobs", json=job_body()).json()
     assert client.delete(f"/api/jobs/{job['id']}").status_code == 409  # not finished
     assert client.post(f"/api/jobs/{job['id']}/retry").status_code == 409
@@ -90,7 +89,7 @@ def test_cancel_retry_delete(client, settings):
     assert newest["id"] > retry["id"]
 
 
-def test_priorities_and_fifo(client, worker_headers):
+def test_priorities_and_fifo(client, worker_headers, job_body):
     low = client.post("/api/jobs", json={**job_body(name="low"), "priority": -1}).json()
     first = client.post("/api/jobs", json=job_body(name="first")).json()
     second = client.post("/api/jobs", json=job_body(name="second")).json()
@@ -104,7 +103,7 @@ def test_priorities_and_fifo(client, worker_headers):
     assert client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers).status_code == 204
 
 
-def test_gpu_jobs_only_go_where_they_fit(client, worker_headers):
+def test_gpu_jobs_only_go_where_they_fit(client, worker_headers, job_body):
     two = client.post("/api/jobs", json={**job_body(), "gpus": 2}).json()
     wid = client.post("/api/workers/register", json={"name": "w", "gpus": [{"index": 0}, {"index": 3}]},
                       headers=worker_headers).json()["worker_id"]
@@ -121,7 +120,7 @@ def test_gpu_jobs_only_go_where_they_fit(client, worker_headers):
     assert r.json()["job"]["id"] == cpu["id"]
 
 
-def test_cpu_job_with_two_processes(client):
+def test_cpu_job_with_two_processes(client, job_body):
     r = client.post("/api/jobs", json={**job_body(), "gpus": 0, "nproc": 2})
     job = r.json()
     argv = client.get(f"/api/jobs/{job['id']}/command").json()["argv"]
@@ -136,7 +135,7 @@ def test_config_schema_is_the_train_config(client):
     assert client.get("/api/config-schema").json() == TrainConfig.model_json_schema()
 
 
-def test_artifacts_are_confined_to_the_output_dir(client, settings):
+def test_artifacts_are_confined_to_the_output_dir(client, settings, job_body):
     job = client.post("/api/jobs", json=job_body()).json()
     out = settings.jobs_dir / str(job["id"]) / "out"
     (out / "adapter").mkdir(parents=True)
@@ -150,7 +149,7 @@ def test_artifacts_are_confined_to_the_output_dir(client, settings):
     assert r.status_code in (400, 404)
 
 
-def test_estimate_and_presets_answer_or_501(client):
+def test_estimate_and_presets_answer_or_501(client, job_body):
     r = client.post("/api/estimate", json={"config": job_body(base_model="0.5B")["config"], "gpu_mem_gb": 24})
     assert r.status_code in (200, 501)
     r = client.post("/api/estimate", json={"config": job_body()["config"], "gpu_mem_gb": 24})

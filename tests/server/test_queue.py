@@ -8,7 +8,6 @@ import time
 
 from sqlmodel import Session
 
-from conftest import job_body
 from server import crud
 from server.db import make_engine
 from server.main import create_app, reap_once
@@ -21,7 +20,7 @@ def _register(client, worker_headers, name="w", gpus=()):
     return r.json()["worker_id"]
 
 
-def test_concurrent_claimers_never_share_a_job(client, settings):
+def test_concurrent_claimers_never_share_a_job(client, settings, job_body):
     for _ in range(40):
         client.post("/api/jobs", json=job_body())
     claimed: list[int] = []
@@ -59,7 +58,7 @@ def test_concurrent_claimers_never_share_a_job(client, settings):
     assert len(claimed) == 40 and len(set(claimed)) == 40
 
 
-def test_lost_lease_requeues_then_fails_with_reason(client, worker_headers):
+def test_lost_lease_requeues_then_fails_with_reason(client, worker_headers, job_body):
     job = client.post("/api/jobs", json=job_body()).json()  # max_attempts 2 (settings)
     wid = _register(client, worker_headers)
     assert client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers).json()["job"]["id"] == job["id"]
@@ -90,7 +89,7 @@ def test_lost_lease_requeues_then_fails_with_reason(client, worker_headers):
     assert failed["failure_class"] == "lost" and "2 attempts" in failed["failure_reason"]
 
 
-def test_reregistering_releases_the_old_jobs_at_once(client, worker_headers):
+def test_reregistering_releases_the_old_jobs_at_once(client, worker_headers, job_body):
     job = client.post("/api/jobs", json=job_body()).json()
     wid = _register(client, worker_headers, name="box")
     client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers)
@@ -104,7 +103,7 @@ def _run_one(client, worker_headers, wid):
     return claim["job"]["id"], claim["job"]["attempt"]
 
 
-def test_reports_are_idempotent_and_a_rerun_step_replaces(client, worker_headers):
+def test_reports_are_idempotent_and_a_rerun_step_replaces(client, worker_headers, job_body):
     client.post("/api/jobs", json=job_body())
     wid = _register(client, worker_headers)
     job_id, attempt = _run_one(client, worker_headers, wid)
@@ -132,7 +131,7 @@ def test_reports_are_idempotent_and_a_rerun_step_replaces(client, worker_headers
     assert client.post(f"/api/jobs/{job_id}/report", json=bad, headers=worker_headers).status_code == 409
 
 
-def test_finish_classes(client, worker_headers):
+def test_finish_classes(client, worker_headers, job_body):
     wid = _register(client, worker_headers)
     outcomes = {}
     for exit_code, failure_class in [(0, None), (2, "data"), (3, "oom"), (-9, "crash")]:
@@ -146,15 +145,15 @@ def test_finish_classes(client, worker_headers):
     assert outcomes[2]["state"] == "failed" and outcomes[2]["failure_class"] == "data"
     assert outcomes[3]["failure_class"] == "oom" and outcomes[-9]["failure_class"] == "crash"
     assert outcomes[-9]["exit_code"] == -9 and outcomes[-9]["finished_at"]
-    # release: back to the queue, same attempt
+    # release: back to the queue as the next attempt
     client.post("/api/jobs", json=job_body())
     job_id, attempt = _run_one(client, worker_headers, wid)
     r = client.post(f"/api/jobs/{job_id}/finish", headers=worker_headers,
                     json={"worker_id": wid, "attempt": attempt, "exit_code": 0, "release": True})
-    assert r.json()["state"] == "queued" and r.json()["attempt"] == attempt
+    assert r.json()["state"] == "queued" and r.json()["attempt"] == attempt + 1
 
 
-def test_cancel_running_goes_through_the_worker(client, worker_headers):
+def test_cancel_running_goes_through_the_worker(client, worker_headers, job_body):
     client.post("/api/jobs", json=job_body())
     wid = _register(client, worker_headers)
     job_id, attempt = _run_one(client, worker_headers, wid)
@@ -184,7 +183,7 @@ def _read_sse(client, job_id, **kw):
     return events
 
 
-def test_sse_replays_after_last_event_id(client, worker_headers):
+def test_sse_replays_after_last_event_id(client, worker_headers, job_body):
     client.post("/api/jobs", json=job_body())
     wid = _register(client, worker_headers)
     job_id, attempt = _run_one(client, worker_headers, wid)
@@ -207,7 +206,7 @@ def test_sse_replays_after_last_event_id(client, worker_headers):
     assert client.get("/api/jobs/999/events").status_code == 404
 
 
-def test_sse_follows_a_live_job(client, worker_headers):
+def test_sse_follows_a_live_job(client, worker_headers, job_body):
     client.post("/api/jobs", json=job_body())
     wid = _register(client, worker_headers)
     job_id, attempt = _run_one(client, worker_headers, wid)
@@ -228,7 +227,7 @@ def test_sse_follows_a_live_job(client, worker_headers):
     assert events[-1]["event"] == "state" and json.loads(events[-1]["data"])["state"] == "succeeded"
 
 
-def test_a_restarted_server_gives_workers_a_ttl_to_come_back(settings, worker_headers, client):
+def test_a_restarted_server_gives_workers_a_ttl_to_come_back(settings, worker_headers, client, job_body):
     client.post("/api/jobs", json=job_body())
     wid = _register(client, worker_headers)
     job_id, _ = _run_one(client, worker_headers, wid)

@@ -33,7 +33,8 @@ def on_term(signum, frame):
 signal.signal(signal.SIGTERM, signal.SIG_IGN if args.name == "stubborn" else on_term)
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
 with open(os.path.join(args.output_dir, f"pids-{os.getpid()}.json"), "w") as f:
-    json.dump({"pid": os.getpid(), "child": child.pid, "pgid": os.getpgid(0)}, f)
+    json.dump({"pid": os.getpid(), "child": child.pid, "pgid": os.getpgid(0),
+               "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}, f)
 
 if args.name == "data-error":
     print(f"{args.output_dir}/data.jsonl:3: 'branches' must be a list of strings", file=sys.stderr, flush=True)
@@ -42,7 +43,14 @@ if args.name == "oom":
     print("paratrain: out of memory on rank 0", file=sys.stderr, flush=True)
     sys.exit(3)
 
+def save(step):
+    with open(ckpt + ".tmp", "w") as f:
+        json.dump({"step": step}, f)
+    os.replace(ckpt + ".tmp", ckpt)
+
+
 start = json.load(open(ckpt))["step"] if os.path.exists(ckpt) else 0
+done = start  # last finished step
 if rank == 0:
     print(json.dumps({"event": "start", "total_steps": args.max_steps, "resumed_from_step": start}), flush=True)
 for step in range(start + 1, args.max_steps + 1):
@@ -57,9 +65,10 @@ for step in range(start + 1, args.max_steps + 1):
               flush=True)
         print(f"step {step}/{args.max_steps}", file=sys.stderr, flush=True)
         if step % args.save_interval == 0:
-            with open(ckpt + ".tmp", "w") as f:
-                json.dump({"step": step}, f)
-            os.replace(ckpt + ".tmp", ckpt)
+            save(step)
+    done = step
+if stop and rank == 0:  # like the real trainer: SIGTERM saves a checkpoint, then exits 0
+    save(done)
 while args.name == "stubborn":
     time.sleep(1)
 child.kill()

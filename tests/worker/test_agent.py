@@ -1,0 +1,143 @@
+"""The worker agent against a live server, running the fake trainer (no torch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+
+
+def _pid_files(job: dict) -> list[dict]:
+    out = Path(job["config"]["output_dir"])
+    return [json.loads(p.read_text()) for p in sorted(out.glob("pids-*.json"))]
+
+
+def process_gone(pid: int) -> bool:
+    """Gone or a zombie nobody reaped yet (it runs nothing)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def wait_gone(pids: list[int], timeout: float = 10) -> None:
+    deadline = time.time() + timeout
+    while not all(process_gone(p) for p in pids):
+        assert time.time() < deadline, [p for p in pids if not process_gone(p)]
+        time.sleep(0.05)
+
+
+def test_job_runs_to_success_with_metrics_and_logs(live_server, start_agent, job_body):
+    job = live_server.api.post("/jobs", json=job_body()).json()
+    start_agent()
+    done = live_server.wait_for(job["id"], {"succeeded", "failed"})
+    assert done["state"] == "succeeded", done
+    assert done["exit_code"] == 0 and done["step"] == 5 and done["total_steps"] == 5
+    metrics = live_server.api.get(f"/jobs/{job['id']}/metrics").json()["data"]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    lines = [x["line"] for x in live_server.api.get(f"/jobs/{job['id']}/logs").json()["data"]]
+    assert "step 5/5" in lines and any('"event": "done"' in x for x in lines)
+    artifacts = live_server.api.get(f"/jobs/{job['id']}/artifacts").json()["data"]
+    assert "final.txt" in [a["path"] for a in artifacts]
+    assert live_server.api.get(f"/jobs/{job['id']}/artifacts/final.txt").text == "done\n"
+    assert _pid_files(done)[0]["cuda_visible_devices"] == ""  # a CPU job sees no GPU
+
+
+def test_failure_classes(live_server, start_agent, job_body):
+    ids = {name: live_server.api.post("/jobs", json=job_body(name=name)).json()["id"]
+           for name in ("data-error", "oom", "crash")}
+    start_agent()
+    data = live_server.wait_for(ids["data-error"], {"succeeded", "failed"})
+    assert data["failure_class"] == "data" and data["exit_code"] == 2
+    assert "data.jsonl:3:" in data["failure_reason"]
+    oom = live_server.wait_for(ids["oom"], {"succeeded", "failed"})
+    assert oom["failure_class"] == "oom" and oom["exit_code"] == 3
+    crash = live_server.wait_for(ids["crash"], {"succeeded", "failed"})
+    assert crash["failure_class"] == "crash" and "RuntimeError: boom" in crash["failure_reason"]
+
+
+def test_cancel_kills_the_whole_process_group(live_server, start_agent, monkeypatch, job_body):
+    monkeypatch.setenv("FAKE_STEP_S", "0.5")
+    job = live_server.api.post("/jobs", json=job_body(max_steps=100)).json()
+    start_agent()
+    live_server.wait_for(job["id"], {"running"})
+    deadline = time.time() + 10
+    while not _pid_files(job) or live_server.api.get(f"/jobs/{job['id']}").json()["step"] < 1:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    pids = [p for info in _pid_files(job) for p in (info["pid"], info["child"])]
+    live_server.api.post(f"/jobs/{job['id']}/cancel")
+    done = live_server.wait_for(job["id"], {"cancelled", "failed", "succeeded"})
+    assert done["state"] == "cancelled" and done["failure_class"] == "cancelled"
+    wait_gone(pids, timeout=2)
+
+
+def test_a_trainer_ignoring_sigterm_is_killed_after_the_grace(live_server, start_agent, job_body):
+    job = live_server.api.post("/jobs", json=job_body(name="stubborn", max_steps=1)).json()
+    start_agent(kill_grace_s=1.0)
+    deadline = time.time() + 10
+    while live_server.api.get(f"/jobs/{job['id']}").json()["step"] < 1:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    pids = [p for info in _pid_files(job) for p in (info["pid"], info["child"])]
+    t0 = time.time()
+    live_server.api.post(f"/jobs/{job['id']}/cancel")
+    done = live_server.wait_for(job["id"], {"cancelled"})
+    assert done["exit_code"] == -9 and time.time() - t0 >= 1.0
+    wait_gone(pids, timeout=2)
+
+
+def test_jobs_share_a_worker_on_disjoint_gpus(live_server, start_agent, monkeypatch, job_body):
+    monkeypatch.setenv("FAKE_STEP_S", "0.3")
+    ids = [live_server.api.post("/jobs", json=job_body(gpus=g, max_steps=4)).json()["id"] for g in (1, 2, 1)]
+    start_agent(gpus="0,1,2")
+    # jobs 1 and 2 (1 + 2 GPUs) run together; job 3 waits for a GPU
+    first, second = (live_server.wait_for(i, {"running"}) for i in ids[:2])
+    assert sorted(first["gpu_ids"] + second["gpu_ids"]) == [0, 1, 2]
+    assert live_server.api.get(f"/jobs/{ids[2]}").json()["state"] == "queued"
+    for job_id in ids:
+        assert live_server.wait_for(job_id, {"succeeded", "failed"})["state"] == "succeeded"
+    seen = [_pid_files(live_server.api.get(f"/jobs/{i}").json())[0]["cuda_visible_devices"] for i in ids[:2]]
+    assert sorted(",".join(seen).split(",")) == ["0", "1", "2"]
+
+
+def test_cold_stop_hands_jobs_back_and_they_resume(live_server, start_agent, monkeypatch, job_body):
+    monkeypatch.setenv("FAKE_STEP_S", "0.2")
+    job = live_server.api.post("/jobs", json=job_body(max_steps=12)).json()
+    agent = start_agent()
+    deadline = time.time() + 10
+    while live_server.api.get(f"/jobs/{job['id']}").json()["step"] < 3:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    agent.stop(cold=True)
+    back = live_server.api.get(f"/jobs/{job['id']}").json()
+    assert back["state"] == "queued" and back["attempt"] == 2
+    start_agent()
+    done = live_server.wait_for(job["id"], {"succeeded", "failed"})
+    assert done["state"] == "succeeded"
+    metrics = live_server.api.get(f"/jobs/{job['id']}/metrics").json()["data"]
+    assert [m["step"] for m in metrics] == list(range(1, 13))
+    starts = [x["line"] for x in live_server.api.get(f"/jobs/{job['id']}/logs").json()["data"] if '"start"' in x["line"]]
+    assert json.loads(starts[-1])["resumed_from_step"] >= 3  # the second run continued from its checkpoint
+
+
+def test_server_down_mid_job_loses_nothing(live_server, start_agent, monkeypatch, job_body, make_server):
+    monkeypatch.setenv("FAKE_STEP_S", "0.2")
+    job = live_server.api.post("/jobs", json=job_body(max_steps=15)).json()
+    start_agent()
+    deadline = time.time() + 10
+    while live_server.api.get(f"/jobs/{job['id']}").json()["step"] < 2:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    live_server.stop()
+    time.sleep(live_server.settings.lease_ttl_s + 0.5)  # down for longer than a lease
+    again = make_server(live_server.settings)
+    done = again.wait_for(job["id"], {"succeeded", "failed"})
+    assert done["state"] == "succeeded" and done["attempt"] == 1  # never re-queued
+    metrics = again.api.get(f"/jobs/{job['id']}/metrics").json()["data"]
+    assert [m["step"] for m in metrics] == list(range(1, 16))
+    lines = [x["line"] for x in again.api.get(f"/jobs/{job['id']}/logs").json()["data"]]
+    assert [x for x in lines if x.startswith("step ")] == [f"step {i}/15" for i in range(1, 16)]
