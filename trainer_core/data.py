@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
-import torch
 
 from trainer_core.config import TrainConfig
 from trainer_core.layout import PackedBatch, build_sample_layout, collate_packed
@@ -389,11 +388,6 @@ def steps_in_epoch(samples: SampleIndex, cfg: TrainConfig, world: int, epoch: in
 
 def collate_batch(ds: TokenizedDataset, samples: SampleIndex, batch: np.ndarray, cfg: TrainConfig) -> PackedBatch:
     """Sample indices -> packed rows of column-major layouts."""
-    layouts = [build_sample_layout(*_as_torch(sample_token_ids(ds, samples, int(s))), branch_stride=cfg.branch_stride)
+    layouts = [build_sample_layout(*sample_token_ids(ds, samples, int(s)), branch_stride=cfg.branch_stride)
                for s in batch]
     return collate_packed(layouts, cfg.tokens_per_row)
-
-
-def _as_torch(parts: tuple[np.ndarray, list[np.ndarray]]):
-    main, branches = parts
-    return torch.from_numpy(main.astype(np.int64)), [torch.from_numpy(b.astype(np.int64)) for b in branches]
