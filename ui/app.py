@@ -79,39 +79,50 @@ def build_ui(api_base_url: str) -> ParatrainUI:
                 with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
                     compare = create_compare_tab(ctx)
 
+        form = submit.form
         logged_in_outputs = [session, remembered, login_panel, main_panel, logout_button, login_message,
-                             submit.memory.gpu_mem, jobs.picker]
+                             submit.memory.gpu_mem, jobs.picker, *form.inputs]
+        message_at = logged_in_outputs.index(login_message)
 
-        def enter(token_value: str, job_id: Any, remembered_value: dict[str, Any] | None) -> list[Any]:
+        def only(message: str | None = None, forget: bool = False) -> list[Any]:
+            """Outputs that change nothing but the login message (and maybe forget the saved token)."""
+            out: list[Any] = [gr.skip()] * len(logged_in_outputs)
+            out[message_at] = message if message is not None else gr.skip()
+            if forget:
+                out[1] = {"token": None, "job_id": None}
+            return out
+
+        def enter(token_value: str, saved: dict[str, Any]) -> list[Any]:
             client = ApiClient(api_base_url, token_value)
             client.check_token()  # raises ApiError
-            job_id = parse_job_id(job_id)
-            return [{"token": token_value}, {**(remembered_value or {}), "token": token_value, "job_id": job_id},
+            job_id = parse_job_id(saved.get("job_id"))
+            saved_form = saved.get("form")
+            return [{"token": token_value}, {**saved, "token": token_value, "job_id": job_id},
                     gr.update(visible=False), gr.update(visible=True), gr.update(visible=True), "",
-                    default_gpu_mem(client), picker_update(client, job_id)]
+                    default_gpu_mem(client), picker_update(client, job_id),
+                    *(form.updates(saved_form) if isinstance(saved_form, dict) else [gr.skip()] * len(form.inputs))]
 
         def login(token_value, remembered_value):
             token_value = (token_value or "").strip()
             if not token_value:
-                return [gr.skip()] * 5 + ["Enter the token first."] + [gr.skip()] * 2
+                return only("Enter the token first.")
             try:
-                return enter(token_value, None, remembered_value)
+                return enter(token_value, {**(remembered_value or {}), "job_id": None})
             except ApiError as e:
-                message = ("❌ Wrong token: the server did not accept it." if e.status == 401 else f"❌ {e}")
-                return [gr.skip()] * 5 + [message] + [gr.skip()] * 2
+                return only("✖ Wrong token: the server did not accept it." if e.status == 401 else f"✖ {e}")
 
         def restore(remembered_value):
-            """Page (re)load: log back in with the remembered token and reopen the remembered job."""
+            """Page (re)load: log back in with the remembered token, refill the form as it was last used and
+            reopen the job that was open."""
             saved = remembered_value or {}
             if not saved.get("token"):
-                return [gr.skip()] * len(logged_in_outputs)
+                return only()
             try:
-                return enter(saved["token"], saved.get("job_id"), saved)
+                return enter(saved["token"], saved)
             except ApiError as e:
                 if e.status == 401:  # the token changed: forget it
-                    return [gr.skip(), {"token": None, "job_id": None}] + [gr.skip()] * 3 + \
-                        ["Your saved token is no longer valid: log in again."] + [gr.skip()] * 2
-                return [gr.skip()] * 5 + [f"❌ {e}"] + [gr.skip()] * 2
+                    return only("Your saved token is no longer valid: log in again.", forget=True)
+                return only(f"✖ {e}")
 
         def logout():
             return ({"token": None}, {"token": None, "job_id": None}, gr.update(visible=True),
@@ -119,6 +130,9 @@ def build_ui(api_base_url: str) -> ParatrainUI:
 
         def remember_job(job_id, remembered_value):
             return {**(remembered_value or {}), "job_id": parse_job_id(job_id)}
+
+        def remember_form(remembered_value, *form_args):
+            return {**(remembered_value or {}), "form": form.values(form_args)}
 
         def open_submitted(session_value, job_id):
             if job_id is None:
@@ -129,28 +143,19 @@ def build_ui(api_base_url: str) -> ParatrainUI:
                 return gr.skip(), gr.skip()
             return update, gr.Tabs(selected="jobs")
 
-        login_button.click(login, [token, remembered], logged_in_outputs)
-        token.submit(login, [token, remembered], logged_in_outputs)
+        # the job table is filled at once after logging in, not at the next timer tick
+        refresh_jobs = (jobs.refresh_fn, session, [jobs.table, jobs.table_ids, jobs.picker])
+        login_button.click(login, [token, remembered], logged_in_outputs).then(*refresh_jobs)
+        token.submit(login, [token, remembered], logged_in_outputs).then(*refresh_jobs)
         logout_button.click(logout, None, logged_in_outputs[:6], queue=False)
-        blocks.load(restore, remembered, logged_in_outputs)
+        blocks.load(restore, remembered, logged_in_outputs).then(*refresh_jobs)
         jobs.picker.change(remember_job, [jobs.picker, remembered], remembered, queue=False)
         submit.submitted_job_id.change(open_submitted, [session, submit.submitted_job_id], [jobs.picker, tabs])
-        # the compare picker offers the same jobs as the jobs table (State.change fires only when the set changes)
-        jobs.table_ids.change(_compare_choices(ctx), [session, jobs.table_ids], compare.picker, queue=False,
-                              show_progress="hidden")
+        # the form as last previewed or submitted survives a reload
+        for button in (submit.submit_button, submit.preview_button):
+            button.click(remember_form, [remembered, *form.inputs], remembered, queue=False)
     return ParatrainUI(blocks, login_panel, main_panel, token, login_button, login_message, logout_button, tabs,
                        submit, dataset, jobs, compare)
-
-
-def _compare_choices(ctx: UiContext):
-    def update(session_value, ids):
-        try:
-            jobs = ctx.client(session_value).list_jobs(limit=100)
-        except ApiError:
-            return gr.skip()
-        return gr.update(choices=[(f"#{j['id']} {j.get('name') or j['config'].get('name', '')}", j["id"])
-                                  for j in jobs])
-    return update
 
 
 def mount_ui(app: FastAPI, api_base_url: str, path: str = UI_PATH) -> FastAPI:

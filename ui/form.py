@@ -21,6 +21,7 @@ from trainer_core.config import GROUPS, TrainConfig, format_validation_error
 GROUP_TITLES = {"model": "Model", "data": "Data", "training": "Training", "output": "Output"}
 # Job-level settings that are not part of TrainConfig (JobCreate in docs/API.md).
 JOB_FIELDS = ("gpus", "nodes", "priority")
+FORM_COLUMNS = 3  # fits a laptop screen: the whole form in about two screen heights
 
 
 def _group_of(info: Any) -> str:
@@ -55,6 +56,10 @@ def component_for(name: str, info: Any) -> gr.components.Component:
     if optional:
         help_text += " (optional: leave empty)"
     common = {"label": name, "info": help_text, "elem_id": f"cfg-{name}"}
+    if optional and kind in (int, float):
+        # gr.Number cannot be empty (it shows and sends 0), so an unset number is an empty textbox
+        return gr.Textbox(value="" if default is None else str(default), placeholder="empty: not set",
+                          max_lines=1, **common)
     if kind is bool:
         return gr.Checkbox(value=bool(default), **common)
     if typing.get_origin(kind) is typing.Literal:
@@ -102,9 +107,9 @@ def build_config_form(open_groups: tuple[str, ...] = ("model", "data", "training
         with gr.Accordion(GROUP_TITLES.get(group, group.title()), open=group in open_groups,
                           elem_id=f"group-{group}"):
             with gr.Row(equal_height=False):
-                columns = [gr.Column(min_width=240), gr.Column(min_width=240)]
+                columns = [gr.Column(min_width=200) for _ in range(FORM_COLUMNS)]
             for i, name in enumerate(names):
-                with columns[i % 2]:
+                with columns[i % FORM_COLUMNS]:
                     form.fields[name] = component_for(name, TrainConfig.model_fields[name])
     with gr.Accordion("Resources", open=True, elem_id="group-resources"):
         with gr.Row():
@@ -129,12 +134,23 @@ def config_dict(values: dict[str, Any]) -> dict[str, Any]:
         if value is None or (isinstance(value, str) and value.strip() == ""):
             continue
         kind, _ = _base_type(info.annotation)
-        if kind is int and isinstance(value, float) and value.is_integer():
-            value = int(value)
         if isinstance(value, str):
             value = value.strip()
+            if kind in (int, float):
+                value = _parse_number(value, kind)
+        if kind is int and isinstance(value, float) and value.is_integer():
+            value = int(value)
         out[name] = value
     return out
+
+
+def _parse_number(text: str, kind: type) -> Any:
+    """'16' -> 16, '1e-4' -> 0.0001; text that is no number is passed on for pydantic to name the field."""
+    try:
+        number = float(text)
+    except ValueError:
+        return text
+    return int(number) if kind is int and number.is_integer() else number
 
 
 def validate(values: dict[str, Any]) -> tuple[TrainConfig | None, str]:

@@ -39,8 +39,19 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
                 notes.append(f"{label}: {len(points)} points, {job['state']}")
         except ApiError as e:
             return gr.skip(), f"Cannot compare: {e}"
-        return pd.DataFrame(rows, columns=["step", "loss", "job"]), " · ".join(notes)
+        frame = pd.DataFrame(rows, columns=["step", "loss", "job"]).astype({"step": "int64", "loss": "float64",
+                                                                             "job": "string"})
+        return frame, " · ".join(notes)
 
+    def choices(session):
+        try:
+            jobs = ctx.client(session).list_jobs(limit=100)
+        except ApiError:
+            return gr.skip()
+        return gr.update(choices=[(f"#{j['id']} {j.get('name') or j['config'].get('name', '')} ({j['state']})",
+                                   j["id"]) for j in jobs])
+
+    picker.focus(choices, ctx.session, picker, queue=False, show_progress="hidden")  # the list is current when opened
     picker.change(compare, [ctx.session, picker], [plot, info], show_progress="hidden")
     refresh_button.click(compare, [ctx.session, picker], [plot, info])
     return CompareTab(picker, refresh_button, plot, info)

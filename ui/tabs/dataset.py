@@ -98,7 +98,7 @@ def layout_svg(layout: dict[str, Any] | None) -> str:
 def summary_markdown(s: dict[str, Any]) -> str:
     pct = s.get("token_length_percentiles") or {}
     errors = s.get("errors") or []
-    head = "❌ The data has errors: a job with it would not start." if errors else "✅ The data is valid."
+    head = "✖ The data has errors: a job with it would not start." if errors else "✔ The data is valid."
     rows = [("records", s.get("records")), ("samples", s.get("samples")),
             ("tokens after packing", s.get("tokens_after_packing")),
             ("padding share after packing", f"{s['padding_share']:.1%}" if s.get("padding_share") is not None else None),
@@ -112,10 +112,11 @@ def summary_markdown(s: dict[str, Any]) -> str:
 def histogram_frame(s: dict[str, Any]) -> pd.DataFrame:
     hist = s.get("branches_histogram") or {}
     items = sorted(((int(k), int(v)) for k, v in hist.items()), key=lambda kv: kv[0])
-    return pd.DataFrame({"branches": [str(k) for k, _ in items], "samples": [v for _, v in items]})
+    frame = pd.DataFrame({"branches": [str(k) for k, _ in items], "samples": [v for _, v in items]})
+    return frame.astype({"branches": "string", "samples": "int64"})
 
 
-def create_dataset_tab(ctx: UiContext, form: ConfigForm, tokens_per_text: gr.Number | None = None) -> DatasetTab:
+def create_dataset_tab(ctx: UiContext, form: ConfigForm, tokens_per_text: gr.Textbox | None = None) -> DatasetTab:
     gr.Markdown("Checks the form's `data_path` with the form's `base_model` tokenizer and data settings "
                 "(the **New job** tab), exactly as the trainer will read it.")
     check_button = gr.Button("Check dataset", variant="primary", elem_id="check-dataset")
@@ -138,13 +139,13 @@ def create_dataset_tab(ctx: UiContext, form: ConfigForm, tokens_per_text: gr.Num
         try:
             s = ctx.client(session).check_dataset(body)
         except ApiError as e:
-            return f"❌ Check failed: {e}", gr.update(visible=False), gr.skip(), gr.skip(), gr.skip()
+            return f"✖ Check failed: {e}", gr.update(visible=False), gr.skip(), gr.skip(), gr.skip()
         errors_text = "\n".join(str(e) for e in s.get("errors") or [])
         if s.get("records") is None:  # only errors: the file could not be read as Parallel JSONL
             return (summary_markdown(s), gr.update(value=errors_text, visible=True), None, "", gr.skip())
         p90 = (s.get("token_length_percentiles") or {}).get("p90")
         return (summary_markdown(s), gr.update(value=errors_text, visible=bool(errors_text)), histogram_frame(s),
-                layout_svg(s.get("example_layout")), int(p90) if p90 else gr.skip())
+                layout_svg(s.get("example_layout")), str(int(p90)) if p90 else gr.skip())
 
     outputs = [summary, errors, histogram, layout, tokens_per_text if tokens_per_text is not None else gr.State()]
     check_button.click(check, [ctx.session, *form.inputs], outputs)

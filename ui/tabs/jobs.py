@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import tempfile
 import zipfile
+import html
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 import pandas as pd
@@ -24,7 +25,7 @@ from ui.context import UiContext, fmt_duration, fmt_number
 TABLE_COLUMNS = ["id", "name", "state", "progress", "ETA", "tokens/s", "GPU", "attempt", "loss", "peak GB"]
 LOG_TAIL_LINES = 200
 FINAL_STATES = {"succeeded", "failed", "cancelled"}
-STATE_ICONS = {"queued": "⏳", "running": "▶️", "succeeded": "✅", "failed": "❌", "cancelled": "⏹️"}
+STATE_ICONS = {"queued": "…", "running": "▶", "succeeded": "✔", "failed": "✖", "cancelled": "■"}
 
 
 @dataclass
@@ -38,12 +39,13 @@ class JobsTab:
     curve_info: gr.Markdown
     loss_plot: gr.LinePlot
     lr_plot: gr.LinePlot
-    log_tail: gr.Textbox
+    log_tail: gr.HTML
     cancel_button: gr.Button
     retry_button: gr.Button
     download_button: gr.Button
     adapter_file: gr.File
     watch: gr.State  # {"job_id", "points": [Metric], "last_step", "log_offset", "log_lines"}
+    refresh_fn: Callable[..., tuple] | None = None  # (session) -> (table, table_ids, picker): for app wiring
 
 
 def job_label(job: dict[str, Any]) -> str:
@@ -79,7 +81,7 @@ def job_summary(job: dict[str, Any]) -> str:
              f"**progress** {progress_text(job) or '-'} · **ETA** {fmt_duration(job.get('eta_s')) or '-'} · "
              f"**tokens/s** {fmt_number(job.get('tokens_per_s')) or '-'} · **GPU** {gpu_text(job)} · "
              f"**attempt** {job.get('attempt', 1)}/{job.get('max_attempts') or '?'}",
-             f"model `{cfg.get('base_model', '')}` · data `{cfg.get('data_path', '')}`"]
+             f"model {cfg.get('base_model', '')} · data {cfg.get('data_path', '')}"]
     if job.get("failure_reason") or job.get("failure_class"):
         lines.append(f"**failure** {job.get('failure_class') or ''}: {job.get('failure_reason') or ''}")
     return "\n\n".join(lines)
@@ -106,7 +108,8 @@ def picker_update(client: ApiClient, job_id: int | None = None) -> dict[str, Any
 
 def curve_frame(points: list[dict[str, Any]], y: str) -> pd.DataFrame:
     rows = [(p["step"], p[y]) for p in points if p.get(y) is not None]
-    return pd.DataFrame(rows, columns=["step", y])
+    # explicit dtypes: an empty or object column would make Gradio draw a categorical axis
+    return pd.DataFrame(rows, columns=["step", y]).astype({"step": "int64", y: "float64"})
 
 
 def empty_watch() -> dict[str, Any]:
@@ -137,6 +140,15 @@ def fetch_new(client: ApiClient, watch: dict[str, Any]) -> tuple[bool, bool]:
     return bool(metrics), new_lines
 
 
+def log_html(lines: list[str]) -> str:
+    """The log tail in a box that stays scrolled to its newest line (column-reverse keeps the bottom in view)."""
+    text = html.escape("\n".join(lines)) if lines else "(no log lines yet)"
+    return ('<div style="font-size:13px;font-weight:600;margin-bottom:4px">Log tail</div>'
+            '<div class="log-tail" style="max-height:230px;overflow:auto;display:flex;flex-direction:column-reverse;'
+            'border:1px solid var(--border-color-primary);border-radius:6px;padding:6px">'
+            f'<pre style="margin:0;white-space:pre-wrap;font-size:12px">{text}</pre></div>')
+
+
 def curve_text(watch: dict[str, Any]) -> str:
     n = len(watch["points"])
     return f"Loss curve: {n} point{'s' if n != 1 else ''}" + (f", last step {watch['last_step']}" if n else "")
@@ -145,10 +157,10 @@ def curve_text(watch: dict[str, Any]) -> str:
 def create_jobs_tab(ctx: UiContext) -> JobsTab:
     table_ids = gr.State([])
     watch = gr.State(empty_watch())
+    table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, wrap=True, max_height=220,
+                         label="Jobs (newest first; click a row to open it)", elem_id="jobs-table")
     with gr.Row(equal_height=False):
-        with gr.Column(scale=2, min_width=420):
-            table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, wrap=True, max_height=360,
-                                 label="Jobs (newest first; click a row)", elem_id="jobs-table")
+        with gr.Column(scale=2, min_width=380):
             picker = gr.Dropdown(choices=[], value=None, label="Selected job", elem_id="job-picker")
             summary = gr.Markdown(elem_id="job-summary")
             with gr.Row():
@@ -156,12 +168,11 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
                 retry_button = gr.Button("Retry", size="sm", elem_id="retry-job")
                 download_button = gr.Button("Download adapter", size="sm", elem_id="download-adapter")
             adapter_file = gr.File(label="Adapter", visible=False, interactive=False, elem_id="adapter-file")
+            log_tail = gr.HTML(label="Log tail", elem_id="log-tail")
         with gr.Column(scale=3, min_width=420):
             curve_info = gr.Markdown(elem_id="curve-info")
-            loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=230, elem_id="loss-plot")
-            lr_plot = gr.LinePlot(x="step", y="lr", title="Learning rate", height=180, elem_id="lr-plot")
-            log_tail = gr.Textbox(label="Log tail", lines=8, max_lines=8, autoscroll=True, interactive=False,
-                                  elem_id="log-tail")
+            loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=240, elem_id="loss-plot")
+            lr_plot = gr.LinePlot(x="step", y="lr", title="Learning rate", height=170, elem_id="lr-plot")
     refresh_timer = gr.Timer(2.0)
     poll_timer = gr.Timer(1.0)
 
@@ -188,7 +199,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         except ApiError as e:
             return fresh, f"Cannot load job #{job_id}: {e}", "", gr.skip(), gr.skip(), "", gr.update(visible=False)
         return (fresh, job_summary(job), curve_text(fresh), curve_frame(fresh["points"], "loss"),
-                curve_frame(fresh["points"], "lr"), "\n".join(fresh["log_lines"]), gr.update(visible=False))
+                curve_frame(fresh["points"], "lr"), log_html(fresh["log_lines"]), gr.update(visible=False))
 
     def poll(session, current, selected):
         skip = (gr.skip(),) * 6
@@ -206,7 +217,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
                 curve_text(current) if new_points else gr.skip(),
                 curve_frame(current["points"], "loss") if new_points else gr.skip(),
                 curve_frame(current["points"], "lr") if new_points else gr.skip(),
-                "\n".join(current["log_lines"]) if new_lines else gr.skip())
+                log_html(current["log_lines"]) if new_lines else gr.skip())
 
     def pick_row(ids, evt: gr.SelectData):
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
@@ -255,4 +266,4 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
     retry_button.click(retry, [ctx.session, watch], picker)
     download_button.click(download, [ctx.session, watch], adapter_file)
     return JobsTab(table, table_ids, picker, refresh_timer, poll_timer, summary, curve_info, loss_plot, lr_plot,
-                   log_tail, cancel_button, retry_button, download_button, adapter_file, watch)
+                   log_tail, cancel_button, retry_button, download_button, adapter_file, watch, refresh)

@@ -16,16 +16,16 @@ from ui.form import ConfigForm, validate
 FORM_MODEL = "base_model of the form"
 SIZES = ["0.5B", "1.5B", "3B", "7B"]
 DEFAULT_GPU_MEM_GB = 80.0
-PRESET_COLUMNS = ["preset", "lora_rank", "batch_size", "accumulation_steps", "batch_by_samples",
-                  "max_branches_per_sample", "max_seq_len", "gradient_checkpointing", "dtype", "rope_2d_ratio",
-                  "peak GB", "fits"]
+# Short headers so the table fits beside the form; the flags they stand for are in the form.
+PRESET_COLUMNS = ["preset", "rank", "batch", "accum", "by samples", "branches", "seq len", "ckpt", "rope2d",
+                  "peak GB", "fits"]  # dtype is bfloat16 in every preset (the guide's advice); it is applied too
 
 
 @dataclass
 class MemoryPanel:
     gpu_mem: gr.Number
     model: gr.Dropdown
-    tokens_per_text: gr.Number
+    tokens_per_text: gr.Textbox
     presets_button: gr.Button
     presets_table: gr.Dataframe
     preset_choice: gr.Radio
@@ -50,11 +50,19 @@ def measured_peaks(client: ApiClient) -> list[dict[str, Any]]:
             if j.get("peak_mem_gb") and (j.get("gpus") or 0) > 0]
 
 
+def _positive_int(text: Any) -> int | None:
+    try:
+        value = int(float(str(text).strip()))
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
 def estimate_markdown(est: dict[str, Any]) -> str:
     parts = est["breakdown_gb"]
     share = est["peak_gb"] / est["gpu_mem_gb"] if est["gpu_mem_gb"] else 0
     verdict = "fits" if est["fits"] else "**does not fit**"
-    icon = "✅" if est["fits"] and not est["warnings"] else ("⚠️" if est["fits"] else "❌")
+    icon = "✔" if est["fits"] and not est["warnings"] else ("⚠" if est["fits"] else "✖")
     lines = [f"### {icon} Estimated peak {est['peak_gb']:.1f} GB of {est['gpu_mem_gb']:g} GB ({share:.0%}): {verdict}",
              "", "| part | GB |", "|---|---:|"]
     labels = {"weights": "model weights", "lora_state": "LoRA + grads + AdamW", "activations": "activations",
@@ -71,7 +79,7 @@ def estimate_markdown(est: dict[str, Any]) -> str:
     else:
         lines.append("No measured GPU job yet: calibrated on the H100 measurements (docs/VRAM.md).")
     if est["warnings"]:
-        lines += [""] + [f"- ⚠️ {w}" for w in est["warnings"]]
+        lines += [""] + [f"- ⚠ {w}" for w in est["warnings"]]
     return "\n".join(lines)
 
 
@@ -80,8 +88,9 @@ def presets_rows(plist: list[dict[str, Any]]) -> list[list[Any]]:
     for p in plist:
         c = p["config"]
         rows.append([p["name"], c.get("lora_rank"), c.get("batch_size"), c.get("accumulation_steps", 1),
-                     bool(c.get("batch_by_samples")), c.get("max_branches_per_sample"), c.get("max_seq_len", 1024),
-                     bool(c.get("gradient_checkpointing")), c.get("dtype"), c.get("rope_2d_ratio"),
+                     "yes" if c.get("batch_by_samples") else "no", c.get("max_branches_per_sample") or "",
+                     c.get("max_seq_len", 1024), "on" if c.get("gradient_checkpointing") else "off",
+                     c.get("rope_2d_ratio"),
                      p["estimate"]["peak_gb"], "yes" if p["fits"] else "NO"])
     return rows
 
@@ -93,9 +102,9 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
                             info="Default: the largest GPU the workers report.")
         model = gr.Dropdown(choices=[FORM_MODEL] + SIZES, value=FORM_MODEL, label="Model for presets",
                             allow_custom_value=True, elem_id="preset-model")
-    tokens_per_text = gr.Number(value=None, precision=0, label="typical tokens per text", minimum=1,
-                                info="Empty: max_seq_len (worst case). The dataset check fills in its p90.",
-                                elem_id="tokens-per-text")
+    tokens_per_text = gr.Textbox(value="", label="typical tokens per text", max_lines=1,
+                                 placeholder="empty: max_seq_len (worst case)",
+                                 info="The dataset check fills in its p90 length.", elem_id="tokens-per-text")
     with gr.Row():
         presets_button = gr.Button("Get presets", elem_id="get-presets", size="sm")
         estimate_button = gr.Button("Estimate memory", elem_id="estimate", size="sm")
@@ -144,7 +153,7 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
         try:
             client = ctx.client(session)
             est = client.estimate(config.model_dump(mode="json"), float(gpu_mem_gb or DEFAULT_GPU_MEM_GB),
-                                  measured_peaks(client), int(tokens) if tokens else None)
+                                  measured_peaks(client), _positive_int(tokens))
         except ApiError as e:
             return f"Cannot estimate: {e}"
         return estimate_markdown(est)

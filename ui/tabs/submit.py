@@ -31,6 +31,19 @@ class SubmitTab:
     submitted_job_id: gr.Number  # the id of the last job submitted in this session (hidden)
 
 
+def format_command(argv: list[str]) -> str:
+    """The argv as one shell command, a flag and its value per line (as the guide writes its commands)."""
+    lines, current = [], []
+    for arg in argv:
+        if arg.startswith("--") and current:
+            lines.append(shlex.join(current))
+            current = []
+        current.append(arg)
+    if current:
+        lines.append(shlex.join(current))
+    return " \\\n  ".join(lines)
+
+
 def create_submit_tab(ctx: UiContext) -> SubmitTab:
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=480):
@@ -60,18 +73,18 @@ def create_submit_tab(ctx: UiContext) -> SubmitTab:
             argv = ctx.client(session).command_preview(job_body(values, config))
         except ApiError as e:
             return f"# preview failed: {e}"
-        return shlex.join(argv)
+        return format_command(argv)
 
     def submit(session, *form_args):
         values = form.values(form_args)
         config, error = validate(values)
         if config is None:
-            return f"❌ Fix the form first: {error}", gr.skip()
+            return f"✖ Fix the form first: {error}", gr.skip()
         try:
             job = ctx.client(session).submit_job(job_body(values, config))
         except ApiError as e:
-            return f"❌ Not submitted: {e}", gr.skip()
-        return f"✅ Job #{job['id']} ({job.get('name') or config.name}) is {job['state']}.", job["id"]
+            return f"✖ Not submitted: {e}", gr.skip()
+        return f"✔ Job #{job['id']} ({job.get('name') or config.name}) is {job['state']}.", job["id"]
 
     def save(*form_args):
         values = form.values(form_args)

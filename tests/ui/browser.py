@@ -1,0 +1,57 @@
+"""Helpers for the Playwright tests: Debian chromium (never `playwright install`) and Gradio-aware locators."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+OUTPUT_DIR = REPO / "test-output" / "ui"
+CHROMIUM = os.environ.get("PARATRAIN_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-dev-shm-usage"]
+LAPTOP = {"width": 1366, "height": 768}
+
+
+def require_chromium() -> None:
+    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+        pytest.skip(f"no chromium at {CHROMIUM} (apt-get install -y chromium)")
+    pytest.importorskip("playwright.sync_api")
+
+
+def output_dir(test_name: str) -> Path:
+    path = OUTPUT_DIR / re.sub(r"[^A-Za-z0-9_.-]", "_", test_name)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def field(page, elem_id: str):
+    """The text/number input inside a Gradio component with `elem_id`."""
+    return page.locator(f"#{elem_id}").locator("input:not([type=checkbox]):not([type=range]), textarea").first
+
+
+def set_field(page, elem_id: str, value) -> None:
+    box = field(page, elem_id)
+    box.fill(str(value))
+    box.press("Tab")  # Gradio reads the value on blur/change
+
+
+def choose(page, elem_id: str, option_text: str) -> None:
+    """Pick an option of a gr.Dropdown by (part of) its label."""
+    page.locator(f"#{elem_id} input").first.click()
+    page.get_by_role("option", name=re.compile(re.escape(option_text))).first.click()
+
+
+def tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name).click()
+
+
+def login(page, base_url: str, token: str) -> None:
+    page.goto(f"{base_url}/ui/")
+    field(page, "login-token").fill(token)
+    page.locator("#login-button").click()
+    page.locator("#main-panel").wait_for(state="visible", timeout=30_000)

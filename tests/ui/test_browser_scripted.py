@@ -1,0 +1,140 @@
+"""The UI in Debian chromium against the real server app, with a scripted worker (REST only, no torchrun):
+quick and deterministic checks of login, presets, estimate, preview, submit, live curves, reload, cancel,
+dataset check, compare — and screenshots at a laptop size under test-output/ui/."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+import time
+
+import pytest
+
+from tests.ui.browser import (CHROMIUM, CHROMIUM_ARGS, LAPTOP, choose, field, login, output_dir, require_chromium,
+                              set_field, tab)
+
+pytestmark = pytest.mark.browser
+
+
+def curve_points(page) -> int:
+    text = page.locator("#curve-info").inner_text()
+    match = re.search(r"(\d+) points?", text)
+    return int(match.group(1)) if match else 0
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+@contextlib.contextmanager
+def _stopping(event: threading.Event):
+    try:
+        yield
+    finally:
+        event.set()
+
+
+def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
+    require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    shots = output_dir(request.node.name)
+    print(f"screenshots: {shots}")
+    stop = threading.Event()
+
+    with sync_playwright() as p, _stopping(stop):
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport=LAPTOP)
+        page.set_default_timeout(20_000)
+
+        # login: a wrong token is refused with a clear message
+        page.goto(f"{live_server.base_url}/ui/")
+        field(page, "login-token").fill("wrong-token")
+        page.locator("#login-button").click()
+        expect(page.locator("#login-message")).to_contain_text("Wrong token")
+        page.screenshot(path=shots / "01-login-refused.png")
+        login(page, live_server.base_url, live_server.token)
+
+        # the GPU size defaults to what the workers report (the scripted worker has a 24 GB GPU)
+        expect(field(page, "gpu-mem")).to_have_value("24")
+        set_field(page, "cfg-base_model", "models/tiny")
+        set_field(page, "cfg-data_path", "demo.jsonl")
+        set_field(page, "cfg-max_steps", "40")
+        choose(page, "preset-model", "0.5B")
+        page.locator("#get-presets").click()
+        expect(page.locator("#presets-table")).to_contain_text("many short branches")
+        page.locator("#preset-choice").get_by_text("many short branches").click()
+        page.locator("#apply-preset").click()
+        expect(field(page, "cfg-rope_2d_ratio")).to_have_value("0.65")
+        expect(field(page, "cfg-max_branches_per_sample")).to_have_value("16")
+        expect(page.locator("#estimate-md")).to_contain_text("Estimated peak")
+        page.locator("#preview-command").click()
+        expect(page.locator("#command-preview")).to_contain_text("trainer_core.train")
+        expect(page.locator("#command-preview")).to_contain_text("--rope_2d_ratio 0.65")
+        page.screenshot(path=shots / "02-new-job-preset.png", full_page=True)
+
+        # submit: the UI switches to the Jobs tab with the new job selected
+        page.locator("#submit-job").click()
+        expect(page.locator("#submit-status")).to_contain_text("is queued")
+        expect(page.locator("#job-summary")).to_contain_text("Job #1", timeout=20_000)
+        job = scripted_worker.claim()
+        assert job and job["id"] == 1
+
+        def train() -> None:  # one metric point every 0.4 s, like a worker forwarding the trainer's lines
+            step = 0
+            while not stop.is_set() and step < 60:
+                step += 1
+                scripted_worker.report(1, range(step, step + 1), total_steps=60)
+                time.sleep(0.4)
+
+        trainer = threading.Thread(target=train, daemon=True)
+        trainer.start()
+        first = wait_for(lambda: (n := curve_points(page)) >= 2 and n)
+        later = wait_for(lambda: (n := curve_points(page)) >= first + 3 and n)
+        assert later > first
+        expect(page.locator("#log-tail")).to_contain_text(re.compile(r"step \d+ loss"))
+        page.screenshot(path=shots / "03-jobs-live-curve.png", full_page=True)
+
+        # reload: logged back in, the same job reopened, the whole curve fetched again
+        before = curve_points(page)
+        page.reload()
+        page.locator("#main-panel").wait_for(state="visible")
+        tab(page, "Jobs")
+        after = wait_for(lambda: (n := curve_points(page)) >= before and n)
+        assert after >= before
+        expect(page.locator("#jobs-table")).to_contain_text("running")
+        page.screenshot(path=shots / "04-after-reload.png", full_page=True)
+
+        # a second job, cancelled from the UI while queued; the form came back as it was submitted
+        tab(page, "New job")
+        expect(field(page, "cfg-data_path")).to_have_value("demo.jsonl")
+        expect(field(page, "cfg-rope_2d_ratio")).to_have_value("0.65")
+        page.locator("#group-output button.label-wrap").click()
+        set_field(page, "cfg-name", "second")
+        page.locator("#submit-job").click()
+        expect(page.locator("#job-summary")).to_contain_text("Job #2")
+        page.locator("#cancel-job").click()
+        expect(page.locator("#job-summary")).to_contain_text("cancelled")
+        expect(page.locator("#jobs-table")).to_contain_text("cancelled")
+
+        # compare the two jobs' curves
+        tab(page, "Compare")
+        choose(page, "compare-picker", "#1")
+        expect(page.locator("#compare-info")).to_contain_text("points")
+        page.screenshot(path=shots / "05-compare.png", full_page=True)
+
+        # dataset check of the form's data
+        tab(page, "Dataset")
+        page.locator("#check-dataset").click()
+        expect(page.locator("#dataset-summary")).to_contain_text("records")
+        page.screenshot(path=shots / "06-dataset.png", full_page=True)
+        stop.set()
+        browser.close()
+    trainer.join(timeout=5)
