@@ -313,6 +313,8 @@ def record_report(*, session: Session, job_id: int, report: Report, settings: Se
         row = session.get(Metric, (job_id, point.step))
         if row is None:
             session.add(Metric(job_id=job_id, **values))
+        elif row.model_dump(exclude={"job_id"}) == values:
+            continue  # a re-sent point (a worker back-filling from metrics.jsonl): already streamed
         else:  # a resumed attempt re-ran this step: the newer value replaces the old one
             row.sqlmodel_update(values)
         _emit(session, job, EventKind.metric, values)

@@ -75,7 +75,7 @@ def _mount_ui(app: FastAPI, settings: Settings) -> None:
         return RedirectResponse("/ui")
 
 
-def create_app(settings: Settings | None = None, *, mount_ui: bool = True) -> FastAPI:
+def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.database_url)
@@ -111,6 +111,6 @@ def create_app(settings: Settings | None = None, *, mount_ui: bool = True) -> Fa
         api.include_router(module.router)
     api.include_router(workers.agent_router)
     app.include_router(api)
-    if mount_ui:
+    if settings.mount_ui:
         _mount_ui(app, settings)
     return app

@@ -17,6 +17,7 @@ class Settings(BaseSettings):
     data_root: Path | None = Field(None, description="Datasets and models must lie under it; default data_dir.")
     extra_roots: list[Path] = Field(default_factory=list,
                                     description="More directories jobs may read from (absolute paths only).")
+    mount_ui: bool = Field(True, description="Serve the Gradio UI at /ui when the ui package imports.")
     host: str = "127.0.0.1"
     port: int = 8000
 

@@ -13,6 +13,7 @@ import signal
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from worker.client import JobGone, ServerClient, Unreachable
@@ -153,6 +154,8 @@ class Agent:
             LAUNCHED_BY_ENV: self.settings.name,
         })
         run = JobRun(job_id=job["id"], attempt=job["attempt"], gpu_ids=gpu_ids, argv=argv, env=env)
+        if job["attempt"] > 1:
+            run.backfill_metrics(Path(job["config"]["output_dir"]) / "metrics.jsonl")
         try:
             run.start()
         except OSError as e:

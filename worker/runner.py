@@ -106,6 +106,20 @@ class JobRun:
                     del self.stderr_tail[:-200]
         stream.close()
 
+    def backfill_metrics(self, metrics_file: Path) -> None:
+        """Queue the points a previous attempt wrote to metrics.jsonl: its worker may have died before
+        sending them, and the trainer drops the ones after its checkpoint when it resumes. The server
+        ignores points it already has."""
+        if not metrics_file.is_file():
+            return
+        by_step: dict[int, dict[str, Any]] = {}
+        for line in metrics_file.read_text(encoding="utf-8", errors="replace").splitlines():
+            metric = _parse_metric(line)
+            if metric is not None:
+                by_step[metric["step"]] = metric
+        with self._lock:
+            self.pending_metrics[:0] = [by_step[step] for step in sorted(by_step)]
+
     def take_batch(self) -> Batch:
         with self._lock:
             return Batch(metrics=list(self.pending_metrics), logs=list(self.pending_logs), log_start=self.logs_acked)

@@ -18,12 +18,13 @@ def settings(tmp_path: Path) -> Settings:
     (tmp_path / "datasets" / "demo.jsonl").write_text('{"main": "m", "branches": ["a", "b"]}\n')
     (tmp_path / "models" / "tiny").mkdir(parents=True)
     return Settings(data_dir=tmp_path, heartbeat_interval_s=0.2, lease_ttl_s=1.0, reaper_interval_s=0.1,
+                    mount_ui=False,
                     max_attempts=2, sse_poll_s=0.05)
 
 
 @pytest.fixture
 def client(settings: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(settings, mount_ui=False)) as c:
+    with TestClient(create_app(settings)) as c:
         c.headers["Authorization"] = f"Bearer {c.app.state.tokens.user}"
         yield c
 

@@ -235,7 +235,7 @@ def test_a_restarted_server_gives_workers_a_ttl_to_come_back(settings, worker_he
     time.sleep(settings.lease_ttl_s + 0.3)  # down for longer than a lease
     from fastapi.testclient import TestClient
 
-    with TestClient(create_app(settings, mount_ui=False)) as again:
+    with TestClient(create_app(settings)) as again:
         again.headers["Authorization"] = worker_headers["Authorization"]
         assert reap_once(again.app.state.engine) == []  # leases were extended at start
         reply = again.post(f"/api/workers/{wid}/heartbeat", json={"running_job_ids": [job_id]})

@@ -33,7 +33,7 @@ class LiveServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.url = f"http://127.0.0.1:{settings.port}"
-        self.app = create_app(settings, mount_ui=False)
+        self.app = create_app(settings)
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=settings.port,
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -66,7 +66,7 @@ def server_settings(tmp_path: Path) -> Settings:
     (tmp_path / "datasets" / "demo.jsonl").write_text('{"text": "x"}\n')
     (tmp_path / "models" / "tiny").mkdir(parents=True)
     return Settings(data_dir=tmp_path, port=free_port(), heartbeat_interval_s=0.2, lease_ttl_s=1.5,
-                    reaper_interval_s=0.1, max_attempts=3, sse_poll_s=0.05)
+                    reaper_interval_s=0.1, mount_ui=False, max_attempts=3, sse_poll_s=0.05)
 
 
 @pytest.fixture
