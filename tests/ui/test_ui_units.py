@@ -119,7 +119,7 @@ def test_layout_picture_draws_branches_as_rows_and_time_as_columns():
     lay = build_sample_layout(torch.arange(3), [torch.arange(4), torch.arange(2)], branch_stride=128)
     svg = layout_svg({"time_ids": lay.time_ids.tolist(), "branch_pos": lay.branch_pos.tolist(),
                       "branch_stride": 128, "has_main": True})
-    assert svg.count("<rect") == 3 + 4 + 2
+    assert svg.count("<rect ") == 3 + 4 + 2
     assert "main" in svg and "branch 1" in svg and "branch 2" in svg and "7 time steps" in svg
     assert "No example" in layout_svg(None)
 
@@ -131,3 +131,17 @@ def test_estimate_markdown_shows_breakdown_and_warning():
     assert "does not fit" in text and "model weights" in text and "⚠" in text
     rows = presets_rows(vram.presets(24, "1.5B"))
     assert len(rows) == 3 and all(r[-1] == "yes" for r in rows)
+
+
+def test_dataset_tab_renders_the_real_check_summary(tiny_model_dir, demo_data_path):
+    from trainer_core.data_cli import summarize
+    from ui.tabs.dataset import histogram_frame, layout_svg, summary_markdown
+
+    summary = summarize(TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path),
+                                    max_branches_per_sample=6))
+    text = summary_markdown(summary)
+    assert "The data is valid" in text and "padding share" in text and "p50 / p90" in text
+    frame = histogram_frame(summary)
+    assert frame["samples"].sum() == summary["samples"]
+    svg = layout_svg(summary["example_layout"])
+    assert svg.count("<rect ") == len(summary["example_layout"]["time_ids"]) and "<title>time 0" in svg

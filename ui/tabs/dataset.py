@@ -62,6 +62,7 @@ def layout_svg(layout: dict[str, Any] | None) -> str:
     if not times or len(times) != len(rows):
         return "<p>The example sample has no layout to draw.</p>"
     has_main = bool(layout.get("has_main", layout.get("main_len", 0)))
+    tokens = [str(t) for t in layout.get("tokens") or []]
     n_rows, n_cols = max(rows) + 1, max(times) + 1
     shown_rows, shown_cols = min(n_rows, MAX_PICTURE_ROWS), min(n_cols, MAX_PICTURE_COLUMNS)
     cell_w = max(2.0, min(14.0, 900.0 / shown_cols))
@@ -76,16 +77,18 @@ def layout_svg(layout: dict[str, Any] | None) -> str:
         name = "main" if has_main and r == 0 else f"branch {r if has_main else r + 1}"
         parts.append(f'<text x="0" y="{top + r * cell_h + cell_h - 3:.1f}" font-size="10" '
                      f'fill="currentColor">{html.escape(name)}</text>')
-    for t, r in zip(times, rows):
+    for i, (t, r) in enumerate(zip(times, rows)):
         if r >= shown_rows or t >= shown_cols:
             continue
         colour = MAIN_COLOUR if has_main and r == 0 else BRANCH_COLOURS[r % len(BRANCH_COLOURS)]
+        tip = f"<title>time {t}: {html.escape(repr(tokens[i]))}</title>" if i < len(tokens) else ""
         parts.append(f'<rect x="{label_w + t * cell_w:.1f}" y="{top + r * cell_h:.1f}" width="{max(cell_w - 1, 1):.1f}" '
-                     f'height="{cell_h - 2:.1f}" fill="{colour}"/>')
+                     f'height="{cell_h - 2:.1f}" fill="{colour}">{tip}</rect>')
     parts.append("</svg>")
     notes = []
-    if n_cols > shown_cols:
-        notes.append(f"first {shown_cols} of {n_cols} time steps shown")
+    total_cols = int(layout.get("columns_total") or n_cols)
+    if total_cols > shown_cols:
+        notes.append(f"first {shown_cols} of {total_cols} time steps shown")
     if n_rows > shown_rows:
         notes.append(f"first {shown_rows} of {n_rows} rows shown")
     caption = ("Every branch starts at the column after the main; a token attends to all earlier columns of "
