@@ -1,0 +1,158 @@
+"""Acceptance: Debian chromium drives the UI of a real `paratrain serve` (server + UI + local worker that
+runs torchrun + trainer_core.train on CPU with the tiny model): log in, apply a preset, submit, watch the
+loss curve gain points, reload mid-training and get the complete curve back, cancel a second job.
+Screenshots go to test-output/ui/test_serve_end_to_end/."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.ui.browser import (CHROMIUM, CHROMIUM_ARGS, LAPTOP, REPO, choose, field, login, output_dir,
+                              require_chromium, set_field, tab)
+from tests.ui.conftest import free_port
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+PARATRAIN = Path(os.environ.get("PARATRAIN_BIN", REPO / ".venv" / "bin" / "paratrain"))
+
+
+def curve_state(page) -> tuple[int, int]:
+    """(points on the loss curve, its last step), read at one instant."""
+    text = page.locator("#curve-info").inner_text()
+    points, last = re.search(r"(\d+) points?", text), re.search(r"last step (\d+)", text)
+    return (int(points.group(1)) if points else 0), (int(last.group(1)) if last else 0)
+
+
+def curve_points(page) -> int:
+    return curve_state(page)[0]
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def serve(tmp_path, tiny_model_dir, demo_data_path):
+    """`paratrain serve` on a free port with the tiny model and demo data inside its data dir."""
+    if "PARATRAIN_BIN" not in os.environ:
+        try:
+            import server.cli  # noqa: F401
+        except ImportError:
+            pytest.skip("server.cli (paratrain serve) is not there yet")
+    data_dir = tmp_path / "data"
+    shutil.copytree(tiny_model_dir, data_dir / "models" / "tiny")
+    (data_dir / "datasets").mkdir(parents=True)
+    shutil.copy(demo_data_path, data_dir / "datasets" / "demo.jsonl")
+    port = free_port()
+    log_path = output_dir("test_serve_end_to_end") / "serve.log"
+    log = open(log_path, "wb")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen([str(PARATRAIN), "serve", "--data-dir", str(data_dir), "--port", str(port)],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            assert proc.poll() is None, f"paratrain serve exited; see {log_path}"
+            try:
+                if httpx.get(f"{base}/api/health", timeout=1).status_code == 200 and (data_dir / "token").exists():
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        else:
+            raise AssertionError(f"paratrain serve did not start; see {log_path}")
+        yield base, (data_dir / "token").read_text().strip()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)  # the whole serve group: server, worker, trainer
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        log.close()
+
+
+def test_serve_end_to_end(serve):
+    require_chromium()
+    from playwright.sync_api import expect, sync_playwright
+
+    base, token = serve
+    shots = output_dir("test_serve_end_to_end")
+    print(f"screenshots: {shots}")
+    api = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport=LAPTOP)
+        page.set_default_timeout(30_000)
+        login(page, base, token)
+        page.screenshot(path=shots / "01-logged-in.png")
+
+        # a preset for a 0.5B model, then the tiny model's paths and a CPU-sized run
+        set_field(page, "cfg-base_model", "models/tiny")
+        set_field(page, "cfg-data_path", "datasets/demo.jsonl")
+        choose(page, "preset-model", "0.5B")
+        page.locator("#get-presets").click()
+        page.locator("#preset-choice").get_by_text("few long branches").click()
+        page.locator("#apply-preset").click()
+        expect(field(page, "cfg-rope_2d_ratio")).to_have_value("0.35")
+        expect(page.locator("#estimate-md")).to_contain_text("Estimated peak")
+        for elem_id, value in (("cfg-max_seq_len", 64), ("cfg-batch_size", 2), ("cfg-accumulation_steps", 1),
+                               ("cfg-max_steps", 60), ("job-gpus", 0)):
+            set_field(page, elem_id, value)
+        page.locator("#preview-command").click()
+        expect(page.locator("#command-preview")).to_contain_text("--rope_2d_ratio 0.35")
+        page.screenshot(path=shots / "02-new-job.png", full_page=True)
+
+        # submit and watch the curve grow while the job trains
+        page.locator("#submit-job").click()
+        expect(page.locator("#job-summary")).to_contain_text("Job #1", timeout=30_000)
+        first = wait_for(lambda: (n := curve_points(page)) >= 2 and n, timeout=120)
+        later = wait_for(lambda: (n := curve_points(page)) > first and n, timeout=60)
+        assert later > first
+        page.screenshot(path=shots / "03-training.png", full_page=True)
+
+        # reload mid-training: the curve comes back complete (every step the server has, none missing)
+        assert api.get("/api/jobs/1").json()["state"] == "running"
+        page.reload()
+        page.locator("#main-panel").wait_for(state="visible")
+        tab(page, "Jobs")
+        expect(page.locator("#job-summary")).to_contain_text("Job #1")
+        after = wait_for(lambda: (n := curve_points(page)) >= later and n)
+        # complete: one point per logged step from step 1 (log_interval 1), as the server has them
+        points, last_step = curve_state(page)
+        assert points == last_step >= after
+        steps = [m["step"] for m in api.get("/api/jobs/1/metrics").json()["data"]]
+        assert steps[: after] == list(range(1, after + 1))
+        page.screenshot(path=shots / "04-after-reload.png", full_page=True)
+
+        # a second job waits behind the first (one CPU slot); cancel it from the UI
+        tab(page, "New job")
+        page.locator("#group-output button.label-wrap").click()
+        set_field(page, "cfg-name", "to-cancel")
+        page.locator("#submit-job").click()
+        expect(page.locator("#job-summary")).to_contain_text("Job #2")
+        page.locator("#cancel-job").click()
+        expect(page.locator("#job-summary")).to_contain_text("cancel")
+        wait_for(lambda: api.get("/api/jobs/2").json()["state"] == "cancelled", timeout=60)
+        expect(page.locator("#jobs-table")).to_contain_text("cancelled")
+        page.screenshot(path=shots / "05-cancelled.png", full_page=True)
+        browser.close()
+    assert api.get("/api/jobs/1").json()["state"] in ("running", "succeeded")
