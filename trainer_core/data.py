@@ -386,8 +386,16 @@ def steps_in_epoch(samples: SampleIndex, cfg: TrainConfig, world: int, epoch: in
     return len(rank_batches(epoch_batches(samples, cfg, epoch), 0, world)) // cfg.accumulation_steps
 
 
-def collate_batch(ds: TokenizedDataset, samples: SampleIndex, batch: np.ndarray, cfg: TrainConfig) -> PackedBatch:
-    """Sample indices -> packed rows of column-major layouts."""
+def collate_batch(ds: TokenizedDataset, samples: SampleIndex, batch: np.ndarray, cfg: TrainConfig,
+                  dense_attention: bool = False) -> PackedBatch:
+    """Sample indices -> packed rows of column-major layouts.
+
+    With a block-sparse kernel (flex) a long row costs only its samples' own blocks, so rows fill up to
+    --tokens_per_row. A dense mask (SDPA, the CPU path) costs T^2 per row, so there rows stop at the
+    longest sample's length: short samples still share rows, but no row grows past what padding would."""
     layouts = [build_sample_layout(*sample_token_ids(ds, samples, int(s)), branch_stride=cfg.branch_stride)
                for s in batch]
-    return collate_packed(layouts, cfg.tokens_per_row)
+    budget = cfg.tokens_per_row
+    if dense_attention:
+        budget = min(budget, max(len(lay) for lay in layouts))
+    return collate_packed(layouts, budget)

@@ -105,7 +105,7 @@ def columnar_block_mask(time_ids: torch.Tensor, sample_ids: torch.Tensor):
         same = (sample_ids[b, q_idx] == sample_ids[b, kv_idx]) & (sample_ids[b, q_idx] >= 0)
         return (same & (time_ids[b, kv_idx] < time_ids[b, q_idx])) | (q_idx == kv_idx)
 
-    return create_block_mask(mask_mod, B, None, T, T, device=time_ids.device)
+    return create_block_mask(mask_mod, B, None, T, T, device=time_ids.device, _compile=time_ids.is_cuda)
 
 
 # --- packing ---------------------------------------------------------------------------------------

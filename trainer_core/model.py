@@ -48,10 +48,14 @@ def lora_config(cfg: TrainConfig):
 
 def build_lora_model(cfg: TrainConfig, device: torch.device):
     """Base model (frozen) + LoRA adapters + 2D RoPE patch, ready to train."""
+    dtype = DTYPES[cfg.dtype] if device.type == "cuda" else torch.float32
+    return prepare_for_training(load_base_model(cfg.base_model, device, dtype, attention_backend(device)), cfg)
+
+
+def prepare_for_training(base: nn.Module, cfg: TrainConfig):
+    """Patch 2D RoPE into a loaded base model and wrap it with PEFT LoRA (base weights frozen)."""
     from peft import get_peft_model
 
-    dtype = DTYPES[cfg.dtype] if device.type == "cuda" else torch.float32
-    base = load_base_model(cfg.base_model, device, dtype, attention_backend(device))
     patch_rope_2d(base, cfg.rope_2d_ratio)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -30,7 +30,7 @@ from trainer_core.data import (DataError, build_samples, collate_batch, epoch_ba
                                prepare_tokens, rank_batches, steps_in_epoch)
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
                                compute_init, gather_objects, print0)
-from trainer_core.model import (ParallelBranchLM, build_lora_model, lora_state_dict, parallel_logits,
+from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, lora_state_dict, parallel_logits,
                                save_adapter_dir)
 
 EXIT_BAD_INPUT = 2
@@ -141,6 +141,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     lm = ParallelBranchLM(model)
     lm_ddp = DDP(lm, device_ids=[env.local_rank] if env.device.type == "cuda" else None) if env.ddp else lm
     latest_pth, final_pth, adapter_dir = output_names(cfg)
+    dense_attention = attention_backend(env.device) != "flex_attention"
 
     def save(epoch: int, epoch_step: int) -> None:
         weights = lora_state_dict(model)
@@ -160,7 +161,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         first = start_epoch_step if epoch == start_epoch else 0
         for epoch_step in range(first, per_epoch[epoch]):
             t0 = time.time()
-            micro = [collate_batch(ds, samples, b, cfg)
+            micro = [collate_batch(ds, samples, b, cfg, dense_attention)
                      for b in batches[epoch_step * cfg.accumulation_steps:(epoch_step + 1) * cfg.accumulation_steps]]
             # Token-normalised loss over the whole optimiser step, across micro-batches and ranks.
             label_tokens = max(1.0, all_reduce_sum(env, float(sum(m.num_label_tokens for m in micro))))

@@ -122,3 +122,39 @@ def test_siblings_in_the_same_column_do_not_see_each_other(tiny_model_dir):
     # column-major order: [30, 40 | 31, 41 | 32, 42]; token 30 (time 0) must not see 40/50
     torch.testing.assert_close(la[0, 0], lb[0, 0])
     assert not torch.allclose(la[0, 2], lb[0, 2])  # time 1 sees every branch at time 0
+
+
+def test_cuda_path_and_cpu_path_compute_the_same_loss(tiny_model_dir):
+    """Same batch, same weights: flex BlockMask + long packed rows (the CUDA path) vs SDPA + rows cut at the
+    longest sample (the CPU path) vs a naive padded dense-float-mask full-logits loss."""
+    import torch.nn.functional as F
+
+    from trainer_core.config import TrainConfig
+    from trainer_core.layout import IGNORE_INDEX
+    from trainer_core.model import ParallelBranchLM, prepare_for_training
+    from trainer_core.rope2d import stack_position_ids
+
+    cfg = TrainConfig(base_model=str(tiny_model_dir), data_path="unused", lora_rank=4)
+    layouts = [build_sample_layout(m, b) for m, b in SAMPLES + [([1, 2], [[3, 4, 5, 6, 7, 8, 9]])]]
+    losses = {}
+    for impl, budget in (("flex_attention", 4096), ("sdpa", max(len(lay) for lay in layouts))):
+        torch.manual_seed(0)
+        model = prepare_for_training(load_base_model(str(tiny_model_dir), CPU, torch.float32, impl), cfg)
+        for name, p in model.named_parameters():   # non-zero LoRA so the adapters take part
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
+        batch = collate_packed(layouts, tokens_per_row=budget)
+        with torch.no_grad():
+            losses[impl] = float(ParallelBranchLM(model)(**vars(batch))) / batch.num_label_tokens
+        if impl == "sdpa":   # naive reference on the same model: one padded row per sample
+            total, n = 0.0, 0
+            for lay in layouts:
+                mask = (lay.time_ids[None, :] < lay.time_ids[:, None]) | torch.eye(len(lay), dtype=torch.bool)
+                pos = stack_position_ids(lay.pos1d[None], lay.branch_pos[None], lay.time_ids[None])
+                with torch.no_grad():
+                    logits = model(input_ids=lay.input_ids[None], attention_mask=mask[None, None], position_ids=pos).logits
+                total += float(F.cross_entropy(logits[0], lay.labels, ignore_index=IGNORE_INDEX, reduction="sum"))
+                n += int((lay.labels != IGNORE_INDEX).sum())
+            losses["naive"] = total / n
+    assert abs(losses["flex_attention"] - losses["sdpa"]) < 1e-4, losses
+    assert abs(losses["naive"] - losses["sdpa"]) < 1e-4, losses
