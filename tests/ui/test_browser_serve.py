@@ -62,7 +62,9 @@ def serve(tmp_path, tiny_model_dir, demo_data_path):
     log = open(log_path, "wb")
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen([str(PARATRAIN), "serve", "--data-dir", str(data_dir), "--port", str(port)],
+    # --no-demo: the session's tiny model and demo data are copied in above (quicker than building them again)
+    proc = subprocess.Popen([str(PARATRAIN), "serve", "--data-dir", str(data_dir), "--port", str(port),
+                             "--no-demo", "--worker-gpus", "none"],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
