@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from worker.gpus import detect_gpus
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns everything else
     settings = settings_from_args(args)
     if not settings.token:
         print("paratrain worker: a token is needed (--token, --token-file or PARATRAIN_WORKER_TOKEN)", file=sys.stderr)

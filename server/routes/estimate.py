@@ -19,9 +19,19 @@ from trainer_core.config import TrainConfig
 router = APIRouter(tags=["estimate"], dependencies=[UserAuth])
 
 
+class MeasuredPeak(BaseModel):
+    """A job that ran on a GPU and its recorded peak: calibrates the estimate (trainer_core.vram)."""
+
+    config: dict[str, Any]
+    peak_mem_gb: float = Field(gt=0)
+    tokens_per_text: int | None = Field(None, ge=1)
+
+
 class EstimateRequest(BaseModel):
     config: TrainConfig
     gpu_mem_gb: float = Field(80.0, gt=0, le=4096)
+    measured: list[MeasuredPeak] | None = Field(None, max_length=1000)
+    tokens_per_text: int | None = Field(None, ge=1, description="Replaces the worst case max_seq_len.")
 
 
 def _vram() -> ModuleType:
@@ -46,7 +56,8 @@ def estimate(body: EstimateRequest, settings: SettingsDep) -> dict[str, Any]:
     vram = _vram()
     config = body.config.model_copy(update={"base_model": _local_model(body.config.base_model, settings)})
     try:
-        return vram.estimate(config, body.gpu_mem_gb)
+        measured = [m.model_dump(exclude_none=True) for m in body.measured or []]
+        return vram.estimate(config, body.gpu_mem_gb, measured, tokens_per_text=body.tokens_per_text)
     except ValueError as e:  # a model whose shape the estimator cannot tell
         raise FieldError(("body", "config", "base_model"), str(e)) from None
 

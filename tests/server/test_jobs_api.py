@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
 
 
 def test_requests_without_a_token_get_401(client):
@@ -164,3 +166,26 @@ def test_dataset_check(client):
     assert r.status_code == 200 and r.json()["records"] == 1
     r = client.post("/api/datasets/check", json={"data_path": "../../etc/passwd"})
     assert r.status_code == 422
+
+
+def test_estimate_takes_measured_peaks(client, job_body):
+    config = job_body(base_model="0.5B")["config"]
+    body = {"config": config, "gpu_mem_gb": 80, "tokens_per_text": 100,
+            "measured": [{"config": config, "peak_mem_gb": 20.0}]}
+    r = client.post("/api/estimate", json=body)
+    assert r.status_code in (200, 501), r.text
+    if r.status_code == 200:
+        assert r.json()["correction"] is not None and r.json()["tokens_per_text"] == 100
+
+
+def test_ui_is_mounted_with_a_redirect_when_it_imports(settings):
+    from fastapi.testclient import TestClient
+
+    from server.main import create_app
+
+    pytest.importorskip("ui.app")
+    settings.mount_ui = True
+    with TestClient(create_app(settings)) as c:
+        r = c.get("/", follow_redirects=False)
+        assert r.status_code in (302, 307) and r.headers["location"] == "/ui"
+        assert c.get("/ui/").status_code == 200

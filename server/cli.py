@@ -1,0 +1,140 @@
+"""`paratrain serve`: server + UI + one local worker in one process tree, all data under one directory.
+Heavy imports happen in run(), not here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+log = logging.getLogger("paratrain.serve")
+
+DEMO_MODEL = "models/tiny-qwen2"
+DEMO_DATA = "datasets/demo.jsonl"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="DB, tokens, demo assets, job outputs (env PARATRAIN_DATA_DIR; "
+                                           "default ./.paratrain).")
+    parser.add_argument("--host", help="Bind address (default 127.0.0.1; 0.0.0.0 exposes the API).")
+    parser.add_argument("--port", type=int, help="Port (default 8000).")
+    parser.add_argument("--no-worker", action="store_true", help="Do not start the local worker.")
+    parser.add_argument("--worker-gpus", default="auto", help="GPUs of the local worker: auto, none, or 0,1.")
+    parser.add_argument("--no-demo", action="store_true", help="Do not create the demo model and dataset.")
+
+
+def ensure_demo_assets(data_dir: Path) -> None:
+    """On first start, the tiny demo model and dataset, so one click (or one curl) trains something."""
+    model_dir, data_path = data_dir / DEMO_MODEL, data_dir / DEMO_DATA
+    if model_dir.is_dir() and data_path.is_file():
+        return
+    try:
+        from trainer_core.demo import make_demo_data, make_tiny_model
+    except ImportError as e:
+        log.warning("demo assets skipped (%s)", e)
+        return
+    print(f"paratrain: creating the demo model and dataset under {data_dir} (first start only)...", flush=True)
+    if not data_path.is_file():
+        make_demo_data(data_path)
+    if not model_dir.is_dir():
+        tmp = model_dir.with_name(model_dir.name + ".tmp")
+        make_tiny_model(tmp)
+        tmp.rename(model_dir)  # a half-written model dir never looks finished
+
+
+def start_local_worker(url: str, settings, gpus: str) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "worker", "--server", url, "--token-file", str(settings.data_dir / "worker_token"),
+            "--name", f"{socket.gethostname()}-local", "--gpus", gpus]
+    env = {**os.environ, "PARATRAIN_CACHE": os.environ.get("PARATRAIN_CACHE", str(settings.data_dir / "cache"))}
+    # Its own session: a terminal's Ctrl-C reaches only us, and we stop the worker in order (below).
+    return subprocess.Popen(argv, env=env, start_new_session=True)
+
+
+def stop_local_worker(worker: subprocess.Popen[bytes], grace_s: float = 60) -> None:
+    """Two SIGTERMs = the worker's cold stop: its jobs save a checkpoint and go back to the queue."""
+    if worker.poll() is not None:
+        return
+    worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(1)
+        return
+    except subprocess.TimeoutExpired:
+        worker.send_signal(signal.SIGTERM)
+    try:
+        worker.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+
+
+def banner(url: str, token: str, ui: bool) -> str:
+    curl = (f"curl -X POST {url}/api/jobs -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' "
+            f"-d '{{\"config\": {{\"base_model\": \"{DEMO_MODEL}\", \"data_path\": \"{DEMO_DATA}\", "
+            f"\"max_steps\": 20}}, \"gpus\": 0}}'")
+    lines = ["", "paratrain is running", f"  API token: {token}", f"  API docs:  {url}/docs"]
+    if ui:
+        lines.append(f"  UI:        {url}/ui  (log in with the token)")
+    lines += ["  Train the demo model on the demo data:", f"    {curl}", ""]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.main import create_app
+    from server.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    overrides = {"data_dir": args.data_dir, "host": args.host, "port": args.port}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    if not args.no_demo:
+        ensure_demo_assets(settings.data_dir)
+    app = create_app(settings)
+    connect_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+    url = f"http://{connect_host}:{settings.port}"
+    ui_mounted = any(getattr(route, "path", "") == "/ui" for route in app.routes)
+    print(banner(url, app.state.tokens.user, ui_mounted), flush=True)
+
+    worker: subprocess.Popen[bytes] | None = None
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
+                            timeout_graceful_shutdown=5)
+    server = _make_server(config, on_first_exit=lambda: worker and stop_local_worker(worker))
+    if not args.no_worker:
+        worker = start_local_worker(url, settings, args.worker_gpus)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if worker is not None:
+            stop_local_worker(worker)
+    return 0
+
+
+def _make_server(config, on_first_exit):  # type: ignore[no-untyped-def]
+    """A uvicorn.Server whose first Ctrl-C/SIGTERM stops the local worker *before* the API goes away, so
+    the worker can still hand its jobs back; a second signal exits at once."""
+    import uvicorn
+
+    class ServeServer(uvicorn.Server):
+        stopping = False
+
+        def handle_exit(self, sig: int, frame) -> None:  # type: ignore[no-untyped-def]
+            if self.stopping:
+                return super().handle_exit(sig, frame)
+            self.stopping = True
+
+            def stop_then_exit() -> None:
+                on_first_exit()
+                super(ServeServer, self).handle_exit(sig, frame)
+
+            threading.Thread(target=stop_then_exit, daemon=True).start()
+
+    return ServeServer(config)

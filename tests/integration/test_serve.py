@@ -1,0 +1,86 @@
+"""`paratrain serve` as a user runs it: one process tree, one data dir, the printed curl line trains."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from conftest import FAST_LEASES, REPO, TINY_CONFIG, _free_port
+from test_real_processes import _alive, _pids_of
+
+pytestmark = pytest.mark.slow
+
+
+def _start_serve(data_dir, port, log_path):
+    env = {**os.environ, **FAST_LEASES, "PARATRAIN_WORKER_CLAIM_INTERVAL_S": "0.2",
+           "PARATRAIN_WORKER_REPORT_INTERVAL_S": "0.2"}
+    log = open(log_path, "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "server", "--data-dir", str(data_dir), "--port", str(port)],
+                            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 90
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.time() < deadline, log_path.read_text()
+        time.sleep(0.2)
+
+
+def _stop_serve(proc):
+    proc.send_signal(signal.SIGINT)
+    proc.wait(60)
+
+
+def test_serve_trains_the_demo_and_hands_jobs_back_on_exit(data_dir, tmp_path):
+    port = _free_port()
+    log_path = tmp_path / "serve.log"
+    serve = _start_serve(data_dir, port, log_path)
+    try:
+        token = (data_dir / "token").read_text().strip()
+        banner = log_path.read_text()
+        assert token in banner and "curl -X POST" in banner and "models/tiny-qwen2" in banner
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api", headers={"Authorization": f"Bearer {token}"},
+                           timeout=30)
+        assert httpx.get(f"http://127.0.0.1:{port}/api/jobs").status_code == 401
+        job = api.post("/jobs", json={"config": {**TINY_CONFIG, "max_steps": 4}, "gpus": 0}).json()
+        deadline = time.time() + 120
+        while api.get(f"/jobs/{job['id']}").json()["state"] not in ("succeeded", "failed"):
+            assert time.time() < deadline, log_path.read_text()[-5000:]
+            time.sleep(0.3)
+        assert api.get(f"/jobs/{job['id']}").json()["state"] == "succeeded", log_path.read_text()[-5000:]
+
+        long_job = api.post("/jobs", json={"config": {**TINY_CONFIG, "max_steps": 500}, "gpus": 0}).json()
+        while api.get(f"/jobs/{long_job['id']}").json()["step"] < 2:
+            assert time.time() < deadline, log_path.read_text()[-5000:]
+            time.sleep(0.3)
+        pids = _pids_of(long_job["config"]["output_dir"])
+        _stop_serve(serve)  # Ctrl-C: the local worker hands the job back before the API goes away
+        assert not [p for p in pids if _alive(p)]
+
+        serve = _start_serve(data_dir, port, log_path)
+        back = api.get(f"/jobs/{long_job['id']}").json()
+        assert back["attempt"] == 2 and back["state"] in ("queued", "running"), back
+        deadline = time.time() + 120
+        while True:
+            lines = [x["line"] for x in api.get(f"/jobs/{long_job['id']}/logs", params={"limit": 10000}).json()["data"]]
+            starts = [x for x in lines if '"event": "start"' in x]
+            if len(starts) == 2:
+                break
+            assert time.time() < deadline, log_path.read_text()[-5000:]
+            time.sleep(0.3)
+        assert '"resumed_from_step": 0' not in starts[1]
+        api.post(f"/jobs/{long_job['id']}/cancel")
+        while api.get(f"/jobs/{long_job['id']}").json()["state"] != "cancelled":
+            assert time.time() < deadline
+            time.sleep(0.3)
+    finally:
+        if serve.poll() is None:
+            _stop_serve(serve)
