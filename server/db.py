@@ -1,14 +1,12 @@
-"""Engine factory. SQLite runs in WAL mode and every transaction starts with BEGIN IMMEDIATE, so a
-transaction that reads and then writes never fails half-way with SQLITE_BUSY (writers queue on the
-busy timeout instead); PostgreSQL needs none of this."""
+"""Engine factory. SQLite runs in WAL mode: readers never wait. Write transactions start with BEGIN
+IMMEDIATE (connections of `write_engine(engine)`), so one that reads and then writes never fails half-way
+with SQLITE_BUSY; writers queue on the busy timeout instead. PostgreSQL needs none of this."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlmodel import Session, SQLModel, create_engine
+from sqlmodel import SQLModel, create_engine
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -35,9 +33,17 @@ def make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
 
     return engine
+
+
+_WRITE = "paratrain_write"
+
+
+def write_engine(engine: Engine) -> Engine:
+    """The same pool, but each transaction takes SQLite's write lock up front."""
+    return engine.execution_options(**{_WRITE: True})
 
 
 def init_db(engine: Engine) -> None:
@@ -46,6 +52,3 @@ def init_db(engine: Engine) -> None:
     SQLModel.metadata.create_all(engine)
 
 
-def session_scope(engine: Engine) -> Iterator[Session]:
-    with Session(engine) as session:
-        yield session

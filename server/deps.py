@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
@@ -24,8 +24,18 @@ def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def get_session(request: Request) -> Iterator[Session]:
-    with Session(request.app.state.engine) as session:
+# Async generators on purpose: their teardown (closing the session, which ends any open transaction)
+# runs on the event loop. A sync one would need a threadpool thread, and under load every thread can be
+# waiting for the write lock that the unclosed session still holds.
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """For reads: no lock is taken (WAL); nothing expires on commit, so answers never re-query."""
+    with Session(request.app.state.engine, expire_on_commit=False) as session:
+        yield session
+
+
+async def get_write_session(request: Request) -> AsyncIterator[Session]:
+    """For routes that write: the transaction holds SQLite's write lock from its first statement."""
+    with Session(request.app.state.write_engine, expire_on_commit=False) as session:
         yield session
 
 
@@ -53,5 +63,6 @@ def require_worker(request: Request,
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SessionDep = Annotated[Session, Depends(get_session)]
+WriteSessionDep = Annotated[Session, Depends(get_write_session)]
 UserAuth = Depends(require_user)
 WorkerAuth = Depends(require_worker)

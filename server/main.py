@@ -14,7 +14,7 @@ from sqlmodel import Session
 
 from server import crud
 from server.auth import ensure_tokens
-from server.db import init_db, make_engine
+from server.db import init_db, make_engine, write_engine
 from server.errors import Conflict, FieldError, NotFound
 from server.models import utcnow
 from server.routes import configs, estimate, jobs, streams, workers
@@ -24,7 +24,7 @@ log = logging.getLogger("paratrain.server")
 
 
 def reap_once(engine: Engine) -> list[int]:
-    with Session(engine) as session:
+    with Session(write_engine(engine)) as session:
         requeued = crud.requeue_expired(session=session, now=utcnow())
         session.commit()
     return requeued
@@ -84,7 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        with Session(engine) as session:
+        with Session(write_engine(engine)) as session:
             crud.extend_all_leases(session=session, settings=settings)
             session.commit()
         async with anyio.create_task_group() as tasks:
@@ -98,6 +98,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               "needs `Authorization: Bearer <token>`.")
     app.state.settings = settings
     app.state.engine = engine
+    app.state.write_engine = write_engine(engine)
     app.state.tokens = tokens
     _add_exception_handlers(app)
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.responses import FileResponse
 
 from server import crud
-from server.deps import SessionDep, SettingsDep, UserAuth
+from server.deps import SessionDep, SettingsDep, UserAuth, WriteSessionDep
 from server.models import (
     Artifact,
     ArtifactsPublic,
@@ -36,7 +36,7 @@ def _command(job: Job) -> CommandPublic:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
-def create_job(job_in: JobCreate, session: SessionDep, settings: SettingsDep) -> Job:
+def create_job(job_in: JobCreate, session: WriteSessionDep, settings: SettingsDep) -> Job:
     job = crud.create_job(session=session, job_create=job_in, settings=settings)
     session.commit()
     return job
@@ -56,21 +56,21 @@ def get_job(job_id: int, session: SessionDep) -> Job:
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: int, session: SessionDep) -> Job:
+def cancel_job(job_id: int, session: WriteSessionDep) -> Job:
     job = crud.cancel_job(session=session, job_id=job_id)
     session.commit()
     return job
 
 
 @router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
-def retry_job(job_id: int, session: SessionDep, settings: SettingsDep) -> Job:
+def retry_job(job_id: int, session: WriteSessionDep, settings: SettingsDep) -> Job:
     job = crud.retry_job(session=session, job_id=job_id, settings=settings)
     session.commit()
     return job
 
 
 @router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_job(job_id: int, session: SessionDep, settings: SettingsDep) -> Response:
+def delete_job(job_id: int, session: WriteSessionDep, settings: SettingsDep) -> Response:
     crud.delete_job(session=session, job_id=job_id, settings=settings)
     session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -7,7 +7,7 @@ from datetime import timedelta
 from fastapi import APIRouter, Response, status
 
 from server import crud
-from server.deps import SessionDep, SettingsDep, UserAuth, WorkerAuth
+from server.deps import SessionDep, SettingsDep, UserAuth, WorkerAuth, WriteSessionDep
 from server.models import (
     Claim,
     ClaimRequest,
@@ -42,7 +42,8 @@ def list_workers(session: SessionDep, settings: SettingsDep) -> WorkersPublic:
 
 
 @agent_router.post("/workers/register", response_model=WorkerRegistered)
-def register_worker(registration: WorkerRegister, session: SessionDep, settings: SettingsDep) -> WorkerRegistered:
+def register_worker(registration: WorkerRegister, session: WriteSessionDep,
+                    settings: SettingsDep) -> WorkerRegistered:
     worker = crud.register_worker(session=session, registration=registration)
     session.commit()
     assert worker.id is not None
@@ -51,7 +52,8 @@ def register_worker(registration: WorkerRegister, session: SessionDep, settings:
 
 
 @agent_router.post("/workers/{worker_id}/heartbeat", response_model=HeartbeatReply)
-def heartbeat(worker_id: int, beat: Heartbeat, session: SessionDep, settings: SettingsDep) -> HeartbeatReply:
+def heartbeat(worker_id: int, beat: Heartbeat, session: WriteSessionDep,
+              settings: SettingsDep) -> HeartbeatReply:
     worker = crud.get_worker(session=session, worker_id=worker_id)
     stop = crud.heartbeat(session=session, worker=worker, beat=beat, settings=settings)
     session.commit()
@@ -60,7 +62,8 @@ def heartbeat(worker_id: int, beat: Heartbeat, session: SessionDep, settings: Se
 
 @agent_router.post("/workers/{worker_id}/claim", response_model=Claim,
                    responses={204: {"description": "Nothing queued fits the free GPUs."}})
-def claim(worker_id: int, request: ClaimRequest, session: SessionDep, settings: SettingsDep) -> Claim | Response:
+def claim(worker_id: int, request: ClaimRequest, session: WriteSessionDep,
+          settings: SettingsDep) -> Claim | Response:
     worker = crud.get_worker(session=session, worker_id=worker_id)
     claimed = crud.claim_job(session=session, worker=worker, request=request, settings=settings)
     if claimed is None:
@@ -73,14 +76,14 @@ def claim(worker_id: int, request: ClaimRequest, session: SessionDep, settings: 
 
 
 @agent_router.post("/jobs/{job_id}/report", status_code=status.HTTP_204_NO_CONTENT)
-def report(job_id: int, body: Report, session: SessionDep, settings: SettingsDep) -> Response:
+def report(job_id: int, body: Report, session: WriteSessionDep, settings: SettingsDep) -> Response:
     crud.record_report(session=session, job_id=job_id, report=body, settings=settings)
     session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @agent_router.post("/jobs/{job_id}/finish", response_model=JobPublic)
-def finish(job_id: int, body: Finish, session: SessionDep) -> Job:
+def finish(job_id: int, body: Finish, session: WriteSessionDep) -> Job:
     job = crud.finish_job(session=session, job_id=job_id, finish=body)
     session.commit()
     return job

@@ -9,7 +9,7 @@ import time
 from sqlmodel import Session
 
 from server import crud
-from server.db import make_engine
+from server.db import make_engine, write_engine
 from server.main import create_app, reap_once
 from server.models import ClaimRequest, WorkerRegister
 
@@ -28,7 +28,7 @@ def test_concurrent_claimers_never_share_a_job(client, settings, job_body):
     lock = threading.Lock()
 
     def claimer(name: str) -> None:
-        engine = make_engine(settings.database_url)  # its own connections, like another server process
+        engine = write_engine(make_engine(settings.database_url))  # own connections, like another server
         try:
             with Session(engine) as session:
                 worker = crud.register_worker(session=session, registration=WorkerRegister(name=name))
