@@ -104,6 +104,8 @@ class Agent:
                 stop = self.client.heartbeat(self.worker_id, sorted([*self.runs, *self.finished]))
                 with self._cancel_lock:
                     self._cancel_ids.update(stop)
+                if self.settings.health_file is not None:
+                    self.settings.health_file.touch()
             except (*Unreachable, JobGone) as e:
                 log.warning("heartbeat failed: %s", e)
             stopped.wait(self.heartbeat_interval_s)

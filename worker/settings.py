@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -23,6 +24,8 @@ class WorkerSettings(BaseSettings):
     report_interval_s: float = Field(0.5, gt=0, description="Metrics and log lines are sent in batches this often.")
     kill_grace_s: float = Field(30.0, ge=0, description="SIGTERM -> this long -> SIGKILL for a job's process group.")
     request_timeout_s: float = Field(10.0, gt=0)
+    health_file: Path | None = Field(None, description="Touched after every accepted heartbeat (container "
+                                     "health checks look at its age).")
     trainer: list[str] = Field(default_factory=lambda: list(DEFAULT_TRAINER),
                                description="What torchrun runs (tests use a fake trainer script).")
     use_torchrun: bool = Field(True, description="False runs the trainer with plain python (tests only).")
