@@ -52,6 +52,7 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
     with sync_playwright() as p, _stopping(stop):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport=LAPTOP)
+        expect.set_options(timeout=30_000)  # the default 5 s is short for a 2-core machine that also trains
         page.set_default_timeout(20_000)
 
         # login: a wrong token is refused with a clear message

@@ -103,6 +103,7 @@ def test_serve_end_to_end(serve):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport=LAPTOP)
+        expect.set_options(timeout=30_000)  # the default 5 s is short for a 2-core machine that also trains
         page.set_default_timeout(30_000)
         login(page, base, token)
         page.screenshot(path=shots / "01-logged-in.png")
@@ -117,7 +118,7 @@ def test_serve_end_to_end(serve):
         expect(field(page, "cfg-rope_2d_ratio")).to_have_value("0.35")
         expect(page.locator("#estimate-md")).to_contain_text("Estimated peak")
         for elem_id, value in (("cfg-max_seq_len", 64), ("cfg-batch_size", 2), ("cfg-accumulation_steps", 1),
-                               ("cfg-max_steps", 60), ("job-gpus", 0)):
+                               ("cfg-max_steps", 30), ("job-gpus", 0)):
             set_field(page, elem_id, value)
         page.locator("#preview-command").click()
         expect(page.locator("#command-preview")).to_contain_text("--rope_2d_ratio 0.35")
@@ -156,5 +157,24 @@ def test_serve_end_to_end(serve):
         wait_for(lambda: api.get("/api/jobs/2").json()["state"] == "cancelled", timeout=60)
         expect(page.locator("#jobs-table")).to_contain_text("cancelled")
         page.screenshot(path=shots / "05-cancelled.png", full_page=True)
+
+        # the dataset preview of the form's data, with the real tokenizer
+        tab(page, "Dataset")
+        page.locator("#check-dataset").click()
+        expect(page.locator("#dataset-summary")).to_contain_text("The data is valid")
+        summary = api.post("/api/datasets/check", json={"data_path": "datasets/demo.jsonl", "base_model": "models/tiny",
+                                                       "max_seq_len": 64, "max_branches_per_sample": 4}).json()
+        if summary.get("example_layout"):  # the full summary (trainer_core.data_cli.summarize)
+            expect(page.locator("#dataset-summary")).to_contain_text("padding share")
+            expect(page.locator("#layout-picture svg rect").first).to_be_visible()
+        page.screenshot(path=shots / "06-dataset.png", full_page=True)
+
+        # when the first job is done, its adapter downloads as a zip
+        wait_for(lambda: api.get("/api/jobs/1").json()["state"] == "succeeded", timeout=120)
+        tab(page, "Jobs")
+        choose(page, "job-picker", "#1")
+        expect(page.locator("#job-summary")).to_contain_text("succeeded")
+        page.locator("#download-adapter").click()
+        expect(page.locator("#adapter-file")).to_contain_text("job1-adapter")
+        page.screenshot(path=shots / "07-succeeded-adapter.png", full_page=True)
         browser.close()
-    assert api.get("/api/jobs/1").json()["state"] in ("running", "succeeded")

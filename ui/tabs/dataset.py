@@ -107,7 +107,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
             ("padding share after packing", f"{s['padding_share']:.1%}" if s.get("padding_share") is not None else None),
             ("text length p50 / p90 / p99 / max (tokens)",
              " / ".join(str(pct.get(k, "?")) for k in ("p50", "p90", "p99", "max")) if pct else None)]
-    lines = [f"### {head}", "", "| | |", "|---|---:|"]
+    lines = [f"### {head}", "", "| measure | value |", "|---|---:|"]
     lines += [f"| {k} | {v:,} |" if isinstance(v, int) else f"| {k} | {v} |" for k, v in rows if v is not None]
     return "\n".join(lines)
 
@@ -145,9 +145,12 @@ def create_dataset_tab(ctx: UiContext, form: ConfigForm, tokens_per_text: gr.Tex
             return f"✖ Check failed: {e}", gr.update(visible=False), gr.skip(), gr.skip(), gr.skip()
         errors_text = "\n".join(str(e) for e in s.get("errors") or [])
         if s.get("records") is None:  # only errors: the file could not be read as Parallel JSONL
-            return (summary_markdown(s), gr.update(value=errors_text, visible=True), None, "", gr.skip())
+            return (summary_markdown(s), gr.update(value=errors_text, visible=True), gr.update(visible=False), "",
+                    gr.skip())
         p90 = (s.get("token_length_percentiles") or {}).get("p90")
-        return (summary_markdown(s), gr.update(value=errors_text, visible=bool(errors_text)), histogram_frame(s),
+        has_histogram = bool(s.get("branches_histogram"))
+        return (summary_markdown(s), gr.update(value=errors_text, visible=bool(errors_text)),
+                gr.update(value=histogram_frame(s), visible=True) if has_histogram else gr.update(visible=False),
                 layout_svg(s.get("example_layout")), str(int(p90)) if p90 else gr.skip())
 
     outputs = [summary, errors, histogram, layout, tokens_per_text if tokens_per_text is not None else gr.State()]
