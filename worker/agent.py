@@ -18,7 +18,7 @@ from typing import Any
 
 from worker.client import JobGone, ServerClient, Unreachable
 from worker.command import trainer_argv
-from worker.runner import LAUNCHED_BY_ENV, JobRun, Outcome, StopReason, find_orphans, kill_groups
+from worker.runner import LAUNCHED_BY_ENV, RUN_ENV, JobRun, Outcome, StopReason, find_orphans, kill_groups
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("paratrain.worker")
@@ -154,6 +154,7 @@ class Agent:
             "PYTHONUNBUFFERED": "1",
             "PARATRAIN_JOB_ID": str(job["id"]),
             LAUNCHED_BY_ENV: self.settings.name,
+            RUN_ENV: f"{self.settings.name}/{job['id']}/{job['attempt']}",
         })
         run = JobRun(job_id=job["id"], attempt=job["attempt"], gpu_ids=gpu_ids, argv=argv, env=env)
         if job["attempt"] > 1:

@@ -1,5 +1,10 @@
 """One job's process tree: torchrun in its own session (process group), stdout/stderr pumped into
-batches of metrics and log lines, stopped as a whole with killpg (SIGTERM, grace, SIGKILL)."""
+batches of metrics and log lines, stopped as a whole (SIGTERM, grace, SIGKILL).
+
+torchrun starts each rank in a session of its own, so the launcher's process group does not hold the
+ranks. Every process of a run therefore carries an environment marker (inherited by all descendants,
+even ones re-parented after torchrun dies), and a stop signals the launcher's group plus every process
+with the marker."""
 
 from __future__ import annotations
 
@@ -18,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 LAUNCHED_BY_ENV = "PARATRAIN_LAUNCHED_BY"  # marks a worker's process trees, so its successor finds them
+RUN_ENV = "PARATRAIN_RUN"  # marks one run's processes: "<worker name>/<job id>/<attempt>"
 STDERR_TAIL_LINES = 40
 METRIC_KEYS = ("step", "loss")
 
@@ -79,6 +85,10 @@ class JobRun:
     _pumps: list[threading.Thread] = field(default_factory=list)
 
     @property
+    def marker(self) -> str:
+        return self.env[RUN_ENV]
+
+    @property
     def pgid(self) -> int:
         assert self.process is not None
         return self.process.pid  # start_new_session: the leader's pid is the group id
@@ -134,18 +144,23 @@ class JobRun:
         if self.stop_reason is None:
             self.stop_reason = reason
             self.kill_deadline = time.monotonic() + grace_s
-            _killpg(self.pgid, signal.SIGTERM)
+            self._signal_all(signal.SIGTERM)
+
+    def _signal_all(self, sig: signal.Signals) -> None:
+        _killpg(self.pgid, sig)
+        for pid in pids_with_env(RUN_ENV, self.marker):
+            _kill(pid, sig)
 
     def poll(self) -> int | None:
         """The exit code once the process tree is gone; enforces the SIGKILL deadline meanwhile."""
         assert self.process is not None
         if self.kill_deadline is not None and time.monotonic() >= self.kill_deadline:
-            _killpg(self.pgid, signal.SIGKILL)
+            self._signal_all(signal.SIGKILL)
             self.kill_deadline = None
         code = self.process.poll()
         if code is None:
             return None
-        _killpg(self.pgid, signal.SIGKILL)  # ranks or data loaders the launcher left behind
+        self._signal_all(signal.SIGKILL)  # ranks or data loaders the launcher left behind
         for pump in self._pumps:
             pump.join(timeout=5)
         return code
@@ -176,6 +191,35 @@ def _killpg(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _kill(pid: int, sig: signal.Signals) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def pids_with_env(name: str, value: str) -> list[int]:
+    """Live processes whose environment has name=value (Linux /proc; empty elsewhere)."""
+    wanted = f"{name}={value}".encode()
+    found = []
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if wanted in (entry / "environ").read_bytes().split(b"\0") and not _is_zombie(entry):
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _is_zombie(entry: Path) -> bool:
+    return (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def trainer_exit_code(exit_code: int, stderr_lines: list[str]) -> int:
@@ -215,22 +259,16 @@ def classify_exit(exit_code: int, stderr_lines: list[str]) -> tuple[str | None, 
 
 
 def find_orphans(launched_by: str) -> dict[int, list[int]]:
-    """Process groups (pgid -> pids) a previous worker of this name started and left behind (Linux /proc)."""
-    marker = f"{LAUNCHED_BY_ENV}={launched_by}".encode()
+    """Process groups (pgid -> pids) a previous worker of this name started and left behind."""
     own_pgid = os.getpgid(0)
     groups: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
+    for pid in pids_with_env(LAUNCHED_BY_ENV, launched_by):
         try:
-            environ = (entry / "environ").read_bytes().split(b"\0")
-            if marker not in environ:
-                continue
-            pgid = os.getpgid(int(entry.name))
-        except (OSError, ProcessLookupError):
+            pgid = os.getpgid(pid)
+        except ProcessLookupError:
             continue
         if pgid != own_pgid:
-            groups.setdefault(pgid, []).append(int(entry.name))
+            groups.setdefault(pgid, []).append(pid)
     return groups
 
 

@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 
 
 def _pid_files(job: dict) -> list[dict]:
@@ -141,3 +143,32 @@ def test_server_down_mid_job_loses_nothing(live_server, start_agent, monkeypatch
     assert [m["step"] for m in metrics] == list(range(1, 16))
     lines = [x["line"] for x in again.api.get(f"/jobs/{job['id']}/logs").json()["data"]]
     assert [x for x in lines if x.startswith("step ")] == [f"step {i}/15" for i in range(1, 16)]
+
+
+@pytest.mark.slow
+def test_under_torchrun_the_trainers_exit_code_is_recovered(live_server, start_agent, job_body):
+    """torchrun exits 1 whatever its ranks did; the worker reads the root cause's exit code."""
+    ids = {name: live_server.api.post("/jobs", json={**job_body(name=name, max_steps=2), "nproc": 2}).json()["id"]
+           for name in ("data-error", "ok")}
+    start_agent(use_torchrun=True)
+    data = live_server.wait_for(ids["data-error"], {"succeeded", "failed"}, timeout=60)
+    assert data["failure_class"] == "data" and data["exit_code"] == 1, data
+    assert "data.jsonl:3:" in data["failure_reason"] and "Root Cause" not in data["failure_reason"]
+    ok = live_server.wait_for(ids["ok"], {"succeeded", "failed"}, timeout=60)
+    assert ok["state"] == "succeeded", ok
+
+
+@pytest.mark.slow
+def test_ranks_that_ignore_sigterm_die_with_their_torchrun(live_server, start_agent, job_body):
+    """torchrun puts each rank in a session of its own: killing torchrun's group alone would leave them."""
+    job = live_server.api.post("/jobs", json={**job_body(name="stubborn", max_steps=1), "nproc": 2}).json()
+    start_agent(use_torchrun=True, kill_grace_s=1.0)
+    deadline = time.time() + 60
+    while len(_pid_files(job)) < 2 or live_server.api.get(f"/jobs/{job['id']}").json()["step"] < 1:
+        assert time.time() < deadline
+        time.sleep(0.1)
+    pid_files = _pid_files(job)
+    assert len({p["pgid"] for p in pid_files}) == 2  # (what makes this test necessary)
+    live_server.api.post(f"/jobs/{job['id']}/cancel")
+    assert live_server.wait_for(job["id"], {"cancelled"}, timeout=30)["state"] == "cancelled"
+    wait_gone([p for info in pid_files for p in (info["pid"], info["child"])], timeout=3)

@@ -1,0 +1,61 @@
+"""Exit-code classification and the torchrun argv, without processes."""
+
+from __future__ import annotations
+
+from trainer_core.config import TrainConfig
+from worker.command import trainer_argv
+from worker.runner import _parse_metric, classify_exit, trainer_exit_code
+
+TORCHRUN_FAILURE = """\
+/data/d.jsonl:3: 'branches' must be a list of strings
+E1127 12:00:00.000000 1 torch/distributed/elastic/multiprocessing/api.py:900] failed (exitcode: 2)
+Traceback (most recent call last):
+  File "/venv/bin/torchrun", line 8, in <module>
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+trainer_core.train FAILED
+------------------------------------------------------------
+Failures:
+[1]:
+  time      : 2026-11-27_12:00:00
+  rank      : 1 (local_rank: 1)
+  exitcode  : -15 (pid: 11)
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-11-27_12:00:00
+  rank      : 0 (local_rank: 0)
+  exitcode  : 2 (pid: 10)
+============================================================""".splitlines()
+
+
+def test_torchrun_root_cause_gives_the_trainers_code():
+    assert trainer_exit_code(1, TORCHRUN_FAILURE) == 2
+    assert trainer_exit_code(1, ["plain crash"]) == 1
+    assert trainer_exit_code(-9, TORCHRUN_FAILURE) == -9
+
+
+def test_failure_classes_follow_the_trainer_contract():
+    failure_class, reason = classify_exit(1, TORCHRUN_FAILURE)
+    assert failure_class == "data" and reason.startswith("/data/d.jsonl:3:") and "Root Cause" not in reason
+    assert classify_exit(3, ["paratrain: out of memory"])[0] == "oom"
+    assert classify_exit(0, []) == (None, None)
+    failure_class, reason = classify_exit(-9, [])
+    assert failure_class == "crash" and reason == "killed by SIGKILL"
+    assert classify_exit(137, [])[1] == "killed by SIGKILL"
+    assert classify_exit(7, ["boom"]) == ("crash", "exit code 7\nboom")
+
+
+def test_metric_lines_are_json_objects_with_step_and_loss():
+    assert _parse_metric('{"step": 3, "loss": 1.5, "lr": 0.1}') == {"step": 3, "loss": 1.5, "lr": 0.1}
+    assert _parse_metric('{"event": "checkpoint", "step": 3, "loss": 1}') is None
+    assert _parse_metric('{"step": 3}') is None
+    assert _parse_metric("step 3/10") is None and _parse_metric("{not json") is None
+
+
+def test_argv_is_derived_from_the_config():
+    config = TrainConfig(base_model="/m", data_path="/d.jsonl", max_steps=5)
+    argv = trainer_argv(config, nproc=1)
+    assert argv[:5] == ["torchrun", "--standalone", "--nproc_per_node=1", "-m", "trainer_core.train"]
+    assert TrainConfig.from_cli(argv[5:]) == config
+    assert "--ddp" in trainer_argv(config, nproc=2) and "--ddp" not in argv
