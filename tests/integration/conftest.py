@@ -3,11 +3,9 @@ the tiny demo model. Every process gets a temp data dir and short leases; teardo
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,36 +15,17 @@ from pathlib import Path
 import httpx
 import pytest
 
+from process_utils import FAST_LEASES, REPO, free_port
 from worker.runner import find_orphans, kill_groups
 
-REPO = Path(__file__).resolve().parents[2]
-FAST_LEASES = {"PARATRAIN_HEARTBEAT_INTERVAL_S": "0.5", "PARATRAIN_LEASE_TTL_S": "3",
-               "PARATRAIN_REAPER_INTERVAL_S": "0.2", "PARATRAIN_SSE_POLL_S": "0.1", "PARATRAIN_MOUNT_UI": "false"}
-# Small steps on CPU: a few hundred ms each with the tiny model.
-TINY_CONFIG = {"base_model": "models/tiny-qwen2", "data_path": "datasets/demo.jsonl", "max_seq_len": 64,
-               "batch_size": 4, "save_interval": 1}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="session")
-def demo_assets(tmp_path_factory) -> Path:
-    from trainer_core.demo import make_demo_data, make_tiny_model
-
-    root = tmp_path_factory.mktemp("demo-assets")
-    make_tiny_model(root / "models" / "tiny-qwen2")
-    make_demo_data(root / "datasets" / "demo.jsonl")
-    return root
-
-
 @pytest.fixture
-def data_dir(tmp_path: Path, demo_assets: Path) -> Path:
+def data_dir(tmp_path: Path, tiny_model_dir: Path, demo_data_path: Path) -> Path:
+    """The session's tiny model and demo data (tests/conftest.py), copied in: links out of the data root
+    are refused, by design."""
     data = tmp_path / "data"
-    shutil.copytree(demo_assets, data)  # a copy: links out of the data root are refused, by design
+    shutil.copytree(tiny_model_dir, data / "models" / "tiny-qwen2")
+    (data / "datasets").mkdir()
+    shutil.copy(demo_data_path, data / "datasets" / "demo.jsonl")
     return data
 
 
@@ -81,13 +60,13 @@ class Cluster:
     def __init__(self, data_dir: Path, tmp_path: Path) -> None:
         self.data_dir = data_dir
         self.tmp_path = tmp_path
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server: Proc | None = None
         self.workers: list[Proc] = []
         self.worker_name = f"it-{os.getpid()}-{self.port}"
         self.env = {**os.environ, **FAST_LEASES, "PARATRAIN_DATA_DIR": str(data_dir),
-                    "PARATRAIN_CACHE": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+                    "PYTHONUNBUFFERED": "1"}
         self.api: httpx.Client | None = None
 
     def start_server(self) -> None:
@@ -169,25 +148,3 @@ def cluster(data_dir: Path, tmp_path: Path) -> Iterator[Cluster]:
         c.close()
 
 
-def read_sse(url: str, token: str, *, last_event_id: int = 0, max_events: int | None = None,
-             timeout: float = 180) -> list[dict]:
-    """Events of one SSE connection: [{id, event, data}], stopping after max_events (a disconnect)."""
-    events: list[dict] = []
-    headers = {"Authorization": f"Bearer {token}", "Last-Event-ID": str(last_event_id)}
-    with httpx.stream("GET", url, headers=headers, timeout=timeout) as r:
-        assert r.status_code == 200, r.read()
-        current: dict = {}
-        for line in r.iter_lines():
-            if line.startswith(":"):
-                continue
-            if not line:
-                if "data" in current:
-                    events.append({"id": int(current["id"]), "event": current["event"],
-                                   "data": json.loads(current["data"])})
-                    if max_events is not None and len(events) >= max_events:
-                        return events
-                current = {}
-                continue
-            key, _, value = line.partition(": ")
-            current[key] = value
-    return events

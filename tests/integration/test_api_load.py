@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from process_utils import REPO
 
 pytestmark = pytest.mark.slow
 

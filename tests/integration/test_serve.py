@@ -11,8 +11,7 @@ import time
 import httpx
 import pytest
 
-from conftest import FAST_LEASES, REPO, TINY_CONFIG, _free_port
-from test_real_processes import _alive, _pids_of
+from process_utils import FAST_LEASES, REPO, TINY_CONFIG, alive, free_port, pids_of
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +39,7 @@ def _stop_serve(proc):
 
 
 def test_serve_trains_the_demo_and_hands_jobs_back_on_exit(data_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path / "serve.log"
     serve = _start_serve(data_dir, port, log_path)
     try:
@@ -61,9 +60,9 @@ def test_serve_trains_the_demo_and_hands_jobs_back_on_exit(data_dir, tmp_path):
         while api.get(f"/jobs/{long_job['id']}").json()["step"] < 2:
             assert time.time() < deadline, log_path.read_text()[-5000:]
             time.sleep(0.3)
-        pids = _pids_of(long_job["config"]["output_dir"])
+        pids = pids_of(long_job["config"]["output_dir"])
         _stop_serve(serve)  # Ctrl-C: the local worker hands the job back before the API goes away
-        assert not [p for p in pids if _alive(p)]
+        assert not [p for p in pids if alive(p)]
 
         serve = _start_serve(data_dir, port, log_path)
         back = api.get(f"/jobs/{long_job['id']}").json()
