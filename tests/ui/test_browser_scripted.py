@@ -47,7 +47,8 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
 
     shots = output_dir(request.node.name)
     print(f"screenshots: {shots}")
-    stop = threading.Event()
+    stop, pause = threading.Event(), threading.Event()
+    reported: list[int] = []
 
     with sync_playwright() as p, _stopping(stop):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
@@ -90,9 +91,10 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
 
         def train() -> None:  # one metric point every 0.4 s, like a worker forwarding the trainer's lines
             step = 0
-            while not stop.is_set() and step < 60:
+            while not (stop.is_set() or pause.is_set()) and step < 60:
                 step += 1
                 scripted_worker.report(1, range(step, step + 1), total_steps=60)
+                reported.append(step)
                 time.sleep(0.4)
 
         trainer = threading.Thread(target=train, daemon=True)
@@ -100,6 +102,14 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         first = wait_for(lambda: (n := curve_points(page)) >= 2 and n)
         later = wait_for(lambda: (n := curve_points(page)) >= first + 3 and n)
         assert later > first
+        # latency: a point reported now is on the curve within 2 s
+        pause.set()
+        trainer.join(timeout=5)
+        last = wait_for(lambda: (n := curve_points(page)) == len(reported) and n)
+        reported_at = time.time()
+        scripted_worker.report(1, range(last + 1, last + 2), total_steps=60)
+        wait_for(lambda: curve_points(page) == last + 1, timeout=5, interval=0.05)
+        assert time.time() - reported_at < 2.0
         expect(page.locator("#log-tail")).to_contain_text(re.compile(r"step \d+ loss"))
         page.screenshot(path=shots / "03-jobs-live-curve.png", full_page=True)
 

@@ -44,7 +44,7 @@ class JobsTab:
     retry_button: gr.Button
     download_button: gr.Button
     adapter_file: gr.File
-    watch: gr.State  # {"job_id", "points": [Metric], "last_step", "log_offset", "log_lines"}
+    watch: gr.State  # {"job_id", "points": [Metric], "last_step", "log_offset", "log_lines", "final"}
     refresh_fn: Callable[..., tuple] | None = None  # (session) -> (table, table_ids, picker): for app wiring
 
 
@@ -113,7 +113,7 @@ def curve_frame(points: list[dict[str, Any]], y: str) -> pd.DataFrame:
 
 
 def empty_watch() -> dict[str, Any]:
-    return {"job_id": None, "points": [], "last_step": 0, "log_offset": 0, "log_lines": []}
+    return {"job_id": None, "points": [], "last_step": 0, "log_offset": 0, "log_lines": [], "final": False}
 
 
 def fetch_new(client: ApiClient, watch: dict[str, Any]) -> tuple[bool, bool]:
@@ -207,12 +207,15 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             return skip
         if parse_job_id(selected) != current["job_id"]:  # a new selection is loading: leave it alone
             return skip
+        if current.get("final"):  # everything of a finished job is shown: stop asking
+            return skip
         try:
             client = ctx.client(session)
             job = client.get_job(current["job_id"])
-            new_points, new_lines = fetch_new(client, current)
+            new_points, new_lines = fetch_new(client, current)  # after get_job: a final job's last points too
         except ApiError:
             return skip
+        current["final"] = job["state"] in FINAL_STATES
         return (current, job_summary(job),
                 curve_text(current) if new_points else gr.skip(),
                 curve_frame(current["points"], "loss") if new_points else gr.skip(),
