@@ -122,6 +122,8 @@ def test_serve_end_to_end(serve):
             set_field(page, elem_id, value)
         page.locator("#preview-command").click()
         expect(page.locator("#command-preview")).to_contain_text("--rope_2d_ratio 0.35")
+        # the estimate follows the form: 2 samples x 4 branches x 64 tokens
+        expect(page.locator("#estimate-md")).to_contain_text("512 tokens per micro-batch")
         page.screenshot(path=shots / "02-new-job.png", full_page=True)
 
         # submit and watch the curve grow while the job trains

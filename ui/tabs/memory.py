@@ -158,10 +158,21 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
             return f"Cannot estimate: {e}"
         return estimate_markdown(est)
 
+    def auto_estimate(session, gpu_mem_gb, tokens, *form_args):
+        """The estimate follows the form: re-run on every change, quietly while the form is incomplete."""
+        values = form.values(form_args)
+        if not (session or {}).get("token") or not values.get("base_model") or not values.get("data_path"):
+            return gr.skip()
+        if validate(values)[0] is None:
+            return "*The estimate waits for a valid form.*"
+        return run_estimate(session, gpu_mem_gb, tokens, *form_args)
+
     estimate_inputs = [ctx.session, gpu_mem, tokens_per_text, *form.inputs]
-    apply_button.click(apply_preset, [presets_state, preset_choice], form.inputs, queue=False).then(
-        run_estimate, estimate_inputs, estimate_md)
+    apply_button.click(apply_preset, [presets_state, preset_choice], form.inputs, queue=False)
     estimate_button.click(run_estimate, estimate_inputs, estimate_md)
+    # always_last: a burst of changes (a preset, a loaded YAML) costs one estimate, of the final form
+    gr.on([c.change for c in (gpu_mem, tokens_per_text, *form.inputs)], auto_estimate, estimate_inputs, estimate_md,
+          trigger_mode="always_last", show_progress="hidden")
     return MemoryPanel(gpu_mem, model, tokens_per_text, presets_button, presets_table, preset_choice,
                        apply_button, estimate_button, estimate_md, presets_state, estimate_inputs, run_estimate)
 
