@@ -82,6 +82,17 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         expect(page.locator("#command-preview")).to_contain_text("--rope_2d_ratio 0.65")
         page.screenshot(path=shots / "02-new-job-preset.png", full_page=True)
 
+        # save the form as YAML, load another one
+        page.locator("#save-yaml").click()
+        expect(page.locator("#saved-yaml")).to_contain_text("paratrain")
+        other = shots / "other.yaml"
+        other.write_text("base_model: models/tiny\ndata_path: demo.jsonl\nlora_rank: 4\nmax_steps: 40\n"
+                         "rope_2d_ratio: 0.65\nmax_branches_per_sample: 16\nmax_seq_len: 256\n"
+                         "batch_by_samples: true\nbatch_size: 1\naccumulation_steps: 4\njob: {gpus: 1}\n")
+        page.locator("#load-yaml input[type=file], input[type=file]").first.set_input_files(str(other))
+        expect(field(page, "cfg-lora_rank")).to_have_value("4")
+        expect(field(page, "cfg-max_steps")).to_have_value("40")
+
         # submit: the UI switches to the Jobs tab with the new job selected
         page.locator("#submit-job").click()
         expect(page.locator("#submit-status")).to_contain_text("is queued")
