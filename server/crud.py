@@ -33,7 +33,7 @@ from server.models import (
     WorkerRegister,
     utcnow,
 )
-from server.paths import confine
+from server.paths import confine, is_dir, is_file
 from server.settings import Settings
 from trainer_core.config import TrainConfig
 
@@ -88,13 +88,13 @@ def _resolve_config(config: TrainConfig, *, settings: Settings, job_id: int) -> 
         data_path = confine(config.data_path, roots=settings.read_roots, base=settings.data_root)
     except ValueError as e:
         raise FieldError(("body", "config", "data_path"), str(e)) from None
-    if not data_path.is_file():
+    if not is_file(data_path):
         raise FieldError(("body", "config", "data_path"), f"{config.data_path!r}: no such file under the data root")
     try:
         base_model = confine(config.base_model, roots=settings.read_roots, base=settings.data_root)
     except ValueError as e:
         raise FieldError(("body", "config", "base_model"), str(e)) from None
-    if not base_model.is_dir():
+    if not is_dir(base_model):
         raise FieldError(("body", "config", "base_model"),
                          f"{config.base_model!r}: no such model directory under the data root")
     output_dir = settings.jobs_dir / str(job_id) / "out"

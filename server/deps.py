@@ -5,12 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request, status
+from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from server.auth import Tokens, token_matches
+from server.models import MAX_DB_INT
 from server.settings import Settings
 
 _bearer = HTTPBearer(auto_error=False, description="`paratrain serve` prints the token; it is in <data_dir>/token.")
@@ -59,6 +60,10 @@ def require_worker(request: Request,
     if credentials is None or not token_matches(credentials.credentials, _tokens(request).worker):
         raise _unauthorized()
 
+
+# SQLite (and PostgreSQL BIGINT) integers are 64-bit: a larger id is a 422, not a server error.
+JobIdPath = Annotated[int, Path(ge=0, le=MAX_DB_INT)]
+WorkerIdPath = Annotated[int, Path(ge=0, le=MAX_DB_INT)]
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]

@@ -64,11 +64,12 @@ def _add_exception_handlers(app: FastAPI) -> None:
 def _mount_ui(app: FastAPI, settings: Settings) -> None:
     try:
         from ui.app import mount_ui
-    except ImportError as e:
-        log.info("UI not mounted (%s)", e)
+
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
+        mount_ui(app, f"http://{host}:{settings.port}")
+    except Exception as e:  # absent or broken, the UI must not take the API down with it
+        log.warning("UI not mounted: %s", e)
         return
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-    mount_ui(app, f"http://{host}:{settings.port}")
 
     @app.get("/", include_in_schema=False)
     def _root() -> RedirectResponse:

@@ -6,13 +6,17 @@ from __future__ import annotations
 import math
 from datetime import datetime, timezone
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, field_validator
 from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from trainer_core.config import TrainConfig
+
+
+MAX_DB_INT = 2**63 - 1  # 64-bit integer columns
+DbInt = Annotated[int, Field(ge=0, le=MAX_DB_INT)]
 
 
 def utcnow() -> datetime:
@@ -149,7 +153,7 @@ class JobsPublic(BaseModel):
 # --- metrics, logs, events ----------------------------------------------------------------------------
 
 class MetricBase(SQLModel):
-    step: int = Field(ge=0)
+    step: int = Field(ge=0, le=MAX_DB_INT)
     epoch: float | None = None
     loss: float | None = None
     lr: float | None = None
@@ -160,7 +164,7 @@ class MetricBase(SQLModel):
 
 
 class MetricIn(MetricBase):
-    total_steps: int | None = Field(default=None, ge=0)
+    total_steps: int | None = Field(default=None, ge=0, le=MAX_DB_INT)
 
     @field_validator("epoch", "loss", "lr", "grad_norm", "tokens_per_s", "gpu_mem_gb", "eta_s", mode="after")
     @classmethod
@@ -225,7 +229,7 @@ class CommandPublic(BaseModel):
 # --- workers -------------------------------------------------------------------------------------------
 
 class GpuInfo(BaseModel):
-    index: int = Field(ge=0)
+    index: int = Field(ge=0, le=1_000_000)
     name: str = ""
     memory_gb: float = Field(0.0, ge=0)
 
@@ -267,7 +271,7 @@ class WorkersPublic(BaseModel):
 
 
 class Heartbeat(BaseModel):
-    running_job_ids: list[int] = Field(default_factory=list)
+    running_job_ids: list[DbInt] = Field(default_factory=list, max_length=10_000)
 
 
 class HeartbeatReply(BaseModel):
@@ -275,7 +279,7 @@ class HeartbeatReply(BaseModel):
 
 
 class ClaimRequest(BaseModel):
-    free_gpu_indices: list[int] = Field(default_factory=list)
+    free_gpu_indices: list[Annotated[int, Field(ge=0, le=1_000_000)]] = Field(default_factory=list, max_length=4096)
     accept_cpu_jobs: bool = Field(True, description="False when the worker's CPU job slots are full.")
 
 
@@ -286,18 +290,19 @@ class Claim(BaseModel):
 
 
 class Report(BaseModel):
-    worker_id: int
-    attempt: int = Field(ge=1, description="The attempt the worker is running; reports of older ones are refused.")
-    log_start: int = Field(0, ge=0, description="Index of logs[0] among this attempt's lines (re-sends are "
+    worker_id: DbInt
+    attempt: int = Field(ge=1, le=MAX_DB_INT,
+                         description="The attempt the worker is running; reports of older ones are refused.")
+    log_start: int = Field(0, ge=0, le=2**62, description="Index of logs[0] among this attempt's lines (re-sends are "
                            "recognised by it).")
     metrics: list[MetricIn] = Field(default_factory=list)
     logs: list[str] = Field(default_factory=list)
 
 
 class Finish(BaseModel):
-    worker_id: int
-    attempt: int = Field(ge=1)
-    exit_code: int | None = None
+    worker_id: DbInt
+    attempt: int = Field(ge=1, le=MAX_DB_INT)
+    exit_code: int | None = Field(None, ge=-(2**31), le=2**31)
     failure_class: FailureClass | None = None
     failure_reason: str | None = Field(None, max_length=20_000)
     release: bool = Field(False, description="Hand the job back to the queue (the worker is stopping).")

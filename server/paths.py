@@ -11,14 +11,31 @@ def confine(path: str, *, roots: list[Path], base: Path) -> Path:
     Raises ValueError otherwise. Symlinks are followed first, so a link inside a root that points
     outside it is refused.
     """
-    candidate = Path(path).expanduser()
-    if not candidate.is_absolute():
-        candidate = base / candidate
-    resolved = candidate.resolve()
+    try:
+        candidate = Path(path).expanduser()
+        if not candidate.is_absolute():
+            candidate = base / candidate
+        resolved = candidate.resolve()
+    except (OSError, RuntimeError) as e:  # a name too long, a symlink loop...
+        raise ValueError(f"{path!r}: {e}") from None
     for root in roots:
         if resolved.is_relative_to(root.resolve()):
             return resolved
     raise ValueError(f"{path!r} is outside the allowed roots")
+
+
+def is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def safe_child(root: Path, relative: str) -> Path:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from server.deps import SettingsDep, UserAuth
 from server.errors import FieldError
-from server.paths import confine
+from server.paths import confine, is_dir
 from server.settings import Settings
 from trainer_core.config import TrainConfig
 
@@ -48,7 +48,7 @@ def _local_model(model: str, settings: Settings) -> str:
         path = confine(model, roots=settings.read_roots, base=settings.data_root)
     except ValueError:
         return model
-    return str(path) if path.is_dir() else model
+    return str(path) if is_dir(path) else model
 
 
 @router.post("/estimate")
@@ -58,7 +58,7 @@ def estimate(body: EstimateRequest, settings: SettingsDep) -> dict[str, Any]:
     try:
         measured = [m.model_dump(exclude_none=True) for m in body.measured or []]
         return vram.estimate(config, body.gpu_mem_gb, measured, tokens_per_text=body.tokens_per_text)
-    except ValueError as e:  # a model whose shape the estimator cannot tell
+    except (ValueError, OSError) as e:  # a model whose shape the estimator cannot tell
         raise FieldError(("body", "config", "base_model"), str(e)) from None
 
 
@@ -68,5 +68,5 @@ def presets(settings: SettingsDep, gpu_mem_gb: Annotated[float, Query(gt=0, le=4
     vram = _vram()
     try:
         return vram.presets(gpu_mem_gb, _local_model(model, settings))
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise FieldError(("query", "model"), str(e)) from None

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.responses import FileResponse
 
 from server import crud
-from server.deps import SessionDep, SettingsDep, UserAuth, WriteSessionDep
+from server.deps import MAX_DB_INT, JobIdPath, SessionDep, SettingsDep, UserAuth, WriteSessionDep
 from server.models import (
     Artifact,
     ArtifactsPublic,
@@ -45,45 +45,46 @@ def create_job(job_in: JobCreate, session: WriteSessionDep, settings: SettingsDe
 @router.get("", response_model=JobsPublic)
 def list_jobs(session: SessionDep, state: JobState | None = None,
               limit: Annotated[int, Query(ge=1, le=1000)] = 50,
-              offset: Annotated[int, Query(ge=0)] = 0) -> JobsPublic:
+              offset: Annotated[int, Query(ge=0, le=MAX_DB_INT)] = 0) -> JobsPublic:
     jobs, count = crud.list_jobs(session=session, state=state, limit=limit, offset=offset)
     return JobsPublic(data=[JobPublic.model_validate(j, from_attributes=True) for j in jobs], count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: int, session: SessionDep) -> Job:
+def get_job(job_id: JobIdPath, session: SessionDep) -> Job:
     return crud.get_job(session=session, job_id=job_id)
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)
-def cancel_job(job_id: int, session: WriteSessionDep) -> Job:
+def cancel_job(job_id: JobIdPath, session: WriteSessionDep) -> Job:
     job = crud.cancel_job(session=session, job_id=job_id)
     session.commit()
     return job
 
 
 @router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
-def retry_job(job_id: int, session: WriteSessionDep, settings: SettingsDep) -> Job:
+def retry_job(job_id: JobIdPath, session: WriteSessionDep, settings: SettingsDep) -> Job:
     job = crud.retry_job(session=session, job_id=job_id, settings=settings)
     session.commit()
     return job
 
 
 @router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_job(job_id: int, session: WriteSessionDep, settings: SettingsDep) -> Response:
+def delete_job(job_id: JobIdPath, session: WriteSessionDep, settings: SettingsDep) -> Response:
     crud.delete_job(session=session, job_id=job_id, settings=settings)
     session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsPublic)
-def list_metrics(job_id: int, session: SessionDep, since_step: Annotated[int, Query(ge=-1)] = 0) -> MetricsPublic:
+def list_metrics(job_id: JobIdPath, session: SessionDep,
+                 since_step: Annotated[int, Query(ge=-1, le=MAX_DB_INT)] = 0) -> MetricsPublic:
     rows = crud.list_metrics(session=session, job_id=job_id, since_step=since_step)
     return MetricsPublic(data=[MetricBase.model_validate(r, from_attributes=True) for r in rows])
 
 
 @router.get("/{job_id}/logs", response_model=LogsPublic)
-def list_logs(job_id: int, session: SessionDep, offset: Annotated[int, Query(ge=0)] = 0,
+def list_logs(job_id: JobIdPath, session: SessionDep, offset: Annotated[int, Query(ge=0, le=MAX_DB_INT)] = 0,
               limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> LogsPublic:
     rows = crud.list_logs(session=session, job_id=job_id, offset=offset, limit=limit)
     next_offset = rows[-1].seq + 1 if rows else offset
@@ -95,7 +96,7 @@ def _output_dir(job: Job) -> Path:
 
 
 @router.get("/{job_id}/artifacts", response_model=ArtifactsPublic)
-def list_artifacts(job_id: int, session: SessionDep) -> ArtifactsPublic:
+def list_artifacts(job_id: JobIdPath, session: SessionDep) -> ArtifactsPublic:
     root = _output_dir(crud.get_job(session=session, job_id=job_id))
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()) if root.is_dir() else []
     return ArtifactsPublic(data=[Artifact(path=p.relative_to(root).as_posix(), size=p.stat().st_size)
@@ -104,17 +105,20 @@ def list_artifacts(job_id: int, session: SessionDep) -> ArtifactsPublic:
 
 @router.get("/{job_id}/artifacts/{path:path}", response_class=FileResponse,
             responses={200: {"content": {"application/octet-stream": {}}}})
-def download_artifact(job_id: int, path: str, session: SessionDep) -> FileResponse:
+def download_artifact(job_id: JobIdPath, path: str, session: SessionDep) -> FileResponse:
     root = _output_dir(crud.get_job(session=session, job_id=job_id))
     try:
         target = safe_child(root, path)
+        found = target.is_file()
     except ValueError as e:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(e)) from None
-    if not target.is_file():
+    except OSError:  # e.g. a name too long for the file system
+        found = False
+    if not found:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no artifact {path!r}")
     return FileResponse(target, filename=target.name)
 
 
 @router.get("/{job_id}/command", response_model=CommandPublic)
-def get_command(job_id: int, session: SessionDep) -> CommandPublic:
+def get_command(job_id: JobIdPath, session: SessionDep) -> CommandPublic:
     return _command(crud.get_job(session=session, job_id=job_id))

@@ -16,7 +16,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server import crud
 from server.errors import NotFound
-from server.deps import EngineDep, SettingsDep, UserAuth
+from server.deps import MAX_DB_INT, EngineDep, JobIdPath, SettingsDep, UserAuth
 from server.models import JobEvent, JobState
 
 router = APIRouter(tags=["events"], dependencies=[UserAuth])
@@ -48,19 +48,21 @@ async def _follow(engine: Engine, job_id: int, after: int, poll_s: float) -> Asy
 
 @router.get("/jobs/{job_id}/events", response_class=EventSourceResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
-async def job_events(job_id: int, engine: EngineDep, settings: SettingsDep,
-                     last_event_id: Annotated[int | None, Query(ge=0)] = None,
+async def job_events(job_id: JobIdPath, engine: EngineDep, settings: SettingsDep,
+                     last_event_id: Annotated[int | None, Query(ge=0, le=MAX_DB_INT)] = None,
                      last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
                      ) -> EventSourceResponse:
-    state, _ = await anyio.to_thread.run_sync(_poll, engine, job_id, 2**62)
+    state, _ = await anyio.to_thread.run_sync(_poll, engine, job_id, MAX_DB_INT)
     if state is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id} not found")  # before the stream starts
     after = last_event_id
     if after is None and last_event_id_header:
         try:
             after = int(last_event_id_header)
+            if not 0 <= after <= MAX_DB_INT:
+                raise ValueError
         except ValueError:
             raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
-                                [{"loc": ["header", "Last-Event-ID"], "msg": "must be an integer",
+                                [{"loc": ["header", "Last-Event-ID"], "msg": "must be an integer >= 0",
                                   "type": "int_parsing"}]) from None
     return EventSourceResponse(_follow(engine, job_id, after or 0, settings.sse_poll_s), ping=settings.sse_ping_s)

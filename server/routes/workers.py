@@ -7,7 +7,7 @@ from datetime import timedelta
 from fastapi import APIRouter, Response, status
 
 from server import crud
-from server.deps import SessionDep, SettingsDep, UserAuth, WorkerAuth, WriteSessionDep
+from server.deps import JobIdPath, SessionDep, SettingsDep, UserAuth, WorkerAuth, WorkerIdPath, WriteSessionDep
 from server.models import (
     Claim,
     ClaimRequest,
@@ -52,7 +52,7 @@ def register_worker(registration: WorkerRegister, session: WriteSessionDep,
 
 
 @agent_router.post("/workers/{worker_id}/heartbeat", response_model=HeartbeatReply)
-def heartbeat(worker_id: int, beat: Heartbeat, session: WriteSessionDep,
+def heartbeat(worker_id: WorkerIdPath, beat: Heartbeat, session: WriteSessionDep,
               settings: SettingsDep) -> HeartbeatReply:
     worker = crud.get_worker(session=session, worker_id=worker_id)
     stop = crud.heartbeat(session=session, worker=worker, beat=beat, settings=settings)
@@ -62,7 +62,7 @@ def heartbeat(worker_id: int, beat: Heartbeat, session: WriteSessionDep,
 
 @agent_router.post("/workers/{worker_id}/claim", response_model=Claim,
                    responses={204: {"description": "Nothing queued fits the free GPUs."}})
-def claim(worker_id: int, request: ClaimRequest, session: WriteSessionDep,
+def claim(worker_id: WorkerIdPath, request: ClaimRequest, session: WriteSessionDep,
           settings: SettingsDep) -> Claim | Response:
     worker = crud.get_worker(session=session, worker_id=worker_id)
     claimed = crud.claim_job(session=session, worker=worker, request=request, settings=settings)
@@ -76,14 +76,14 @@ def claim(worker_id: int, request: ClaimRequest, session: WriteSessionDep,
 
 
 @agent_router.post("/jobs/{job_id}/report", status_code=status.HTTP_204_NO_CONTENT)
-def report(job_id: int, body: Report, session: WriteSessionDep, settings: SettingsDep) -> Response:
+def report(job_id: JobIdPath, body: Report, session: WriteSessionDep, settings: SettingsDep) -> Response:
     crud.record_report(session=session, job_id=job_id, report=body, settings=settings)
     session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @agent_router.post("/jobs/{job_id}/finish", response_model=JobPublic)
-def finish(job_id: int, body: Finish, session: WriteSessionDep) -> Job:
+def finish(job_id: JobIdPath, body: Finish, session: WriteSessionDep) -> Job:
     job = crud.finish_job(session=session, job_id=job_id, finish=body)
     session.commit()
     return job

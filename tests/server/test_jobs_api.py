@@ -189,3 +189,32 @@ def test_ui_is_mounted_with_a_redirect_when_it_imports(settings):
         r = c.get("/", follow_redirects=False)
         assert r.status_code in (302, 307) and r.headers["location"] == "/ui"
         assert c.get("/ui/").status_code == 200
+
+
+def test_out_of_range_numbers_are_422_not_500(client, worker_headers):
+    huge = 2**70
+    for path in [f"/api/jobs/{huge}", f"/api/jobs/{huge}/metrics", f"/api/jobs/{huge}/logs",
+                 f"/api/jobs/{huge}/artifacts", f"/api/jobs/{huge}/events", f"/api/jobs?offset={huge}",
+                 f"/api/jobs/1/metrics?since_step={huge}"]:
+        assert client.get(path).status_code == 422, path
+    assert client.get("/api/jobs/1/events", headers={"Last-Event-ID": str(huge)}).status_code in (404, 422)
+    r = client.post(f"/api/workers/{huge}/heartbeat", json={"running_job_ids": [huge]}, headers=worker_headers)
+    assert r.status_code == 422
+    r = client.get("/api/presets", params={"model": "0" * 400})
+    assert r.status_code in (422, 501)
+
+
+def test_unexpected_errors_are_500_without_a_traceback(settings, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from server import crud
+    from server.main import create_app
+
+    def broken(**_):
+        raise RuntimeError("secret detail")
+
+    monkeypatch.setattr(crud, "list_jobs", broken)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as c:
+        r = c.get("/api/jobs", headers={"Authorization": f"Bearer {c.app.state.tokens.user}"})
+    assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
+    assert "secret" not in r.text

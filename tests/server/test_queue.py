@@ -20,9 +20,14 @@ def _register(client, worker_headers, name="w", gpus=()):
     return r.json()["worker_id"]
 
 
-def test_concurrent_claimers_never_share_a_job(client, settings, job_body):
+def test_concurrent_claimers_never_share_a_job(settings, job_body):
+    from fastapi.testclient import TestClient
+
+    # No lifespan, so no reaper: a slow run must not see leases expire and jobs legitimately re-queued.
+    client = TestClient(create_app(settings))
+    client.headers["Authorization"] = f"Bearer {client.app.state.tokens.user}"
     for _ in range(40):
-        client.post("/api/jobs", json=job_body())
+        assert client.post("/api/jobs", json=job_body()).status_code == 201
     claimed: list[int] = []
     errors: list[BaseException] = []
     lock = threading.Lock()
