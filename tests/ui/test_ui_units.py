@@ -145,3 +145,23 @@ def test_dataset_tab_renders_the_real_check_summary(tiny_model_dir, demo_data_pa
     assert frame["samples"].sum() == summary["samples"]
     svg = layout_svg(summary["example_layout"])
     assert svg.count("<rect ") == len(summary["example_layout"]["time_ids"]) and "<title>time 0" in svg
+
+
+def test_estimate_is_corrected_by_jobs_measured_on_a_gpu(live_server, scripted_worker):
+    from ui.tabs.memory import estimate_markdown, measured_peaks, worker_gpu_mem
+
+    client = ApiClient(live_server.base_url, live_server.token)
+    assert worker_gpu_mem(client) == 24.0  # what the scripted worker registered
+    config = {"base_model": "models/tiny", "data_path": "demo.jsonl", "max_seq_len": 64, "batch_size": 2}
+    before = client.estimate(config, 24, measured_peaks(client))
+    assert before["correction"] is None
+    job = client.submit_job({"config": config, "gpus": 1})
+    scripted_worker.claim()
+    scripted_worker.report(job["id"], range(1, 3))  # the trainer's gpu_mem_gb: 3.5
+    scripted_worker.finish(job["id"])
+    measured = measured_peaks(client)
+    assert measured and measured[0]["peak_mem_gb"] == pytest.approx(3.5)
+    after = client.estimate(config, 24, measured)
+    assert after["correction"]["jobs"] == 1 and after["correction"]["basis"] == "same model"
+    assert after["peak_gb"] != before["peak_gb"]
+    assert "Corrected by measured peaks of 1 job" in estimate_markdown(after)
