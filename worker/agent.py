@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from worker.client import JobGone, ServerClient, Unreachable
+from worker.client import JobGone, ServerClient, Unauthorized, Unreachable
 from worker.command import trainer_argv
 from worker.runner import LAUNCHED_BY_ENV, RUN_ENV, JobRun, Outcome, StopReason, find_orphans, kill_groups
 from worker.settings import WorkerSettings
@@ -90,6 +90,9 @@ class Agent:
                 log.warning("server %s unreachable (%s); retrying", self.settings.server_url, e)
                 time.sleep(2)
                 continue
+            except Unauthorized as e:
+                log.error("%s", e)
+                return False
             self.worker_id = reply["worker_id"]
             self.heartbeat_interval_s = reply["heartbeat_interval_s"]
             log.info("registered as worker %s (%s) with GPUs %s", self.worker_id, self.settings.name,

@@ -10,6 +10,10 @@ import httpx
 Unreachable = (httpx.TransportError, httpx.HTTPStatusError)
 
 
+class Unauthorized(Exception):
+    """401: the token is not the server's worker token. Retrying will not help."""
+
+
 class JobGone(Exception):
     """409/404: the server no longer gives this job to this worker (lease lost, re-queued, deleted)."""
 
@@ -24,6 +28,8 @@ class ServerClient:
 
     def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
         response = self._http.post(path, json=body)
+        if response.status_code == 401:
+            raise Unauthorized("the server refused the worker token (use its <data_dir>/worker_token)")
         if response.status_code in (404, 409):
             raise JobGone(f"{path}: {response.status_code} {response.text[:200]}")
         response.raise_for_status()

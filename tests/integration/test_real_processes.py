@@ -65,10 +65,8 @@ def test_worker_killed_mid_job_resumes_from_checkpoint(cluster):
     job = cluster.submit(config={**TINY_CONFIG, "max_steps": steps}, gpus=0)
     cluster.wait(job["id"], lambda j: j["step"] >= 3, what="step 3")
     first_worker.kill9()
-    t_kill = time.time()
     cluster.start_worker()  # same name: kills the old process group's leftovers, its old jobs re-queue at once
     done = cluster.wait_final(job["id"])
-    print(f"re-queued and finished {time.time() - t_kill:.1f} s after the kill")
     assert done["state"] == "succeeded", cluster.logs()
     assert done["attempt"] == 2
     assert _metric_steps(cluster, job["id"]) == list(range(1, steps + 1)), cluster.logs()

@@ -171,3 +171,9 @@ def test_ranks_that_ignore_sigterm_die_with_their_torchrun(live_server, start_ag
     live_server.api.post(f"/jobs/{job['id']}/cancel")
     assert live_server.wait_for(job["id"], {"cancelled"}, timeout=30)["state"] == "cancelled"
     wait_gone([p for info in pid_files for p in (info["pid"], info["child"])], timeout=3)
+
+
+def test_a_wrong_token_stops_the_worker_with_an_error(start_agent):
+    running = start_agent(token="not-the-worker-token")
+    running.thread.join(10)
+    assert not running.thread.is_alive() and running.exit_code == 1
