@@ -4,8 +4,8 @@ estimate of the current form (POST /api/estimate), corrected by the peaks of job
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import gradio as gr
 
@@ -33,8 +33,6 @@ class MemoryPanel:
     estimate_button: gr.Button
     estimate_md: gr.Markdown
     presets_state: gr.State
-    estimate_inputs: list = field(default_factory=list)  # session, gpu_mem, tokens_per_text, *form
-    estimate_fn: Callable[..., str] | None = None  # (estimate_inputs...) -> markdown; reused by app wiring
 
 
 def worker_gpu_mem(client: ApiClient) -> float | None:
@@ -174,7 +172,7 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
     gr.on([c.change for c in (gpu_mem, tokens_per_text, *form.inputs)], auto_estimate, estimate_inputs, estimate_md,
           trigger_mode="always_last", show_progress="hidden")
     return MemoryPanel(gpu_mem, model, tokens_per_text, presets_button, presets_table, preset_choice,
-                       apply_button, estimate_button, estimate_md, presets_state, estimate_inputs, run_estimate)
+                       apply_button, estimate_button, estimate_md, presets_state)
 
 
 def default_gpu_mem(client: ApiClient) -> float:
