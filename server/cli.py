@@ -102,20 +102,44 @@ def run(args: argparse.Namespace) -> int:
     ui_mounted = any(getattr(route, "path", "") == "/ui" for route in app.routes)
     print(banner(url, app.state.tokens.user, ui_mounted), flush=True)
 
-    worker: subprocess.Popen[bytes] | None = None
+    worker = None if args.no_worker else LocalWorker(url, settings, args.worker_gpus)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=5)
-    server = _make_server(config, on_first_exit=lambda: worker and stop_local_worker(worker))
-    if not args.no_worker:
-        worker = start_local_worker(url, settings, args.worker_gpus)
+    server = _make_server(config, on_first_exit=lambda: worker and worker.stop())
+    if worker is not None:
+        worker.start()
     try:
         server.run()
     except KeyboardInterrupt:
         pass
     finally:
         if worker is not None:
-            stop_local_worker(worker)
+            worker.stop()
     return 0
+
+
+class LocalWorker:
+    """The embedded worker subprocess, restarted if it dies (its new registration re-queues its jobs)."""
+
+    def __init__(self, url: str, settings, gpus: str) -> None:  # type: ignore[no-untyped-def]
+        self.url, self.settings, self.gpus = url, settings, gpus
+        self.process: subprocess.Popen[bytes] | None = None
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        self.process = start_local_worker(self.url, self.settings, self.gpus)
+        threading.Thread(target=self._watch, daemon=True, name="local-worker-watch").start()
+
+    def _watch(self) -> None:
+        while not self.stopping.wait(2):
+            if self.process is not None and self.process.poll() is not None and not self.stopping.is_set():
+                log.warning("the local worker exited with %s; starting it again", self.process.returncode)
+                self.process = start_local_worker(self.url, self.settings, self.gpus)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.process is not None:
+            stop_local_worker(self.process)
 
 
 def _make_server(config, on_first_exit):  # type: ignore[no-untyped-def]
