@@ -55,7 +55,8 @@ class ParatrainUI:
 
 
 def build_ui(api_base_url: str) -> ParatrainUI:
-    with gr.Blocks(title="paratrain") as blocks:
+    # delete_cache: Gradio's copies of downloaded files (YAML, adapter zips) go after a day
+    with gr.Blocks(title="paratrain", delete_cache=(3600, 86400)) as blocks:
         session = gr.State({"token": None})
         remembered = gr.BrowserState({"token": None, "job_id": None}, storage_key=BROWSER_KEY)
         ctx = UiContext(api_base_url, session)

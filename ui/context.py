@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +29,26 @@ class UiContext:
         if not token:
             raise NotLoggedIn()
         return ApiClient(self.base_url, token)
+
+
+SCRATCH_MAX_AGE_S = 3600
+
+
+def scratch_file(name: str) -> str:
+    """A fresh path named `name` for a file handed to the browser (a saved YAML, an adapter zip).
+
+    Gradio copies returned files into its own cache (cleaned by Blocks(delete_cache=...)), so ours are
+    only needed for a moment: anything older than an hour in our scratch dir is removed on each call."""
+    root = os.path.join(tempfile.gettempdir(), "paratrain-ui")
+    os.makedirs(root, exist_ok=True)
+    now = time.time()
+    for entry in os.scandir(root):
+        try:
+            if now - entry.stat().st_mtime > SCRATCH_MAX_AGE_S:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        except FileNotFoundError:  # another session pruned it first
+            pass
+    return os.path.join(tempfile.mkdtemp(dir=root), name)
 
 
 def fmt_duration(seconds: float | None) -> str:

@@ -9,8 +9,6 @@ and training is never touched by the UI.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 import html
 from dataclasses import dataclass
@@ -20,7 +18,7 @@ import gradio as gr
 import pandas as pd
 
 from ui.api import ApiClient, ApiError
-from ui.context import UiContext, fmt_duration, fmt_number
+from ui.context import UiContext, fmt_duration, fmt_number, scratch_file
 
 TABLE_COLUMNS = ["id", "name", "state", "progress", "ETA", "tokens/s", "GPU", "attempt", "loss", "peak GB"]
 LOG_TAIL_LINES = 200
@@ -251,7 +249,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             files = [a["path"] for a in client.artifacts(job_id) if a["path"].startswith("adapter/")]
             if not files:
                 raise ApiError(404, f"job #{job_id} has no adapter yet (it is written when training ends)")
-            target = os.path.join(tempfile.mkdtemp(prefix="paratrain-adapter-"), f"job{job_id}-adapter.zip")
+            target = scratch_file(f"job{job_id}-adapter.zip")
             with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as z:
                 for path in files:
                     z.writestr(path, client.download_artifact(job_id, path))

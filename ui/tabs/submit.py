@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import re
 import shlex
-import tempfile
 from dataclasses import dataclass
 
 import gradio as gr
 
 from ui.api import ApiError
-from ui.context import UiContext
+from ui.context import UiContext, scratch_file
 from ui.form import ConfigForm, build_config_form, from_yaml, job_body, to_yaml, validate
 from ui.tabs.memory import MemoryPanel, create_memory_panel
 
@@ -89,7 +88,7 @@ def create_submit_tab(ctx: UiContext) -> SubmitTab:
     def save(*form_args):
         values = form.values(form_args)
         name = re.sub(r"[^A-Za-z0-9._-]", "_", str(values.get("name") or "paratrain"))
-        path = os.path.join(tempfile.mkdtemp(prefix="paratrain-config-"), f"{name}.yaml")
+        path = scratch_file(f"{name}.yaml")
         with open(path, "w", encoding="utf-8") as f:
             f.write(to_yaml(values))
         return gr.update(value=path, visible=True)
