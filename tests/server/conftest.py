@@ -17,7 +17,7 @@ def settings(tmp_path: Path) -> Settings:
     (tmp_path / "datasets").mkdir()
     (tmp_path / "datasets" / "demo.jsonl").write_text('{"main": "m", "branches": ["a", "b"]}\n')
     (tmp_path / "models" / "tiny").mkdir(parents=True)
-    return Settings(data_dir=tmp_path, heartbeat_interval_s=0.2, lease_ttl_s=1.0, reaper_interval_s=0.1,
+    return Settings(data_dir=tmp_path, heartbeat_interval_s=0.2, lease_ttl_s=2.0, reaper_interval_s=0.1,
                     mount_ui=False,
                     max_attempts=2, sse_poll_s=0.05)
 

@@ -67,15 +67,15 @@ def test_lost_lease_requeues_then_fails_with_reason(client, worker_headers, job_
     job = client.post("/api/jobs", json=job_body()).json()  # max_attempts 2 (settings)
     wid = _register(client, worker_headers)
     assert client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers).json()["job"]["id"] == job["id"]
-    # heartbeats renew the lease past its TTL (1 s)
-    for _ in range(8):
+    # heartbeats renew the lease past its TTL (2 s)
+    for _ in range(14):
         reply = client.post(f"/api/workers/{wid}/heartbeat", json={"running_job_ids": [job["id"]]},
                             headers=worker_headers).json()
         assert reply == {"cancel_job_ids": []}
         time.sleep(0.2)
     assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "running"
     # silence: the reaper re-queues it as attempt 2
-    deadline = time.time() + 5
+    deadline = time.time() + 10
     while client.get(f"/api/jobs/{job['id']}").json()["state"] != "queued":
         assert time.time() < deadline
         time.sleep(0.1)
@@ -87,6 +87,7 @@ def test_lost_lease_requeues_then_fails_with_reason(client, worker_headers, job_
     assert reply == {"cancel_job_ids": [job["id"]]}
     client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers)
     deadline = time.time() + 5
+    deadline = time.time() + 10
     while client.get(f"/api/jobs/{job['id']}").json()["state"] != "failed":
         assert time.time() < deadline
         time.sleep(0.1)

@@ -93,7 +93,7 @@ def test_a_trainer_ignoring_sigterm_is_killed_after_the_grace(live_server, start
 
 def test_jobs_share_a_worker_on_disjoint_gpus(live_server, start_agent, monkeypatch, job_body):
     monkeypatch.setenv("FAKE_STEP_S", "0.3")
-    ids = [live_server.api.post("/jobs", json=job_body(gpus=g, max_steps=4)).json()["id"] for g in (1, 2, 1)]
+    ids = [live_server.api.post("/jobs", json=job_body(gpus=g, max_steps=8)).json()["id"] for g in (1, 2, 1)]
     start_agent(gpus="0,1,2")
     # jobs 1 and 2 (1 + 2 GPUs) run together; job 3 waits for a GPU
     first, second = (live_server.wait_for(i, {"running"}) for i in ids[:2])
