@@ -41,6 +41,7 @@ class Agent:
         self._cancel_ids: set[int] = set()
         self._cancel_lock = threading.Lock()
         self._next_claim = 0.0
+        self._unknown_to_server = threading.Event()  # the server lost our registration (a new database)
 
     # --- signals -----------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -65,6 +66,9 @@ class Agent:
         beat.start()
         try:
             while True:
+                if self._unknown_to_server.is_set():
+                    self._unknown_to_server.clear()
+                    self._register()
                 if self.cold_stop.is_set():
                     for run in self.runs.values():
                         run.stop(StopReason.release, self.settings.kill_grace_s)
@@ -109,8 +113,11 @@ class Agent:
                     self._cancel_ids.update(stop)
                 if self.settings.health_file is not None:
                     self.settings.health_file.touch()
-            except (*Unreachable, JobGone) as e:
+            except Unreachable as e:
                 log.warning("heartbeat failed: %s", e)
+            except JobGone:
+                log.warning("the server does not know worker %s any more; registering again", self.worker_id)
+                self._unknown_to_server.set()
             stopped.wait(self.heartbeat_interval_s)
 
     def _apply_cancels(self) -> None:

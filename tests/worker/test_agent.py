@@ -177,3 +177,22 @@ def test_a_wrong_token_stops_the_worker_with_an_error(start_agent):
     running = start_agent(token="not-the-worker-token")
     running.thread.join(10)
     assert not running.thread.is_alive() and running.exit_code == 1
+
+
+def test_a_worker_registers_again_when_the_server_forgot_it(live_server, start_agent):
+    from sqlmodel import Session, delete
+
+    from server.models import Worker
+
+    running = start_agent()
+    deadline = time.time() + 10
+    while not live_server.api.get("/workers").json()["data"]:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    with Session(live_server.app.state.write_engine) as session:  # as if the database had been replaced
+        session.exec(delete(Worker))
+        session.commit()
+    while not live_server.api.get("/workers").json()["data"]:
+        assert time.time() < deadline, "the worker did not register again"
+        time.sleep(0.05)
+    assert running.thread.is_alive()
