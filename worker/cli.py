@@ -7,7 +7,8 @@ import argparse
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", help="Server URL (env PARATRAIN_WORKER_SERVER_URL; default http://127.0.0.1:8000).")
-    parser.add_argument("--token", help="Worker token (env PARATRAIN_WORKER_TOKEN; the server's <data_dir>/worker_token).")
+    parser.add_argument("--token", help="Worker token (env PARATRAIN_WORKER_TOKEN; the server's "
+                                        "<data_dir>/worker_token).")
     parser.add_argument("--token-file", help="Read the worker token from this file.")
     parser.add_argument("--name", help="Worker name, unique per machine (default: hostname).")
     parser.add_argument("--gpus", help="'auto' (NVML, default), 'none', or indices like '0,1'.")

@@ -124,7 +124,8 @@ def test_reports_are_idempotent_and_a_rerun_step_replaces(client, worker_headers
     assert client.post(f"/api/jobs/{job_id}/report", json=body, headers=worker_headers).status_code == 204
     metrics = client.get(f"/api/jobs/{job_id}/metrics").json()["data"]
     assert [(m["step"], m["loss"]) for m in metrics] == [(1, 2.0), (2, 1.5)]
-    assert [m["step"] for m in client.get(f"/api/jobs/{job_id}/metrics", params={"since_step": 1}).json()["data"]] == [2]
+    later = client.get(f"/api/jobs/{job_id}/metrics", params={"since_step": 1}).json()["data"]
+    assert [m["step"] for m in later] == [2]
     logs = client.get(f"/api/jobs/{job_id}/logs").json()
     worker_lines = [x["line"] for x in logs["data"] if not x["line"].startswith("[paratrain]")]
     assert worker_lines == ["a", "b", "c"]

@@ -121,7 +121,8 @@ def test_cold_stop_hands_jobs_back_and_they_resume(live_server, start_agent, mon
     assert done["state"] == "succeeded"
     metrics = live_server.api.get(f"/jobs/{job['id']}/metrics").json()["data"]
     assert [m["step"] for m in metrics] == list(range(1, 13))
-    starts = [x["line"] for x in live_server.api.get(f"/jobs/{job['id']}/logs").json()["data"] if '"start"' in x["line"]]
+    lines = [x["line"] for x in live_server.api.get(f"/jobs/{job['id']}/logs").json()["data"]]
+    starts = [x for x in lines if '"start"' in x]
     assert json.loads(starts[-1])["resumed_from_step"] >= 3  # the second run continued from its checkpoint
 
 
