@@ -26,6 +26,9 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+# as `paratrain serve` runs uvicorn: longer than any pause of a pooled client connection, so the server
+# never closes one just as the client sends on it (uvicorn's default is 5 s)
+KEEP_ALIVE_S = 75
 
 
 def _free_port() -> int:
@@ -42,7 +45,7 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     env = {**os.environ, "PARATRAIN_DATA_DIR": str(data_dir), "PARATRAIN_MOUNT_UI": "false"}
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "server.main:create_app",
                                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-                               "--no-access-log"], cwd=REPO, env=env)
+                               "--no-access-log", "--timeout-keep-alive", str(KEEP_ALIVE_S)], cwd=REPO, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while True:

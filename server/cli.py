@@ -103,8 +103,9 @@ def run(args: argparse.Namespace) -> int:
     print(banner(url, app.state.tokens.user, ui_mounted), flush=True)
 
     worker = None if args.no_worker else LocalWorker(url, settings, args.worker_gpus)
+    # keep-alive: longer than a client's pause between pooled requests (uvicorn's default 5 s races with them)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
-                            timeout_graceful_shutdown=5)
+                            timeout_keep_alive=75, timeout_graceful_shutdown=5)
     server = _make_server(config, on_first_exit=lambda: worker and worker.stop())
     if worker is not None:
         worker.start()
