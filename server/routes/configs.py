@@ -18,13 +18,21 @@ router = APIRouter(tags=["configs"], dependencies=[UserAuth])
 
 
 class DatasetCheck(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # the UI may send its whole form
+    """data_path (+ base_model for the tokenizer) and, optionally, any other TrainConfig field that shapes
+    samples and batches (max_seq_len, branches_per_sample, batch_size, ...); the UI sends its whole form."""
+
+    model_config = ConfigDict(extra="allow")
 
     data_path: str = Field(min_length=1)
     base_model: str | None = None
 
 
 class DatasetCheckResult(BaseModel):
+    """Errors (`FILE:LINE: ...`), or the summary of `trainer_core.data_cli.summarize` when a tokenizer
+    (base_model) was given; with no base_model only the record count."""
+
+    model_config = ConfigDict(extra="allow")
+
     data_path: str
     records: int | None = None
     errors: list[str] = Field(default_factory=list)
@@ -49,7 +57,35 @@ def check_dataset(body: DatasetCheck, settings: SettingsDep) -> DatasetCheckResu
         path = confine(body.data_path, roots=settings.read_roots, base=settings.data_root)
     except ValueError as e:
         raise FieldError(("body", "data_path"), str(e)) from None
+    if body.base_model is None:
+        try:
+            return DatasetCheckResult(data_path=str(path), records=validate_file(path))
+        except DataError as e:
+            return DatasetCheckResult(data_path=str(path), errors=e.lines)
+    return DatasetCheckResult(**summarize_dataset(body, path, settings))
+
+
+def summarize_dataset(body: DatasetCheck, path, settings) -> dict[str, Any]:
+    from pydantic import ValidationError
+
+    from trainer_core.data_cli import summarize
+
     try:
-        return DatasetCheckResult(data_path=str(path), records=validate_file(path))
-    except DataError as e:
-        return DatasetCheckResult(data_path=str(path), errors=e.lines)
+        model = confine(body.base_model, roots=settings.read_roots, base=settings.data_root)
+    except ValueError as e:
+        raise FieldError(("body", "base_model"), str(e)) from None
+    sample_fields = {k: v for k, v in (body.model_extra or {}).items()
+                     if k in TrainConfig.model_fields and k not in ("output_dir", "name") and v not in (None, "")}
+    try:
+        cfg = TrainConfig(**sample_fields, base_model=str(model), data_path=str(path))
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise FieldError(("body", *[str(p) for p in err["loc"]]), err["msg"]) from None
+    if not (model / "tokenizer.json").exists() and not (model / "tokenizer_config.json").exists():
+        raise FieldError(("body", "base_model"), f"{body.base_model}: no tokenizer found in this model directory")
+    try:
+        summary = summarize(cfg)
+    except (OSError, ValueError) as e:  # an unreadable tokenizer
+        raise FieldError(("body", "base_model"), f"{body.base_model}: cannot load its tokenizer ({e})") from None
+    summary["data_path"] = str(path)
+    return summary
