@@ -16,8 +16,9 @@ from server import crud
 from server.auth import ensure_tokens
 from server.db import init_db, make_engine, write_engine
 from server.errors import Conflict, FieldError, NotFound
+from server.limits import BodySizeLimit
 from server.models import utcnow
-from server.routes import configs, estimate, jobs, streams, workers
+from server.routes import admin, configs, estimate, jobs, streams, workers
 from server.settings import Settings, get_settings
 
 log = logging.getLogger("paratrain.server")
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.write_engine = write_engine(engine)
     app.state.tokens = tokens
+    app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_body_mb * 1024 * 1024))
     _add_exception_handlers(app)
 
     api = APIRouter(prefix="/api")
@@ -109,7 +111,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    for module in (jobs, streams, workers, configs, estimate):
+    for module in (jobs, streams, workers, configs, estimate, admin):
         api.include_router(module.router)
     api.include_router(workers.agent_router)
     app.include_router(api)

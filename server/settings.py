@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     sse_poll_s: float = Field(0.25, gt=0, description="How often an SSE stream looks for new events.")
     sse_ping_s: float = Field(15.0, gt=0)
     max_log_line_chars: int = 4000
+    max_body_mb: float = Field(16.0, gt=0, description="Request bodies larger than this are refused with 413.")
 
     @model_validator(mode="after")
     def _fill_defaults(self) -> "Settings":
