@@ -4,6 +4,7 @@ Heavy imports happen in run(), not here."""
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -73,10 +74,16 @@ def stop_local_worker(worker: subprocess.Popen[bytes], grace_s: float = 60) -> N
         worker.wait()
 
 
+def demo_job() -> dict:
+    """The demo job the banner's curl submits: the guide's batch shape, a learning rate that shows the tiny
+    random model's loss falling within a minute on a CPU."""
+    return {"config": {"base_model": DEMO_MODEL, "data_path": DEMO_DATA, "batch_size": 4, "batch_by_samples": True,
+                       "max_branches_per_sample": 16, "learning_rate": 0.003, "max_steps": 40}, "gpus": 0}
+
+
 def banner(url: str, token: str, ui: bool) -> str:
     curl = (f"curl -X POST {url}/api/jobs -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' "
-            f"-d '{{\"config\": {{\"base_model\": \"{DEMO_MODEL}\", \"data_path\": \"{DEMO_DATA}\", "
-            f"\"max_steps\": 20}}, \"gpus\": 0}}'")
+            f"-d '{json.dumps(demo_job())}'")
     lines = ["", "paratrain is running", f"  API token: {token}", f"  API docs:  {url}/docs"]
     if ui:
         lines.append(f"  UI:        {url}/ui  (log in with the token)")

@@ -110,6 +110,7 @@ def make_tiny_model(out_dir: str | os.PathLike, hidden_size: int = 64, num_layer
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
         max_position_embeddings=32768, tie_word_embeddings=True,
+        initializer_range=0.1,  # larger random weights: the demo LoRA shows a visibly falling loss
         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
