@@ -35,6 +35,29 @@ from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_
 
 EXIT_BAD_INPUT = 2
 EXIT_OOM = 3
+# Test-only fault injection, off unless set (tests/reliability): `oom_at_step:N`, `crash_rank:R_at_step:N`
+# (SIGKILL of rank R), `enospc_on_checkpoint:N` (OSError ENOSPC when saving step N). A run that resumed
+# from a checkpoint injects nothing, so a retry shows the recovery.
+FAULT_ENV = "PARATRAIN_FAULT"
+
+
+def inject_fault(env: DistEnv, step: int, where: str, resumed: bool) -> None:
+    import os
+    import re
+
+    spec = os.environ.get(FAULT_ENV, "")
+    match = re.fullmatch(r"(oom|crash_rank:(\d+)|enospc_on_checkpoint)(?:_at_step)?:(\d+)", spec)
+    if match is None or resumed or int(match.group(3)) != step:
+        return
+    kind = match.group(1)
+    if kind == "oom" and where == "step":
+        raise torch.OutOfMemoryError(f"{FAULT_ENV}: simulated CUDA out of memory at step {step}")
+    if match.group(2) is not None and where == "step" and env.rank == int(match.group(2)):
+        os.kill(os.getpid(), signal.SIGKILL)
+    if kind == "enospc_on_checkpoint" and where == "checkpoint":
+        import errno
+
+        raise OSError(errno.ENOSPC, f"No space left on device ({FAULT_ENV}: simulated, checkpoint of step {step})")
 
 
 class StopFlag:
@@ -143,7 +166,10 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     latest_pth, final_pth, adapter_dir = output_names(cfg)
     dense_attention = attention_backend(env.device) != "flex_attention"
 
+    resumed = last is not None
+
     def save(epoch: int, epoch_step: int) -> None:
+        inject_fault(env, step, "checkpoint", resumed)
         weights = lora_state_dict(model)
         if env.is_main:
             path = ckpt.save_checkpoint(out_dir, step=step, lora_weights=weights, optimizer=optimizer,
@@ -178,6 +204,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            inject_fault(env, step, "step", resumed)
 
             mean_loss = all_reduce_sum(env, float(loss_sum)) / label_tokens
             tokens = all_reduce_sum(env, float(sum(m.num_tokens for m in micro)))
