@@ -4,8 +4,10 @@ Callers commit."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -169,7 +171,26 @@ def retry_job(*, session: Session, job_id: int, settings: Settings) -> Job:
         raise Conflict(f"job {job_id}'s config is no longer valid: {e}") from None
     job_create = JobCreate(config=config, gpus=old.gpus, nproc=old.nproc if old.gpus == 0 else None,
                            nodes=old.nodes, priority=old.priority, max_attempts=old.max_attempts)
-    return create_job(session=session, job_create=job_create, settings=settings, retry_of=old.id)
+    job = create_job(session=session, job_create=job_create, settings=settings, retry_of=old.id)
+    _carry_checkpoints(Path(old.config["output_dir"]), Path(job.config["output_dir"]))
+    return job
+
+
+def _carry_checkpoints(old_out: Path, new_out: Path) -> None:
+    """A retry resumes where its original stopped: the original's checkpoints are linked (or copied) into
+    the new job's output dir. Checkpoint files are never changed in place, so sharing their inodes is safe."""
+    source = old_out / "checkpoints"
+    if not is_dir(source):
+        return
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, new_out / "checkpoints", copy_function=link_or_copy, symlinks=False,
+                    ignore=shutil.ignore_patterns(".tmp_*"), dirs_exist_ok=True)
 
 
 def delete_job(*, session: Session, job_id: int, settings: Settings) -> None:
