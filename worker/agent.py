@@ -25,6 +25,8 @@ log = logging.getLogger("paratrain.worker")
 
 MAX_METRICS_PER_REPORT = 500
 MAX_LOGS_PER_REPORT = 2000
+# paratrain's own secrets never reach the job's processes (what a job runs is not trusted with them)
+SECRET_ENV = ("PARATRAIN_WORKER_TOKEN", "PARATRAIN_USER_TOKEN")
 
 
 class Agent:
@@ -158,7 +160,7 @@ class Agent:
         gpu_ids: list[int] = claim["gpu_ids"]
         argv = trainer_argv(TrainConfig(**job["config"]), nproc=job["nproc"], trainer=self.settings.trainer,
                             use_torchrun=self.settings.use_torchrun)
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         env.update({
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpu_ids)),  # empty for a CPU job: no GPU at all
             "PYTHONUNBUFFERED": "1",

@@ -235,6 +235,9 @@ def trainer_exit_code(exit_code: int, stderr_lines: list[str]) -> int:
 def _trainer_stderr(stderr_lines: list[str]) -> list[str]:
     """stderr without torchrun's failure summary (a block fenced by ===== lines) and tracebacks' noise."""
     for i, line in enumerate(stderr_lines):
+        if "failed (exitcode" in line and "torch/distributed/elastic" in line:  # torchrun's own report follows
+            stderr_lines = stderr_lines[:i]
+            break
         if line.startswith("=" * 20) and any("FAILED" in x for x in stderr_lines[i:i + 3]):
             stderr_lines = stderr_lines[:i]
             break
@@ -251,6 +254,9 @@ def classify_exit(exit_code: int, stderr_lines: list[str]) -> tuple[str | None, 
         return "data", tail or "bad config or data (exit 2)"
     if code == 3:
         return "oom", tail or "out of memory (exit 3)"
+    if "No space left on device" in tail:
+        return "crash", f"disk full (No space left on device), exit code {code}; the last complete checkpoint " \
+                        f"is kept: free space and retry to resume\n{tail}"
     if code < 0 or code > 128:
         signum = -code if code < 0 else code - 128
         name = signal.Signals(signum).name if signum in signal.Signals._value2member_map_ else str(signum)
