@@ -77,6 +77,7 @@ def test_worker_killed_mid_job_resumes_from_checkpoint(cluster):
     logs = [x["line"] for x in cluster.api.get(f"/jobs/{job['id']}/logs", params={"limit": 10000}).json()["data"]]
     starts = [x for x in logs if '"event": "start"' in x]
     assert len(starts) == 2 and '"resumed_from_step": 0' not in starts[1], starts  # continued from a checkpoint
+    assert cluster.api.get("/integrity").json() == {"ok": True, "problems": []}  # server/integrity.py
 
 
 def test_server_killed_mid_job_loses_nothing(cluster):
@@ -95,6 +96,7 @@ def test_server_killed_mid_job_loses_nothing(cluster):
     assert [x for x in logs if x.startswith("step ") and "/" in x.split()[1]] == \
            [x for x in logs if x.startswith("step ")]  # sanity: progress lines present
     assert [int(x.split()[1].split("/")[0]) for x in logs if x.startswith("step ")] == list(range(1, steps + 1))
+    assert cluster.api.get("/integrity").json() == {"ok": True, "problems": []}
 
 
 def test_cancel_a_two_process_job_leaves_no_process(cluster):
