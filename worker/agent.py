@@ -57,7 +57,7 @@ class Agent:
 
     # --- main loop ---------------------------------------------------------------------------------
     def run(self) -> int:
-        orphans = find_orphans(self.settings.name)
+        orphans = find_orphans(self.settings.identity)
         if orphans:
             log.warning("stopping process groups %s left by a previous worker %r", sorted(orphans), self.settings.name)
             kill_groups(list(orphans), self.settings.kill_grace_s)
@@ -165,8 +165,8 @@ class Agent:
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpu_ids)),  # empty for a CPU job: no GPU at all
             "PYTHONUNBUFFERED": "1",
             "PARATRAIN_JOB_ID": str(job["id"]),
-            LAUNCHED_BY_ENV: self.settings.name,
-            RUN_ENV: f"{self.settings.name}/{job['id']}/{job['attempt']}",
+            LAUNCHED_BY_ENV: self.settings.identity,
+            RUN_ENV: f"{self.settings.identity}/{job['id']}/{job['attempt']}",
         })
         run = JobRun(job_id=job["id"], attempt=job["attempt"], gpu_ids=gpu_ids, argv=argv, env=env)
         if job["attempt"] > 1:

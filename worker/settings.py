@@ -26,6 +26,12 @@ class WorkerSettings(BaseSettings):
     request_timeout_s: float = Field(10.0, gt=0)
     health_file: Path | None = Field(None, description="Touched after every accepted heartbeat (container "
                                      "health checks look at its age).")
+    @property
+    def identity(self) -> str:
+        """Name and server together mark this worker's processes: two workers of the same name on one host
+        (two `paratrain serve` instances, a test suite beside a real server) never touch each other's runs."""
+        return f"{self.name}@{self.server_url}"
+
     trainer: list[str] = Field(default_factory=lambda: list(DEFAULT_TRAINER),
                                description="What torchrun runs (tests use a fake trainer script).")
     use_torchrun: bool = Field(True, description="False runs the trainer with plain python (tests only).")

@@ -134,7 +134,7 @@ class Cluster:
             self.server.stop()
         if self.api is not None:
             self.api.close()
-        leftovers = find_orphans(self.worker_name)
+        leftovers = find_orphans(f"{self.worker_name}@{self.url}")  # the worker's identity: name@server
         if leftovers:
             kill_groups(list(leftovers), 5)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -197,3 +198,24 @@ def test_a_worker_registers_again_when_the_server_forgot_it(live_server, start_a
         assert time.time() < deadline, "the worker did not register again"
         time.sleep(0.05)
     assert running.thread.is_alive()
+
+
+def test_workers_of_the_same_name_on_other_servers_leave_each_others_runs_alone():
+    """Two `paratrain serve` instances on one host both call their worker by the hostname: the orphan sweep
+    of one must not kill the other's training."""
+    import subprocess
+
+    from worker.runner import LAUNCHED_BY_ENV, find_orphans, kill_groups
+    from worker.settings import WorkerSettings
+
+    mine = WorkerSettings(name="host", server_url="http://127.0.0.1:8000")
+    other = WorkerSettings(name="host", server_url="http://127.0.0.1:9000")
+    assert mine.identity != other.identity
+    proc = subprocess.Popen(["sleep", "30"], env={**os.environ, LAUNCHED_BY_ENV: other.identity},
+                            start_new_session=True)
+    try:
+        assert proc.pid not in find_orphans(mine.identity)
+        assert proc.pid in find_orphans(other.identity)
+    finally:
+        kill_groups([proc.pid], 1)
+        proc.wait(5)
