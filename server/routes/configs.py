@@ -36,6 +36,7 @@ class DatasetCheckResult(BaseModel):
     data_path: str
     records: int | None = None
     errors: list[str] = Field(default_factory=list)
+    note: str | None = None
 
 
 @router.get("/config-schema")
@@ -57,12 +58,21 @@ def check_dataset(body: DatasetCheck, settings: SettingsDep) -> DatasetCheckResu
         path = confine(body.data_path, roots=settings.read_roots, base=settings.data_root)
     except ValueError as e:
         raise FieldError(("body", "data_path"), str(e)) from None
-    if body.base_model is None:
+    if body.base_model is None or not has_tokenizer(body.base_model, settings):
+        note = None if body.base_model is None else f"{body.base_model} has no tokenizer: only the lines were checked"
         try:
-            return DatasetCheckResult(data_path=str(path), records=validate_file(path))
+            return DatasetCheckResult(data_path=str(path), records=validate_file(path), note=note)
         except DataError as e:
-            return DatasetCheckResult(data_path=str(path), errors=e.lines)
+            return DatasetCheckResult(data_path=str(path), errors=e.lines, note=note)
     return DatasetCheckResult(**summarize_dataset(body, path, settings))
+
+
+def has_tokenizer(base_model: str, settings) -> bool:
+    try:
+        model = confine(base_model, roots=settings.read_roots, base=settings.data_root)
+    except ValueError as e:
+        raise FieldError(("body", "base_model"), str(e)) from None
+    return (model / "tokenizer.json").exists() or (model / "tokenizer_config.json").exists()
 
 
 def summarize_dataset(body: DatasetCheck, path, settings) -> dict[str, Any]:
@@ -81,8 +91,6 @@ def summarize_dataset(body: DatasetCheck, path, settings) -> dict[str, Any]:
     except ValidationError as e:
         err = e.errors()[0]
         raise FieldError(("body", *[str(p) for p in err["loc"]]), err["msg"]) from None
-    if not (model / "tokenizer.json").exists() and not (model / "tokenizer_config.json").exists():
-        raise FieldError(("body", "base_model"), f"{body.base_model}: no tokenizer found in this model directory")
     try:
         summary = summarize(cfg)
     except (OSError, ValueError) as e:  # an unreadable tokenizer
