@@ -1,0 +1,55 @@
+"""Gradio's own HTTP API (/ui/gradio_api/...) without a login: the UI keeps the token in per-session
+server-side state, so a direct call starts a session with no token and every handler refuses with a clear
+message instead of answering with data (issue 6)."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+
+
+def _endpoints(base: str) -> dict:
+    info = httpx.get(f"{base}/ui/gradio_api/info", timeout=30)
+    assert info.status_code == 200, info.text
+    return info.json()["named_endpoints"]
+
+
+def _call(base: str, name: str, data: list) -> str:
+    """Gradio's two-step call API: POST the inputs, then read the SSE result stream."""
+    r = httpx.post(f"{base}/ui/gradio_api/call{name}", json={"data": data}, timeout=30)
+    if r.status_code != 200:
+        return f"HTTP {r.status_code} {r.text}"
+    event_id = r.json()["event_id"]
+    with httpx.stream("GET", f"{base}/ui/gradio_api/call{name}/{event_id}", timeout=60) as s:
+        return "".join(s.iter_text())
+
+
+def test_gradio_endpoints_without_login_return_no_data(live_server, scripted_worker):
+    base = live_server.base_url
+    with live_server.api() as api:  # something secret to leak: a job with a recognisable name
+        r = api.post("/api/jobs", json={"config": {"base_model": "models/tiny", "data_path": "demo.jsonl",
+                                                   "name": "secret-job-name"}, "gpus": 1})
+        assert r.status_code == 201, r.text
+        jobs_before = api.get("/api/jobs").json()["count"]
+    endpoints = _endpoints(base)
+    assert endpoints, "Gradio exposes no API endpoint?"
+    called = 0
+    for name, spec in endpoints.items():
+        data = [p.get("example_input") if p.get("example_input") is not None else p.get("parameter_default")
+                for p in spec["parameters"]]
+        out = _call(base, name, data)
+        called += 1
+        assert "secret-job-name" not in out, (name, out[:2000])
+        assert live_server.token not in out
+    # the handlers that take a token: a wrong one is refused with a clear message, a right one works
+    out = _call(base, "/login", ["wrong-token", {"token": None, "job_id": None}])
+    assert "Wrong token" in out and "secret-job-name" not in out, out[:2000]
+    out = _call(base, "/restore", [{"token": "wrong-token", "job_id": None}])
+    assert "no longer valid" in out and "secret-job-name" not in out, out[:2000]
+    out = _call(base, "/login", [live_server.token, {"token": None, "job_id": None}])
+    assert "secret-job-name" in out, out[:2000]  # the same call with the token does answer with data
+    with live_server.api() as api:
+        assert api.get("/api/jobs").json()["count"] == jobs_before  # nothing was submitted either
+    assert called >= 3
