@@ -81,10 +81,15 @@ def demo_job() -> dict:
                        "max_branches_per_sample": 16, "learning_rate": 0.003, "max_steps": 40}, "gpus": 0}
 
 
-def banner(url: str, token: str, ui: bool) -> str:
-    curl = (f"curl -X POST {url}/api/jobs -H 'Authorization: Bearer {token}' -H 'Content-Type: application/json' "
+def banner(url: str, token: str, ui: bool, hidden: tuple[str, str] | None = None) -> str:
+    """`hidden` = (where the token is, a shell expression for it): used when stdout is not a terminal (a log
+    file, a journal), so that no log ever holds the token."""
+    shown = token if hidden is None else hidden[1]
+    curl = (f"curl -X POST {url}/api/jobs -H \"Authorization: Bearer {shown}\" -H 'Content-Type: application/json' "
             f"-d '{json.dumps(demo_job())}'")
-    lines = ["", "paratrain is running", f"  API token: {token}", f"  API docs:  {url}/docs"]
+    lines = ["", "paratrain is running",
+             f"  API token: {token}" if hidden is None else f"  API token: {hidden[0]} (not printed to a log)",
+             f"  API docs:  {url}/docs"]
     if ui:
         lines.append(f"  UI:        {url}/ui  (log in with the token)")
     lines += ["  Train the demo model on the demo data:", f"    {curl}", ""]
@@ -107,7 +112,11 @@ def run(args: argparse.Namespace) -> int:
     connect_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
     url = f"http://{connect_host}:{settings.port}"
     ui_mounted = any(getattr(route, "path", "") == "/ui" for route in app.routes)
-    print(banner(url, app.state.tokens.user, ui_mounted), flush=True)
+    hidden = None
+    if not sys.stdout.isatty():
+        hidden = (("in $PARATRAIN_USER_TOKEN", "$PARATRAIN_USER_TOKEN") if settings.user_token else
+                  (f"in {settings.data_dir / 'token'}", f"$(cat {settings.data_dir / 'token'})"))
+    print(banner(url, app.state.tokens.user, ui_mounted, hidden), flush=True)
 
     worker = None if args.no_worker else LocalWorker(url, settings, args.worker_gpus)
     # keep-alive: longer than a client's pause between pooled requests (uvicorn's default 5 s races with them)

@@ -45,7 +45,8 @@ def test_serve_trains_the_demo_and_hands_jobs_back_on_exit(data_dir, tmp_path):
     try:
         token = (data_dir / "token").read_text().strip()
         banner = log_path.read_text()
-        assert token in banner and "curl -X POST" in banner and "models/tiny-qwen2" in banner
+        assert "curl -X POST" in banner and "models/tiny-qwen2" in banner
+        assert token not in banner and f"$(cat {data_dir / 'token'})" in banner  # stdout is a file: no secret in it
         api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api", headers={"Authorization": f"Bearer {token}"},
                            timeout=30)
         assert httpx.get(f"http://127.0.0.1:{port}/api/jobs").status_code == 401
