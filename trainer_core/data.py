@@ -395,7 +395,7 @@ def collate_batch(ds: TokenizedDataset, samples: SampleIndex, batch: np.ndarray,
     longest sample's length: short samples still share rows, but no row grows past what padding would."""
     layouts = [build_sample_layout(*sample_token_ids(ds, samples, int(s)), branch_stride=cfg.branch_stride)
                for s in batch]
-    budget = cfg.tokens_per_row
     if dense_attention:
-        budget = min(budget, max(len(lay) for lay in layouts))
-    return collate_packed(layouts, budget)
+        return collate_packed(layouts, min(cfg.tokens_per_row, max(len(lay) for lay in layouts)))
+    # Flex works in 128-token blocks; whole blocks also keep the number of distinct compiled shapes small.
+    return collate_packed(layouts, cfg.tokens_per_row, pad_to_multiple=128)

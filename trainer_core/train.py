@@ -30,7 +30,7 @@ from trainer_core.data import (DataError, build_samples, collate_batch, epoch_ba
                                prepare_tokens, rank_batches, steps_in_epoch)
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
                                compute_init, gather_objects, print0)
-from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, lora_state_dict, parallel_logits,
+from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, hidden_states, lora_state_dict,
                                save_adapter_dir)
 
 EXIT_BAD_INPUT = 2
@@ -261,9 +261,11 @@ def probe_logits(model, ds, samples, cfg: TrainConfig, device: torch.device) -> 
     batch = collate_batch(ds, samples, np.array([0]), cfg).to(device)
     was_training = model.training
     model.eval()
-    logits = parallel_logits(model, batch.input_ids, batch.pos1d, batch.branch_pos, batch.time_ids, batch.sample_ids)
+    hidden = hidden_states(model, batch.input_ids, batch.pos1d, batch.branch_pos, batch.time_ids, batch.sample_ids)
+    last = int((batch.sample_ids[0] >= 0).sum()) - 1
+    logits = model.get_base_model().get_output_embeddings()(hidden[0, last])   # one position, not [T, V]
     model.train(was_training)
-    return [round(float(x), 5) for x in logits[0, -1, :8]]
+    return [round(float(x), 5) for x in logits[:8]]
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:
