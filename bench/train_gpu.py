@@ -214,6 +214,12 @@ def main() -> None:
     model = build_model(shape, device, dtype, attn, cfg)
     results.append(run_variant(f"(b) trainer_core: packed rows, {attn}, chunked CE", model, steps, device,
                                packed_runner(model, 32768), warmup, flops_per_token, peak))
+    if cuda:   # the same with LoRA weights kept in bf16 (MEASUREMENTS.md: much less memory, faster)
+        del model
+        free()
+        model = build_model(shape, device, dtype, attn, cfg.model_copy(update={"adapter_dtype": "model"}))
+        results.append(run_variant(f"(b') trainer_core, bf16 adapters", model, steps, device,
+                                   packed_runner(model, 32768), warmup, flops_per_token, peak))
     for budget in [int(x) for x in args.sweep.split(",") if x]:
         per_step = max(1, round(budget / 7300 * args.samples_per_step))
         sweep_steps = random_steps(warmup + steps_n, per_step, vocab, seed=budget)

@@ -43,6 +43,9 @@ class TrainConfig(BaseModel):
         "0 = stock model. Guide: many short branches 0.6-0.7, few long branches 0.3-0.4.", "model", ge=0.0, le=1.0)
     branch_stride: int = _field(128, "Branch coordinate step between consecutive branches.", "model", ge=1)
     gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.", "model")
+    adapter_dtype: Literal["float32", "model"] = _field(
+        "float32", "LoRA weights in float32 (PEFT's default: each adapted layer's input is upcast) or in the "
+        "model's dtype (bf16 on CUDA: less memory and faster, coarser optimiser updates).", "model")
 
     # --- data ----------------------------------------------------------------------------------
     data_path: str = _field(..., "Parallel JSONL file: {\"main\", \"branches\"} or {\"text\"} per line.", "data",

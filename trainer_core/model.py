@@ -60,7 +60,7 @@ def prepare_for_training(base: nn.Module, cfg: TrainConfig):
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
-    model = get_peft_model(base, lora_config(cfg))
+    model = get_peft_model(base, lora_config(cfg), autocast_adapter_dtype=cfg.adapter_dtype == "float32")
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trainable or any("lora_" not in n for n in trainable):
         raise RuntimeError(f"unexpected trainable parameters: {[n for n in trainable if 'lora_' not in n][:5]}")
@@ -155,7 +155,7 @@ def load_pth(base_model: str, pth_path: str | Path, cfg: TrainConfig, device: st
 
     base = load_base_model(base_model, torch.device(device), torch.float32, "sdpa")
     patch_rope_2d(base, cfg.rope_2d_ratio)
-    model = get_peft_model(base, lora_config(cfg))
+    model = get_peft_model(base, lora_config(cfg), autocast_adapter_dtype=cfg.adapter_dtype == "float32")
     result = set_peft_model_state_dict(model, torch.load(pth_path, map_location=device, weights_only=True))
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
