@@ -101,11 +101,23 @@ def emit(env: DistEnv, record: dict, metrics_file: Path | None = None) -> None:
             f.write(line + "\n")
 
 
+def check_base_model(path: str) -> None:
+    """A clear message for a wrong --base_model instead of a loader traceback."""
+    model_dir = Path(path)
+    if not model_dir.is_dir():
+        raise DataError([f"--base_model {path}: no such directory (a local HuggingFace model directory is needed)"])
+    missing = [f for f in ("config.json",) if not (model_dir / f).exists()]
+    if missing or not any(model_dir.glob("tokenizer*")):
+        raise DataError([f"--base_model {path}: not a HuggingFace model directory with a tokenizer "
+                         f"(missing {', '.join(missing) or 'tokenizer files'})"])
+
+
 def prepare_data(cfg: TrainConfig, env: DistEnv):
     """Rank 0 validates and tokenises (before any model is loaded); the others read its cache."""
     result: tuple[str, str] = ("", "")
     if env.is_main:
         try:
+            check_base_model(cfg.base_model)
             result = ("ok", str(prepare_tokens(cfg.data_path, cfg.base_model, cfg.max_seq_len,
                                                log=lambda m: print0(env, m))))
         except DataError as e:

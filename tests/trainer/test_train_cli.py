@@ -83,6 +83,14 @@ def test_bad_line_fails_fast_with_file_and_line(tmp_path, tiny_model_dir):
     assert time.time() - t0 < 60
 
 
+def test_missing_model_directory_is_a_clear_error(tmp_path, demo_data_path):
+    proc = subprocess.run([PYTHON, "-m", "trainer_core.train", "--base_model", str(tmp_path / "nope"),
+                           "--data_path", str(demo_data_path), "--output_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and f"--base_model {tmp_path / 'nope'}: no such directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_bad_flag_value_names_the_field(tmp_path, tiny_model_dir, demo_data_path):
     proc = subprocess.run([PYTHON, "-m", "trainer_core.train", "--base_model", str(tiny_model_dir),
                            "--data_path", str(demo_data_path), "--rope_2d_ratio", "1.5"],
