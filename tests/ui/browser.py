@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,25 @@ def login(page, base_url: str, token: str) -> None:
     field(page, "login-token").fill(token)
     page.locator("#login-button").click()
     page.locator("#main-panel").wait_for(state="visible", timeout=30_000)
+
+
+def curve_state(page) -> tuple[int, int]:
+    """(points on the loss curve, its last step), read at one instant."""
+    text = page.locator("#curve-info").inner_text()
+    points, last = re.search(r"(\d+) points?", text), re.search(r"last step (\d+)", text)
+    return (int(points.group(1)) if points else 0), (int(last.group(1)) if last else 0)
+
+
+def curve_points(page) -> int:
+    return curve_state(page)[0]
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.2):
+    """Poll until predicate() is truthy and return its value; fail after timeout seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("condition not met in time")

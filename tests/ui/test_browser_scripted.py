@@ -11,26 +11,10 @@ import time
 
 import pytest
 
-from tests.ui.browser import (CHROMIUM, CHROMIUM_ARGS, LAPTOP, choose, field, login, output_dir, require_chromium,
-                              set_field, tab)
+from tests.ui.browser import (CHROMIUM, CHROMIUM_ARGS, LAPTOP, choose, curve_points, field, login, output_dir,
+                              require_chromium, set_field, tab, wait_for)
 
 pytestmark = pytest.mark.browser
-
-
-def curve_points(page) -> int:
-    text = page.locator("#curve-info").inner_text()
-    match = re.search(r"(\d+) points?", text)
-    return int(match.group(1)) if match else 0
-
-
-def wait_for(predicate, timeout: float = 20.0, interval: float = 0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 @contextlib.contextmanager

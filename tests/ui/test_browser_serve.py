@@ -6,7 +6,6 @@ Screenshots go to test-output/ui/test_serve_end_to_end/."""
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -16,33 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.ui.browser import (CHROMIUM, CHROMIUM_ARGS, LAPTOP, REPO, choose, field, login, output_dir,
-                              require_chromium, set_field, tab)
+from tests.ui.browser import (CHROMIUM, CHROMIUM_ARGS, LAPTOP, REPO, choose, curve_points, curve_state, field, login,
+                              output_dir, require_chromium, set_field, tab, wait_for)
 from tests.ui.conftest import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 PARATRAIN = Path(os.environ.get("PARATRAIN_BIN", REPO / ".venv" / "bin" / "paratrain"))
-
-
-def curve_state(page) -> tuple[int, int]:
-    """(points on the loss curve, its last step), read at one instant."""
-    text = page.locator("#curve-info").inner_text()
-    points, last = re.search(r"(\d+) points?", text), re.search(r"last step (\d+)", text)
-    return (int(points.group(1)) if points else 0), (int(last.group(1)) if last else 0)
-
-
-def curve_points(page) -> int:
-    return curve_state(page)[0]
-
-
-def wait_for(predicate, timeout: float = 60.0, interval: float = 0.25):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture
