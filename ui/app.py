@@ -28,6 +28,7 @@ from ui.tabs.submit import SubmitTab, create_submit_tab  # noqa: E402
 
 UI_PATH = "/ui"
 BROWSER_KEY = "paratrain-ui"
+MAX_UPLOAD = "1mb"
 # Laptop screens: use the full width, tighten Gradio's generous spacing.
 CSS = """
 .gradio-container { max-width: 100% !important; padding: 8px 16px !important; }
@@ -164,4 +165,6 @@ def mount_ui(app: FastAPI, api_base_url: str, path: str = UI_PATH) -> FastAPI:
     (normally the server itself, e.g. http://127.0.0.1:8000). The server redirects `/` here."""
     ui = build_ui(api_base_url)
     ui.blocks.queue(default_concurrency_limit=16)  # one slow call of one user must not block the others
-    return gr.mount_gradio_app(app, ui.blocks, path=path, theme=gr.themes.Soft(), css=CSS, footer_links=[])
+    # the only upload is a job's YAML: Gradio's upload route (open before login) takes nothing bigger
+    return gr.mount_gradio_app(app, ui.blocks, path=path, theme=gr.themes.Soft(), css=CSS, footer_links=[],
+                               max_file_size=MAX_UPLOAD)

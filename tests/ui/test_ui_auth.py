@@ -53,3 +53,13 @@ def test_gradio_endpoints_without_login_return_no_data(live_server, scripted_wor
     with live_server.api() as api:
         assert api.get("/api/jobs").json()["count"] == jobs_before  # nothing was submitted either
     assert called >= 3
+
+
+def test_gradio_upload_route_refuses_big_files(live_server):
+    """Gradio's upload route needs no login; the UI only uploads job YAMLs, so it takes at most 1 MB."""
+    r = httpx.post(f"{live_server.base_url}/ui/gradio_api/upload",
+                   files={"files": ("big.yaml", b"a: 1\n" * 400_000)}, timeout=30)
+    assert r.status_code in (400, 413), (r.status_code, r.text[:500])
+    small = httpx.post(f"{live_server.base_url}/ui/gradio_api/upload", files={"files": ("c.yaml", b"a: 1\n")},
+                       timeout=30)
+    assert small.status_code == 200, small.text[:500]
