@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from process_utils import FAST_LEASES, REPO, free_port
+from process_utils import FAST_LEASES, REPO, free_port, wait_until_healthy
 from worker.runner import find_orphans, kill_groups
 
 @pytest.fixture
@@ -73,16 +73,8 @@ class Cluster:
         argv = [sys.executable, "-m", "uvicorn", "--factory", "server.main:create_app", "--host", "127.0.0.1",
                 "--port", str(self.port), "--log-level", "warning"]
         self.server = Proc(argv, self.env, self.tmp_path / "server.log")
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.url}/api/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert self.server.popen.poll() is None, self.server.log_path.read_text()
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.1)
+        server = self.server
+        wait_until_healthy(self.url, lambda: server.popen.poll() is None, log_path=server.log_path)
         token = (self.data_dir / "token").read_text().strip()
         if self.api is None:
             self.api = httpx.Client(base_url=f"{self.url}/api", timeout=30,

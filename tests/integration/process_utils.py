@@ -24,6 +24,23 @@ def free_port() -> int:
 
 
 
+def wait_until_healthy(url: str, alive, timeout: float = 60.0, log_path: Path | None = None) -> None:
+    """Poll GET /api/health until it answers 200; fail early if `alive()` turns false (the server died)."""
+    import time
+
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        detail = log_path.read_text(errors="replace")[-3000:] if log_path and log_path.exists() else ""
+        assert alive(), f"the server exited during start-up\n{detail}"
+        assert time.time() < deadline, f"the server did not answer /api/health within {timeout:.0f} s\n{detail}"
+        time.sleep(0.1)
+
+
 def pids_of(output_dir: str) -> list[int]:
     """Processes whose command line names the job's output dir: torchrun and its ranks."""
     pids = []

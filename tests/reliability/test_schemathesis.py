@@ -10,10 +10,8 @@ from __future__ import annotations
 import shutil
 from collections import Counter
 import sys
-import time
 import subprocess
 import os
-from pathlib import Path
 
 import httpx
 import pytest
@@ -22,7 +20,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance
 
-from process_utils import FAST_LEASES, REPO, free_port
+from process_utils import FAST_LEASES, REPO, free_port, wait_until_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -42,15 +40,7 @@ def live_server(tmp_path_factory, tiny_model_dir, demo_data_path):
                                "127.0.0.1", "--port", str(port), "--log-level", "warning"],
                               cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/api/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert server.poll() is None and time.time() < deadline, "server did not start"
-        time.sleep(0.1)
+    wait_until_healthy(url, lambda: server.poll() is None, log_path=data.parent / "server.log")
     # something to find: a job, a registered worker
     user, worker = ((data / n).read_text().strip() for n in ("token", "worker_token"))
     httpx.post(f"{url}/api/jobs", headers={"Authorization": f"Bearer {user}"},
