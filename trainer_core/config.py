@@ -16,6 +16,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+# Tokens per cross-entropy chunk: the trainer never holds more logits than this many rows of the
+# vocabulary (trainer_core.model), and the VRAM estimate charges exactly that (trainer_core.vram).
+CE_CHUNK_TOKENS = 8192
+
 # Groups as the guide groups its flags ("model", "data", "training") plus where outputs go.
 GROUPS = ("model", "data", "training", "output")
 

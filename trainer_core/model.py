@@ -15,12 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from trainer_core.config import TrainConfig
+from trainer_core.config import CE_CHUNK_TOKENS, TrainConfig
 from trainer_core.layout import IGNORE_INDEX, columnar_block_mask, columnar_mask
 from trainer_core.rope2d import patch_rope_2d, stack_position_ids
 
 ROPE_SETTINGS_FILE = "rope2d.json"
-CE_CHUNK_TOKENS = 8192
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 

@@ -42,7 +42,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
-from trainer_core.config import TrainConfig
+from trainer_core.config import CE_CHUNK_TOKENS, TrainConfig
 
 GIB = 1024**3
 
@@ -50,7 +50,7 @@ GIB = 1024**3
 ACT_BYTES_PER_UNIT = 14.4            # bytes per token, per layer, per unit of (hidden + intermediate); bf16
 LOGITS_FULL_BYTES_PER_VOCAB = 11.6   # bytes per token per vocab entry, full-vocabulary cross-entropy
 LOGITS_CHUNK_BYTES_PER_VOCAB = 4.9   # bytes per chunk token per vocab entry, chunked (checkpointed) CE
-LOSS_CHUNK_TOKENS = 8192             # cross-entropy chunk of table B ("8k-token chunks")
+LOSS_CHUNK_TOKENS = CE_CHUNK_TOKENS  # the trainer's chunk; table B also measured "8k-token chunks"
 CHUNKED_CE = True                    # DESIGN.md: never materialise full-vocabulary logits
 LORA_BYTES_PER_PARAM = 16            # fp32 weight 4 + grad 4 + AdamW exp_avg 4 + exp_avg_sq 4
 CUDA_CONTEXT_GB = 0.6                # assumption: CUDA context + kernels, outside torch's counters
