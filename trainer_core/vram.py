@@ -454,15 +454,23 @@ def format_guide_table(guide_rows: list, gpu_mems: Sequence[float]) -> str:
             + _table(header, rows))
 
 
-def format_preset_table(gpu_mem: float, model: str, plist: list[dict[str, Any]]) -> str:
-    header = ["preset", "rank", "batch", "accum", "by samples", "max branches", "seq len", "ckpt", "dtype",
-              "rope2d", "peak GB", "fits"]
+PRESET_COLUMNS = ["preset", "rank", "batch", "accum", "by samples", "max branches", "seq len", "ckpt", "rope2d",
+                  "peak GB", "fits"]
+
+
+def preset_rows(plist: list[dict[str, Any]]) -> list[list[Any]]:
+    """One row per preset under PRESET_COLUMNS (the CLI table and the UI's presets table)."""
     rows = []
     for p in plist:
         c = p["config"]
         rows.append([p["name"], c.get("lora_rank"), c.get("batch_size"), c.get("accumulation_steps", 1),
                      "yes" if c.get("batch_by_samples") else "no", c.get("max_branches_per_sample") or "-",
                      c.get("max_seq_len", 1024), "on" if c.get("gradient_checkpointing") else "off",
-                     c.get("dtype"), c.get("rope_2d_ratio"), f"{p['estimate']['peak_gb']:.2f}",
-                     "yes" if p["fits"] else "NO"])
-    return f"Presets for {model} on a {gpu_mem:g} GB GPU:\n" + _table(header, rows)
+                     c.get("rope_2d_ratio"), round(p["estimate"]["peak_gb"], 2), "yes" if p["fits"] else "NO"])
+    return rows
+
+
+def format_preset_table(gpu_mem: float, model: str, plist: list[dict[str, Any]]) -> str:
+    dtypes = ", ".join(sorted({str(p["config"].get("dtype")) for p in plist}))
+    return (f"Presets for {model} on a {gpu_mem:g} GB GPU (dtype {dtypes}):\n"
+            + _table(PRESET_COLUMNS, preset_rows(plist)))

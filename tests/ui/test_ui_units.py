@@ -125,11 +125,11 @@ def test_layout_picture_draws_branches_as_rows_and_time_as_columns():
 
 
 def test_estimate_markdown_shows_breakdown_and_warning():
-    from ui.tabs.memory import estimate_markdown, presets_rows
+    from ui.tabs.memory import estimate_markdown
 
     text = estimate_markdown(vram.estimate(TrainConfig(base_model="0.5B", data_path="d", batch_size=64), 24))
     assert "does not fit" in text and "model weights" in text and "⚠" in text
-    rows = presets_rows(vram.presets(24, "1.5B"))
+    rows = vram.preset_rows(vram.presets(24, "1.5B"))
     assert len(rows) == 3 and all(r[-1] == "yes" for r in rows)
 
 

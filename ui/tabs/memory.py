@@ -9,6 +9,7 @@ from typing import Any
 
 import gradio as gr
 
+from trainer_core import vram
 from ui.api import ApiClient, ApiError
 from ui.context import UiContext
 from ui.form import ConfigForm, validate
@@ -17,8 +18,6 @@ FORM_MODEL = "base_model of the form"
 SIZES = ["0.5B", "1.5B", "3B", "7B"]
 DEFAULT_GPU_MEM_GB = 80.0
 # Short headers so the table fits beside the form; the flags they stand for are in the form.
-PRESET_COLUMNS = ["preset", "rank", "batch", "accum", "by samples", "branches", "seq len", "ckpt", "rope2d",
-                  "peak GB", "fits"]  # dtype is bfloat16 in every preset (the guide's advice); it is applied too
 
 
 @dataclass
@@ -81,18 +80,6 @@ def estimate_markdown(est: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def presets_rows(plist: list[dict[str, Any]]) -> list[list[Any]]:
-    rows = []
-    for p in plist:
-        c = p["config"]
-        rows.append([p["name"], c.get("lora_rank"), c.get("batch_size"), c.get("accumulation_steps", 1),
-                     "yes" if c.get("batch_by_samples") else "no", c.get("max_branches_per_sample") or "",
-                     c.get("max_seq_len", 1024), "on" if c.get("gradient_checkpointing") else "off",
-                     c.get("rope_2d_ratio"),
-                     p["estimate"]["peak_gb"], "yes" if p["fits"] else "NO"])
-    return rows
-
-
 def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
     gr.Markdown("#### GPU memory")
     with gr.Row():
@@ -106,7 +93,7 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
     with gr.Row():
         presets_button = gr.Button("Get presets", elem_id="get-presets", size="sm")
         estimate_button = gr.Button("Estimate memory", elem_id="estimate", size="sm")
-    presets_table = gr.Dataframe(headers=PRESET_COLUMNS, interactive=False, wrap=True, visible=False,
+    presets_table = gr.Dataframe(headers=vram.PRESET_COLUMNS, interactive=False, wrap=True, visible=False,
                                  elem_id="presets-table")
     with gr.Row():
         preset_choice = gr.Radio(choices=[], label="Preset", visible=False, elem_id="preset-choice")
@@ -127,7 +114,7 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
             gr.Warning(str(e))
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         names = [p["name"] for p in plist]
-        return (plist, gr.update(value=presets_rows(plist), visible=True),
+        return (plist, gr.update(value=vram.preset_rows(plist), visible=True),
                 gr.update(choices=names, value=names[0] if names else None, visible=True), gr.update(visible=True))
 
     presets_button.click(get_presets, [ctx.session, gpu_mem, model, *form.inputs],
