@@ -15,6 +15,9 @@ from trainer_core.data import (DataError, build_samples, epoch_batches, load_or_
 from trainer_core.layout import pack_into_rows
 
 EXAMPLE_MAX_COLUMNS = 48
+# TrainConfig's integer fields that shape samples, batches and rows: `data check` takes them as flags.
+SHAPING_FLAGS = ("max_seq_len", "branches_per_sample", "max_branches_per_sample", "min_branches_per_sample",
+                 "batch_size", "tokens_per_row")
 
 
 def summarize(cfg: TrainConfig, with_example: bool = True) -> dict:
@@ -107,8 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check = sub.add_parser("check", help="Validate a Parallel JSONL file and summarise it.")
     check.add_argument("file", help="Parallel JSONL file.")
     check.add_argument("--tokenizer", required=True, help="Model directory whose tokenizer to use.")
-    for name in ("max_seq_len", "branches_per_sample", "max_branches_per_sample", "min_branches_per_sample",
-                 "batch_size", "tokens_per_row"):
+    for name in SHAPING_FLAGS:
         info = TrainConfig.model_fields[name]
         check.add_argument(f"--{name}", type=int, default=None, help=info.description)
     check.add_argument("--batch_by_samples", action="store_true", help=TrainConfig.model_fields["batch_by_samples"].description)
@@ -118,9 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    overrides = {k: getattr(args, k) for k in ("max_seq_len", "branches_per_sample", "max_branches_per_sample",
-                                               "min_branches_per_sample", "batch_size", "tokens_per_row")
-                 if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in SHAPING_FLAGS if getattr(args, k) is not None}
     cfg = TrainConfig(base_model=args.tokenizer, data_path=args.file, batch_by_samples=args.batch_by_samples,
                       **overrides)
     summary = summarize(cfg, with_example=args.json)
