@@ -6,18 +6,21 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import delete, func, update
+from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
 from server.errors import Conflict, FieldError, NotFound
 from server.models import (
     ALLOWED_TRANSITIONS,
     FINAL_STATES,
+    NODE_LOG_STRIDE,
     ClaimRequest,
     EventKind,
     FailureClass,
@@ -26,6 +29,7 @@ from server.models import (
     Job,
     JobCreate,
     JobEvent,
+    JobNode,
     JobPublic,
     JobState,
     LogLine,
@@ -38,6 +42,7 @@ from server.models import (
 from server.paths import confine, is_dir, is_file
 from server.settings import Settings
 from trainer_core.config import TrainConfig
+from worker.command import Rendezvous, placeholder_rendezvous
 
 SERVER_LOG_ATTEMPT = 0  # log lines written by the server itself (re-queues, releases)
 
@@ -72,6 +77,8 @@ def _set_state(session: Session, job: Job, state: JobState) -> None:
     if state in FINAL_STATES:
         job.finished_at = utcnow()
         job.lease_expires_at = None
+    if state == JobState.queued or state in FINAL_STATES:  # a re-queued gang is formed anew
+        session.exec(delete(JobNode).where(JobNode.job_id == job.id))  # type: ignore[arg-type]
     _emit_state(session, job)
 
 
@@ -197,7 +204,7 @@ def delete_job(*, session: Session, job_id: int, settings: Settings) -> None:
     job = get_job(session=session, job_id=job_id, for_update=True)
     if job.state not in FINAL_STATES:
         raise Conflict(f"job {job_id} is {job.state.value}; cancel it first")
-    for table in (Metric, LogLine, JobEvent):
+    for table in (Metric, LogLine, JobEvent, JobNode):
         session.exec(delete(table).where(table.job_id == job_id))  # type: ignore[attr-defined]
     session.delete(job)
     shutil.rmtree(settings.jobs_dir / str(job_id), ignore_errors=True)
@@ -217,6 +224,16 @@ def list_logs(*, session: Session, job_id: int, offset: int, limit: int) -> list
 
 
 # --- workers and the queue --------------------------------------------------------------------------
+
+@dataclass
+class Launch:
+    """What a claim hands a worker: the job, its GPUs there, and for a node of a multi-node job the
+    rendezvous its torchrun joins."""
+
+    job: Job
+    gpu_ids: list[int]
+    rendezvous: Rendezvous | None = None
+
 
 def _lose_job(session: Session, job: Job, reason: str) -> None:
     """The job's worker is gone: re-queue it (it resumes from its checkpoint) or give up."""
@@ -238,17 +255,24 @@ def _lose_job(session: Session, job: Job, reason: str) -> None:
         _set_state(session, job, JobState.failed)
 
 
+def _worker_name(session: Session, worker_id: int | None) -> str:
+    worker = session.get(Worker, worker_id) if worker_id is not None else None
+    return worker.name if worker else "?"
+
+
 def register_worker(*, session: Session, registration: WorkerRegister) -> Worker:
     """A worker that comes back under the same name is a restart: its old jobs are re-queued at once
-    (the new process killed its predecessor's process groups before registering)."""
+    (the new process killed its predecessor's process groups before registering), and its reservations
+    for multi-node jobs are dropped."""
     worker = session.exec(select(Worker).where(Worker.name == registration.name)).first()
     now = utcnow()
     if worker is None:
         worker = Worker(name=registration.name)
     else:
-        held = session.exec(select(Job).where(Job.worker_id == worker.id, Job.state == JobState.running)).all()
-        for job in held:
+        for job in _jobs_of_worker(session, worker.id, JobState.running):
             _lose_job(session, job, f"worker {worker.name} restarted")
+        for job in _jobs_of_worker(session, worker.id, JobState.queued):
+            _release_reservations(session, job, f"worker {worker.name} restarted")
     worker.hostname = registration.hostname
     worker.gpus = [g.model_dump() for g in registration.gpus]
     worker.registered_at = now
@@ -256,6 +280,13 @@ def register_worker(*, session: Session, registration: WorkerRegister) -> Worker
     session.add(worker)
     session.flush()
     return worker
+
+
+def _jobs_of_worker(session: Session, worker_id: int | None, state: JobState) -> list[Job]:
+    """Jobs in `state` that the worker runs or holds a node of."""
+    single = select(Job).where(Job.worker_id == worker_id, Job.state == state, Job.nodes == 1)
+    gang = select(Job).join(JobNode).where(JobNode.worker_id == worker_id, Job.state == state)
+    return [*session.exec(single), *session.exec(gang)]
 
 
 def get_worker(*, session: Session, worker_id: int) -> Worker:
@@ -267,45 +298,90 @@ def get_worker(*, session: Session, worker_id: int) -> Worker:
 
 def list_workers(*, session: Session) -> list[tuple[Worker, list[int]]]:
     workers = session.exec(select(Worker).order_by(col(Worker.id))).all()
-    running = session.exec(select(Job.id, Job.worker_id).where(Job.state == JobState.running)).all()
+    running = [*session.exec(select(Job.id, Job.worker_id).where(Job.state == JobState.running, Job.nodes == 1)),
+               *session.exec(select(JobNode.job_id, JobNode.worker_id).join(Job)
+                             .where(Job.state == JobState.running))]
     by_worker: dict[int, list[int]] = {}
     for job_id, worker_id in running:
         by_worker.setdefault(worker_id, []).append(job_id)
-    return [(w, by_worker.get(w.id or -1, [])) for w in workers]
+    return [(w, sorted(by_worker.get(w.id or -1, []))) for w in workers]
 
 
 def heartbeat(*, session: Session, worker: Worker, beat: Heartbeat, settings: Settings) -> list[int]:
-    """Renews the leases of the jobs the worker still runs; returns the ones it must stop (cancelled,
-    or no longer its own because its lease ran out)."""
+    """Renews the leases of the jobs the worker still runs (and of its reservations); returns the jobs it
+    must stop (cancelled, or no longer its own because a lease ran out)."""
     now = utcnow()
+    lease = now + timedelta(seconds=settings.lease_ttl_s)
     worker.last_heartbeat_at = now
     session.add(worker)
-    held = {job.id: job for job in
-            session.exec(select(Job).where(Job.worker_id == worker.id, Job.state == JobState.running))}
-    alive = [job_id for job_id in beat.running_job_ids if job_id in held]
+    reported = set(beat.running_job_ids)
+    held = {job.id: job for job in session.exec(
+        select(Job).where(Job.worker_id == worker.id, Job.state == JobState.running, Job.nodes == 1))}
+    alive = [job_id for job_id in reported if job_id in held]
     if alive:
         session.exec(update(Job).where(col(Job.id).in_(alive), Job.state == JobState.running)
-                     .values(lease_expires_at=now + timedelta(seconds=settings.lease_ttl_s)))
-    stop = [job_id for job_id in beat.running_job_ids if job_id not in held]
-    stop += [job_id for job_id in alive if held[job_id].cancel_requested]
+                     .values(lease_expires_at=lease))
+    for node, job in session.exec(select(JobNode, Job).join(Job).where(JobNode.worker_id == worker.id)):
+        if job.state == JobState.queued:
+            node.lease_expires_at = lease  # a reservation lives as long as its worker
+        elif node.launched and job.id in reported:
+            node.lease_expires_at = lease
+            held[job.id] = job
+        else:
+            continue
+        session.add(node)
+        session.flush()
+        if job.state == JobState.running:
+            _refresh_gang_lease(session, job)
+    stop = [job_id for job_id in reported if job_id not in held]
+    stop += [job_id for job_id in reported if job_id in held and held[job_id].cancel_requested]
     return sorted(set(stop))
 
 
-def claim_job(*, session: Session, worker: Worker, request: ClaimRequest,
-              settings: Settings) -> tuple[Job, list[int]] | None:
-    """The highest-priority, oldest queued job that fits the worker's free GPUs.
+def _refresh_gang_lease(session: Session, job: Job) -> None:
+    """A multi-node job's lease is its least recently renewed node's: one silent node loses the gang."""
+    earliest = session.exec(select(func.min(JobNode.lease_expires_at))
+                            .where(JobNode.job_id == job.id, col(JobNode.finished).is_(False))).one()
+    if earliest is not None:
+        job.lease_expires_at = earliest
+        session.add(job)
+
+
+def _online_workers(session: Session, settings: Settings, now: datetime) -> int:
+    since = now - timedelta(seconds=settings.lease_ttl_s)
+    return session.exec(select(func.count()).select_from(Worker).where(col(Worker.last_heartbeat_at) >= since)).one()
+
+
+def claim_job(*, session: Session, worker: Worker, request: ClaimRequest, settings: Settings) -> Launch | None:
+    """The worker's next launch: a node of a multi-node job whose gang another worker completed, else the
+    highest-priority, oldest queued job that fits the worker's free GPUs.
+
+    A multi-node job is claimed node by node: each claim reserves one worker's GPUs for it, and the claim
+    that completes the gang starts it. A worker holds one reservation at a time, and a job asking for more
+    nodes than there are online workers reserves nothing (it waits; other jobs go on).
 
     The state change is a conditional UPDATE (`... WHERE state = 'queued'`), so of two workers racing
     for a job only one UPDATE matches a row (and on SQLite the whole transaction holds the write lock).
     """
-    free = sorted(set(request.free_gpu_indices))
-    stmt = select(Job).where(Job.state == JobState.queued, Job.nodes == 1, Job.gpus <= len(free))
-    if not request.accept_cpu_jobs:
-        stmt = stmt.where(Job.gpus > 0)
+    launch = _pending_launch(session, worker)
+    if launch is not None:
+        return launch
     now = utcnow()
+    reservations = session.exec(select(JobNode).join(Job)
+                                .where(JobNode.worker_id == worker.id, Job.state == JobState.queued)).all()
+    free = sorted(set(request.free_gpu_indices) - {i for node in reservations for i in node.gpu_ids})
+    stmt = select(Job).where(Job.state == JobState.queued, Job.gpus <= len(free))
+    if not request.accept_cpu_jobs or any(not node.gpu_ids for node in reservations):
+        stmt = stmt.where(Job.gpus > 0)
+    if reservations or request.rdzv_address is None or request.rdzv_port is None:
+        stmt = stmt.where(Job.nodes == 1)
+    else:
+        stmt = stmt.where(Job.nodes <= _online_workers(session, settings, now))
     candidates = session.exec(stmt.order_by(col(Job.priority).desc(), col(Job.id)).limit(20)).all()
     for job in candidates:
         gpu_ids = free[:job.gpus]
+        if job.nodes > 1:
+            return _reserve_node(session, job, worker, gpu_ids, request, settings, now)
         result = session.exec(
             update(Job).where(Job.id == job.id, Job.state == JobState.queued).values(
                 state=JobState.running, worker_id=worker.id, gpu_ids=gpu_ids, started_at=now,
@@ -315,20 +391,117 @@ def claim_job(*, session: Session, worker: Worker, request: ClaimRequest,
             _server_log(session, job, f"attempt {job.attempt} started on worker {worker.name}"
                         + (f" GPUs {gpu_ids}" if gpu_ids else " (CPU)"))
             _emit_state(session, job)
-            return job, gpu_ids
+            return Launch(job, gpu_ids)
     return None
 
 
-def _held_job(session: Session, job_id: int, worker_id: int, attempt: int) -> Job:
+def _reserve_node(session: Session, job: Job, worker: Worker, gpu_ids: list[int], request: ClaimRequest,
+                  settings: Settings, now: datetime) -> Launch | None:
+    """Reserves the next node of a queued multi-node job; the reservation that completes the gang starts
+    the job and returns this worker's launch (None: reserved, waiting for more workers)."""
+    assert request.rdzv_address is not None and request.rdzv_port is not None
+    lease = now + timedelta(seconds=settings.lease_ttl_s)
+    taken = list(session.exec(select(JobNode).where(JobNode.job_id == job.id).order_by(col(JobNode.node))))
+    node = JobNode(job_id=job.id, node=len(taken), worker_id=worker.id, gpu_ids=gpu_ids,
+                   address=request.rdzv_address, rdzv_port=request.rdzv_port, reserved_at=now, lease_expires_at=lease)
+    try:
+        with session.begin_nested():
+            session.add(node)
+    except IntegrityError:  # another worker took that node at the same moment (SQLite serialises claims anyway)
+        return None
+    where = f" GPUs {gpu_ids}" if gpu_ids else " (CPU)"
+    missing = job.nodes - len(taken) - 1
+    if missing > 0:
+        _server_log(session, job, f"node {node.node} reserved on worker {worker.name}{where}; "
+                                  f"waiting for {missing} more worker{'s' if missing > 1 else ''}")
+        return None
+    nodes = [*taken, node]
+    head = nodes[0]
+    result = session.exec(update(Job).where(Job.id == job.id, Job.state == JobState.queued).values(
+        state=JobState.running, worker_id=head.worker_id, gpu_ids=head.gpu_ids, started_at=now, lease_expires_at=lease))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    session.refresh(job)
+    for other in nodes:  # every node must launch within one TTL: the others claim it within a second or two
+        other.lease_expires_at = lease
+        session.add(other)
+    node.launched = True
+    placement = ", ".join(f"node {n.node} on {_worker_name(session, n.worker_id)}" for n in nodes)
+    _server_log(session, job, f"attempt {job.attempt} started on {job.nodes} workers: {placement}")
+    _emit_state(session, job)
+    return Launch(job, node.gpu_ids, _rendezvous(job, node, head))
+
+
+def _pending_launch(session: Session, worker: Worker) -> Launch | None:
+    """A node of a running multi-node job that this worker reserved and has not started yet."""
+    row = session.exec(select(JobNode, Job).join(Job).where(
+        JobNode.worker_id == worker.id, col(JobNode.launched).is_(False), Job.state == JobState.running)).first()
+    if row is None:
+        return None
+    node, job = row
+    node.launched = True
+    session.add(node)
+    head = session.get(JobNode, (job.id, 0))
+    assert head is not None
+    return Launch(job, node.gpu_ids, _rendezvous(job, node, head))
+
+
+def _rendezvous(job: Job, node: JobNode, head: JobNode) -> Rendezvous:
+    host = f"[{head.address}]" if ":" in head.address else head.address  # an IPv6 address
+    return Rendezvous(nnodes=job.nodes, node=node.node, endpoint=f"{host}:{head.rdzv_port}",
+                      run_id=f"paratrain-job{job.id}-attempt{job.attempt}", local_addr=node.address)
+
+
+def node0_rendezvous(*, session: Session, job: Job) -> Rendezvous | None:
+    """Node 0's rendezvous of a running multi-node job; placeholders before the gang is placed."""
+    head = session.get(JobNode, (job.id, 0)) if job.state == JobState.running else None
+    if head is None:
+        return placeholder_rendezvous(job.nodes, run_id=f"paratrain-job{job.id}-attempt{job.attempt}")
+    return _rendezvous(job, head, head)
+
+
+def _release_reservations(session: Session, job: Job, reason: str) -> None:
+    session.exec(delete(JobNode).where(JobNode.job_id == job.id))  # type: ignore[arg-type]
+    _server_log(session, job, f"reservations released ({reason}); the job waits for {job.nodes} workers again")
+    _emit_state(session, job)
+
+
+def release_stale_reservations(*, session: Session, now: datetime, settings: Settings) -> list[int]:
+    """The reaper's step for gangs still forming: a reservation whose worker went silent, or a gang not
+    complete after `gang_wait_s`, gives every reserved GPU back (two half-formed gangs never wait on each
+    other forever)."""
+    stale = session.exec(select(Job).join(JobNode).where(Job.state == JobState.queued).where(
+        (col(JobNode.lease_expires_at) < now)
+        | (col(JobNode.reserved_at) < now - timedelta(seconds=settings.gang_wait_s))).distinct()).all()
+    for job in stale:
+        _release_reservations(session, job, f"the gang was not complete after {settings.gang_wait_s:g} s "
+                                            "or a reserving worker went silent")
+    return [job.id for job in stale if job.id is not None]
+
+
+def _held_job(session: Session, job_id: int, worker_id: int, attempt: int) -> tuple[Job, JobNode | None]:
+    """The running job and, for a multi-node job, the worker's node of it; 409 when it is not the worker's."""
     job = get_job(session=session, job_id=job_id, for_update=True)
-    if job.state != JobState.running or job.worker_id != worker_id or job.attempt != attempt:
-        raise Conflict(f"job {job_id} attempt {attempt} is not running on worker {worker_id}")
-    return job
+    if job.state == JobState.running and job.attempt == attempt:
+        if job.nodes == 1 and job.worker_id == worker_id:
+            return job, None
+        node = session.exec(select(JobNode).where(JobNode.job_id == job_id, JobNode.worker_id == worker_id,
+                                                  col(JobNode.launched).is_(True))).first()
+        if job.nodes > 1 and node is not None:
+            return job, node
+    raise Conflict(f"job {job_id} attempt {attempt} is not running on worker {worker_id}")
 
 
 def record_report(*, session: Session, job_id: int, report: Report, settings: Settings) -> None:
-    job = _held_job(session, job_id, report.worker_id, report.attempt)
-    job.lease_expires_at = utcnow() + timedelta(seconds=settings.lease_ttl_s)  # a report is proof of life
+    job, node = _held_job(session, job_id, report.worker_id, report.attempt)
+    lease = utcnow() + timedelta(seconds=settings.lease_ttl_s)  # a report is proof of life
+    if node is None:
+        job.lease_expires_at = lease
+    else:
+        node.lease_expires_at = lease
+        session.add(node)
+        session.flush()
+        _refresh_gang_lease(session, job)
     for point in report.metrics:
         values = point.model_dump(exclude={"total_steps"})
         row = session.get(Metric, (job_id, point.step))
@@ -348,23 +521,29 @@ def record_report(*, session: Session, job_id: int, report: Report, settings: Se
         if point.gpu_mem_gb is not None:
             job.peak_mem_gb = max(job.peak_mem_gb or 0.0, point.gpu_mem_gb)
     if report.logs:
+        base = node.node * NODE_LOG_STRIDE if node else 0
+        prefix = f"[node {node.node}] " if node else ""
         stored = session.exec(select(func.max(LogLine.idx)).where(
-            LogLine.job_id == job_id, LogLine.attempt == report.attempt)).one()
-        next_idx = -1 if stored is None else stored
+            LogLine.job_id == job_id, LogLine.attempt == report.attempt,
+            LogLine.idx >= base, LogLine.idx < base + NODE_LOG_STRIDE)).one()
+        next_idx = -1 if stored is None else stored - base
         for idx, line in enumerate(report.logs, start=report.log_start):
             if idx > next_idx:
-                _add_log(session, job, line[:settings.max_log_line_chars], attempt=report.attempt, idx=idx)
+                _add_log(session, job, (prefix + line)[:settings.max_log_line_chars], attempt=report.attempt,
+                         idx=base + idx)
     session.add(job)
 
 
 def finish_job(*, session: Session, job_id: int, finish: Finish) -> Job:
-    job = _held_job(session, job_id, finish.worker_id, finish.attempt)
+    job, node = _held_job(session, job_id, finish.worker_id, finish.attempt)
     job.exit_code = finish.exit_code
+    who = f"node {node.node} (worker {_worker_name(session, node.worker_id)})" if node else ""
     if finish.release and not job.cancel_requested:
         job.worker_id = None
         job.gpu_ids = None
         job.lease_expires_at = None
-        _server_log(session, job, f"handed back by its stopping worker; re-queued as attempt {job.attempt + 1}")
+        _server_log(session, job, f"handed back by {who + ', ' if who else ''}its stopping worker; "
+                                  f"re-queued as attempt {job.attempt + 1}")
         job.attempt += 1  # every run is an attempt: its log lines are numbered per attempt
         _set_state(session, job, JobState.queued)
         return job
@@ -373,24 +552,54 @@ def finish_job(*, session: Session, job_id: int, finish: Finish) -> Job:
         job.failure_reason = finish.failure_reason or "cancelled"
         _set_state(session, job, JobState.cancelled)
     elif finish.exit_code == 0 and finish.failure_class is None:
+        if node is not None and _finish_node(session, job, node):
+            return job
         _set_state(session, job, JobState.succeeded)
+    elif node is not None and finish.failure_class in (None, FailureClass.crash):
+        # When one machine of a gang goes away, the others' torchruns die with it (lost peers, a lost
+        # rendezvous store), often before the server notices the missing node. So a node's crash re-queues
+        # the gang like a lost lease, up to max_attempts; bad data or OOM would fail again and fail at once.
+        first_line = (finish.failure_reason or f"exit code {finish.exit_code}").splitlines()[0][:300]
+        _lose_job(session, job, f"{who} crashed ({first_line})")
     else:
         job.failure_class = finish.failure_class or FailureClass.crash
-        job.failure_reason = finish.failure_reason
+        job.failure_reason = f"{who}: {finish.failure_reason}" if who else finish.failure_reason
         _set_state(session, job, JobState.failed)
     return job
 
 
+def _finish_node(session: Session, job: Job, node: JobNode) -> bool:
+    """Marks one node of a multi-node job done; True while other nodes still run."""
+    node.finished = True
+    session.add(node)
+    session.flush()
+    running = session.exec(select(func.count()).select_from(JobNode).where(
+        JobNode.job_id == job.id, col(JobNode.finished).is_(False))).one()
+    if running == 0:
+        return False
+    _server_log(session, job, f"node {node.node} finished; waiting for {running} more node{'s' if running > 1 else ''}")
+    _refresh_gang_lease(session, job)
+    return True
+
+
 def requeue_expired(*, session: Session, now: datetime) -> list[int]:
-    """The reaper's step: running jobs whose lease ran out lose their worker."""
+    """The reaper's step: running jobs whose lease ran out lose their worker (for a multi-node job, the
+    first node that went silent loses the whole gang)."""
     expired = session.exec(select(Job).where(Job.state == JobState.running, col(Job.lease_expires_at) < now)).all()
     for job in expired:
-        worker = session.get(Worker, job.worker_id) if job.worker_id is not None else None
-        _lose_job(session, job, f"worker {worker.name if worker else '?'} stopped heartbeating (lease expired)")
+        worker_id, where = job.worker_id, ""
+        if job.nodes > 1:
+            silent = session.exec(select(JobNode).where(JobNode.job_id == job.id, col(JobNode.finished).is_(False))
+                                  .order_by(col(JobNode.lease_expires_at))).first()
+            if silent is not None:
+                worker_id, where = silent.worker_id, f" (node {silent.node})"
+        _lose_job(session, job, f"worker {_worker_name(session, worker_id)}{where} stopped heartbeating "
+                                "(lease expired)")
     return [job.id for job in expired if job.id is not None]
 
 
 def extend_all_leases(*, session: Session, settings: Settings) -> None:
     """At server start: the server was down, not the workers; give them one TTL to heartbeat again."""
-    session.exec(update(Job).where(Job.state == JobState.running)
-                 .values(lease_expires_at=utcnow() + timedelta(seconds=settings.lease_ttl_s)))
+    lease = utcnow() + timedelta(seconds=settings.lease_ttl_s)
+    session.exec(update(Job).where(Job.state == JobState.running).values(lease_expires_at=lease))
+    session.exec(update(JobNode).values(lease_expires_at=lease, reserved_at=utcnow()))

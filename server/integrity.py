@@ -39,6 +39,16 @@ CHECKS: list[tuple[str, str]] = [
      f"SELECT id FROM job WHERE failure_class IS NOT NULL AND failure_class NOT IN {_in(_FAILURE_CLASSES)}"),
     ("succeeded jobs with a failure class", "SELECT id FROM job WHERE state = 'succeeded' AND failure_class IS NOT NULL"),
     ("jobs with attempt < 1 or max_attempts < 1", "SELECT id FROM job WHERE attempt < 1 OR max_attempts < 1"),
+    ("multi-node rows of jobs neither queued nor running",
+     "SELECT DISTINCT job_id FROM jobnode WHERE job_id NOT IN (SELECT id FROM job WHERE state IN ('queued', 'running'))"),
+    ("multi-node rows of single-node jobs",
+     "SELECT DISTINCT n.job_id FROM jobnode n JOIN job j ON j.id = n.job_id WHERE j.nodes = 1"),
+    ("running multi-node jobs without exactly one row per node, numbered 0..nodes-1",
+     "SELECT j.id FROM job j LEFT JOIN jobnode n ON n.job_id = j.id WHERE j.state = 'running' AND j.nodes > 1 "
+     "GROUP BY j.id HAVING count(n.node) != j.nodes OR min(n.node) != 0 OR max(n.node) != j.nodes - 1"),
+    ("queued multi-node jobs with a complete gang of reservations",
+     "SELECT n.job_id FROM jobnode n JOIN job j ON j.id = n.job_id WHERE j.state = 'queued' "
+     "GROUP BY n.job_id, j.nodes HAVING count(*) >= j.nodes"),
     ("metrics of unknown jobs", "SELECT DISTINCT job_id FROM metric WHERE job_id NOT IN (SELECT id FROM job)"),
     ("duplicate (job, step) metrics", "SELECT job_id FROM metric GROUP BY job_id, step HAVING count(*) > 1"),
     ("log lines of unknown jobs", "SELECT DISTINCT job_id FROM logline WHERE job_id NOT IN (SELECT id FROM job)"),

@@ -24,22 +24,27 @@ from server.settings import Settings, get_settings
 log = logging.getLogger("paratrain.server")
 
 
-def reap_once(engine: Engine) -> list[int]:
+def reap_once(engine: Engine, settings: Settings) -> list[int]:
+    """Re-queues jobs whose lease expired (returned) and releases stale multi-node reservations."""
     with Session(write_engine(engine)) as session:
-        requeued = crud.requeue_expired(session=session, now=utcnow())
+        now = utcnow()
+        requeued = crud.requeue_expired(session=session, now=now)
+        released = crud.release_stale_reservations(session=session, now=now, settings=settings)
         session.commit()
+    if released:
+        log.warning("reservations released for multi-node jobs %s", released)
     return requeued
 
 
-async def _reaper(engine: Engine, interval_s: float) -> None:
+async def _reaper(engine: Engine, settings: Settings) -> None:
     while True:
         try:
-            lost = await anyio.to_thread.run_sync(reap_once, engine)
+            lost = await anyio.to_thread.run_sync(reap_once, engine, settings)
             if lost:
                 log.warning("leases expired for jobs %s", lost)
         except Exception:  # a locked or briefly unavailable DB must not end the reaper
             log.exception("reaper step failed")
-        await anyio.sleep(interval_s)
+        await anyio.sleep(settings.reaper_interval_s)
 
 
 def _add_exception_handlers(app: FastAPI) -> None:
@@ -90,7 +95,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             crud.extend_all_leases(session=session, settings=settings)
             session.commit()
         async with anyio.create_task_group() as tasks:
-            tasks.start_soon(_reaper, engine, settings.reaper_interval_s)
+            tasks.start_soon(_reaper, engine, settings)
             yield
             tasks.cancel_scope.cancel()
         engine.dispose()

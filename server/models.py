@@ -8,15 +8,21 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, field_validator
+from pydantic import BaseModel, StringConstraints, field_validator
 from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from trainer_core.config import TrainConfig
+from worker.command import Rendezvous
 
 
 MAX_DB_INT = 2**63 - 1  # 64-bit integer columns
+HostAddress = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._:%-]+$")]
 DbInt = Annotated[int, Field(ge=0, le=MAX_DB_INT)]
+# A multi-node job's log lines are numbered node * NODE_LOG_STRIDE + (index on that node), so the lines of
+# all nodes share one (job, attempt, idx) key space; a worker's own indices stay below MAX_LOG_START.
+NODE_LOG_STRIDE = 2**40
+MAX_LOG_START = 2**39
 
 
 def utcnow() -> datetime:
@@ -70,7 +76,8 @@ class JobCreate(BaseModel):
     gpus: int = Field(1, ge=0, le=64, description="GPUs per node; 0 runs on CPU (gloo).")
     nproc: int | None = Field(None, ge=1, le=64, description="Processes of a CPU job (gpus=0); default 1. "
                               "A GPU job runs one process per GPU.")
-    nodes: int = Field(1, ge=1, le=1, description="Nodes; multi-node gang scheduling is not implemented yet.")
+    nodes: int = Field(1, ge=1, le=64, description="Machines (workers) the job spans. More than one: the job waits "
+                       "until that many workers each have `gpus` free, then starts on all of them at once.")
     priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first; FIFO within a priority.")
     max_attempts: int | None = Field(None, ge=1, le=100, description="Lost-lease retries; default: server's.")
 
@@ -143,6 +150,27 @@ class JobPublic(BaseModel):
     eta_s: float | None
     peak_mem_gb: float | None
     cancel_requested: bool
+
+
+class JobNode(SQLModel, table=True):
+    """One worker's share of a multi-node job (nodes > 1); single-node jobs have none.
+
+    While the job is queued its rows are reservations: workers holding GPUs for it until the gang is
+    complete. The claim that completes the gang starts the job; the other nodes get their launch with their
+    next claim. Rows exist only while the job is queued or running (`crud._set_state` removes them).
+    """
+    __table_args__ = (UniqueConstraint("job_id", "worker_id"),)
+
+    job_id: int = Field(foreign_key="job.id", primary_key=True)
+    node: int = Field(primary_key=True)
+    worker_id: int = Field(foreign_key="worker.id", index=True)
+    gpu_ids: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
+    address: str  # where the other nodes reach this worker's machine
+    rdzv_port: int  # a port the worker found free when it reserved; node 0's hosts the rendezvous
+    reserved_at: datetime = Field(default_factory=utcnow)
+    lease_expires_at: datetime
+    launched: bool = False  # the worker has been handed its launch
+    finished: bool = False  # its trainer exited 0; the job succeeds when every node has
 
 
 class JobsPublic(BaseModel):
@@ -281,19 +309,24 @@ class HeartbeatReply(BaseModel):
 class ClaimRequest(BaseModel):
     free_gpu_indices: list[Annotated[int, Field(ge=0, le=1_000_000)]] = Field(default_factory=list, max_length=4096)
     accept_cpu_jobs: bool = Field(True, description="False when the worker's CPU job slots are full.")
+    rdzv_address: HostAddress | None = Field(None, description="How other workers reach this machine, for "
+                                     "multi-node jobs; none: the worker takes no multi-node jobs.")
+    rdzv_port: int | None = Field(None, ge=1, le=65535, description="A port free on this machine now; used when "
+                                  "this worker becomes node 0 of a multi-node job.")
 
 
 class Claim(BaseModel):
     job: JobPublic
     gpu_ids: list[int]
     argv: list[str]
+    rendezvous: Rendezvous | None = Field(None, description="Set for a node of a multi-node job.")
 
 
 class Report(BaseModel):
     worker_id: DbInt
     attempt: int = Field(ge=1, le=MAX_DB_INT,
                          description="The attempt the worker is running; reports of older ones are refused.")
-    log_start: int = Field(0, ge=0, le=2**62, description="Index of logs[0] among this attempt's lines (re-sends are "
+    log_start: int = Field(0, ge=0, le=MAX_LOG_START, description="Index of logs[0] among this attempt's lines (re-sends are "
                            "recognised by it).")
     metrics: list[MetricIn] = Field(default_factory=list)
     logs: list[str] = Field(default_factory=list)

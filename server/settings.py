@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(30.0, gt=0, description="A running job whose lease is this old is re-queued.")
     reaper_interval_s: float = Field(1.0, gt=0)
     max_attempts: int = Field(3, ge=1, description="Lost-lease re-queues before a job fails with 'lost'.")
+    gang_wait_s: float = Field(300.0, gt=0, description="A multi-node job's reservations are released when its "
+                               "gang is not complete after this long (two half-formed gangs never wait forever).")
     sse_poll_s: float = Field(0.25, gt=0, description="How often an SSE stream looks for new events.")
     sse_ping_s: float = Field(15.0, gt=0)
     max_log_line_chars: int = 4000

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from worker.client import JobGone, ServerClient, Unauthorized, Unreachable
-from worker.command import trainer_argv
+from worker.command import Rendezvous, trainer_argv
 from worker.runner import LAUNCHED_BY_ENV, RUN_ENV, JobRun, Outcome, StopReason, find_orphans, kill_groups
 from worker.settings import WorkerSettings
 
@@ -27,6 +27,14 @@ MAX_METRICS_PER_REPORT = 500
 MAX_LOGS_PER_REPORT = 2000
 # paratrain's own secrets never reach the job's processes (what a job runs is not trusted with them)
 SECRET_ENV = ("PARATRAIN_WORKER_TOKEN", "PARATRAIN_USER_TOKEN")
+
+
+def free_port() -> int:
+    """A TCP port free right now: offered with each claim, in case this worker becomes node 0 of a
+    multi-node job and its torchrun hosts the rendezvous."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 class Agent:
@@ -144,7 +152,8 @@ class Agent:
             return
         assert self.worker_id is not None
         try:
-            claim = self.client.claim(self.worker_id, free_gpu_indices=free, accept_cpu_jobs=accept_cpu)
+            claim = self.client.claim(self.worker_id, free_gpu_indices=free, accept_cpu_jobs=accept_cpu,
+                                      rdzv_address=self.settings.rdzv_address or None, rdzv_port=free_port())
         except (*Unreachable, JobGone) as e:
             log.warning("claim failed: %s", e)
             claim = None
@@ -158,8 +167,9 @@ class Agent:
 
         job = claim["job"]
         gpu_ids: list[int] = claim["gpu_ids"]
-        argv = trainer_argv(TrainConfig(**job["config"]), nproc=job["nproc"], trainer=self.settings.trainer,
-                            use_torchrun=self.settings.use_torchrun)
+        rendezvous = Rendezvous(**claim["rendezvous"]) if claim.get("rendezvous") else None
+        argv = trainer_argv(TrainConfig(**job["config"]), nproc=job["nproc"], rendezvous=rendezvous,
+                            trainer=self.settings.trainer, use_torchrun=self.settings.use_torchrun)
         env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         env.update({
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpu_ids)),  # empty for a CPU job: no GPU at all

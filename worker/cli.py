@@ -13,6 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="Worker name, unique per machine (default: hostname).")
     parser.add_argument("--gpus", help="'auto' (NVML, default), 'none', or indices like '0,1'.")
     parser.add_argument("--max-cpu-jobs", type=int, help="CPU jobs run at the same time (default 1).")
+    parser.add_argument("--rdzv-address", help="How other workers reach this machine for multi-node jobs "
+                                               "(default: hostname; '' takes no multi-node jobs).")
 
 
 def settings_from_args(args: argparse.Namespace):  # -> WorkerSettings
@@ -21,7 +23,7 @@ def settings_from_args(args: argparse.Namespace):  # -> WorkerSettings
     from worker.settings import WorkerSettings
 
     overrides = {"server_url": args.server, "token": args.token, "name": args.name, "gpus": args.gpus,
-                 "max_cpu_jobs": args.max_cpu_jobs}
+                 "max_cpu_jobs": args.max_cpu_jobs, "rdzv_address": args.rdzv_address}
     if args.token_file:
         overrides["token"] = Path(args.token_file).read_text().strip()
     return WorkerSettings(**{k: v for k, v in overrides.items() if v is not None})

@@ -42,9 +42,11 @@ class ServerClient:
         reply = self._post(f"/workers/{worker_id}/heartbeat", {"running_job_ids": running_job_ids}).json()
         return list(reply["cancel_job_ids"])
 
-    def claim(self, worker_id: int, *, free_gpu_indices: list[int], accept_cpu_jobs: bool) -> dict[str, Any] | None:
-        response = self._post(f"/workers/{worker_id}/claim", {"free_gpu_indices": free_gpu_indices,
-                                                               "accept_cpu_jobs": accept_cpu_jobs})
+    def claim(self, worker_id: int, *, free_gpu_indices: list[int], accept_cpu_jobs: bool,
+              rdzv_address: str | None = None, rdzv_port: int | None = None) -> dict[str, Any] | None:
+        response = self._post(f"/workers/{worker_id}/claim", {
+            "free_gpu_indices": free_gpu_indices, "accept_cpu_jobs": accept_cpu_jobs,
+            "rdzv_address": rdzv_address, "rdzv_port": rdzv_port})
         return None if response.status_code == 204 else response.json()
 
     def report(self, job_id: int, *, worker_id: int, attempt: int, metrics: list[dict], logs: list[str],

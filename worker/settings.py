@@ -20,6 +20,9 @@ class WorkerSettings(BaseSettings):
                       description="Unique per machine: registering again under a name re-queues that name's jobs.")
     gpus: str = Field("auto", description="'auto' (NVML), 'none' (CPU only) or indices like '0,1,3'.")
     max_cpu_jobs: int = Field(1, ge=0, description="CPU jobs (gpus=0) run at the same time.")
+    rdzv_address: str | None = Field(default_factory=socket.gethostname,
+                                     description="How other workers reach this machine for multi-node jobs' "
+                                     "rendezvous (an address or resolvable name); empty: take no multi-node jobs.")
     claim_interval_s: float = Field(1.0, gt=0, description="How often to ask for work while nothing is claimed.")
     report_interval_s: float = Field(0.5, gt=0, description="Metrics and log lines are sent in batches this often.")
     kill_grace_s: float = Field(30.0, ge=0, description="SIGTERM -> this long -> SIGKILL for a job's process group.")

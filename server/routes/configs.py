@@ -12,7 +12,7 @@ from server.errors import FieldError
 from server.models import CommandPublic, JobCreate
 from server.paths import confine
 from trainer_core.config import TrainConfig
-from worker.command import trainer_argv
+from worker.command import placeholder_rendezvous, trainer_argv
 
 router = APIRouter(tags=["configs"], dependencies=[UserAuth])
 
@@ -46,7 +46,8 @@ def config_schema() -> dict[str, Any]:
 
 @router.post("/command-preview", response_model=CommandPublic)
 def command_preview(job_in: JobCreate) -> CommandPublic:
-    return CommandPublic(argv=trainer_argv(job_in.config, nproc=job_in.procs_per_node))
+    return CommandPublic(argv=trainer_argv(job_in.config, nproc=job_in.procs_per_node,
+                                           rendezvous=placeholder_rendezvous(job_in.nodes)))
 
 
 @router.post("/datasets/check", response_model=DatasetCheckResult)

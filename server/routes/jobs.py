@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.responses import FileResponse
+from sqlmodel import Session
 
 from server import crud
 from server.deps import MAX_DB_INT, JobIdPath, SessionDep, SettingsDep, UserAuth, WriteSessionDep
@@ -31,8 +32,10 @@ from worker.command import trainer_argv
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
 
 
-def _command(job: Job) -> CommandPublic:
-    return CommandPublic(argv=trainer_argv(TrainConfig(**job.config), nproc=job.nproc))
+def _command(job: Job, session: Session) -> CommandPublic:
+    """Node 0's command for a multi-node job (the real rendezvous once the gang is placed)."""
+    rendezvous = crud.node0_rendezvous(session=session, job=job)
+    return CommandPublic(argv=trainer_argv(TrainConfig(**job.config), nproc=job.nproc, rendezvous=rendezvous))
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
@@ -121,4 +124,4 @@ def download_artifact(job_id: JobIdPath, path: str, session: SessionDep) -> File
 
 @router.get("/{job_id}/command", response_model=CommandPublic)
 def get_command(job_id: JobIdPath, session: SessionDep) -> CommandPublic:
-    return _command(crud.get_job(session=session, job_id=job_id))
+    return _command(crud.get_job(session=session, job_id=job_id), session)

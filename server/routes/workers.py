@@ -61,18 +61,19 @@ def heartbeat(worker_id: WorkerIdPath, beat: Heartbeat, session: WriteSessionDep
 
 
 @agent_router.post("/workers/{worker_id}/claim", response_model=Claim,
-                   responses={204: {"description": "Nothing queued fits the free GPUs."}})
+                   responses={204: {"description": "Nothing to start now: nothing queued fits the free GPUs, or "
+                                                   "they were reserved for a multi-node job still forming."}})
 def claim(worker_id: WorkerIdPath, request: ClaimRequest, session: WriteSessionDep,
           settings: SettingsDep) -> Claim | Response:
     worker = crud.get_worker(session=session, worker_id=worker_id)
-    claimed = crud.claim_job(session=session, worker=worker, request=request, settings=settings)
-    if claimed is None:
-        session.rollback()
+    launch = crud.claim_job(session=session, worker=worker, request=request, settings=settings)
+    session.commit()  # a reservation is stored even when nothing starts yet
+    if launch is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
-    session.commit()
-    job, gpu_ids = claimed
-    argv = trainer_argv(TrainConfig(**job.config), nproc=job.nproc)
-    return Claim(job=JobPublic.model_validate(job, from_attributes=True), gpu_ids=gpu_ids, argv=argv)
+    job = launch.job
+    argv = trainer_argv(TrainConfig(**job.config), nproc=job.nproc, rendezvous=launch.rendezvous)
+    return Claim(job=JobPublic.model_validate(job, from_attributes=True), gpu_ids=launch.gpu_ids, argv=argv,
+                 rendezvous=launch.rendezvous)
 
 
 @agent_router.post("/jobs/{job_id}/report", status_code=status.HTTP_204_NO_CONTENT)

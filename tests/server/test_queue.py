@@ -43,7 +43,7 @@ def test_concurrent_claimers_never_share_a_job(settings, job_body):
                 with Session(engine) as session:
                     worker = crud.get_worker(session=session, worker_id=worker_id)
                     got = crud.claim_job(session=session, worker=worker, request=ClaimRequest(), settings=settings)
-                    job_id = got[0].id if got else None
+                    job_id = got.job.id if got else None
                     session.commit()
                 if job_id is None:
                     return
@@ -244,7 +244,7 @@ def test_a_restarted_server_gives_workers_a_ttl_to_come_back(settings, worker_he
 
     with TestClient(create_app(settings)) as again:
         again.headers["Authorization"] = worker_headers["Authorization"]
-        assert reap_once(again.app.state.engine) == []  # leases were extended at start
+        assert reap_once(again.app.state.engine, settings) == []  # leases were extended at start
         reply = again.post(f"/api/workers/{wid}/heartbeat", json={"running_job_ids": [job_id]})
         assert reply.json() == {"cancel_job_ids": []}
         again.headers["Authorization"] = f"Bearer {again.app.state.tokens.user}"

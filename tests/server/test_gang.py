@@ -1,0 +1,235 @@
+"""Multi-node jobs: reservations, gang start, per-node leases, finish rules, logs per node, stale reservations."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from fastapi.testclient import TestClient
+
+from server.main import create_app
+
+
+class Box:
+    """A worker as the server sees it: registers, heartbeats, claims (offering a rendezvous address/port)."""
+
+    def __init__(self, client: TestClient, headers: dict[str, str], name: str, port: int) -> None:
+        self.client, self.headers, self.name, self.port = client, headers, name, port
+        r = client.post("/api/workers/register", json={"name": name}, headers=headers)
+        self.id = r.json()["worker_id"]
+
+    def claim(self, *, accept_cpu_jobs: bool = True):
+        r = self.client.post(f"/api/workers/{self.id}/claim", headers=self.headers, json={
+            "accept_cpu_jobs": accept_cpu_jobs, "rdzv_address": f"{self.name}.lan", "rdzv_port": self.port})
+        assert r.status_code in (200, 204), r.text
+        return r.json() if r.status_code == 200 else None
+
+    def heartbeat(self, *job_ids: int) -> list[int]:
+        r = self.client.post(f"/api/workers/{self.id}/heartbeat", json={"running_job_ids": list(job_ids)},
+                             headers=self.headers)
+        return r.json()["cancel_job_ids"]
+
+    def finish(self, job_id: int, attempt: int, exit_code: int = 0, **extra):
+        return self.client.post(f"/api/jobs/{job_id}/finish", headers=self.headers, json={
+            "worker_id": self.id, "attempt": attempt, "exit_code": exit_code, **extra})
+
+    def report(self, job_id: int, attempt: int, logs: list[str], log_start: int = 0):
+        return self.client.post(f"/api/jobs/{job_id}/report", headers=self.headers, json={
+            "worker_id": self.id, "attempt": attempt, "logs": logs, "log_start": log_start})
+
+
+def _gang_job(client, job_body, nodes: int = 2) -> dict:
+    r = client.post("/api/jobs", json={**job_body(), "nodes": nodes})
+    assert r.status_code == 201, r.text
+    return r.json()
+
+
+def _lines(client, job_id: int) -> list[str]:
+    return [x["line"] for x in client.get(f"/api/jobs/{job_id}/logs").json()["data"]]
+
+
+def _integrity(client) -> list[str]:
+    return client.get("/api/integrity").json()["problems"]
+
+
+def _start_gang(client, worker_headers, job_body):
+    job = _gang_job(client, job_body)
+    a, b = Box(client, worker_headers, "a", 29001), Box(client, worker_headers, "b", 29002)
+    assert a.claim() is None  # reserved node 0, waiting for one more worker
+    assert b.claim() is not None
+    assert a.claim() is not None
+    return job, a, b
+
+
+def test_a_two_node_job_starts_when_two_workers_hold_a_node(client, worker_headers, job_body):
+    job = _gang_job(client, job_body)
+    single = client.post("/api/jobs", json=job_body()).json()
+    a, b = Box(client, worker_headers, "a", 29001), Box(client, worker_headers, "b", 29002)
+    assert a.claim() is None
+    assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "queued"
+    assert any("node 0 reserved on worker a" in line for line in _lines(client, job["id"]))
+    assert a.claim() is None  # holding a CPU reservation: neither a second node nor the CPU job behind it
+    assert _integrity(client) == []
+
+    second = b.claim()  # completes the gang: b starts node 1 at once
+    assert second["job"]["id"] == job["id"]
+    assert second["rendezvous"] == {"nnodes": 2, "node": 1, "endpoint": "a.lan:29001",
+                                    "run_id": f"paratrain-job{job['id']}-attempt1", "local_addr": "b.lan"}
+    argv = second["argv"]
+    assert "--nnodes=2" in argv and "--rdzv_endpoint=a.lan:29001" in argv and "--rdzv_conf=is_host=0" in argv
+    assert "--ddp" in argv and "--standalone" not in argv
+    first = a.claim()  # a gets its launch with its next claim
+    assert first["job"]["id"] == job["id"] and first["rendezvous"]["node"] == 0
+    assert "--rdzv_conf=is_host=1" in first["argv"] and first["rendezvous"]["endpoint"] == "a.lan:29001"
+    running = client.get(f"/api/jobs/{job['id']}").json()
+    assert running["state"] == "running" and running["worker_id"] == a.id
+    assert any("started on 2 workers: node 0 on a, node 1 on b" in line for line in _lines(client, job["id"]))
+    workers = {w["name"]: w["running_job_ids"] for w in client.get("/api/workers").json()["data"]}
+    assert workers == {"a": [job["id"]], "b": [job["id"]]}
+    assert a.claim(accept_cpu_jobs=False) is None  # the CPU job still waits for a free slot
+    assert client.get(f"/api/jobs/{single['id']}").json()["state"] == "queued"
+    assert _integrity(client) == []
+
+
+def test_with_one_worker_online_a_gang_job_waits_and_later_jobs_run(client, worker_headers, job_body):
+    gang = _gang_job(client, job_body)
+    single = client.post("/api/jobs", json=job_body()).json()
+    a = Box(client, worker_headers, "a", 29001)
+    assert a.claim()["job"]["id"] == single["id"]
+    assert client.get(f"/api/jobs/{gang['id']}").json()["state"] == "queued"
+    # a worker that offers no rendezvous address takes no multi-node jobs
+    b = Box(client, worker_headers, "b", 29002)
+    r = client.post(f"/api/workers/{b.id}/claim", json={}, headers=worker_headers)
+    assert r.status_code == 204
+    assert _lines(client, gang["id"]) == []
+
+
+def test_the_job_succeeds_only_when_every_node_has(client, worker_headers, job_body):
+    job, a, b = _start_gang(client, worker_headers, job_body)
+    assert b.finish(job["id"], 1).json()["state"] == "running"
+    assert any("node 1 finished; waiting for 1 more node" in line for line in _lines(client, job["id"]))
+    for _ in range(15):  # past the 2 s TTL: only node 0's worker still heartbeats, and that is enough now
+        assert a.heartbeat(job["id"]) == []
+        time.sleep(0.2)
+    assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "running"
+    assert a.finish(job["id"], 1).json()["state"] == "succeeded"
+    assert _integrity(client) == []
+
+
+def test_a_silent_node_requeues_the_whole_gang(client, worker_headers, job_body):
+    job, a, b = _start_gang(client, worker_headers, job_body)
+    deadline = time.time() + 10
+    while client.get(f"/api/jobs/{job['id']}").json()["state"] != "queued":
+        assert time.time() < deadline
+        assert a.heartbeat(job["id"]) in ([], [job["id"]])
+        time.sleep(0.2)
+    again = client.get(f"/api/jobs/{job['id']}").json()
+    assert again["attempt"] == 2 and again["worker_id"] is None
+    assert any("worker b (node 1) stopped heartbeating" in line for line in _lines(client, job["id"]))
+    assert a.heartbeat(job["id"]) == [job["id"]]  # node 0 learns the job is no longer its own
+    assert a.finish(job["id"], 1).status_code == 409
+    assert _integrity(client) == []
+    # attempt 2 forms a fresh gang, with a new rendezvous id, once b is back online
+    assert a.claim() is None  # only a is online: it reserves nothing
+    assert _lines(client, job["id"])[-1].startswith("[paratrain] worker b (node 1) stopped heartbeating")
+    b.heartbeat()
+    assert a.claim() is None
+    launch = b.claim()
+    assert launch["rendezvous"]["run_id"] == f"paratrain-job{job['id']}-attempt2"
+
+
+def test_a_node_with_bad_data_fails_the_job_and_stops_the_others(client, worker_headers, job_body):
+    job, a, b = _start_gang(client, worker_headers, job_body)
+    failed = b.finish(job["id"], 1, exit_code=2, failure_class="data", failure_reason="demo.jsonl:3: bad").json()
+    assert failed["state"] == "failed" and failed["failure_reason"] == "node 1 (worker b): demo.jsonl:3: bad"
+    assert a.heartbeat(job["id"]) == [job["id"]]
+    assert a.finish(job["id"], 1).status_code == 409
+    assert _integrity(client) == []
+
+
+def test_a_crashed_node_requeues_the_gang_until_attempts_run_out(client, worker_headers, job_body):
+    job, a, b = _start_gang(client, worker_headers, job_body)  # max_attempts 2 (settings)
+    again = a.finish(job["id"], 1, exit_code=1, failure_class="crash", failure_reason="exit code 1\ngloo: peer gone")
+    assert again.json()["state"] == "queued" and again.json()["attempt"] == 2
+    assert any("node 0 (worker a) crashed (exit code 1); re-queued" in line for line in _lines(client, job["id"]))
+    assert b.heartbeat(job["id"]) == [job["id"]]
+    assert a.claim() is None and b.claim() is not None and a.claim() is not None
+    failed = b.finish(job["id"], 2, exit_code=1, failure_class="crash", failure_reason="exit code 1").json()
+    assert failed["state"] == "failed" and failed["failure_class"] == "lost"
+    assert "node 1 (worker b) crashed (exit code 1); gave up after 2 attempts" in failed["failure_reason"]
+    assert _integrity(client) == []
+
+
+def test_a_stopping_node_hands_the_whole_gang_back(client, worker_headers, job_body):
+    job, a, b = _start_gang(client, worker_headers, job_body)
+    back = a.finish(job["id"], 1, release=True).json()
+    assert back["state"] == "queued" and back["attempt"] == 2
+    assert b.heartbeat(job["id"]) == [job["id"]]
+    assert _integrity(client) == []
+
+
+def test_cancel_reaches_every_node(client, worker_headers, job_body):
+    job, a, b = _start_gang(client, worker_headers, job_body)
+    client.post(f"/api/jobs/{job['id']}/cancel")
+    assert a.heartbeat(job["id"]) == [job["id"]] and b.heartbeat(job["id"]) == [job["id"]]
+    assert b.finish(job["id"], 1).json()["state"] == "cancelled"
+    # cancelling a gang still forming gives its reservations back
+    forming = _gang_job(client, job_body)
+    assert a.claim() is None
+    assert client.post(f"/api/jobs/{forming['id']}/cancel").json()["state"] == "cancelled"
+    assert _integrity(client) == []
+
+
+def test_each_nodes_log_lines_are_kept_apart(client, worker_headers, job_body):
+    job, a, b = _start_gang(client, worker_headers, job_body)
+    for _ in range(2):  # the second send is a retry: stored once
+        assert a.report(job["id"], 1, ["loss 1"]).status_code == 204
+        assert b.report(job["id"], 1, ["gloo ready"]).status_code == 204
+    b.report(job["id"], 1, ["gloo ready", "done"])
+    worker_lines = [line for line in _lines(client, job["id"]) if not line.startswith("[paratrain]")]
+    assert worker_lines == ["[node 0] loss 1", "[node 1] gloo ready", "[node 1] done"]
+    stranger = Box(client, worker_headers, "c", 29003)
+    assert stranger.report(job["id"], 1, ["x"]).status_code == 409
+
+
+@pytest.fixture
+def quick_gang_client(settings):
+    settings = settings.model_copy(update={"gang_wait_s": 0.5})
+    with TestClient(create_app(settings)) as c:
+        c.headers["Authorization"] = f"Bearer {c.app.state.tokens.user}"
+        yield c
+
+
+def test_a_gang_that_does_not_form_gives_its_reservations_back(quick_gang_client, job_body):
+    client = quick_gang_client
+    headers = {"Authorization": f"Bearer {client.app.state.tokens.worker}"}
+    job = _gang_job(client, job_body)
+    a = Box(client, headers, "a", 29001)
+    Box(client, headers, "b", 29002)  # online, but never claims
+    assert a.claim() is None
+    deadline = time.time() + 10
+    while not any("reservations released" in line for line in _lines(client, job["id"])):
+        assert time.time() < deadline
+        a.heartbeat()
+        time.sleep(0.1)
+    assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "queued"
+    assert _integrity(client) == []
+    # a worker that registers again (a restart) also drops what it had reserved
+    assert a.claim() is None
+    Box(client, headers, "a", 29001)
+    assert sum("reservations released" in line for line in _lines(client, job["id"])) >= 2
+    assert _integrity(client) == []
+
+
+def test_nodes_is_validated(client, job_body):
+    r = client.post("/api/jobs", json={**job_body(), "nodes": 65})
+    assert r.status_code == 422 and "nodes" in r.text
+    assert client.post("/api/jobs", json={**job_body(), "nodes": 0}).status_code == 422
+
+
+def test_commands_show_the_multi_node_launch(client, worker_headers, job_body):
+    preview = client.post("/api/command-preview", json={**job_body(), "nodes": 3}).json()["argv"]
+    assert "--nnodes=3" in preview and "--rdzv_endpoint=<node 0 address>:<port>" in preview
+    job, a, b = _start_gang(client, worker_headers, job_body)
+    argv = client.get(f"/api/jobs/{job['id']}/command").json()["argv"]
+    assert "--rdzv_endpoint=a.lan:29001" in argv and "--rdzv_conf=is_host=1" in argv
