@@ -65,6 +65,7 @@ class Cluster:
         self.server: Proc | None = None
         self.workers: list[Proc] = []
         self.worker_name = f"it-{os.getpid()}-{self.port}"
+        self.worker_names: set[str] = set()
         self.env = {**os.environ, **FAST_LEASES, "PARATRAIN_DATA_DIR": str(data_dir),
                     "PYTHONUNBUFFERED": "1"}
         self.api: httpx.Client | None = None
@@ -80,9 +81,12 @@ class Cluster:
             self.api = httpx.Client(base_url=f"{self.url}/api", timeout=30,
                                     headers={"Authorization": f"Bearer {token}"})
 
-    def start_worker(self, **env: str) -> Proc:
+    def start_worker(self, name: str = "", **env: str) -> Proc:
+        """A `python -m worker` on CPU; `name` is appended to the cluster's worker name (several workers)."""
+        full_name = self.worker_name + name
+        self.worker_names.add(full_name)
         argv = [sys.executable, "-m", "worker", "--server", self.url, "--token-file",
-                str(self.data_dir / "worker_token"), "--name", self.worker_name, "--gpus", "none"]
+                str(self.data_dir / "worker_token"), "--name", full_name, "--gpus", "none"]
         worker_env = {**self.env, "PARATRAIN_WORKER_CLAIM_INTERVAL_S": "0.2",
                       "PARATRAIN_WORKER_REPORT_INTERVAL_S": "0.2", "PARATRAIN_WORKER_KILL_GRACE_S": "15", **env}
         proc = Proc(argv, worker_env, self.tmp_path / f"worker{len(self.workers)}.log")
@@ -126,9 +130,10 @@ class Cluster:
             self.server.stop()
         if self.api is not None:
             self.api.close()
-        leftovers = find_orphans(f"{self.worker_name}@{self.url}")  # the worker's identity: name@server
-        if leftovers:
-            kill_groups(list(leftovers), 5)
+        for name in self.worker_names:
+            leftovers = find_orphans(f"{name}@{self.url}")  # a worker's identity: name@server
+            if leftovers:
+                kill_groups(list(leftovers), 5)
 
 
 @pytest.fixture
