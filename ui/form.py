@@ -116,7 +116,7 @@ def build_config_form(open_groups: tuple[str, ...] = ("model", "data", "training
             form.job["gpus"] = gr.Number(value=1, precision=0, minimum=0, label="gpus",
                                          info="GPUs per node for this job; 0 runs on CPU.", elem_id="job-gpus")
             form.job["nodes"] = gr.Number(value=1, precision=0, minimum=1, label="nodes",
-                                          info="Machines (workers) the job spans.", elem_id="job-nodes")
+                                          info="Machines (workers) the job spans; more than 1 waits until that many workers are free.", elem_id="job-nodes")
             form.job["priority"] = gr.Number(value=0, precision=0, label="priority",
                                              info="Higher runs first.", elem_id="job-priority")
     return form
