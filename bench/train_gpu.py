@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import sys
 import time
+import traceback
 
 import torch
 import torch.nn.functional as F
@@ -184,6 +186,25 @@ def main() -> None:
         if cuda:
             torch.cuda.empty_cache()
 
+    def save() -> None:  # after every variant: a run cut short by a time limit still leaves its numbers
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"env": env, "results": results}, f, indent=2)
+
+    def record(name: str, run) -> dict:
+        """Runs one variant; an error (OOM, a kernel that does not compile here) is a row, not the end."""
+        try:
+            r = run()
+        except torch.OutOfMemoryError:
+            r = {"variant": name, "error": "out of memory"}
+        except Exception as e:  # noqa: BLE001 - reported in the table, traceback on stderr
+            traceback.print_exc(file=sys.stderr)
+            r = {"variant": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
+        results.append(r)
+        free()
+        save()
+        return r
+
     if not args.skip_naive:
         model = build_model(shape, device, dtype, "sdpa", cfg)
 
@@ -192,44 +213,44 @@ def main() -> None:
             t = [x.to(device) for x in (ids, labels, pos, branch, time_ids, allowed)]
             loss = naive_loss(model, *t, dtype)
             return loss, int((labels != IGNORE_INDEX).sum()), n_tok, ids.numel()
-        try:
-            results.append(run_variant("(a) naive: padded rows, dense float mask, full logits", model, steps, device,
-                                       naive_step, warmup, flops_per_token, peak))
-        except torch.OutOfMemoryError:
-            results.append({"variant": "(a) naive", "error": "out of memory"})
+        record("(a) naive", lambda: run_variant("(a) naive: padded rows, dense float mask, full logits", model,
+                                                 steps, device, naive_step, warmup, flops_per_token, peak))
         del model
         free()
 
-    def packed_runner(model, budget):
+    def packed_runner(model, budget, dense: bool):
         lm = ParallelBranchLM(model)
 
         def step_fn(step):
             layouts = [build_sample_layout(None, b) for b in step]
-            row_budget = budget if cuda else max(len(lay) for lay in layouts)   # as trainer_core.data.collate_batch
+            row_budget = max(len(lay) for lay in layouts) if dense else budget   # as trainer_core.data.collate_batch
             batch = collate_packed(layouts, tokens_per_row=row_budget).to(device)
             return lm(**vars(batch)), batch.num_label_tokens, batch.num_tokens, batch.input_ids.numel()
         return step_fn
 
+    def packed_variant(name: str, attn: str, adapter_dtype: str, run_steps, budget: int) -> dict:
+        def run():
+            model = build_model(shape, device, dtype, attn, cfg.model_copy(update={"adapter_dtype": adapter_dtype}))
+            return run_variant(name, model, run_steps, device, packed_runner(model, budget, attn != "flex_attention"),
+                               warmup, flops_per_token, peak)
+        return record(name, run)
+
     attn = "flex_attention" if cuda else "sdpa"
-    model = build_model(shape, device, dtype, attn, cfg)
-    results.append(run_variant(f"(b) trainer_core: packed rows, {attn}, chunked CE", model, steps, device,
-                               packed_runner(model, 32768), warmup, flops_per_token, peak))
+    shipped = packed_variant(f"(b) trainer_core: packed rows, {attn}, chunked CE", attn, "float32", steps, 32768)
+    if cuda and "error" in shipped:  # flex failed on this stack: the SDPA path still gives a number
+        packed_variant("(b) trainer_core, SDPA fallback", "sdpa", "float32", steps, 32768)
+    best_dtype = "float32"
     if cuda:   # the same with LoRA weights kept in bf16 (MEASUREMENTS.md: much less memory, faster)
-        del model
-        free()
-        model = build_model(shape, device, dtype, attn, cfg.model_copy(update={"adapter_dtype": "model"}))
-        results.append(run_variant(f"(b') trainer_core, bf16 adapters", model, steps, device,
-                                   packed_runner(model, 32768), warmup, flops_per_token, peak))
+        bf16 = packed_variant("(b') trainer_core, bf16 adapters", attn, "model", steps, 32768)
+        if "error" not in bf16 and "error" not in shipped and \
+                bf16["valid_tokens_per_s"] > shipped["valid_tokens_per_s"]:
+            best_dtype = "model"
     for budget in [int(x) for x in args.sweep.split(",") if x]:
         per_step = max(1, round(budget / 7300 * args.samples_per_step))
         sweep_steps = random_steps(warmup + steps_n, per_step, vocab, seed=budget)
-        try:
-            r = run_variant(f"(b) sweep ~{budget} tokens/step ({per_step} samples)", model, sweep_steps, device,
-                            packed_runner(model, max(budget, 16384)), warmup, flops_per_token, peak)
-        except torch.OutOfMemoryError:
-            r = {"variant": f"(b) sweep ~{budget} tokens/step", "error": "out of memory"}
-            free()
-        results.append(r)
+        packed_variant(f"(b) sweep ~{budget} tokens/step ({per_step} samples)"
+                       + (", bf16 adapters" if best_dtype == "model" else ""),
+                       attn, best_dtype, sweep_steps, max(budget, 16384))
 
     print(f"{'variant':<62} {'tokens/s':>9} {'MFU':>6} {'peak GB':>8} {'pad':>6} {'tok/step':>8} {'loss@1':>8}")
     for r in results:
@@ -239,14 +260,12 @@ def main() -> None:
         mem = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
         print(f"{r['variant']:<62} {r['valid_tokens_per_s']:>9,} {r['mfu']:>6.1%} {mem:>8} "
               f"{r['padding_share']:>6.1%} {r['tokens_per_step']:>8,} {r['first_step_loss']:>8.4f}")
-    if len(results) >= 2 and "error" not in results[0] and "error" not in results[1]:
+    if not args.skip_naive and len(results) >= 2 and "error" not in results[0] and "error" not in results[1]:
         speedup = results[1]["valid_tokens_per_s"] / results[0]["valid_tokens_per_s"]
         dloss = abs(results[0]["first_step_loss"] - results[1]["first_step_loss"])
         print(f"trainer_core / naive: {speedup:.2f}x tokens/s; same-batch loss difference {dloss:.2e}")
         env.update(speedup=round(speedup, 3), loss_difference=dloss)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "results": results}, f, indent=2)
+    save()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,24 @@
+"""bench/train_gpu.py is what a GPU session runs first, with minutes to spare: it must work before it gets
+there. On CPU it runs the same code with the tiny shape."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_training_bench_runs_and_both_paths_agree_on_the_loss(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench/train_gpu.py", "--steps", "1", "--warmup", "1", "--sweep", "8192",
+                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = {r["variant"].split(":")[0]: r for r in report["results"]}
+    assert not [r for r in report["results"] if "error" in r], report["results"]
+    naive, shipped = rows["(a) naive"], rows["(b) trainer_core"]
+    assert abs(naive["first_step_loss"] - shipped["first_step_loss"]) < 1e-4
+    assert report["env"]["loss_difference"] < 1e-4 and "trainer_core / naive" in proc.stdout
