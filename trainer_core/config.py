@@ -18,7 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 # Tokens per cross-entropy chunk: the trainer never holds more logits than this many rows of the
 # vocabulary (trainer_core.model), and the VRAM estimate charges exactly that (trainer_core.vram).
-CE_CHUNK_TOKENS = 8192
+# 2048 rows of a 152k vocabulary: ~0.6 GB of bf16 logits, ~2 GB with their float32 copies at the peak
+# (8192 cost ~6 GB at the quick-start shape, a third of the 16 GB budget); one chunk is still a large matmul.
+CE_CHUNK_TOKENS = 2048
 
 # Groups as the guide groups its flags ("model", "data", "training") plus where outputs go.
 GROUPS = ("model", "data", "training", "output")
@@ -48,8 +50,9 @@ class TrainConfig(BaseModel):
     branch_stride: int = _field(128, "Branch coordinate step between consecutive branches.", "model", ge=1)
     gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.", "model")
     adapter_dtype: Literal["float32", "model"] = _field(
-        "float32", "LoRA weights in float32 (PEFT's default: each adapted layer's input is upcast) or in the "
-        "model's dtype (bf16 on CUDA: less memory and faster, coarser optimiser updates).", "model")
+        "float32", "LoRA weights and optimiser state in float32, computed in the model's dtype (mixed precision), "
+        "or stored in the model's dtype too (bf16 on CUDA: a little less memory; small updates can round away).",
+        "model")
 
     # --- data ----------------------------------------------------------------------------------
     data_path: str = _field(..., "Parallel JSONL file: {\"main\", \"branches\"} or {\"text\"} per line.", "data",
