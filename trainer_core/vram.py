@@ -7,12 +7,12 @@ The estimate, per GPU (the batch is per device, so DDP does not change it), in G
 
     weights      = n_params(shape) * bytes(dtype)                         frozen base model
     lora_state   = n_lora(shape, rank, targets) * 16                       fp32 adapter + grad + AdamW m, v
-                                                                           (PEFT keeps adapters in fp32)
-    activations  = tokens * L * ACT_BYTES_PER_UNIT * (hidden + intermediate) * dtype_scale
+                                                                           (4 * bytes(dtype) with --adapter_dtype model)
+    activations  = tokens * L * ACT_BYTES_PER_UNIT_MIXED * (hidden + intermediate) * dtype_scale
                    with gradient checkpointing:
-                 = tokens * (L * dtype_bytes * hidden + ACT_BYTES_PER_UNIT * (hidden + intermediate))
+                 = tokens * (L * dtype_bytes * hidden + ACT_BYTES_PER_UNIT_MIXED * (hidden + intermediate))
                    (each layer keeps its input; one layer is recomputed at a time)
-    logits       = LOGITS_CHUNK_BYTES_PER_VOCAB * vocab * min(tokens, LOSS_CHUNK_TOKENS)   chunked CE
+    logits       = LOGITS_CHUNK_BYTES_PER_VOCAB * vocab * min(tokens, CE_CHUNK_TOKENS)   chunked CE
                    (LOGITS_FULL_BYTES_PER_VOCAB * vocab * tokens with a full-vocabulary CE)
     overhead     = CUDA_CONTEXT_GB + ALLOCATOR_SLACK * (activations + logits)
 
@@ -30,6 +30,13 @@ it). The static part (weights + adapters) matches table B's "static GB" within 3
 ALLOCATOR_SLACK are not measured there (torch's counters exclude them): they are conservative
 assumptions. Once jobs have run on a GPU, `measured` (their config and recorded peak) rescales the
 dynamic part (activations + logits) by the median ratio measured/estimated — see `correction_factor`.
+
+Table B was measured with PEFT's default of upcasting every adapted layer's input to float32 and with
+8k-token CE chunks. The trainer computes the adapters in the model's dtype (trainer_core.model.
+compute_adapters_in_model_dtype) and uses CE_CHUNK_TOKENS-token chunks, so the estimate uses
+ACT_BYTES_PER_UNIT_MIXED: fitted to MEASUREMENTS.md's two bf16-adapter runs (0.5B, T = 8192 and 16384,
+chunked CE), within 3%. The ratio to ACT_BYTES_PER_UNIT (0.72) matches the bytes autograd saves per layer
+for the two modes, counted on CPU for the 0.5B shape (bench/activation_memory.py: 0.73).
 """
 
 from __future__ import annotations
@@ -47,10 +54,12 @@ from trainer_core.config import CE_CHUNK_TOKENS, TrainConfig
 GIB = 1024**3
 
 # --- calibration (see the module docstring for where each number comes from) -----------------------
-ACT_BYTES_PER_UNIT = 14.4            # bytes per token, per layer, per unit of (hidden + intermediate); bf16
+ACT_BYTES_PER_UNIT = 14.4            # bytes per token, per layer, per unit of (hidden + intermediate); bf16,
+                                     # adapters computed in float32 (PEFT's input upcast), as in table B
+ACT_BYTES_PER_UNIT_MIXED = 10.4      # the same with adapters computed in bf16: what the trainer does
 LOGITS_FULL_BYTES_PER_VOCAB = 11.6   # bytes per token per vocab entry, full-vocabulary cross-entropy
 LOGITS_CHUNK_BYTES_PER_VOCAB = 4.9   # bytes per chunk token per vocab entry, chunked (checkpointed) CE
-LOSS_CHUNK_TOKENS = CE_CHUNK_TOKENS  # the trainer's chunk; table B also measured "8k-token chunks"
+TABLE_B_CE_CHUNK_TOKENS = 8192       # the chunk table B measured with; the trainer's is CE_CHUNK_TOKENS
 CHUNKED_CE = True                    # DESIGN.md: never materialise full-vocabulary logits
 LORA_BYTES_PER_PARAM = 16            # fp32 weight 4 + grad 4 + AdamW exp_avg 4 + exp_avg_sq 4
 CUDA_CONTEXT_GB = 0.6                # assumption: CUDA context + kernels, outside torch's counters
@@ -182,22 +191,25 @@ def tokens_per_micro_batch(config: TrainConfig, tokens_per_text: int | None = No
     return texts * per_text
 
 
-def _raw_breakdown(config: TrainConfig, shape: ModelShape, tokens: int) -> dict[str, float]:
+def _raw_breakdown(config: TrainConfig, shape: ModelShape, tokens: int, *, upcast_adapters: bool = False,
+                   ce_chunk: int = CE_CHUNK_TOKENS) -> dict[str, float]:
+    """GiB per part. `upcast_adapters` and `ce_chunk` reproduce how table B was measured (tests)."""
     dtype_bytes = DTYPE_BYTES[config.dtype]
     dtype_scale = dtype_bytes / 2  # the calibration is bf16
     units = shape.hidden_size + shape.intermediate_size
-    per_layer = ACT_BYTES_PER_UNIT * units * dtype_scale
+    per_layer = (ACT_BYTES_PER_UNIT if upcast_adapters else ACT_BYTES_PER_UNIT_MIXED) * units * dtype_scale
     if config.gradient_checkpointing:
         act_per_token = shape.num_hidden_layers * dtype_bytes * shape.hidden_size + per_layer
     else:
         act_per_token = shape.num_hidden_layers * per_layer
     if CHUNKED_CE:
-        logits = LOGITS_CHUNK_BYTES_PER_VOCAB * shape.vocab_size * min(tokens, LOSS_CHUNK_TOKENS)
+        logits = LOGITS_CHUNK_BYTES_PER_VOCAB * shape.vocab_size * min(tokens, ce_chunk)
     else:
         logits = LOGITS_FULL_BYTES_PER_VOCAB * shape.vocab_size * tokens
     return {
         "weights": shape.n_params * dtype_bytes / GIB,
-        "lora_state": shape.n_lora_params(config.lora_rank, config.lora_target_modules) * LORA_BYTES_PER_PARAM / GIB,
+        "lora_state": shape.n_lora_params(config.lora_rank, config.lora_target_modules)
+                      * (LORA_BYTES_PER_PARAM if config.adapter_dtype == "float32" else 4 * dtype_bytes) / GIB,
         "activations": tokens * act_per_token / GIB,
         "logits": logits / GIB,
     }
