@@ -74,7 +74,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def build_model(shape: str, device: torch.device, dtype: torch.dtype, attn: str, cfg: TrainConfig):
+def build_model(shape: str, device: torch.device, dtype: torch.dtype, attn: str, cfg: TrainConfig,
+                peft_default: bool = False):
+    """The trainer's model; `peft_default` puts back PEFT's own float32 adapter math (the naive baseline)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768)
@@ -84,7 +86,12 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, attn: str,
         base = Qwen2ForCausalLM(config).to(dtype)
     base.config._attn_implementation = attn
     torch.manual_seed(1)
-    return prepare_for_training(base, cfg)
+    model = prepare_for_training(base, cfg)
+    if peft_default:
+        for module in model.modules():
+            if hasattr(module, "cast_input_dtype_enabled"):
+                module.cast_input_dtype_enabled = True
+    return model
 
 
 # --- (a) the naive baseline, written here on purpose ---------------------------------------------------
@@ -158,17 +165,19 @@ def main() -> None:
     ap.add_argument("--samples-per-step", type=int, default=4)
     ap.add_argument("--sweep", default="8192,16384,32768", help="token budgets per step for (b); empty: skip")
     ap.add_argument("--skip-naive", action="store_true")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                    help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     shape = args.shape or ("qwen2.5-0.5b" if cuda else "tiny")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     steps_n = args.steps or (10 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     cfg = TrainConfig(base_model=shape, data_path="random", lora_rank=8, rope_2d_ratio=0.5,
-                      dtype="bfloat16" if cuda else "float32", tokens_per_row=32768)
+                      dtype="bfloat16" if dtype == torch.bfloat16 else "float32", tokens_per_row=32768)
     vocab = SHAPES[shape]["vocab_size"]
     steps = random_steps(warmup + steps_n, args.samples_per_step, vocab)
     peak = matmul_peak_tflops(device, dtype)
@@ -206,7 +215,7 @@ def main() -> None:
         return r
 
     if not args.skip_naive:
-        model = build_model(shape, device, dtype, "sdpa", cfg)
+        model = build_model(shape, device, dtype, "sdpa", cfg, peft_default=True)
 
         def naive_step(step):
             ids, labels, pos, branch, time_ids, allowed, n_tok = naive_batch(step)

@@ -12,9 +12,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_training_bench_runs_and_both_paths_agree_on_the_loss(tmp_path):
+    # bf16 as on a GPU: the naive baseline runs PEFT's float32 adapter math, trainer_core its mixed precision
     out = tmp_path / "bench.json"
-    proc = subprocess.run([sys.executable, "bench/train_gpu.py", "--steps", "1", "--warmup", "1", "--sweep", "8192",
-                           "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    argv = [sys.executable, "bench/train_gpu.py", "--steps", "1", "--warmup", "1", "--sweep", "8192",
+            "--dtype", "bfloat16", "--json", str(out)]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(out.read_text())
     rows = {r["variant"].split(":")[0]: r for r in report["results"]}
