@@ -14,6 +14,6 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, transformers, peft; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)" | tee -a "$OUT/gpu.txt"
 # 1) correctness on CUDA: flex BlockMask vs SDPA loss on the same batch, bf16 training steps
-timeout 200 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" tests/trainer/test_rope_attention.py tests/trainer/test_layout.py 2>&1 | tail -5 | tee "$OUT/tests.txt"
+timeout 150 python3 -m pytest -q -x -p no:cacheprovider -o addopts="" tests/trainer/test_rope_attention.py tests/trainer/test_layout.py 2>&1 | tail -5 | tee "$OUT/tests.txt"
 # 2) the benchmark: naive vs trainer_core at the guide's quick-start shape, plus a token-budget sweep
-timeout 300 python3 bench/train_gpu.py --json "$OUT/train_gpu_h100.json" 2>&1 | grep -v Warning | tee "$OUT/train_gpu_h100.txt"
+timeout 360 python3 bench/train_gpu.py --json "$OUT/train_gpu_h100.json" 2>&1 | grep -v Warning | tee "$OUT/train_gpu_h100.txt"

@@ -237,9 +237,11 @@ def main() -> None:
             return lm(**vars(batch)), batch.num_label_tokens, batch.num_tokens, batch.input_ids.numel()
         return step_fn
 
-    def packed_variant(name: str, attn: str, adapter_dtype: str, run_steps, budget: int) -> dict:
+    def packed_variant(name: str, attn: str, adapter_dtype: str, run_steps, budget: int,
+                       compile_layers: bool = False) -> dict:
         def run():
-            model = build_model(shape, device, dtype, attn, cfg.model_copy(update={"adapter_dtype": adapter_dtype}))
+            options = {"adapter_dtype": adapter_dtype, "compile": compile_layers}
+            model = build_model(shape, device, dtype, attn, cfg.model_copy(update=options))
             return run_variant(name, model, run_steps, device, packed_runner(model, budget, attn != "flex_attention"),
                                warmup, flops_per_token, peak)
         return record(name, run)
@@ -248,18 +250,19 @@ def main() -> None:
     shipped = packed_variant(f"(b) trainer_core: packed rows, {attn}, chunked CE", attn, "float32", steps, 32768)
     if cuda and "error" in shipped:  # flex failed on this stack: the SDPA path still gives a number
         packed_variant("(b) trainer_core, SDPA fallback", "sdpa", "float32", steps, 32768)
-    best_dtype = "float32"
-    if cuda:   # the same with LoRA weights kept in bf16 (MEASUREMENTS.md: much less memory, faster)
-        bf16 = packed_variant("(b') trainer_core, bf16 adapters", attn, "model", steps, 32768)
-        if "error" not in bf16 and "error" not in shipped and \
-                bf16["valid_tokens_per_s"] > shipped["valid_tokens_per_s"]:
-            best_dtype = "model"
+    candidates = [("", "float32", False, shipped)]
+    if cuda:   # the options a user can turn on: bf16 adapter weights, compiled layers (warm-up steps compile)
+        candidates.append((", bf16 adapters", "model", False,
+                           packed_variant("(b') trainer_core, --adapter_dtype model", attn, "model", steps, 32768)))
+        candidates.append((", --compile", "float32", True,
+                           packed_variant("(b'') trainer_core, --compile", attn, "float32", steps, 32768, True)))
+    ok = [c for c in candidates if "error" not in c[3]]
+    label, best_dtype, best_compile, _ = max(ok, key=lambda c: c[3]["valid_tokens_per_s"]) if ok else candidates[0]
     for budget in [int(x) for x in args.sweep.split(",") if x]:
         per_step = max(1, round(budget / 7300 * args.samples_per_step))
         sweep_steps = random_steps(warmup + steps_n, per_step, vocab, seed=budget)
-        packed_variant(f"(b) sweep ~{budget} tokens/step ({per_step} samples)"
-                       + (", bf16 adapters" if best_dtype == "model" else ""),
-                       attn, best_dtype, sweep_steps, max(budget, 16384))
+        packed_variant(f"(b) sweep ~{budget} tokens/step ({per_step} samples){label}",
+                       attn, best_dtype, sweep_steps, max(budget, 16384), best_compile)
 
     print(f"{'variant':<62} {'tokens/s':>9} {'MFU':>6} {'peak GB':>8} {'pad':>6} {'tok/step':>8} {'loss@1':>8}")
     for r in results:

@@ -49,6 +49,8 @@ class TrainConfig(BaseModel):
         "0 = stock model. Guide: many short branches 0.6-0.7, few long branches 0.3-0.4.", "model", ge=0.0, le=1.0)
     branch_stride: int = _field(128, "Branch coordinate step between consecutive branches.", "model", ge=1)
     gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.", "model")
+    compile: bool = _field(False, "torch.compile each decoder layer (fuses the element-wise work between the "
+                           "matmuls); the first steps are slow while it compiles.", "model")
     adapter_dtype: Literal["float32", "model"] = _field(
         "float32", "LoRA weights and optimiser state in float32, computed in the model's dtype (mixed precision), "
         "or stored in the model's dtype too (bf16 on CUDA: a little less memory; small updates can round away).",

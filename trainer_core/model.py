@@ -61,6 +61,11 @@ def prepare_for_training(base: nn.Module, cfg: TrainConfig):
     base.config.use_cache = False
     model = get_peft_model(base, lora_config(cfg), autocast_adapter_dtype=cfg.adapter_dtype == "float32")
     compute_adapters_in_model_dtype(model)
+    if cfg.compile:
+        # In place, layer by layer: parameter names (checkpoints, PEFT's adapter files) do not change, and
+        # every layer shares one compiled graph. dynamic: packed rows change length from step to step.
+        for layer in base.get_decoder().layers:
+            layer.compile(dynamic=True)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trainable or any("lora_" not in n for n in trainable):
         raise RuntimeError(f"unexpected trainable parameters: {[n for n in trainable if 'lora_' not in n][:5]}")

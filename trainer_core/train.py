@@ -149,6 +149,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     trainable = [p for p in model.parameters() if p.requires_grad]
     print0(env, f"model: {cfg.base_model}, LoRA r={cfg.lora_rank} on {cfg.lora_target_modules}, "
                 f"{sum(p.numel() for p in trainable):,} trainable parameters, rope_2d_ratio {cfg.rope_2d_ratio}")
+    if cfg.compile:
+        print0(env, "--compile: the decoder layers compile during the first steps (a minute or two)")
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=env.device.type == "cuda")
     warmup = max(1, round(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
@@ -273,7 +275,9 @@ def probe_logits(model, ds, samples, cfg: TrainConfig, device: torch.device) -> 
     batch = collate_batch(ds, samples, np.array([0]), cfg).to(device)
     was_training = model.training
     model.eval()
-    hidden = hidden_states(model, batch.input_ids, batch.pos1d, batch.branch_pos, batch.time_ids, batch.sample_ids)
+    with torch.compiler.set_stance("force_eager"):  # one forward: not worth compiling --compile's layers again
+        hidden = hidden_states(model, batch.input_ids, batch.pos1d, batch.branch_pos, batch.time_ids,
+                               batch.sample_ids)
     last = int((batch.sample_ids[0] >= 0).sum()) - 1
     logits = model.get_base_model().get_output_embeddings()(hidden[0, last])   # one position, not [T, V]
     model.train(was_training)

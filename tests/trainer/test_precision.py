@@ -70,3 +70,37 @@ def test_bf16_adapters_train_too():
     assert all(p.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
     loss, grads = _loss_and_grads(model)
     assert torch.isfinite(torch.tensor(loss)) and all(torch.isfinite(g).all() for g in grads.values())
+
+
+def test_compiled_layers_train_like_eager_ones():
+    """--compile: the same loss and gradients, rows of different lengths without a recompile per length, and
+    the parameter names (checkpoints, adapter files) unchanged."""
+    from dataclasses import replace
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    def build(compile_layers: bool):
+        config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096)
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        return prepare_for_training(Qwen2ForCausalLM(config), TrainConfig(base_model="m", data_path="d",
+                                                                          compile=compile_layers))
+
+    eager, compiled = build(False), build(True)
+    assert all(layer._compiled_call_impl is not None for layer in compiled.get_base_model().get_decoder().layers)
+    assert [n for n, _ in eager.named_parameters()] == [n for n, _ in compiled.named_parameters()]
+    long_batch = _batch()
+    short_batch = replace(long_batch, **{k: v[:, :100] for k, v in vars(long_batch).items()
+                                         if isinstance(v, torch.Tensor) and v.dim() == 2})
+    for batch in (long_batch, short_batch):
+        losses = []
+        for model in (eager, compiled):
+            model.zero_grad()
+            loss = ParallelBranchLM(model)(**vars(batch))
+            loss.backward()
+            losses.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+        (eager_loss, eager_grads), (compiled_loss, compiled_grads) = losses
+        torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-4)
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-5)
