@@ -321,7 +321,13 @@ def heartbeat(*, session: Session, worker: Worker, beat: Heartbeat, settings: Se
     if alive:
         session.exec(update(Job).where(col(Job.id).in_(alive), Job.state == JobState.running)
                      .values(lease_expires_at=lease))
-    for node, job in session.exec(select(JobNode, Job).join(Job).where(JobNode.worker_id == worker.id)):
+    for node, job in session.exec(select(JobNode, Job).join(Job).where(JobNode.worker_id == worker.id)).all():
+        if beat.stopping and not node.launched:  # it will claim nothing more: free what it holds for a gang
+            if job.state == JobState.queued:
+                _release_reservations(session, job, f"worker {worker.name} is stopping")
+            else:
+                _lose_job(session, job, f"worker {worker.name} stopped before starting node {node.node}")
+            continue
         if job.state == JobState.queued:
             node.lease_expires_at = lease  # a reservation lives as long as its worker
         elif node.launched and job.id in reported:

@@ -300,6 +300,8 @@ class WorkersPublic(BaseModel):
 
 class Heartbeat(BaseModel):
     running_job_ids: list[DbInt] = Field(default_factory=list, max_length=10_000)
+    stopping: bool = Field(False, description="The worker takes no new work: its reservations for multi-node "
+                                              "jobs are given back.")
 
 
 class HeartbeatReply(BaseModel):

@@ -118,7 +118,8 @@ class Agent:
         assert self.worker_id is not None
         while not stopped.is_set():
             try:
-                stop = self.client.heartbeat(self.worker_id, sorted([*self.runs, *self.finished]))
+                stop = self.client.heartbeat(self.worker_id, sorted([*self.runs, *self.finished]),
+                                             stopping=self.warm_stop.is_set())
                 with self._cancel_lock:
                     self._cancel_ids.update(stop)
                 if self.settings.health_file is not None:

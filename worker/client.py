@@ -38,8 +38,9 @@ class ServerClient:
     def register(self, *, name: str, hostname: str, gpus: list[dict]) -> dict[str, Any]:
         return self._post("/workers/register", {"name": name, "hostname": hostname, "gpus": gpus}).json()
 
-    def heartbeat(self, worker_id: int, running_job_ids: list[int]) -> list[int]:
-        reply = self._post(f"/workers/{worker_id}/heartbeat", {"running_job_ids": running_job_ids}).json()
+    def heartbeat(self, worker_id: int, running_job_ids: list[int], stopping: bool = False) -> list[int]:
+        reply = self._post(f"/workers/{worker_id}/heartbeat",
+                           {"running_job_ids": running_job_ids, "stopping": stopping}).json()
         return list(reply["cancel_job_ids"])
 
     def claim(self, worker_id: int, *, free_gpu_indices: list[int], accept_cpu_jobs: bool,

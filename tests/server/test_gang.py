@@ -24,9 +24,9 @@ class Box:
         assert r.status_code in (200, 204), r.text
         return r.json() if r.status_code == 200 else None
 
-    def heartbeat(self, *job_ids: int) -> list[int]:
-        r = self.client.post(f"/api/workers/{self.id}/heartbeat", json={"running_job_ids": list(job_ids)},
-                             headers=self.headers)
+    def heartbeat(self, *job_ids: int, stopping: bool = False) -> list[int]:
+        r = self.client.post(f"/api/workers/{self.id}/heartbeat", headers=self.headers,
+                             json={"running_job_ids": list(job_ids), "stopping": stopping})
         return r.json()["cancel_job_ids"]
 
     def finish(self, job_id: int, attempt: int, exit_code: int = 0, **extra):
@@ -233,3 +233,19 @@ def test_commands_show_the_multi_node_launch(client, worker_headers, job_body):
     job, a, b = _start_gang(client, worker_headers, job_body)
     argv = client.get(f"/api/jobs/{job['id']}/command").json()["argv"]
     assert "--rdzv_endpoint=a.lan:29001" in argv and "--rdzv_conf=is_host=1" in argv
+
+
+def test_a_stopping_worker_gives_back_what_it_holds_for_a_gang(client, worker_headers, job_body):
+    job = _gang_job(client, job_body)
+    a, b = Box(client, worker_headers, "a", 29001), Box(client, worker_headers, "b", 29002)
+    assert a.claim() is None
+    a.heartbeat(stopping=True)  # warm stop: it would never start its node
+    assert any("reservations released (worker a is stopping)" in line for line in _lines(client, job["id"]))
+    # the gang formed, but the stopping worker had not started its node yet: the job goes back to the queue
+    assert b.claim() is None
+    assert a.claim() is not None  # a (not stopping any more) completes the gang as node 1
+    b.heartbeat(stopping=True)
+    again = client.get(f"/api/jobs/{job['id']}").json()
+    assert again["state"] == "queued" and again["attempt"] == 2
+    assert any("worker b stopped before starting node 0" in line for line in _lines(client, job["id"]))
+    assert _integrity(client) == []
