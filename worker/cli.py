@@ -40,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns everything else
     settings = settings_from_args(args)
+    if args.token:
+        logging.getLogger("paratrain.worker").warning(
+            "--token is visible to every user of this machine (ps, /proc); prefer --token-file or "
+            "PARATRAIN_WORKER_TOKEN")
     if not settings.token:
         print("paratrain worker: a token is needed (--token, --token-file or PARATRAIN_WORKER_TOKEN)", file=sys.stderr)
         return 2
