@@ -353,9 +353,12 @@ def _refresh_gang_lease(session: Session, job: Job) -> None:
         session.add(job)
 
 
-def _online_workers(session: Session, settings: Settings, now: datetime) -> int:
+def _online_workers(session: Session, worker: Worker, settings: Settings, now: datetime) -> int:
+    """Workers that heartbeat within a TTL, the claiming one included (its claim is proof of life)."""
     since = now - timedelta(seconds=settings.lease_ttl_s)
-    return session.exec(select(func.count()).select_from(Worker).where(col(Worker.last_heartbeat_at) >= since)).one()
+    others = session.exec(select(func.count()).select_from(Worker).where(
+        col(Worker.last_heartbeat_at) >= since, Worker.id != worker.id)).one()
+    return others + 1
 
 
 def claim_job(*, session: Session, worker: Worker, request: ClaimRequest, settings: Settings) -> Launch | None:
@@ -382,7 +385,7 @@ def claim_job(*, session: Session, worker: Worker, request: ClaimRequest, settin
     if reservations or request.rdzv_address is None or request.rdzv_port is None:
         stmt = stmt.where(Job.nodes == 1)
     else:
-        stmt = stmt.where(Job.nodes <= _online_workers(session, settings, now))
+        stmt = stmt.where(Job.nodes <= _online_workers(session, worker, settings, now))
     candidates = session.exec(stmt.order_by(col(Job.priority).desc(), col(Job.id)).limit(20)).all()
     for job in candidates:
         gpu_ids = free[:job.gpus]

@@ -249,3 +249,10 @@ def test_a_stopping_worker_gives_back_what_it_holds_for_a_gang(client, worker_he
     assert again["state"] == "queued" and again["attempt"] == 2
     assert any("worker b stopped before starting node 0" in line for line in _lines(client, job["id"]))
     assert _integrity(client) == []
+
+
+def test_a_claim_counts_its_own_worker_as_online(client, worker_headers, job_body):
+    a = Box(client, worker_headers, "a", 29001)
+    time.sleep(2.3)  # longer than the TTL without a heartbeat: the claim itself is proof of life
+    single = client.post("/api/jobs", json=job_body()).json()
+    assert a.claim()["job"]["id"] == single["id"]
