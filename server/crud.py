@@ -134,8 +134,8 @@ def create_job(*, session: Session, job_create: JobCreate, settings: Settings, r
 
 def get_job(*, session: Session, job_id: int, for_update: bool = False) -> Job:
     stmt = select(Job).where(Job.id == job_id)
-    if for_update:
-        stmt = stmt.with_for_update()
+    if for_update:  # and re-read: a row this session loaded before the lock may have changed since
+        stmt = stmt.with_for_update().execution_options(populate_existing=True)
     job = session.exec(stmt).first()
     if job is None:
         raise NotFound(f"job {job_id}")
@@ -321,7 +321,7 @@ def heartbeat(*, session: Session, worker: Worker, beat: Heartbeat, settings: Se
     if alive:
         session.exec(update(Job).where(col(Job.id).in_(alive), Job.state == JobState.running)
                      .values(lease_expires_at=lease))
-    for node, job in session.exec(select(JobNode, Job).join(Job).where(JobNode.worker_id == worker.id)).all():
+    for node, job in _lock_nodes_of_worker(session, worker):
         if beat.stopping and not node.launched:  # it will claim nothing more: free what it holds for a gang
             if job.state == JobState.queued:
                 _release_reservations(session, job, f"worker {worker.name} is stopping")
@@ -342,6 +342,20 @@ def heartbeat(*, session: Session, worker: Worker, beat: Heartbeat, settings: Se
     stop = [job_id for job_id in reported if job_id not in held]
     stop += [job_id for job_id in reported if job_id in held and held[job_id].cancel_requested]
     return sorted(set(stop))
+
+
+def _lock_nodes_of_worker(session: Session, worker: Worker) -> list[tuple[JobNode, Job]]:
+    """The worker's nodes with their jobs, locked jobs first (the reaper's order, so PostgreSQL never sees the
+    two wait on each other) and re-read after the lock: a node removed meanwhile is not returned."""
+    job_ids = session.exec(select(JobNode.job_id).where(JobNode.worker_id == worker.id)).all()
+    if not job_ids:
+        return []
+    jobs = {job.id: job for job in session.exec(
+        select(Job).where(col(Job.id).in_(job_ids)).order_by(col(Job.id)).with_for_update()
+        .execution_options(populate_existing=True))}
+    nodes = session.exec(select(JobNode).where(JobNode.worker_id == worker.id, col(JobNode.job_id).in_(list(jobs)))
+                         .with_for_update().execution_options(populate_existing=True)).all()
+    return [(node, jobs[node.job_id]) for node in nodes]
 
 
 def _refresh_gang_lease(session: Session, job: Job) -> None:
@@ -409,6 +423,9 @@ def _reserve_node(session: Session, job: Job, worker: Worker, gpu_ids: list[int]
     """Reserves the next node of a queued multi-node job; the reservation that completes the gang starts
     the job and returns this worker's launch (None: reserved, waiting for more workers)."""
     assert request.rdzv_address is not None and request.rdzv_port is not None
+    job = get_job(session=session, job_id=job.id, for_update=True)  # the reaper may be releasing its gang
+    if job.state != JobState.queued:
+        return None
     lease = now + timedelta(seconds=settings.lease_ttl_s)
     taken = list(session.exec(select(JobNode).where(JobNode.job_id == job.id).order_by(col(JobNode.node))))
     node = JobNode(job_id=job.id, node=len(taken), worker_id=worker.id, gpu_ids=gpu_ids,
@@ -443,8 +460,8 @@ def _reserve_node(session: Session, job: Job, worker: Worker, gpu_ids: list[int]
 
 def _pending_launch(session: Session, worker: Worker) -> Launch | None:
     """A node of a running multi-node job that this worker reserved and has not started yet."""
-    row = session.exec(select(JobNode, Job).join(Job).where(
-        JobNode.worker_id == worker.id, col(JobNode.launched).is_(False), Job.state == JobState.running)).first()
+    row = next(((node, job) for node, job in _lock_nodes_of_worker(session, worker)
+                if not node.launched and job.state == JobState.running), None)
     if row is None:
         return None
     node, job = row
@@ -479,9 +496,10 @@ def release_stale_reservations(*, session: Session, now: datetime, settings: Set
     """The reaper's step for gangs still forming: a reservation whose worker went silent, or a gang not
     complete after `gang_wait_s`, gives every reserved GPU back (two half-formed gangs never wait on each
     other forever)."""
-    stale = session.exec(select(Job).join(JobNode).where(Job.state == JobState.queued).where(
+    stale_ids = session.exec(select(JobNode.job_id).join(Job).where(Job.state == JobState.queued).where(
         (col(JobNode.lease_expires_at) < now)
         | (col(JobNode.reserved_at) < now - timedelta(seconds=settings.gang_wait_s))).distinct()).all()
+    stale = [get_job(session=session, job_id=job_id, for_update=True) for job_id in sorted(stale_ids)]
     for job in stale:
         _release_reservations(session, job, f"the gang was not complete after {settings.gang_wait_s:g} s "
                                             "or a reserving worker went silent")
@@ -594,7 +612,10 @@ def _finish_node(session: Session, job: Job, node: JobNode) -> bool:
 def requeue_expired(*, session: Session, now: datetime) -> list[int]:
     """The reaper's step: running jobs whose lease ran out lose their worker (for a multi-node job, the
     first node that went silent loses the whole gang)."""
-    expired = session.exec(select(Job).where(Job.state == JobState.running, col(Job.lease_expires_at) < now)).all()
+    # FOR UPDATE (PostgreSQL; SQLite's write lock covers it): a heartbeat renewing one of these leases right now
+    # either commits first, and the row no longer matches, or waits for this re-queue.
+    expired = session.exec(select(Job).where(Job.state == JobState.running, col(Job.lease_expires_at) < now)
+                           .order_by(col(Job.id)).with_for_update().execution_options(populate_existing=True)).all()
     for job in expired:
         worker_id, where = job.worker_id, ""
         if job.nodes > 1:

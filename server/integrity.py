@@ -63,8 +63,12 @@ CHECKS: list[tuple[str, str]] = [
     ("jobs whose last state event disagrees with their state",
      "SELECT j.id FROM job j JOIN jobevent e ON e.job_id = j.id AND e.kind = 'state' "
      "WHERE e.id = (SELECT max(id) FROM jobevent WHERE job_id = j.id AND kind = 'state') "
-     "AND json_extract(e.data, '$.state') != lower(j.state)"),
+     "AND {event_state} != lower(CAST(j.state AS TEXT))"),
 ]
+
+
+# The state recorded in a state event's JSON, per SQL dialect.
+EVENT_STATE_SQL = {"sqlite": "json_extract(e.data, '$.state')", "postgresql": "(e.data::json ->> 'state')"}
 
 
 def check_integrity(session: Session) -> list[str]:
@@ -79,8 +83,7 @@ def check_integrity(session: Session) -> list[str]:
         if fk:
             problems.append(f"PRAGMA foreign_key_check: {len(fk)} rows, e.g. {list(fk[0])}")
     for what, sql in CHECKS:
-        if conn.dialect.name != "sqlite" and "json_extract" in sql:
-            continue
+        sql = sql.replace("{event_state}", EVENT_STATE_SQL.get(conn.dialect.name, EVENT_STATE_SQL["sqlite"]))
         ids = [r[0] for r in conn.execute(text(sql))]
         if ids:
             problems.append(f"{what}: {ids[:10]}{' ...' if len(ids) > 10 else ''}")

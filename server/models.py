@@ -8,8 +8,8 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import BaseModel, StringConstraints, field_validator
-from sqlalchemy import JSON, Column, Index, Text, UniqueConstraint
+from pydantic import AfterValidator, BaseModel, StringConstraints, field_validator
+from sqlalchemy import JSON, BigInteger, Column, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
 from trainer_core.config import TrainConfig
@@ -19,6 +19,14 @@ from worker.command import Rendezvous
 MAX_DB_INT = 2**63 - 1  # 64-bit integer columns
 HostAddress = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._:%-]+$")]
 DbInt = Annotated[int, Field(ge=0, le=MAX_DB_INT)]
+# Text from clients. PostgreSQL text cannot hold NUL: names with one are refused (422); what a process
+# printed keeps its line, with U+FFFD in place of each NUL.
+Label = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
+Printed = Annotated[str, AfterValidator(lambda text: text.replace("\x00", "\ufffd"))]
+# The column type of every integer a client can name or make grow (ids, steps, event ids, log offsets,
+# exit codes): BIGINT, so PostgreSQL compares and stores the whole 64-bit range the API accepts; INTEGER on
+# SQLite, which is 64-bit already and keeps `INTEGER PRIMARY KEY` a rowid (autoincrement).
+BigInt = BigInteger().with_variant(Integer(), "sqlite")
 # A multi-node job's log lines are numbered node * NODE_LOG_STRIDE + (index on that node), so the lines of
 # all nodes share one (job, attempt, idx) key space; a worker's own indices stay below MAX_LOG_START.
 NODE_LOG_STRIDE = 2**40
@@ -92,7 +100,7 @@ class Job(SQLModel, table=True):
         {"sqlite_autoincrement": True},  # ids are never reused: a job's output dir is named after its id
     )
 
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigInt)
     name: str
     state: JobState = Field(default=JobState.queued, index=True)
     priority: int = 0
@@ -103,24 +111,24 @@ class Job(SQLModel, table=True):
     created_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    worker_id: int | None = Field(default=None, foreign_key="worker.id", index=True)
+    worker_id: int | None = Field(default=None, foreign_key="worker.id", index=True, sa_type=BigInt)
     gpu_ids: list[int] | None = Field(default=None, sa_column=Column(JSON))
-    attempt: int = 1
+    attempt: int = Field(1, sa_type=BigInt)
     max_attempts: int = 3
-    retry_of: int | None = None
+    retry_of: int | None = Field(None, sa_type=BigInt)
     failure_class: FailureClass | None = None
     failure_reason: str | None = Field(default=None, sa_column=Column(Text))
-    exit_code: int | None = None
-    step: int = 0
-    total_steps: int | None = None
+    exit_code: int | None = Field(None, sa_type=BigInt)
+    step: int = Field(0, sa_type=BigInt)
+    total_steps: int | None = Field(None, sa_type=BigInt)
     last_loss: float | None = None
     tokens_per_s: float | None = None
     eta_s: float | None = None
     peak_mem_gb: float | None = None
     cancel_requested: bool = False
     lease_expires_at: datetime | None = None
-    last_event_id: int = 0  # per-job SSE event counter
-    log_count: int = 0  # per-job log line counter (next seq)
+    last_event_id: int = Field(0, sa_type=BigInt)  # per-job SSE event counter
+    log_count: int = Field(0, sa_type=BigInt)  # per-job log line counter (next seq)
 
 
 class JobPublic(BaseModel):
@@ -161,9 +169,9 @@ class JobNode(SQLModel, table=True):
     """
     __table_args__ = (UniqueConstraint("job_id", "worker_id"),)
 
-    job_id: int = Field(foreign_key="job.id", primary_key=True)
+    job_id: int = Field(foreign_key="job.id", primary_key=True, sa_type=BigInt)
     node: int = Field(primary_key=True)
-    worker_id: int = Field(foreign_key="worker.id", index=True)
+    worker_id: int = Field(foreign_key="worker.id", index=True, sa_type=BigInt)
     gpu_ids: list[int] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     address: str  # where the other nodes reach this worker's machine
     rdzv_port: int  # a port the worker found free when it reserved; node 0's hosts the rendezvous
@@ -202,8 +210,8 @@ class MetricIn(MetricBase):
 
 
 class Metric(MetricBase, table=True):
-    job_id: int = Field(foreign_key="job.id", primary_key=True)
-    step: int = Field(primary_key=True)
+    job_id: int = Field(foreign_key="job.id", primary_key=True, sa_type=BigInt)
+    step: int = Field(primary_key=True, sa_type=BigInt)
 
 
 class MetricsPublic(BaseModel):
@@ -216,11 +224,11 @@ class LogLine(SQLModel, table=True):
         UniqueConstraint("job_id", "attempt", "idx"),  # a re-sent report batch is stored once
     )
 
-    id: int | None = Field(default=None, primary_key=True)
-    job_id: int = Field(foreign_key="job.id", index=True)
-    seq: int
-    attempt: int
-    idx: int
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigInt)
+    job_id: int = Field(foreign_key="job.id", index=True, sa_type=BigInt)
+    seq: int = Field(sa_type=BigInt)
+    attempt: int = Field(sa_type=BigInt)
+    idx: int = Field(sa_type=BigInt)
     line: str = Field(sa_column=Column(Text, nullable=False))
 
 
@@ -235,8 +243,8 @@ class LogsPublic(BaseModel):
 
 
 class JobEvent(SQLModel, table=True):
-    job_id: int = Field(foreign_key="job.id", primary_key=True)
-    id: int = Field(primary_key=True)
+    job_id: int = Field(foreign_key="job.id", primary_key=True, sa_type=BigInt)
+    id: int = Field(primary_key=True, sa_type=BigInt)
     kind: EventKind
     data: dict[str, Any] = Field(sa_column=Column(JSON, nullable=False))
 
@@ -258,12 +266,12 @@ class CommandPublic(BaseModel):
 
 class GpuInfo(BaseModel):
     index: int = Field(ge=0, le=1_000_000)
-    name: str = ""
+    name: Label = ""
     memory_gb: float = Field(0.0, ge=0)
 
 
 class Worker(SQLModel, table=True):
-    id: int | None = Field(default=None, primary_key=True)
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigInt)
     name: str = Field(unique=True, index=True)
     hostname: str = ""
     gpus: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
@@ -272,8 +280,8 @@ class Worker(SQLModel, table=True):
 
 
 class WorkerRegister(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
-    hostname: str = Field("", max_length=255)
+    name: Label = Field(min_length=1, max_length=200)
+    hostname: Label = Field("", max_length=255)
     gpus: list[GpuInfo] = Field(default_factory=list)
 
 
@@ -331,7 +339,7 @@ class Report(BaseModel):
     log_start: int = Field(0, ge=0, le=MAX_LOG_START, description="Index of logs[0] among this attempt's lines (re-sends are "
                            "recognised by it).")
     metrics: list[MetricIn] = Field(default_factory=list)
-    logs: list[str] = Field(default_factory=list)
+    logs: list[Printed] = Field(default_factory=list)
 
 
 class Finish(BaseModel):
@@ -339,5 +347,5 @@ class Finish(BaseModel):
     attempt: int = Field(ge=1, le=MAX_DB_INT)
     exit_code: int | None = Field(None, ge=-(2**31), le=2**31)
     failure_class: FailureClass | None = None
-    failure_reason: str | None = Field(None, max_length=20_000)
+    failure_reason: Printed | None = Field(None, max_length=20_000)
     release: bool = Field(False, description="Hand the job back to the queue (the worker is stopping).")

@@ -14,7 +14,7 @@ import argparse
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Tokens per cross-entropy chunk: the trainer never holds more logits than this many rows of the
 # vocabulary (trainer_core.model), and the VRAM estimate charges exactly that (trainer_core.vram).
@@ -93,6 +93,14 @@ class TrainConfig(BaseModel):
     log_interval: int = _field(1, "Log metrics every N optimiser steps.", "output", ge=1)
     save_interval: int = _field(50, "Save a resumable checkpoint every N optimiser steps.", "output", ge=1)
     resume: bool = _field(True, "Continue from the newest checkpoint in output_dir when there is one.", "output")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _no_nul(cls, value: Any) -> Any:
+        # a NUL byte cannot be a path or a flag, and PostgreSQL text columns refuse it
+        if isinstance(value, str) and "\x00" in value:
+            raise ValueError("must not contain NUL characters")
+        return value
 
     @model_validator(mode="after")
     def _check_branch_bounds(self) -> "TrainConfig":
