@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent setup: a virtualenv in .venv with the pinned CPU torch first (an unpinned torch, or peft
-# before torch, pulls a multi-GB CUDA build), then paratrain itself. `--test` adds the test tools and
-# Debian's chromium for the browser tests. Safe to run again: it only installs what is missing.
+# before torch, pulls a multi-GB CUDA build), then paratrain itself. `--test` adds the test tools,
+# Debian's chromium for the browser tests and PostgreSQL for the server tests. Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${PARATRAIN_VENV:-.venv}
@@ -28,9 +28,12 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ $want_test = 1 ] 
   "$PY" -c "import torch, transformers, peft, fastapi, gradio" >/dev/null
   echo "ok$extras" | sed 's/\[test\]/ test/' > "$stamp"
 fi
-if [ $want_test = 1 ] && [ ! -x /usr/bin/chromium ]; then
-  echo "setup: installing Debian chromium for the browser tests" >&2
+missing=""
+[ $want_test = 1 ] && [ ! -x /usr/bin/chromium ] && missing="chromium"   # the browser tests
+[ $want_test = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && missing="$missing postgresql"
+if [ -n "$missing" ]; then  # the server tests also run against a throwaway PostgreSQL
+  echo "setup: installing Debian $missing for the tests" >&2
   SUDO=""; [ "$(id -u)" != 0 ] && SUDO="sudo"
   $SUDO apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
 fi

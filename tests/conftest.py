@@ -36,3 +36,20 @@ def demo_data_path(tmp_path_factory) -> Path:
     from trainer_core.demo import make_demo_data
 
     return make_demo_data(tmp_path_factory.mktemp("datasets") / "demo.jsonl")
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """One throwaway PostgreSQL server for the session (tests/pg_cluster.py). Missing PostgreSQL skips the
+    PostgreSQL variants locally; under CI (setup installs it) it is an error."""
+    import pg_cluster
+
+    if not pg_cluster.available():
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed (scripts/setup.sh --test installs it)")
+        pytest.skip("PostgreSQL is not installed (scripts/setup.sh --test installs it)")
+    cluster = pg_cluster.Cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

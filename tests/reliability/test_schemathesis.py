@@ -27,14 +27,17 @@ pytestmark = pytest.mark.slow
 MAX_EXAMPLES = 30
 
 
-@pytest.fixture(scope="module")
-def live_server(tmp_path_factory, tiny_model_dir, demo_data_path):
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def live_server(request, tmp_path_factory, tiny_model_dir, demo_data_path):
+    """The server on each database: hostile numbers (64-bit ids, steps, offsets) reach the SQL on both."""
     data = tmp_path_factory.mktemp("schemathesis") / "data"
     shutil.copytree(tiny_model_dir, data / "models" / "tiny-qwen2")
     (data / "datasets").mkdir()
     shutil.copy(demo_data_path, data / "datasets" / "demo.jsonl")
     port = free_port()
     env = {**os.environ, **FAST_LEASES, "PARATRAIN_DATA_DIR": str(data), "PARATRAIN_LEASE_TTL_S": "30"}
+    if request.param == "postgresql":
+        env["PARATRAIN_DATABASE_URL"] = request.getfixturevalue("postgres_cluster").new_database()
     log = open(data.parent / "server.log", "wb")
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "server.main:create_app", "--host",
                                "127.0.0.1", "--port", str(port), "--log-level", "warning"],

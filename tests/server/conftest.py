@@ -12,14 +12,16 @@ from server.main import create_app
 from server.settings import Settings
 
 
-@pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def settings(request, tmp_path: Path) -> Settings:
+    """Every server test runs on both databases: SQLite (the default) and PostgreSQL (a fresh database on
+    the session's throwaway server)."""
     (tmp_path / "datasets").mkdir()
     (tmp_path / "datasets" / "demo.jsonl").write_text('{"main": "m", "branches": ["a", "b"]}\n')
     (tmp_path / "models" / "tiny").mkdir(parents=True)
-    return Settings(data_dir=tmp_path, heartbeat_interval_s=0.2, lease_ttl_s=2.0, reaper_interval_s=0.1,
-                    mount_ui=False,
-                    max_attempts=2, sse_poll_s=0.05)
+    database_url = request.getfixturevalue("postgres_cluster").new_database() if request.param == "postgresql" else ""
+    return Settings(data_dir=tmp_path, database_url=database_url, heartbeat_interval_s=0.2, lease_ttl_s=2.0,
+                    reaper_interval_s=0.1, mount_ui=False, max_attempts=2, sse_poll_s=0.05)
 
 
 @pytest.fixture

@@ -240,3 +240,29 @@ def test_unexpected_errors_are_500_without_a_traceback(settings, monkeypatch):
         r = c.get("/api/jobs", headers={"Authorization": f"Bearer {c.app.state.tokens.user}"})
     assert r.status_code == 500 and r.json() == {"detail": "internal server error"}
     assert "secret" not in r.text
+
+
+def test_the_largest_accepted_numbers_and_nul_bytes_reach_the_database_safely(client, worker_headers, job_body):
+    """Runs on SQLite and PostgreSQL (conftest): 64-bit ids and offsets the API accepts are compared as such,
+    and text with a NUL byte is refused (names) or kept with U+FFFD (what a process printed)."""
+    big = 2**63 - 1
+    job = client.post("/api/jobs", json=job_body()).json()
+    for path in [f"/api/jobs/{big}", f"/api/jobs/{big}/metrics", f"/api/jobs/{job['id']}/logs?offset={big}",
+                 f"/api/jobs/{job['id']}/metrics?since_step={big}"]:
+        assert client.get(path).status_code in (200, 404), path
+    assert client.post("/api/jobs", json={**job_body(name="a\x00b")}).status_code == 422
+    assert client.post("/api/workers/register", json={"name": "w\x00"}, headers=worker_headers).status_code == 422
+    wid = client.post("/api/workers/register", json={"name": "w"}, headers=worker_headers).json()["worker_id"]
+    claim = client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers).json()
+    r = client.post(f"/api/jobs/{job['id']}/report", headers=worker_headers, json={
+        "worker_id": wid, "attempt": claim["job"]["attempt"], "logs": ["bin\x00ary"],
+        "metrics": [{"step": big, "loss": 1.0}]})
+    assert r.status_code == 204, r.text
+    assert "bin\ufffdary" in [x["line"] for x in client.get(f"/api/jobs/{job['id']}/logs").json()["data"]]
+    assert client.get(f"/api/jobs/{job['id']}/metrics").json()["data"][0]["step"] == big
+    r = client.post(f"/api/jobs/{job['id']}/finish", headers=worker_headers, json={
+        "worker_id": wid, "attempt": claim["job"]["attempt"], "exit_code": 2**31, "failure_class": "crash",
+        "failure_reason": "died\x00"})
+    assert r.json()["exit_code"] == 2**31 and r.json()["failure_reason"] == "died\ufffd"
+    r = client.get(f"/api/jobs/{job['id']}/events", params={"last_event_id": big})  # a finished job's stream ends
+    assert r.status_code == 200 and "data:" not in r.text  # nothing after the largest id
