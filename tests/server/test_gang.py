@@ -256,3 +256,64 @@ def test_a_claim_counts_its_own_worker_as_online(client, worker_headers, job_bod
     time.sleep(2.3)  # longer than the TTL without a heartbeat: the claim itself is proof of life
     single = client.post("/api/jobs", json=job_body()).json()
     assert a.claim()["job"]["id"] == single["id"]
+
+
+def test_racing_workers_form_each_gang_exactly_once(settings, job_body):
+    """Six workers claim at once, each with its own connections (like six server processes), on SQLite and
+    PostgreSQL: every two-node job starts on two distinct workers, no worker gets two launches."""
+    import threading
+
+    from sqlmodel import Session
+
+    from server import crud
+    from server.db import make_engine, write_engine
+    from server.models import ClaimRequest, WorkerRegister
+
+    app = create_app(settings)  # no lifespan, so no reaper: slow threads must not see leases expire
+    with TestClient(app) as setup:
+        setup.headers["Authorization"] = f"Bearer {app.state.tokens.user}"
+        job_ids = [_gang_job(setup, job_body)["id"] for _ in range(3)]
+    launches: list[tuple[int, int, str]] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+    start = threading.Barrier(6)
+
+    def worker(name: str) -> None:
+        engine = write_engine(make_engine(settings.database_url))
+        try:
+            with Session(engine) as session:
+                me = crud.register_worker(session=session, registration=WorkerRegister(name=name))
+                session.commit()
+                worker_id = me.id
+            start.wait()
+            request = ClaimRequest(rdzv_address=f"{name}.lan", rdzv_port=29000)
+            for _ in range(40):
+                with Session(engine) as session:
+                    me = crud.get_worker(session=session, worker_id=worker_id)
+                    launch = crud.claim_job(session=session, worker=me, request=request, settings=settings)
+                    got = (launch.job.id, launch.rendezvous.node, name) if launch else None
+                    session.commit()
+                if got:
+                    with lock:
+                        launches.append(got)
+                    return  # its one CPU slot is busy now
+                time.sleep(0.02)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            engine.dispose()
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert sorted(job for job, _, _ in launches) == sorted(job_ids * 2), launches
+    for job_id in job_ids:
+        mine = [(node, name) for job, node, name in launches if job == job_id]
+        assert sorted(node for node, _ in mine) == [0, 1] and len({name for _, name in mine}) == 2
+    assert len({name for _, _, name in launches}) == 6
+    with TestClient(create_app(settings)) as check:
+        check.headers["Authorization"] = f"Bearer {check.app.state.tokens.user}"
+        assert _integrity(check) == []
