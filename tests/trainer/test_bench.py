@@ -24,3 +24,14 @@ def test_training_bench_runs_and_both_paths_agree_on_the_loss(tmp_path):
     naive, shipped = rows["(a) naive"], rows["(b) trainer_core"]
     assert abs(naive["first_step_loss"] - shipped["first_step_loss"]) < 1e-4
     assert report["env"]["loss_difference"] < 1e-4 and "trainer_core / naive" in proc.stdout
+
+
+def test_trainer_command_smoke_bench_runs(tmp_path):
+    """bench/train_cli_smoke.py: the real `python -m trainer_core.train` on a model it builds, the guide's
+    quick-start flags; on CPU the tiny shape."""
+    out = tmp_path / "smoke.json"
+    argv = [sys.executable, "bench/train_cli_smoke.py", "--steps", "3", "--json", str(out)]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["done"] and summary["steps"] == 3 and summary["tokens_per_s_median"] > 0

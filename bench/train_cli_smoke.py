@@ -1,0 +1,92 @@
+"""The real trainer command, end to end, at a model shape: what `bench/train_gpu.py` measures on the model
+alone, here through `python -m trainer_core.train` (data, packing, BlockMask, optimiser, checkpoints).
+
+Builds a random model directory of the shape (the demo tokenizer, no download) and the demo dataset, runs
+the trainer with the guide's quick-start flags for a few steps, and prints the trainer's own tokens/s,
+peak GPU memory and losses.
+
+    python bench/train_cli_smoke.py                          # 0.5B shape on CUDA, the tiny one on CPU
+    python bench/train_cli_smoke.py --steps 30 --json out.json -- --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_gpu import SHAPES  # noqa: E402
+
+from trainer_core.demo import make_demo_data, make_tiny_model  # noqa: E402
+
+QUICK_START = ["--batch_by_samples", "--max_branches_per_sample", "16", "--min_branches_per_sample", "1",
+               "--batch_size", "4", "--rope_2d_ratio", "0.5", "--lora_rank", "8", "--max_seq_len", "384"]
+
+
+def make_model(out: Path, shape: str) -> Path:
+    """The demo tokenizer with a random model of `shape` (its vocabulary is a superset of the tokenizer's)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    make_tiny_model(out)
+    if shape != "tiny":
+        tokenizer_config = json.loads((out / "config.json").read_text())
+        config = Qwen2Config(**SHAPES[shape], max_position_embeddings=32768,
+                             eos_token_id=tokenizer_config["eos_token_id"],
+                             bos_token_id=tokenizer_config["bos_token_id"])
+        torch.manual_seed(0)
+        Qwen2ForCausalLM(config).to(torch.bfloat16).save_pretrained(out)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default=None, choices=sorted(SHAPES), help="default: qwen2.5-0.5b on CUDA, else tiny")
+    ap.add_argument("--steps", type=int, default=None, help="optimiser steps (default 20 on CUDA, 4 on CPU)")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("extra", nargs="*", help="more trainer flags, after --")
+    args = ap.parse_args()
+    cuda = torch.cuda.is_available()
+    shape = args.shape or ("qwen2.5-0.5b" if cuda else "tiny")
+    steps = args.steps or (20 if cuda else 4)
+    with tempfile.TemporaryDirectory(prefix="paratrain-smoke-") as tmp:
+        work = Path(tmp)
+        model = make_model(work / "model", shape)
+        data = make_demo_data(work / "demo.jsonl")
+        argv = [sys.executable, "-m", "trainer_core.train", "--base_model", str(model), "--data_path", str(data),
+                "--output_dir", str(work / "out"), "--max_steps", str(steps), "--log_interval", "1",
+                "--save_interval", "1000", *QUICK_START, *args.extra]
+        started = time.time()
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=3600)
+        wall = time.time() - started
+    records = []
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            records.append(json.loads(line))
+    metrics = [r for r in records if "event" not in r]
+    timed = metrics[3:] or metrics  # the first steps compile kernels
+    summary = {
+        "shape": shape, "device": torch.cuda.get_device_name() if cuda else "cpu", "flags": args.extra,
+        "exit_code": proc.returncode, "steps": len(metrics), "wall_s": round(wall, 1),
+        "tokens_per_s_median": round(statistics.median(m["tokens_per_s"] for m in timed)) if timed else None,
+        "peak_gpu_mem_gb": max((m["gpu_mem_gb"] or 0 for m in metrics), default=None) if cuda else None,
+        "first_loss": metrics[0]["loss"] if metrics else None, "last_loss": metrics[-1]["loss"] if metrics else None,
+        "done": any(r.get("event") == "done" for r in records),
+    }
+    print(json.dumps(summary))
+    if proc.returncode != 0 or not summary["done"]:
+        print(proc.stderr[-4000:], file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2))
+    sys.exit(0 if proc.returncode == 0 and summary["done"] else 1)
+
+
+if __name__ == "__main__":
+    main()
