@@ -386,12 +386,12 @@ def claim_job(*, session: Session, worker: Worker, request: ClaimRequest, settin
     The state change is a conditional UPDATE (`... WHERE state = 'queued'`), so of two workers racing
     for a job only one UPDATE matches a row (and on SQLite the whole transaction holds the write lock).
     """
-    launch = _pending_launch(session, worker)
+    nodes = _lock_nodes_of_worker(session, worker)  # one indexed query when the worker holds none
+    launch = _pending_launch(session, nodes)
     if launch is not None:
         return launch
     now = utcnow()
-    reservations = session.exec(select(JobNode).join(Job)
-                                .where(JobNode.worker_id == worker.id, Job.state == JobState.queued)).all()
+    reservations = [node for node, job in nodes if job.state == JobState.queued]
     free = sorted(set(request.free_gpu_indices) - {i for node in reservations for i in node.gpu_ids})
     stmt = select(Job).where(Job.state == JobState.queued, Job.gpus <= len(free))
     if not request.accept_cpu_jobs or any(not node.gpu_ids for node in reservations):
@@ -458,10 +458,9 @@ def _reserve_node(session: Session, job: Job, worker: Worker, gpu_ids: list[int]
     return Launch(job, node.gpu_ids, _rendezvous(job, node, head))
 
 
-def _pending_launch(session: Session, worker: Worker) -> Launch | None:
+def _pending_launch(session: Session, nodes: list[tuple[JobNode, Job]]) -> Launch | None:
     """A node of a running multi-node job that this worker reserved and has not started yet."""
-    row = next(((node, job) for node, job in _lock_nodes_of_worker(session, worker)
-                if not node.launched and job.state == JobState.running), None)
+    row = next(((node, job) for node, job in nodes if not node.launched and job.state == JobState.running), None)
     if row is None:
         return None
     node, job = row
