@@ -29,7 +29,8 @@ from train_gpu import SHAPES, random_steps  # noqa: E402  (the same shapes and r
 
 from trainer_core.config import TrainConfig  # noqa: E402
 from trainer_core.layout import build_sample_layout, collate_packed  # noqa: E402
-from trainer_core.model import attention_mask_for, hidden_states, prepare_for_training  # noqa: E402
+from trainer_core.model import (attention_mask_for, compute_adapters_in_model_dtype, hidden_states,  # noqa: E402
+                                prepare_for_training)
 from trainer_core.rope2d import stack_position_ids  # noqa: E402
 
 MODES = {
@@ -51,10 +52,8 @@ def saved_bytes(shape: dict, layers: int, adapter_dtype: str, upcast: bool, ckpt
     cfg = TrainConfig(base_model="bench", data_path="random", lora_rank=8, adapter_dtype=adapter_dtype,
                       gradient_checkpointing=ckpt)
     model = prepare_for_training(base, cfg)
-    if upcast:  # put back what compute_adapters_in_model_dtype turned off
-        for module in model.modules():
-            if hasattr(module, "cast_input_dtype_enabled"):
-                module.cast_input_dtype_enabled = True
+    if upcast:
+        compute_adapters_in_model_dtype(model, enabled=False)
     model.train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}

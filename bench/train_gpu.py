@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from trainer_core.config import TrainConfig
 from trainer_core.layout import IGNORE_INDEX, build_sample_layout, collate_packed
-from trainer_core.model import ParallelBranchLM, prepare_for_training
+from trainer_core.model import ParallelBranchLM, compute_adapters_in_model_dtype, prepare_for_training
 from trainer_core.rope2d import stack_position_ids
 
 SHAPES = {
@@ -88,9 +88,7 @@ def build_model(shape: str, device: torch.device, dtype: torch.dtype, attn: str,
     torch.manual_seed(1)
     model = prepare_for_training(base, cfg)
     if peft_default:
-        for module in model.modules():
-            if hasattr(module, "cast_input_dtype_enabled"):
-                module.cast_input_dtype_enabled = True
+        compute_adapters_in_model_dtype(model, enabled=False)
     return model
 
 

@@ -72,16 +72,17 @@ def prepare_for_training(base: nn.Module, cfg: TrainConfig):
     return model
 
 
-def compute_adapters_in_model_dtype(peft_model: nn.Module) -> None:
+def compute_adapters_in_model_dtype(peft_model: nn.Module, enabled: bool = True) -> None:
     """Mixed precision for float32 adapters: PEFT would upcast every adapted layer's input to float32 and
     keep that copy for backward (about a third more activation memory in bf16, and slower). With the
     upcast off, `hidden_states` runs the decoder under autocast: the adapters compute in the model's dtype,
-    their weights, gradients and AdamW state stay float32."""
+    their weights, gradients and AdamW state stay float32. `enabled=False` puts PEFT's upcast back (the
+    benchmarks' baseline)."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     for module in peft_model.modules():
         if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = False
+            module.cast_input_dtype_enabled = not enabled
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: nn.Module,
