@@ -269,10 +269,14 @@ def register_worker(*, session: Session, registration: WorkerRegister) -> Worker
     if worker is None:
         worker = Worker(name=registration.name)
     else:
-        for job in _jobs_of_worker(session, worker.id, JobState.running):
+        single = select(Job).where(Job.worker_id == worker.id, Job.state == JobState.running, Job.nodes == 1)
+        for job in session.exec(single).all():
             _lose_job(session, job, f"worker {worker.name} restarted")
-        for job in _jobs_of_worker(session, worker.id, JobState.queued):
-            _release_reservations(session, job, f"worker {worker.name} restarted")
+        for _, job in _lock_nodes_of_worker(session, worker):
+            if job.state == JobState.running:
+                _lose_job(session, job, f"worker {worker.name} restarted")
+            else:
+                _release_reservations(session, job, f"worker {worker.name} restarted")
     worker.hostname = registration.hostname
     worker.gpus = [g.model_dump() for g in registration.gpus]
     worker.registered_at = now
@@ -280,13 +284,6 @@ def register_worker(*, session: Session, registration: WorkerRegister) -> Worker
     session.add(worker)
     session.flush()
     return worker
-
-
-def _jobs_of_worker(session: Session, worker_id: int | None, state: JobState) -> list[Job]:
-    """Jobs in `state` that the worker runs or holds a node of."""
-    single = select(Job).where(Job.worker_id == worker_id, Job.state == state, Job.nodes == 1)
-    gang = select(Job).join(JobNode).where(JobNode.worker_id == worker_id, Job.state == state)
-    return [*session.exec(single), *session.exec(gang)]
 
 
 def get_worker(*, session: Session, worker_id: int) -> Worker:
