@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from trainer_core.config import TrainConfig
-from trainer_core.layout import IGNORE_INDEX, build_sample_layout, collate_packed
+from trainer_core.data import pack_layouts
+from trainer_core.layout import IGNORE_INDEX, build_sample_layout
 from trainer_core.model import ParallelBranchLM, compute_adapters_in_model_dtype, prepare_for_training
 from trainer_core.rope2d import stack_position_ids
 
@@ -230,8 +231,7 @@ def main() -> None:
 
         def step_fn(step):
             layouts = [build_sample_layout(None, b) for b in step]
-            row_budget = max(len(lay) for lay in layouts) if dense else budget   # as trainer_core.data.collate_batch
-            batch = collate_packed(layouts, tokens_per_row=row_budget).to(device)
+            batch = pack_layouts(layouts, budget, dense).to(device)   # the trainer's own packing rule
             return lm(**vars(batch)), batch.num_label_tokens, batch.num_tokens, batch.input_ids.numel()
         return step_fn
 

@@ -22,7 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from trainer_core.config import TrainConfig
-from trainer_core.layout import PackedBatch, build_sample_layout, collate_packed
+from trainer_core.layout import PackedBatch, SampleLayout, build_sample_layout, collate_packed
 
 MAX_REPORTED_ERRORS = 50
 TOKENIZE_CHUNK = 1024
@@ -388,14 +388,19 @@ def steps_in_epoch(samples: SampleIndex, cfg: TrainConfig, world: int, epoch: in
 
 def collate_batch(ds: TokenizedDataset, samples: SampleIndex, batch: np.ndarray, cfg: TrainConfig,
                   dense_attention: bool = False) -> PackedBatch:
-    """Sample indices -> packed rows of column-major layouts.
-
-    With a block-sparse kernel (flex) a long row costs only its samples' own blocks, so rows fill up to
-    --tokens_per_row. A dense mask (SDPA, the CPU path) costs T^2 per row, so there rows stop at the
-    longest sample's length: short samples still share rows, but no row grows past what padding would."""
+    """Sample indices -> packed rows of column-major layouts."""
     layouts = [build_sample_layout(*sample_token_ids(ds, samples, int(s)), branch_stride=cfg.branch_stride)
                for s in batch]
+    return pack_layouts(layouts, cfg.tokens_per_row, dense_attention)
+
+
+def pack_layouts(layouts: list[SampleLayout], tokens_per_row: int, dense_attention: bool) -> PackedBatch:
+    """The packing rule of each attention backend.
+
+    With a block-sparse kernel (flex) a long row costs only its samples' own blocks, so rows fill up to
+    `tokens_per_row`. A dense mask (SDPA, the CPU path) costs T^2 per row, so there rows stop at the
+    longest sample's length: short samples still share rows, but no row grows past what padding would."""
     if dense_attention:
-        return collate_packed(layouts, min(cfg.tokens_per_row, max(len(lay) for lay in layouts)))
+        return collate_packed(layouts, min(tokens_per_row, max(len(lay) for lay in layouts)))
     # Flex works in 128-token blocks; whole blocks also keep the number of distinct compiled shapes small.
-    return collate_packed(layouts, cfg.tokens_per_row, pad_to_multiple=128)
+    return collate_packed(layouts, tokens_per_row, pad_to_multiple=128)
