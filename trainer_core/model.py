@@ -1,8 +1,8 @@
 """Model side of training: load the base model, add PEFT LoRA and the 2D RoPE patch, compute the loss.
 
 `ParallelBranchLM` owns the whole forward + loss so DDP can wrap it as one module. Logits are never
-materialised for the whole batch: only positions that have a label go through the LM head, in chunks
-that are recomputed in backward (chunked cross-entropy).
+materialised for the whole batch: only positions that have a label go through the LM head, a chunk at a
+time, and each chunk's gradient is computed while its logits exist (`LinearCrossEntropy`).
 """
 
 from __future__ import annotations
@@ -90,17 +90,55 @@ def chunked_cross_entropy(hidden: torch.Tensor, labels: torch.Tensor, lm_head: n
     """Sum of token cross-entropies over positions with a label, without holding full-vocab logits."""
     keep = labels != IGNORE_INDEX
     h, y = hidden[keep], labels[keep]
+    if isinstance(lm_head, nn.Linear) and lm_head.bias is None and not lm_head.weight.requires_grad:
+        return LinearCrossEntropy.apply(h, lm_head.weight, y, chunk, torch.is_grad_enabled() and h.requires_grad)
+    return checkpointed_cross_entropy(h, y, lm_head, chunk)   # a head that trains (e.g. LoRA on lm_head)
 
+
+def checkpointed_cross_entropy(h: torch.Tensor, y: torch.Tensor, lm_head: nn.Module,
+                               chunk: int = CE_CHUNK_TOKENS) -> torch.Tensor:
+    """Sum of CE(lm_head(h), y) over [N,H] states and [N] labels for any head: chunks whose logits are
+    recomputed in backward, so autograd reaches the head's own parameters."""
     def chunk_loss(h_chunk: torch.Tensor, y_chunk: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(lm_head(h_chunk).float(), y_chunk, reduction="sum")
 
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = h.new_zeros((), dtype=torch.float32)
     for i in range(0, h.shape[0], chunk):
         if torch.is_grad_enabled() and h.requires_grad:
             total = total + checkpoint(chunk_loss, h[i:i + chunk], y[i:i + chunk], use_reentrant=False)
         else:
             total = total + chunk_loss(h[i:i + chunk], y[i:i + chunk])
     return total
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum_i CE(h_i @ weight.T, y_i) for a frozen head, chunk by chunk, with d loss / d h computed in forward.
+
+    While a chunk's logits exist anyway, softmax - onehot times the weight is its whole gradient, so
+    backward is one multiply: no logits are kept for backward, and none are recomputed (a checkpointed
+    chunk computes its logits twice, and the head is about a quarter of a 0.5B model's matmuls).
+    Logits are float32, as in `F.cross_entropy(lm_head(h).float(), y)`."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, chunk: int, need_grad: bool):
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_grad else None
+        for i in range(0, h.shape[0], chunk):
+            logits = (h[i:i + chunk] @ weight.T).float()
+            y_chunk = y[i:i + chunk]
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, y_chunk[:, None]).squeeze(1)).sum()
+            if need_grad:
+                probs = logits.sub_(lse[:, None]).exp_()                     # softmax, in place
+                probs[torch.arange(y_chunk.numel(), device=y.device), y_chunk] -= 1
+                grad_h[i:i + chunk] = probs.to(h.dtype) @ weight
+        ctx.save_for_backward(grad_h if need_grad else None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        (grad_h,) = ctx.saved_tensors
+        return (grad_h.float() * grad_total).to(grad_h.dtype), None, None, None, None
 
 
 class ParallelBranchLM(nn.Module):

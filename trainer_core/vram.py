@@ -12,7 +12,8 @@ The estimate, per GPU (the batch is per device, so DDP does not change it), in G
                    with gradient checkpointing:
                  = tokens * (L * dtype_bytes * hidden + ACT_BYTES_PER_UNIT_MIXED * (hidden + intermediate))
                    (each layer keeps its input; one layer is recomputed at a time)
-    logits       = LOGITS_CHUNK_BYTES_PER_VOCAB * vocab * min(tokens, CE_CHUNK_TOKENS)   chunked CE
+    logits       = (4 + bytes(dtype)) * vocab * min(tokens, CE_CHUNK_TOKENS)   one CE chunk's float32 logits
+                   and their gradient (trainer_core.model.LinearCrossEntropy)
                    (LOGITS_FULL_BYTES_PER_VOCAB * vocab * tokens with a full-vocabulary CE)
     overhead     = CUDA_CONTEXT_GB + ALLOCATOR_SLACK * (activations + logits)
 
@@ -32,9 +33,10 @@ assumptions. Once jobs have run on a GPU, `measured` (their config and recorded 
 dynamic part (activations + logits) by the median ratio measured/estimated — see `correction_factor`.
 
 Table B was measured with PEFT's default of upcasting every adapted layer's input to float32 and with
-8k-token CE chunks. The trainer computes the adapters in the model's dtype (trainer_core.model.
-compute_adapters_in_model_dtype) and uses CE_CHUNK_TOKENS-token chunks, so the estimate uses
-ACT_BYTES_PER_UNIT_MIXED: fitted to MEASUREMENTS.md's two bf16-adapter runs (0.5B, T = 8192 and 16384,
+checkpointed 8k-token CE chunks (LOGITS_CHUNK_BYTES_PER_VOCAB). The trainer computes the adapters in the
+model's dtype (trainer_core.model.compute_adapters_in_model_dtype) and the CE gradient while a
+CE_CHUNK_TOKENS-token chunk's logits exist (no fit needed: float32 logits + their gradient in the model's
+dtype), so the estimate uses ACT_BYTES_PER_UNIT_MIXED: fitted to MEASUREMENTS.md's two bf16-adapter runs (0.5B, T = 8192 and 16384,
 chunked CE), within 3%. The ratio to ACT_BYTES_PER_UNIT (0.72) matches the bytes autograd saves per layer
 for the two modes, counted on CPU for the 0.5B shape (bench/activation_memory.py: 0.73).
 """
@@ -58,7 +60,7 @@ ACT_BYTES_PER_UNIT = 14.4            # bytes per token, per layer, per unit of (
                                      # adapters computed in float32 (PEFT's input upcast), as in table B
 ACT_BYTES_PER_UNIT_MIXED = 10.4      # the same with adapters computed in bf16: what the trainer does
 LOGITS_FULL_BYTES_PER_VOCAB = 11.6   # bytes per token per vocab entry, full-vocabulary cross-entropy
-LOGITS_CHUNK_BYTES_PER_VOCAB = 4.9   # bytes per chunk token per vocab entry, chunked (checkpointed) CE
+LOGITS_CHUNK_BYTES_PER_VOCAB = 4.9   # bytes per chunk token per vocab entry, checkpointed CE chunks (table B)
 TABLE_B_CE_CHUNK_TOKENS = 8192       # the chunk table B measured with; the trainer's is CE_CHUNK_TOKENS
 CHUNKED_CE = True                    # DESIGN.md: never materialise full-vocabulary logits
 LORA_BYTES_PER_PARAM = 16            # fp32 weight 4 + grad 4 + AdamW exp_avg 4 + exp_avg_sq 4
@@ -192,8 +194,8 @@ def tokens_per_micro_batch(config: TrainConfig, tokens_per_text: int | None = No
 
 
 def _raw_breakdown(config: TrainConfig, shape: ModelShape, tokens: int, *, upcast_adapters: bool = False,
-                   ce_chunk: int = CE_CHUNK_TOKENS) -> dict[str, float]:
-    """GiB per part. `upcast_adapters` and `ce_chunk` reproduce how table B was measured (tests)."""
+                   checkpointed_ce: bool = False) -> dict[str, float]:
+    """GiB per part. `upcast_adapters` and `checkpointed_ce` reproduce how MEASUREMENTS.md measured (tests)."""
     dtype_bytes = DTYPE_BYTES[config.dtype]
     dtype_scale = dtype_bytes / 2  # the calibration is bf16
     units = shape.hidden_size + shape.intermediate_size
@@ -202,10 +204,12 @@ def _raw_breakdown(config: TrainConfig, shape: ModelShape, tokens: int, *, upcas
         act_per_token = shape.num_hidden_layers * dtype_bytes * shape.hidden_size + per_layer
     else:
         act_per_token = shape.num_hidden_layers * per_layer
-    if CHUNKED_CE:
-        logits = LOGITS_CHUNK_BYTES_PER_VOCAB * shape.vocab_size * min(tokens, ce_chunk)
-    else:
+    if not CHUNKED_CE:
         logits = LOGITS_FULL_BYTES_PER_VOCAB * shape.vocab_size * tokens
+    elif checkpointed_ce:
+        logits = LOGITS_CHUNK_BYTES_PER_VOCAB * shape.vocab_size * min(tokens, TABLE_B_CE_CHUNK_TOKENS)
+    else:
+        logits = (4 + dtype_bytes) * shape.vocab_size * min(tokens, CE_CHUNK_TOKENS)
     return {
         "weights": shape.n_params * dtype_bytes / GIB,
         "lora_state": shape.n_lora_params(config.lora_rank, config.lora_target_modules)

@@ -1,4 +1,4 @@
-"""bench/train_gpu.py is what a GPU session runs first, with minutes to spare: it must work before it gets
+"""The bench scripts are what a GPU session runs first, with minutes to spare: it must work before it gets
 there. On CPU it runs the same code with the tiny shape."""
 
 from __future__ import annotations
@@ -35,3 +35,16 @@ def test_trainer_command_smoke_bench_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(out.read_text())
     assert summary["done"] and summary["steps"] == 3 and summary["tokens_per_s_median"] > 0
+
+
+def test_cross_entropy_bench_runs_and_methods_agree(tmp_path):
+    """bench/cross_entropy.py at a small head: every method gives the full-logits loss and gradient."""
+    out = tmp_path / "ce.json"
+    argv = [sys.executable, "bench/cross_entropy.py", "--tokens", "300", "--hidden", "32", "--vocab", "1000",
+            "--reps", "1", "--json", str(out)]
+    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {r["method"] for r in rows} >= {"full logits", "checkpointed", "grad in forward (shipped)"}
+    for r in rows:
+        assert "error" not in r and r["loss_rel_diff"] < 1e-5 and r["grad_rel_err"] < 1e-4, r

@@ -34,7 +34,7 @@ def test_reproduces_measurements_table_b(monkeypatch, shape, rank, tokens, ckpt,
     monkeypatch.setattr(vram, "CHUNKED_CE", chunked)
     cfg = _cfg(shape, lora_rank=rank, batch_size=tokens // 1024, max_seq_len=1024, gradient_checkpointing=ckpt)
     raw = vram._raw_breakdown(cfg, vram.SHAPES[shape], vram.tokens_per_micro_batch(cfg), upcast_adapters=True,
-                              ce_chunk=vram.TABLE_B_CE_CHUNK_TOKENS)  # as table B was measured
+                              checkpointed_ce=True)  # as table B was measured
     est_static = raw["weights"] + raw["lora_state"] / 4  # the table's static: adapters only, no grads/AdamW yet
     assert est_static == pytest.approx(static, rel=0.03)
     est_dynamic = raw["activations"] + raw["logits"]
@@ -44,9 +44,9 @@ def test_reproduces_measurements_table_b(monkeypatch, shape, rank, tokens, ckpt,
 
 @pytest.mark.parametrize("tokens,peak", [(8192, 17.9), (16384, 27.8)])
 def test_reproduces_the_bf16_adapter_measurements(tokens, peak):
-    """MEASUREMENTS.md: adapters computed in bf16 (what the trainer does), chunked CE, 0.5B, no checkpointing."""
+    """MEASUREMENTS.md: adapters computed in bf16 (what the trainer does), checkpointed 8k CE chunks, 0.5B."""
     cfg = _cfg("0.5B", batch_size=tokens // 1024, max_seq_len=1024)
-    raw = vram._raw_breakdown(cfg, vram.SHAPES["0.5B"], tokens, ce_chunk=vram.TABLE_B_CE_CHUNK_TOKENS)
+    raw = vram._raw_breakdown(cfg, vram.SHAPES["0.5B"], tokens, checkpointed_ce=True)
     assert raw["activations"] + raw["logits"] == pytest.approx(peak - 0.94, rel=0.05)
 
 
