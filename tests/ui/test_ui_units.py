@@ -165,3 +165,28 @@ def test_estimate_is_corrected_by_jobs_measured_on_a_gpu(live_server, scripted_w
     assert after["correction"]["jobs"] == 1 and after["correction"]["basis"] == "same model"
     assert after["peak_gb"] != before["peak_gb"]
     assert "Corrected by measured peaks of 1 job" in estimate_markdown(after)
+
+
+TRACEBACK = """exit code 1
+Traceback (most recent call last):
+  File "<frozen runpy>", line 198, in _run_module_as_main
+  File "<frozen runpy>", line 88, in _run_code
+""" + "".join(f'  File "/srv/trainer_core/train.py", line {i}, in step\n    loss = run(batch)\n' for i in range(20)) + """
+ValueError: data_path: line 7 has no "text" or "main"
+"""
+
+
+def test_failure_summary_shows_the_cause_at_the_end_of_a_traceback():
+    from ui.tabs.jobs import job_summary
+
+    job = {"id": 3, "name": "x", "state": "failed", "config": {}, "failure_class": "crash",
+           "failure_reason": TRACEBACK}
+    text = job_summary(job)
+    assert 'ValueError: data_path: line 7 has no "text" or "main"' in text  # the cause, at the very end
+    assert "exit code 1" in text  # the worker's headline, its first line
+    assert "lines not shown" in text and text.count("loss = run(batch)") < 20  # long: the middle is left out
+    # verbatim: in a code fence, so `<frozen runpy>` is not taken for an HTML tag that hides the rest
+    fence_start = text.index("```")
+    assert fence_start < text.index("ValueError") < text.rindex("```")
+    short = job_summary({**job, "failure_reason": "exit code 2\n\nbad config"})
+    assert "exit code 2\nbad config" in short and "not shown" not in short

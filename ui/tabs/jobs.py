@@ -9,8 +9,9 @@ and training is never touched by the UI.
 
 from __future__ import annotations
 
-import zipfile
 import html
+import re
+import zipfile
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -22,6 +23,9 @@ from ui.context import UiContext, fmt_duration, fmt_number, scratch_file
 
 TABLE_COLUMNS = ["id", "name", "state", "progress", "ETA", "tokens/s", "GPU", "attempt", "loss", "peak GB"]
 LOG_TAIL_LINES = 200
+# A traceback's cause is at its end: a long failure reason shows its first line (the worker's headline,
+# e.g. "exit code 1") and its last lines.
+FAILURE_TAIL_LINES = 15
 FINAL_STATES = {"succeeded", "failed", "cancelled"}
 STATE_ICONS = {"queued": "…", "running": "▶", "succeeded": "✔", "failed": "✖", "cancelled": "■"}
 
@@ -81,8 +85,27 @@ def job_summary(job: dict[str, Any]) -> str:
              f"**attempt** {job.get('attempt', 1)}/{job.get('max_attempts') or '?'}",
              f"model {cfg.get('base_model', '')} · data {cfg.get('data_path', '')}"]
     if job.get("failure_reason") or job.get("failure_class"):
-        lines.append(f"**failure** {job.get('failure_class') or ''}: {job.get('failure_reason') or ''}")
+        lines.append(f"**failure** {job.get('failure_class') or ''}")
+        if job.get("failure_reason"):
+            lines.append(code_block(failure_text(job["failure_reason"])))
     return "\n\n".join(lines)
+
+
+def failure_text(reason: str, tail_lines: int = FAILURE_TAIL_LINES) -> str:
+    """The failure reason, its non-empty lines; a long one as its first line, a marker and its last lines."""
+    kept = [line.rstrip() for line in reason.splitlines() if line.strip()]
+    if len(kept) <= tail_lines + 1:
+        return "\n".join(kept)
+    hidden = len(kept) - 1 - tail_lines
+    return "\n".join([kept[0], f"… ({hidden} lines not shown)", *kept[-tail_lines:]])
+
+
+def code_block(text: str) -> str:
+    """`text` verbatim in Markdown: a traceback's `<frozen runpy>` would otherwise be taken for an HTML tag
+    and everything after it dropped. The fence is longer than any backtick run inside."""
+    longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}text\n{text}\n{fence}"
 
 
 def parse_job_id(value: Any) -> int | None:
