@@ -8,6 +8,7 @@ starts processes; every session's data is its own.
 
 from __future__ import annotations
 
+import logging
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -39,6 +40,12 @@ footer { display: none !important; }
 """
 
 
+def quiet_http_client_logs() -> None:
+    """httpx logs every request at INFO; the UI polls the API every second or two per open tab, which would
+    flood the server's log (`paratrain serve` logs at INFO). Its warnings still show."""
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
 @dataclass
 class ParatrainUI:
     blocks: gr.Blocks
@@ -56,6 +63,7 @@ class ParatrainUI:
 
 
 def build_ui(api_base_url: str) -> ParatrainUI:
+    quiet_http_client_logs()
     # delete_cache: Gradio's copies of downloaded files (YAML, adapter zips) go after a day
     with gr.Blocks(title="paratrain", delete_cache=(3600, 86400)) as blocks:
         session = gr.State({"token": None})

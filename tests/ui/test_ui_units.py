@@ -190,3 +190,15 @@ def test_failure_summary_shows_the_cause_at_the_end_of_a_traceback():
     assert fence_start < text.index("ValueError") < text.rindex("```")
     short = job_summary({**job, "failure_reason": "exit code 2\n\nbad config"})
     assert "exit code 2\nbad config" in short and "not shown" not in short
+
+
+def test_ui_api_calls_do_not_flood_the_server_log(caplog):
+    import logging
+
+    from ui.app import build_ui
+
+    build_ui("http://127.0.0.1:9")  # what the server's mount does
+    ok = httpx.MockTransport(lambda request: httpx.Response(200, json={"data": [], "count": 0}))
+    with caplog.at_level(logging.INFO):  # `paratrain serve` logs at INFO
+        ApiClient("http://paratrain.test", "token", transport=ok).list_jobs()
+    assert not [r for r in caplog.records if r.name.startswith("httpx")]
