@@ -202,3 +202,16 @@ def test_ui_api_calls_do_not_flood_the_server_log(caplog):
     with caplog.at_level(logging.INFO):  # `paratrain serve` logs at INFO
         ApiClient("http://paratrain.test", "token", transport=ok).list_jobs()
     assert not [r for r in caplog.records if r.name.startswith("httpx")]
+
+
+def test_branches_histogram_is_in_numeric_order():
+    from ui.tabs.dataset import histogram_update
+
+    # as the check's JSON has it: string keys, which sort as text ("10" < "2")
+    summary = {"branches_histogram": {"17": 26, "10": 1, "2": 5, "3": 8, "9": 6, "11": 3}}
+    update = histogram_update(summary)
+    expected = [str(n) for n in range(2, 18)]
+    assert list(update["value"]["branches"]) == expected
+    assert update["sort"] == expected  # the plot's x axis follows it instead of sorting the labels as text
+    samples = dict(zip(update["value"]["branches"], update["value"]["samples"]))
+    assert samples["17"] == 26 and samples["2"] == 5 and samples["5"] == 0  # a count no sample has: an empty bar

@@ -21,6 +21,7 @@ MAIN_COLOUR = "#4b5563"
 BRANCH_COLOURS = ["#2563eb", "#16a34a", "#ea580c", "#9333ea", "#0891b2", "#dc2626", "#ca8a04", "#db2777"]
 MAX_PICTURE_COLUMNS = 256  # wider samples are cropped (the picture says so)
 MAX_PICTURE_ROWS = 32
+MAX_HISTOGRAM_BARS = 100  # branch counts spread wider than this are drawn without the zero bars between
 
 
 @dataclass
@@ -113,10 +114,22 @@ def summary_markdown(s: dict[str, Any]) -> str:
 
 
 def histogram_frame(s: dict[str, Any]) -> pd.DataFrame:
-    hist = s.get("branches_histogram") or {}
-    items = sorted(((int(k), int(v)) for k, v in hist.items()), key=lambda kv: kv[0])
-    frame = pd.DataFrame({"branches": [str(k) for k, _ in items], "samples": [v for _, v in items]})
+    """Samples per branch count, in numeric order, counts between the smallest and largest that no sample
+    has included as 0 (a gap in the data shows as a gap in the bars).
+
+    The counts are strings, so that each is one bar (a numeric x would be a continuous axis); the JSON
+    keys are strings anyway, which sort as text (10 before 2) unless the plot is given the order:
+    `histogram_update` does that."""
+    hist = {int(k): int(v) for k, v in (s.get("branches_histogram") or {}).items()}
+    counts = range(min(hist), max(hist) + 1) if hist and max(hist) - min(hist) < MAX_HISTOGRAM_BARS else sorted(hist)
+    frame = pd.DataFrame({"branches": [str(k) for k in counts], "samples": [hist.get(k, 0) for k in counts]})
     return frame.astype({"branches": "string", "samples": "int64"})
+
+
+def histogram_update(s: dict[str, Any]) -> dict[str, Any]:
+    """The histogram with its x axis in the frame's (numeric) order."""
+    frame = histogram_frame(s)
+    return gr.update(value=frame, sort=list(frame["branches"]), visible=True)
 
 
 def create_dataset_tab(ctx: UiContext, form: ConfigForm, tokens_per_text: gr.Textbox | None = None) -> DatasetTab:
@@ -150,7 +163,7 @@ def create_dataset_tab(ctx: UiContext, form: ConfigForm, tokens_per_text: gr.Tex
         p90 = (s.get("token_length_percentiles") or {}).get("p90")
         has_histogram = bool(s.get("branches_histogram"))
         return (summary_markdown(s), gr.update(value=errors_text, visible=bool(errors_text)),
-                gr.update(value=histogram_frame(s), visible=True) if has_histogram else gr.update(visible=False),
+                histogram_update(s) if has_histogram else gr.update(visible=False),
                 layout_svg(s.get("example_layout")), str(int(p90)) if p90 else gr.skip())
 
     outputs = [summary, errors, histogram, layout, tokens_per_text if tokens_per_text is not None else gr.State()]
