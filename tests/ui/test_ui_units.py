@@ -4,6 +4,7 @@ real server app, incremental metric polling, and the pictures/markdown the tabs 
 from __future__ import annotations
 
 import os
+import re
 
 import httpx
 import pytest
@@ -215,3 +216,28 @@ def test_branches_histogram_is_in_numeric_order():
     assert update["sort"] == expected  # the plot's x axis follows it instead of sorting the labels as text
     samples = dict(zip(update["value"]["branches"], update["value"]["samples"]))
     assert samples["17"] == 26 and samples["2"] == 5 and samples["5"] == 0  # a count no sample has: an empty bar
+
+
+def _svg_row_of_rects(svg: str) -> list[float]:
+    return [float(y) for y in re.findall(r'<rect x="[\d.]+" y="([\d.]+)"', svg)]
+
+
+def test_layout_picture_shows_branches_of_a_long_main_through_a_window():
+    from ui.tabs.dataset import layout_svg
+
+    # an example holding the main's first 4 steps and the first steps of its branches, which start at 200
+    layout = {"has_main": True, "columns_total": 260, "time_ids": [0, 1, 2, 3, 200, 200, 201, 201, 202, 203],
+              "branch_index": [0, 0, 0, 0, 1, 2, 1, 2, 1, 1], "tokens": list("abcdefghij")}
+    svg = layout_svg(layout)
+    assert svg.count("<rect ") == 10 and "branch 1" in svg and "branch 2" in svg
+    assert len(set(_svg_row_of_rects(svg))) == 3  # main and two branch rows are drawn
+    assert "time steps 4–199 not shown" in svg and "⋯" in svg and ">200</text>" in svg
+    width = float(re.search(r'<svg [^>]*width="([\d.]+)"', svg).group(1))
+    assert width < 300  # the left-out steps take one column, not 196
+
+
+def test_layout_picture_says_why_a_main_only_example_has_no_branch():
+    from ui.tabs.dataset import layout_svg
+
+    svg = layout_svg({"has_main": True, "columns_total": 317, "time_ids": list(range(48)), "branch_index": [0] * 48})
+    assert "48 of 317 time steps shown" in svg and "branches start after the main" in svg

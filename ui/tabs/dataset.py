@@ -47,51 +47,105 @@ def _flat(values: Any) -> list:
     return list(values or [])
 
 
-def layout_svg(layout: dict[str, Any] | None) -> str:
-    """One sample as a grid: a row per branch (main first), a column per time step; a filled cell is a token.
-
-    Accepts the example_layout of the check summary: per-token `time_ids` and `branch_ids` (branch index k),
-    or `branch_pos` with `branch_stride`; `has_main` says whether row 0 is the main."""
-    if not layout:
-        return "<p>No example sample.</p>"
+def layout_cells(layout: dict[str, Any]) -> tuple[list[int], list[int]]:
+    """(time step, row) of each token of an example layout: per-token `time_ids` and `branch_ids` (or
+    `branch_index`: row k), or `branch_pos` with `branch_stride`."""
     times = [int(t) for t in _flat(layout.get("time_ids"))]
     if "branch_ids" in layout or "branch_index" in layout:
         rows = [int(b) for b in _flat(layout.get("branch_ids", layout.get("branch_index")))]
     else:
         stride = int(layout.get("branch_stride") or 128)
         rows = [int(p) // stride for p in _flat(layout.get("branch_pos"))]
+    return times, rows
+
+
+def column_slots(times: list[int], limit: int) -> tuple[dict[int, int], list[tuple[int, int, int]]]:
+    """Where each time step is drawn: {time step: slot}, at most `limit` slots, and the gaps as
+    (slot, first step left out, last step left out).
+
+    An example may hold windows of its sample (the main's first steps, then the branches' first steps,
+    which begin after the whole main): the steps between are not drawn, one '⋯' slot stands for them, so
+    the branches are in the picture however long the main is."""
+    slots: dict[int, int] = {}
+    gaps: list[tuple[int, int, int]] = []
+    slot, previous = 0, None
+    for t in sorted(set(times)):
+        if previous is not None and t > previous + 1:
+            if slot + 1 >= limit:
+                break
+            gaps.append((slot, previous + 1, t - 1))
+            slot += 1
+        if slot >= limit:
+            break
+        slots[t] = slot
+        slot, previous = slot + 1, t
+    return slots, gaps
+
+
+def row_name(row: int, has_main: bool) -> str:
+    return "main" if has_main and row == 0 else f"branch {row if has_main else row + 1}"
+
+
+def layout_notes(times: list[int], rows: list[int], slots: dict[int, int], shown_rows: int, has_main: bool,
+                 total_cols: int) -> list[str]:
+    """What the picture leaves out, in words."""
+    notes = []
+    if total_cols > len(slots):
+        notes.append(f"{len(slots)} of {total_cols} time steps shown")
+    n_rows = max(rows) + 1
+    if n_rows > shown_rows:
+        notes.append(f"first {shown_rows} of {n_rows} rows shown")
+    if has_main and n_rows == 1 and total_cols > max(times) + 1:
+        notes.append(f"the example the server sent holds only the first {max(times) + 1} time steps, all of them "
+                     "the main's: the branches start after the main's last token, beyond it")
+    return notes
+
+
+def layout_svg(layout: dict[str, Any] | None) -> str:
+    """One sample as a grid: a row per branch (main first), a column per time step; a filled cell is a token.
+
+    Accepts the example_layout of the check summary (see `layout_cells`); `has_main` says whether row 0
+    is the main, `columns_total` how many time steps the whole sample has."""
+    if not layout:
+        return "<p>No example sample.</p>"
+    times, rows = layout_cells(layout)
     if not times or len(times) != len(rows):
         return "<p>The example sample has no layout to draw.</p>"
     has_main = bool(layout.get("has_main", layout.get("main_len", 0)))
     tokens = [str(t) for t in layout.get("tokens") or []]
-    n_rows, n_cols = max(rows) + 1, max(times) + 1
-    shown_rows, shown_cols = min(n_rows, MAX_PICTURE_ROWS), min(n_cols, MAX_PICTURE_COLUMNS)
+    total_cols = max(int(layout.get("columns_total") or 0), max(times) + 1)
+    slots, gaps = column_slots(times, MAX_PICTURE_COLUMNS)
+    n_rows = max(rows) + 1
+    shown_rows, shown_cols = min(n_rows, MAX_PICTURE_ROWS), max(slots.values()) + 1
     cell_w = max(2.0, min(14.0, 900.0 / shown_cols))
     cell_h = 14.0 if shown_rows <= 16 else 9.0
-    label_w, top = 70, 18
+    label_w, top = 70, 30
     width, height = label_w + shown_cols * cell_w + 4, top + shown_rows * cell_h + 4
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
              f'role="img" aria-label="columnar layout">',
              f'<text x="{label_w}" y="12" font-size="11" fill="currentColor">time →  '
-             f'({len(times)} tokens, {n_rows} rows, {n_cols} time steps)</text>']
+             f'({len(times)} tokens, {n_rows} rows, {total_cols} time steps)</text>']
+    # the first time step of each run of drawn steps, above its column
+    for t, slot in slots.items():
+        if t == 0 or t - 1 not in slots:
+            parts.append(f'<text x="{label_w + slot * cell_w:.1f}" y="26" font-size="9" fill="currentColor">{t}</text>')
+    for slot, first, last in gaps:
+        parts.append(f'<text x="{label_w + slot * cell_w:.1f}" y="{top + shown_rows * cell_h / 2 + 4:.1f}" font-size="10" '
+                     f'fill="currentColor"><title>time steps {first}–{last} not shown</title>⋯</text>')
     for r in range(shown_rows):
-        name = "main" if has_main and r == 0 else f"branch {r if has_main else r + 1}"
         parts.append(f'<text x="0" y="{top + r * cell_h + cell_h - 3:.1f}" font-size="10" '
-                     f'fill="currentColor">{html.escape(name)}</text>')
+                     f'fill="currentColor">{html.escape(row_name(r, has_main))}</text>')
     for i, (t, r) in enumerate(zip(times, rows)):
-        if r >= shown_rows or t >= shown_cols:
+        if r >= shown_rows or t not in slots:
             continue
         colour = MAIN_COLOUR if has_main and r == 0 else BRANCH_COLOURS[r % len(BRANCH_COLOURS)]
         tip = f"<title>time {t}: {html.escape(repr(tokens[i]))}</title>" if i < len(tokens) else ""
-        parts.append(f'<rect x="{label_w + t * cell_w:.1f}" y="{top + r * cell_h:.1f}" width="{max(cell_w - 1, 1):.1f}" '
-                     f'height="{cell_h - 2:.1f}" fill="{colour}">{tip}</rect>')
+        parts.append(f'<rect x="{label_w + slots[t] * cell_w:.1f}" y="{top + r * cell_h:.1f}" '
+                     f'width="{max(cell_w - 1, 1):.1f}" height="{cell_h - 2:.1f}" fill="{colour}">{tip}</rect>')
     parts.append("</svg>")
-    notes = []
-    total_cols = int(layout.get("columns_total") or n_cols)
-    if total_cols > shown_cols:
-        notes.append(f"first {shown_cols} of {total_cols} time steps shown")
-    if n_rows > shown_rows:
-        notes.append(f"first {shown_rows} of {n_rows} rows shown")
+    notes = layout_notes(times, rows, slots, shown_rows, has_main, total_cols)
+    if gaps:
+        notes.append("⋯ stands for time steps left out")
     caption = ("Every branch starts at the column after the main; a token attends to all earlier columns of "
                "every branch of its sample, never to another branch's token in its own column.")
     note = f" ({'; '.join(notes)})" if notes else ""
