@@ -241,3 +241,17 @@ def test_layout_picture_says_why_a_main_only_example_has_no_branch():
 
     svg = layout_svg({"has_main": True, "columns_total": 317, "time_ids": list(range(48)), "branch_index": [0] * 48})
     assert "48 of 317 time steps shown" in svg and "branches start after the main" in svg
+
+
+def test_presets_table_has_a_column_per_preset_verdict_first():
+    from ui.tabs.memory import presets_frame
+
+    plist = vram.presets(24, "0.5B")
+    frame = presets_frame(plist)
+    # three presets side by side fit beside the form; eleven setting columns did not
+    assert list(frame.columns) == ["setting"] + [p["name"] for p in plist]
+    assert list(frame["setting"][:2]) == ["peak GB", "fits"]
+    first = plist[0]
+    column = dict(zip(frame["setting"], frame[first["name"]]))
+    assert column["fits"] == "yes" and float(column["peak GB"]) == pytest.approx(first["estimate"]["peak_gb"], abs=0.01)
+    assert column["rank"] == str(first["config"]["lora_rank"])

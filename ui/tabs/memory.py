@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import gradio as gr
+import pandas as pd
 
 from trainer_core import vram
 from ui.api import ApiClient, ApiError
@@ -17,7 +18,10 @@ from ui.form import ConfigForm, validate
 FORM_MODEL = "base_model of the form"
 SIZES = ["0.5B", "1.5B", "3B", "7B"]
 DEFAULT_GPU_MEM_GB = 80.0
-# Short headers so the table fits beside the form; the flags they stand for are in the form.
+# The presets table shows the presets side by side, a column each, with the settings as rows: three
+# columns fit beside the form, where a column per setting (eleven) squeezed the headers letter by letter
+# and pushed peak and fits off-screen. The verdict rows come first.
+VERDICT_ROWS = ("peak GB", "fits")
 
 
 @dataclass
@@ -45,6 +49,17 @@ def measured_peaks(client: ApiClient) -> list[dict[str, Any]]:
     """Jobs that ran on a GPU and recorded their peak: what the estimate is corrected with."""
     return [{"config": j["config"], "peak_mem_gb": j["peak_mem_gb"]} for j in client.list_jobs(limit=200)
             if j.get("peak_mem_gb") and (j.get("gpus") or 0) > 0]
+
+
+def presets_frame(plist: list[dict[str, Any]]) -> pd.DataFrame:
+    """The presets as columns (headed by their names), vram.PRESET_COLUMNS' settings as rows."""
+    settings = list(vram.PRESET_COLUMNS[1:])
+    order = [c for c in VERDICT_ROWS if c in settings] + [c for c in settings if c not in VERDICT_ROWS]
+    table: dict[str, list[str]] = {"setting": order}
+    for row in vram.preset_rows(plist):
+        by_setting = dict(zip(vram.PRESET_COLUMNS, row))
+        table[str(by_setting["preset"])] = [str(by_setting[name]) for name in order]
+    return pd.DataFrame(table)
 
 
 def _positive_int(text: Any) -> int | None:
@@ -93,7 +108,7 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
     with gr.Row():
         presets_button = gr.Button("Get presets", elem_id="get-presets", size="sm")
         estimate_button = gr.Button("Estimate memory", elem_id="estimate", size="sm")
-    presets_table = gr.Dataframe(headers=vram.PRESET_COLUMNS, interactive=False, wrap=True, visible=False,
+    presets_table = gr.Dataframe(headers=["setting"], interactive=False, wrap=True, visible=False,
                                  elem_id="presets-table")
     with gr.Row():
         preset_choice = gr.Radio(choices=[], label="Preset", visible=False, elem_id="preset-choice")
@@ -114,7 +129,7 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
             gr.Warning(str(e))
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         names = [p["name"] for p in plist]
-        return (plist, gr.update(value=vram.preset_rows(plist), visible=True),
+        return (plist, gr.update(value=presets_frame(plist), visible=True),
                 gr.update(choices=names, value=names[0] if names else None, visible=True), gr.update(visible=True))
 
     presets_button.click(get_presets, [ctx.session, gpu_mem, model, *form.inputs],
