@@ -48,8 +48,9 @@ def _bounds(info: Any) -> dict[str, float]:
     return out
 
 
-def component_for(name: str, info: Any) -> gr.components.Component:
-    """The input for one TrainConfig field: label = flag name, info = the field's help, value = default."""
+def component_for(name: str, info: Any, placeholder: str | None = None) -> gr.components.Component:
+    """The input for one TrainConfig field: label = flag name, info = the field's help, value = default;
+    `placeholder` replaces a text input's own ("required", "empty: not set")."""
     kind, optional = _base_type(info.annotation)
     default = None if info.is_required() else info.default
     help_text = info.description or ""
@@ -58,8 +59,8 @@ def component_for(name: str, info: Any) -> gr.components.Component:
     common = {"label": name, "info": help_text, "elem_id": f"cfg-{name}"}
     if optional and kind in (int, float):
         # gr.Number cannot be empty (it shows and sends 0), so an unset number is an empty textbox
-        return gr.Textbox(value="" if default is None else str(default), placeholder="empty: not set",
-                          max_lines=1, **common)
+        return gr.Textbox(value="" if default is None else str(default),
+                          placeholder=placeholder or "empty: not set", max_lines=1, **common)
     if kind is bool:
         return gr.Checkbox(value=bool(default), **common)
     if typing.get_origin(kind) is typing.Literal:
@@ -68,7 +69,7 @@ def component_for(name: str, info: Any) -> gr.components.Component:
         return gr.Number(value=default, precision=0, **_bounds(info), **common)
     if kind is float:
         return gr.Number(value=default, **_bounds(info), **common)
-    placeholder = "required" if info.is_required() else None
+    placeholder = placeholder or ("required" if info.is_required() else None)
     return gr.Textbox(value=default or "", placeholder=placeholder, max_lines=1, **common)
 
 
@@ -96,8 +97,10 @@ class ConfigForm:
         return [gr.update(value=values[n]) if n in values else gr.skip() for n in self.names]
 
 
-def build_config_form(open_groups: tuple[str, ...] = ("model", "data", "training")) -> ConfigForm:
-    """Render the grouped inputs in the current Blocks context."""
+def build_config_form(open_groups: tuple[str, ...] = ("model", "data", "training"),
+                      placeholders: dict[str, str] | None = None) -> ConfigForm:
+    """Render the grouped inputs in the current Blocks context; `placeholders` by field name (text inputs)."""
+    placeholders = placeholders or {}
     form = ConfigForm()
     by_group = TrainConfig.fields_by_group()
     for group in GROUPS:
@@ -110,7 +113,7 @@ def build_config_form(open_groups: tuple[str, ...] = ("model", "data", "training
                 columns = [gr.Column(min_width=200) for _ in range(FORM_COLUMNS)]
             for i, name in enumerate(names):
                 with columns[i % FORM_COLUMNS]:
-                    form.fields[name] = component_for(name, TrainConfig.model_fields[name])
+                    form.fields[name] = component_for(name, TrainConfig.model_fields[name], placeholders.get(name))
     with gr.Accordion("Resources", open=True, elem_id="group-resources"):
         with gr.Row():
             form.job["gpus"] = gr.Number(value=1, precision=0, minimum=0, label="gpus",

@@ -30,6 +30,9 @@ def test_form_is_derived_from_train_config():
         if not info.is_required() and info.default is not None:
             assert component.value == info.default, name
     assert ui.submit.form.job["gpus"].value == 1
+    # the demo `paratrain serve` creates, named where the form starts empty
+    assert "models/tiny-qwen2" in fields["base_model"].placeholder
+    assert "datasets/demo.jsonl" in fields["data_path"].placeholder
     # groups are rendered as the schema groups them, under the guide's titles
     config = ui.blocks.get_config_file()
     labels = {c["props"].get("label") for c in config["components"] if c["type"] == "accordion"}
@@ -255,3 +258,10 @@ def test_presets_table_has_a_column_per_preset_verdict_first():
     column = dict(zip(frame["setting"], frame[first["name"]]))
     assert column["fits"] == "yes" and float(column["peak GB"]) == pytest.approx(first["estimate"]["peak_gb"], abs=0.01)
     assert column["rank"] == str(first["config"]["lora_rank"])
+
+
+def test_demo_paths_named_by_the_form_are_the_ones_serve_creates():
+    from server.cli import DEMO_DATA, DEMO_MODEL
+    from ui.tabs.submit import DEMO_DATA as UI_DEMO_DATA, DEMO_MODEL as UI_DEMO_MODEL
+
+    assert (UI_DEMO_MODEL, UI_DEMO_DATA) == (DEMO_MODEL, DEMO_DATA)

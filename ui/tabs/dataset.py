@@ -15,6 +15,7 @@ from trainer_core.config import TrainConfig
 from ui.api import ApiError
 from ui.context import UiContext
 from ui.form import ConfigForm, config_dict
+from ui.tabs.submit import DEMO_DATA, DEMO_MODEL
 
 # Row colours of the layout picture: the main branch, then the branches in turn.
 MAIN_COLOUR = "#4b5563"
@@ -204,8 +205,8 @@ def create_dataset_tab(ctx: UiContext, form: ConfigForm, tokens_per_text: gr.Tex
     def check(session, *form_args):
         body = check_body(form.values(form_args))
         if not body.get("data_path") or not body.get("base_model"):
-            return ("Enter `data_path` and `base_model` in the New job tab first.", gr.update(visible=False),
-                    gr.skip(), gr.skip(), gr.skip())
+            return (f"Enter `data_path` and `base_model` in the New job tab first (the demo: `{DEMO_DATA}` and "
+                    f"`{DEMO_MODEL}`).", gr.update(visible=False), gr.skip(), gr.skip(), gr.skip())
         try:
             s = ctx.client(session).check_dataset(body)
         except ApiError as e:

@@ -15,6 +15,13 @@ from ui.context import UiContext, scratch_file
 from ui.form import ConfigForm, build_config_form, from_yaml, job_body, to_yaml, validate
 from ui.tabs.memory import MemoryPanel, create_memory_panel
 
+# What `paratrain serve` creates in its data dir on first start (server/cli.py: DEMO_MODEL, DEMO_DATA); the
+# server takes relative paths from its data root, so these names work as they are.
+DEMO_MODEL = "models/tiny-qwen2"
+DEMO_DATA = "datasets/demo.jsonl"
+PLACEHOLDERS = {"base_model": f"required, e.g. {DEMO_MODEL} (the demo)",
+                "data_path": f"required, e.g. {DEMO_DATA} (the demo)"}
+
 
 @dataclass
 class SubmitTab:
@@ -46,7 +53,7 @@ def format_command(argv: list[str]) -> str:
 def create_submit_tab(ctx: UiContext) -> SubmitTab:
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=480):
-            form = build_config_form()
+            form = build_config_form(placeholders=PLACEHOLDERS)
             with gr.Row():
                 load_button = gr.UploadButton("Load YAML", file_types=[".yaml", ".yml", ".json"], size="sm",
                                               elem_id="load-yaml")
