@@ -24,8 +24,9 @@ from ui.context import UiContext  # noqa: E402
 from ui.tabs.compare import CompareTab, create_compare_tab  # noqa: E402
 from ui.tabs.dataset import DatasetTab, create_dataset_tab  # noqa: E402
 from ui.tabs.jobs import JobsTab, create_jobs_tab, parse_job_id, picker_update  # noqa: E402
-from ui.tabs.memory import default_gpu_mem  # noqa: E402
+from ui.tabs.memory import gpu_mem_update  # noqa: E402
 from ui.tabs.submit import SubmitTab, create_submit_tab  # noqa: E402
+from ui.workers import cpu_only, known_workers  # noqa: E402
 
 UI_PATH = "/ui"
 BROWSER_KEY = "paratrain-ui"
@@ -106,11 +107,13 @@ def build_ui(api_base_url: str) -> ParatrainUI:
             client = ApiClient(api_base_url, token_value)
             client.check_token()  # raises ApiError
             job_id = parse_job_id(saved.get("job_id"))
-            saved_form = saved.get("form")
+            saved_form = saved.get("form") if isinstance(saved.get("form"), dict) else {}
+            workers = known_workers(client)
+            # on a CPU-only setup a job asking for a GPU would wait forever; a saved form keeps its own gpus
+            defaults = {"gpus": 0} if workers is not None and cpu_only(workers) else {}
             return [{"token": token_value}, {**saved, "token": token_value, "job_id": job_id},
                     gr.update(visible=False), gr.update(visible=True), gr.update(visible=True), "",
-                    default_gpu_mem(client), picker_update(client, job_id),
-                    *(form.updates(saved_form) if isinstance(saved_form, dict) else [gr.skip()] * len(form.inputs))]
+                    gpu_mem_update(workers), picker_update(client, job_id), *form.updates({**defaults, **saved_form})]
 
         def login(token_value, remembered_value):
             token_value = (token_value or "").strip()

@@ -83,8 +83,13 @@ def test_serve_end_to_end(serve):
         page = browser.new_page(viewport=LAPTOP)
         expect.set_options(timeout=30_000)  # the default 5 s is short for a 2-core machine that also trains
         page.set_default_timeout(30_000)
+        # the local worker (--worker-gpus none) is registered before the page asks what the workers have
+        wait_for(lambda: api.get("/api/workers").json()["data"], timeout=60)
         login(page, base, token)
         page.screenshot(path=shots / "01-logged-in.png")
+        # no GPU anywhere: a job asks for none by default, so that it runs on the CPU worker
+        expect(field(page, "job-gpus")).to_have_value("0")
+        expect(page.locator("#gpu-mem")).to_contain_text("No worker reports a GPU")
 
         # a preset for a 0.5B model, then the tiny model's paths and a CPU-sized run
         set_field(page, "cfg-base_model", "models/tiny")
@@ -95,6 +100,7 @@ def test_serve_end_to_end(serve):
         page.locator("#apply-preset").click()
         expect(field(page, "cfg-rope_2d_ratio")).to_have_value("0.35")
         expect(page.locator("#estimate-md")).to_contain_text("Estimated peak")
+        expect(page.locator("#estimate-md")).to_contain_text("No GPU worker online")
         for elem_id, value in (("cfg-max_seq_len", 64), ("cfg-batch_size", 2), ("cfg-accumulation_steps", 1),
                                ("cfg-max_steps", 30), ("job-gpus", 0)):
             set_field(page, elem_id, value)

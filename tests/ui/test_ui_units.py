@@ -265,3 +265,37 @@ def test_demo_paths_named_by_the_form_are_the_ones_serve_creates():
     from ui.tabs.submit import DEMO_DATA as UI_DEMO_DATA, DEMO_MODEL as UI_DEMO_MODEL
 
     assert (UI_DEMO_MODEL, UI_DEMO_DATA) == (DEMO_MODEL, DEMO_DATA)
+
+
+CPU_WORKER = {"id": 1, "name": "box-local", "gpus": [], "online": True}
+GPU_WORKER = {"id": 2, "name": "gpu-box", "gpus": [{"index": i, "name": "H100", "memory_gb": 80.0} for i in range(2)],
+              "online": True}
+
+
+def test_what_the_workers_mean_for_a_job():
+    from ui.workers import capacity_warning, cpu_only, gpu_worker_online
+
+    assert cpu_only([CPU_WORKER]) and not cpu_only([CPU_WORKER, GPU_WORKER])
+    assert not cpu_only([])  # nothing registered yet: nothing to conclude
+    assert not gpu_worker_online([CPU_WORKER, {**GPU_WORKER, "online": False}])
+    assert capacity_warning([CPU_WORKER], gpus=0) is None
+    assert "No online worker has 1 GPU (the most is 0)" in capacity_warning([CPU_WORKER], gpus=1)
+    assert capacity_warning([CPU_WORKER, GPU_WORKER], gpus=2) is None
+    assert "the most is 2" in capacity_warning([GPU_WORKER], gpus=4)
+    assert "No online worker has" in capacity_warning([CPU_WORKER, {**GPU_WORKER, "online": False}], gpus=1)
+    assert "No worker is online" in capacity_warning([], gpus=0)
+    assert "spans 2 workers" in capacity_warning([CPU_WORKER, GPU_WORKER], gpus=1, nodes=2)
+
+
+def test_memory_panel_on_a_cpu_only_setup_says_no_gpu_worker_is_online():
+    from ui.tabs.memory import DEFAULT_GPU_MEM_GB, estimate_markdown, gpu_mem_update
+
+    est = vram.estimate(TrainConfig(base_model="0.5B", data_path="d"), DEFAULT_GPU_MEM_GB)
+    assert est["fits"]
+    cpu_text = estimate_markdown(est, gpu_worker_online=False)
+    assert "No GPU worker online" in cpu_text and "would fit a GPU of 80 GB" in cpu_text
+    assert ": fits" not in cpu_text
+    assert "No GPU worker" not in estimate_markdown(est) and ": fits" in estimate_markdown(est)
+    update = gpu_mem_update([CPU_WORKER])
+    assert update["value"] == DEFAULT_GPU_MEM_GB and "No worker reports a GPU" in update["info"]
+    assert gpu_mem_update([CPU_WORKER, GPU_WORKER])["value"] == 80.0

@@ -14,10 +14,12 @@ from trainer_core import vram
 from ui.api import ApiClient, ApiError
 from ui.context import UiContext
 from ui.form import ConfigForm, validate
+from ui.workers import gpu_worker_online, known_workers, largest_gpu_gb
 
 FORM_MODEL = "base_model of the form"
 SIZES = ["0.5B", "1.5B", "3B", "7B"]
 DEFAULT_GPU_MEM_GB = 80.0
+GPU_MEM_INFO = "Default: the largest GPU the workers report."
 # The presets table shows the presets side by side, a column each, with the settings as rows: three
 # columns fit beside the form, where a column per setting (eleven) squeezed the headers letter by letter
 # and pushed peak and fits off-screen. The verdict rows come first.
@@ -40,9 +42,16 @@ class MemoryPanel:
 
 def worker_gpu_mem(client: ApiClient) -> float | None:
     """Largest GPU the registered workers report (GB), or None without GPU workers."""
-    sizes = [float(g.get("memory_gb") or 0) for w in client.workers() for g in (w.get("gpus") or [])]
-    sizes = [s for s in sizes if s > 0]
-    return max(sizes) if sizes else None
+    return largest_gpu_gb(client.workers())
+
+
+def gpu_mem_update(workers: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """The GPU size field after login: the largest GPU the workers report, else the default, saying so."""
+    size = largest_gpu_gb(workers or [])
+    if size is not None:
+        return gr.update(value=size, info=GPU_MEM_INFO)
+    why = "No worker reports a GPU" if workers else "No worker is registered"
+    return gr.update(value=DEFAULT_GPU_MEM_GB, info=f"{why}: {DEFAULT_GPU_MEM_GB:g} GB assumed; set yours.")
 
 
 def measured_peaks(client: ApiClient) -> list[dict[str, Any]]:
@@ -70,13 +79,25 @@ def _positive_int(text: Any) -> int | None:
     return value if value > 0 else None
 
 
-def estimate_markdown(est: dict[str, Any]) -> str:
-    parts = est["breakdown_gb"]
-    share = est["peak_gb"] / est["gpu_mem_gb"] if est["gpu_mem_gb"] else 0
+def estimate_headline(est: dict[str, Any], gpu_worker_online: bool = True) -> list[str]:
+    """The verdict; without a GPU worker online the estimate is for a GPU that may never come, and says so
+    rather than a plain "fits"."""
+    peak, size = est["peak_gb"], est["gpu_mem_gb"]
+    if not gpu_worker_online:
+        verdict = "would fit" if est["fits"] else "would **not** fit"
+        return [f"### ℹ Estimated peak {peak:.1f} GB: {verdict} a GPU of {size:g} GB",
+                f"**No GPU worker online**: this is the estimate for a GPU of {size:g} GB (*GPU memory* above). "
+                "A CPU job (`gpus` 0) does not use GPU memory."]
+    share = peak / size if size else 0
     verdict = "fits" if est["fits"] else "**does not fit**"
     icon = "✔" if est["fits"] and not est["warnings"] else ("⚠" if est["fits"] else "✖")
-    lines = [f"### {icon} Estimated peak {est['peak_gb']:.1f} GB of {est['gpu_mem_gb']:g} GB ({share:.0%}): {verdict}",
-             "", "| part | GB |", "|---|---:|"]
+    return [f"### {icon} Estimated peak {peak:.1f} GB of {size:g} GB ({share:.0%}): {verdict}"]
+
+
+def estimate_markdown(est: dict[str, Any], gpu_worker_online: bool = True) -> str:
+    parts = est["breakdown_gb"]
+    lines = estimate_headline(est, gpu_worker_online)
+    lines += ["", "| part | GB |", "|---|---:|"]
     labels = {"weights": "model weights", "lora_state": "LoRA + grads + AdamW", "activations": "activations",
               "logits": "logits (loss chunk)", "overhead": "CUDA context + allocator slack"}
     lines += [f"| {labels.get(k, k)} | {v:.2f} |" for k, v in parts.items()]
@@ -99,7 +120,7 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
     gr.Markdown("#### GPU memory")
     with gr.Row():
         gpu_mem = gr.Number(value=DEFAULT_GPU_MEM_GB, label="GPU memory (GB)", minimum=1, elem_id="gpu-mem",
-                            info="Default: the largest GPU the workers report.")
+                            info=GPU_MEM_INFO)
         model = gr.Dropdown(choices=[FORM_MODEL] + SIZES, value=FORM_MODEL, label="Model for presets",
                             allow_custom_value=True, elem_id="preset-model")
     tokens_per_text = gr.Textbox(value="", label="typical tokens per text", max_lines=1,
@@ -156,7 +177,8 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
                                   measured_peaks(client), _positive_int(tokens))
         except ApiError as e:
             return f"Cannot estimate: {e}"
-        return estimate_markdown(est)
+        workers = known_workers(client)
+        return estimate_markdown(est, gpu_worker_online=workers is None or gpu_worker_online(workers))
 
     def auto_estimate(session, gpu_mem_gb, tokens, *form_args):
         """The estimate follows the form: re-run on every change, quietly while the form is incomplete."""
@@ -176,9 +198,3 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
     return MemoryPanel(gpu_mem, model, tokens_per_text, presets_button, presets_table, preset_choice,
                        apply_button, estimate_button, estimate_md, presets_state)
 
-
-def default_gpu_mem(client: ApiClient) -> float:
-    try:
-        return worker_gpu_mem(client) or DEFAULT_GPU_MEM_GB
-    except ApiError:
-        return DEFAULT_GPU_MEM_GB

@@ -14,6 +14,7 @@ from ui.api import ApiError
 from ui.context import UiContext, scratch_file
 from ui.form import ConfigForm, build_config_form, from_yaml, job_body, to_yaml, validate
 from ui.tabs.memory import MemoryPanel, create_memory_panel
+from ui.workers import capacity_warning, known_workers
 
 # What `paratrain serve` creates in its data dir on first start (server/cli.py: DEMO_MODEL, DEMO_DATA); the
 # server takes relative paths from its data root, so these names work as they are.
@@ -87,10 +88,15 @@ def create_submit_tab(ctx: UiContext) -> SubmitTab:
         if config is None:
             return f"✖ Fix the form first: {error}", gr.skip()
         try:
-            job = ctx.client(session).submit_job(job_body(values, config))
+            client = ctx.client(session)
+            job = client.submit_job(job_body(values, config))
         except ApiError as e:
             return f"✖ Not submitted: {e}", gr.skip()
-        return f"✔ Job #{job['id']} ({job.get('name') or config.name}) is {job['state']}.", job["id"]
+        message = f"✔ Job #{job['id']} ({job.get('name') or config.name}) is {job['state']}."
+        workers = known_workers(client)
+        # submitted all the same: the workers it needs may join later
+        warning = capacity_warning(workers, job["gpus"], job["nodes"]) if workers is not None else None
+        return (f"{message}\n\n⚠ {warning}" if warning else message), job["id"]
 
     def save(*form_args):
         values = form.values(form_args)
