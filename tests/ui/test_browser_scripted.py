@@ -15,6 +15,9 @@ from tests.ui.browser import (CHROMIUM, CHROMIUM_ARGS, LAPTOP, choose, curve_poi
                               require_chromium, set_field, tab, wait_for)
 
 pytestmark = pytest.mark.browser
+CRASH = ("exit code 1\nTraceback (most recent call last):\n  File \"<frozen runpy>\", line 198, in _run_module_as_main\n"
+         "  File \"/srv/trainer_core/train.py\", line 40, in main\n    batch = next(batches)\n"
+         "ValueError: line 7 has no text")
 
 
 @contextlib.contextmanager
@@ -80,7 +83,12 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         # submit: the UI switches to the Jobs tab with the new job selected
         page.locator("#submit-job").click()
         expect(page.locator("#submit-status")).to_contain_text("is queued")
+        expect(page.locator("#submit-status")).not_to_contain_text("⚠")  # the worker has the GPU it asks for
         expect(page.locator("#job-summary")).to_contain_text("Job #1", timeout=20_000)
+        # a queued job can be cancelled, not retried, and has no adapter yet
+        expect(page.locator("#cancel-job")).to_be_enabled()
+        expect(page.locator("#retry-job")).to_be_disabled()
+        expect(page.locator("#download-adapter")).to_be_disabled()
         job = scripted_worker.claim()
         assert job and job["id"] == 1
 
@@ -118,17 +126,23 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         expect(page.locator("#jobs-table")).to_contain_text("running")
         page.screenshot(path=shots / "04-after-reload.png", full_page=True)
 
-        # a second job, cancelled from the UI while queued; the form came back as it was submitted
+        # a second job, for more GPUs than any worker has: submitted with a warning, cancelled from the UI
+        # while queued; the form came back as it was submitted
         tab(page, "New job")
         expect(field(page, "cfg-data_path")).to_have_value("demo.jsonl")
         expect(field(page, "cfg-rope_2d_ratio")).to_have_value("0.65")
         page.locator("#group-output button.label-wrap").click()
         set_field(page, "cfg-name", "second")
+        set_field(page, "job-gpus", 2)
+        scripted_worker.heartbeat([1])  # online: the warning is about its one GPU, not about a lost worker
         page.locator("#submit-job").click()
+        expect(page.locator("#submit-status")).to_contain_text("No online worker has 2 GPUs (the most is 1)")
         expect(page.locator("#job-summary")).to_contain_text("Job #2")
         page.locator("#cancel-job").click()
         expect(page.locator("#job-summary")).to_contain_text("cancelled")
         expect(page.locator("#jobs-table")).to_contain_text("cancelled")
+        expect(page.locator("#cancel-job")).to_be_disabled()  # cancelling it again would be a 409
+        expect(page.locator("#retry-job")).to_be_enabled()
 
         # compare the two jobs' curves
         tab(page, "Compare")
@@ -136,11 +150,23 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         expect(page.locator("#compare-info")).to_contain_text("points")
         page.screenshot(path=shots / "05-compare.png", full_page=True)
 
+        # the first job crashes: its summary shows the traceback's cause, and it can be retried, not cancelled
+        scripted_worker.finish(1, exit_code=1, failure_class="crash", failure_reason=CRASH)
+        tab(page, "Jobs")
+        choose(page, "job-picker", "#1")
+        expect(page.locator("#job-summary")).to_contain_text("failed")
+        expect(page.locator("#job-summary")).to_contain_text("ValueError: line 7 has no text")
+        expect(page.locator("#job-summary")).to_contain_text("<frozen runpy>")
+        expect(page.locator("#cancel-job")).to_be_disabled()
+        expect(page.locator("#retry-job")).to_be_enabled()
+        expect(page.locator("#download-adapter")).to_be_disabled()
+        page.screenshot(path=shots / "06-failed-job.png", full_page=True)
+
         # dataset check of the form's data
         tab(page, "Dataset")
         page.locator("#check-dataset").click()
         expect(page.locator("#dataset-summary")).to_contain_text("records")
-        page.screenshot(path=shots / "06-dataset.png", full_page=True)
+        page.screenshot(path=shots / "07-dataset.png", full_page=True)
         stop.set()
         browser.close()
     trainer.join(timeout=5)

@@ -192,6 +192,7 @@ def test_failure_summary_shows_the_cause_at_the_end_of_a_traceback():
     # verbatim: in a code fence, so `<frozen runpy>` is not taken for an HTML tag that hides the rest
     fence_start = text.index("```")
     assert fence_start < text.index("ValueError") < text.rindex("```")
+    assert "ETA** -" in job_summary({**job, "eta_s": 104.0})  # the last report's ETA of a job that ended
     short = job_summary({**job, "failure_reason": "exit code 2\n\nbad config"})
     assert "exit code 2\nbad config" in short and "not shown" not in short
 
@@ -299,3 +300,22 @@ def test_memory_panel_on_a_cpu_only_setup_says_no_gpu_worker_is_online():
     update = gpu_mem_update([CPU_WORKER])
     assert update["value"] == DEFAULT_GPU_MEM_GB and "No worker reports a GPU" in update["info"]
     assert gpu_mem_update([CPU_WORKER, GPU_WORKER])["value"] == 80.0
+
+
+def test_job_actions_follow_the_jobs_state():
+    from ui.tabs.jobs import action_updates, job_actions
+
+    # (cancel, retry, download adapter)
+    assert job_actions({"state": "queued"}) == (True, False, False)
+    assert job_actions({"state": "running"}) == (True, False, False)
+    assert job_actions({"state": "running", "cancel_requested": True}) == (False, False, False)
+    assert job_actions({"state": "succeeded"}) == (False, False, True)  # cancelling it was a 409
+    assert job_actions({"state": "failed"}) == (False, True, False)
+    assert job_actions({"state": "cancelled"}) == (False, True, False)
+    assert [u["interactive"] for u in action_updates(None)] == [False, False, False]
+
+
+def test_jobs_table_shows_about_ten_jobs_before_it_scrolls():
+    from ui.app import build_ui
+
+    assert build_ui("http://127.0.0.1:9").jobs.table.max_height >= 10 * 35 + 40

@@ -23,6 +23,8 @@ from ui.context import UiContext, fmt_duration, fmt_number, scratch_file
 
 TABLE_COLUMNS = ["id", "name", "state", "progress", "ETA", "tokens/s", "GPU", "attempt", "loss", "peak GB"]
 LOG_TAIL_LINES = 200
+# About ten jobs before the table scrolls (a row is ~35 px); the selected job's details follow below it.
+TABLE_HEIGHT_PX = 420
 # A traceback's cause is at its end: a long failure reason shows its first line (the worker's headline,
 # e.g. "exit code 1") and its last lines.
 FAILURE_TAIL_LINES = 15
@@ -69,9 +71,14 @@ def progress_text(job: dict[str, Any]) -> str:
     return str(step) if step else ""
 
 
+def eta_text(job: dict[str, Any]) -> str:
+    """The last reported ETA, while it means something: a job that ended keeps its last report."""
+    return fmt_duration(job.get("eta_s")) if job["state"] == "running" else ""
+
+
 def table_rows(jobs: list[dict[str, Any]]) -> list[list[Any]]:
     return [[j["id"], j.get("name") or j["config"].get("name", ""), f"{STATE_ICONS.get(j['state'], '')} {j['state']}",
-             progress_text(j), fmt_duration(j.get("eta_s")) if j["state"] == "running" else "",
+             progress_text(j), eta_text(j),
              fmt_number(j.get("tokens_per_s")), gpu_text(j), f"{j.get('attempt', 1)}/{j.get('max_attempts') or '?'}",
              fmt_number(j.get("last_loss"), 4), fmt_number(j.get("peak_mem_gb"), 1)] for j in jobs]
 
@@ -80,7 +87,7 @@ def job_summary(job: dict[str, Any]) -> str:
     cfg = job.get("config", {})
     lines = [f"### Job #{job['id']} · {job.get('name') or cfg.get('name', '')} · {STATE_ICONS.get(job['state'], '')} "
              f"{job['state']}{' (cancel requested)' if job.get('cancel_requested') and job['state'] == 'running' else ''}",
-             f"**progress** {progress_text(job) or '-'} · **ETA** {fmt_duration(job.get('eta_s')) or '-'} · "
+             f"**progress** {progress_text(job) or '-'} · **ETA** {eta_text(job) or '-'} · "
              f"**tokens/s** {fmt_number(job.get('tokens_per_s')) or '-'} · **GPU** {gpu_text(job)} · "
              f"**attempt** {job.get('attempt', 1)}/{job.get('max_attempts') or '?'}",
              f"model {cfg.get('base_model', '')} · data {cfg.get('data_path', '')}"]
@@ -106,6 +113,20 @@ def code_block(text: str) -> str:
     longest = max((len(run) for run in re.findall(r"`+", text)), default=0)
     fence = "`" * max(3, longest + 1)
     return f"{fence}text\n{text}\n{fence}"
+
+
+def job_actions(job: dict[str, Any] | None) -> tuple[bool, bool, bool]:
+    """Whether Cancel, Retry and Download adapter can do anything for the job: cancel a job that has not
+    ended (and is not being cancelled), retry one that failed or was cancelled, download the adapter a
+    job writes when it succeeds."""
+    state = (job or {}).get("state")
+    can_cancel = state == "queued" or (state == "running" and not job.get("cancel_requested"))
+    return can_cancel, state in ("failed", "cancelled"), state == "succeeded"
+
+
+def action_updates(job: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The three buttons enabled as `job_actions` says (all off when no job is selected)."""
+    return [gr.update(interactive=enabled) for enabled in job_actions(job)]
 
 
 def parse_job_id(value: Any) -> int | None:
@@ -178,16 +199,17 @@ def curve_text(watch: dict[str, Any]) -> str:
 def create_jobs_tab(ctx: UiContext) -> JobsTab:
     table_ids = gr.State([])
     watch = gr.State(empty_watch())
-    table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, wrap=True, max_height=220,
+    table = gr.Dataframe(headers=TABLE_COLUMNS, interactive=False, wrap=True, max_height=TABLE_HEIGHT_PX,
                          label="Jobs (newest first; click a row to open it)", elem_id="jobs-table")
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=380):
             picker = gr.Dropdown(choices=[], value=None, label="Selected job", elem_id="job-picker")
             summary = gr.Markdown(elem_id="job-summary")
             with gr.Row():
-                cancel_button = gr.Button("Cancel", variant="stop", size="sm", elem_id="cancel-job")
-                retry_button = gr.Button("Retry", size="sm", elem_id="retry-job")
-                download_button = gr.Button("Download adapter", size="sm", elem_id="download-adapter")
+                cancel_button = gr.Button("Cancel", variant="stop", size="sm", interactive=False, elem_id="cancel-job")
+                retry_button = gr.Button("Retry", size="sm", interactive=False, elem_id="retry-job")
+                download_button = gr.Button("Download adapter", size="sm", interactive=False,
+                                            elem_id="download-adapter")
             adapter_file = gr.File(label="Adapter", visible=False, interactive=False, elem_id="adapter-file")
             log_tail = gr.HTML(label="Log tail", elem_id="log-tail")
         with gr.Column(scale=3, min_width=420):
@@ -211,19 +233,22 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         fresh = empty_watch()
         job_id = parse_job_id(job_id)
         if job_id is None or not (session or {}).get("token"):
-            return fresh, "", "", curve_frame([], "loss"), curve_frame([], "lr"), "", gr.update(visible=False)
+            return (fresh, "", "", curve_frame([], "loss"), curve_frame([], "lr"), "", gr.update(visible=False),
+                    *action_updates(None))
         fresh["job_id"] = job_id
         try:
             client = ctx.client(session)
             job = client.get_job(fresh["job_id"])
             fetch_new(client, fresh)
         except ApiError as e:
-            return fresh, f"Cannot load job #{job_id}: {e}", "", gr.skip(), gr.skip(), "", gr.update(visible=False)
+            return (fresh, f"Cannot load job #{job_id}: {e}", "", gr.skip(), gr.skip(), "", gr.update(visible=False),
+                    *action_updates(None))
         return (fresh, job_summary(job), curve_text(fresh), curve_frame(fresh["points"], "loss"),
-                curve_frame(fresh["points"], "lr"), log_html(fresh["log_lines"]), gr.update(visible=False))
+                curve_frame(fresh["points"], "lr"), log_html(fresh["log_lines"]), gr.update(visible=False),
+                *action_updates(job))
 
     def poll(session, current, selected):
-        skip = (gr.skip(),) * 6
+        skip = (gr.skip(),) * 9
         if not current or current.get("job_id") is None or not (session or {}).get("token"):
             return skip
         if parse_job_id(selected) != current["job_id"]:  # a new selection is loading: leave it alone
@@ -241,7 +266,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
                 curve_text(current) if new_points else gr.skip(),
                 curve_frame(current["points"], "loss") if new_points else gr.skip(),
                 curve_frame(current["points"], "lr") if new_points else gr.skip(),
-                log_html(current["log_lines"]) if new_lines else gr.skip())
+                log_html(current["log_lines"]) if new_lines else gr.skip(), *action_updates(job))
 
     def pick_row(ids, evt: gr.SelectData):
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
@@ -252,9 +277,9 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             job = ctx.client(session).cancel_job(current["job_id"])
         except (ApiError, TypeError, KeyError) as e:
             gr.Warning(f"Cancel failed: {e}")
-            return gr.skip()
+            return (gr.skip(),) * 4
         gr.Info(f"Job #{job['id']}: cancel {'requested' if job['state'] == 'running' else 'done'}.")
-        return job_summary(job)
+        return job_summary(job), *action_updates(job)
 
     def retry(session, current):
         try:
@@ -281,12 +306,13 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             return gr.update(visible=False)
         return gr.update(value=target, visible=True)
 
+    actions = [cancel_button, retry_button, download_button]
     view = [watch, summary, curve_info, loss_plot, lr_plot, log_tail]
     refresh_timer.tick(refresh, ctx.session, [table, table_ids, picker], queue=False, show_progress="hidden")
-    poll_timer.tick(poll, [ctx.session, watch, picker], view, queue=False, show_progress="hidden")
-    picker.change(select, [ctx.session, picker], view + [adapter_file], show_progress="hidden")
+    poll_timer.tick(poll, [ctx.session, watch, picker], view + actions, queue=False, show_progress="hidden")
+    picker.change(select, [ctx.session, picker], view + [adapter_file] + actions, show_progress="hidden")
     table.select(pick_row, table_ids, picker, queue=False)
-    cancel_button.click(cancel, [ctx.session, watch], summary)
+    cancel_button.click(cancel, [ctx.session, watch], [summary] + actions)
     retry_button.click(retry, [ctx.session, watch], picker)
     download_button.click(download, [ctx.session, watch], adapter_file)
     return JobsTab(table, table_ids, picker, refresh_timer, poll_timer, summary, curve_info, loss_plot, lr_plot,
