@@ -56,6 +56,8 @@ def component_for(name: str, info: Any, placeholder: str | None = None) -> gr.co
     help_text = info.description or ""
     if optional:
         help_text += " (optional: leave empty)"
+    elif info.is_required():
+        help_text += " (required)"
     common = {"label": name, "info": help_text, "elem_id": f"cfg-{name}"}
     if optional and kind in (int, float):
         # gr.Number cannot be empty (it shows and sends 0), so an unset number is an empty textbox

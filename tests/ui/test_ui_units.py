@@ -33,6 +33,7 @@ def test_form_is_derived_from_train_config():
     # the demo `paratrain serve` creates, named where the form starts empty
     assert "models/tiny-qwen2" in fields["base_model"].placeholder
     assert "datasets/demo.jsonl" in fields["data_path"].placeholder
+    assert "(required)" in fields["data_path"].info and "(required)" not in fields["lora_rank"].info
     # groups are rendered as the schema groups them, under the guide's titles
     config = ui.blocks.get_config_file()
     labels = {c["props"].get("label") for c in config["components"] if c["type"] == "accordion"}

@@ -20,8 +20,8 @@ from ui.workers import capacity_warning, known_workers
 # server takes relative paths from its data root, so these names work as they are.
 DEMO_MODEL = "models/tiny-qwen2"
 DEMO_DATA = "datasets/demo.jsonl"
-PLACEHOLDERS = {"base_model": f"required, e.g. {DEMO_MODEL} (the demo)",
-                "data_path": f"required, e.g. {DEMO_DATA} (the demo)"}
+# short: the whole example must fit the narrow input; the field's help says it is required
+PLACEHOLDERS = {"base_model": f"e.g. {DEMO_MODEL}", "data_path": f"e.g. {DEMO_DATA}"}
 
 
 @dataclass
