@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, field_validator
 from sqlalchemy import JSON, BigInteger, Column, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
@@ -77,7 +77,14 @@ class EventKind(str, Enum):
 
 # --- jobs ------------------------------------------------------------------------------------------
 
-class JobCreate(BaseModel):
+class RequestBody(BaseModel):
+    """A body a user writes: a misspelled key is an error rather than a silently dropped option (as in
+    TrainConfig), and NaN/Infinity are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class JobCreate(RequestBody):
     """What a client submits. `config` is validated by TrainConfig (unknown keys are errors)."""
 
     config: TrainConfig

@@ -22,6 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 # (8192 cost ~6 GB at the quick-start shape, a third of the 16 GB budget); one chunk is still a large matmul.
 CE_CHUNK_TOKENS = 2048
 
+# Upper bounds: far beyond any real run, low enough that no count overflows a tensor or a loop runs for
+# hours before the first step, so a typo fails validation instead of a job.
+MAX_POSITION = 1 << 20       # tokens per branch or row, and the branch coordinate step
+MAX_BRANCHES = 1024          # texts per sample
+MAX_COUNT = 1 << 16          # batch size, accumulation steps
+MAX_STEPS = 1_000_000_000    # optimiser steps, log and save intervals
+
 # Groups as the guide groups its flags ("model", "data", "training") plus where outputs go.
 GROUPS = ("model", "data", "training", "output")
 
@@ -33,7 +40,9 @@ def _field(default: Any, help: str, group: str, **kw: Any) -> Any:
 class TrainConfig(BaseModel):
     """Parameters of one parallel-branch LoRA training run (flag names are the guide's)."""
 
-    model_config = ConfigDict(extra="forbid")  # a misspelled key is an error, never a silent default
+    # A misspelled key is an error, never a silent default; NaN/Infinity are refused (JSON cannot carry
+    # them back to the worker, and no parameter means anything at infinity).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # --- model ---------------------------------------------------------------------------------
     base_model: str = _field(..., "HuggingFace model directory (a local path; nothing is downloaded).", "model",
@@ -47,7 +56,8 @@ class TrainConfig(BaseModel):
     rope_2d_ratio: float = _field(
         0.5, "Share of rotary frequency pairs (the lowest) that encode 2D (branch, time) positions. "
         "0 = stock model. Guide: many short branches 0.6-0.7, few long branches 0.3-0.4.", "model", ge=0.0, le=1.0)
-    branch_stride: int = _field(128, "Branch coordinate step between consecutive branches.", "model", ge=1)
+    branch_stride: int = _field(128, "Branch coordinate step between consecutive branches.", "model", ge=1,
+                                le=MAX_POSITION)
     gradient_checkpointing: bool = _field(False, "Recompute activations in backward to save memory.", "model")
     compile: bool = _field(False, "torch.compile each decoder layer (fuses the element-wise work between the "
                            "matmuls); the first steps are slow while it compiles.", "model")
@@ -59,39 +69,45 @@ class TrainConfig(BaseModel):
     # --- data ----------------------------------------------------------------------------------
     data_path: str = _field(..., "Parallel JSONL file: {\"main\", \"branches\"} or {\"text\"} per line.", "data",
                             min_length=1)
-    max_seq_len: int = _field(1024, "Each branch (and the main) is truncated to this many tokens.", "data", ge=1)
+    max_seq_len: int = _field(1024, "Each branch (and the main) is truncated to this many tokens.", "data", ge=1,
+                             le=MAX_POSITION)
     branches_per_sample: int = _field(8, "Fixed number of consecutive text records grouped into one sample.",
-                                      "data", ge=1)
+                                      "data", ge=1, le=MAX_BRANCHES)
     max_branches_per_sample: int | None = _field(
-        None, "Dynamic grouping: a random count in [min, max] text records per sample.", "data", ge=1)
-    min_branches_per_sample: int = _field(1, "Lower bound of the dynamic branch count.", "data", ge=1)
+        None, "Dynamic grouping: a random count in [min, max] text records per sample.", "data", ge=1,
+        le=MAX_BRANCHES)
+    min_branches_per_sample: int = _field(1, "Lower bound of the dynamic branch count.", "data", ge=1,
+                                         le=MAX_BRANCHES)
     batch_by_samples: bool = _field(False, "batch_size counts samples (otherwise it counts texts/branches).", "data")
     tokens_per_row: int = _field(
         16384, "Samples of a step are packed into rows of at most this many tokens (no padding to the "
-        "longest sample).", "data", ge=16)
+        "longest sample).", "data", ge=16, le=MAX_POSITION)
 
     # --- training ------------------------------------------------------------------------------
-    epochs: int = _field(3, "Passes over the data.", "training", ge=1)
-    batch_size: int = _field(16, "Per-device batch: samples with --batch_by_samples, else texts.", "training", ge=1)
-    learning_rate: float = _field(1e-4, "Peak AdamW learning rate (warmup, then cosine decay).", "training", gt=0)
+    epochs: int = _field(3, "Passes over the data.", "training", ge=1, le=1000)
+    batch_size: int = _field(16, "Per-device batch: samples with --batch_by_samples, else texts.", "training", ge=1,
+                             le=MAX_COUNT)
+    learning_rate: float = _field(1e-4, "Peak AdamW learning rate (warmup, then cosine decay).", "training", gt=0,
+                                  le=1.0)
     warmup_ratio: float = _field(0.05, "Share of optimiser steps spent warming up.", "training", ge=0.0, le=1.0)
     weight_decay: float = _field(0.0, "AdamW weight decay.", "training", ge=0.0)
     max_grad_norm: float = _field(1.0, "Gradient-norm clipping threshold.", "training", gt=0)
-    accumulation_steps: int = _field(1, "Micro-batches per optimiser step.", "training", ge=1)
+    accumulation_steps: int = _field(1, "Micro-batches per optimiser step.", "training", ge=1, le=MAX_COUNT)
     max_steps: int | None = _field(None, "Stop after this many optimiser steps (empty: run all epochs).",
-                                   "training", ge=1)
+                                   "training", ge=1, le=MAX_STEPS)
     dtype: Literal["bfloat16", "float16", "float32"] = _field(
         "bfloat16", "Training precision on CUDA (CPU runs always use float32).", "training")
     ddp: bool = _field(False, "Distributed data parallel under torchrun (NCCL on CUDA, gloo on CPU).", "training")
-    seed: int = _field(42, "Seed for data order, branch grouping and LoRA init.", "training")
+    seed: int = _field(42, "Seed for data order, branch grouping and LoRA init.", "training", ge=0, le=2**32 - 1)
 
     # --- output --------------------------------------------------------------------------------
     output_dir: str = _field("out", "Where lora/, adapter/, checkpoints/ and metrics.jsonl go.", "output",
                              min_length=1)
     name: str = _field("paratrain", "Run name used in out/lora/{name}_{model}.pth.", "output",
                        min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
-    log_interval: int = _field(1, "Log metrics every N optimiser steps.", "output", ge=1)
-    save_interval: int = _field(50, "Save a resumable checkpoint every N optimiser steps.", "output", ge=1)
+    log_interval: int = _field(1, "Log metrics every N optimiser steps.", "output", ge=1, le=MAX_STEPS)
+    save_interval: int = _field(50, "Save a resumable checkpoint every N optimiser steps.", "output", ge=1,
+                                le=MAX_STEPS)
     resume: bool = _field(True, "Continue from the newest checkpoint in output_dir when there is one.", "output")
 
     @field_validator("*", mode="after")

@@ -30,7 +30,8 @@ CACHE_VERSION = "1"
 
 
 class DataError(ValueError):
-    """Bad dataset: `lines` are `FILE:LINE: what is wrong` messages, ready to show a user."""
+    """Bad input (the dataset, the model directory, a config this model cannot take): `lines` are
+    `FILE:LINE: what is wrong` or `--flag value: what is wrong` messages, ready to show a user."""
 
     def __init__(self, lines: list[str]):
         super().__init__("\n".join(lines))
@@ -384,6 +385,17 @@ def rank_batches(batches: list[np.ndarray], rank: int, world: int) -> list[np.nd
 def steps_in_epoch(samples: SampleIndex, cfg: TrainConfig, world: int, epoch: int) -> int:
     """Optimiser steps of one epoch (text batching makes it vary a little between epochs)."""
     return len(rank_batches(epoch_batches(samples, cfg, epoch), 0, world)) // cfg.accumulation_steps
+
+
+def total_optimizer_steps(samples: SampleIndex, cfg: TrainConfig, world: int) -> int:
+    """Optimiser steps of the run: every epoch, or max_steps if that comes first (epochs are counted only
+    until it does, so a large --epochs with --max_steps starts at once)."""
+    total = 0
+    for epoch in range(cfg.epochs):
+        total += steps_in_epoch(samples, cfg, world, epoch)
+        if cfg.max_steps is not None and total >= cfg.max_steps:
+            return cfg.max_steps
+    return total
 
 
 def collate_batch(ds: TokenizedDataset, samples: SampleIndex, batch: np.ndarray, cfg: TrainConfig,

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from trainer_core import checkpoint as ckpt
 from trainer_core.config import TrainConfig
 from trainer_core.data import (DataError, build_samples, collate_batch, epoch_batches, open_tokens,
-                               prepare_tokens, rank_batches, steps_in_epoch)
+                               prepare_tokens, rank_batches, total_optimizer_steps)
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
                                compute_init, gather_objects, print0)
 from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, hidden_states, lora_state_dict,
@@ -136,8 +136,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     t_start = time.time()
     out_dir = Path(cfg.output_dir)
     ds, samples = prepare_data(cfg, env)
-    per_epoch = [steps_in_epoch(samples, cfg, env.world_size, e) for e in range(cfg.epochs)]
-    total_steps = sum(per_epoch) if cfg.max_steps is None else min(sum(per_epoch), cfg.max_steps)
+    total_steps = total_optimizer_steps(samples, cfg, env.world_size)
     if total_steps == 0:
         raise DataError([f"{cfg.data_path}: {len(samples)} samples make no full optimiser step with batch_size "
                          f"{cfg.batch_size} x accumulation_steps {cfg.accumulation_steps} x {env.world_size} ranks"])
@@ -199,7 +198,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     while step < total_steps and epoch < cfg.epochs:
         batches = rank_batches(epoch_batches(samples, cfg, epoch), env.rank, env.world_size)
         first = start_epoch_step if epoch == start_epoch else 0
-        for epoch_step in range(first, per_epoch[epoch]):
+        steps_this_epoch = len(batches) // cfg.accumulation_steps   # the same on every rank (rank_batches)
+        for epoch_step in range(first, steps_this_epoch):
             t0 = time.time()
             micro = [collate_batch(ds, samples, b, cfg, dense_attention)
                      for b in batches[epoch_step * cfg.accumulation_steps:(epoch_step + 1) * cfg.accumulation_steps]]
@@ -235,7 +235,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
 
             stopping = any_rank(env, stop.requested)
             if stopping or step % cfg.save_interval == 0 or step == total_steps:
-                done_epoch = epoch_step + 1 == per_epoch[epoch]
+                done_epoch = epoch_step + 1 == steps_this_epoch
                 save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else epoch_step + 1)
             if stopping:
                 print0(env, f"stop requested: checkpoint saved at step {step}; rerun the same command to resume")

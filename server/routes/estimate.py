@@ -8,10 +8,11 @@ from types import ModuleType
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from server.deps import SettingsDep, UserAuth
 from server.errors import FieldError
+from server.models import RequestBody
 from server.paths import confine, is_dir
 from server.settings import Settings
 from trainer_core.config import TrainConfig
@@ -19,7 +20,7 @@ from trainer_core.config import TrainConfig
 router = APIRouter(tags=["estimate"], dependencies=[UserAuth])
 
 
-class MeasuredPeak(BaseModel):
+class MeasuredPeak(RequestBody):
     """A job that ran on a GPU and its recorded peak: calibrates the estimate (trainer_core.vram)."""
 
     config: dict[str, Any]
@@ -27,7 +28,7 @@ class MeasuredPeak(BaseModel):
     tokens_per_text: int | None = Field(None, ge=1)
 
 
-class EstimateRequest(BaseModel):
+class EstimateRequest(RequestBody):
     config: TrainConfig
     gpu_mem_gb: float = Field(80.0, gt=0, le=4096)
     measured: list[MeasuredPeak] | None = Field(None, max_length=1000)
@@ -63,7 +64,7 @@ def estimate(body: EstimateRequest, settings: SettingsDep) -> dict[str, Any]:
 
 
 @router.get("/presets")
-def presets(settings: SettingsDep, gpu_mem_gb: Annotated[float, Query(gt=0, le=4096)] = 80.0,
+def presets(settings: SettingsDep, gpu_mem_gb: Annotated[float, Query(gt=0, le=4096, allow_inf_nan=False)] = 80.0,
             model: Annotated[str, Query(min_length=1, max_length=500)] = "0.5B") -> list[dict[str, Any]]:
     vram = _vram()
     try:

@@ -98,3 +98,18 @@ def test_ranks_get_disjoint_equal_shards(tmp_path, tiny_model_dir):
     for b in epoch_batches(s2, c2, 0)[:-1]:
         texts = sum(s2.num_branches(int(i)) for i in b)
         assert 5 <= texts < 5 + 3
+
+
+def test_total_steps_counts_epochs_only_until_max_steps(tmp_path, tiny_model_dir, monkeypatch):
+    """A run of --epochs 1000 --max_steps 2 must not shuffle 1000 epochs before its first step."""
+    f = write(tmp_path / "d.jsonl", [{"text": f"t {i}"} for i in range(12)])
+    c = cfg(tiny_model_dir, f, branches_per_sample=1, batch_size=2, batch_by_samples=True, epochs=1000)
+    s = build_samples(load_or_tokenize(c.data_path, c.base_model, c.max_seq_len), c)
+    epochs_counted = []
+    counted = data.steps_in_epoch
+    monkeypatch.setattr(data, "steps_in_epoch", lambda *a: epochs_counted.append(a[-1]) or counted(*a))
+    assert data.total_optimizer_steps(s, c.model_copy(update={"max_steps": 8}), world=1) == 8
+    assert epochs_counted == [0, 1]   # 6 steps per epoch: the second epoch reaches 8
+    epochs_counted.clear()
+    assert data.total_optimizer_steps(s, c.model_copy(update={"epochs": 3}), world=2) == 3 * 3
+    assert epochs_counted == [0, 1, 2]
