@@ -76,6 +76,7 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     (data_dir / "datasets").mkdir(parents=True)
     (data_dir / "datasets" / "bench.jsonl").write_text('{"main": "m", "branches": ["a", "b"]}\n')
     (data_dir / "models" / "bench-model").mkdir(parents=True)
+    (data_dir / "models" / "bench-model" / "config.json").write_text("{}")   # the server checks it is a model
     port = _free_port()
     env = {**os.environ, "PARATRAIN_DATA_DIR": str(data_dir), "PARATRAIN_MOUNT_UI": "false"}
     server = subprocess.Popen([sys.executable, "-m", "uvicorn", "--factory", "server.main:create_app",

@@ -16,7 +16,7 @@ from sqlalchemy import delete, func, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from server.errors import Conflict, FieldError, NotFound
+from server.errors import Conflict, FieldError, NotFound, StaleConfig
 from server.models import (
     ALLOWED_TRANSITIONS,
     FINAL_STATES,
@@ -41,7 +41,7 @@ from server.models import (
 )
 from server.paths import confine, is_dir, is_file
 from server.settings import Settings
-from trainer_core.config import TrainConfig
+from trainer_core.config import TrainConfig, format_validation_error
 from worker.command import Rendezvous, placeholder_rendezvous
 
 SERVER_LOG_ATTEMPT = 0  # log lines written by the server itself (re-queues, releases)
@@ -90,8 +90,16 @@ def list_events(*, session: Session, job_id: int, after: int, limit: int = 500) 
 
 # --- jobs ------------------------------------------------------------------------------------------
 
-def _resolve_config(config: TrainConfig, *, settings: Settings, job_id: int) -> TrainConfig:
-    """Paths made absolute and confined to the roots; output_dir is the server's choice."""
+def stored_config(job: Job) -> TrainConfig:
+    """The job's config as the trainer will read it; StaleConfig (409) when today's schema refuses it."""
+    try:
+        return TrainConfig(**job.config)
+    except ValidationError as e:
+        raise StaleConfig(f"job {job.id}'s stored config is no longer valid: {format_validation_error(e)}") from None
+
+
+def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str) -> TrainConfig:
+    """Paths made absolute and confined to the roots; output_dir is the server's choice (jobs/ID/out)."""
     assert settings.data_root is not None
     try:
         data_path = confine(config.data_path, roots=settings.read_roots, base=settings.data_root)
@@ -106,6 +114,9 @@ def _resolve_config(config: TrainConfig, *, settings: Settings, job_id: int) -> 
     if not is_dir(base_model):
         raise FieldError(("body", "config", "base_model"),
                          f"{config.base_model!r}: no such model directory under the data root")
+    if not is_file(base_model / "config.json"):
+        raise FieldError(("body", "config", "base_model"),
+                         f"{config.base_model!r}: not a HuggingFace model directory (it has no config.json)")
     output_dir = settings.jobs_dir / str(job_id) / "out"
     return config.model_copy(update={"data_path": str(data_path), "base_model": str(base_model),
                                      "output_dir": str(output_dir)})
@@ -127,7 +138,7 @@ def create_job(*, session: Session, job_create: JobCreate, settings: Settings, r
     session.add(job)
     session.flush()  # the id names the output dir
     assert job.id is not None
-    job.config = _resolve_config(job_create.config, settings=settings, job_id=job.id).model_dump()
+    job.config = resolve_config(job_create.config, settings=settings, job_id=job.id).model_dump()
     _emit_state(session, job)
     return job
 
@@ -172,10 +183,13 @@ def retry_job(*, session: Session, job_id: int, settings: Settings) -> Job:
     old = get_job(session=session, job_id=job_id)
     if old.state not in FINAL_STATES:
         raise Conflict(f"job {job_id} is {old.state.value}; only a finished job can be retried")
+    if old.state == JobState.succeeded:  # a retry resumes from the last checkpoint: here the end of training
+        raise Conflict(f"job {job_id} succeeded: there is nothing to resume; submit its config as a new job "
+                       "to train again")
     try:
         config = TrainConfig(**{**old.config, "resume": True})
     except ValidationError as e:  # the schema changed since the job was made
-        raise Conflict(f"job {job_id}'s config is no longer valid: {e}") from None
+        raise StaleConfig(f"job {job_id}'s config is no longer valid: {format_validation_error(e)}") from None
     job_create = JobCreate(config=config, gpus=old.gpus, nproc=old.nproc if old.gpus == 0 else None,
                            nodes=old.nodes, priority=old.priority, max_attempts=old.max_attempts)
     job = create_job(session=session, job_create=job_create, settings=settings, retry_of=old.id)

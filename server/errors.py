@@ -12,6 +12,10 @@ class Conflict(Exception):
     """The request is valid but the resource's state forbids it (409)."""
 
 
+class StaleConfig(Conflict):
+    """A job's stored config fails today's TrainConfig (stored by an older, looser server)."""
+
+
 class FieldError(Exception):
     """Bad input that pydantic could not see (a path outside the roots, a missing file): 422 naming the field."""
 

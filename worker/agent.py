@@ -164,12 +164,22 @@ class Agent:
         self._start(claim)  # and claim again on the next turn: more may fit
 
     def _start(self, claim: dict[str, Any]) -> None:
-        from trainer_core.config import TrainConfig
+        from pydantic import ValidationError
+
+        from trainer_core.config import TrainConfig, format_validation_error
 
         job = claim["job"]
         gpu_ids: list[int] = claim["gpu_ids"]
         rendezvous = Rendezvous(**claim["rendezvous"]) if claim.get("rendezvous") else None
-        argv = trainer_argv(TrainConfig(**job["config"]), nproc=job["nproc"], rendezvous=rendezvous,
+        try:
+            config = TrainConfig(**job["config"])
+        except ValidationError as e:  # stored by a server whose schema differs from ours: that job fails, not the worker
+            reason = f"this worker cannot run the stored config: {format_validation_error(e)}"
+            log.error("job %s: %s", job["id"], reason)
+            self._finish(JobRun(job_id=job["id"], attempt=job["attempt"], gpu_ids=gpu_ids, argv=[], env={}),
+                         Outcome(2, "data", reason))
+            return
+        argv = trainer_argv(config, nproc=job["nproc"], rendezvous=rendezvous,
                             trainer=self.settings.trainer, use_torchrun=self.settings.use_torchrun)
         env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         env.update({

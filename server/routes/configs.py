@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
+from server import crud
 from server.deps import SettingsDep, UserAuth
 from server.errors import FieldError
 from server.models import CommandPublic, JobCreate
@@ -45,8 +46,11 @@ def config_schema() -> dict[str, Any]:
 
 
 @router.post("/command-preview", response_model=CommandPublic)
-def command_preview(job_in: JobCreate) -> CommandPublic:
-    return CommandPublic(argv=trainer_argv(job_in.config, nproc=job_in.procs_per_node,
+def command_preview(job_in: JobCreate, settings: SettingsDep) -> CommandPublic:
+    """The command a worker would run for this job: paths checked and resolved as on submit; the job's
+    id, unknown until then, is `ID` in its output directory."""
+    config = crud.resolve_config(job_in.config, settings=settings, job_id="ID")
+    return CommandPublic(argv=trainer_argv(config, nproc=job_in.procs_per_node,
                                            rendezvous=placeholder_rendezvous(job_in.nodes)))
 
 

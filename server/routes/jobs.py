@@ -26,7 +26,6 @@ from server.models import (
     MetricsPublic,
 )
 from server.paths import safe_child
-from trainer_core.config import TrainConfig
 from worker.command import trainer_argv
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
@@ -35,7 +34,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
 def _command(job: Job, session: Session) -> CommandPublic:
     """Node 0's command for a multi-node job (the real rendezvous once the gang is placed)."""
     rendezvous = crud.node0_rendezvous(session=session, job=job)
-    return CommandPublic(argv=trainer_argv(TrainConfig(**job.config), nproc=job.nproc, rendezvous=rendezvous))
+    return CommandPublic(argv=trainer_argv(crud.stored_config(job), nproc=job.nproc, rendezvous=rendezvous))
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)

@@ -7,10 +7,12 @@ from datetime import timedelta
 from fastapi import APIRouter, Response, status
 
 from server import crud
+from server.errors import StaleConfig
 from server.deps import JobIdPath, SessionDep, SettingsDep, UserAuth, WorkerAuth, WorkerIdPath, WriteSessionDep
 from server.models import (
     Claim,
     ClaimRequest,
+    FailureClass,
     Finish,
     GpuInfo,
     Heartbeat,
@@ -24,7 +26,6 @@ from server.models import (
     WorkersPublic,
     utcnow,
 )
-from trainer_core.config import TrainConfig
 from worker.command import trainer_argv
 
 router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[UserAuth])
@@ -71,7 +72,15 @@ def claim(worker_id: WorkerIdPath, request: ClaimRequest, session: WriteSessionD
     if launch is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     job = launch.job
-    argv = trainer_argv(TrainConfig(**job.config), nproc=job.nproc, rendezvous=launch.rendezvous)
+    try:
+        config = crud.stored_config(job)
+    except StaleConfig as e:  # no worker can run it: fail it now rather than let it hold the head of the queue
+        crud.finish_job(session=session, job_id=job.id, finish=Finish(
+            worker_id=worker.id, attempt=job.attempt, exit_code=2, failure_class=FailureClass.data,
+            failure_reason=str(e)))
+        session.commit()
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
+    argv = trainer_argv(config, nproc=job.nproc, rendezvous=launch.rendezvous)
     return Claim(job=JobPublic.model_validate(job, from_attributes=True), gpu_ids=launch.gpu_ids, argv=argv,
                  rendezvous=launch.rendezvous)
 

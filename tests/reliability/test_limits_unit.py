@@ -16,6 +16,7 @@ def small_client(tmp_path: Path):
     (tmp_path / "datasets").mkdir()
     (tmp_path / "datasets" / "demo.jsonl").write_text('{"main": "m", "branches": ["a", "b"]}\n')
     (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "models" / "tiny" / "config.json").write_text("{}")   # what the server checks
     settings = Settings(data_dir=tmp_path, mount_ui=False, max_body_mb=0.01)  # ~10 kB
     with TestClient(create_app(settings)) as c:
         c.headers["Authorization"] = f"Bearer {c.app.state.tokens.user}"

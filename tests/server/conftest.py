@@ -19,6 +19,7 @@ def settings(request, tmp_path: Path) -> Settings:
     (tmp_path / "datasets").mkdir()
     (tmp_path / "datasets" / "demo.jsonl").write_text('{"main": "m", "branches": ["a", "b"]}\n')
     (tmp_path / "models" / "tiny").mkdir(parents=True)
+    (tmp_path / "models" / "tiny" / "config.json").write_text("{}")   # what the server checks
     database_url = request.getfixturevalue("postgres_cluster").new_database() if request.param == "postgresql" else ""
     return Settings(data_dir=tmp_path, database_url=database_url, heartbeat_interval_s=0.2, lease_ttl_s=2.0,
                     reaper_interval_s=0.1, mount_ui=False, max_attempts=2, sse_poll_s=0.05)

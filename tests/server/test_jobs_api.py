@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -131,6 +132,17 @@ def test_cpu_job_with_two_processes(client, job_body):
     assert preview[:5] == argv[:5]
 
 
+def test_command_preview_is_the_command_the_worker_will_run(client, job_body):
+    preview = client.post("/api/command-preview", json=job_body()).json()["argv"]
+    job = client.post("/api/jobs", json=job_body()).json()
+    argv = client.get(f"/api/jobs/{job['id']}/command").json()["argv"]
+    out = argv.index("--output_dir") + 1
+    assert preview[:out] + preview[out + 1:] == argv[:out] + argv[out + 1:]   # paths resolved alike
+    assert preview[out] == argv[out].replace(f"/jobs/{job['id']}/", "/jobs/ID/")
+    r = client.post("/api/command-preview", json=job_body(data_path="datasets/missing.jsonl"))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "data_path"]
+
+
 def test_config_schema_is_the_train_config(client):
     from trainer_core.config import TrainConfig
 
@@ -155,7 +167,8 @@ def test_estimate_and_presets_answer_or_501(client, job_body):
     r = client.post("/api/estimate", json={"config": job_body(base_model="0.5B")["config"], "gpu_mem_gb": 24})
     assert r.status_code in (200, 501)
     r = client.post("/api/estimate", json={"config": job_body()["config"], "gpu_mem_gb": 24})
-    assert r.status_code in (422, 501)  # models/tiny has no config.json
+    assert r.status_code in (422, 501)  # models/tiny has a config.json with no shape in it
+    assert r.status_code == 501 or "not a decoder model's config" in r.json()["detail"][0]["msg"]
     r = client.get("/api/presets", params={"gpu_mem_gb": 24, "model": "0.5B"})
     assert r.status_code in (200, 501)
     assert client.post("/api/estimate", json={"config": {}, "gpu_mem_gb": 24}).status_code == 422
@@ -224,6 +237,47 @@ def test_out_of_range_numbers_are_422_not_500(client, worker_headers):
     assert r.status_code == 422
     r = client.get("/api/presets", params={"model": "0" * 400})
     assert r.status_code in (422, 501)
+
+
+def test_nan_infinity_and_unknown_keys_are_422_naming_the_field(client, job_body):
+    """NaN/Infinity are valid JSON for Python's parser but no parameter means anything there; a misspelled
+    top-level key would silently drop an option."""
+    for field, text in [("learning_rate", "NaN"), ("weight_decay", "Infinity"), ("lora_alpha", "-Infinity")]:
+        body = json.dumps(job_body()).replace('"max_steps": 3', f'"max_steps": 3, "{field}": {text}')
+        r = client.post("/api/jobs", content=body, headers={"Content-Type": "application/json"})
+        assert r.status_code == 422, r.text
+        detail = r.json()["detail"][0]
+        assert detail["loc"] == ["body", "config", field] and "finite" in detail["msg"], detail
+    body = '{"config": {"base_model": "0.5B", "data_path": "x"}, "gpu_mem_gb": NaN}'
+    r = client.post("/api/estimate", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code in (422, 501) and (r.status_code == 501 or r.json()["detail"][0]["loc"][-1] == "gpu_mem_gb")
+    for key in ("gpu", "priorty"):
+        r = client.post("/api/jobs", json={**job_body(), key: 2})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", key], r.text
+    assert client.get("/api/jobs").json()["count"] == 0   # nothing half-stored
+
+
+def test_values_that_would_fail_the_run_are_refused_at_submit(client, job_body):
+    for field, value in [("seed", -5), ("seed", 2**64), ("epochs", 10**20), ("learning_rate", 5.0),
+                         ("max_seq_len", 2**40), ("batch_size", 10**9)]:
+        r = client.post("/api/jobs", json=job_body(**{field: value}))
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", field], (field, r.text)
+
+
+def test_a_stored_config_that_is_no_longer_valid_is_a_409_on_command_and_retry(client, settings, job_body):
+    from sqlmodel import Session
+
+    from server.models import Job
+
+    job = client.post("/api/jobs", json=job_body()).json()
+    assert client.post(f"/api/jobs/{job['id']}/cancel").status_code == 200
+    with Session(client.app.state.write_engine) as session:   # as an older, looser server stored it
+        row = session.get(Job, job["id"])
+        row.config = {**row.config, "seed": -1}
+        session.add(row)
+        session.commit()
+    for r in (client.get(f"/api/jobs/{job['id']}/command"), client.post(f"/api/jobs/{job['id']}/retry")):
+        assert r.status_code == 409 and "seed" in r.json()["detail"], r.text
 
 
 def test_unexpected_errors_are_500_without_a_traceback(settings, monkeypatch):

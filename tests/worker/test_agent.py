@@ -46,6 +46,8 @@ def test_job_runs_to_success_with_metrics_and_logs(live_server, start_agent, job
     assert "final.txt" in [a["path"] for a in artifacts]
     assert live_server.api.get(f"/jobs/{job['id']}/artifacts/final.txt").text == "done\n"
     assert _pid_files(done)[0]["cuda_visible_devices"] == ""  # a CPU job sees no GPU
+    retry = live_server.api.post(f"/jobs/{job['id']}/retry")   # nothing to resume after the last step
+    assert retry.status_code == 409 and "succeeded" in retry.json()["detail"]
 
 
 def test_failure_classes(live_server, start_agent, job_body):
@@ -59,6 +61,39 @@ def test_failure_classes(live_server, start_agent, job_body):
     assert oom["failure_class"] == "oom" and oom["exit_code"] == 3
     crash = live_server.wait_for(ids["crash"], {"succeeded", "failed"})
     assert crash["failure_class"] == "crash" and "RuntimeError: boom" in crash["failure_reason"]
+
+
+def _store_config(live_server, job_id: int, **changes) -> None:
+    """Edit a stored config behind the API, as a row an older, looser server wrote would look."""
+    from sqlmodel import Session
+
+    from server.models import Job
+
+    with Session(live_server.app.state.write_engine) as session:
+        row = session.get(Job, job_id)
+        row.config = {**row.config, **changes}
+        session.add(row)
+        session.commit()
+
+
+@pytest.mark.parametrize("refused_by", ["server", "worker"])
+def test_a_stored_config_that_is_no_longer_valid_fails_that_job_only(live_server, start_agent, job_body,
+                                                                      monkeypatch, refused_by):
+    """After an upgrade tightens the schema, such a job fails with the field named; the queue goes on."""
+    bad = live_server.api.post("/jobs", json=job_body()).json()
+    good = live_server.api.post("/jobs", json=job_body()).json()
+    _store_config(live_server, bad["id"], learning_rate=-1.0)
+    if refused_by == "worker":   # a server older than its worker hands the config out unchecked
+        from server import crud
+        from trainer_core.config import TrainConfig
+
+        monkeypatch.setattr(crud, "stored_config", lambda job: TrainConfig.model_construct(**job.config))
+    agent = start_agent()
+    failed = live_server.wait_for(bad["id"], {"succeeded", "failed"})
+    assert failed["state"] == "failed" and failed["failure_class"] == "data", failed
+    assert "learning_rate" in failed["failure_reason"] and failed["attempt"] == 1
+    assert live_server.wait_for(good["id"], {"succeeded", "failed"})["state"] == "succeeded"
+    assert agent.thread.is_alive() and agent.exit_code is None
 
 
 def test_cancel_kills_the_whole_process_group(live_server, start_agent, monkeypatch, job_body):
