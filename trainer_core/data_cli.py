@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
-from trainer_core.config import TrainConfig
+from trainer_core.config import TrainConfig, format_validation_error
 from trainer_core.data import (DataError, build_samples, epoch_batches, load_or_tokenize, load_tokenizer,
                                sample_lengths, sample_token_ids)
 from trainer_core.layout import pack_into_rows
@@ -121,8 +123,15 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     overrides = {k: getattr(args, k) for k in SHAPING_FLAGS if getattr(args, k) is not None}
-    cfg = TrainConfig(base_model=args.tokenizer, data_path=args.file, batch_by_samples=args.batch_by_samples,
-                      **overrides)
+    try:
+        cfg = TrainConfig(base_model=args.tokenizer, data_path=args.file, batch_by_samples=args.batch_by_samples,
+                          **overrides)
+    except ValidationError as e:
+        print(f"paratrain data check: {format_validation_error(e)}", file=sys.stderr)
+        return 2
+    if not any(Path(args.tokenizer).glob("tokenizer*")):   # else transformers takes it for a hub repo id
+        print(f"--tokenizer {args.tokenizer}: not a model directory with tokenizer files", file=sys.stderr)
+        return 2
     summary = summarize(cfg, with_example=args.json)
     if summary["errors"]:
         print("\n".join(summary["errors"]), file=sys.stderr)

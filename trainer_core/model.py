@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer_core.config import CE_CHUNK_TOKENS, TrainConfig
+from trainer_core.data import DataError
 from trainer_core.layout import IGNORE_INDEX, columnar_block_mask, columnar_mask
 from trainer_core.rope2d import patch_rope_2d, stack_position_ids
 
@@ -59,7 +60,12 @@ def prepare_for_training(base: nn.Module, cfg: TrainConfig):
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
-    model = get_peft_model(base, lora_config(cfg), autocast_adapter_dtype=cfg.adapter_dtype == "float32")
+    try:
+        model = get_peft_model(base, lora_config(cfg), autocast_adapter_dtype=cfg.adapter_dtype == "float32")
+    except ValueError as e:  # PEFT's NoMatchingPeftModuleError: a module name this model does not have
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear)})
+        raise DataError([f"--lora_target_modules {cfg.lora_target_modules}: {str(e).splitlines()[0]} "
+                         f"(linear layers of this model: {', '.join(linear)}, or 'all-linear')"]) from None
     compute_adapters_in_model_dtype(model)
     if cfg.compile:
         # In place, layer by layer: parameter names (checkpoints, PEFT's adapter files) do not change, and

@@ -48,6 +48,7 @@ import json
 import os
 import re
 import statistics
+import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
@@ -146,8 +147,11 @@ def model_shape(model: str) -> ModelShape:
     """Shape of `model`: a local HF model dir (its config.json), or a name with a size ("0.5B", "Qwen/Qwen2.5-7B")."""
     config_path = os.path.join(model, "config.json")
     if os.path.isfile(config_path):
-        with open(config_path, encoding="utf-8") as f:
-            return shape_from_hf_config(json.load(f), name=os.path.basename(model.rstrip("/")) or model)
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                return shape_from_hf_config(json.load(f), name=os.path.basename(model.rstrip("/")) or model)
+        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:  # not a decoder's config
+            raise ValueError(f"{config_path}: not a decoder model's config (missing or bad {e})") from None
     key = size_key(model)
     if key is None:
         raise ValueError(f"cannot tell the shape of model {model!r}: give a local model directory with a "
@@ -409,7 +413,7 @@ def presets(gpu_mem_gb: float, model: str, measured: list | None = None) -> list
 
 # --- `paratrain presets` -----------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gpu-mem", type=float, nargs="+", default=[24.0, 80.0], metavar="GB",
+    parser.add_argument("--gpu-mem", type=_gpu_gb, nargs="+", default=[24.0, 80.0], metavar="GB",
                         help="GPU memory sizes in GB (default: 24 80)")
     parser.add_argument("--model", nargs="+", default=None,
                         help="models for the preset table: sizes (0.5B 1.5B 3B 7B), HF names or local dirs "
@@ -417,6 +421,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokens-per-text", type=int, default=None,
                         help="typical tokens per branch text (default: max_seq_len, the worst case)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
+
+def _gpu_gb(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= 4096:   # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{text!r} is not a GPU size in GB (0 < GB <= 4096)")
+    return value
 
 
 def guide_config(key: str) -> TrainConfig:
@@ -431,7 +445,11 @@ def run(args: argparse.Namespace) -> int:
         ests = {mem: estimate(cfg, mem, tokens_per_text=args.tokens_per_text, shape=SHAPES[key])
                 for mem in args.gpu_mem}
         guide_rows.append((key, cfg, ests))
-    preset_rows = [(mem, m, presets(mem, m)) for mem in args.gpu_mem for m in models]
+    try:
+        preset_rows = [(mem, m, presets(mem, m)) for mem in args.gpu_mem for m in models]
+    except (ValueError, OSError) as e:   # a model whose shape cannot be told
+        print(f"paratrain presets: --model: {e}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps({
             "guide_configs": [{"model": key, "config": cfg.model_dump(exclude={"base_model", "data_path"}),

@@ -39,6 +39,14 @@ def test_data_check_lists_bad_lines(tmp_path, tiny_model_dir):
     assert proc.stderr.strip() == f"{f}:2: 'branches' must be a list of strings, got str"
 
 
+def test_data_check_names_a_bad_tokenizer_or_flag_without_a_traceback(tmp_path, demo_data_path):
+    for extra, message in [(["--tokenizer", str(tmp_path / "nope")], f"--tokenizer {tmp_path / 'nope'}: not a model"),
+                           (["--tokenizer", str(tmp_path), "--max_seq_len", "0"], "max_seq_len: Input should be")]:
+        proc = subprocess.run([PARATRAIN, "data", "check", str(demo_data_path), *extra],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir):
     batch = collate_packed([build_sample_layout([1, 2, 3], [[4, 5, 6], [7, 8]]),
                             build_sample_layout([], [[9, 10, 11, 12]])], tokens_per_row=64)

@@ -98,6 +98,14 @@ def test_bad_flag_value_names_the_field(tmp_path, tiny_model_dir, demo_data_path
     assert proc.returncode == 2 and "rope_2d_ratio" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_module_name_the_model_lacks_is_a_clear_error(tmp_path, tiny_model_dir, demo_data_path):
+    proc = subprocess.run([PYTHON, "-m", "trainer_core.train", "--base_model", str(tiny_model_dir),
+                           "--data_path", str(demo_data_path), "--lora_target_modules", "nonexistent_proj",
+                           "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "--lora_target_modules nonexistent_proj" in proc.stderr and "q_proj" in proc.stderr
+
+
 def run_until_step(cmd, step: int) -> tuple[int, list[dict]]:
     """Start the trainer, SIGTERM it once it has logged `step`, return (exit code, JSON lines)."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

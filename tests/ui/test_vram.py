@@ -155,3 +155,14 @@ def test_cli_prints_guide_configs_for_each_gpu(capsys):
     assert vram.run(parser.parse_args(["--gpu-mem", "40", "--model", "3B", "--json"])) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["presets"][0]["model"] == "3B" and len(data["guide_configs"]) == 3
+
+
+def test_cli_names_a_bad_model_or_gpu_size(capsys):
+    parser = argparse.ArgumentParser()
+    vram.add_arguments(parser)
+    assert vram.run(parser.parse_args(["--model", "foo"])) == 2
+    assert "--model: cannot tell the shape of model 'foo'" in capsys.readouterr().err
+    for bad in ("-3", "nan", "big"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--gpu-mem", bad])
+        assert "not a GPU size in GB" in capsys.readouterr().err
