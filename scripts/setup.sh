@@ -17,13 +17,13 @@ PY="$VENV/bin/python"
 pipq() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  echo "setup: installing $TORCH_SPEC" >&2
+  echo "setup: installing $TORCH_SPEC (once)" >&2
   pipq "$TORCH_SPEC"
 fi
 stamp="$VENV/.paratrain-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ $want_test = 1 ] && ! grep -q test "$stamp"; }; then
   extras=""; [ $want_test = 1 ] && extras="[test]"
-  echo "setup: installing paratrain$extras" >&2
+  echo "setup: installing paratrain$extras and its dependencies (a few minutes the first time)" >&2
   pipq -e ".$extras"
   "$PY" -c "import torch, transformers, peft, fastapi, gradio" >/dev/null
   echo "ok$extras" | sed 's/\[test\]/ test/' > "$stamp"
