@@ -105,6 +105,8 @@ def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str
         data_path = confine(config.data_path, roots=settings.read_roots, base=settings.data_root)
     except ValueError as e:
         raise FieldError(("body", "config", "data_path"), str(e)) from None
+    if is_dir(data_path):
+        raise FieldError(("body", "config", "data_path"), f"{config.data_path!r} is a directory: give its JSONL file")
     if not is_file(data_path):
         raise FieldError(("body", "config", "data_path"), f"{config.data_path!r}: no such file under the data root")
     try:

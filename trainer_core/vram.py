@@ -388,7 +388,8 @@ def fit_to_memory(overrides: dict[str, Any], base_model: str, gpu_mem_gb: float,
                        shape=shape)
         if est["peak_gb"] <= NEAR_LIMIT_SHARE * gpu_mem_gb:
             break
-    changes = [f"{k} {base.get(k)} -> {v}" for k, v in cfg.items() if base.get(k) != v]
+    before = {k: base.get(k, TrainConfig.model_fields[k].default) for k in cfg}   # unset: the schema's default
+    changes = [f"{k} {before[k]} -> {v}" for k, v in cfg.items() if before[k] != v]
     return cfg, changes
 
 

@@ -47,6 +47,10 @@ def test_bad_input_is_422_naming_the_field(client, job_body):
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "no_such_flag"
     r = client.post("/api/jobs", json=job_body(data_path="datasets/missing.jsonl"))
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "data_path"]
+    r = client.post("/api/jobs", json=job_body(data_path="datasets"))
+    assert r.status_code == 422 and "is a directory" in r.json()["detail"][0]["msg"]
+    r = client.post("/api/jobs", json=job_body(base_model="datasets"))
+    assert r.status_code == 422 and "no config.json" in r.json()["detail"][0]["msg"]
     r = client.post("/api/jobs", json={**job_body(), "gpus": -1})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "gpus"]
     r = client.post("/api/jobs", json={**job_body(), "gpus": 2, "nproc": 3})
