@@ -164,3 +164,5 @@ def test_serve_end_to_end(serve):
         expect(page.locator("#adapter-file")).to_contain_text("job1-adapter")
         page.screenshot(path=shots / "07-succeeded-adapter.png", full_page=True)
         browser.close()
+    # minutes of an open page polling the API, and not one line of it in the server's log
+    assert "HTTP Request" not in (shots / "serve.log").read_text(errors="replace")
