@@ -64,20 +64,24 @@ def summarize(cfg: TrainConfig, with_example: bool = True) -> dict:
 
 
 def example_layout(ds, samples, cfg: TrainConfig, sample: int = 0) -> dict:
-    """The first columns of one sample: which branch and time each token has, and its text."""
+    """The first time steps of the main and of every branch of one sample (a long main would otherwise
+    fill the window and hide the branches): which branch and time each token has, and its text."""
     from trainer_core.layout import build_sample_layout
 
     main, branches = sample_token_ids(ds, samples, sample)
     lay = build_sample_layout(main.astype(np.int64), [b.astype(np.int64) for b in branches], cfg.branch_stride)
-    keep = lay.time_ids < EXAMPLE_MAX_COLUMNS
+    row = lay.branch_pos // cfg.branch_stride
+    is_main = (row == 0) & bool(len(main))
+    step_in_row = lay.time_ids - len(main) * (~is_main).long()      # branches start at time len(main)
+    keep = step_in_row < EXAMPLE_MAX_COLUMNS
     tokenizer = load_tokenizer(cfg.base_model)
     ids = lay.input_ids[keep].tolist()
     return {
         "has_main": bool(len(main)),
-        "branch_index": (lay.branch_pos[keep] // cfg.branch_stride).tolist(),
+        "branch_index": row[keep].tolist(),
         "time_ids": lay.time_ids[keep].tolist(),
         "tokens": [tokenizer.decode([i]) for i in ids],
-        "columns_shown": int(lay.time_ids[keep].max()) + 1 if keep.any() else 0,
+        "columns_shown": int(lay.time_ids[keep].unique().numel()),   # time steps in the picture
         "columns_total": int(lay.time_ids.max()) + 1,
     }
 

@@ -28,6 +28,9 @@ def test_data_check_summarises_a_good_file(tiny_model_dir, demo_data_path):
     assert s["token_length_percentiles"]["p50"] <= s["token_length_percentiles"]["max"]
     lay = s["example_layout"]
     assert len(lay["tokens"]) == len(lay["time_ids"]) == len(lay["branch_index"])
+    first = json.loads(open(demo_data_path).readline())   # the example is the first sample: every row shows
+    rows = len(first["branches"]) + bool(first.get("main"))
+    assert sorted(set(lay["branch_index"])) == list(range(rows))
 
 
 def test_data_check_lists_bad_lines(tmp_path, tiny_model_dir):
