@@ -144,7 +144,19 @@ class JobRun:
         if self.stop_reason is None:
             self.stop_reason = reason
             self.kill_deadline = time.monotonic() + grace_s
-            self._signal_all(signal.SIGTERM)
+            self._signal_trainers(signal.SIGTERM)
+
+    def _signal_trainers(self, sig: signal.Signals) -> None:
+        """Under torchrun, the ranks and their children but not torchrun: ranks that save and exit 0 let it
+        exit 0 too, where a SIGTERM of its own ends it with a SignalException traceback and exit 1."""
+        if Path(self.argv[0]).name != "torchrun":
+            self._signal_all(sig)
+            return
+        ranks = [pid for pid in pids_with_env(RUN_ENV, self.marker) if pid != self.pgid]
+        if not ranks:   # torchrun has not started them yet
+            self._signal_all(sig)
+        for pid in ranks:
+            _kill(pid, sig)
 
     def _signal_all(self, sig: signal.Signals) -> None:
         _killpg(self.pgid, sig)

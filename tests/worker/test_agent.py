@@ -195,6 +195,23 @@ def test_under_torchrun_the_trainers_exit_code_is_recovered(live_server, start_a
 
 
 @pytest.mark.slow
+def test_a_cancelled_torchrun_job_ends_cleanly(live_server, start_agent, monkeypatch, job_body):
+    """Cancel stops the ranks (they save and exit 0) and torchrun with them: no traceback, exit 0."""
+    monkeypatch.setenv("FAKE_STEP_S", "0.2")
+    job = live_server.api.post("/jobs", json={**job_body(max_steps=200), "nproc": 2}).json()
+    start_agent(use_torchrun=True)
+    deadline = time.time() + 60
+    while live_server.api.get(f"/jobs/{job['id']}").json()["step"] < 2:
+        assert time.time() < deadline
+        time.sleep(0.1)
+    live_server.api.post(f"/jobs/{job['id']}/cancel")
+    done = live_server.wait_for(job["id"], {"cancelled", "failed", "succeeded"}, timeout=30)
+    assert done["state"] == "cancelled" and done["exit_code"] == 0, done
+    lines = [x["line"] for x in live_server.api.get(f"/jobs/{job['id']}/logs").json()["data"]]
+    assert not [x for x in lines if "Traceback" in x or "SignalException" in x], lines[-20:]
+
+
+@pytest.mark.slow
 def test_ranks_that_ignore_sigterm_die_with_their_torchrun(live_server, start_agent, job_body):
     """torchrun puts each rank in a session of its own: killing torchrun's group alone would leave them."""
     job = live_server.api.post("/jobs", json={**job_body(name="stubborn", max_steps=1), "nproc": 2}).json()
