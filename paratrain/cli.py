@@ -14,6 +14,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.cli", "Start server + UI + one local worker (the embedded default)."),
     "worker": ("worker.cli", "Run a worker that claims jobs from a server and launches torchrun."),
+    "train": ("trainer_core.train", "Train in this process with the guide's flags (several processes: "
+                                    "torchrun --nproc_per_node N -m trainer_core.train ... --ddp)."),
     "data": ("trainer_core.data_cli", "Check a Parallel JSONL dataset: errors with FILE:LINE, or a summary."),
     "make-tiny-model": ("trainer_core.demo", "Build a tiny random Qwen2 model + locally trained tokenizer."),
     "make-demo-data": ("trainer_core.demo", "Write a demo Parallel JSONL made from Python's module docs."),

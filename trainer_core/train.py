@@ -11,6 +11,7 @@ Exit codes: 0 done (also after SIGTERM: checkpoint saved), 2 bad config/data, 3 
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -22,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer_core import checkpoint as ckpt
-from trainer_core.config import TrainConfig
+from trainer_core.config import TrainConfig, add_cli_arguments, format_validation_error
 from trainer_core.data import (DataError, build_samples, collate_batch, epoch_batches, open_tokens,
                                prepare_tokens, rank_batches, total_optimizer_steps)
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
@@ -317,7 +319,26 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = TrainConfig.from_cli(argv, prog="python -m trainer_core.train")
+    return run_config(TrainConfig.from_cli(argv, prog="python -m trainer_core.train"))
+
+
+# --- `paratrain train`: the same flags, one process (several: torchrun ... -m trainer_core.train --ddp) ---
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_cli_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    values = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
+    try:
+        cfg = TrainConfig(**values)
+    except ValidationError as e:
+        print(f"paratrain train: {format_validation_error(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return run_config(cfg)
+
+
+def run_config(cfg: TrainConfig) -> int:
+    """Train; the exit code is the process contract of docs/API.md (0, 2 bad input, 3 out of memory)."""
     _quiet_libraries()
     stop = StopFlag()
     stop.install()

@@ -98,6 +98,18 @@ def test_bad_flag_value_names_the_field(tmp_path, tiny_model_dir, demo_data_path
     assert proc.returncode == 2 and "rope_2d_ratio" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_paratrain_train_is_the_trainer_in_one_process(tmp_path, tiny_model_dir, demo_data_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([str(BIN / "paratrain"), "train", *guide_args(tiny_model_dir, demo_data_path, out),
+                           "--max_steps", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["step"] for r in json_lines(proc.stdout) if "loss" in r] == [1, 2]
+    assert (out / "adapter" / "adapter_config.json").exists()
+    bad = subprocess.run([str(BIN / "paratrain"), "train", "--base_model", "m", "--data_path", "d", "--seed", "-1"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "seed:" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_a_module_name_the_model_lacks_is_a_clear_error(tmp_path, tiny_model_dir, demo_data_path):
     proc = subprocess.run([PYTHON, "-m", "trainer_core.train", "--base_model", str(tiny_model_dir),
                            "--data_path", str(demo_data_path), "--lora_target_modules", "nonexistent_proj",
