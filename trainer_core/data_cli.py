@@ -1,4 +1,4 @@
-"""`paratrain data check FILE --tokenizer DIR`: the dataset's errors (FILE:LINE) or a summary of what
+"""`paratrain data check FILE [--tokenizer DIR]`: the dataset's errors (FILE:LINE) or a summary of what
 training will see: records, samples, branches per sample, token lengths, packing and padding.
 `summarize()` is also what the server's /api/datasets/check returns."""
 
@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from trainer_core.config import TrainConfig, format_validation_error
 from trainer_core.data import (DataError, build_samples, epoch_batches, load_or_tokenize, load_tokenizer,
-                               sample_lengths, sample_token_ids)
+                               sample_lengths, sample_token_ids, validate_file)
 from trainer_core.layout import pack_into_rows
 
 EXAMPLE_MAX_COLUMNS = 48
@@ -109,13 +109,14 @@ def format_summary(s: dict) -> str:
     ])
 
 
-# --- CLI hooks: paratrain data check FILE --tokenizer DIR ------------------------------------------
+# --- CLI hooks: paratrain data check FILE [--tokenizer DIR] ------------------------------------------
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     check = sub.add_parser("check", help="Validate a Parallel JSONL file and summarise it.")
     check.add_argument("file", help="Parallel JSONL file.")
-    check.add_argument("--tokenizer", required=True, help="Model directory whose tokenizer to use.")
+    check.add_argument("--tokenizer", default=None, help="Model directory whose tokenizer to use (without it only "
+                       "the lines are checked: no token lengths, samples or packing).")
     for name in SHAPING_FLAGS:
         info = TrainConfig.model_fields[name]
         check.add_argument(f"--{name}", type=int, default=None, help=info.description)
@@ -126,6 +127,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    if args.tokenizer is None:
+        try:
+            records = validate_file(args.file)
+        except DataError as e:
+            print("\n".join(e.lines), file=sys.stderr)
+            return 2
+        print(json.dumps({"data_path": args.file, "records": records}) if args.json else
+              f"{args.file}: {records:,} valid records (give --tokenizer for samples, token lengths and packing)")
+        return 0
     overrides = {k: getattr(args, k) for k in SHAPING_FLAGS if getattr(args, k) is not None}
     try:
         cfg = TrainConfig(base_model=args.tokenizer, data_path=args.file, batch_by_samples=args.batch_by_samples,

@@ -42,6 +42,16 @@ def test_data_check_lists_bad_lines(tmp_path, tiny_model_dir):
     assert proc.stderr.strip() == f"{f}:2: 'branches' must be a list of strings, got str"
 
 
+def test_data_check_without_a_tokenizer_checks_the_lines(tmp_path, demo_data_path):
+    proc = subprocess.run([PARATRAIN, "data", "check", str(demo_data_path), "--json"], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["records"] == sum(1 for _ in open(demo_data_path))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"branches": 3}\n')
+    proc = subprocess.run([PARATRAIN, "data", "check", str(bad)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"{bad}:2: 'branches' must be a list of strings, got int"
+
+
 def test_data_check_names_a_bad_tokenizer_or_flag_without_a_traceback(tmp_path, demo_data_path):
     for extra, message in [(["--tokenizer", str(tmp_path / "nope")], f"--tokenizer {tmp_path / 'nope'}: not a model"),
                            (["--tokenizer", str(tmp_path), "--max_seq_len", "0"], "max_seq_len: Input should be")]:
