@@ -11,6 +11,7 @@ from sqlmodel import Session
 
 from server import crud
 from server.deps import MAX_DB_INT, JobIdPath, SessionDep, SettingsDep, UserAuth, WriteSessionDep
+from server.errors import FieldError
 from server.models import (
     Artifact,
     ArtifactsPublic,
@@ -113,7 +114,7 @@ def download_artifact(job_id: JobIdPath, path: str, session: SessionDep) -> File
         target = safe_child(root, path)
         found = target.is_file()
     except ValueError as e:
-        raise HTTPException(status.HTTP_400_BAD_REQUEST, str(e)) from None
+        raise FieldError(("path", "path"), str(e)) from None   # 422 naming the field, as paths elsewhere
     except OSError:  # e.g. a name too long for the file system
         found = False
     if not found:

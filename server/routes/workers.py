@@ -7,8 +7,8 @@ from datetime import timedelta
 from fastapi import APIRouter, Response, status
 
 from server import crud
-from server.errors import StaleConfig
 from server.deps import JobIdPath, SessionDep, SettingsDep, UserAuth, WorkerAuth, WorkerIdPath, WriteSessionDep
+from server.errors import StaleConfig
 from server.models import (
     Claim,
     ClaimRequest,

@@ -164,7 +164,7 @@ def test_artifacts_are_confined_to_the_output_dir(client, settings, job_body):
     assert client.get(f"/api/jobs/{job['id']}/artifacts/adapter/adapter_config.json").content == b"{}"
     assert client.get(f"/api/jobs/{job['id']}/artifacts/nope").status_code == 404
     r = client.get(f"/api/jobs/{job['id']}/artifacts/..%2F..%2F..%2Ftoken_copy")
-    assert r.status_code in (400, 404)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["path", "path"], r.text
 
 
 def test_estimate_and_presets_answer_or_501(client, job_body):
