@@ -79,9 +79,10 @@ class EventKind(str, Enum):
 
 class RequestBody(BaseModel):
     """A body a user writes: a misspelled key is an error rather than a silently dropped option (as in
-    TrainConfig), and NaN/Infinity are refused."""
+    TrainConfig), NaN/Infinity are refused, and its own numbers are numbers (`"gpus": true` or `"2"` is a
+    mistake, not 1 or 2). The nested TrainConfig keeps its own rules: YAML files give it `1e-4` as text."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
 class JobCreate(RequestBody):

@@ -258,6 +258,9 @@ def test_nan_infinity_and_unknown_keys_are_422_naming_the_field(client, job_body
     for key in ("gpu", "priorty"):
         r = client.post("/api/jobs", json={**job_body(), key: 2})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", key], r.text
+    for gpus in (True, "2", 1.5):   # not silently 1 or 2
+        r = client.post("/api/jobs", json={**job_body(), "gpus": gpus})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "gpus"], r.text
     assert client.get("/api/jobs").json()["count"] == 0   # nothing half-stored
 
 
