@@ -39,7 +39,11 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns everything else
-    settings = settings_from_args(args)
+    try:
+        settings = settings_from_args(args)
+    except OSError as e:   # --token-file that cannot be read
+        print(f"paratrain worker: --token-file {args.token_file}: {e.strerror or e}", file=sys.stderr)
+        return 2
     if args.token:
         logging.getLogger("paratrain.worker").warning(
             "--token is visible to every user of this machine (ps, /proc); prefer --token-file or "

@@ -227,6 +227,17 @@ def test_ranks_that_ignore_sigterm_die_with_their_torchrun(live_server, start_ag
     wait_gone([p for info in pid_files for p in (info["pid"], info["child"])], timeout=3)
 
 
+def test_an_unreadable_token_file_is_one_line_and_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    paratrain = str(Path(sys.executable).with_name("paratrain"))
+    proc = subprocess.run([paratrain, "worker", "--server", "http://127.0.0.1:9", "--token-file",
+                           str(tmp_path / "missing")], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"paratrain worker: --token-file {tmp_path / 'missing'}: No such file or directory"
+
+
 def test_a_wrong_token_stops_the_worker_with_an_error(start_agent):
     running = start_agent(token="not-the-worker-token")
     running.thread.join(10)
