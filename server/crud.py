@@ -586,11 +586,13 @@ def finish_job(*, session: Session, job_id: int, finish: Finish) -> Job:
         job.attempt += 1  # every run is an attempt: its log lines are numbered per attempt
         _set_state(session, job, JobState.queued)
         return job
-    if job.cancel_requested or finish.failure_class == FailureClass.cancelled:
+    completed = finish.exit_code == 0 and finish.failure_class is None
+    # A cancel that reached a trainer already past its last step does not undo it: the job succeeded.
+    if finish.failure_class == FailureClass.cancelled or (job.cancel_requested and not completed):
         job.failure_class = FailureClass.cancelled
         job.failure_reason = finish.failure_reason or "cancelled"
         _set_state(session, job, JobState.cancelled)
-    elif finish.exit_code == 0 and finish.failure_class is None:
+    elif completed:
         if node is not None and _finish_node(session, job, node):
             return job
         _set_state(session, job, JobState.succeeded)

@@ -81,6 +81,7 @@ class JobRun:
     logs_acked: int = 0  # this attempt's lines the server has stored
     stderr_tail: list[str] = field(default_factory=list)
     total_steps: int | None = None
+    training_done: bool = False  # the trainer printed its "done" event: the final weights are written
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pumps: list[threading.Thread] = field(default_factory=list)
 
@@ -107,6 +108,8 @@ class JobRun:
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
             metric = _parse_metric(line) if is_stdout else None
+            if is_stdout and line.startswith('{"event": "done"'):
+                self.training_done = True
             with self._lock:
                 self.pending_logs.append(line)
                 if metric is not None:
@@ -141,6 +144,12 @@ class JobRun:
             self.logs_acked += len(batch.logs)
 
     def stop(self, reason: StopReason, grace_s: float) -> None:
+        if self.training_done:
+            # Training is over and the trainer is exiting: a SIGTERM now would only turn a finished job into
+            # a cancelled one (or a torchrun error). It gets the grace to exit; then SIGKILL as always.
+            if self.kill_deadline is None:
+                self.kill_deadline = time.monotonic() + grace_s
+            return
         if self.stop_reason is None:
             self.stop_reason = reason
             self.kill_deadline = time.monotonic() + grace_s

@@ -169,9 +169,25 @@ def test_cancel_running_goes_through_the_worker(client, worker_headers, job_body
     reply = client.post(f"/api/workers/{wid}/heartbeat", json={"running_job_ids": [job_id]},
                         headers=worker_headers).json()
     assert reply == {"cancel_job_ids": [job_id]}
-    r = client.post(f"/api/jobs/{job_id}/finish", headers=worker_headers,
-                    json={"worker_id": wid, "attempt": attempt, "exit_code": 0})
+    r = client.post(f"/api/jobs/{job_id}/finish", headers=worker_headers,   # what a worker reports for a stopped run
+                    json={"worker_id": wid, "attempt": attempt, "exit_code": 0, "failure_class": "cancelled"})
     assert r.json()["state"] == "cancelled" and r.json()["failure_class"] == "cancelled"
+
+
+def test_a_run_that_completed_before_its_cancel_took_effect_succeeded(client, worker_headers, job_body):
+    client.post("/api/jobs", json=job_body())
+    wid = _register(client, worker_headers)
+    job_id, attempt = _run_one(client, worker_headers, wid)
+    assert client.post(f"/api/jobs/{job_id}/cancel").json()["cancel_requested"]
+    r = client.post(f"/api/jobs/{job_id}/finish", headers=worker_headers,   # the trainer had written its results
+                    json={"worker_id": wid, "attempt": attempt, "exit_code": 0})
+    assert r.json()["state"] == "succeeded" and r.json()["failure_class"] is None
+    failed = client.post("/api/jobs", json=job_body()).json()["id"]
+    job_id, attempt = _run_one(client, worker_headers, wid)
+    client.post(f"/api/jobs/{job_id}/cancel")
+    r = client.post(f"/api/jobs/{job_id}/finish", headers=worker_headers,   # killed by the stop: cancelled
+                    json={"worker_id": wid, "attempt": attempt, "exit_code": -15, "failure_class": "crash"})
+    assert job_id == failed and r.json()["state"] == "cancelled"
 
 
 def _read_sse(client, job_id, **kw):

@@ -76,4 +76,5 @@ if rank == 0 and not stop:
     with open(os.path.join(args.output_dir, "final.txt"), "w") as f:
         f.write("done\n")
     print(json.dumps({"event": "done", "final_path": "final.txt"}), flush=True)
+    time.sleep(float(os.environ.get("FAKE_DONE_LINGER_S", "0")))  # the real trainer's last barrier and cleanup
 sys.exit(0)

@@ -112,6 +112,22 @@ def test_cancel_kills_the_whole_process_group(live_server, start_agent, monkeypa
     wait_gone(pids, timeout=2)
 
 
+def test_a_cancel_that_arrives_after_the_last_step_leaves_the_job_succeeded(live_server, start_agent, monkeypatch,
+                                                                              job_body):
+    """The final weights are written when the trainer prints "done": a cancel racing its exit undoes nothing."""
+    monkeypatch.setenv("FAKE_DONE_LINGER_S", "2")
+    job = live_server.api.post("/jobs", json=job_body(max_steps=3)).json()
+    start_agent()
+    deadline = time.time() + 20
+    while not any('"event": "done"' in x["line"] for x in
+                  live_server.api.get(f"/jobs/{job['id']}/logs").json()["data"]):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    assert live_server.api.post(f"/jobs/{job['id']}/cancel").status_code == 200
+    done = live_server.wait_for(job["id"], {"succeeded", "failed", "cancelled"})
+    assert done["state"] == "succeeded" and done["exit_code"] == 0, done
+
+
 def test_a_trainer_ignoring_sigterm_is_killed_after_the_grace(live_server, start_agent, job_body):
     job = live_server.api.post("/jobs", json=job_body(name="stubborn", max_steps=1)).json()
     start_agent(kill_grace_s=1.0)
