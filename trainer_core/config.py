@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -130,8 +131,12 @@ class TrainConfig(BaseModel):
 
     @property
     def model_short_name(self) -> str:
-        """The `{model}` part of output names: the last path component of base_model."""
-        return self.base_model.rstrip("/").split("/")[-1] or "model"
+        """The `{model}` part of output names: the last path component of base_model ('.' or '..' as the
+        directory they name)."""
+        name = self.base_model.rstrip("/").split("/")[-1]
+        if name in ("", ".", ".."):
+            name = os.path.basename(os.path.abspath(self.base_model))
+        return name or "model"
 
     # --- derived views -----------------------------------------------------------------------------
     def to_cli_args(self) -> list[str]:

@@ -113,3 +113,10 @@ def test_total_steps_counts_epochs_only_until_max_steps(tmp_path, tiny_model_dir
     epochs_counted.clear()
     assert data.total_optimizer_steps(s, c.model_copy(update={"epochs": 3}), world=2) == 3 * 3
     assert epochs_counted == [0, 1, 2]
+
+
+@pytest.mark.parametrize("base_model,expected", [("models/tiny-qwen2/", "tiny-qwen2"), ("Qwen2.5-0.5B", "Qwen2.5-0.5B")])
+def test_output_names_use_the_model_directory_name(base_model, expected, tmp_path, monkeypatch):
+    assert TrainConfig(base_model=base_model, data_path="d").model_short_name == expected
+    monkeypatch.chdir(tmp_path)   # '.' names the directory it is, not '..pth'
+    assert TrainConfig(base_model=".", data_path="d").model_short_name == tmp_path.name
