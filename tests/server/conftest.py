@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,35 @@ def job_body():
         return {"config": {"base_model": "models/tiny", "data_path": "datasets/demo.jsonl", "max_steps": 3,
                            **config}, "gpus": 0}
     return make
+
+
+def race_workers(settings: Settings, count: int, claim_loop: Callable[..., None]) -> None:
+    """Workers w0..w{count-1}, each in a thread with its own connections (like separate server processes):
+    registers itself, then runs `claim_loop(engine, worker_id, name)`. Fails with what any thread raised."""
+    from sqlmodel import Session
+
+    from server import crud
+    from server.db import make_engine, write_engine
+    from server.models import WorkerRegister
+
+    errors: list[BaseException] = []
+
+    def run(name: str) -> None:
+        engine = write_engine(make_engine(settings.database_url))
+        try:
+            with Session(engine) as session:
+                worker = crud.register_worker(session=session, registration=WorkerRegister(name=name))
+                session.commit()
+                worker_id = worker.id
+            claim_loop(engine, worker_id, name)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+        finally:
+            engine.dispose()
+
+    threads = [threading.Thread(target=run, args=(f"w{i}",)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

@@ -266,49 +266,33 @@ def test_racing_workers_form_each_gang_exactly_once(settings, job_body):
     from sqlmodel import Session
 
     from server import crud
-    from server.db import make_engine, write_engine
-    from server.models import ClaimRequest, WorkerRegister
+    from server.models import ClaimRequest
+    from tests.server.conftest import race_workers
 
     app = create_app(settings)  # no lifespan, so no reaper: slow threads must not see leases expire
     with TestClient(app) as setup:
         setup.headers["Authorization"] = f"Bearer {app.state.tokens.user}"
         job_ids = [_gang_job(setup, job_body)["id"] for _ in range(3)]
     launches: list[tuple[int, int, str]] = []
-    errors: list[BaseException] = []
     lock = threading.Lock()
     start = threading.Barrier(6)
 
-    def worker(name: str) -> None:
-        engine = write_engine(make_engine(settings.database_url))
-        try:
+    def claim_one_launch(engine, worker_id: int, name: str) -> None:
+        start.wait()
+        request = ClaimRequest(rdzv_address=f"{name}.lan", rdzv_port=29000)
+        for _ in range(40):
             with Session(engine) as session:
-                me = crud.register_worker(session=session, registration=WorkerRegister(name=name))
+                me = crud.get_worker(session=session, worker_id=worker_id)
+                launch = crud.claim_job(session=session, worker=me, request=request, settings=settings)
+                got = (launch.job.id, launch.rendezvous.node, name) if launch else None
                 session.commit()
-                worker_id = me.id
-            start.wait()
-            request = ClaimRequest(rdzv_address=f"{name}.lan", rdzv_port=29000)
-            for _ in range(40):
-                with Session(engine) as session:
-                    me = crud.get_worker(session=session, worker_id=worker_id)
-                    launch = crud.claim_job(session=session, worker=me, request=request, settings=settings)
-                    got = (launch.job.id, launch.rendezvous.node, name) if launch else None
-                    session.commit()
-                if got:
-                    with lock:
-                        launches.append(got)
-                    return  # its one CPU slot is busy now
-                time.sleep(0.02)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-        finally:
-            engine.dispose()
+            if got:
+                with lock:
+                    launches.append(got)
+                return  # its one CPU slot is busy now
+            time.sleep(0.02)
 
-    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
+    race_workers(settings, 6, claim_one_launch)
     assert sorted(job for job, _, _ in launches) == sorted(job_ids * 2), launches
     for job_id in job_ids:
         mine = [(node, name) for job, node, name in launches if job == job_id]

@@ -9,9 +9,9 @@ import time
 from sqlmodel import Session
 
 from server import crud
-from server.db import make_engine, write_engine
 from server.main import create_app, reap_once
-from server.models import ClaimRequest, WorkerRegister
+from server.models import ClaimRequest
+from tests.server.conftest import race_workers
 
 
 def _register(client, worker_headers, name="w", gpus=()):
@@ -29,37 +29,21 @@ def test_concurrent_claimers_never_share_a_job(settings, job_body):
     for _ in range(40):
         assert client.post("/api/jobs", json=job_body()).status_code == 201
     claimed: list[int] = []
-    errors: list[BaseException] = []
     lock = threading.Lock()
 
-    def claimer(name: str) -> None:
-        engine = write_engine(make_engine(settings.database_url))  # own connections, like another server
-        try:
+    def claim_until_empty(engine, worker_id: int, name: str) -> None:
+        while True:
             with Session(engine) as session:
-                worker = crud.register_worker(session=session, registration=WorkerRegister(name=name))
+                worker = crud.get_worker(session=session, worker_id=worker_id)
+                got = crud.claim_job(session=session, worker=worker, request=ClaimRequest(), settings=settings)
+                job_id = got.job.id if got else None
                 session.commit()
-                worker_id = worker.id
-            while True:
-                with Session(engine) as session:
-                    worker = crud.get_worker(session=session, worker_id=worker_id)
-                    got = crud.claim_job(session=session, worker=worker, request=ClaimRequest(), settings=settings)
-                    job_id = got.job.id if got else None
-                    session.commit()
-                if job_id is None:
-                    return
-                with lock:
-                    claimed.append(job_id)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-        finally:
-            engine.dispose()
+            if job_id is None:
+                return
+            with lock:
+                claimed.append(job_id)
 
-    threads = [threading.Thread(target=claimer, args=(f"w{i}",)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    race_workers(settings, 8, claim_until_empty)
     assert len(claimed) == 40 and len(set(claimed)) == 40
 
 
