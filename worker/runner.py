@@ -107,8 +107,9 @@ class JobRun:
     def _pump(self, stream: Any, is_stdout: bool) -> None:
         for raw in iter(stream.readline, b""):
             line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
-            metric = _parse_metric(line) if is_stdout else None
-            if is_stdout and line.startswith('{"event": "done"'):
+            record = _json_record(line) if is_stdout else None
+            metric = _as_metric(record)
+            if record is not None and record.get("event") == "done":
                 self.training_done = True
             with self._lock:
                 self.pending_logs.append(line)
@@ -195,16 +196,25 @@ class JobRun:
         return Outcome(exit_code, failure_class, reason)
 
 
-def _parse_metric(line: str) -> dict[str, Any] | None:
+def _json_record(line: str) -> dict[str, Any] | None:
+    """One of the trainer's JSON lines (a metric or an event), or None for anything else."""
     if not line.startswith("{"):
         return None
     try:
         obj = json.loads(line)
     except ValueError:
         return None
-    if isinstance(obj, dict) and all(k in obj for k in METRIC_KEYS) and "event" not in obj:
-        return obj
+    return obj if isinstance(obj, dict) else None
+
+
+def _as_metric(record: dict[str, Any] | None) -> dict[str, Any] | None:
+    if record is not None and all(k in record for k in METRIC_KEYS) and "event" not in record:
+        return record
     return None
+
+
+def _parse_metric(line: str) -> dict[str, Any] | None:
+    return _as_metric(_json_record(line))
 
 
 def _killpg(pgid: int, sig: signal.Signals) -> None:
