@@ -188,10 +188,7 @@ def retry_job(*, session: Session, job_id: int, settings: Settings) -> Job:
     if old.state == JobState.succeeded:  # a retry resumes from the last checkpoint: here the end of training
         raise Conflict(f"job {job_id} succeeded: there is nothing to resume; submit its config as a new job "
                        "to train again")
-    try:
-        config = TrainConfig(**{**old.config, "resume": True})
-    except ValidationError as e:  # the schema changed since the job was made
-        raise StaleConfig(f"job {job_id}'s config is no longer valid: {format_validation_error(e)}") from None
+    config = stored_config(old).model_copy(update={"resume": True})
     job_create = JobCreate(config=config, gpus=old.gpus, nproc=old.nproc if old.gpus == 0 else None,
                            nodes=old.nodes, priority=old.priority, max_attempts=old.max_attempts)
     job = create_job(session=session, job_create=job_create, settings=settings, retry_of=old.id)
