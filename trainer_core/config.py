@@ -157,13 +157,16 @@ class TrainConfig(BaseModel):
     def from_cli(cls, argv: list[str] | None = None, prog: str = "trainer_core.train") -> "TrainConfig":
         parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
         add_cli_arguments(parser)
-        ns = parser.parse_args(argv)
-        values = {k: v for k, v in vars(ns).items() if v is not None}
         try:
-            return cls(**values)
+            return cls.from_namespace(parser.parse_args(argv))
         except ValidationError as e:
             parser.error(format_validation_error(e))
             raise  # unreachable: parser.error exits
+
+    @classmethod
+    def from_namespace(cls, ns: argparse.Namespace) -> "TrainConfig":
+        """The flags `add_cli_arguments` defined and the user gave (others in `ns` are not the config's)."""
+        return cls(**{k: v for k, v in vars(ns).items() if k in cls.model_fields and v is not None})
 
     @classmethod
     def fields_by_group(cls) -> dict[str, list[str]]:

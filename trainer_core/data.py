@@ -135,6 +135,11 @@ def validate_file(path: str | os.PathLike, max_errors: int = MAX_REPORTED_ERRORS
 
 # --- tokenizer ---------------------------------------------------------------------------------------
 
+def has_tokenizer_files(model_dir: str | os.PathLike) -> bool:
+    """A local directory with tokenizer files (transformers would take anything else for a hub repo id)."""
+    return any(Path(model_dir).glob("tokenizer*"))
+
+
 def load_tokenizer(model_dir: str):
     """The model's tokenizer. A tokenizer that declares itself a plain PreTrainedTokenizerFast is loaded as
     such: AutoTokenizer would otherwise swap in the model family's own pre-tokenizer."""

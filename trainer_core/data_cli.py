@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import numpy as np
 from pydantic import ValidationError
 
 from trainer_core.config import TrainConfig, format_validation_error
-from trainer_core.data import (DataError, build_samples, epoch_batches, load_or_tokenize, load_tokenizer,
-                               sample_lengths, sample_token_ids, validate_file)
+from trainer_core.data import (DataError, build_samples, epoch_batches, has_tokenizer_files, load_or_tokenize,
+                               load_tokenizer, sample_lengths, sample_token_ids, validate_file)
 from trainer_core.layout import pack_into_rows
 
 EXAMPLE_MAX_COLUMNS = 48
@@ -143,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(f"paratrain data check: {format_validation_error(e)}", file=sys.stderr)
         return 2
-    if not any(Path(args.tokenizer).glob("tokenizer*")):   # else transformers takes it for a hub repo id
+    if not has_tokenizer_files(args.tokenizer):
         print(f"--tokenizer {args.tokenizer}: not a model directory with tokenizer files", file=sys.stderr)
         return 2
     summary = summarize(cfg, with_example=args.json)

@@ -28,8 +28,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer_core import checkpoint as ckpt
 from trainer_core.config import TrainConfig, add_cli_arguments, format_validation_error
-from trainer_core.data import (DataError, build_samples, collate_batch, epoch_batches, open_tokens,
-                               prepare_tokens, rank_batches, total_optimizer_steps)
+from trainer_core.data import (DataError, build_samples, collate_batch, epoch_batches, has_tokenizer_files,
+                               open_tokens, prepare_tokens, rank_batches, total_optimizer_steps)
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
                                compute_init, gather_objects, print0)
 from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, hidden_states, lora_state_dict,
@@ -109,7 +109,7 @@ def check_base_model(path: str) -> None:
     if not model_dir.is_dir():
         raise DataError([f"--base_model {path}: no such directory (a local HuggingFace model directory is needed)"])
     missing = [f for f in ("config.json",) if not (model_dir / f).exists()]
-    if missing or not any(model_dir.glob("tokenizer*")):
+    if missing or not has_tokenizer_files(model_dir):
         raise DataError([f"--base_model {path}: not a HuggingFace model directory with a tokenizer "
                          f"(missing {', '.join(missing) or 'tokenizer files'})"])
 
@@ -328,9 +328,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    values = {k: v for k, v in vars(args).items() if k in TrainConfig.model_fields and v is not None}
     try:
-        cfg = TrainConfig(**values)
+        cfg = TrainConfig.from_namespace(args)
     except ValidationError as e:
         print(f"paratrain train: {format_validation_error(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
