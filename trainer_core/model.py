@@ -214,15 +214,31 @@ def load_adapter_dir(base_model: str, adapter_dir: str | Path, device: str | tor
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
+def load_lora_weights(peft_model: nn.Module, weights: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Put saved LoRA weights into `peft_model`, or raise DataError naming `source` when they were trained
+    with another rank, other target modules or another model: PEFT alone would load a partial match
+    silently (missing keys keep their fresh init) or fail with a bare size-mismatch traceback."""
+    from peft import set_peft_model_state_dict
+
+    try:
+        result = set_peft_model_state_dict(peft_model, weights)
+    except RuntimeError as e:   # size mismatch: another lora_rank or another model
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise DataError([f"{source}: LoRA weights of another shape than this config's "
+                         f"(lora_rank, base_model?): {detail}"]) from None
+    unexpected = list(result.unexpected_keys)
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if unexpected or missing:
+        raise DataError([f"{source}: LoRA weights for other modules than this config's lora_target_modules "
+                         f"(not in the model: {unexpected[:3]}; not in the file: {missing[:3]})"])
+
+
 def load_pth(base_model: str, pth_path: str | Path, cfg: TrainConfig, device: str | torch.device = "cpu"):
     """Base model + LoRA weights from a `.pth` state dict (the guide's output format)."""
-    from peft import get_peft_model, set_peft_model_state_dict
+    from peft import get_peft_model
 
     base = load_base_model(base_model, torch.device(device), torch.float32, "sdpa")
     patch_rope_2d(base, cfg.rope_2d_ratio)
     model = get_peft_model(base, lora_config(cfg), autocast_adapter_dtype=cfg.adapter_dtype == "float32")
-    result = set_peft_model_state_dict(model, torch.load(pth_path, map_location=device, weights_only=True))
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise ValueError(f"{pth_path}: keys that are not LoRA weights of this model: {unexpected[:5]}")
+    load_lora_weights(model, torch.load(pth_path, map_location=device, weights_only=True), pth_path)
     return model.eval()

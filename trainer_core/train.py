@@ -32,8 +32,8 @@ from trainer_core.data import (DataError, build_samples, collate_batch, epoch_ba
                                open_tokens, prepare_tokens, rank_batches, total_optimizer_steps)
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
                                compute_init, gather_objects, print0)
-from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, hidden_states, lora_state_dict,
-                               save_adapter_dir)
+from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, hidden_states,
+                               load_lora_weights, lora_state_dict, save_adapter_dir)
 
 EXIT_BAD_INPUT = 2
 EXIT_OOM = 3
@@ -160,15 +160,17 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     step, start_epoch, start_epoch_step = 0, 0, 0
     last = ckpt.latest_checkpoint(out_dir) if cfg.resume else None
     if last is not None:
-        from peft import set_peft_model_state_dict
-
         weights, blob, state = ckpt.load_checkpoint(last)
-        set_peft_model_state_dict(model, weights)
+        load_lora_weights(model, weights, last)
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["rng_cpu"])
         step, start_epoch, start_epoch_step = state["step"], state["epoch"], state["epoch_step"]
-        print0(env, f"resuming from {last} (step {step}, epoch {start_epoch + 1}, epoch step {start_epoch_step})")
+        if step >= total_steps:
+            print0(env, f"{last} is the last step ({step}/{total_steps}): writing the final outputs")
+        else:
+            print0(env, f"resuming from {last} (step {step}/{total_steps}, epoch {start_epoch + 1}, "
+                        f"epoch step {start_epoch_step})")
     metrics_file = out_dir / "metrics.jsonl"
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -301,6 +303,21 @@ def _gpu_mem_gb(env: DistEnv) -> float | None:
     return round(torch.cuda.max_memory_allocated(env.device) / 1e9, 3)
 
 
+def oom_advice(cfg: TrainConfig) -> str:
+    """The memory levers this config has not pulled yet (advice to set what is already set only confuses)."""
+    levers = []
+    if cfg.batch_size > 1:
+        levers.append(f"a smaller --batch_size (now {cfg.batch_size}) with more --accumulation_steps")
+    branches = cfg.max_branches_per_sample or cfg.branches_per_sample
+    flag = "--max_branches_per_sample" if cfg.max_branches_per_sample else "--branches_per_sample"
+    levers.append(f"fewer {flag} (now {branches}) or a smaller --max_seq_len (now {cfg.max_seq_len})")
+    if not cfg.gradient_checkpointing:
+        levers.append("--gradient_checkpointing")
+    if cfg.dtype == "float32":
+        levers.append("--dtype bfloat16")
+    return ", ".join(levers[:-1]) + " or " + levers[-1] if len(levers) > 1 else levers[0]
+
+
 def _hms(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -350,8 +367,7 @@ def run_config(cfg: TrainConfig) -> int:
         return EXIT_BAD_INPUT
     except torch.OutOfMemoryError as e:
         print(f"paratrain: out of memory on rank {env.rank}: {str(e).splitlines()[0]}\n"
-              "Try a smaller --batch_size, more --accumulation_steps, fewer --max_branches_per_sample, "
-              "--gradient_checkpointing or --dtype bfloat16.", file=sys.stderr, flush=True)
+              f"Try {oom_advice(cfg)}.", file=sys.stderr, flush=True)
         return EXIT_OOM
     finally:
         compute_cleanup(env)

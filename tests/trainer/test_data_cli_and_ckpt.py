@@ -76,3 +76,24 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir
     for name, g in grads[0][1].items():
         torch.testing.assert_close(grads[1][1][name], g, atol=1e-6, rtol=1e-5)
     assert any(g.abs().sum() > 0 for g in grads[0][1].values())
+
+
+def test_lora_weights_of_other_modules_or_rank_are_refused_by_name(tmp_path, tiny_model_dir):
+    """A .pth from another config must not load half-way (PEFT keeps fresh LoRA init for missing keys)."""
+    import pytest
+
+    from trainer_core.data import DataError
+    from trainer_core.model import build_lora_model, load_pth, lora_state_dict
+
+    cfg = TrainConfig(base_model=str(tiny_model_dir), data_path="unused.jsonl", lora_rank=4)
+    weights = lora_state_dict(build_lora_model(cfg, torch.device("cpu")))
+    good = tmp_path / "good.pth"
+    torch.save(weights, good)
+    assert load_pth(str(tiny_model_dir), good, cfg) is not None
+
+    partial = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in weights.items() if "q_proj" not in k}, partial)
+    with pytest.raises(DataError, match=r"partial\.pth: LoRA weights for other modules.*q_proj"):
+        load_pth(str(tiny_model_dir), partial, cfg)
+    with pytest.raises(DataError, match=r"good\.pth: LoRA weights of another shape.*size mismatch"):
+        load_pth(str(tiny_model_dir), good, cfg.model_copy(update={"lora_rank": 8}))

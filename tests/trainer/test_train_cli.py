@@ -154,3 +154,14 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, tiny_model
     # metrics.jsonl holds every step exactly once
     steps = [json.loads(ln)["step"] for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 15))
+
+    # The same command again: the run is complete, so it says so and rewrites the final outputs.
+    again = subprocess.run(cmd(tmp_path / "cut"), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "is the last step (14/14): writing the final outputs" in again.stdout + again.stderr
+    assert [r for r in json_lines(again.stdout) if "loss" in r] == []
+    # Resuming with another LoRA rank names the checkpoint and the likely flag instead of a traceback.
+    other_rank = [*cmd(tmp_path / "cut"), "--lora_rank", "4"]
+    bad = subprocess.run(other_rank, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
+    assert "checkpoints/step_00000014: LoRA weights of another shape" in bad.stderr and "lora_rank" in bad.stderr
