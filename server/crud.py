@@ -282,21 +282,40 @@ def register_worker(*, session: Session, registration: WorkerRegister) -> Worker
     if worker is None:
         worker = Worker(name=registration.name)
     else:
-        single = select(Job).where(Job.worker_id == worker.id, Job.state == JobState.running, Job.nodes == 1)
-        for job in session.exec(single).all():
-            _lose_job(session, job, f"worker {worker.name} restarted")
-        for _, job in _lock_nodes_of_worker(session, worker):
-            if job.state == JobState.running:
-                _lose_job(session, job, f"worker {worker.name} restarted")
-            else:
-                _release_reservations(session, job, f"worker {worker.name} restarted")
+        _drop_jobs_of_worker(session, worker, f"worker {worker.name} restarted")
     worker.hostname = registration.hostname
     worker.gpus = [g.model_dump() for g in registration.gpus]
     worker.registered_at = now
     worker.last_heartbeat_at = now
+    worker.left_at = None
     session.add(worker)
     session.flush()
     return worker
+
+
+def leave_worker(*, session: Session, worker: Worker) -> None:
+    """A clean stop: the worker is offline now, and anything still leased to it goes back to the queue at
+    once (normally nothing: it hands its jobs back before it leaves)."""
+    _drop_jobs_of_worker(session, worker, f"worker {worker.name} stopped")
+    worker.left_at = utcnow()
+    session.add(worker)
+    session.flush()
+
+
+def worker_online(worker: Worker, settings: Settings, now: datetime) -> bool:
+    return worker.left_at is None and worker.last_heartbeat_at >= now - timedelta(seconds=settings.lease_ttl_s)
+
+
+def _drop_jobs_of_worker(session: Session, worker: Worker, why: str) -> None:
+    """Re-queue the worker's running jobs and release its reservations for multi-node jobs."""
+    single = select(Job).where(Job.worker_id == worker.id, Job.state == JobState.running, Job.nodes == 1)
+    for job in session.exec(single).all():
+        _lose_job(session, job, why)
+    for _, job in _lock_nodes_of_worker(session, worker):
+        if job.state == JobState.running:
+            _lose_job(session, job, why)
+        else:
+            _release_reservations(session, job, why)
 
 
 def get_worker(*, session: Session, worker_id: int) -> Worker:
@@ -378,10 +397,11 @@ def _refresh_gang_lease(session: Session, job: Job) -> None:
 
 
 def _online_workers(session: Session, worker: Worker, settings: Settings, now: datetime) -> int:
-    """Workers that heartbeat within a TTL, the claiming one included (its claim is proof of life)."""
+    """Workers that heartbeat within a TTL and have not left, the claiming one included (its claim is proof
+    of life). The same rule as `worker_online`, in SQL."""
     since = now - timedelta(seconds=settings.lease_ttl_s)
     others = session.exec(select(func.count()).select_from(Worker).where(
-        col(Worker.last_heartbeat_at) >= since, Worker.id != worker.id)).one()
+        col(Worker.last_heartbeat_at) >= since, col(Worker.left_at).is_(None), Worker.id != worker.id)).one()
     return others + 1
 
 

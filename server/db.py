@@ -4,7 +4,7 @@ with SQLITE_BUSY; writers queue on the busy timeout instead. PostgreSQL needs no
 
 from __future__ import annotations
 
-from sqlalchemy import event
+from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine
 from sqlmodel import SQLModel, create_engine
 
@@ -50,5 +50,20 @@ def init_db(engine: Engine) -> None:
     from server import models  # noqa: F401  (registers the tables)
 
     SQLModel.metadata.create_all(engine)
+    add_missing_columns(engine)
+
+
+def add_missing_columns(engine: Engine) -> None:
+    """A database made by an older paratrain lacks the nullable columns added since (create_all makes
+    missing tables, never missing columns): add them, so upgrading keeps the stored jobs. Anything more
+    than a new nullable column would need a real migration tool."""
+    existing = inspect(engine)
+    with engine.begin() as conn:
+        for table in SQLModel.metadata.sorted_tables:
+            have = {c["name"] for c in existing.get_columns(table.name)}
+            for column in table.columns:
+                if column.name not in have and column.nullable:
+                    kind = column.type.compile(dialect=engine.dialect)
+                    conn.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
 
 

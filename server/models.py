@@ -285,6 +285,9 @@ class Worker(SQLModel, table=True):
     gpus: list[dict[str, Any]] = Field(default_factory=list, sa_column=Column(JSON, nullable=False))
     registered_at: datetime = Field(default_factory=utcnow)
     last_heartbeat_at: datetime = Field(default_factory=utcnow)
+    # set when the worker said goodbye on a clean stop (offline at once, not after a lease TTL of silence);
+    # cleared when it registers again
+    left_at: datetime | None = None
 
 
 class WorkerRegister(BaseModel):
@@ -306,6 +309,7 @@ class WorkerPublic(BaseModel):
     gpus: list[GpuInfo]
     registered_at: datetime
     last_heartbeat_at: datetime
+    left_at: datetime | None
     online: bool
     running_job_ids: list[int]
 

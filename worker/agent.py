@@ -74,12 +74,24 @@ class Agent:
         stopped = threading.Event()
         beat = threading.Thread(target=self._heartbeat_loop, args=(stopped,), daemon=True, name="heartbeat")
         beat.start()
+        announced = set()   # which stop the log has announced (signal handlers must not log)
         try:
             while True:
                 if self._unknown_to_server.is_set():
                     self._unknown_to_server.clear()
                     self._register()
+                if self.warm_stop.is_set() and "warm" not in announced:
+                    announced.add("warm")
+                    if self.runs:
+                        log.info("stopping: no new jobs; waiting for job(s) %s to finish (signal again to hand "
+                                 "them back to the queue now)", sorted(self.runs))
+                    else:
+                        log.info("stopping")
                 if self.cold_stop.is_set():
+                    if "cold" not in announced and self.runs:
+                        log.info("handing job(s) %s back to the queue: they resume from their last checkpoint",
+                                 sorted(self.runs))
+                    announced.add("cold")
                     for run in self.runs.values():
                         run.stop(StopReason.release, self.settings.kill_grace_s)
                 self._apply_cancels()
@@ -95,6 +107,18 @@ class Agent:
             for run in self.runs.values():  # only reached on an unexpected error: leave nothing behind
                 run.stop(StopReason.release, 0)
                 run.poll()
+            self._leave()
+
+    def _leave(self) -> None:
+        """Say goodbye, so the server shows this worker offline now rather than after a lease TTL."""
+        assert self.worker_id is not None
+        try:
+            self.client.leave(self.worker_id)
+        except (*Unreachable, JobGone) as e:
+            log.warning("could not tell the server this worker stopped (%s); it shows offline after the "
+                        "lease TTL", e)
+            return
+        log.info("worker %s (%s) stopped", self.worker_id, self.settings.name)
 
     def _register(self) -> bool:
         while not self.warm_stop.is_set():

@@ -43,6 +43,9 @@ class ServerClient:
                            {"running_job_ids": running_job_ids, "stopping": stopping}).json()
         return list(reply["cancel_job_ids"])
 
+    def leave(self, worker_id: int) -> None:
+        self._post(f"/workers/{worker_id}/leave", {})
+
     def claim(self, worker_id: int, *, free_gpu_indices: list[int], accept_cpu_jobs: bool,
               rdzv_address: str | None = None, rdzv_port: int | None = None) -> dict[str, Any] | None:
         response = self._post(f"/workers/{worker_id}/claim", {

@@ -88,6 +88,45 @@ def test_reregistering_releases_the_old_jobs_at_once(client, worker_headers, job
     assert again["state"] == "queued" and again["attempt"] == 2
 
 
+def test_a_worker_that_leaves_is_offline_at_once_and_online_again_when_it_registers(
+        client, worker_headers, job_body):
+    job = client.post("/api/jobs", json=job_body()).json()
+    wid = _register(client, worker_headers, name="box")
+    client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers)
+
+    def listed():
+        return next(w for w in client.get("/api/workers").json()["data"] if w["id"] == wid)
+
+    assert listed()["online"] is True and listed()["left_at"] is None
+    assert client.post(f"/api/workers/{wid}/leave", json={}, headers=worker_headers).status_code == 204
+    assert listed()["online"] is False and listed()["left_at"] is not None   # not after a TTL: now
+    again = client.get(f"/api/jobs/{job['id']}").json()    # what it still held is not stranded with it
+    assert again["state"] == "queued" and again["worker_id"] is None
+    assert _register(client, worker_headers, name="box") == wid
+    assert listed()["online"] is True and listed()["left_at"] is None
+    assert client.post("/api/workers/999/leave", json={}, headers=worker_headers).status_code == 404
+
+
+def test_a_database_of_an_older_version_gains_the_new_columns_and_keeps_its_rows(settings):
+    """Worker.left_at came after the first release: an existing database file must keep working."""
+    from sqlalchemy import inspect, text
+
+    from server.db import init_db, make_engine
+
+    engine = make_engine(settings.database_url)
+    with engine.begin() as conn:   # the worker table as the previous version made it
+        conn.execute(text("CREATE TABLE worker (id BIGINT PRIMARY KEY, name VARCHAR NOT NULL, hostname VARCHAR "
+                          "NOT NULL, gpus JSON NOT NULL, registered_at TIMESTAMP NOT NULL, "
+                          "last_heartbeat_at TIMESTAMP NOT NULL)"))
+        conn.execute(text("INSERT INTO worker VALUES (7, 'old', 'h', '[]', '2026-01-01', '2026-01-01')"))
+    init_db(engine)
+    init_db(engine)   # idempotent
+    assert "left_at" in {c["name"] for c in inspect(engine).get_columns("worker")}
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT name, left_at FROM worker WHERE id = 7")).one() == ("old", None)
+    engine.dispose()
+
+
 def _run_one(client, worker_headers, wid):
     claim = client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers).json()
     return claim["job"]["id"], claim["job"]["attempt"]

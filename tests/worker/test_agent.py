@@ -168,6 +168,8 @@ def test_cold_stop_hands_jobs_back_and_they_resume(live_server, start_agent, mon
     agent.stop(cold=True)
     back = live_server.api.get(f"/jobs/{job['id']}").json()
     assert back["state"] == "queued" and back["attempt"] == 2
+    [worker] = live_server.api.get("/workers").json()["data"]
+    assert worker["online"] is False and worker["left_at"]     # said goodbye: offline now, not after a TTL
     start_agent()
     done = live_server.wait_for(job["id"], {"succeeded", "failed"})
     assert done["state"] == "succeeded"
