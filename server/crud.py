@@ -192,16 +192,21 @@ def retry_job(*, session: Session, job_id: int, settings: Settings) -> Job:
     job_create = JobCreate(config=config, gpus=old.gpus, nproc=old.nproc if old.gpus == 0 else None,
                            nodes=old.nodes, priority=old.priority, max_attempts=old.max_attempts)
     job = create_job(session=session, job_create=job_create, settings=settings, retry_of=old.id)
-    _carry_checkpoints(Path(old.config["output_dir"]), Path(job.config["output_dir"]))
+    _carry_progress(Path(old.config["output_dir"]), Path(job.config["output_dir"]))
     return job
 
 
-def _carry_checkpoints(old_out: Path, new_out: Path) -> None:
+def _carry_progress(old_out: Path, new_out: Path) -> None:
     """A retry resumes where its original stopped: the original's checkpoints are linked (or copied) into
-    the new job's output dir. Checkpoint files are never changed in place, so sharing their inodes is safe."""
+    the new job's output dir (checkpoint files are never changed in place, so sharing their inodes is safe),
+    and its metrics.jsonl is copied (the trainer rewrites that one), so the retry's worker reports the
+    loss curve from step 1, not from the checkpoint on."""
     source = old_out / "checkpoints"
     if not is_dir(source):
         return
+    new_out.mkdir(parents=True, exist_ok=True)
+    if is_file(old_out / "metrics.jsonl"):
+        shutil.copy2(old_out / "metrics.jsonl", new_out / "metrics.jsonl")
 
     def link_or_copy(src: str, dst: str) -> None:
         try:

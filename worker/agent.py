@@ -214,8 +214,8 @@ class Agent:
             RUN_ENV: f"{self.settings.identity}/{job['id']}/{job['attempt']}",
         })
         run = JobRun(job_id=job["id"], attempt=job["attempt"], gpu_ids=gpu_ids, argv=argv, env=env)
-        if job["attempt"] > 1:
-            run.backfill_metrics(Path(job["config"]["output_dir"]) / "metrics.jsonl")
+        # a later attempt, or a retry (its server copied the original's file): the curve so far
+        run.backfill_metrics(Path(job["config"]["output_dir"]) / "metrics.jsonl")
         try:
             run.start()
         except OSError as e:

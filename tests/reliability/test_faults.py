@@ -61,6 +61,9 @@ def test_oom_in_the_trainer_fails_with_reason_and_retry_resumes(cluster):
     assert "--batch_size" in done["failure_reason"]  # says what to change
     retried = retry_and_finish(cluster, job["id"])
     assert '"resumed_from_step": 2' in start_lines(cluster, retried["id"])[0]  # steps 1-2 were checkpointed
+    # the retry's loss curve starts at step 1: the original's steps come with its checkpoint
+    metrics = cluster.api.get(f"/jobs/{retried['id']}/metrics").json()["data"]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4] and retried["step"] == 4
     assert_consistent(cluster)
 
 
