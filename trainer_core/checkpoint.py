@@ -44,6 +44,10 @@ def save_checkpoint(output_dir: str | Path, *, step: int, lora_weights: dict[str
     return final
 
 
+def delete_checkpoints(output_dir: str | Path) -> None:
+    shutil.rmtree(checkpoint_root(output_dir), ignore_errors=True)
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(lora weights, optimizer/scheduler blob, trainer state)."""
     weights = load_file(str(path / "adapter.safetensors"))

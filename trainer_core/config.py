@@ -38,6 +38,14 @@ def _field(default: Any, help: str, group: str, **kw: Any) -> Any:
     return Field(default, description=help, json_schema_extra={"group": group}, **kw)
 
 
+# What a run may change when it resumes a checkpoint: how long it runs (the LR schedule follows the new
+# length), how steps are computed, where and how often it writes, and where the data file lies (the data
+# count by content). Any other field defines the run, so a checkpoint saved under another value belongs to
+# another run (trainer_core.train.resume_identity).
+RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "gradient_checkpointing", "compile", "ddp", "tokens_per_row",
+                               "output_dir", "name", "log_interval", "save_interval", "resume", "data_path"})
+
+
 class TrainConfig(BaseModel):
     """Parameters of one parallel-branch LoRA training run (flag names are the guide's)."""
 

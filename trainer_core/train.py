@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -27,7 +28,7 @@ from pydantic import ValidationError
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer_core import checkpoint as ckpt
-from trainer_core.config import TrainConfig, add_cli_arguments, format_validation_error
+from trainer_core.config import RESUMABLE_CHANGES, TrainConfig, add_cli_arguments, format_validation_error
 from trainer_core.data import (DataError, build_samples, collate_batch, epoch_batches, has_tokenizer_files,
                                open_tokens, prepare_tokens, rank_batches, total_optimizer_steps)
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
@@ -36,6 +37,7 @@ from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_
                                load_lora_weights, lora_state_dict, save_adapter_dir)
 
 EXIT_BAD_INPUT = 2
+EXIT_STOPPED_UNSAVED = 130   # as a shell reports Ctrl-C: stopped, and no new checkpoint was written
 EXIT_OOM = 3
 # Test-only fault injection, off unless set (tests/reliability): `oom_at_step:N`, `crash_rank:R_at_step:N`
 # (SIGKILL of rank R), `enospc_on_checkpoint:N` (OSError ENOSPC when saving step N). A run that resumed
@@ -44,7 +46,6 @@ FAULT_ENV = "PARATRAIN_FAULT"
 
 
 def inject_fault(env: DistEnv, step: int, where: str, resumed: bool) -> None:
-    import os
     import re
 
     spec = os.environ.get(FAULT_ENV, "")
@@ -62,17 +63,26 @@ def inject_fault(env: DistEnv, step: int, where: str, resumed: bool) -> None:
         raise OSError(errno.ENOSPC, f"No space left on device ({FAULT_ENV}: simulated, checkpoint of step {step})")
 
 
+class StopNow(BaseException):
+    """A stop signal with nothing to save (before the first step), or a second one (stop without saving)."""
+
+
 class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop checks it at step boundaries (signal handlers only set flags)."""
+    """SIGTERM/SIGINT during training set a flag the loop checks at step boundaries: it saves and exits.
+    Before training starts there is nothing to save, so they stop at once; so does a second signal."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.training = False
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if not self.training or self.requested:
+            raise StopNow("before the first training step: nothing to save" if not self.training else
+                          "a second stop signal: exiting without a new checkpoint")
         self.requested = True
 
 
@@ -114,6 +124,26 @@ def check_base_model(path: str) -> None:
                          f"(missing {', '.join(missing) or 'tokenizer files'})"])
 
 
+def resume_identity(cfg: TrainConfig, world_size: int, tokens_dir: Path) -> dict:
+    """What a checkpoint must share with the run that resumes it. Every config field counts except those
+    in RESUMABLE_CHANGES; the data count by content (the token cache is named after the file's content,
+    the tokenizer and max_seq_len), the model by its resolved path."""
+    fields = {k: v for k, v in cfg.model_dump().items() if k not in RESUMABLE_CHANGES}
+    identity = {**fields, "base_model": str(Path(cfg.base_model).resolve()), "data (content, tokenizer, max_seq_len)":
+                tokens_dir.name, "world_size": world_size}
+    return json.loads(json.dumps(identity))   # as a checkpoint's JSON gives it back
+
+
+def check_resume_identity(checkpoint: Path, saved: dict | None, current: dict) -> None:
+    if saved is None:   # saved by a paratrain that did not record it
+        return
+    diffs = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
+    if diffs:
+        raise DataError([f"{checkpoint}: saved by a run with other settings ({'; '.join(diffs)}).",
+                         "Resuming it would mix two runs: use another --output_dir, or --no-resume to start over "
+                         "in this one (its old checkpoints are deleted)."])
+
+
 def prepare_data(cfg: TrainConfig, env: DistEnv):
     """Rank 0 validates and tokenises (before any model is loaded); the others read its cache."""
     result: tuple[str, str] = ("", "")
@@ -131,13 +161,13 @@ def prepare_data(cfg: TrainConfig, env: DistEnv):
     samples = build_samples(ds, cfg)
     if len(samples) == 0:
         raise DataError([f"{cfg.data_path}: no sample has any tokens"])
-    return ds, samples
+    return ds, samples, Path(payload)
 
 
 def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     t_start = time.time()
     out_dir = Path(cfg.output_dir)
-    ds, samples = prepare_data(cfg, env)
+    ds, samples, tokens_dir = prepare_data(cfg, env)
     total_steps = total_optimizer_steps(samples, cfg, env.world_size)
     if total_steps == 0:
         raise DataError([f"{cfg.data_path}: {len(samples)} samples make no full optimiser step with batch_size "
@@ -158,16 +188,22 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
 
     step, start_epoch, start_epoch_step = 0, 0, 0
+    identity = resume_identity(cfg, env.world_size, tokens_dir)
     last = ckpt.latest_checkpoint(out_dir) if cfg.resume else None
+    if not cfg.resume and env.is_main and ckpt.checkpoint_root(out_dir).exists():
+        print0(env, f"--no-resume: deleting the checkpoints of an earlier run in {ckpt.checkpoint_root(out_dir)}")
+        ckpt.delete_checkpoints(out_dir)
     if last is not None:
         weights, blob, state = ckpt.load_checkpoint(last)
+        check_resume_identity(last, state.get("run"), identity)
         load_lora_weights(model, weights, last)
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
         torch.set_rng_state(blob["rng_cpu"])
         step, start_epoch, start_epoch_step = state["step"], state["epoch"], state["epoch_step"]
         if step >= total_steps:
-            print0(env, f"{last} is the last step ({step}/{total_steps}): writing the final outputs")
+            print0(env, f"{last} is at step {step}, the end of this run ({total_steps} steps): "
+                        "writing the final outputs")
         else:
             print0(env, f"resuming from {last} (step {step}/{total_steps}, epoch {start_epoch + 1}, "
                         f"epoch step {start_epoch_step})")
@@ -191,7 +227,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         if env.is_main:
             path = ckpt.save_checkpoint(out_dir, step=step, lora_weights=weights, optimizer=optimizer,
                                         scheduler=scheduler, state={"epoch": epoch, "epoch_step": epoch_step,
-                                                                    "total_steps": total_steps})
+                                                                    "total_steps": total_steps, "run": identity})
             latest_pth.parent.mkdir(parents=True, exist_ok=True)
             torch.save(weights, latest_pth)
             emit(env, {"event": "checkpoint", "step": step, "path": str(path)})
@@ -199,6 +235,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
 
     step_time_ema = None
     epoch = start_epoch
+    stop.training = True   # from here a stop signal saves a checkpoint at the next step boundary
     while step < total_steps and epoch < cfg.epochs:
         batches = rank_batches(epoch_batches(samples, cfg, epoch), env.rank, env.world_size)
         first = start_epoch_step if epoch == start_epoch else 0
@@ -242,7 +279,9 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                 done_epoch = epoch_step + 1 == steps_this_epoch
                 save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else epoch_step + 1)
             if stopping:
-                print0(env, f"stop requested: checkpoint saved at step {step}; rerun the same command to resume")
+                print0(env, f"stop requested: checkpoint saved at step {step}; " + (
+                    "the job resumes from it when it runs again" if os.environ.get("PARATRAIN_JOB_ID") else
+                    "rerun the same command to resume"))
                 return 0
             if step >= total_steps:
                 break
@@ -365,6 +404,9 @@ def run_config(cfg: TrainConfig) -> int:
         if env.is_main:
             print("\n".join(e.lines), file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    except StopNow as e:
+        print0(env, f"stopped {e}")
+        return EXIT_STOPPED_UNSAVED
     except torch.OutOfMemoryError as e:
         print(f"paratrain: out of memory on rank {env.rank}: {str(e).splitlines()[0]}\n"
               f"Try {oom_advice(cfg)}.", file=sys.stderr, flush=True)

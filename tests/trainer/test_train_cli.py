@@ -158,10 +158,34 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, tiny_model
     # The same command again: the run is complete, so it says so and rewrites the final outputs.
     again = subprocess.run(cmd(tmp_path / "cut"), capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
-    assert "is the last step (14/14): writing the final outputs" in again.stdout + again.stderr
+    assert "is at step 14, the end of this run (14 steps): writing the final outputs" in again.stdout + again.stderr
     assert [r for r in json_lines(again.stdout) if "loss" in r] == []
-    # Resuming with another LoRA rank names the checkpoint and the likely flag instead of a traceback.
-    other_rank = [*cmd(tmp_path / "cut"), "--lora_rank", "4"]
-    bad = subprocess.run(other_rank, capture_output=True, text=True, timeout=300)
+    # Another run in the same output dir (another rank, learning rate, dataset...) is not resumed into the
+    # old one: it is refused, naming what differs, and nothing there changes; --no-resume starts it over.
+    adapter_before = (tmp_path / "cut" / "adapter" / "adapter_model.safetensors").read_bytes()
+    other = [*cmd(tmp_path / "cut"), "--lora_rank", "4", "--learning_rate", "2e-2", "--max_steps", "2"]
+    bad = subprocess.run(other, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr[-2000:]
-    assert "checkpoints/step_00000014: LoRA weights of another shape" in bad.stderr and "lora_rank" in bad.stderr
+    assert "checkpoints/step_00000014: saved by a run with other settings" in bad.stderr
+    assert "lora_rank 8 -> 4" in bad.stderr and "learning_rate 0.01 -> 0.02" in bad.stderr
+    assert "--no-resume" in bad.stderr and "max_steps" not in bad.stderr     # a new length alone is fine
+    assert (tmp_path / "cut" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter_before
+    fresh = subprocess.run([*other, "--no-resume"], capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert [r["step"] for r in json_lines(fresh.stdout) if "loss" in r] == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step_00000002"]
+
+
+def test_a_stop_signal_before_the_first_step_stops_at_once(tmp_path, tiny_model_dir, demo_data_path):
+    """Loading a real model takes minutes: Ctrl-C then must not wait for a step to train and save."""
+    proc = subprocess.Popen([PYTHON, "-m", "trainer_core.train", *guide_args(tiny_model_dir, demo_data_path,
+                             tmp_path / "out", "--max_steps", "5")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    for line in proc.stdout:
+        if line.startswith("data: "):       # tokenised; the model loads next
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=60) == 130, rest
+    assert "stopped before the first training step: nothing to save" in rest and "Traceback" not in rest
+    assert not (tmp_path / "out" / "checkpoints").exists()
