@@ -188,6 +188,10 @@ def retry_job(*, session: Session, job_id: int, settings: Settings) -> Job:
     if old.state == JobState.succeeded:  # a retry resumes from the last checkpoint: here the end of training
         raise Conflict(f"job {job_id} succeeded: there is nothing to resume; submit its config as a new job "
                        "to train again")
+    # two retries of one job would both resume from its checkpoint and train the same steps twice
+    earlier = session.exec(select(Job.id).where(Job.retry_of == old.id)).first()
+    if earlier is not None:
+        raise Conflict(f"job {job_id} was already retried as job {earlier}; retry that one if it failed")
     config = stored_config(old).model_copy(update={"resume": True})
     job_create = JobCreate(config=config, gpus=old.gpus, nproc=old.nproc if old.gpus == 0 else None,
                            nodes=old.nodes, priority=old.priority, max_attempts=old.max_attempts)

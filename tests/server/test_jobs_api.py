@@ -84,6 +84,8 @@ def test_cancel_retry_delete(client, settings, job_body):
     assert r.status_code == 201
     retry = r.json()
     assert retry["retry_of"] == job["id"] and retry["state"] == "queued"
+    again = client.post(f"/api/jobs/{job['id']}/retry")     # would train the same steps a second time
+    assert again.status_code == 409 and f"already retried as job {retry['id']}" in again.json()["detail"]
     assert retry["config"]["output_dir"] != job["config"]["output_dir"]
     assert {k: v for k, v in retry["config"].items() if k != "output_dir"} == \
            {k: v for k, v in job["config"].items() if k != "output_dir"}
