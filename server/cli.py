@@ -50,7 +50,9 @@ def ensure_demo_assets(data_dir: Path) -> None:
 
 
 def start_local_worker(url: str, settings, gpus: str) -> subprocess.Popen[bytes]:
-    argv = [sys.executable, "-m", "worker", "--server", url, "--token-file", str(settings.data_dir / "worker_token"),
+    # worker.launch: the worker dies with this process, even when it is killed -9 (see there why)
+    argv = [sys.executable, "-m", "worker.launch", "--death-signal", "KILL", str(os.getpid()),
+            sys.executable, "-m", "worker", "--server", url, "--token-file", str(settings.data_dir / "worker_token"),
             "--name", f"{socket.gethostname()}-local", "--gpus", gpus]
     env = {**os.environ, "PARATRAIN_CACHE": os.environ.get("PARATRAIN_CACHE", str(settings.data_dir / "cache"))}
     # Its own session: a terminal's Ctrl-C reaches only us, and we stop the worker in order (below).

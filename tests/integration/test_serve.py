@@ -84,3 +84,55 @@ def test_serve_trains_the_demo_and_hands_jobs_back_on_exit(data_dir, tmp_path):
     finally:
         if serve.poll() is None:
             _stop_serve(serve)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+
+
+def test_serve_killed_9_takes_its_worker_along_and_the_restart_resumes_the_job(data_dir, tmp_path):
+    """A local worker outliving its server would keep running jobs under the name the restarted server's
+    worker registers with: two workers in one name, a finished job run again, two jobs on one CPU slot."""
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    serve = _start_serve(data_dir, port, log_path)
+    try:
+        token = (data_dir / "token").read_text().strip()
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api", headers={"Authorization": f"Bearer {token}"},
+                           timeout=30)
+        job = api.post("/jobs", json={"config": {**TINY_CONFIG, "max_steps": 500}, "gpus": 0}).json()
+        deadline = time.time() + 120
+        while api.get(f"/jobs/{job['id']}").json()["step"] < 2:
+            assert time.time() < deadline, log_path.read_text()[-5000:]
+            time.sleep(0.3)
+        [worker] = [p for p in _children(serve.pid) if alive(p)]
+        trainers = pids_of(job["config"]["output_dir"])
+        assert trainers
+        serve.kill()
+        serve.wait(10)
+        deadline = time.time() + 30
+        while [p for p in [worker, *trainers] if alive(p)]:
+            assert time.time() < deadline, f"left running: {[p for p in [worker, *trainers] if alive(p)]}"
+            time.sleep(0.2)
+
+        serve = _start_serve(data_dir, port, log_path)
+        deadline = time.time() + 120
+        while True:
+            lines = [x["line"] for x in api.get(f"/jobs/{job['id']}/logs", params={"limit": 10000}).json()["data"]]
+            starts = [x for x in lines if '"event": "start"' in x]
+            if len(starts) == 2:
+                break
+            assert time.time() < deadline, log_path.read_text()[-5000:]
+            time.sleep(0.3)
+        assert '"resumed_from_step": 0' not in starts[1]
+        assert [w["name"] for w in api.get("/workers").json()["data"]] == [f"{os.uname().nodename}-local"]
+        api.post(f"/jobs/{job['id']}/cancel")
+        while api.get(f"/jobs/{job['id']}").json()["state"] != "cancelled":
+            assert time.time() < deadline
+            time.sleep(0.3)
+    finally:
+        if serve.poll() is None:
+            _stop_serve(serve)
