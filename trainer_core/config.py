@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -206,8 +206,10 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
                 continue
             default = None if info.is_required() else info.default
             help_text += "" if info.is_required() else f" (default: {default})"
-            group.add_argument(f"--{name}", type=_cli_type(info.annotation), default=None,
-                               required=info.is_required(), help=help_text, metavar=name.upper())
+            choices = get_args(info.annotation) if get_origin(info.annotation) is Literal else None
+            group.add_argument(f"--{name}", type=_cli_type(info.annotation), default=None, choices=choices,
+                               required=info.is_required(), help=help_text,
+                               metavar="{" + ",".join(choices) + "}" if choices else name.upper())
 
 
 def _cli_type(annotation: Any):

@@ -196,11 +196,33 @@ def lora_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_adapter_dir(peft_model: nn.Module, out_dir: Path, cfg: TrainConfig) -> None:
-    """PEFT adapter directory plus the 2D RoPE settings needed to use it."""
+    """PEFT adapter directory plus the 2D RoPE settings needed to use it, and a README that says how.
+    The base model is recorded by absolute path: a relative one only resolves from the training's cwd."""
+    base_model = str(Path(cfg.base_model).resolve())
+    for adapter_config in peft_model.peft_config.values():
+        adapter_config.base_model_name_or_path = base_model
     peft_model.save_pretrained(out_dir)
     (out_dir / ROPE_SETTINGS_FILE).write_text(json.dumps(
-        {"rope_2d_ratio": cfg.rope_2d_ratio, "branch_stride": cfg.branch_stride,
-         "base_model": cfg.base_model}, indent=2))
+        {"rope_2d_ratio": cfg.rope_2d_ratio, "branch_stride": cfg.branch_stride, "base_model": base_model},
+        indent=2))
+    (out_dir / "README.md").write_text(ADAPTER_README.format(base_model=base_model, ratio=cfg.rope_2d_ratio,
+                                                             rank=cfg.lora_rank))
+
+
+# replaces PEFT's empty model card: the one thing a user of this directory must know is the RoPE patch
+ADAPTER_README = """# paratrain LoRA adapter
+
+Trained by paratrain on `{base_model}` (LoRA rank {rank}) with 2D rotary positions, `rope_2d_ratio` {ratio}
+(`rope2d.json`). The adapter only reproduces its training with the same patch applied, so load it with
+
+```python
+from trainer_core.model import load_adapter_dir
+model = load_adapter_dir("{base_model}", "path/to/this/adapter")   # generate() works on it
+```
+
+Plain `PeftModel.from_pretrained` / `AutoPeftModelForCausalLM` load the weights without the patch: with a
+`rope_2d_ratio` above 0 that model computes something else than the one that was trained.
+"""
 
 
 def load_adapter_dir(base_model: str, adapter_dir: str | Path, device: str | torch.device = "cpu",

@@ -100,11 +100,17 @@ def test_bad_flag_value_names_the_field(tmp_path, tiny_model_dir, demo_data_path
 
 def test_paratrain_train_is_the_trainer_in_one_process(tmp_path, tiny_model_dir, demo_data_path):
     out = tmp_path / "out"
-    proc = subprocess.run([str(BIN / "paratrain"), "train", *guide_args(tiny_model_dir, demo_data_path, out),
-                           "--max_steps", "2"], capture_output=True, text=True, timeout=300)
+    relative_model = tiny_model_dir.name     # as users type it, from the model's parent directory
+    proc = subprocess.run([str(BIN / "paratrain"), "train", *guide_args(relative_model, demo_data_path, out),
+                           "--max_steps", "2"], capture_output=True, text=True, timeout=300,
+                          cwd=tiny_model_dir.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r["step"] for r in json_lines(proc.stdout) if "loss" in r] == [1, 2]
-    assert (out / "adapter" / "adapter_config.json").exists()
+    # the adapter names its base model so that it resolves from anywhere, and says how to load it
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
+    assert json.loads((out / "adapter" / "rope2d.json").read_text())["base_model"] == str(tiny_model_dir.resolve())
+    assert "load_adapter_dir" in (out / "adapter" / "README.md").read_text()
     bad = subprocess.run([str(BIN / "paratrain"), "train", "--base_model", "m", "--data_path", "d", "--seed", "-1"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "seed:" in bad.stderr and "Traceback" not in bad.stderr
