@@ -129,6 +129,9 @@ def add_make_tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_make_tiny_model(args: argparse.Namespace) -> int:
+    from trainer_core.model import quiet_libraries
+
+    quiet_libraries()
     path = make_tiny_model(args.out_dir, hidden_size=args.hidden_size, num_layers=args.layers)
     print(f"tiny Qwen2 model and tokenizer written to {path}")
     return 0
