@@ -150,8 +150,13 @@ class LocalWorker:
         threading.Thread(target=self._watch, daemon=True, name="local-worker-watch").start()
 
     def _watch(self) -> None:
+        from worker.agent import EXIT_SUPERSEDED
+
         while not self.stopping.wait(2):
             if self.process is not None and self.process.poll() is not None and not self.stopping.is_set():
+                if self.process.returncode == EXIT_SUPERSEDED:   # restarted, it would push the other one out
+                    log.error("the local worker stopped: another worker registered under its name")
+                    return
                 log.warning("the local worker exited with %s; starting it again", self.process.returncode)
                 self.process = start_local_worker(self.url, self.settings, self.gpus)
 

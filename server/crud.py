@@ -16,7 +16,7 @@ from sqlalchemy import delete, func, update
 from sqlalchemy.exc import IntegrityError
 from sqlmodel import Session, col, select
 
-from server.errors import Conflict, FieldError, NotFound, StaleConfig
+from server.errors import Conflict, FieldError, NotFound, StaleConfig, Superseded
 from server.models import (
     ALLOWED_TRANSITIONS,
     FINAL_STATES,
@@ -297,6 +297,7 @@ def register_worker(*, session: Session, registration: WorkerRegister) -> Worker
     worker.registered_at = now
     worker.last_heartbeat_at = now
     worker.left_at = None
+    worker.instance = registration.instance
     session.add(worker)
     session.flush()
     return worker
@@ -327,10 +328,15 @@ def _drop_jobs_of_worker(session: Session, worker: Worker, why: str) -> None:
             _release_reservations(session, job, why)
 
 
-def get_worker(*, session: Session, worker_id: int) -> Worker:
+def get_worker(*, session: Session, worker_id: int, instance: str | None = None) -> Worker:
+    """The worker, for a call from its process `instance` (None: unchecked); a process whose name another
+    one registered since is Superseded: two processes under one name would both run jobs."""
     worker = session.get(Worker, worker_id)
     if worker is None:
         raise NotFound(f"worker {worker_id}")
+    if instance is not None and worker.instance is not None and instance != worker.instance:
+        raise Superseded(f"another worker process registered as {worker.name!r} (on {worker.hostname or 'a host'}) "
+                         "after this one: each worker needs a name of its own")
     return worker
 
 
@@ -607,7 +613,8 @@ def finish_job(*, session: Session, job_id: int, finish: Finish) -> Job:
         job.worker_id = None
         job.gpu_ids = None
         job.lease_expires_at = None
-        _server_log(session, job, f"handed back by {who + ', ' if who else ''}its stopping worker; "
+        why = finish.failure_reason or "its worker is stopping"
+        _server_log(session, job, f"handed back{' by ' + who if who else ''} ({why}); "
                                   f"re-queued as attempt {job.attempt + 1}")
         job.attempt += 1  # every run is an attempt: its log lines are numbered per attempt
         _set_state(session, job, JobState.queued)

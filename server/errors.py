@@ -12,6 +12,10 @@ class Conflict(Exception):
     """The request is valid but the resource's state forbids it (409)."""
 
 
+class Superseded(Exception):
+    """A worker process whose name another process registered since (410): it must stop, not register again."""
+
+
 class StaleConfig(Conflict):
     """A job's stored config fails today's TrainConfig (stored by an older, looser server)."""
 

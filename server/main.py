@@ -19,7 +19,7 @@ from sqlmodel import Session
 from server import crud
 from server.auth import ensure_tokens
 from server.db import init_db, make_engine, write_engine
-from server.errors import Conflict, FieldError, NotFound
+from server.errors import Conflict, FieldError, NotFound, Superseded
 from server.limits import BodySizeLimit
 from server.models import utcnow
 from server.routes import admin, configs, estimate, jobs, streams, workers
@@ -59,6 +59,10 @@ def _add_exception_handlers(app: FastAPI) -> None:
     @app.exception_handler(Conflict)
     async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
+
+    @app.exception_handler(Superseded)
+    async def _superseded(_: Request, exc: Superseded) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_410_GONE)
 
     @app.exception_handler(FieldError)
     async def _field_error(_: Request, exc: FieldError) -> JSONResponse:

@@ -288,12 +288,24 @@ class Worker(SQLModel, table=True):
     # set when the worker said goodbye on a clean stop (offline at once, not after a lease TTL of silence);
     # cleared when it registers again
     left_at: datetime | None = None
+    # the worker process that registered last under this name: an older one still running is told to stop
+    instance: str | None = None
+
+
+WorkerInstance = Annotated[str | None, Field(None, max_length=64, description=(
+    "A random id of the worker process (from its registration on): when another process registers under the "
+    "same name, this one's heartbeats and claims get 410 and it stops."))]
 
 
 class WorkerRegister(BaseModel):
     name: Label = Field(min_length=1, max_length=200)
     hostname: Label = Field("", max_length=255)
     gpus: list[GpuInfo] = Field(default_factory=list)
+    instance: WorkerInstance = None
+
+
+class WorkerLeave(BaseModel):
+    instance: WorkerInstance = None
 
 
 class WorkerRegistered(BaseModel):
@@ -322,6 +334,7 @@ class Heartbeat(BaseModel):
     running_job_ids: list[DbInt] = Field(default_factory=list, max_length=10_000)
     stopping: bool = Field(False, description="The worker takes no new work: its reservations for multi-node "
                                               "jobs are given back.")
+    instance: WorkerInstance = None
 
 
 class HeartbeatReply(BaseModel):
@@ -335,6 +348,7 @@ class ClaimRequest(BaseModel):
                                      "multi-node jobs; none: the worker takes no multi-node jobs.")
     rdzv_port: int | None = Field(None, ge=1, le=65535, description="A port free on this machine now; used when "
                                   "this worker becomes node 0 of a multi-node job.")
+    instance: WorkerInstance = None
 
 
 class Claim(BaseModel):

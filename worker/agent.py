@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from worker.client import JobGone, ServerClient, Unauthorized, Unreachable
+from worker.client import JobGone, ServerClient, Superseded, Unauthorized, Unreachable
 from worker.command import Rendezvous, trainer_argv
 from worker.runner import LAUNCHED_BY_ENV, RUN_ENV, JobRun, Outcome, StopReason, find_orphans, kill_groups
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("paratrain.worker")
 
+EXIT_SUPERSEDED = 4   # another process registered under this worker's name: do not restart this one
 MAX_METRICS_PER_REPORT = 500
 MAX_LOGS_PER_REPORT = 2000
 # paratrain's own secrets never reach the job's processes (what a job runs is not trusted with them)
@@ -52,6 +53,7 @@ class Agent:
         self._cancel_lock = threading.Lock()
         self._next_claim = 0.0
         self._unknown_to_server = threading.Event()  # the server lost our registration (a new database)
+        self.superseded: str | None = None  # why this process must stop: another registered under its name
 
     # --- signals -----------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -80,6 +82,12 @@ class Agent:
                 if self._unknown_to_server.is_set():
                     self._unknown_to_server.clear()
                     self._register()
+                if self.superseded is not None and "superseded" not in announced:
+                    announced.add("superseded")
+                    log.error("%s; stopping this one (its jobs were re-queued; set --name or "
+                              "PARATRAIN_WORKER_NAME)", self.superseded)
+                    self.warm_stop.set()
+                    self.cold_stop.set()
                 if self.warm_stop.is_set() and "warm" not in announced:
                     announced.add("warm")
                     if self.runs:
@@ -100,7 +108,7 @@ class Agent:
                 if not self.warm_stop.is_set():
                     self._claim()
                 elif not self.runs and not self.finished:
-                    return 0
+                    return 0 if self.superseded is None else EXIT_SUPERSEDED
                 time.sleep(self.settings.report_interval_s)
         finally:
             stopped.set()
@@ -112,9 +120,11 @@ class Agent:
     def _leave(self) -> None:
         """Say goodbye, so the server shows this worker offline now rather than after a lease TTL."""
         assert self.worker_id is not None
+        if self.superseded is not None:   # the name is another process's now: its worker stays online
+            return
         try:
             self.client.leave(self.worker_id)
-        except (*Unreachable, JobGone) as e:
+        except (*Unreachable, JobGone, Superseded) as e:
             log.warning("could not tell the server this worker stopped (%s); it shows offline after the "
                         "lease TTL", e)
             return
@@ -153,6 +163,9 @@ class Agent:
             except JobGone:
                 log.warning("the server does not know worker %s any more; registering again", self.worker_id)
                 self._unknown_to_server.set()
+            except Superseded as e:
+                self.superseded = str(e)
+                return
             stopped.wait(self.heartbeat_interval_s)
 
     def _apply_cancels(self) -> None:
@@ -181,6 +194,9 @@ class Agent:
                                       rdzv_address=self.settings.rdzv_address or None, rdzv_port=free_port())
         except (*Unreachable, JobGone) as e:
             log.warning("claim failed: %s", e)
+            claim = None
+        except Superseded as e:
+            self.superseded = str(e)
             claim = None
         if claim is None:
             self._next_claim = now + self.settings.claim_interval_s
@@ -213,7 +229,8 @@ class Agent:
             LAUNCHED_BY_ENV: self.settings.identity,
             RUN_ENV: f"{self.settings.identity}/{job['id']}/{job['attempt']}",
         })
-        run = JobRun(job_id=job["id"], attempt=job["attempt"], gpu_ids=gpu_ids, argv=argv, env=env)
+        run = JobRun(job_id=job["id"], attempt=job["attempt"], gpu_ids=gpu_ids, argv=argv, env=env,
+                     prints_events=rendezvous is None or rendezvous.node == 0)
         # a later attempt, or a retry (its server copied the original's file): the curve so far
         run.backfill_metrics(Path(job["config"]["output_dir"]) / "metrics.jsonl")
         try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import uuid
+
 import httpx
 
 # Transport errors and 5xx mean "the server is down or restarting": the caller keeps its data and retries.
@@ -14,12 +16,18 @@ class Unauthorized(Exception):
     """401: the token is not the server's worker token. Retrying will not help."""
 
 
+class Superseded(Exception):
+    """410: another worker process registered under this one's name since. Registering again would only
+    push that one out in turn: this process must stop."""
+
+
 class JobGone(Exception):
     """409/404: the server no longer gives this job to this worker (lease lost, re-queued, deleted)."""
 
 
 class ServerClient:
     def __init__(self, base_url: str, token: str, timeout_s: float = 10.0) -> None:
+        self.instance = uuid.uuid4().hex   # this process, as the server tells it from others of its name
         self._http = httpx.Client(base_url=base_url.rstrip("/") + "/api", timeout=timeout_s,
                                   headers={"Authorization": f"Bearer {token}"})
 
@@ -30,27 +38,31 @@ class ServerClient:
         response = self._http.post(path, json=body)
         if response.status_code == 401:
             raise Unauthorized("the server refused the worker token (use its <data_dir>/worker_token)")
+        if response.status_code == 410:
+            raise Superseded(response.json().get("detail", response.text[:200]))
         if response.status_code in (404, 409):
             raise JobGone(f"{path}: {response.status_code} {response.text[:200]}")
         response.raise_for_status()
         return response
 
     def register(self, *, name: str, hostname: str, gpus: list[dict]) -> dict[str, Any]:
-        return self._post("/workers/register", {"name": name, "hostname": hostname, "gpus": gpus}).json()
+        return self._post("/workers/register", {"name": name, "hostname": hostname, "gpus": gpus,
+                                                "instance": self.instance}).json()
 
     def heartbeat(self, worker_id: int, running_job_ids: list[int], stopping: bool = False) -> list[int]:
         reply = self._post(f"/workers/{worker_id}/heartbeat",
-                           {"running_job_ids": running_job_ids, "stopping": stopping}).json()
+                           {"running_job_ids": running_job_ids, "stopping": stopping,
+                            "instance": self.instance}).json()
         return list(reply["cancel_job_ids"])
 
     def leave(self, worker_id: int) -> None:
-        self._post(f"/workers/{worker_id}/leave", {})
+        self._post(f"/workers/{worker_id}/leave", {"instance": self.instance})
 
     def claim(self, worker_id: int, *, free_gpu_indices: list[int], accept_cpu_jobs: bool,
               rdzv_address: str | None = None, rdzv_port: int | None = None) -> dict[str, Any] | None:
         response = self._post(f"/workers/{worker_id}/claim", {
             "free_gpu_indices": free_gpu_indices, "accept_cpu_jobs": accept_cpu_jobs,
-            "rdzv_address": rdzv_address, "rdzv_port": rdzv_port})
+            "rdzv_address": rdzv_address, "rdzv_port": rdzv_port, "instance": self.instance})
         return None if response.status_code == 204 else response.json()
 
     def report(self, job_id: int, *, worker_id: int, attempt: int, metrics: list[dict], logs: list[str],

@@ -73,6 +73,7 @@ class JobRun:
     gpu_ids: list[int]
     argv: list[str]
     env: dict[str, str]
+    prints_events: bool = True  # its global rank 0 runs here (not a later node of a multi-node job)
     process: subprocess.Popen[bytes] | None = None
     stop_reason: StopReason | None = None
     kill_deadline: float | None = None
@@ -192,6 +193,11 @@ class JobRun:
             return Outcome(exit_code, None, "worker stopping", release=True)
         if self.stop_reason in (StopReason.cancel, StopReason.lost):
             return Outcome(exit_code, "cancelled", "cancelled by request")
+        if exit_code == 0 and self.prints_events and not self.training_done:
+            # exit 0 without the done event: a stop signal from outside the worker (an operator's kill,
+            # another worker process under this name); it saved a checkpoint, so the job goes on elsewhere
+            return Outcome(exit_code, None, "the trainer was stopped before its last step by a signal the worker "
+                           "did not send; it saved a checkpoint", release=True)
         failure_class, reason = classify_exit(exit_code, self.stderr_tail)
         return Outcome(exit_code, failure_class, reason)
 

@@ -19,6 +19,7 @@ from server.models import (
     JobPublic,
     Report,
     WorkerPublic,
+    WorkerLeave,
     WorkerRegister,
     WorkerRegistered,
     WorkersPublic,
@@ -53,16 +54,17 @@ def register_worker(registration: WorkerRegister, session: WriteSessionDep,
 @agent_router.post("/workers/{worker_id}/heartbeat", response_model=HeartbeatReply)
 def heartbeat(worker_id: WorkerIdPath, beat: Heartbeat, session: WriteSessionDep,
               settings: SettingsDep) -> HeartbeatReply:
-    worker = crud.get_worker(session=session, worker_id=worker_id)
+    worker = crud.get_worker(session=session, worker_id=worker_id, instance=beat.instance)
     stop = crud.heartbeat(session=session, worker=worker, beat=beat, settings=settings)
     session.commit()
     return HeartbeatReply(cancel_job_ids=stop)
 
 
 @agent_router.post("/workers/{worker_id}/leave", status_code=status.HTTP_204_NO_CONTENT)
-def leave(worker_id: WorkerIdPath, session: WriteSessionDep) -> Response:
+def leave(worker_id: WorkerIdPath, body: WorkerLeave, session: WriteSessionDep) -> Response:
     """A clean stop: the worker shows offline at once instead of after a lease TTL without heartbeats."""
-    crud.leave_worker(session=session, worker=crud.get_worker(session=session, worker_id=worker_id))
+    worker = crud.get_worker(session=session, worker_id=worker_id, instance=body.instance)
+    crud.leave_worker(session=session, worker=worker)
     session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -72,7 +74,7 @@ def leave(worker_id: WorkerIdPath, session: WriteSessionDep) -> Response:
                                                    "they were reserved for a multi-node job still forming."}})
 def claim(worker_id: WorkerIdPath, request: ClaimRequest, session: WriteSessionDep,
           settings: SettingsDep) -> Claim | Response:
-    worker = crud.get_worker(session=session, worker_id=worker_id)
+    worker = crud.get_worker(session=session, worker_id=worker_id, instance=request.instance)
     launch = crud.claim_job(session=session, worker=worker, request=request, settings=settings)
     session.commit()  # a reservation is stored even when nothing starts yet
     if launch is None:

@@ -281,6 +281,28 @@ def test_a_worker_registers_again_when_the_server_forgot_it(live_server, start_a
     assert running.thread.is_alive()
 
 
+def test_a_second_process_under_the_same_name_takes_over_and_the_first_stops(live_server, start_agent,
+                                                                            monkeypatch, job_body):
+    """Two workers sharing a name (a copied config) must not both run jobs: the later registration wins,
+    the earlier process learns it at its next heartbeat and stops instead of registering back."""
+    from worker.agent import EXIT_SUPERSEDED
+
+    monkeypatch.setenv("FAKE_STEP_S", "0.2")
+    job = live_server.api.post("/jobs", json=job_body(max_steps=15)).json()
+    first = start_agent()
+    deadline = time.time() + 10
+    while live_server.api.get(f"/jobs/{job['id']}").json()["step"] < 2:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    second = start_agent()
+    first.thread.join(15)
+    assert not first.thread.is_alive() and first.exit_code == EXIT_SUPERSEDED
+    done = live_server.wait_for(job["id"], {"succeeded", "failed"})
+    assert done["state"] == "succeeded" and done["attempt"] >= 2      # finished by the second process
+    [worker] = live_server.api.get("/workers").json()["data"]
+    assert worker["online"] and second.thread.is_alive()                 # the first did not sign it off
+
+
 def test_workers_of_the_same_name_on_other_servers_leave_each_others_runs_alone():
     """Two `paratrain serve` instances on one host both call their worker by the hostname: the orphan sweep
     of one must not kill the other's training."""

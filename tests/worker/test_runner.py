@@ -46,6 +46,24 @@ def test_failure_classes_follow_the_trainer_contract():
     assert classify_exit(7, ["boom"]) == ("crash", "exit code 7\nboom")
 
 
+def test_a_clean_exit_counts_as_success_only_after_the_done_event():
+    """A trainer stopped by a SIGTERM the worker did not send saves and exits 0 without finishing: its job
+    must go back to the queue, not become `succeeded` with half its steps."""
+    from worker.runner import JobRun, StopReason
+
+    def run(**kw) -> JobRun:
+        return JobRun(job_id=1, attempt=1, gpu_ids=[], argv=["trainer"], env={}, **kw)
+
+    finished = run()
+    finished.training_done = True
+    assert finished.outcome(0).release is False and finished.outcome(0).failure_class is None
+    stopped = run().outcome(0)
+    assert stopped.release is True and "did not send" in stopped.failure_reason
+    assert run(prints_events=False).outcome(0).release is False    # node 1+ of a gang never sees the event
+    cancelled = run(stop_reason=StopReason.cancel).outcome(0)
+    assert cancelled.failure_class == "cancelled" and cancelled.release is False
+
+
 def test_metric_lines_are_json_objects_with_step_and_loss():
     assert _parse_metric('{"step": 3, "loss": 1.5, "lr": 0.1}') == {"step": 3, "loss": 1.5, "lr": 0.1}
     assert _parse_metric('{"event": "checkpoint", "step": 3, "loss": 1}') is None
