@@ -5,11 +5,13 @@ consecutive text records are grouped into samples whose branches are those texts
 
 Files are streamed line by line and never held in memory whole. Tokens live in a flat int32 file
 (memory-mapped) with an offsets index, cached under a key of (file content, tokenizer, max_seq_len),
-so a second run over the same data does not tokenise again.
+so a second run over the same data does not tokenise again. Only a prefix of a long text is tokenised
+(see `encode_truncated`), so one huge line costs memory in proportion to max_seq_len, not to its size.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -26,7 +28,16 @@ from trainer_core.layout import PackedBatch, SampleLayout, build_sample_layout, 
 
 MAX_REPORTED_ERRORS = 50
 TOKENIZE_CHUNK = 1024
-CACHE_VERSION = "1"
+CACHE_VERSION = "2"  # 2: index.npz holds `text_truncated`
+# A text is tokenised from a prefix of PREFIX_CHARS_PER_TOKEN * max_seq_len characters, doubled while it
+# gives too few tokens: tokenising a 20 MB line whole took 4 GB only to keep its first max_seq_len tokens.
+PREFIX_CHARS_PER_TOKEN = 8
+# Tokens past max_seq_len a cut prefix must give before it is trusted: the cut changes only the tokens
+# next to it (a word split in two), not the first max_seq_len.
+PREFIX_MARGIN_TOKENS = 16
+# The keys each record shape reads; others next to them are ignored (and counted by `validate_file`).
+PARALLEL_KEYS = frozenset({"main", "branches"})
+TEXT_KEYS = frozenset({"text"})
 
 
 class DataError(ValueError):
@@ -44,14 +55,20 @@ class Record:
     main: str | None = None            # main+branches record
     branches: list[str] | None = None
     text: str | None = None            # text record
+    ignored_keys: frozenset[str] = frozenset()
 
 
 # --- reading and validation ----------------------------------------------------------------------
 
 def iter_raw_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, raw bytes) for every non-blank line, streamed."""
+    """(1-based line number, raw bytes) for every non-blank line, streamed. The line terminator is cut off
+    (JSON error columns then point into the line, not past it), and so is a UTF-8 BOM that starts the
+    file (editors on Windows write one)."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            raw = raw.rstrip(b"\r\n")
+            if lineno == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)
             if raw.strip():
                 yield lineno, raw
 
@@ -82,16 +99,23 @@ def parse_line(raw: bytes) -> Record | str:
         for i, b in enumerate(branches):
             if not isinstance(b, str):
                 return f"branches[{i}] must be a string, got {type(b).__name__}"
-        if not main.strip() and not any(b.strip() for b in branches):
-            return "no text at all (main and every branch are empty)"
-        return Record(line=0, main=main, branches=branches)
+        # An empty branch would silently vanish from training (it has no tokens); one of whitespace only
+        # is no text either, as for a text record.
+        if not any(b.strip() for b in branches):
+            if not main.strip():
+                return "no text at all (main and every branch are empty)"
+            return "branches are all empty (a record needs at least one branch to train on)"
+        for i, b in enumerate(branches):
+            if not b.strip():
+                return f"branch {i + 1} is {'empty' if not b else 'only whitespace'}"
+        return Record(line=0, main=main, branches=branches, ignored_keys=frozenset(obj) - PARALLEL_KEYS)
     if "text" in obj:
         text = obj["text"]
         if not isinstance(text, str):
             return f"'text' must be a string, got {type(text).__name__}"
         if not text.strip():
             return "'text' is empty"
-        return Record(line=0, text=text)
+        return Record(line=0, text=text, ignored_keys=frozenset(obj) - TEXT_KEYS)
     keys = ", ".join(sorted(obj)) or "none"
     return f"no 'main'/'branches' or 'text' key (keys: {keys})"
 
@@ -106,8 +130,11 @@ def iter_records(path: str | os.PathLike) -> Iterator[Record]:
         yield rec
 
 
-def validate_file(path: str | os.PathLike, max_errors: int = MAX_REPORTED_ERRORS) -> int:
-    """Check every line; return the record count or raise DataError listing `FILE:LINE: ...` problems."""
+def validate_file(path: str | os.PathLike, max_errors: int = MAX_REPORTED_ERRORS,
+                  warnings: list[str] | None = None) -> int:
+    """Check every line; return the record count or raise DataError listing `FILE:LINE: ...` problems.
+    `warnings` gets a line about valid records with keys paratrain ignores (a typo'd key would otherwise
+    go unnoticed)."""
     p = Path(path)
     if not p.exists():
         raise DataError([f"{path}: file not found"])
@@ -116,6 +143,8 @@ def validate_file(path: str | os.PathLike, max_errors: int = MAX_REPORTED_ERRORS
     errors: list[str] = []
     n_errors = 0
     records = 0
+    ignored: set[str] = set()
+    ignoring_records = first_ignoring = 0
     for lineno, raw in iter_raw_lines(p):
         rec = parse_line(raw)
         if isinstance(rec, str):
@@ -124,12 +153,20 @@ def validate_file(path: str | os.PathLike, max_errors: int = MAX_REPORTED_ERRORS
                 errors.append(f"{path}:{lineno}: {rec}")
         else:
             records += 1
+            if rec.ignored_keys:
+                ignored |= rec.ignored_keys
+                ignoring_records += 1
+                first_ignoring = first_ignoring or lineno
     if n_errors > len(errors):
         errors.append(f"{path}: ... and {n_errors - len(errors)} more bad lines")
     if not errors and records == 0:
         errors.append(f"{path}:1: empty file (no records)")
     if errors:
         raise DataError(errors)
+    if ignoring_records and warnings is not None:
+        have = "record has" if ignoring_records == 1 else "records have"
+        warnings.append(f"{path}: {ignoring_records} {have} keys paratrain ignores: {', '.join(sorted(ignored))}"
+                        f" (first on line {first_ignoring})")
     return records
 
 
@@ -178,11 +215,13 @@ class TokenizedDataset:
 
     Text t has tokens `tokens[text_offsets[t]:text_offsets[t+1]]`. Record r owns texts
     `record_texts[r]:record_texts[r+1]`; for a main+branches record (`record_has_main[r]`) the first of
-    them is the main (possibly empty), for a text record it is the single text.
+    them is the main (possibly empty), for a text record it is the single text. `text_truncated[t]`: text
+    t had more than max_seq_len tokens.
     """
 
     tokens: np.ndarray
     text_offsets: np.ndarray
+    text_truncated: np.ndarray
     record_texts: np.ndarray
     record_is_parallel: np.ndarray
     record_lines: np.ndarray
@@ -210,10 +249,11 @@ def cache_key(data_path: str, tokenizer_dir: str, max_seq_len: int) -> str:
 
 
 def prepare_tokens(data_path: str, tokenizer_dir: str, max_seq_len: int,
-                   cache_dir: str | os.PathLike | None = None, log=None) -> Path:
+                   cache_dir: str | os.PathLike | None = None, log=None, warnings: list[str] | None = None) -> Path:
     """Validate, then tokenise `data_path` once; return the cache directory (`open_tokens` reads it).
-    Later calls with the same file, tokenizer and max_seq_len find the cache and tokenise nothing."""
-    validate_file(data_path)
+    Later calls with the same file, tokenizer and max_seq_len find the cache and tokenise nothing.
+    `warnings`: as for `validate_file`."""
+    validate_file(data_path, warnings=warnings)
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     target = root / cache_key(data_path, tokenizer_dir, max_seq_len)
     if not (target / "index.npz").exists():
@@ -226,8 +266,29 @@ def prepare_tokens(data_path: str, tokenizer_dir: str, max_seq_len: int,
 
 
 def load_or_tokenize(data_path: str, tokenizer_dir: str, max_seq_len: int,
-                     cache_dir: str | os.PathLike | None = None, log=None) -> TokenizedDataset:
-    return open_tokens(prepare_tokens(data_path, tokenizer_dir, max_seq_len, cache_dir, log))
+                     cache_dir: str | os.PathLike | None = None, log=None,
+                     warnings: list[str] | None = None) -> TokenizedDataset:
+    return open_tokens(prepare_tokens(data_path, tokenizer_dir, max_seq_len, cache_dir, log, warnings))
+
+
+def encode_truncated(tokenizer, texts: list[str], max_seq_len: int) -> list[tuple[list[int], bool]]:
+    """Each text's first `max_seq_len` token ids, and whether it has more tokens than that.
+
+    Only a prefix of each text is tokenised: PREFIX_CHARS_PER_TOKEN * max_seq_len characters in one batched
+    call (a text shorter than that, the usual case, is tokenised whole), doubled for the rare text whose
+    prefix gives fewer than max_seq_len + PREFIX_MARGIN_TOKENS tokens. A prefix that stops short of the text
+    gave more than max_seq_len tokens, so the text is truncated; otherwise the whole text was counted."""
+    chars = PREFIX_CHARS_PER_TOKEN * max_seq_len
+    enough = max_seq_len + PREFIX_MARGIN_TOKENS
+    encoded = tokenizer([t[:chars] for t in texts], add_special_tokens=False)["input_ids"]
+    result = []
+    for text, ids in zip(texts, encoded):
+        prefix = chars
+        while len(ids) < enough and len(text) > prefix:
+            prefix *= 2
+            ids = tokenizer(text[:prefix], add_special_tokens=False)["input_ids"]
+        result.append((ids[:max_seq_len], len(ids) > max_seq_len))
+    return result
 
 
 def _tokenize_to(target: Path, data_path: str, tokenizer_dir: str, max_seq_len: int) -> None:
@@ -235,6 +296,7 @@ def _tokenize_to(target: Path, data_path: str, tokenizer_dir: str, max_seq_len: 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     text_lengths: list[int] = []
+    text_truncated: list[bool] = []
     record_texts = [0]
     record_is_parallel: list[bool] = []
     record_lines: list[int] = []
@@ -245,10 +307,9 @@ def _tokenize_to(target: Path, data_path: str, tokenizer_dir: str, max_seq_len: 
             def flush() -> None:
                 if not pending:
                     return
-                encoded = tokenizer(pending, add_special_tokens=False)["input_ids"]
-                for ids in encoded:
-                    ids = ids[:max_seq_len]
+                for ids, truncated in encode_truncated(tokenizer, pending, max_seq_len):
                     text_lengths.append(len(ids))
+                    text_truncated.append(truncated)
                     out.write(np.asarray(ids, dtype=np.int32).tobytes())
                 pending.clear()
 
@@ -263,6 +324,7 @@ def _tokenize_to(target: Path, data_path: str, tokenizer_dir: str, max_seq_len: 
             flush()
         np.savez(tmp / "index.npz",
                  text_offsets=np.concatenate([[0], np.cumsum(text_lengths, dtype=np.int64)]),
+                 text_truncated=np.asarray(text_truncated, dtype=bool),
                  record_texts=np.asarray(record_texts, dtype=np.int64),
                  record_is_parallel=np.asarray(record_is_parallel, dtype=bool),
                  record_lines=np.asarray(record_lines, dtype=np.int64))
@@ -280,7 +342,8 @@ def open_tokens(target: Path) -> TokenizedDataset:
     n_tokens = int(index["text_offsets"][-1])
     tokens = (np.memmap(target / "tokens.bin", dtype=np.int32, mode="r", shape=(n_tokens,))
               if n_tokens else np.zeros(0, dtype=np.int32))
-    return TokenizedDataset(tokens=tokens, text_offsets=index["text_offsets"], record_texts=index["record_texts"],
+    return TokenizedDataset(tokens=tokens, text_offsets=index["text_offsets"], text_truncated=index["text_truncated"],
+                            record_texts=index["record_texts"],
                             record_is_parallel=index["record_is_parallel"], record_lines=index["record_lines"])
 
 

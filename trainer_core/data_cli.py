@@ -23,13 +23,15 @@ SHAPING_FLAGS = ("max_seq_len", "branches_per_sample", "max_branches_per_sample"
 
 def summarize(cfg: TrainConfig, with_example: bool = True) -> dict:
     """Summary dict, or {"errors": ["FILE:LINE: ...", ...]} for a bad file."""
+    warnings: list[str] = []
     try:
-        ds = load_or_tokenize(cfg.data_path, cfg.base_model, cfg.max_seq_len)
+        ds = load_or_tokenize(cfg.data_path, cfg.base_model, cfg.max_seq_len, warnings=warnings)
     except DataError as e:
         return {"errors": e.lines}
     samples = build_samples(ds, cfg)
     lengths = sample_lengths(ds, samples)
-    branches = np.diff(samples.ptr) + (samples.main >= 0)
+    # The main is not counted, so the histogram is on the scale of --max_branches_per_sample.
+    branches = np.diff(samples.ptr)
     text_lens = np.diff(ds.text_offsets)
     text_lens = text_lens[text_lens > 0]
     hist = {int(k): int(v) for k, v in zip(*np.unique(branches, return_counts=True))}
@@ -46,7 +48,7 @@ def summarize(cfg: TrainConfig, with_example: bool = True) -> dict:
         "data_path": cfg.data_path,
         "records": ds.num_records,
         "samples": len(samples),
-        "texts": int(branches.sum()),
+        "texts": int(branches.sum() + (samples.main >= 0).sum()),
         "branches_histogram": hist,
         "token_length_percentiles": _percentiles(text_lens),
         "sample_token_percentiles": _percentiles(lengths),
@@ -54,8 +56,9 @@ def summarize(cfg: TrainConfig, with_example: bool = True) -> dict:
         "tokens_after_packing": packed_slots,
         "padding_share": round(1 - total / packed_slots, 4) if packed_slots else 0.0,
         "padding_share_if_padded_to_longest": round(1 - total / padded_slots, 4) if padded_slots else 0.0,
-        "truncated_texts": int((np.diff(ds.text_offsets) >= cfg.max_seq_len).sum()),
+        "truncated_texts": int(ds.text_truncated.sum()),
         "errors": [],
+        "warnings": warnings,
     }
     if with_example and len(samples):
         summary["example_layout"] = example_layout(ds, samples, cfg)
@@ -97,8 +100,9 @@ def format_summary(s: dict) -> str:
     t, st = s["token_length_percentiles"], s["sample_token_percentiles"]
     return "\n".join([
         f"{s['data_path']}: OK",
+        *[f"  warning: {w}" for w in s["warnings"]],
         f"  records {s['records']:,} -> samples {s['samples']:,} ({s['texts']:,} texts incl. mains)",
-        f"  branches per sample (count:samples): {hist}",
+        f"  branches per sample, main not counted (branches:samples): {hist}",
         f"  tokens per text   p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  max {t['max']}"
         f"  ({s['truncated_texts']} truncated)",
         f"  tokens per sample p50 {st['p50']}  p90 {st['p90']}  p99 {st['p99']}  max {st['max']}",
@@ -127,13 +131,15 @@ def run(args: argparse.Namespace) -> int:
     import json
 
     if args.tokenizer is None:
+        warnings: list[str] = []
         try:
-            records = validate_file(args.file)
+            records = validate_file(args.file, warnings=warnings)
         except DataError as e:
             print("\n".join(e.lines), file=sys.stderr)
             return 2
-        print(json.dumps({"data_path": args.file, "records": records}) if args.json else
-              f"{args.file}: {records:,} valid records (give --tokenizer for samples, token lengths and packing)")
+        print(json.dumps({"data_path": args.file, "records": records, "warnings": warnings}) if args.json else
+              "\n".join([f"{args.file}: {records:,} valid records (give --tokenizer for samples, token lengths "
+                         "and packing)", *[f"  warning: {w}" for w in warnings]]))
         return 0
     overrides = {k: getattr(args, k) for k in SHAPING_FLAGS if getattr(args, k) is not None}
     try:

@@ -26,6 +26,11 @@ def write(path, lines):
     ('{"label": "x"}', "no 'main'/'branches' or 'text' key"),
     ('["a"]', "expected a JSON object"),
     ('{"main": "", "branches": ["", " "]}', "no text at all"),
+    ('{"main": "x", "branches": ["", ""]}', "branches are all empty"),
+    ('{"main": "x", "branches": ["a", ""]}', "branch 2 is empty"),
+    ('{"main": "x", "branches": ["a", "b", " "]}', "branch 3 is only whitespace"),
+    # the column is where the line ends, not past its newline (column 1 of the next line)
+    ('{"main": "x", "branches": ["a"]', "not valid JSON (Expecting ',' delimiter at column 32)"),
 ])
 def test_bad_line_is_reported_with_file_and_line(tmp_path, bad_line, message):
     f = write(tmp_path / "d.jsonl", [{"text": "fine"}, {"main": "m", "branches": ["b"]}, bad_line, {"text": "ok"}])
@@ -46,6 +51,21 @@ def test_every_bad_line_is_listed_and_empty_file_rejected(tmp_path):
     (tmp_path / "bin.jsonl").write_bytes(b'{"text": "\xff\xfe"}\n')
     with pytest.raises(DataError, match="bin.jsonl:1: not UTF-8"):
         validate_file(tmp_path / "bin.jsonl")
+
+
+def test_bom_and_crlf_are_read_and_extra_keys_warned_about(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_bytes(b'\xef\xbb\xbf{"text": "a", "id": 1}\r\n{"text": "b"}\r\n'
+                  b'{"main": "m", "branches": ["c"], "src": 2}\r\n')
+    warnings = []
+    assert validate_file(f, warnings=warnings) == 3
+    assert warnings == [f"{f}: 2 records have keys paratrain ignores: id, src (first on line 1)"]
+    # a BOM is the file's mark, not a line's: elsewhere it is still an error; CRLF does not shift columns
+    f.write_bytes(b'{"text": "a"}\r\n\xef\xbb\xbf{"text": "b"}\r\n{"text": "c"\r\n')
+    with pytest.raises(DataError) as e:
+        validate_file(f)
+    assert e.value.lines[0].startswith(f"{f}:2: not valid JSON (Unexpected UTF-8 BOM")
+    assert e.value.lines[1] == f"{f}:3: not valid JSON (Expecting ',' delimiter at column 13)"
 
 
 def cfg(model, path, **kw):
@@ -120,3 +140,47 @@ def test_output_names_use_the_model_directory_name(base_model, expected, tmp_pat
     assert TrainConfig(base_model=base_model, data_path="d").model_short_name == expected
     monkeypatch.chdir(tmp_path)   # '.' names the directory it is, not '..pth'
     assert TrainConfig(base_model=".", data_path="d").model_short_name == tmp_path.name
+
+
+class LongestTextSeen:
+    """A tokenizer wrapper that records the longest text it was asked to tokenise."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.longest = tokenizer, 0
+
+    def __call__(self, texts, **kw):
+        self.longest = max([self.longest] + [len(t) for t in ([texts] if isinstance(texts, str) else texts)])
+        return self.tokenizer(texts, **kw)
+
+
+def test_a_huge_line_is_tokenised_from_a_prefix(tmp_path, tiny_model_dir, monkeypatch):
+    """A 2 MB one-word line must not be tokenised whole (20 MB took 4 GB and 25 s) to keep 16 tokens; the
+    texts around it, one exactly max_seq_len tokens long, are counted exactly."""
+    tokenizer = data.load_tokenizer(str(tiny_model_dir))
+    assert len(tokenizer("z" * 16, add_special_tokens=False)["input_ids"]) == 16   # one token per "z"
+    seen = LongestTextSeen(tokenizer)
+    monkeypatch.setattr(data, "load_tokenizer", lambda _: seen)
+    f = write(tmp_path / "d.jsonl", [{"text": "z" * 2_000_000}, {"text": "z" * 16}, {"text": "z" * 17}])
+    ds = load_or_tokenize(str(f), str(tiny_model_dir), max_seq_len=16, cache_dir=tmp_path / "cache")
+    assert seen.longest < 1000
+    expected = tokenizer("z" * 1000, add_special_tokens=False)["input_ids"][:16]
+    assert [ds.text(t).tolist() for t in range(3)] == [expected, expected, expected]
+    assert ds.text_truncated.tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("chars_per_token", [None, 1])
+def test_prefix_tokenisation_equals_whole_tokenisation(tmp_path, tiny_model_dir, monkeypatch, chars_per_token):
+    """Truncated prefixes give the tokens (and truncation flags) of the whole texts; with 1 char per token
+    every long text's prefix is too short at first, so the doubling is what is tested."""
+    if chars_per_token is not None:
+        monkeypatch.setattr(data, "PREFIX_CHARS_PER_TOKEN", chars_per_token)
+    rng = np.random.default_rng(0)
+    words = ["the", "branch", "zzzzzzzz", " ", "\n\n", "naïve", "数据", "x=1;", "    "]
+    texts = ["".join(rng.choice(words, size=int(n))) + " end" for n in rng.integers(1, 400, size=60)]
+    f = write(tmp_path / "d.jsonl", [{"text": t} for t in texts])
+    tokenizer = data.load_tokenizer(str(tiny_model_dir))
+    whole = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    for max_seq_len in (8, 100):
+        ds = load_or_tokenize(str(f), str(tiny_model_dir), max_seq_len, cache_dir=tmp_path / str(chars_per_token))
+        assert [ds.text(t).tolist() for t in range(len(texts))] == [ids[:max_seq_len] for ids in whole]
+        assert ds.text_truncated.tolist() == [len(ids) > max_seq_len for ids in whole]

@@ -97,3 +97,23 @@ def test_lora_weights_of_other_modules_or_rank_are_refused_by_name(tmp_path, tin
         load_pth(str(tiny_model_dir), partial, cfg)
     with pytest.raises(DataError, match=r"good\.pth: LoRA weights of another shape.*size mismatch"):
         load_pth(str(tiny_model_dir), good, cfg.model_copy(update={"lora_rank": 8}))
+
+
+def test_data_check_counts_branches_without_the_main_and_warns_of_ignored_keys(tmp_path, tiny_model_dir):
+    """The histogram is on --max_branches_per_sample's scale (a main is not a branch), a text of exactly
+    max_seq_len tokens is not truncated, and keys paratrain ignores are a warning (exit 0)."""
+    f = tmp_path / "d.jsonl"
+    lines = [{"main": "m", "branches": ["a", "b", "c", "d"], "source": "x"}, {"text": "z" * 16}, {"text": "z" * 17}]
+    f.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = [PARATRAIN, "data", "check", str(f), "--tokenizer", str(tiny_model_dir), "--max_seq_len", "16",
+            "--max_branches_per_sample", "4", "--min_branches_per_sample", "2"]
+    proc = subprocess.run([*args, "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads(proc.stdout)
+    assert s["branches_histogram"] == {"4": 1, "2": 1} and s["texts"] == 7
+    assert s["truncated_texts"] == 1
+    assert s["warnings"] == [f"{f}: 1 record has keys paratrain ignores: source (first on line 1)"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "branches per sample, main not counted (branches:samples): 2:1 4:1" in proc.stdout
+    assert "warning: " in proc.stdout and "(1 truncated)" in proc.stdout
