@@ -12,6 +12,7 @@ so a second run over the same data does not tokenise again. Only a prefix of a l
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import json
 import os
@@ -199,7 +200,15 @@ def _fingerprint_tokenizer(model_dir: str) -> str:
     return h.hexdigest()
 
 
-def _fingerprint_file(path: str | os.PathLike) -> str:
+def file_sha256(path: str | os.PathLike) -> str:
+    """The file's content hash, computed once per process for an unchanged file (the token cache key and
+    a checkpoint's record of its data both need it; large datasets take seconds per GB)."""
+    st = os.stat(path)
+    return _sha256_of(os.path.realpath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -243,7 +252,7 @@ def default_cache_dir() -> Path:
 
 def cache_key(data_path: str, tokenizer_dir: str, max_seq_len: int) -> str:
     h = hashlib.sha256()
-    for part in (CACHE_VERSION, _fingerprint_file(data_path), _fingerprint_tokenizer(tokenizer_dir), str(max_seq_len)):
+    for part in (CACHE_VERSION, file_sha256(data_path), _fingerprint_tokenizer(tokenizer_dir), str(max_seq_len)):
         h.update(part.encode())
     return h.hexdigest()[:24]
 

@@ -29,8 +29,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer_core import checkpoint as ckpt
 from trainer_core.config import RESUMABLE_CHANGES, TrainConfig, add_cli_arguments, format_validation_error
-from trainer_core.data import (DataError, build_samples, collate_batch, epoch_batches, has_tokenizer_files,
-                               open_tokens, prepare_tokens, rank_batches, total_optimizer_steps)
+from trainer_core.data import (DataError, build_samples, collate_batch, epoch_batches, file_sha256,
+                               has_tokenizer_files, open_tokens, prepare_tokens, rank_batches,
+                               total_optimizer_steps)
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
                                compute_init, gather_objects, print0)
 from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, hidden_states,
@@ -124,13 +125,12 @@ def check_base_model(path: str) -> None:
                          f"(missing {', '.join(missing) or 'tokenizer files'})"])
 
 
-def resume_identity(cfg: TrainConfig, world_size: int, tokens_dir: Path) -> dict:
+def resume_identity(cfg: TrainConfig, world_size: int, data_sha256: str) -> dict:
     """What a checkpoint must share with the run that resumes it. Every config field counts except those
-    in RESUMABLE_CHANGES; the data count by content (the token cache is named after the file's content,
-    the tokenizer and max_seq_len), the model by its resolved path."""
+    in RESUMABLE_CHANGES; the data count by content, the model by its resolved path."""
     fields = {k: v for k, v in cfg.model_dump().items() if k not in RESUMABLE_CHANGES}
-    identity = {**fields, "base_model": str(Path(cfg.base_model).resolve()), "data (content, tokenizer, max_seq_len)":
-                tokens_dir.name, "world_size": world_size}
+    identity = {**fields, "base_model": str(Path(cfg.base_model).resolve()), "data_sha256": data_sha256,
+                "world_size": world_size}
     return json.loads(json.dumps(identity))   # as a checkpoint's JSON gives it back
 
 
@@ -150,24 +150,25 @@ def prepare_data(cfg: TrainConfig, env: DistEnv):
     if env.is_main:
         try:
             check_base_model(cfg.base_model)
-            result = ("ok", str(prepare_tokens(cfg.data_path, cfg.base_model, cfg.max_seq_len,
-                                               log=lambda m: print0(env, m))))
+            tokens_dir = prepare_tokens(cfg.data_path, cfg.base_model, cfg.max_seq_len, log=lambda m: print0(env, m))
+            result = ("ok", json.dumps({"tokens_dir": str(tokens_dir), "data_sha256": file_sha256(cfg.data_path)}))
         except DataError as e:
             result = ("error", str(e))
     status, payload = broadcast_object(env, result)
     if status == "error":
         raise DataError(payload.splitlines())
-    ds = open_tokens(Path(payload))
+    prepared = json.loads(payload)
+    ds = open_tokens(Path(prepared["tokens_dir"]))
     samples = build_samples(ds, cfg)
     if len(samples) == 0:
         raise DataError([f"{cfg.data_path}: no sample has any tokens"])
-    return ds, samples, Path(payload)
+    return ds, samples, prepared["data_sha256"]
 
 
 def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     t_start = time.time()
     out_dir = Path(cfg.output_dir)
-    ds, samples, tokens_dir = prepare_data(cfg, env)
+    ds, samples, data_sha256 = prepare_data(cfg, env)
     total_steps = total_optimizer_steps(samples, cfg, env.world_size)
     if total_steps == 0:
         raise DataError([f"{cfg.data_path}: {len(samples)} samples make no full optimiser step with batch_size "
@@ -188,7 +189,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
 
     step, start_epoch, start_epoch_step = 0, 0, 0
-    identity = resume_identity(cfg, env.world_size, tokens_dir)
+    identity = resume_identity(cfg, env.world_size, data_sha256)
     last = ckpt.latest_checkpoint(out_dir) if cfg.resume else None
     if not cfg.resume and env.is_main and ckpt.checkpoint_root(out_dir).exists():
         print0(env, f"--no-resume: deleting the checkpoints of an earlier run in {ckpt.checkpoint_root(out_dir)}")
