@@ -37,6 +37,8 @@ class DatasetCheckResult(BaseModel):
     data_path: str
     records: int | None = None
     errors: list[str] = Field(default_factory=list)
+    warnings: list[str] = Field(default_factory=list, description="Valid, but maybe not what was meant (keys "
+                                                                 "paratrain ignores).")
     note: str | None = None
 
 
@@ -65,8 +67,10 @@ def check_dataset(body: DatasetCheck, settings: SettingsDep) -> DatasetCheckResu
         raise FieldError(("body", "data_path"), str(e)) from None
     if body.base_model is None or not has_tokenizer(body.base_model, settings):
         note = None if body.base_model is None else f"{body.base_model} has no tokenizer: only the lines were checked"
+        warnings: list[str] = []
         try:
-            return DatasetCheckResult(data_path=str(path), records=validate_file(path), note=note)
+            records = validate_file(path, warnings=warnings)
+            return DatasetCheckResult(data_path=str(path), records=records, warnings=warnings, note=note)
         except DataError as e:
             return DatasetCheckResult(data_path=str(path), errors=e.lines, note=note)
     return DatasetCheckResult(**summarize_dataset(body, path, settings))

@@ -208,6 +208,12 @@ def test_dataset_check_with_a_tokenizer_returns_the_full_summary(client, setting
     (settings.data_dir / "datasets" / "broken.jsonl").write_text('{"text": "a"}\n{"text": 3}\n')
     broken = client.post("/api/datasets/check", json={**form, "data_path": "datasets/broken.jsonl"})
     assert broken.status_code == 200 and broken.json()["errors"][0].endswith("broken.jsonl:2: 'text' must be a string, got int")
+    (settings.data_dir / "datasets" / "typo.jsonl").write_text('{"text": "a"}\n{"text": "b", "lable": 1}\n')
+    for with_tokenizer in (form, {"data_path": "datasets/typo.jsonl"}):
+        typo = client.post("/api/datasets/check", json={**with_tokenizer, "data_path": "datasets/typo.jsonl"})
+        assert typo.status_code == 200 and typo.json()["errors"] == []
+        assert typo.json()["warnings"] == [f"{settings.data_dir / 'datasets' / 'typo.jsonl'}: 1 record has keys "
+                                           "paratrain ignores: lable (first on line 2)"]
 
 
 def test_estimate_takes_measured_peaks(client, job_body):

@@ -145,7 +145,9 @@ def test_dataset_tab_renders_the_real_check_summary(tiny_model_dir, demo_data_pa
     summary = summarize(TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path),
                                     max_branches_per_sample=6))
     text = summary_markdown(summary)
-    assert "The data is valid" in text and "padding share" in text and "p50 / p90" in text
+    assert "The data is valid" in text and "padding share" in text and "p50 / p90" in text and "⚠" not in text
+    warned = summary_markdown({**summary, "warnings": ["d.jsonl: 1 record has keys paratrain ignores: lable"]})
+    assert "⚠ d.jsonl: 1 record has keys paratrain ignores: lable" in warned
     frame = histogram_frame(summary)
     assert frame["samples"].sum() == summary["samples"]
     svg = layout_svg(summary["example_layout"])

@@ -163,7 +163,9 @@ def summary_markdown(s: dict[str, Any]) -> str:
             ("padding share after packing", f"{s['padding_share']:.1%}" if s.get("padding_share") is not None else None),
             ("text length p50 / p90 / p99 / max (tokens)",
              " / ".join(str(pct.get(k, "?")) for k in ("p50", "p90", "p99", "max")) if pct else None)]
-    lines = [f"### {head}", "", "| measure | value |", "|---|---:|"]
+    lines = [f"### {head}", ""]
+    lines += [f"⚠ {w}" + "  " for w in s.get("warnings") or []]   # two spaces: a Markdown line break
+    lines += ["", "| measure | value |", "|---|---:|"]
     lines += [f"| {k} | {v:,} |" if isinstance(v, int) else f"| {k} | {v} |" for k, v in rows if v is not None]
     return "\n".join(lines)
 
