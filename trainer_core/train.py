@@ -150,7 +150,11 @@ def prepare_data(cfg: TrainConfig, env: DistEnv):
     if env.is_main:
         try:
             check_base_model(cfg.base_model)
-            tokens_dir = prepare_tokens(cfg.data_path, cfg.base_model, cfg.max_seq_len, log=lambda m: print0(env, m))
+            warnings: list[str] = []
+            tokens_dir = prepare_tokens(cfg.data_path, cfg.base_model, cfg.max_seq_len, log=lambda m: print0(env, m),
+                                        warnings=warnings)
+            for warning in warnings:
+                print0(env, f"warning: {warning}")
             result = ("ok", json.dumps({"tokens_dir": str(tokens_dir), "data_sha256": file_sha256(cfg.data_path)}))
         except DataError as e:
             result = ("error", str(e))
