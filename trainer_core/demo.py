@@ -116,7 +116,13 @@ def make_tiny_model(out_dir: str | os.PathLike, hidden_size: int = 64, num_layer
     )
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(config)
-    model.save_pretrained(out)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()   # a bar for one small shard is noise in `paratrain serve`'s first start
+    try:
+        model.save_pretrained(out)
+    finally:
+        hf_logging.enable_progress_bar()
     return out
 
 
@@ -129,9 +135,6 @@ def add_make_tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_make_tiny_model(args: argparse.Namespace) -> int:
-    from trainer_core.model import quiet_libraries
-
-    quiet_libraries()
     path = make_tiny_model(args.out_dir, hidden_size=args.hidden_size, num_layers=args.layers)
     print(f"tiny Qwen2 model and tokenizer written to {path}")
     return 0
