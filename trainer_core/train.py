@@ -137,7 +137,8 @@ def resume_identity(cfg: TrainConfig, world_size: int, data_sha256: str) -> dict
 def check_resume_identity(checkpoint: Path, saved: dict | None, current: dict) -> None:
     if saved is None:   # saved by a paratrain that did not record it
         return
-    diffs = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in current.items() if saved.get(k) != v]
+    # a field added to TrainConfig since the checkpoint was written is not a difference
+    diffs = [f"{k} {saved[k]!r} -> {v!r}" for k, v in current.items() if k in saved and saved[k] != v]
     if diffs:
         raise DataError([f"{checkpoint}: saved by a run with other settings ({'; '.join(diffs)}).",
                          "Resuming it would mix two runs: use another --output_dir, or --no-resume to start over "
