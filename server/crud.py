@@ -625,6 +625,8 @@ def finish_job(*, session: Session, job_id: int, finish: Finish) -> Job:
         job.failure_class = FailureClass.cancelled
         job.failure_reason = finish.failure_reason or "cancelled"
         _set_state(session, job, JobState.cancelled)
+    elif finish.failure_class == FailureClass.lost:   # stopped from outside: again, up to max_attempts
+        _lose_job(session, job, f"{who + ': ' if who else ''}{finish.failure_reason or 'lost'}")
     elif completed:
         if node is not None and _finish_node(session, job, node):
             return job

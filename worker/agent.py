@@ -229,8 +229,7 @@ class Agent:
             LAUNCHED_BY_ENV: self.settings.identity,
             RUN_ENV: f"{self.settings.identity}/{job['id']}/{job['attempt']}",
         })
-        run = JobRun(job_id=job["id"], attempt=job["attempt"], gpu_ids=gpu_ids, argv=argv, env=env,
-                     prints_events=rendezvous is None or rendezvous.node == 0)
+        run = JobRun(job_id=job["id"], attempt=job["attempt"], gpu_ids=gpu_ids, argv=argv, env=env)
         # a later attempt, or a retry (its server copied the original's file): the curve so far
         run.backfill_metrics(Path(job["config"]["output_dir"]) / "metrics.jsonl")
         try:

@@ -73,7 +73,6 @@ class JobRun:
     gpu_ids: list[int]
     argv: list[str]
     env: dict[str, str]
-    prints_events: bool = True  # its global rank 0 runs here (not a later node of a multi-node job)
     process: subprocess.Popen[bytes] | None = None
     stop_reason: StopReason | None = None
     kill_deadline: float | None = None
@@ -82,6 +81,9 @@ class JobRun:
     logs_acked: int = 0  # this attempt's lines the server has stored
     stderr_tail: list[str] = field(default_factory=list)
     total_steps: int | None = None
+    # Global rank 0 prints the "start" and "done" events; in a multi-node job it may run on any node, so
+    # only the node that saw "start" can tell a finished run from one stopped half-way.
+    training_started: bool = False
     training_done: bool = False  # the trainer printed its "done" event: the final weights are written
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pumps: list[threading.Thread] = field(default_factory=list)
@@ -110,6 +112,8 @@ class JobRun:
             line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
             record = _json_record(line) if is_stdout else None
             metric = _as_metric(record)
+            if record is not None and record.get("event") == "start":
+                self.training_started = True
             if record is not None and record.get("event") == "done":
                 self.training_done = True
             with self._lock:
@@ -193,11 +197,12 @@ class JobRun:
             return Outcome(exit_code, None, "worker stopping", release=True)
         if self.stop_reason in (StopReason.cancel, StopReason.lost):
             return Outcome(exit_code, "cancelled", "cancelled by request")
-        if exit_code == 0 and self.prints_events and not self.training_done:
+        if exit_code == 0 and self.training_started and not self.training_done:
             # exit 0 without the done event: a stop signal from outside the worker (an operator's kill,
-            # another worker process under this name); it saved a checkpoint, so the job goes on elsewhere
-            return Outcome(exit_code, None, "the trainer was stopped before its last step by a signal the worker "
-                           "did not send; it saved a checkpoint", release=True)
+            # another worker process under this name). It saved a checkpoint: the job is re-queued like a
+            # lost one, up to its max_attempts
+            return Outcome(exit_code, "lost", "the trainer was stopped before its last step by a signal the "
+                           "worker did not send; it saved a checkpoint")
         failure_class, reason = classify_exit(exit_code, self.stderr_tail)
         return Outcome(exit_code, failure_class, reason)
 

@@ -54,13 +54,12 @@ def test_a_clean_exit_counts_as_success_only_after_the_done_event():
     def run(**kw) -> JobRun:
         return JobRun(job_id=1, attempt=1, gpu_ids=[], argv=["trainer"], env={}, **kw)
 
-    finished = run()
-    finished.training_done = True
+    finished = run(training_started=True, training_done=True)
     assert finished.outcome(0).release is False and finished.outcome(0).failure_class is None
-    stopped = run().outcome(0)
-    assert stopped.release is True and "did not send" in stopped.failure_reason
-    assert run(prints_events=False).outcome(0).release is False    # node 1+ of a gang never sees the event
-    cancelled = run(stop_reason=StopReason.cancel).outcome(0)
+    stopped = run(training_started=True).outcome(0)
+    assert stopped.failure_class == "lost" and "did not send" in stopped.failure_reason
+    assert run().outcome(0).failure_class is None   # a node of a gang where global rank 0 does not run
+    cancelled = run(training_started=True, stop_reason=StopReason.cancel).outcome(0)
     assert cancelled.failure_class == "cancelled" and cancelled.release is False
 
 
