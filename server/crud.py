@@ -297,6 +297,7 @@ def register_worker(*, session: Session, registration: WorkerRegister) -> Worker
     worker.registered_at = now
     worker.last_heartbeat_at = now
     worker.left_at = None
+    worker.stopping_since = None
     worker.instance = registration.instance
     session.add(worker)
     session.flush()
@@ -357,6 +358,8 @@ def heartbeat(*, session: Session, worker: Worker, beat: Heartbeat, settings: Se
     now = utcnow()
     lease = now + timedelta(seconds=settings.lease_ttl_s)
     worker.last_heartbeat_at = now
+    if beat.stopping and worker.stopping_since is None:
+        worker.stopping_since = now
     session.add(worker)
     reported = set(beat.running_job_ids)
     held = {job.id: job for job in session.exec(

@@ -290,6 +290,8 @@ class Worker(SQLModel, table=True):
     left_at: datetime | None = None
     # the worker process that registered last under this name: an older one still running is told to stop
     instance: str | None = None
+    # since when it takes no new jobs (a warm stop: its running jobs finish first); cleared on registering
+    stopping_since: datetime | None = None
 
 
 WorkerInstance = Annotated[str | None, Field(None, max_length=64, description=(
@@ -323,6 +325,7 @@ class WorkerPublic(BaseModel):
     last_heartbeat_at: datetime
     left_at: datetime | None
     online: bool
+    stopping: bool = Field(description="Online but taking no new jobs: it stops once its running jobs end.")
     running_job_ids: list[int]
 
 

@@ -26,6 +26,7 @@ from ui.tabs.dataset import DatasetTab, create_dataset_tab  # noqa: E402
 from ui.tabs.jobs import JobsTab, create_jobs_tab, parse_job_id, picker_update  # noqa: E402
 from ui.tabs.memory import gpu_mem_update  # noqa: E402
 from ui.tabs.submit import SubmitTab, create_submit_tab  # noqa: E402
+from ui.tabs.workers import WorkersTab, create_workers_tab  # noqa: E402
 from ui.workers import cpu_only, known_workers  # noqa: E402
 
 UI_PATH = "/ui"
@@ -61,6 +62,7 @@ class ParatrainUI:
     dataset: DatasetTab
     jobs: JobsTab
     compare: CompareTab
+    workers: WorkersTab
 
 
 def build_ui(api_base_url: str) -> ParatrainUI:
@@ -89,6 +91,8 @@ def build_ui(api_base_url: str) -> ParatrainUI:
                     jobs = create_jobs_tab(ctx)
                 with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
                     compare = create_compare_tab(ctx)
+                with gr.Tab("Workers", id="workers", elem_id="tab-workers") as workers_tab:
+                    workers = create_workers_tab(ctx)
 
         form = submit.form
         logged_in_outputs = [session, remembered, login_panel, main_panel, logout_button, login_message,
@@ -162,13 +166,14 @@ def build_ui(api_base_url: str) -> ParatrainUI:
         token.submit(login, [token, remembered], logged_in_outputs).then(*refresh_jobs)
         logout_button.click(logout, None, logged_in_outputs[:6], queue=False)
         blocks.load(restore, remembered, logged_in_outputs).then(*refresh_jobs)
+        workers_tab.select(workers.refresh_fn, session, [workers.table, workers.info], show_progress="hidden")
         jobs.picker.change(remember_job, [jobs.picker, remembered], remembered, queue=False)
         submit.submitted_job_id.change(open_submitted, [session, submit.submitted_job_id], [jobs.picker, tabs])
         # the form as last previewed or submitted survives a reload
         for button in (submit.submit_button, submit.preview_button):
             button.click(remember_form, [remembered, *form.inputs], remembered, queue=False)
     return ParatrainUI(blocks, login_panel, main_panel, token, login_button, login_message, logout_button, tabs,
-                       submit, dataset, jobs, compare)
+                       submit, dataset, jobs, compare, workers)
 
 
 def mount_ui(app: FastAPI, api_base_url: str, path: str = UI_PATH) -> FastAPI:

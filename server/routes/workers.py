@@ -37,7 +37,8 @@ def list_workers(session: SessionDep, settings: SettingsDep) -> WorkersPublic:
     return WorkersPublic(data=[
         WorkerPublic(id=w.id, name=w.name, hostname=w.hostname, gpus=[GpuInfo(**g) for g in w.gpus],
                      registered_at=w.registered_at, last_heartbeat_at=w.last_heartbeat_at, left_at=w.left_at,
-                     online=crud.worker_online(w, settings, now), running_job_ids=running)
+                     online=crud.worker_online(w, settings, now), stopping=w.stopping_since is not None,
+                     running_job_ids=running)
         for w, running in crud.list_workers(session=session)])
 
 

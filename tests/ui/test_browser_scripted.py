@@ -167,6 +167,13 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         page.locator("#check-dataset").click()
         expect(page.locator("#dataset-summary")).to_contain_text("records")
         page.screenshot(path=shots / "07-dataset.png", full_page=True)
+
+        # the workers: the scripted one, online, with its GPU and the job it runs
+        tab(page, "Workers")
+        expect(page.locator("#workers-table")).to_contain_text("scripted")
+        expect(page.locator("#workers-table")).to_contain_text("1 × Fake GPU")
+        expect(page.locator("#workers-info")).to_contain_text("1 of 1 worker online")
+        page.screenshot(path=shots / "08-workers.png", full_page=True)
         stop.set()
         browser.close()
     trainer.join(timeout=5)

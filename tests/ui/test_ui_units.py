@@ -322,3 +322,27 @@ def test_jobs_table_shows_about_ten_jobs_before_it_scrolls():
     from ui.app import build_ui
 
     assert build_ui("http://127.0.0.1:9").jobs.table.max_height >= 10 * 35 + 40
+
+
+def test_workers_table_states_gpus_and_ages():
+    from datetime import datetime, timezone
+
+    from ui.tabs.workers import summary_text, table_rows
+
+    now = datetime(2026, 11, 28, 12, 0, 30, tzinfo=timezone.utc)
+    h100 = {"index": 0, "name": "H100", "memory_gb": 79.6}
+    workers = [
+        {"name": "b-off", "hostname": "b", "online": False, "stopping": False, "gpus": [],
+         "running_job_ids": [], "last_heartbeat_at": "2026-11-28T11:58:00Z"},
+        {"name": "c-drain", "hostname": "c", "online": True, "stopping": True, "gpus": [h100],
+         "running_job_ids": [7], "last_heartbeat_at": "2026-11-28T12:00:28Z"},
+        {"name": "a-on", "hostname": "a", "online": True, "stopping": False, "gpus": [h100, {**h100, "index": 1}],
+         "running_job_ids": [3, 4], "last_heartbeat_at": "2026-11-28T12:00:29.5Z"},
+    ]
+    rows = table_rows(workers, now)
+    assert [r[0] for r in rows] == ["a-on", "c-drain", "b-off"]          # online, stopping, offline
+    assert rows[0][2:] == ["● online", "2 × H100 (79.6 GB)", "#3, #4", "0:00 ago"]
+    assert rows[1][2] == "◐ stopping" and rows[2][2:4] == ["○ offline", "CPU only"]
+    assert rows[2][5] == "2:30 ago"
+    assert summary_text(workers).startswith("2 of 3 workers online, 3 GPUs among them")
+    assert "No worker has registered yet" in summary_text([])

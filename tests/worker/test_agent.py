@@ -180,6 +180,28 @@ def test_cold_stop_hands_jobs_back_and_they_resume(live_server, start_agent, mon
     assert json.loads(starts[-1])["resumed_from_step"] >= 3  # the second run continued from its checkpoint
 
 
+def test_a_warm_stop_shows_the_worker_stopping_until_its_job_ends(live_server, start_agent, monkeypatch,
+                                                                  job_body):
+    monkeypatch.setenv("FAKE_STEP_S", "0.2")
+    job = live_server.api.post("/jobs", json=job_body(max_steps=10)).json()
+    agent = start_agent()
+    deadline = time.time() + 10
+    while live_server.api.get(f"/jobs/{job['id']}").json()["step"] < 1:
+        assert time.time() < deadline
+        time.sleep(0.05)
+    [worker] = live_server.api.get("/workers").json()["data"]
+    assert worker["online"] and not worker["stopping"]
+    agent.agent.warm_stop.set()        # the first SIGTERM: no new jobs, the running one finishes
+    while not live_server.api.get("/workers").json()["data"][0]["stopping"]:
+        assert time.time() < deadline, "the warm stop never showed"
+        time.sleep(0.05)
+    assert live_server.api.get("/workers").json()["data"][0]["online"]
+    agent.stop()
+    assert live_server.api.get(f"/jobs/{job['id']}").json()["state"] == "succeeded"
+    [worker] = live_server.api.get("/workers").json()["data"]
+    assert not worker["online"]
+
+
 def test_server_down_mid_job_loses_nothing(live_server, start_agent, monkeypatch, job_body, make_server):
     monkeypatch.setenv("FAKE_STEP_S", "0.2")
     job = live_server.api.post("/jobs", json=job_body(max_steps=15)).json()
