@@ -48,9 +48,13 @@ def delete_checkpoints(output_dir: str | Path) -> None:
     shutil.rmtree(checkpoint_root(output_dir), ignore_errors=True)
 
 
+def read_state(path: Path) -> dict:
+    """The trainer state of a checkpoint: step, epoch position, and the settings of its run."""
+    return json.loads((path / STATE_FILE).read_text())
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(lora weights, optimizer/scheduler blob, trainer state)."""
     weights = load_file(str(path / "adapter.safetensors"))
     blob = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False)
-    state = json.loads((path / STATE_FILE).read_text())
-    return weights, blob, state
+    return weights, blob, read_state(path)

@@ -180,6 +180,14 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                          f"{cfg.batch_size} x accumulation_steps {cfg.accumulation_steps} x {env.world_size} ranks"])
     print0(env, f"data: {ds.num_records} records -> {len(samples)} samples; {total_steps} optimiser steps "
                 f"on {env.world_size} rank(s), device {env.device}")
+    # which checkpoint to resume, decided before the model loads (minutes for a large one)
+    identity = resume_identity(cfg, env.world_size, data_sha256)
+    last = ckpt.latest_checkpoint(out_dir) if cfg.resume else None
+    if last is not None:
+        check_resume_identity(last, ckpt.read_state(last).get("run"), identity)
+    if not cfg.resume and env.is_main and ckpt.checkpoint_root(out_dir).exists():
+        print0(env, f"--no-resume: deleting the checkpoints of an earlier run in {ckpt.checkpoint_root(out_dir)}")
+        ckpt.delete_checkpoints(out_dir)
 
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
     model = build_lora_model(cfg, env.device)
@@ -194,14 +202,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
 
     step, start_epoch, start_epoch_step = 0, 0, 0
-    identity = resume_identity(cfg, env.world_size, data_sha256)
-    last = ckpt.latest_checkpoint(out_dir) if cfg.resume else None
-    if not cfg.resume and env.is_main and ckpt.checkpoint_root(out_dir).exists():
-        print0(env, f"--no-resume: deleting the checkpoints of an earlier run in {ckpt.checkpoint_root(out_dir)}")
-        ckpt.delete_checkpoints(out_dir)
     if last is not None:
         weights, blob, state = ckpt.load_checkpoint(last)
-        check_resume_identity(last, state.get("run"), identity)
         load_lora_weights(model, weights, last)
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
