@@ -85,6 +85,7 @@ def example_layout(ds, samples, cfg: TrainConfig, sample: int = 0) -> dict:
         "tokens": [tokenizer.decode([i]) for i in ids],
         "columns_shown": int(lay.time_ids[keep].unique().numel()),   # time steps in the picture
         "columns_total": int(lay.time_ids.max()) + 1,
+        "tokens_total": int(len(lay.input_ids)),                      # the whole sample's
     }
 
 

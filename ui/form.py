@@ -38,16 +38,6 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def _bounds(info: Any) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for meta in info.metadata:
-        if getattr(meta, "ge", None) is not None:
-            out["minimum"] = meta.ge
-        if getattr(meta, "le", None) is not None:
-            out["maximum"] = meta.le
-    return out
-
-
 def component_for(name: str, info: Any, placeholder: str | None = None) -> gr.components.Component:
     """The input for one TrainConfig field: label = flag name, info = the field's help, value = default;
     `placeholder` replaces a text input's own ("required", "empty: not set")."""
@@ -67,10 +57,12 @@ def component_for(name: str, info: Any, placeholder: str | None = None) -> gr.co
         return gr.Checkbox(value=bool(default), **common)
     if typing.get_origin(kind) is typing.Literal:
         return gr.Dropdown(choices=list(typing.get_args(kind)), value=default, **common)
+    # No minimum/maximum on gr.Number: Gradio would refuse an out-of-range value itself, with a toast that
+    # names no field; `validate` names it ("batch_size: Input should be greater than or equal to 1").
     if kind is int:
-        return gr.Number(value=default, precision=0, **_bounds(info), **common)
+        return gr.Number(value=default, precision=0, **common)
     if kind is float:
-        return gr.Number(value=default, **_bounds(info), **common)
+        return gr.Number(value=default, **common)
     placeholder = placeholder or ("required" if info.is_required() else None)
     return gr.Textbox(value=default or "", placeholder=placeholder, max_lines=1, **common)
 
@@ -118,9 +110,9 @@ def build_config_form(open_groups: tuple[str, ...] = ("model", "data", "training
                     form.fields[name] = component_for(name, TrainConfig.model_fields[name], placeholders.get(name))
     with gr.Accordion("Resources", open=True, elem_id="group-resources"):
         with gr.Row():
-            form.job["gpus"] = gr.Number(value=1, precision=0, minimum=0, label="gpus",
+            form.job["gpus"] = gr.Number(value=1, precision=0, label="gpus",
                                          info="GPUs per node for this job; 0 runs on CPU.", elem_id="job-gpus")
-            form.job["nodes"] = gr.Number(value=1, precision=0, minimum=1, label="nodes",
+            form.job["nodes"] = gr.Number(value=1, precision=0, label="nodes",
                                           info="Machines (workers) the job spans; more than 1 waits until that many workers are free.", elem_id="job-nodes")
             form.job["priority"] = gr.Number(value=0, precision=0, label="priority",
                                              info="Higher runs first.", elem_id="job-priority")
@@ -185,15 +177,30 @@ def to_yaml(values: dict[str, Any]) -> str:
 
 
 def from_yaml(text: str) -> dict[str, Any]:
-    """Values for the form from a saved YAML (or a bare TrainConfig YAML/JSON); unknown keys are errors,
-    missing ones take the schema default."""
-    data = yaml.safe_load(text) or {}
+    """Values for the form from a saved YAML (or a bare TrainConfig YAML/JSON); missing keys take the
+    schema default. ValueError naming the line or field for bad YAML, an unknown key, a bad value: a form
+    filled with a value its input cannot show would only show "Error"."""
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ValueError(f"not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):
         raise ValueError("the file does not hold a mapping of field: value")
     job = data.pop("job", {}) or {}
-    unknown = sorted(set(data) - set(TrainConfig.model_fields))
+    if not isinstance(job, dict):
+        raise ValueError("'job' must be a mapping of gpus/nodes/priority")
+    unknown = sorted(set(data) - set(TrainConfig.model_fields)) + sorted(f"job.{k}" for k in set(job) - set(JOB_FIELDS))
     if unknown:
         raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+    try:   # every value as the schema takes it (required fields it may lack are stand-ins here)
+        TrainConfig(**{"base_model": "-", "data_path": "-", **data})
+    except ValidationError as e:
+        raise ValueError(format_validation_error(e)) from None
+    bad_job = [k for k, v in job.items() if isinstance(v, bool) or not isinstance(v, int)]
+    if bad_job:
+        raise ValueError(f"job.{bad_job[0]}: must be a whole number")
     values: dict[str, Any] = {}
     for name, info in TrainConfig.model_fields.items():
         if name in data:

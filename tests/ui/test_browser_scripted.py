@@ -69,9 +69,23 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         expect(page.locator("#command-preview")).to_contain_text("--rope_2d_ratio 0.65")
         page.screenshot(path=shots / "02-new-job-preset.png", full_page=True)
 
-        # save the form as YAML, load another one
+        # a value out of its bounds is named, in the status line, not as a nameless toast
+        set_field(page, "cfg-batch_size", "-4")
+        page.locator("#preview-command").click()
+        expect(page.locator("#submit-status")).to_contain_text("batch_size: Input should be greater than or equal to 1")
+        set_field(page, "cfg-batch_size", "16")
+
+        # save the form as YAML (its link downloads the file), load a broken one (refused by name), then another
         page.locator("#save-yaml").click()
         expect(page.locator("#saved-yaml")).to_contain_text("paratrain")
+        link = page.locator("#saved-yaml a").first.get_attribute("href")
+        saved = page.request.get(link if link.startswith("http") else f"{live_server.base_url}{link}")
+        assert saved.status == 200 and "rope_2d_ratio: 0.65" in saved.text(), (link, saved.status)
+        broken = shots / "broken.yaml"
+        broken.write_text("batch_size: lots\n")
+        page.locator("#load-yaml input[type=file], input[type=file]").first.set_input_files(str(broken))
+        expect(page.get_by_text("batch_size: Input should be a valid integer").first).to_be_visible()
+        expect(field(page, "cfg-batch_size")).to_have_value("16")
         other = shots / "other.yaml"
         other.write_text("base_model: models/tiny\ndata_path: demo.jsonl\nlora_rank: 4\nmax_steps: 40\n"
                          "rope_2d_ratio: 0.65\nmax_branches_per_sample: 16\nmax_seq_len: 256\n"

@@ -58,6 +58,14 @@ def test_form_validation_names_the_field():
     assert config is None and "base_model" in error and "lora_rank" in error
     with pytest.raises(ValueError, match="unknown config keys: lora_rnak"):
         from_yaml("base_model: m\ndata_path: d\nlora_rnak: 8\n")
+    # a saved file with a bad value or bad YAML names the problem; the form is never filled with it
+    with pytest.raises(ValueError, match="batch_size: Input should be a valid integer"):
+        from_yaml("batch_size: lots\n")
+    with pytest.raises(ValueError, match="not valid YAML at line 2, column 1: expected .,. or .]."):
+        from_yaml("base_model: [models/tiny\n")
+    with pytest.raises(ValueError, match="job.gpus: must be a whole number"):
+        from_yaml("lora_rank: 4\njob: {gpus: two}\n")
+    assert from_yaml("lora_rank: 4\n")["lora_rank"] == 4      # base_model/data_path may be left out
 
 
 def test_api_client_against_real_server(live_server):
@@ -239,6 +247,9 @@ def test_layout_picture_shows_branches_of_a_long_main_through_a_window():
     assert svg.count("<rect ") == 10 and "branch 1" in svg and "branch 2" in svg
     assert len(set(_svg_row_of_rects(svg))) == 3  # main and two branch rows are drawn
     assert "time steps 4–199 not shown" in svg and "⋯" in svg and ">200</text>" in svg
+    assert "(10 tokens, 3 rows, 260 time steps)" in svg
+    # the server sends only the first steps of each row: the caption counts the whole sample's tokens
+    assert "(10 of 480 tokens shown, 3 rows, 260 time steps)" in layout_svg({**layout, "tokens_total": 480})
     width = float(re.search(r'<svg [^>]*width="([\d.]+)"', svg).group(1))
     assert width < 300  # the left-out steps take one column, not 196
 

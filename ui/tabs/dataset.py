@@ -102,6 +102,11 @@ def layout_notes(times: list[int], rows: list[int], slots: dict[int, int], shown
     return notes
 
 
+def tokens_caption(shown: int, total: int | None) -> str:
+    """The sample's token count; the server sends only the first time steps of a long sample."""
+    return f"{shown} of {total} tokens shown" if total and total > shown else f"{shown} tokens"
+
+
 def layout_svg(layout: dict[str, Any] | None) -> str:
     """One sample as a grid: a row per branch (main first), a column per time step; a filled cell is a token.
 
@@ -125,7 +130,8 @@ def layout_svg(layout: dict[str, Any] | None) -> str:
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
              f'role="img" aria-label="columnar layout">',
              f'<text x="{label_w}" y="12" font-size="11" fill="currentColor">time →  '
-             f'({len(times)} tokens, {n_rows} rows, {total_cols} time steps)</text>']
+             f'({tokens_caption(len(times), layout.get("tokens_total"))}, {n_rows} rows, {total_cols} time steps)'
+             '</text>']
     # the first time step of each run of drawn steps, above its column
     for t, slot in slots.items():
         if t == 0 or t - 1 not in slots:

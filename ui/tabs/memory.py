@@ -190,7 +190,7 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
         return run_estimate(session, gpu_mem_gb, tokens, *form_args)
 
     estimate_inputs = [ctx.session, gpu_mem, tokens_per_text, *form.inputs]
-    apply_button.click(apply_preset, [presets_state, preset_choice], form.inputs, queue=False)
+    apply_button.click(apply_preset, [presets_state, preset_choice], form.inputs)   # queued: its toast shows
     estimate_button.click(run_estimate, estimate_inputs, estimate_md)
     # always_last: a burst of changes (a preset, a loaded YAML) costs one estimate, of the final form
     gr.on([c.change for c in (gpu_mem, tokens_per_text, *form.inputs)], auto_estimate, estimate_inputs, estimate_md,

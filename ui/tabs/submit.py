@@ -72,15 +72,16 @@ def create_submit_tab(ctx: UiContext) -> SubmitTab:
             submitted_job_id = gr.Number(visible=False, precision=0)
 
     def preview(session, *form_args):
+        """(command, status): a refusal goes to the status line, where it wraps, not into the code box."""
         values = form.values(form_args)
         config, error = validate(values)
         if config is None:
-            return f"Fix the form first: {error}"
+            return "", f"✖ Fix the form first: {error}"
         try:
             argv = ctx.client(session).command_preview(job_body(values, config))
         except ApiError as e:
-            return f"# preview failed: {e}"
-        return format_command(argv)
+            return "", f"✖ No preview: {e}"
+        return format_command(argv), ""
 
     def submit(session, *form_args):
         values = form.values(form_args)
@@ -117,9 +118,11 @@ def create_submit_tab(ctx: UiContext) -> SubmitTab:
         gr.Info(f"Loaded {os.path.basename(path)}.")
         return form.updates(values)
 
-    preview_button.click(preview, [ctx.session, *form.inputs], command)
+    preview_button.click(preview, [ctx.session, *form.inputs], [command, status])
     submit_button.click(submit, [ctx.session, *form.inputs], [status, submitted_job_id])
-    save_button.click(save, form.inputs, saved_file, queue=False)
-    load_button.upload(load, load_button, form.inputs, queue=False)
+    # queued (not queue=False): only queued events deliver gr.Info/gr.Warning toasts, and a file they
+    # return gets a download link under the UI's mount path
+    save_button.click(save, form.inputs, saved_file)
+    load_button.upload(load, load_button, form.inputs)
     return SubmitTab(form, memory, preview_button, command, submit_button, status, save_button, load_button,
                      saved_file, submitted_job_id)
