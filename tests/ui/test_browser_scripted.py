@@ -9,6 +9,7 @@ import re
 import threading
 import time
 
+import httpx
 import pytest
 
 from tests.ui.browser import (CHROMIUM, CHROMIUM_ARGS, LAPTOP, choose, curve_points, field, login, output_dir,
@@ -158,10 +159,20 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         expect(page.locator("#cancel-job")).to_be_disabled()  # cancelling it again would be a 409
         expect(page.locator("#retry-job")).to_be_enabled()
 
-        # compare the two jobs' curves
+        # compare two jobs' curves: a third job (CPU) gets a short curve of its own
+        third = httpx.post(f"{live_server.base_url}/api/jobs", headers={"Authorization": f"Bearer {live_server.token}"},
+                           json={"config": {"base_model": "models/tiny", "data_path": "demo.jsonl", "name": "third"},
+                                 "gpus": 0}).json()
+        assert scripted_worker.claim()["id"] == third["id"]
+        scripted_worker.report(third["id"], range(1, 6), total_steps=5)
         tab(page, "Compare")
         choose(page, "compare-picker", "#1")
-        expect(page.locator("#compare-info")).to_contain_text("points")
+        expect(page.locator("#compare-plot")).to_contain_text("#1 paratrain")
+        choose(page, "compare-picker", "#3")
+        expect(page.locator("#compare-info")).to_contain_text("#3 third: 5 points")
+        # both are drawn, each with its legend entry (Gradio once kept only the first job's)
+        expect(page.locator("#compare-plot")).to_contain_text("#3 third")
+        expect(page.locator("#compare-plot")).to_contain_text("#1 paratrain")
         page.screenshot(path=shots / "05-compare.png", full_page=True)
 
         # the first job crashes: its summary shows the traceback's cause, and it can be retried, not cancelled

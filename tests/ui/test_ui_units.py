@@ -357,3 +357,12 @@ def test_workers_table_states_gpus_and_ages():
     assert rows[2][5] == "2:30 ago"
     assert summary_text(workers).startswith("2 of 3 workers online, 3 GPUs among them")
     assert "No worker has registered yet" in summary_text([])
+
+
+def test_live_plot_titles_carry_the_last_point():
+    from ui.tabs.jobs import curve_title
+
+    points = [{"step": 1, "loss": 7.3, "lr": 0.003}, {"step": 2, "loss": 7.25, "lr": None}]
+    assert curve_title(points, "loss", "Loss") == "Loss (step 2: 7.25)"
+    assert curve_title(points, "lr", "Learning rate") == "Learning rate (step 1: 0.003)"
+    assert curve_title([], "loss", "Loss") == "Loss"

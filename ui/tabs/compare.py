@@ -11,6 +11,9 @@ from ui.api import ApiError
 from ui.context import UiContext
 
 
+PALETTE = ["#4f46e5", "#e11d48", "#059669", "#d97706", "#0891b2", "#7c3aed", "#65a30d", "#db2777"]
+
+
 @dataclass
 class CompareTab:
     picker: gr.Dropdown
@@ -24,7 +27,8 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
         picker = gr.Dropdown(choices=[], value=[], multiselect=True, label="Jobs to compare", scale=4,
                              elem_id="compare-picker")
         refresh_button = gr.Button("Refresh curves", size="sm", scale=1, elem_id="compare-refresh")
-    plot = gr.LinePlot(x="step", y="loss", color="job", title="Loss", height=420, elem_id="compare-plot")
+    plot = gr.LinePlot(x="step", y="loss", color="job", title="Loss", height=420, x_axis_format="d",
+                       elem_id="compare-plot")
     info = gr.Markdown(elem_id="compare-info")
 
     def compare(session, job_ids):
@@ -38,10 +42,18 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
                 rows += [(p["step"], p["loss"], label) for p in points if p.get("loss") is not None]
                 notes.append(f"{label}: {len(points)} points, {job['state']}")
         except ApiError as e:
-            return gr.skip(), f"Cannot compare: {e}"
+            return gr.skip(), f"Cannot compare: {e}", gr.skip()
         frame = pd.DataFrame(rows, columns=["step", "loss", "job"]).astype({"step": "int64", "loss": "float64",
                                                                              "job": "string"})
-        return frame, " · ".join(notes)
+        return frame, " · ".join(notes), list(dict.fromkeys(frame["job"]))
+
+    def restyle(labels):
+        """Gradio draws a plot's colours and legend anew only when a setting changes, not its data: without a
+        new color_map and title, a job added after the first was left out of the picture. This runs after
+        the data is in place (in the same update, the new drawing would use the old data)."""
+        colours = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels or [])}
+        n = len(colours)
+        return gr.update(color_map=colours, title=f"Loss of {n} job{'s' if n != 1 else ''}")
 
     def choices(session):
         try:
@@ -52,6 +64,9 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
                                    j["id"]) for j in jobs])
 
     picker.focus(choices, ctx.session, picker, queue=False, show_progress="hidden")  # the list is current when opened
-    picker.change(compare, [ctx.session, picker], [plot, info], show_progress="hidden")
-    refresh_button.click(compare, [ctx.session, picker], [plot, info])
+    labels = gr.State([])
+    picker.change(compare, [ctx.session, picker], [plot, info, labels], show_progress="hidden") \
+        .then(restyle, labels, plot, queue=False, show_progress="hidden")
+    refresh_button.click(compare, [ctx.session, picker], [plot, info, labels]) \
+        .then(restyle, labels, plot, queue=False, show_progress="hidden")
     return CompareTab(picker, refresh_button, plot, info)

@@ -154,6 +154,15 @@ def curve_frame(points: list[dict[str, Any]], y: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", y]).astype({"step": "int64", y: "float64"})
 
 
+def curve_title(points: list[dict[str, Any]], y: str, name: str) -> str:
+    """'Loss (step 8: 2.778)'. Setting the title after new data makes Gradio lay the plot out again: with
+    new data alone it keeps its first layout's axis width, which clipped longer tick labels (0.0030 drawn
+    as '030') while a job trained. (Set in the same update as the data, the new layout would be drawn
+    from the old data: hence a second event, `.then`.)"""
+    last = next((p for p in reversed(points) if p.get(y) is not None), None)
+    return f"{name} (step {last['step']}: {last[y]:.4g})" if last else name
+
+
 def empty_watch() -> dict[str, Any]:
     return {"job_id": None, "points": [], "last_step": 0, "log_offset": 0, "log_lines": [], "final": False}
 
@@ -214,8 +223,11 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             log_tail = gr.HTML(label="Log tail", elem_id="log-tail")
         with gr.Column(scale=3, min_width=420):
             curve_info = gr.Markdown(elem_id="curve-info")
-            loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=240, elem_id="loss-plot")
-            lr_plot = gr.LinePlot(x="step", y="lr", title="Learning rate", height=170, elem_id="lr-plot")
+            # x_axis_format "d": whole steps (1, 2, 3), not 1.0, 1.5, 2.0 on a short curve
+            loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=240, x_axis_format="d",
+                                    elem_id="loss-plot")
+            lr_plot = gr.LinePlot(x="step", y="lr", title="Learning rate", height=170, x_axis_format="d",
+                                  elem_id="lr-plot")
     refresh_timer = gr.Timer(2.0)
     poll_timer = gr.Timer(1.0)
 
@@ -309,8 +321,16 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
     actions = [cancel_button, retry_button, download_button]
     view = [watch, summary, curve_info, loss_plot, lr_plot, log_tail]
     refresh_timer.tick(refresh, ctx.session, [table, table_ids, picker], queue=False, show_progress="hidden")
-    poll_timer.tick(poll, [ctx.session, watch, picker], view + actions, queue=False, show_progress="hidden")
-    picker.change(select, [ctx.session, picker], view + [adapter_file] + actions, show_progress="hidden")
+    def relayout(current):
+        points = (current or {}).get("points") or []
+        return (gr.update(title=curve_title(points, "loss", "Loss")),
+                gr.update(title=curve_title(points, "lr", "Learning rate")))
+
+    plots = [loss_plot, lr_plot]
+    poll_timer.tick(poll, [ctx.session, watch, picker], view + actions, queue=False, show_progress="hidden") \
+        .then(relayout, watch, plots, queue=False, show_progress="hidden")
+    picker.change(select, [ctx.session, picker], view + [adapter_file] + actions, show_progress="hidden") \
+        .then(relayout, watch, plots, queue=False, show_progress="hidden")
     table.select(pick_row, table_ids, picker, queue=False)
     cancel_button.click(cancel, [ctx.session, watch], [summary] + actions)
     retry_button.click(retry, [ctx.session, watch], picker)
