@@ -38,6 +38,8 @@ CSS = """
 #login-panel { max-width: 520px; margin: 48px auto; }
 #header h2 { margin: 0; }
 #job-summary p, #estimate-md p { margin: 2px 0; }
+/* failure reasons and errors wrap instead of running off the right edge */
+#job-summary pre, #job-summary code, #submit-status { white-space: pre-wrap !important; overflow-wrap: anywhere; }
 footer { display: none !important; }
 """
 

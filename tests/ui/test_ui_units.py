@@ -366,3 +366,15 @@ def test_live_plot_titles_carry_the_last_point():
     assert curve_title(points, "loss", "Loss") == "Loss (step 2: 7.25)"
     assert curve_title(points, "lr", "Learning rate") == "Learning rate (step 1: 0.003)"
     assert curve_title([], "loss", "Loss") == "Loss"
+
+
+def test_job_summary_names_a_retry_and_a_cancel_is_not_a_failure_and_the_log_tail_is_for_people():
+    from ui.tabs.jobs import job_summary, log_html
+
+    job = {"id": 3, "name": "r", "state": "cancelled", "config": {}, "retry_of": 2, "attempt": 1, "max_attempts": 3,
+           "failure_class": "cancelled", "failure_reason": "cancelled by request"}
+    text = job_summary(job)
+    assert "retry of job #2" in text and "**stopped** cancelled by request" in text and "**failure**" not in text
+    tail = log_html(['{"step": 1, "loss": 7.3}', "step 1/10 | loss 7.3000", '[node 1] {"event": "done"}', "done"])
+    assert "step 1/10 | loss 7.3000" in tail and "done" in tail and "&quot;step&quot;" not in tail
+    assert "event" not in tail

@@ -171,8 +171,10 @@ def summary_markdown(s: dict[str, Any]) -> str:
              " / ".join(str(pct.get(k, "?")) for k in ("p50", "p90", "p99", "max")) if pct else None)]
     lines = [f"### {head}", ""]
     lines += [f"⚠ {w}" + "  " for w in s.get("warnings") or []]   # two spaces: a Markdown line break
-    lines += ["", "| measure | value |", "|---|---:|"]
-    lines += [f"| {k} | {v:,} |" if isinstance(v, int) else f"| {k} | {v} |" for k, v in rows if v is not None]
+    shown = [(k, v) for k, v in rows if v is not None]
+    if shown:   # a file that could not be read has errors only: no empty table
+        lines += ["", "| measure | value |", "|---|---:|"]
+        lines += [f"| {k} | {v:,} |" if isinstance(v, int) else f"| {k} | {v} |" for k, v in shown]
     return "\n".join(lines)
 
 
@@ -207,28 +209,30 @@ def create_dataset_tab(ctx: UiContext, form: ConfigForm, tokens_per_text: gr.Tex
         with gr.Column(scale=1, min_width=320):
             histogram = gr.BarPlot(x="branches", y="samples", title="Branches per sample", height=240,
                                    elem_id="branches-histogram")
-    gr.Markdown("#### One sample's columnar layout (rows: branches, columns: time)")
+    layout_heading = gr.Markdown("#### One sample's columnar layout (rows: branches, columns: time)", visible=False)
     layout = gr.HTML(elem_id="layout-picture")
 
     def check(session, *form_args):
         body = check_body(form.values(form_args))
         if not body.get("data_path") or not body.get("base_model"):
             return (f"Enter `data_path` and `base_model` in the New job tab first (the demo: `{DEMO_DATA}` and "
-                    f"`{DEMO_MODEL}`).", gr.update(visible=False), gr.skip(), gr.skip(), gr.skip())
+                    f"`{DEMO_MODEL}`).", gr.update(visible=False), gr.skip(), gr.skip(), gr.skip(), gr.skip())
         try:
             s = ctx.client(session).check_dataset(body)
         except ApiError as e:
-            return f"✖ Check failed: {e}", gr.update(visible=False), gr.skip(), gr.skip(), gr.skip()
+            return f"✖ Check failed: {e}", gr.update(visible=False), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         errors_text = "\n".join(str(e) for e in s.get("errors") or [])
         if s.get("records") is None:  # only errors: the file could not be read as Parallel JSONL
             return (summary_markdown(s), gr.update(value=errors_text, visible=True), gr.update(visible=False), "",
-                    gr.skip())
+                    gr.skip(), gr.update(visible=False))
         p90 = (s.get("token_length_percentiles") or {}).get("p90")
         has_histogram = bool(s.get("branches_histogram"))
         return (summary_markdown(s), gr.update(value=errors_text, visible=bool(errors_text)),
                 histogram_update(s) if has_histogram else gr.update(visible=False),
-                layout_svg(s.get("example_layout")), str(int(p90)) if p90 else gr.skip())
+                layout_svg(s.get("example_layout")), str(int(p90)) if p90 else gr.skip(),
+                gr.update(visible=bool(s.get("example_layout"))))
 
-    outputs = [summary, errors, histogram, layout, tokens_per_text if tokens_per_text is not None else gr.State()]
+    outputs = [summary, errors, histogram, layout, tokens_per_text if tokens_per_text is not None else gr.State(),
+               layout_heading]
     check_button.click(check, [ctx.session, *form.inputs], outputs)
     return DatasetTab(check_button, summary, errors, histogram, layout)

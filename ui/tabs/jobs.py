@@ -91,7 +91,11 @@ def job_summary(job: dict[str, Any]) -> str:
              f"**tokens/s** {fmt_number(job.get('tokens_per_s')) or '-'} · **GPU** {gpu_text(job)} · "
              f"**attempt** {job.get('attempt', 1)}/{job.get('max_attempts') or '?'}",
              f"model {cfg.get('base_model', '')} · data {cfg.get('data_path', '')}"]
-    if job.get("failure_reason") or job.get("failure_class"):
+    if job.get("retry_of"):
+        lines.append(f"retry of job #{job['retry_of']}: resumes from its last checkpoint")
+    if job["state"] == "cancelled":
+        lines.append(f"**stopped** {job.get('failure_reason') or 'cancelled'}")
+    elif job.get("failure_reason") or job.get("failure_class"):
         lines.append(f"**failure** {job.get('failure_class') or ''}")
         if job.get("failure_reason"):
             lines.append(code_block(failure_text(job["failure_reason"])))
@@ -191,9 +195,16 @@ def fetch_new(client: ApiClient, watch: dict[str, Any]) -> tuple[bool, bool]:
     return bool(metrics), new_lines
 
 
+def readable_lines(lines: list[str]) -> list[str]:
+    """The log without the trainer's JSON lines (metrics and events, `[node K] ` prefixed or not): the curves
+    show those, and each step also has its human line."""
+    return [line for line in lines if not re.sub(r"^\[node \d+\] ", "", line).startswith("{")]
+
+
 def log_html(lines: list[str]) -> str:
     """The log tail in a box that stays scrolled to its newest line (column-reverse keeps the bottom in view)."""
-    text = html.escape("\n".join(lines)) if lines else "(no log lines yet)"
+    shown = readable_lines(lines)
+    text = html.escape("\n".join(shown)) if shown else "(no log lines yet)"
     return ('<div style="font-size:13px;font-weight:600;margin-bottom:4px">Log tail</div>'
             '<div class="log-tail" style="max-height:230px;overflow:auto;display:flex;flex-direction:column-reverse;'
             'border:1px solid var(--border-color-primary);border-radius:6px;padding:6px">'
