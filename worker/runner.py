@@ -134,8 +134,8 @@ class JobRun:
         by_step: dict[int, dict[str, Any]] = {}
         for line in metrics_file.read_text(encoding="utf-8", errors="replace").splitlines():
             metric = _parse_metric(line)
-            if metric is not None:
-                by_step[metric["step"]] = metric
+            if metric is not None:   # its ETA was the old run's: until this one reports, none is better
+                by_step[metric["step"]] = {**metric, "eta_s": None}
         with self._lock:
             self.pending_metrics[:0] = [by_step[step] for step in sorted(by_step)]
 

@@ -63,6 +63,16 @@ def test_a_clean_exit_counts_as_success_only_after_the_done_event():
     assert cancelled.failure_class == "cancelled" and cancelled.release is False
 
 
+def test_backfilled_points_keep_their_values_but_not_the_old_runs_eta(tmp_path):
+    from worker.runner import JobRun
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 1, "loss": 7.0, "eta_s": 30.0}\n{"step": 2, "loss": 6.5, "eta_s": 20.0}\nnot json\n')
+    run = JobRun(job_id=1, attempt=2, gpu_ids=[], argv=["trainer"], env={})
+    run.backfill_metrics(metrics)
+    assert run.pending_metrics == [{"step": 1, "loss": 7.0, "eta_s": None}, {"step": 2, "loss": 6.5, "eta_s": None}]
+
+
 def test_metric_lines_are_json_objects_with_step_and_loss():
     assert _parse_metric('{"step": 3, "loss": 1.5, "lr": 0.1}') == {"step": 3, "loss": 1.5, "lr": 0.1}
     assert _parse_metric('{"event": "checkpoint", "step": 3, "loss": 1}') is None
