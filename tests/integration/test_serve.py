@@ -38,6 +38,23 @@ def _stop_serve(proc):
     proc.wait(60)
 
 
+def _wait_resumed_then_cancel(api, job_id: int, log_path) -> None:
+    """The job's second attempt started from its checkpoint (not step 0); then it is cancelled."""
+    deadline = time.time() + 120
+    while True:
+        lines = [x["line"] for x in api.get(f"/jobs/{job_id}/logs", params={"limit": 10000}).json()["data"]]
+        starts = [x for x in lines if '"event": "start"' in x]
+        if len(starts) == 2:
+            break
+        assert time.time() < deadline, log_path.read_text()[-5000:]
+        time.sleep(0.3)
+    assert '"resumed_from_step": 0' not in starts[1]
+    api.post(f"/jobs/{job_id}/cancel")
+    while api.get(f"/jobs/{job_id}").json()["state"] != "cancelled":
+        assert time.time() < deadline
+        time.sleep(0.3)
+
+
 def test_serve_trains_the_demo_and_hands_jobs_back_on_exit(data_dir, tmp_path):
     port = free_port()
     log_path = tmp_path / "serve.log"
@@ -68,19 +85,7 @@ def test_serve_trains_the_demo_and_hands_jobs_back_on_exit(data_dir, tmp_path):
         serve = _start_serve(data_dir, port, log_path)
         back = api.get(f"/jobs/{long_job['id']}").json()
         assert back["attempt"] == 2 and back["state"] in ("queued", "running"), back
-        deadline = time.time() + 120
-        while True:
-            lines = [x["line"] for x in api.get(f"/jobs/{long_job['id']}/logs", params={"limit": 10000}).json()["data"]]
-            starts = [x for x in lines if '"event": "start"' in x]
-            if len(starts) == 2:
-                break
-            assert time.time() < deadline, log_path.read_text()[-5000:]
-            time.sleep(0.3)
-        assert '"resumed_from_step": 0' not in starts[1]
-        api.post(f"/jobs/{long_job['id']}/cancel")
-        while api.get(f"/jobs/{long_job['id']}").json()["state"] != "cancelled":
-            assert time.time() < deadline
-            time.sleep(0.3)
+        _wait_resumed_then_cancel(api, long_job["id"], log_path)
     finally:
         if serve.poll() is None:
             _stop_serve(serve)
@@ -119,20 +124,8 @@ def test_serve_killed_9_takes_its_worker_along_and_the_restart_resumes_the_job(d
             time.sleep(0.2)
 
         serve = _start_serve(data_dir, port, log_path)
-        deadline = time.time() + 120
-        while True:
-            lines = [x["line"] for x in api.get(f"/jobs/{job['id']}/logs", params={"limit": 10000}).json()["data"]]
-            starts = [x for x in lines if '"event": "start"' in x]
-            if len(starts) == 2:
-                break
-            assert time.time() < deadline, log_path.read_text()[-5000:]
-            time.sleep(0.3)
-        assert '"resumed_from_step": 0' not in starts[1]
+        _wait_resumed_then_cancel(api, job["id"], log_path)
         assert [w["name"] for w in api.get("/workers").json()["data"]] == [f"{os.uname().nodename}-local"]
-        api.post(f"/jobs/{job['id']}/cancel")
-        while api.get(f"/jobs/{job['id']}").json()["state"] != "cancelled":
-            assert time.time() < deadline
-            time.sleep(0.3)
     finally:
         if serve.poll() is None:
             _stop_serve(serve)

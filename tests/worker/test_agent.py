@@ -11,6 +11,13 @@ import pytest
 
 
 
+def wait_for_step(live_server, job_id: int, step: int, timeout: float = 10) -> None:
+    deadline = time.time() + timeout
+    while live_server.api.get(f"/jobs/{job_id}").json()["step"] < step:
+        assert time.time() < deadline, f"job {job_id} did not reach step {step}"
+        time.sleep(0.05)
+
+
 def _pid_files(job: dict) -> list[dict]:
     out = Path(job["config"]["output_dir"])
     return [json.loads(p.read_text()) for p in sorted(out.glob("pids-*.json"))]
@@ -131,10 +138,7 @@ def test_a_cancel_that_arrives_after_the_last_step_leaves_the_job_succeeded(live
 def test_a_trainer_ignoring_sigterm_is_killed_after_the_grace(live_server, start_agent, job_body):
     job = live_server.api.post("/jobs", json=job_body(name="stubborn", max_steps=1)).json()
     start_agent(kill_grace_s=1.0)
-    deadline = time.time() + 10
-    while live_server.api.get(f"/jobs/{job['id']}").json()["step"] < 1:
-        assert time.time() < deadline
-        time.sleep(0.05)
+    wait_for_step(live_server, job["id"], 1)
     pids = [p for info in _pid_files(job) for p in (info["pid"], info["child"])]
     t0 = time.time()
     live_server.api.post(f"/jobs/{job['id']}/cancel")
@@ -161,10 +165,7 @@ def test_cold_stop_hands_jobs_back_and_they_resume(live_server, start_agent, mon
     monkeypatch.setenv("FAKE_STEP_S", "0.2")
     job = live_server.api.post("/jobs", json=job_body(max_steps=12)).json()
     agent = start_agent()
-    deadline = time.time() + 10
-    while live_server.api.get(f"/jobs/{job['id']}").json()["step"] < 3:
-        assert time.time() < deadline
-        time.sleep(0.05)
+    wait_for_step(live_server, job["id"], 3)
     agent.stop(cold=True)
     back = live_server.api.get(f"/jobs/{job['id']}").json()
     assert back["state"] == "queued" and back["attempt"] == 2
@@ -206,10 +207,7 @@ def test_server_down_mid_job_loses_nothing(live_server, start_agent, monkeypatch
     monkeypatch.setenv("FAKE_STEP_S", "0.2")
     job = live_server.api.post("/jobs", json=job_body(max_steps=15)).json()
     start_agent()
-    deadline = time.time() + 10
-    while live_server.api.get(f"/jobs/{job['id']}").json()["step"] < 2:
-        assert time.time() < deadline
-        time.sleep(0.05)
+    wait_for_step(live_server, job["id"], 2)
     live_server.stop()
     time.sleep(live_server.settings.lease_ttl_s + 0.5)  # down for longer than a lease
     again = make_server(live_server.settings)
@@ -312,10 +310,7 @@ def test_a_second_process_under_the_same_name_takes_over_and_the_first_stops(liv
     monkeypatch.setenv("FAKE_STEP_S", "0.2")
     job = live_server.api.post("/jobs", json=job_body(max_steps=15)).json()
     first = start_agent()
-    deadline = time.time() + 10
-    while live_server.api.get(f"/jobs/{job['id']}").json()["step"] < 2:
-        assert time.time() < deadline
-        time.sleep(0.05)
+    wait_for_step(live_server, job["id"], 2)
     second = start_agent()
     first.thread.join(15)
     assert not first.thread.is_alive() and first.exit_code == EXIT_SUPERSEDED
