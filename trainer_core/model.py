@@ -187,19 +187,6 @@ def parallel_logits(model: nn.Module, input_ids, pos1d, branch_pos, time_ids, sa
     return base.get_output_embeddings()(h)
 
 
-def quiet_libraries() -> None:
-    """For our commands (not for library users): stderr keeps our progress lines, without per-load
-    progress bars or library deprecation chatter."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
 # --- saving and loading adapters --------------------------------------------------------------------
 
 def lora_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:

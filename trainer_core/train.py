@@ -35,7 +35,7 @@ from trainer_core.data import (DataError, build_samples, collate_batch, epoch_ba
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
                                compute_init, gather_objects, print0)
 from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, hidden_states,
-                               load_lora_weights, lora_state_dict, quiet_libraries, save_adapter_dir)
+                               load_lora_weights, lora_state_dict, save_adapter_dir)
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED_UNSAVED = 130   # as a shell reports Ctrl-C: stopped, and no new checkpoint was written
@@ -370,6 +370,18 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def _quiet_libraries() -> None:
+    """Keep stderr for our progress lines: no per-load progress bars or library deprecation chatter."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_config(TrainConfig.from_cli(argv, prog="python -m trainer_core.train"))
 
@@ -389,8 +401,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def run_config(cfg: TrainConfig) -> int:
-    """Train; the exit code is the process contract of docs/API.md (0, 2 bad input, 3 out of memory)."""
-    quiet_libraries()
+    """Train; the exit code is the process contract of docs/API.md (0, 2 bad input, 3 out of memory,
+    130 stopped without a new checkpoint)."""
+    _quiet_libraries()
     stop = StopFlag()
     stop.install()
     env = compute_init(cfg.ddp)

@@ -112,10 +112,9 @@ class JobRun:
             line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
             record = _json_record(line) if is_stdout else None
             metric = _as_metric(record)
-            if record is not None and record.get("event") == "start":
-                self.training_started = True
-            if record is not None and record.get("event") == "done":
-                self.training_done = True
+            event = (record or {}).get("event")
+            self.training_started |= event == "start"
+            self.training_done |= event == "done"
             with self._lock:
                 self.pending_logs.append(line)
                 if metric is not None:

@@ -329,14 +329,14 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             return gr.update(visible=False)
         return gr.update(value=target, visible=True)
 
-    actions = [cancel_button, retry_button, download_button]
-    view = [watch, summary, curve_info, loss_plot, lr_plot, log_tail]
-    refresh_timer.tick(refresh, ctx.session, [table, table_ids, picker], queue=False, show_progress="hidden")
     def relayout(current):
         points = (current or {}).get("points") or []
         return (gr.update(title=curve_title(points, "loss", "Loss")),
                 gr.update(title=curve_title(points, "lr", "Learning rate")))
 
+    actions = [cancel_button, retry_button, download_button]
+    view = [watch, summary, curve_info, loss_plot, lr_plot, log_tail]
+    refresh_timer.tick(refresh, ctx.session, [table, table_ids, picker], queue=False, show_progress="hidden")
     plots = [loss_plot, lr_plot]
     poll_timer.tick(poll, [ctx.session, watch, picker], view + actions, queue=False, show_progress="hidden") \
         .then(relayout, watch, plots, queue=False, show_progress="hidden")
