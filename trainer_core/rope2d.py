@@ -56,10 +56,21 @@ class Rope2DRotaryEmbedding(nn.Module):
             pos1d, branch_pos, time_ids = position_ids.unbind(0)
         else:  # ordinary text (generate()): one branch, time runs with pos1d
             pos1d, branch_pos, time_ids = position_ids, torch.zeros_like(position_ids), position_ids
+        if num_2d_pairs(self.inner.inv_freq.shape[0], self.ratio) == 0:
+            return self.inner(x, pos1d)   # no 2D pair: the stock module itself, for every rope type
+        if rescales_with_length(self.inner):
+            # Dynamic NTK and LongRoPE choose inv_freq (and the scaling) from the sequence length inside the
+            # stock forward: run it on pos1d for that update, so the 1D pairs stay the stock model's.
+            self.inner(x, pos1d)
         scaling = float(getattr(self.inner, "attention_scaling", 1.0))
         cos, sin = rope_2d_cos_sin(self.inner.inv_freq.to(x.device), pos1d, branch_pos, time_ids,
                                    self.ratio, scaling)
         return cos.to(x.dtype), sin.to(x.dtype)
+
+
+def rescales_with_length(rotary: nn.Module) -> bool:
+    rope_type = str(getattr(rotary, "rope_type", "default"))
+    return "dynamic" in rope_type or rope_type == "longrope"
 
 
 def _rotary_parents(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -70,6 +72,34 @@ def test_ratio_zero_reproduces_the_stock_model_exactly(tiny_model_dir):
         want = rot(torch.zeros(1, dtype=torch.float32), pos)
         got = patched.model.rotary_emb(torch.zeros(1, dtype=torch.float32), pos)
         assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
+
+
+LENGTH_SCALED_ROPES = [
+    {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0},
+    {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0 + i for i in range(8)],
+     "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0},
+]
+
+
+@pytest.mark.parametrize("rope", LENGTH_SCALED_ROPES, ids=lambda r: r["rope_type"])
+def test_length_scaled_rope_types_keep_their_stock_frequencies(rope):
+    """Dynamic NTK and LongRoPE pick their frequencies from the sequence length inside the stock forward:
+    past max_position_embeddings, the patch must see the same frequencies (ratio 0: the same logits)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16, rope_parameters=rope)
+    torch.manual_seed(0)
+    stock = LlamaForCausalLM(cfg).eval()
+    ratio0, ratio_half = (patch_rope_2d(copy.deepcopy(stock), r) for r in (0.0, 0.5))  # before any forward
+    ids = torch.randint(0, 100, (1, 60))
+    pos, branch = torch.arange(60).view(1, 60), torch.full((1, 60), 128)
+    with torch.no_grad():
+        assert torch.equal(stock(ids).logits, ratio0(ids).logits)
+        rotary = stock.model.rotary_emb   # its inv_freq now rescaled for 60 positions
+        want = rope_2d_cos_sin(rotary.inv_freq, pos, branch, pos, 0.5, float(rotary.attention_scaling))
+        got = ratio_half.model.rotary_emb(torch.zeros(1), torch.stack([pos, branch, pos]))
+    assert torch.equal(want[0], got[0]) and torch.equal(want[1], got[1])
 
 
 def test_patched_model_generates(tiny_model_dir):
