@@ -54,7 +54,8 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     # --- model ---------------------------------------------------------------------------------
-    base_model: str = _field(..., "HuggingFace model directory (a local path; nothing is downloaded).", "model",
+    base_model: str = _field(..., "HuggingFace model directory (a local path; from the command line also a hub id "
+                                  "already in the local HuggingFace cache; nothing is downloaded).", "model",
                              min_length=1)
     lora_rank: int = _field(8, "LoRA rank. Guide: <1B models 4-8, 1-3B 8-16, >3B 16-32.", "model", ge=1, le=1024)
     lora_alpha: float | None = _field(None, "LoRA alpha; empty means 2 x lora_rank.", "model", gt=0)

@@ -173,6 +173,21 @@ def validate_file(path: str | os.PathLike, max_errors: int = MAX_REPORTED_ERRORS
 
 # --- tokenizer ---------------------------------------------------------------------------------------
 
+def local_model_dir(base_model: str) -> str:
+    """`base_model` as a local directory: a directory as given, or else a hub repo id (`Qwen/Qwen2.5-0.5B`)
+    whose snapshot is already in the local HuggingFace cache, as the guide's command lines name models.
+    Nothing is downloaded; anything not found comes back unchanged for the caller's own error."""
+    if os.path.isdir(base_model):
+        return base_model
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(base_model, local_files_only=True)
+    except (HFValidationError, LocalEntryNotFoundError, OSError):
+        return base_model
+
+
 def has_tokenizer_files(model_dir: str | os.PathLike) -> bool:
     """A local directory with tokenizer files (transformers would take anything else for a hub repo id)."""
     return any(Path(model_dir).glob("tokenizer*"))
@@ -183,6 +198,7 @@ def load_tokenizer(model_dir: str):
     such: AutoTokenizer would otherwise swap in the model family's own pre-tokenizer."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    model_dir = local_model_dir(model_dir)
     cfg_file = Path(model_dir) / "tokenizer_config.json"
     cls = json.loads(cfg_file.read_text()).get("tokenizer_class") if cfg_file.exists() else None
     if cls == "PreTrainedTokenizerFast":
@@ -191,6 +207,7 @@ def load_tokenizer(model_dir: str):
 
 
 def _fingerprint_tokenizer(model_dir: str) -> str:
+    model_dir = local_model_dir(model_dir)
     h = hashlib.sha256()
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model"):
         f = Path(model_dir) / name

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from trainer_core.config import TrainConfig, format_validation_error
 from trainer_core.data import (DataError, build_samples, epoch_batches, has_tokenizer_files, load_or_tokenize,
-                               load_tokenizer, sample_lengths, sample_token_ids, validate_file)
+                               load_tokenizer, local_model_dir, sample_lengths, sample_token_ids, validate_file)
 from trainer_core.layout import pack_into_rows
 
 EXAMPLE_MAX_COLUMNS = 48
@@ -149,8 +149,9 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(f"paratrain data check: {format_validation_error(e)}", file=sys.stderr)
         return 2
-    if not has_tokenizer_files(args.tokenizer):
-        print(f"--tokenizer {args.tokenizer}: not a model directory with tokenizer files", file=sys.stderr)
+    if not has_tokenizer_files(local_model_dir(args.tokenizer)):
+        print(f"--tokenizer {args.tokenizer}: not a model directory with tokenizer files, nor such a model in the "
+              "local HuggingFace cache", file=sys.stderr)
         return 2
     summary = summarize(cfg, with_example=args.json)
     if summary["errors"]:

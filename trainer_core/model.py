@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from trainer_core.config import CE_CHUNK_TOKENS, TrainConfig
-from trainer_core.data import DataError
+from trainer_core.data import DataError, local_model_dir
 from trainer_core.layout import IGNORE_INDEX, columnar_block_mask, columnar_mask
 from trainer_core.rope2d import patch_rope_2d, stack_position_ids
 
@@ -33,7 +33,7 @@ def attention_backend(device: torch.device) -> str:
 def load_base_model(model_dir: str, device: torch.device, dtype: torch.dtype, attn_implementation: str):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(local_model_dir(model_dir), dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device)
 
 
@@ -198,7 +198,7 @@ def lora_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
 def save_adapter_dir(peft_model: nn.Module, out_dir: Path, cfg: TrainConfig) -> None:
     """PEFT adapter directory plus the 2D RoPE settings needed to use it, and a README that says how.
     The base model is recorded by absolute path: a relative one only resolves from the training's cwd."""
-    base_model = str(Path(cfg.base_model).resolve())
+    base_model = str(Path(local_model_dir(cfg.base_model)).resolve())
     for adapter_config in peft_model.peft_config.values():
         adapter_config.base_model_name_or_path = base_model
     peft_model.save_pretrained(out_dir)

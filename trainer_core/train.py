@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from trainer_core import checkpoint as ckpt
 from trainer_core.config import RESUMABLE_CHANGES, TrainConfig, add_cli_arguments, format_validation_error
 from trainer_core.data import (DataError, build_samples, collate_batch, epoch_batches, file_sha256,
-                               has_tokenizer_files, open_tokens, prepare_tokens, rank_batches,
+                               has_tokenizer_files, local_model_dir, open_tokens, prepare_tokens, rank_batches,
                                total_optimizer_steps)
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
                                compute_init, gather_objects, print0)
@@ -116,9 +116,10 @@ def emit(env: DistEnv, record: dict, metrics_file: Path | None = None) -> None:
 
 def check_base_model(path: str) -> None:
     """A clear message for a wrong --base_model instead of a loader traceback."""
-    model_dir = Path(path)
+    model_dir = Path(local_model_dir(path))
     if not model_dir.is_dir():
-        raise DataError([f"--base_model {path}: no such directory (a local HuggingFace model directory is needed)"])
+        raise DataError([f"--base_model {path}: no such directory, nor a model in the local HuggingFace cache "
+                         "(nothing is downloaded: give a model directory, or fetch it first with `hf download`)"])
     missing = [f for f in ("config.json",) if not (model_dir / f).exists()]
     if missing or not has_tokenizer_files(model_dir):
         raise DataError([f"--base_model {path}: not a HuggingFace model directory with a tokenizer "
@@ -129,7 +130,7 @@ def resume_identity(cfg: TrainConfig, world_size: int, data_sha256: str) -> dict
     """What a checkpoint must share with the run that resumes it. Every config field counts except those
     in RESUMABLE_CHANGES; the data count by content, the model by its resolved path."""
     fields = {k: v for k, v in cfg.model_dump().items() if k not in RESUMABLE_CHANGES}
-    identity = {**fields, "base_model": str(Path(cfg.base_model).resolve()), "data_sha256": data_sha256,
+    identity = {**fields, "base_model": str(Path(local_model_dir(cfg.base_model)).resolve()), "data_sha256": data_sha256,
                 "world_size": world_size}
     return json.loads(json.dumps(identity))   # as a checkpoint's JSON gives it back
 

@@ -91,6 +91,32 @@ def test_missing_model_directory_is_a_clear_error(tmp_path, demo_data_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_hub_id_in_the_local_huggingface_cache_trains_offline(tmp_path, tiny_model_dir, demo_data_path):
+    """The guide names models by hub id; one already in the HF cache is used from there, nothing downloaded."""
+    import os
+    import shutil
+
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--acme--tiny-lm" / "snapshots" / "0123abc"
+    shutil.copytree(tiny_model_dir, snapshot)
+    (hub / "models--acme--tiny-lm" / "refs").mkdir()
+    (hub / "models--acme--tiny-lm" / "refs" / "main").write_text("0123abc")
+    env = {**os.environ, "HF_HUB_CACHE": str(hub), "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "out"
+    proc = subprocess.run([PYTHON, "-m", "trainer_core.train", *guide_args("acme/tiny-lm", demo_data_path, out),
+                           "--max_steps", "1"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "lora" / "paratrain_tiny-lm_final.pth").exists()     # named after the model, not the snapshot
+    adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(snapshot.resolve())
+
+    missing = subprocess.run([PYTHON, "-m", "trainer_core.train", "--base_model", "acme/other-lm",
+                              "--data_path", str(demo_data_path), "--output_dir", str(out)],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert missing.returncode == 2 and "nor a model in the local HuggingFace cache" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
 def test_bad_flag_value_names_the_field(tmp_path, tiny_model_dir, demo_data_path):
     proc = subprocess.run([PYTHON, "-m", "trainer_core.train", "--base_model", str(tiny_model_dir),
                            "--data_path", str(demo_data_path), "--rope_2d_ratio", "1.5"],
