@@ -82,7 +82,18 @@ def barrier(env: DistEnv) -> None:
         dist.barrier()
 
 
-def print0(env: DistEnv, *args, **kwargs) -> None:
+def print0(env: DistEnv, text: str) -> None:
     """Human-readable progress: rank 0 only, on stderr (stdout carries the machine-readable JSON lines)."""
     if env.is_main:
-        print(*args, file=sys.stderr, flush=True, **kwargs)
+        write_line(text, sys.stderr)
+
+
+def write_line(text: str, stream) -> None:
+    """print(), except that a reader gone away (the worker died; the kernel is sending us SIGTERM) must not
+    kill training before it saves: the stream then goes to /dev/null and training carries on to its stop."""
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)

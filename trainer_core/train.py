@@ -33,27 +33,31 @@ from trainer_core.data import (DataError, build_samples, collate_batch, epoch_ba
                                has_tokenizer_files, local_model_dir, open_tokens, prepare_tokens, rank_batches,
                                total_optimizer_steps)
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
-                               compute_init, gather_objects, print0)
+                               compute_init, gather_objects, print0, write_line)
 from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, hidden_states,
                                load_lora_weights, lora_state_dict, save_adapter_dir)
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED_UNSAVED = 130   # as a shell reports Ctrl-C: stopped, and no new checkpoint was written
 EXIT_OOM = 3
+EXIT_DIVERGED = 4   # a non-finite loss or gradient norm: the step was not applied, the last checkpoint is intact
 # Test-only fault injection, off unless set (tests/reliability): `oom_at_step:N`, `crash_rank:R_at_step:N`
-# (SIGKILL of rank R), `enospc_on_checkpoint:N` (OSError ENOSPC when saving step N). A run that resumed
+# (SIGKILL of rank R), `enospc_on_checkpoint:N` (OSError ENOSPC when saving step N), `nan_loss_at_step:N`
+# (inject_fault answers True where the loss is checked: the caller makes it NaN). A run that resumed
 # from a checkpoint injects nothing, so a retry shows the recovery.
 FAULT_ENV = "PARATRAIN_FAULT"
 
 
-def inject_fault(env: DistEnv, step: int, where: str, resumed: bool) -> None:
+def inject_fault(env: DistEnv, step: int, where: str, resumed: bool) -> bool:
     import re
 
     spec = os.environ.get(FAULT_ENV, "")
-    match = re.fullmatch(r"(oom|crash_rank:(\d+)|enospc_on_checkpoint)(?:_at_step)?:(\d+)", spec)
+    match = re.fullmatch(r"(oom|crash_rank:(\d+)|enospc_on_checkpoint|nan_loss)(?:_at_step)?:(\d+)", spec)
     if match is None or resumed or int(match.group(3)) != step:
-        return
+        return False
     kind = match.group(1)
+    if kind == "nan_loss" and where == "loss":
+        return True
     if kind == "oom" and where == "step":
         raise torch.OutOfMemoryError(f"{FAULT_ENV}: simulated CUDA out of memory at step {step}")
     if match.group(2) is not None and where == "step" and env.rank == int(match.group(2)):
@@ -62,6 +66,11 @@ def inject_fault(env: DistEnv, step: int, where: str, resumed: bool) -> None:
         import errno
 
         raise OSError(errno.ENOSPC, f"No space left on device ({FAULT_ENV}: simulated, checkpoint of step {step})")
+    return False
+
+
+class Diverged(Exception):
+    """The loss or the gradient norm of a step is NaN or infinite: stepping would write NaN into the weights."""
 
 
 class StopNow(BaseException):
@@ -107,8 +116,8 @@ def emit(env: DistEnv, record: dict, metrics_file: Path | None = None) -> None:
     """One machine-readable JSON line on stdout (rank 0), optionally appended to metrics.jsonl."""
     if not env.is_main:
         return
-    line = json.dumps(record)
-    print(line, flush=True)
+    line = json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()})
+    write_line(line, sys.stdout)   # NaN/Infinity are not JSON: they go out as null
     if metrics_file is not None:
         with open(metrics_file, "a", encoding="utf-8") as f:
             f.write(line + "\n")
@@ -263,6 +272,11 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                     (loss * env.world_size / label_tokens).backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+            mean_loss = all_reduce_sum(env, float(loss_sum)) / label_tokens   # the same on every rank
+            if inject_fault(env, step + 1, "loss", resumed):
+                mean_loss = float("nan")
+            if not (math.isfinite(mean_loss) and math.isfinite(float(grad_norm))):  # DDP: the same on every rank
+                raise Diverged(f"step {step + 1}: loss {mean_loss}, gradient norm {float(grad_norm)}")
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -270,7 +284,6 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             step += 1
             inject_fault(env, step, "step", resumed)
 
-            mean_loss = all_reduce_sum(env, float(loss_sum)) / label_tokens
             tokens = all_reduce_sum(env, float(sum(m.num_tokens for m in micro)))
             dt = time.time() - t0
             step_time_ema = dt if step_time_ema is None else 0.9 * step_time_ema + 0.1 * dt
@@ -403,7 +416,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_config(cfg: TrainConfig) -> int:
     """Train; the exit code is the process contract of docs/API.md (0, 2 bad input, 3 out of memory,
-    130 stopped without a new checkpoint)."""
+    4 diverged, 130 stopped without a new checkpoint)."""
     _quiet_libraries()
     stop = StopFlag()
     stop.install()
@@ -417,6 +430,12 @@ def run_config(cfg: TrainConfig) -> int:
     except StopNow as e:
         print0(env, f"stopped {e}")
         return EXIT_STOPPED_UNSAVED
+    except Diverged as e:
+        print0(env, f"paratrain: training diverged at {e}; the step was not applied and the last checkpoint "
+                    f"is intact. Try a lower --learning_rate (now {cfg.learning_rate:g})"
+                    + (", --dtype bfloat16 instead of float16" if cfg.dtype == "float16" else "")
+                    + " or a smaller --lora_alpha.")
+        return EXIT_DIVERGED
     except torch.OutOfMemoryError as e:
         print(f"paratrain: out of memory on rank {env.rank}: {str(e).splitlines()[0]}\n"
               f"Try {oom_advice(cfg)}.", file=sys.stderr, flush=True)

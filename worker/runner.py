@@ -9,6 +9,7 @@ with the marker."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -219,7 +220,8 @@ def _json_record(line: str) -> dict[str, Any] | None:
 
 def _as_metric(record: dict[str, Any] | None) -> dict[str, Any] | None:
     if record is not None and all(k in record for k in METRIC_KEYS) and "event" not in record:
-        return record
+        # NaN/Infinity (json.loads takes them) cannot be sent as JSON: as missing values they cannot stop reports
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     return None
 
 
@@ -286,7 +288,8 @@ def _trainer_stderr(stderr_lines: list[str]) -> list[str]:
 
 
 def classify_exit(exit_code: int, stderr_lines: list[str]) -> tuple[str | None, str | None]:
-    """(failure_class, failure_reason) by the trainer contract: 0 ok, 2 data, 3 OOM, signal or else crash."""
+    """(failure_class, failure_reason) by the trainer contract: 0 ok, 2 data, 3 OOM, 4 diverged, signal or
+    else crash."""
     code = trainer_exit_code(exit_code, stderr_lines)
     tail = "\n".join(_trainer_stderr(stderr_lines)).strip()
     if code == 0:
@@ -295,6 +298,8 @@ def classify_exit(exit_code: int, stderr_lines: list[str]) -> tuple[str | None, 
         return "data", tail or "bad config or data (exit 2)"
     if code == 3:
         return "oom", tail or "out of memory (exit 3)"
+    if code == 4:
+        return "crash", tail or "training diverged: a NaN or infinite loss (exit 4)"
     if "No space left on device" in tail:
         return "crash", f"disk full (No space left on device), exit code {code}; the last complete checkpoint " \
                         f"is kept: free space and retry to resume\n{tail}"

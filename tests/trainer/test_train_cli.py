@@ -208,6 +208,38 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, tiny_model
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step_00000002"]
 
 
+def test_a_diverged_step_stops_training_before_it_reaches_the_weights(tmp_path, tiny_model_dir, demo_data_path):
+    import os
+
+    out = tmp_path / "out"
+    proc = subprocess.run([PYTHON, "-m", "trainer_core.train", *guide_args(tiny_model_dir, demo_data_path, out,
+                           "--max_steps", "6", "--save_interval", "2")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PARATRAIN_FAULT": "nan_loss_at_step:3"})
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    assert "training diverged at step 3: loss nan" in proc.stderr and "Traceback" not in proc.stderr
+    assert "--learning_rate" in proc.stderr
+    assert [r["step"] for r in json_lines(proc.stdout) if "loss" in r] == [1, 2]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]
+
+
+def test_a_trainer_whose_reader_is_gone_still_saves_on_its_stop_signal(tmp_path, tiny_model_dir, demo_data_path):
+    """A worker that dies leaves its trainers a closed stdout and a SIGTERM (parent-death signal): they must
+    save, not die of a broken pipe at their next metric line."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([PYTHON, "-m", "trainer_core.train", *guide_args(tiny_model_dir, demo_data_path, out,
+                             "--max_steps", "50")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("step 1/"):
+            proc.stdout.close()             # the worker that read the JSON lines is gone
+        if line.startswith("step 3/"):      # two metric lines went to the closed pipe
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, rest
+    assert "stop requested: checkpoint saved at step" in rest and "Traceback" not in rest
+    assert list((out / "checkpoints").iterdir())
+
+
 def test_a_stop_signal_before_the_first_step_stops_at_once(tmp_path, tiny_model_dir, demo_data_path):
     """Loading a real model takes minutes: Ctrl-C then must not wait for a step to train and save."""
     proc = subprocess.Popen([PYTHON, "-m", "trainer_core.train", *guide_args(tiny_model_dir, demo_data_path,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from trainer_core.config import TrainConfig
 from worker.command import trainer_argv
 from worker.runner import _parse_metric, classify_exit, trainer_exit_code
@@ -44,6 +46,8 @@ def test_failure_classes_follow_the_trainer_contract():
     assert failure_class == "crash" and reason == "killed by SIGKILL"
     assert classify_exit(137, [])[1] == "killed by SIGKILL"
     assert classify_exit(7, ["boom"]) == ("crash", "exit code 7\nboom")
+    assert classify_exit(4, ["paratrain: training diverged at step 3: loss nan"]) == (
+        "crash", "paratrain: training diverged at step 3: loss nan")
 
 
 def test_a_clean_exit_counts_as_success_only_after_the_done_event():
@@ -78,6 +82,13 @@ def test_metric_lines_are_json_objects_with_step_and_loss():
     assert _parse_metric('{"event": "checkpoint", "step": 3, "loss": 1}') is None
     assert _parse_metric('{"step": 3}') is None
     assert _parse_metric("step 3/10") is None and _parse_metric("{not json") is None
+
+
+def test_a_nan_metric_from_an_older_trainer_is_sent_as_missing_values():
+    """httpx refuses NaN in a JSON body: passed on, one diverged run stopped its worker's reports."""
+    metric = _parse_metric('{"step": 3, "loss": NaN, "grad_norm": Infinity, "lr": 0.1}')
+    assert metric == {"step": 3, "loss": None, "grad_norm": None, "lr": 0.1}
+    json.dumps(metric, allow_nan=False)
 
 
 def test_argv_is_derived_from_the_config():
