@@ -58,7 +58,8 @@ class TrainConfig(BaseModel):
                                   "already in the local HuggingFace cache; nothing is downloaded).", "model",
                              min_length=1)
     lora_rank: int = _field(8, "LoRA rank. Guide: <1B models 4-8, 1-3B 8-16, >3B 16-32.", "model", ge=1, le=1024)
-    lora_alpha: float | None = _field(None, "LoRA alpha; empty means 2 x lora_rank.", "model", gt=0)
+    lora_alpha: float | None = _field(None, "LoRA alpha; empty means 2 x lora_rank.", "model", gt=0,
+                                      le=16384)
     lora_dropout: float = _field(0.0, "Dropout on the LoRA branch.", "model", ge=0.0, lt=1.0)
     lora_target_modules: str = _field(
         "all-linear", "Comma-separated module names to adapt, or 'all-linear' (every linear layer of the decoder).",
@@ -100,8 +101,9 @@ class TrainConfig(BaseModel):
     learning_rate: float = _field(1e-4, "Peak AdamW learning rate (warmup, then cosine decay).", "training", gt=0,
                                   le=1.0)
     warmup_ratio: float = _field(0.05, "Share of optimiser steps spent warming up.", "training", ge=0.0, le=1.0)
-    weight_decay: float = _field(0.0, "AdamW weight decay.", "training", ge=0.0)
-    max_grad_norm: float = _field(1.0, "Gradient-norm clipping threshold.", "training", gt=0)
+    weight_decay: float = _field(0.0, "AdamW weight decay.", "training", ge=0.0, le=10.0)
+    max_grad_norm: float = _field(1.0, "Gradient-norm clipping threshold.", "training", gt=0,
+                                  le=1e9)
     accumulation_steps: int = _field(1, "Micro-batches per optimiser step.", "training", ge=1, le=MAX_COUNT)
     max_steps: int | None = _field(None, "Stop after this many optimiser steps (empty: run all epochs).",
                                    "training", ge=1, le=MAX_STEPS)

@@ -155,6 +155,18 @@ def test_config_schema_is_the_train_config(client):
     assert client.get("/api/config-schema").json() == TrainConfig.model_json_schema()
 
 
+def test_every_number_of_a_job_config_has_an_upper_bound(client, job_body):
+    """docs/API.md promises bounds on every number: an absurd one (lora_alpha 1e300 trained NaN) is a 422."""
+    schema = client.get("/api/config-schema").json()
+    for name, prop in schema["properties"].items():
+        variants = [prop, *prop.get("anyOf", [])]
+        if any(v.get("type") in ("number", "integer") for v in variants):
+            assert any("maximum" in v or "exclusiveMaximum" in v for v in variants), name
+    for field in ("lora_alpha", "weight_decay", "max_grad_norm"):
+        r = client.post("/api/jobs", json=job_body(**{field: 1e300}))
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", field], r.text
+
+
 def test_artifacts_are_confined_to_the_output_dir(client, settings, job_body):
     job = client.post("/api/jobs", json=job_body()).json()
     out = settings.jobs_dir / str(job["id"]) / "out"
