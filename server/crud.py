@@ -617,9 +617,13 @@ def finish_job(*, session: Session, job_id: int, finish: Finish) -> Job:
         job.gpu_ids = None
         job.lease_expires_at = None
         why = finish.failure_reason or "its worker is stopping"
+        # Every run is an attempt (its log lines are numbered per attempt), but a hand-back is no failure:
+        # it must not use up the lost-run budget, so the budget grows with it.
+        job.attempt += 1
+        job.max_attempts += 1
         _server_log(session, job, f"handed back{' by ' + who if who else ''} ({why}); "
-                                  f"re-queued as attempt {job.attempt + 1}")
-        job.attempt += 1  # every run is an attempt: its log lines are numbered per attempt
+                                  f"re-queued as attempt {job.attempt} of {job.max_attempts} "
+                                  f"(a hand-back does not count against max_attempts)")
         _set_state(session, job, JobState.queued)
         return job
     completed = finish.exit_code == 0 and finish.failure_class is None

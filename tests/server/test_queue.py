@@ -181,9 +181,8 @@ def test_finish_classes(client, worker_headers, job_body):
     r = client.post(f"/api/jobs/{job_id}/finish", headers=worker_headers,
                     json={"worker_id": wid, "attempt": attempt, "exit_code": 0, "release": True})
     assert r.json()["state"] == "queued" and r.json()["attempt"] == attempt + 1
-    client.post(f"/api/jobs/{job_id}/cancel")   # out of the way of the next claims
-    # lost (stopped from outside the worker): again, but only up to max_attempts (2 here), unlike release
-    client.post("/api/jobs", json=job_body())
+    assert r.json()["max_attempts"] == 3        # the hand-back does not use up the budget (2 here)
+    # lost (stopped from outside the worker): again, but only up to max_attempts, unlike release
     states = []
     for _ in range(2):
         job_id, attempt = _run_one(client, worker_headers, wid)
@@ -192,7 +191,7 @@ def test_finish_classes(client, worker_headers, job_body):
                               "failure_reason": "stopped by a signal"})
         states.append(r.json()["state"])
     assert states == ["queued", "failed"] and r.json()["failure_class"] == "lost"
-    assert "stopped by a signal; gave up after 2 attempts" in r.json()["failure_reason"]
+    assert "stopped by a signal; gave up after 3 attempts" in r.json()["failure_reason"]
 
 
 def test_cancel_running_goes_through_the_worker(client, worker_headers, job_body):
