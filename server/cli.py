@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger("paratrain.serve")
@@ -159,6 +160,10 @@ class LocalWorker:
                     return
                 log.warning("the local worker exited with %s; starting it again", self.process.returncode)
                 self.process = start_local_worker(self.url, self.settings, self.gpus)
+        # The kernel sends the parent-death signal (SIGKILL) when the *thread* that started the worker ends:
+        # this one waits for its worker, or Ctrl-C would kill it before it hands its jobs back.
+        while self.process is not None and self.process.poll() is None:
+            time.sleep(0.2)
 
     def stop(self) -> None:
         self.stopping.set()

@@ -38,17 +38,25 @@ def _stop_serve(proc):
     proc.wait(60)
 
 
-def _wait_resumed_then_cancel(api, job_id: int, log_path) -> None:
-    """The job's second attempt started from its checkpoint (not step 0); then it is cancelled."""
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+
+
+def _start_events(api, job_id: int) -> list[str]:
+    lines = [x["line"] for x in api.get(f"/jobs/{job_id}/logs", params={"limit": 10000}).json()["data"]]
+    return [x for x in lines if '"event": "start"' in x]
+
+
+def _wait_resumed_then_cancel(api, job_id: int, log_path, runs: int = 2) -> None:
+    """The job's run number `runs` started from its checkpoint (not step 0); then it is cancelled."""
     deadline = time.time() + 120
-    while True:
-        lines = [x["line"] for x in api.get(f"/jobs/{job_id}/logs", params={"limit": 10000}).json()["data"]]
-        starts = [x for x in lines if '"event": "start"' in x]
-        if len(starts) == 2:
-            break
+    while len(starts := _start_events(api, job_id)) < runs:
         assert time.time() < deadline, log_path.read_text()[-5000:]
         time.sleep(0.3)
-    assert '"resumed_from_step": 0' not in starts[1]
+    assert '"resumed_from_step": 0' not in starts[runs - 1]
     api.post(f"/jobs/{job_id}/cancel")
     while api.get(f"/jobs/{job_id}").json()["state"] != "cancelled":
         assert time.time() < deadline
@@ -78,24 +86,27 @@ def test_serve_trains_the_demo_and_hands_jobs_back_on_exit(data_dir, tmp_path):
         while api.get(f"/jobs/{long_job['id']}").json()["step"] < 2:
             assert time.time() < deadline, log_path.read_text()[-5000:]
             time.sleep(0.3)
+        # A local worker that serve had to restart hands its jobs back on Ctrl-C like the first one: it must
+        # not die with the thread that restarted it (the parent-death signal follows the thread).
+        [worker] = [p for p in _children(serve.pid) if alive(p)]
+        os.kill(worker, signal.SIGKILL)
+        while len(_start_events(api, long_job["id"])) < 2 or api.get(f"/jobs/{long_job['id']}").json()["step"] < 2:
+            assert time.time() < deadline + 60, log_path.read_text()[-5000:]
+            time.sleep(0.3)
         pids = pids_of(long_job["config"]["output_dir"])
         _stop_serve(serve)  # Ctrl-C: the local worker hands the job back before the API goes away
         assert not [p for p in pids if alive(p)]
 
         serve = _start_serve(data_dir, port, log_path)
         back = api.get(f"/jobs/{long_job['id']}").json()
-        assert back["attempt"] == 2 and back["state"] in ("queued", "running"), back
-        _wait_resumed_then_cancel(api, long_job["id"], log_path)
+        assert back["attempt"] == 3 and back["state"] in ("queued", "running"), back
+        assert back["max_attempts"] == 4     # the hand-back did not use up an attempt
+        lines = [x["line"] for x in api.get(f"/jobs/{long_job['id']}/logs", params={"limit": 10000}).json()["data"]]
+        assert any("handed back" in line for line in lines), lines[-20:]
+        _wait_resumed_then_cancel(api, long_job["id"], log_path, runs=3)
     finally:
         if serve.poll() is None:
             _stop_serve(serve)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
-    except OSError:
-        return []
 
 
 def test_serve_killed_9_takes_its_worker_along_and_the_restart_resumes_the_job(data_dir, tmp_path):
