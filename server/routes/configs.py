@@ -61,6 +61,7 @@ def check_dataset(body: DatasetCheck, settings: SettingsDep) -> DatasetCheckResu
     from trainer_core.data import DataError, validate_file  # numpy etc.: only when asked
 
     assert settings.data_root is not None
+    check_extra_fields(body)
     try:
         path = confine(body.data_path, roots=settings.read_roots, base=settings.data_root)
     except ValueError as e:
@@ -76,11 +77,33 @@ def check_dataset(body: DatasetCheck, settings: SettingsDep) -> DatasetCheckResu
     return DatasetCheckResult(**summarize_dataset(body, path, settings))
 
 
+def check_extra_fields(body: DatasetCheck) -> None:
+    """The extra keys must be TrainConfig fields with valid values: a misspelt one (max_seq_length) would
+    otherwise be ignored, and the summary computed with a default the caller did not mean."""
+    import difflib
+
+    from pydantic import ValidationError
+
+    extra = body.model_extra or {}
+    for key in extra:
+        if key not in TrainConfig.model_fields:
+            close = difflib.get_close_matches(key, TrainConfig.model_fields, n=1)
+            raise FieldError(("body", key), f"unknown field {key!r}" + (f"; did you mean {close[0]!r}?" if close else
+                                                                       " (the fields: GET /api/config-schema)"))
+    try:
+        TrainConfig(**{**extra, "base_model": body.base_model or "model", "data_path": body.data_path})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise FieldError(("body", *[str(p) for p in err["loc"]]), err["msg"]) from None
+
+
 def has_tokenizer(base_model: str, settings) -> bool:
     try:
         model = confine(base_model, roots=settings.read_roots, base=settings.data_root)
     except ValueError as e:
         raise FieldError(("body", "base_model"), str(e)) from None
+    if not model.is_dir():
+        raise FieldError(("body", "base_model"), f"{base_model!r}: no such model directory under the data root")
     return (model / "tokenizer.json").exists() or (model / "tokenizer_config.json").exists()
 
 

@@ -217,6 +217,15 @@ def test_dataset_check_with_a_tokenizer_returns_the_full_summary(client, setting
     assert no_tok.status_code == 200 and no_tok.json()["records"] > 0 and "no tokenizer" in no_tok.json()["note"]
     outside = client.post("/api/datasets/check", json={**form, "base_model": "../../etc"})
     assert outside.status_code == 422 and "base_model" in outside.text
+    # a misspelt, a mistyped field and a missing model are named, not ignored
+    typo_key = client.post("/api/datasets/check", json={**form, "max_seq_length": 5})
+    assert typo_key.status_code == 422 and typo_key.json()["detail"][0]["loc"] == ["body", "max_seq_length"]
+    assert "did you mean 'max_seq_len'?" in typo_key.json()["detail"][0]["msg"]
+    for field, value in (("name", {"a": 1}), ("output_dir", 5)):
+        mistyped = client.post("/api/datasets/check", json={**form, field: value})
+        assert mistyped.status_code == 422 and mistyped.json()["detail"][0]["loc"] == ["body", field], mistyped.text
+    missing = client.post("/api/datasets/check", json={**form, "base_model": "models/nope"})
+    assert missing.status_code == 422 and "no such model directory" in missing.json()["detail"][0]["msg"]
     (settings.data_dir / "datasets" / "broken.jsonl").write_text('{"text": "a"}\n{"text": 3}\n')
     broken = client.post("/api/datasets/check", json={**form, "data_path": "datasets/broken.jsonl"})
     assert broken.status_code == 200 and broken.json()["errors"][0].endswith("broken.jsonl:2: 'text' must be a string, got int")
