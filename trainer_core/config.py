@@ -229,7 +229,7 @@ def format_validation_error(e: ValidationError) -> str:
     lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "config"
-        lines.append(f"{loc}: {err['msg']}")
+        lines.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(lines)
 
 

@@ -10,9 +10,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token", help="Worker token (env PARATRAIN_WORKER_TOKEN; the server's "
                                         "<data_dir>/worker_token).")
     parser.add_argument("--token-file", help="Read the worker token from this file.")
-    parser.add_argument("--name", help="Worker name, unique per machine (default: hostname).")
-    parser.add_argument("--gpus", help="'auto' (NVML, default), 'none', or indices like '0,1'.")
-    parser.add_argument("--max-cpu-jobs", type=int, help="CPU jobs run at the same time (default 1).")
+    parser.add_argument("--name", help="Worker name, unique per server: a second worker under a name pushes the "
+                                       "first one out (env PARATRAIN_WORKER_NAME; default: hostname).")
+    parser.add_argument("--gpus", help="'auto' (NVML, default), 'none', or indices like '0,1' "
+                                       "(env PARATRAIN_WORKER_GPUS).")
+    parser.add_argument("--max-cpu-jobs", type=int, help="CPU jobs run at the same time (env "
+                                                         "PARATRAIN_WORKER_MAX_CPU_JOBS; default 1).")
     parser.add_argument("--rdzv-address", help="How other workers reach this machine for multi-node jobs "
                                                "(default: hostname; '' takes no multi-node jobs).")
 
@@ -39,10 +42,17 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(levelname)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request drowns everything else
+    from pydantic import ValidationError
+
+    from trainer_core.config import format_validation_error
+
     try:
         settings = settings_from_args(args)
     except OSError as e:   # --token-file that cannot be read
         print(f"paratrain worker: --token-file {args.token_file}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:   # a flag or a PARATRAIN_WORKER_* variable
+        print(f"paratrain worker: {format_validation_error(e)}", file=sys.stderr)
         return 2
     if args.token:
         logging.getLogger("paratrain.worker").warning(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from worker.command import DEFAULT_TRAINER
@@ -16,8 +16,8 @@ class WorkerSettings(BaseSettings):
 
     server_url: str = "http://127.0.0.1:8000"
     token: str = Field("", description="The server's worker token (<data_dir>/worker_token).")
-    name: str = Field(default_factory=socket.gethostname,
-                      description="Unique per machine: registering again under a name re-queues that name's jobs.")
+    name: str = Field(default_factory=socket.gethostname, min_length=1,
+                      description="Unique per server: registering again under a name re-queues that name's jobs.")
     gpus: str = Field("auto", description="'auto' (NVML), 'none' (CPU only) or indices like '0,1,3'.")
     max_cpu_jobs: int = Field(1, ge=0, description="CPU jobs (gpus=0) run at the same time.")
     rdzv_address: str | None = Field(default_factory=socket.gethostname,
@@ -29,6 +29,22 @@ class WorkerSettings(BaseSettings):
     request_timeout_s: float = Field(10.0, gt=0)
     health_file: Path | None = Field(None, description="Touched after every accepted heartbeat (container "
                                      "health checks look at its age).")
+
+    @field_validator("server_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r} needs its scheme: http://{url}")
+        return url.rstrip("/")
+
+    @field_validator("gpus")
+    @classmethod
+    def _gpu_spec(cls, spec: str) -> str:
+        parts = [p.strip() for p in spec.split(",")]
+        if spec.strip().lower() not in ("auto", "none", "cpu", "") and not all(p.isdigit() for p in parts):
+            raise ValueError(f"{spec!r} is not 'auto', 'none' or GPU indices like '0,1'")
+        return spec
+
     @property
     def identity(self) -> str:
         """Name and server together mark this worker's processes: two workers of the same name on one host

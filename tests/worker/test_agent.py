@@ -276,6 +276,23 @@ def test_an_unreadable_token_file_is_one_line_and_exit_2(tmp_path):
     assert proc.stderr.strip() == f"paratrain worker: --token-file {tmp_path / 'missing'}: No such file or directory"
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--gpus", "abc", "gpus: 'abc' is not 'auto', 'none' or GPU indices like '0,1'"),
+    ("--max-cpu-jobs", "-1", "max_cpu_jobs: Input should be greater than or equal to 0"),
+    ("--server", "127.0.0.1:8000", "server_url: '127.0.0.1:8000' needs its scheme: http://127.0.0.1:8000"),
+])
+def test_a_bad_flag_is_one_line_naming_it_and_exit_2(flag, value, message):
+    """Not a traceback, and not a worker retrying a URL without a scheme forever as 'unreachable'."""
+    import subprocess
+    import sys
+
+    paratrain = str(Path(sys.executable).with_name("paratrain"))
+    args = {"--server": "http://127.0.0.1:9", flag: value}
+    proc = subprocess.run([paratrain, "worker", "--token-file", "/dev/null", *(x for kv in args.items() for x in kv)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"paratrain worker: {message}", proc.stderr
+
+
 def test_a_wrong_token_stops_the_worker_with_an_error(start_agent):
     running = start_agent(token="not-the-worker-token")
     running.thread.join(10)
