@@ -24,8 +24,9 @@ DEMO_DATA = "datasets/demo.jsonl"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="DB, tokens, demo assets, job outputs (env PARATRAIN_DATA_DIR; "
                                            "default ./.paratrain).")
-    parser.add_argument("--host", help="Bind address (default 127.0.0.1; 0.0.0.0 exposes the API).")
-    parser.add_argument("--port", type=int, help="Port (default 8000).")
+    parser.add_argument("--host", help="Bind address (env PARATRAIN_HOST; default 127.0.0.1; 0.0.0.0 exposes "
+                                       "the API).")
+    parser.add_argument("--port", type=int, help="Port (env PARATRAIN_PORT; default 8000).")
     parser.add_argument("--no-worker", action="store_true", help="Do not start the local worker.")
     parser.add_argument("--worker-gpus", default="auto", help="GPUs of the local worker: auto, none, or 0,1.")
     parser.add_argument("--no-demo", action="store_true", help="Do not create the demo model and dataset.")
@@ -101,13 +102,30 @@ def banner(url: str, token: str, ui: bool, hidden: tuple[str, str] | None = None
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     from server.main import create_app
     from server.settings import Settings
+    from trainer_core.config import format_validation_error
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     overrides = {"data_dir": args.data_dir, "host": args.host, "port": args.port}
-    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except (ValueError, SettingsError) as e:   # a flag or a PARATRAIN_* variable
+        detail = (format_validation_error(e).replace("config: ", "settings: ") if isinstance(e, ValidationError) else
+                  f"{e} (list settings take JSON: PARATRAIN_EXTRA_ROOTS='[\"/models\"]')")
+        print(f"paratrain serve: {detail}", file=sys.stderr)
+        return 2
+    # Bound before anything is announced or started: a busy port must not print "running" and start a
+    # second local worker under the first one's name.
+    try:
+        listener = bind_socket(settings.host, settings.port)
+    except OSError as e:
+        print(f"paratrain serve: cannot listen on {settings.host}:{settings.port}: {e.strerror or e} "
+              f"(another paratrain serve? choose one with --port)", file=sys.stderr)
+        return 2
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     if not args.no_demo:
         ensure_demo_assets(settings.data_dir)
@@ -129,13 +147,27 @@ def run(args: argparse.Namespace) -> int:
     if worker is not None:
         worker.start()
     try:
-        server.run()
+        server.run(sockets=[listener])
     except KeyboardInterrupt:
         pass
     finally:
         if worker is not None:
             worker.stop()
     return 0
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket for uvicorn, as it would bind it (SO_REUSEADDR; IPv6 for an IPv6 host)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 class LocalWorker:

@@ -19,7 +19,7 @@ class Settings(BaseSettings):
                                     description="More directories jobs may read from (absolute paths only).")
     mount_ui: bool = Field(True, description="Serve the Gradio UI at /ui when the ui package imports.")
     host: str = "127.0.0.1"
-    port: int = 8000
+    port: int = Field(8000, ge=1, le=65535)
 
     # Tokens: taken from here when set (docker), else read from / created in <data_dir>/token, worker_token.
     user_token: str = ""

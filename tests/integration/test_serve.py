@@ -140,3 +140,25 @@ def test_serve_killed_9_takes_its_worker_along_and_the_restart_resumes_the_job(d
     finally:
         if serve.poll() is None:
             _stop_serve(serve)
+
+
+def test_serve_refuses_bad_settings_and_a_busy_port_before_starting_anything(tmp_path):
+    import socket
+
+    def serve(*args, **env):
+        return subprocess.run([sys.executable, "-m", "server", "--no-demo", "--data-dir", str(tmp_path / "d"), *args],
+                              cwd=REPO, env={**os.environ, **env}, capture_output=True, text=True, timeout=60)
+
+    bad_port = serve("--port", "99999", "--no-worker")
+    assert bad_port.returncode == 2 and bad_port.stderr.strip() == "paratrain serve: port: Input should be less " \
+                                                                     "than or equal to 65535"
+    bad_env = serve("--no-worker", PARATRAIN_LEASE_TTL_S="2")
+    assert bad_env.returncode == 2 and "lease_ttl_s must be longer than heartbeat_interval_s" in bad_env.stderr
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = serve("--port", str(busy.getsockname()[1]))     # with its local worker: none may start
+    assert taken.returncode == 2 and "Address already in use" in taken.stderr
+    assert "paratrain is running" not in taken.stdout and not (tmp_path / "d" / "worker_token").exists()
+    for proc in (bad_port, bad_env, taken):
+        assert "Traceback" not in proc.stderr
