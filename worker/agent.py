@@ -3,7 +3,7 @@
 
 Signals only set flags: the first SIGTERM/SIGINT is a warm stop (claim nothing more, let running jobs
 finish); the second is cold (stop every job with SIGTERM and hand it back to the queue, to resume from
-its checkpoint elsewhere)."""
+its checkpoint elsewhere). With `stop_mode` cold (containers) the first one is."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class Agent:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        if self.warm_stop.is_set():
+        if self.warm_stop.is_set() or self.settings.stop_mode == "cold":
             self.cold_stop.set()
         self.warm_stop.set()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,6 +26,10 @@ class WorkerSettings(BaseSettings):
                                      "rendezvous (an address or resolvable name); empty: take no multi-node jobs.")
     claim_interval_s: float = Field(1.0, gt=0, description="How often to ask for work while nothing is claimed.")
     report_interval_s: float = Field(0.5, gt=0, description="Metrics and log lines are sent in batches this often.")
+    stop_mode: Literal["warm", "cold"] = Field(
+        "warm", description="What the first SIGTERM/SIGINT does: 'warm' claims nothing more and lets running jobs "
+        "finish (a second signal is cold); 'cold' at once stops them with a checkpoint and hands them back, for "
+        "containers, which get one SIGTERM and then SIGKILL (`docker compose stop`).")
     kill_grace_s: float = Field(30.0, ge=0, description="SIGTERM -> this long -> SIGKILL for a job's process group.")
     request_timeout_s: float = Field(10.0, gt=0)
     health_file: Path | None = Field(None, description="Touched after every accepted heartbeat (container "

@@ -181,6 +181,21 @@ def test_cold_stop_hands_jobs_back_and_they_resume(live_server, start_agent, mon
     assert json.loads(starts[-1])["resumed_from_step"] >= 3  # the second run continued from its checkpoint
 
 
+@pytest.mark.parametrize("stop_mode, cold_after_one_signal", [("warm", False), ("cold", True)])
+def test_the_first_stop_signal_is_cold_in_cold_stop_mode(stop_mode, cold_after_one_signal):
+    """Containers get one SIGTERM, then SIGKILL: there the first signal must hand the jobs back."""
+    import signal
+
+    from worker.agent import Agent
+    from worker.settings import WorkerSettings
+
+    agent = Agent(WorkerSettings(token="t", stop_mode=stop_mode), client=None, gpus=[])
+    agent._on_signal(signal.SIGTERM, None)
+    assert agent.warm_stop.is_set() and agent.cold_stop.is_set() == cold_after_one_signal
+    agent._on_signal(signal.SIGTERM, None)
+    assert agent.cold_stop.is_set()
+
+
 def test_a_warm_stop_shows_the_worker_stopping_until_its_job_ends(live_server, start_agent, monkeypatch,
                                                                   job_body):
     monkeypatch.setenv("FAKE_STEP_S", "0.2")
