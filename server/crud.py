@@ -142,7 +142,27 @@ def create_job(*, session: Session, job_create: JobCreate, settings: Settings, r
     assert job.id is not None
     job.config = resolve_config(job_create.config, settings=settings, job_id=job.id).model_dump()
     _emit_state(session, job)
+    _log_if_no_worker_fits(session, job, settings)
     return job
+
+
+def _log_if_no_worker_fits(session: Session, job: Job, settings: Settings) -> None:
+    """A job no online worker could ever take would wait without a word; the first mistake of a curl user
+    on a CPU box is to leave `gpus` at its default of 1. Workers may still come: a hint, not a refusal."""
+    now = utcnow()
+    online = [w for w in session.exec(select(Worker)).all()
+              if worker_online(w, settings, now) and w.stopping_since is None]
+    fitting = [w for w in online if len(w.gpus) >= job.gpus]
+    if len(fitting) >= job.nodes:
+        return
+    needs = f"{job.gpus} GPU(s)" if job.gpus else "a CPU slot"
+    needs += f" on each of {job.nodes} workers" if job.nodes > 1 else ""
+    if not online:
+        have = "no worker is online"
+    else:
+        have = f"{len(online)} worker(s) online with at most {max(len(w.gpus) for w in online)} GPU(s)"
+    hint = "; a CPU job is submitted with gpus 0" if job.gpus and not any(w.gpus for w in online) and online else ""
+    _server_log(session, job, f"queued: it needs {needs}, and {have}: it waits for such a worker{hint}")
 
 
 def get_job(*, session: Session, job_id: int, for_update: bool = False) -> Job:

@@ -299,3 +299,20 @@ def test_a_restarted_server_gives_workers_a_ttl_to_come_back(settings, worker_he
         assert reply.json() == {"cancel_job_ids": []}
         again.headers["Authorization"] = f"Bearer {again.app.state.tokens.user}"
         assert again.get(f"/api/jobs/{job_id}").json()["state"] == "running"
+
+
+def test_a_job_no_online_worker_can_take_says_so_in_its_log(client, worker_headers, job_body):
+    """It waits (a worker may come), but not silently: gpus left at 1 on a CPU-only cluster is the usual slip."""
+    def server_lines(job_id):
+        return [x["line"] for x in client.get(f"/api/jobs/{job_id}/logs").json()["data"]]
+
+    _register(client, worker_headers, name="cpu-box")
+    gpu_job = client.post("/api/jobs", json={**job_body(), "gpus": 1}).json()
+    assert server_lines(gpu_job["id"]) == ["[paratrain] queued: it needs 1 GPU(s), and 1 worker(s) online with at "
+                                           "most 0 GPU(s): it waits for such a worker; a CPU job is submitted with "
+                                           "gpus 0"]
+    gang = client.post("/api/jobs", json={**job_body(), "nodes": 2}).json()
+    assert "it needs a CPU slot on each of 2 workers" in server_lines(gang["id"])[0]
+    _register(client, worker_headers, name="gpu-box", gpus=[0])
+    assert server_lines(client.post("/api/jobs", json={**job_body(), "gpus": 1}).json()["id"]) == []
+    assert server_lines(client.post("/api/jobs", json=job_body()).json()["id"]) == []
