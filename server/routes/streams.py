@@ -42,6 +42,9 @@ async def _follow(engine: Engine, job_id: int, after: int, poll_s: float) -> Asy
         if events:
             continue
         if state is None or state.is_final:
+            # Without a last word a browser's EventSource reconnects to an ended stream every few seconds,
+            # forever. No id: a client that reconnects anyway resumes after the last real event.
+            yield ServerSentEvent(data=json.dumps({"state": state.value if state else "deleted"}), event="end")
             return
         await anyio.sleep(poll_s)
 

@@ -75,6 +75,8 @@ def read_sse(url: str, token: str, *, last_event_id: int = 0, max_events: int | 
             if line.startswith(":"):
                 continue
             if not line:
+                if current.get("event") == "end":     # the stream's last word: the job has ended
+                    return events
                 if "data" in current:
                     events.append({"id": int(current["id"]), "event": current["event"],
                                    "data": json.loads(current["data"])})

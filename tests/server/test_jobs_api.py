@@ -355,4 +355,4 @@ def test_the_largest_accepted_numbers_and_nul_bytes_reach_the_database_safely(cl
         "failure_reason": "died\x00"})
     assert r.json()["exit_code"] == 2**31 and r.json()["failure_reason"] == "died\ufffd"
     r = client.get(f"/api/jobs/{job['id']}/events", params={"last_event_id": big})  # a finished job's stream ends
-    assert r.status_code == 200 and "data:" not in r.text  # nothing after the largest id
+    assert r.status_code == 200 and "id:" not in r.text and "event: end" in r.text  # nothing after the largest id

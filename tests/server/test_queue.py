@@ -250,15 +250,16 @@ def test_sse_replays_after_last_event_id(client, worker_headers, job_body):
                           "metrics": [{"step": step, "loss": 1.0 / step}]})
     client.post(f"/api/jobs/{job_id}/finish", headers=worker_headers,
                 json={"worker_id": wid, "attempt": attempt, "exit_code": 0})
-    everything = _read_sse(client, job_id)  # the job is final: the stream ends by itself
+    *everything, end = _read_sse(client, job_id)  # the job is final: the stream ends by itself, saying so
+    assert end == {"event": "end", "data": '{"state": "succeeded"}'}
     ids = [int(e["id"]) for e in everything]
     assert ids == list(range(1, len(ids) + 1))
     assert [json.loads(e["data"])["step"] for e in everything if e["event"] == "metric"] == [1, 2, 3]
     assert json.loads(everything[-1]["data"])["state"] == "succeeded"
     for cut in range(len(ids)):
-        rest = _read_sse(client, job_id, headers={"Last-Event-ID": str(cut)})
-        assert [int(e["id"]) for e in rest] == ids[cut:]
-    rest = _read_sse(client, job_id, params={"last_event_id": 4})
+        *rest, end = _read_sse(client, job_id, headers={"Last-Event-ID": str(cut)})
+        assert [int(e["id"]) for e in rest] == ids[cut:] and end["event"] == "end"
+    *rest, end = _read_sse(client, job_id, params={"last_event_id": 4})
     assert [int(e["id"]) for e in rest] == ids[4:]
     assert client.get("/api/jobs/999/events").status_code == 404
 
@@ -278,7 +279,8 @@ def test_sse_follows_a_live_job(client, worker_headers, job_body):
 
     producer = threading.Thread(target=produce)
     producer.start()
-    events = _read_sse(client, job_id)
+    *events, end = _read_sse(client, job_id)
+    assert end["event"] == "end"
     producer.join()
     assert [json.loads(e["data"])["step"] for e in events if e["event"] == "metric"] == [1, 2]
     assert events[-1]["event"] == "state" and json.loads(events[-1]["data"])["state"] == "succeeded"
