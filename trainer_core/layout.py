@@ -8,6 +8,7 @@ tokens take times 0..M-1, every branch starts at time M. Tokens are ordered colu
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -105,7 +106,17 @@ def columnar_block_mask(time_ids: torch.Tensor, sample_ids: torch.Tensor):
         same = (sample_ids[b, q_idx] == sample_ids[b, kv_idx]) & (sample_ids[b, q_idx] >= 0)
         return (same & (time_ids[b, kv_idx] < time_ids[b, q_idx])) | (q_idx == kv_idx)
 
-    return create_block_mask(mask_mod, B, None, T, T, device=time_ids.device, _compile=time_ids.is_cuda)
+    # Compiled on CUDA: eagerly the mask is built as a dense [T, T] tensor first, the very thing to avoid.
+    build = _compiled_create_block_mask() if time_ids.is_cuda else create_block_mask
+    return build(mask_mod, B, None, T, T, device=time_ids.device)
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    """What torch recommends over create_block_mask(_compile=True), deprecated since torch 2.13."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
 
 
 # --- packing ---------------------------------------------------------------------------------------
