@@ -85,9 +85,11 @@ class TrainConfig(BaseModel):
     branches_per_sample: int = _field(8, "Fixed number of consecutive text records grouped into one sample.",
                                       "data", ge=1, le=MAX_BRANCHES)
     max_branches_per_sample: int | None = _field(
-        None, "Dynamic grouping: a random count in [min, max] text records per sample.", "data", ge=1,
+        None, "Dynamic grouping: a random count in [min, max] text records per sample ({\"main\", \"branches\"} "
+        "records keep their own branches).", "data", ge=1,
         le=MAX_BRANCHES)
-    min_branches_per_sample: int = _field(1, "Lower bound of the dynamic branch count.", "data", ge=1,
+    min_branches_per_sample: int = _field(1, "Lower bound of the dynamic branch count (the last sample of a run of "
+                                          "text records takes what is left, maybe fewer).", "data", ge=1,
                                          le=MAX_BRANCHES)
     batch_by_samples: bool = _field(False, "batch_size counts samples (otherwise it counts texts/branches).", "data")
     tokens_per_row: int = _field(
@@ -96,7 +98,8 @@ class TrainConfig(BaseModel):
 
     # --- training ------------------------------------------------------------------------------
     epochs: int = _field(3, "Passes over the data.", "training", ge=1, le=1000)
-    batch_size: int = _field(16, "Per-device batch: samples with --batch_by_samples, else texts.", "training", ge=1,
+    batch_size: int = _field(16, "Per-device batch: samples with --batch_by_samples, else at least this many texts "
+                                 "(whole samples; a main counts as a text).", "training", ge=1,
                              le=MAX_COUNT)
     learning_rate: float = _field(1e-4, "Peak AdamW learning rate (warmup, then cosine decay).", "training", gt=0,
                                   le=1.0)
