@@ -173,7 +173,12 @@ def attention_mask_for(model: nn.Module, time_ids: torch.Tensor, sample_ids: tor
     impl = getattr(model.config, "_attn_implementation", "sdpa")
     if impl == "flex_attention":
         return columnar_block_mask(time_ids, sample_ids)
-    return columnar_mask(time_ids, sample_ids)
+    mask = columnar_mask(time_ids, sample_ids)
+    if impl == "sdpa":
+        return mask
+    # eager (and other kernels) *add* the mask to the scores: a bool mask would mask nothing
+    dtype = model.get_input_embeddings().weight.dtype
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 def hidden_states(peft_model: nn.Module, input_ids, pos1d, branch_pos, time_ids, sample_ids) -> torch.Tensor:

@@ -116,16 +116,18 @@ SAMPLES = [([5, 6, 7, 8], [[9, 10, 11], [12, 13], [14, 15, 16, 17, 18]]), ([], [
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.5, 1.0])
-def test_flex_block_mask_matches_sdpa_forward(tiny_model_dir, ratio):
+def test_flex_block_mask_and_eager_match_sdpa_forward(tiny_model_dir, ratio):
+    """Eager attention adds its mask to the scores: it needs a float mask where SDPA takes a bool one."""
     batch = _packed(SAMPLES)
     args = (batch.input_ids, batch.pos1d, batch.branch_pos, batch.time_ids, batch.sample_ids)
     outs = {}
-    for impl in ("sdpa", "flex_attention"):
+    for impl in ("sdpa", "flex_attention", "eager"):
         model = patch_rope_2d(load_base_model(str(tiny_model_dir), CPU, torch.float32, impl), ratio).eval()
         with torch.no_grad():
             outs[impl] = parallel_logits(model, *args)
     valid = batch.sample_ids >= 0
     torch.testing.assert_close(outs["flex_attention"][valid], outs["sdpa"][valid], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(outs["eager"][valid], outs["sdpa"][valid], atol=1e-4, rtol=1e-4)
 
 
 def test_packing_does_not_leak_between_samples(tiny_model_dir):
