@@ -130,8 +130,8 @@ def make_tiny_model(out_dir: str | os.PathLike, hidden_size: int = 64, num_layer
 
 def add_make_tiny_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="Directory to write the model and tokenizer to.")
-    parser.add_argument("--hidden-size", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--hidden-size", type=int, default=64, help="Model width (default 64).")
+    parser.add_argument("--layers", type=int, default=2, help="Decoder layers (default 2).")
 
 
 def run_make_tiny_model(args: argparse.Namespace) -> int:
