@@ -5,12 +5,15 @@ linear layers, 4 samples per step of 1..16 branches of 32..384 tokens, rope_2d_r
   (a) naive: every sample padded to the longest in its step, a dense float [B,1,T,T] mask, full logits;
   (b) trainer_core: samples packed into rows, FlexAttention BlockMask on CUDA (SDPA + bool mask on CPU),
       chunked cross-entropy, the same LoRA and 2D RoPE.
-Then a token-budget sweep of (b). Prints valid tokens/s, MFU against a measured matmul peak, peak memory
-and padding share; checks that (a) and (b) give the same loss on the same batch.
+Then (b) with the options a user can turn on, and a token-budget sweep of the fastest. Prints valid tokens/s
+(median over steps), MFU against a matmul peak measured in the same run, peak memory and padding share;
+the speedup of (b) over (a) is written as soon as (b) is done.
 
     python bench/train_gpu.py                       # on a GPU: the 0.5B shape
     python bench/train_gpu.py --shape tiny          # on CPU: the same table for the tiny model
     python bench/train_gpu.py --json bench/results/train_gpu_h100.json
+    python bench/train_gpu.py --variants naive,shipped --json r.json     # issue 5's numbers first, then
+    python bench/train_gpu.py --variants options,sweep --json r.json --append   # the rest, as rows of r.json
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import sys
 import time
 import traceback
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -55,19 +60,60 @@ def random_steps(n_steps: int, samples_per_step: int, vocab: int, seed: int = 0)
     return steps
 
 
+VARIANTS = ("naive", "shipped", "options", "sweep")
+# Every sample of a sweep step in one row: the row count stays 1, so flex never compiles again inside the timed
+# steps for a new batch dimension (a long row costs flex only its samples' own blocks).
+ONE_ROW = 1 << 20
+# Dense bf16 tensor-core rate of an H100 SXM; an H200 has the same SMs and clocks (more memory bandwidth only).
+DATASHEET_BF16_TFLOPS = 989.4
+FLOPS_NOTE = ("flops/token = 4 x non-LoRA parameters (forward 2N + input-gradient backward 2N; frozen weights get "
+              "no weight gradient); attention's own FLOPs are left out, so MFU reads a few to ~15 % low")
+
+
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype) -> float:
-    n = 8192 if device.type == "cuda" else 1024
+    """The MFU denominator, measured here. A GPU idles at a low clock and ramps up under load, so warm up for
+    a second before timing, and time enough products (~0.3 s on an H100) that the ramp cannot hide in them."""
+    cuda = device.type == "cuda"
+    n, warm_s, reps = (8192, 1.0, 200) if cuda else (1024, 0.1, 5)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    reps = 20 if device.type == "cuda" else 5
+    until = time.perf_counter() + warm_s
+    while time.perf_counter() < until:
+        for _ in range(10):
+            a @ b
+        sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
     sync(device)
     return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+class StepClock:
+    """Per-step times without a host sync per step, which would stop the CPU from packing the next batch
+    while the GPU works: CUDA events on the GPU's timeline, read once at the end; perf_counter on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append(event)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def gb(n_bytes: int) -> float:
+    return round(n_bytes / 1e9, 2)
 
 
 def sync(device: torch.device) -> None:
@@ -124,18 +170,16 @@ def naive_loss(model, ids, labels, pos, branch, time_ids, allowed, dtype):
 # --- timing --------------------------------------------------------------------------------------------
 
 def run_variant(name, model, steps, device, loss_fn, warmup: int, flops_per_token: float, peak_tflops: float):
+    cuda = device.type == "cuda"
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=1e-4, fused=device.type == "cuda")
-    if device.type == "cuda":
+    opt = torch.optim.AdamW(trainable, lr=1e-4, fused=cuda)
+    if cuda:
         torch.cuda.reset_peak_memory_stats()
-    tokens = slots = 0
-    t0 = None
-    first_loss = None
+    clock = StepClock(device)
+    step_tokens, slots, first_loss = [], 0, None
     for i, step in enumerate(steps):
-        if i == warmup:
-            sync(device)
-            t0 = time.perf_counter()
-            tokens = slots = 0
+        if i >= warmup:
+            clock.mark()
         loss_sum, n_labels, n_tokens, n_slots = loss_fn(step)
         (loss_sum / n_labels).backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -143,64 +187,85 @@ def run_variant(name, model, steps, device, loss_fn, warmup: int, flops_per_toke
         opt.zero_grad(set_to_none=True)
         if first_loss is None:
             first_loss = float(loss_sum.detach()) / n_labels
-        tokens += n_tokens
-        slots += n_slots
-    sync(device)
-    dt = time.perf_counter() - t0
-    tps = tokens / dt
+        if i >= warmup:
+            step_tokens.append(n_tokens)
+            slots += n_slots
+    clock.mark()
+    seconds = clock.seconds()
+    # the median step: a compile or allocator hiccup in one timed step does not move it
+    tps = statistics.median(n / s for n, s in zip(step_tokens, seconds))
     return {
         "variant": name, "valid_tokens_per_s": round(tps), "mfu": round(tps * flops_per_token / (peak_tflops * 1e12), 4),
-        "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if device.type == "cuda" else None,
-        "padding_share": round(1 - tokens / slots, 4), "tokens_per_step": round(tokens / (len(steps) - warmup)),
+        "mfu_vs_datasheet": round(tps * flops_per_token / (DATASHEET_BF16_TFLOPS * 1e12), 4) if cuda else None,
+        "valid_tokens_per_s_mean": round(sum(step_tokens) / sum(seconds)),
+        "step_ms": [round(s * 1e3, 1) for s in seconds],
+        # decimal GB; allocated is what tensors hold, reserved adds the allocator's cached slack
+        "peak_mem_gb": gb(torch.cuda.max_memory_allocated()) if cuda else None,
+        "peak_reserved_gb": gb(torch.cuda.max_memory_reserved()) if cuda else None,
+        "padding_share": round(1 - sum(step_tokens) / slots, 4), "tokens_per_step": round(statistics.mean(step_tokens)),
         "first_step_loss": round(first_loss, 5),
     }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default=None, choices=sorted(SHAPES), help="default: qwen2.5-0.5b on CUDA, tiny on CPU")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on CUDA, 3 on CPU)")
-    ap.add_argument("--warmup", type=int, default=None)
-    ap.add_argument("--samples-per-step", type=int, default=4)
-    ap.add_argument("--sweep", default="8192,16384,32768", help="token budgets per step for (b); empty: skip")
-    ap.add_argument("--skip-naive", action="store_true")
-    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
-                    help="default: bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--json", default=None, help="also write the results here")
-    args = ap.parse_args()
+# --- the run ---------------------------------------------------------------------------------------------
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = device.type == "cuda"
-    shape = args.shape or ("qwen2.5-0.5b" if cuda else "tiny")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
-    steps_n = args.steps or (10 if cuda else 3)
-    warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
-    cfg = TrainConfig(base_model=shape, data_path="random", lora_rank=8, rope_2d_ratio=0.5,
-                      dtype="bfloat16" if dtype == torch.bfloat16 else "float32", tokens_per_row=32768)
-    vocab = SHAPES[shape]["vocab_size"]
-    steps = random_steps(warmup + steps_n, args.samples_per_step, vocab)
-    peak = matmul_peak_tflops(device, dtype)
-    probe = build_model(shape, torch.device("meta"), dtype, "sdpa", cfg)
-    n_params = sum(p.numel() for n, p in probe.named_parameters() if "lora_" not in n)
-    del probe
-    flops_per_token = 4 * n_params   # forward 2N + input-gradient backward 2N; frozen weights need no weight grads
-    env = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__, "shape": shape,
-           "dtype": str(dtype), "matmul_peak_tflops": round(peak, 1), "flops_per_token": flops_per_token}
-    print(json.dumps(env))
-    results = []
+class Bench:
+    """One benchmark run: settings, rows (each with a `key`), and the JSON rewritten after every row, so a run
+    cut short by a time limit keeps what it measured. With `append`, rows go on after an earlier run's rows in
+    the same JSON (its matmul peak is reused, and its (b) row decides flex or SDPA for the rest)."""
 
-    def free():
+    def __init__(self, args):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.cuda = self.device.type == "cuda"
+        self.shape = args.shape or ("qwen2.5-0.5b" if self.cuda else "tiny")
+        self.dtype = getattr(torch, args.dtype or ("bfloat16" if self.cuda else "float32"))
+        self.warmup = args.warmup if args.warmup is not None else (3 if self.cuda else 1)
+        self.n_steps = args.steps or (10 if self.cuda else 3)
+        self.samples_per_step = args.samples_per_step
+        self.vocab = SHAPES[self.shape]["vocab_size"]
+        self.cfg = TrainConfig(base_model=self.shape, data_path="random", lora_rank=8, rope_2d_ratio=0.5,
+                               dtype="bfloat16" if self.dtype == torch.bfloat16 else "float32", tokens_per_row=32768)
+        self.steps = random_steps(self.warmup + self.n_steps, self.samples_per_step, self.vocab)
+        self.json = Path(args.json) if args.json else None
+        earlier = json.loads(self.json.read_text()) if args.append and self.json and self.json.exists() else None
+        self.env = earlier["env"] if earlier else self.measure_env()
+        self.results: list[dict] = earlier["results"] if earlier else []
+        print(json.dumps(self.env), flush=True)
+        print(FLOPS_NOTE, flush=True)
+
+    def measure_env(self) -> dict:
+        probe = build_model(self.shape, torch.device("meta"), self.dtype, "sdpa", self.cfg)
+        n_params = sum(p.numel() for n, p in probe.named_parameters() if "lora_" not in n)
+        return {"device": torch.cuda.get_device_name() if self.cuda else "cpu", "torch": torch.__version__,
+                "shape": self.shape, "dtype": str(self.dtype),
+                "matmul_peak_tflops": round(matmul_peak_tflops(self.device, self.dtype), 1),
+                "datasheet_bf16_tflops": DATASHEET_BF16_TFLOPS if self.cuda else None,
+                "flops_per_token": 4 * n_params, "flops_note": FLOPS_NOTE}
+
+    def row(self, key: str) -> dict | None:
+        return next((r for r in self.results if r.get("key") == key), None)
+
+    @property
+    def attn(self) -> str:
+        """flex on CUDA, unless the shipped flex row failed there: then the rest runs SDPA instead of
+        compiling a failing kernel again for every variant."""
+        shipped = self.row("shipped")
+        if not self.cuda or (shipped is not None and "error" in shipped):
+            return "sdpa"
+        return "flex_attention"
+
+    def save(self) -> None:
+        if self.json:
+            self.json.write_text(json.dumps({"env": self.env, "results": self.results}, indent=2))
+
+    def free(self) -> None:
         gc.collect()
-        if cuda:
+        if self.cuda:
             torch.cuda.empty_cache()
 
-    def save() -> None:  # after every variant: a run cut short by a time limit still leaves its numbers
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"env": env, "results": results}, f, indent=2)
-
-    def record(name: str, run) -> dict:
+    def record(self, key: str, name: str, run) -> dict:
         """Runs one variant; an error (OOM, a kernel that does not compile here) is a row, not the end."""
+        at_start = gb(torch.cuda.memory_allocated()) if self.cuda else None   # left over from earlier variants
         try:
             r = run()
         except torch.OutOfMemoryError:
@@ -208,74 +273,142 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - reported in the table, traceback on stderr
             traceback.print_exc(file=sys.stderr)
             r = {"variant": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"}
-        results.append(r)
-        free()
-        save()
+        r.update(key=key, mem_at_start_gb=at_start)
+        self.results.append(r)
+        self.free()
+        self.save()
+        print_row(r)
         return r
 
-    if not args.skip_naive:
-        model = build_model(shape, device, dtype, "sdpa", cfg, peft_default=True)
+    def naive(self) -> None:
+        def run():
+            model = build_model(self.shape, self.device, self.dtype, "sdpa", self.cfg, peft_default=True)
 
-        def naive_step(step):
-            ids, labels, pos, branch, time_ids, allowed, n_tok = naive_batch(step)
-            t = [x.to(device) for x in (ids, labels, pos, branch, time_ids, allowed)]
-            loss = naive_loss(model, *t, dtype)
-            return loss, int((labels != IGNORE_INDEX).sum()), n_tok, ids.numel()
-        record("(a) naive", lambda: run_variant("(a) naive: padded rows, dense float mask, full logits", model,
-                                                 steps, device, naive_step, warmup, flops_per_token, peak))
-        del model
-        free()
+            def step_fn(step):
+                ids, labels, pos, branch, time_ids, allowed, n_tok = naive_batch(step)
+                t = [x.to(self.device) for x in (ids, labels, pos, branch, time_ids, allowed)]
+                return naive_loss(model, *t, self.dtype), int((labels != IGNORE_INDEX).sum()), n_tok, ids.numel()
+            return self.timed("(a) naive: padded rows, dense float mask, full logits", model, self.steps, step_fn)
+        self.record("naive", "(a) naive", run)
 
-    def packed_runner(model, budget, dense: bool):
-        lm = ParallelBranchLM(model)
+    def timed(self, name: str, model, steps, step_fn) -> dict:
+        return run_variant(name, model, steps, self.device, step_fn, self.warmup, self.env["flops_per_token"],
+                           self.env["matmul_peak_tflops"])
 
-        def step_fn(step):
-            layouts = [build_sample_layout(None, b) for b in step]
-            batch = pack_layouts(layouts, budget, dense).to(device)   # the trainer's own packing rule
-            return lm(**vars(batch)), batch.num_label_tokens, batch.num_tokens, batch.input_ids.numel()
-        return step_fn
+    def packed(self, key: str, name: str, steps, budget: int, adapter_dtype: str = "float32",
+               compile_layers: bool = False) -> dict:
+        attn = self.attn
 
-    def packed_variant(name: str, attn: str, adapter_dtype: str, run_steps, budget: int,
-                       compile_layers: bool = False) -> dict:
         def run():
             options = {"adapter_dtype": adapter_dtype, "compile": compile_layers}
-            model = build_model(shape, device, dtype, attn, cfg.model_copy(update=options))
-            return run_variant(name, model, run_steps, device, packed_runner(model, budget, attn != "flex_attention"),
-                               warmup, flops_per_token, peak)
-        return record(name, run)
+            model = build_model(self.shape, self.device, self.dtype, attn, self.cfg.model_copy(update=options))
+            lm = ParallelBranchLM(model)
 
-    attn = "flex_attention" if cuda else "sdpa"
-    shipped = packed_variant(f"(b) trainer_core: packed rows, {attn}, chunked CE", attn, "float32", steps, 32768)
-    if cuda and "error" in shipped:  # flex failed on this stack: the SDPA path still gives a number
-        packed_variant("(b) trainer_core, SDPA fallback", "sdpa", "float32", steps, 32768)
-    candidates = [("", "float32", False, shipped)]
-    if cuda:   # the options a user can turn on: bf16 adapter weights, compiled layers (warm-up steps compile)
-        candidates.append((", bf16 adapters", "model", False,
-                           packed_variant("(b') trainer_core, --adapter_dtype model", attn, "model", steps, 32768)))
-        candidates.append((", --compile", "float32", True,
-                           packed_variant("(b'') trainer_core, --compile", attn, "float32", steps, 32768, True)))
-    ok = [c for c in candidates if "error" not in c[3]]
-    label, best_dtype, best_compile, _ = max(ok, key=lambda c: c[3]["valid_tokens_per_s"]) if ok else candidates[0]
-    for budget in [int(x) for x in args.sweep.split(",") if x]:
-        per_step = max(1, round(budget / 7300 * args.samples_per_step))
-        sweep_steps = random_steps(warmup + steps_n, per_step, vocab, seed=budget)
-        packed_variant(f"(b) sweep ~{budget} tokens/step ({per_step} samples){label}",
-                       attn, best_dtype, sweep_steps, max(budget, 16384), best_compile)
+            def step_fn(step):
+                layouts = [build_sample_layout(None, b) for b in step]
+                batch = pack_layouts(layouts, budget, attn != "flex_attention").to(self.device)  # the trainer's rule
+                return lm(**vars(batch)), batch.num_label_tokens, batch.num_tokens, batch.input_ids.numel()
+            return self.timed(name, model, steps, step_fn)
+        return self.record(key, name, run)
 
-    print(f"{'variant':<62} {'tokens/s':>9} {'MFU':>6} {'peak GB':>8} {'pad':>6} {'tok/step':>8} {'loss@1':>8}")
-    for r in results:
-        if "error" in r:
-            print(f"{r['variant']:<62} {r['error']}")
-            continue
-        mem = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
-        print(f"{r['variant']:<62} {r['valid_tokens_per_s']:>9,} {r['mfu']:>6.1%} {mem:>8} "
-              f"{r['padding_share']:>6.1%} {r['tokens_per_step']:>8,} {r['first_step_loss']:>8.4f}")
-    if not args.skip_naive and len(results) >= 2 and "error" not in results[0] and "error" not in results[1]:
-        speedup = results[1]["valid_tokens_per_s"] / results[0]["valid_tokens_per_s"]
-        dloss = abs(results[0]["first_step_loss"] - results[1]["first_step_loss"])
-        print(f"trainer_core / naive: {speedup:.2f}x tokens/s; same-batch loss difference {dloss:.2e}")
-        env.update(speedup=round(speedup, 3), loss_difference=dloss)
-    save()
+    def shipped(self) -> None:
+        r = self.packed("shipped", f"(b) trainer_core: packed rows, {self.attn}, chunked CE", self.steps, 32768)
+        if "error" in r and self.cuda:   # flex failed on this stack (self.attn is sdpa now): still a number
+            self.packed("shipped_sdpa", "(b) trainer_core, SDPA fallback", self.steps, 32768)
+
+    def options(self) -> None:
+        """The options a user can turn on: bf16 adapter weights, compiled layers (warm-up steps compile)."""
+        for key, (mark, flag, options) in OPTIONS.items():
+            self.packed(key, f"(b{mark}) trainer_core, {flag}", self.steps, 32768, **options)
+
+    def sweep(self, budgets: list[int]) -> None:
+        key = self.fastest()
+        _, flag, options = OPTIONS.get(key, ("", "", {}))
+        flags = f", {flag}" if flag else ""
+        for budget in budgets:
+            per_step = max(1, round(budget / 7300 * self.samples_per_step))
+            steps = random_steps(self.warmup + self.n_steps, per_step, self.vocab, seed=budget)
+            self.packed(f"sweep_{budget}", f"(b) sweep ~{budget} tokens/step ({per_step} samples){flags}", steps,
+                        ONE_ROW, **options)
+
+    def fastest(self) -> str:
+        ok = [r for r in self.results if r.get("key") in ("shipped", "shipped_sdpa", *OPTIONS) and "error" not in r]
+        return max(ok, key=lambda r: r["valid_tokens_per_s"])["key"] if ok else "shipped"
+
+    def acceptance(self) -> str | None:
+        """Issue 5's numbers from the (a) and (b) rows, into the JSON at once."""
+        naive, shipped = self.row("naive"), self.row("shipped")
+        if shipped is not None and "error" in shipped:
+            shipped = self.row("shipped_sdpa")
+        if not naive or not shipped or "error" in naive or "error" in shipped:
+            return None
+        speedup = shipped["valid_tokens_per_s"] / naive["valid_tokens_per_s"]
+        dloss = abs(naive["first_step_loss"] - shipped["first_step_loss"])
+        self.env.update(speedup=round(speedup, 3), loss_difference=dloss)
+        self.save()
+        memory = (f"{shipped['peak_mem_gb']} GB allocated / {shipped['peak_reserved_gb']} GB reserved at peak (<= 16)"
+                  if self.cuda else "no GPU memory figures")
+        return (f"trainer_core / naive: {speedup:.2f}x tokens/s; same-batch loss difference {dloss:.2e}"
+                f"\nissue 5 (H100 targets): {shipped['valid_tokens_per_s']:,} tokens/s (>= 40,000), {memory}, "
+                f"{speedup:.2f}x naive (>= 2), {shipped['tokens_per_step']:,} tokens/step (~7,300)")
+
+
+# (b)'s options, by row key: (mark in the row's name, the trainer flag, Bench.packed's arguments)
+OPTIONS = {"adapter_model": ("'", "--adapter_dtype model", {"adapter_dtype": "model"}),
+           "compile": ("''", "--compile", {"compile_layers": True})}
+HEADER = f"{'variant':<62} {'tokens/s':>9} {'MFU':>6} {'peak GB':>8} {'pad':>6} {'tok/step':>8} {'loss@1':>8}"
+
+
+def print_row(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['variant']:<62} {r['error']}", flush=True)
+        return
+    mem = "-" if r["peak_mem_gb"] is None else f"{r['peak_mem_gb']:.1f}"
+    print(f"{r['variant']:<62} {r['valid_tokens_per_s']:>9,} {r['mfu']:>6.1%} {mem:>8} "
+          f"{r['padding_share']:>6.1%} {r['tokens_per_step']:>8,} {r['first_step_loss']:>8.4f}", flush=True)
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default=None, choices=sorted(SHAPES), help="default: qwen2.5-0.5b on CUDA, tiny on CPU")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10 on CUDA, 3 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None)
+    ap.add_argument("--samples-per-step", type=int, default=4)
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"which of {', '.join(VARIANTS)} to run, in that order (options: (b') and (b''))")
+    ap.add_argument("--sweep", default="8192,16384,32768", help="token budgets per step for the sweep")
+    ap.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                    help="default: bfloat16 on CUDA, float32 on CPU")
+    ap.add_argument("--json", default=None, help="also write the results here (rewritten after every variant)")
+    ap.add_argument("--append", action="store_true", help="add the rows to --json's earlier run instead")
+    args = ap.parse_args()
+    unknown = set(args.variants.split(",")) - set(VARIANTS) - {""}
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(sorted(unknown))} (choose from {', '.join(VARIANTS)})")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    wanted = set(args.variants.split(","))
+    bench = Bench(args)
+    print(HEADER, flush=True)
+    if "naive" in wanted:
+        bench.naive()
+    if "shipped" in wanted:
+        bench.shipped()
+        print(bench.acceptance() or "no speedup: (a) or (b) has no number", flush=True)
+    if "options" in wanted and bench.cuda:
+        bench.options()
+    if "sweep" in wanted:
+        bench.sweep([int(x) for x in args.sweep.split(",") if x])
+
+    print("\n" + HEADER)
+    for r in bench.results:
+        print_row(r)
+    summary = bench.acceptance()
+    if summary:
+        print(summary)
 
 
 if __name__ == "__main__":
