@@ -68,6 +68,18 @@ def measure(fn, h: torch.Tensor, y: torch.Tensor, reps: int) -> dict:
             "grad": h.grad.detach().float().clone()}
 
 
+HEADER = f"{'method':<28} {'ms fwd+bwd':>10} {'peak GB':>8} {'loss diff':>10} {'grad err':>9}"
+
+
+def print_row(r: dict) -> None:
+    if "error" in r:
+        print(f"{r['method']:<28} {r['error']}", flush=True)
+        return
+    peak = "-" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
+    print(f"{r['method']:<28} {r['ms']:>10.1f} {peak:>8} {r['loss_rel_diff']:>10.1e} {r['grad_rel_err']:>9.1e}",
+          flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=None, help="labelled tokens (default 7000 on CUDA, 2048 on CPU)")
@@ -90,33 +102,31 @@ def main() -> None:
     y = torch.randint(0, args.vocab, (n,), device=device, generator=g)
     env = {"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
            "tokens": n, "hidden": args.hidden, "vocab": args.vocab, "dtype": str(dtype), "chunk": CE_CHUNK_TOKENS}
-    print(json.dumps(env))
+    print(json.dumps(env), flush=True)
 
     rows, reference = [], None
+
+    def save() -> None:   # at the start and after every method: a run cut short keeps what it measured
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"env": env, "results": rows}, f, indent=2)
+
+    save()
+    print(HEADER, flush=True)
     for name, fn in methods(head, CE_CHUNK_TOKENS).items():
         try:
             r = measure(fn, h, y, reps)
+            grad = r.pop("grad")
+            reference = reference or (r["loss"], grad)
+            r.update(method=name, loss_rel_diff=abs(r["loss"] - reference[0]) / abs(reference[0]),
+                     grad_rel_err=float((grad - reference[1]).norm() / reference[1].norm()))
         except Exception as e:  # noqa: BLE001 - an unavailable kernel is a row, not the end of the run
-            rows.append({"method": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"})
-            continue
-        grad = r.pop("grad")
-        reference = reference or (r["loss"], grad)
-        r.update(method=name, loss_rel_diff=abs(r["loss"] - reference[0]) / abs(reference[0]),
-                 grad_rel_err=float((grad - reference[1]).norm() / reference[1].norm()))
+            r = {"method": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"}
         rows.append(r)
+        print_row(r)
+        save()
         if cuda:
             torch.cuda.empty_cache()
-
-    print(f"{'method':<28} {'ms fwd+bwd':>10} {'peak GB':>8} {'loss diff':>10} {'grad err':>9}")
-    for r in rows:
-        if "error" in r:
-            print(f"{r['method']:<28} {r['error']}")
-            continue
-        peak = "-" if r["peak_gb"] is None else f"{r['peak_gb']:.2f}"
-        print(f"{r['method']:<28} {r['ms']:>10.1f} {peak:>8} {r['loss_rel_diff']:>10.1e} {r['grad_rel_err']:>9.1e}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "results": rows}, f, indent=2)
 
 
 if __name__ == "__main__":
