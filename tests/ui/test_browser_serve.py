@@ -138,6 +138,9 @@ def test_serve_end_to_end(serve):
         set_field(page, "cfg-name", "to-cancel")
         page.locator("#submit-job").click()
         expect(page.locator("#job-summary")).to_contain_text("Job #2")
+        # a poll that began for job #1 must not bring it back (with Cancel acting on it) a moment later
+        page.wait_for_timeout(2500)
+        expect(page.locator("#job-summary")).to_contain_text("Job #2")
         page.locator("#cancel-job").click()
         expect(page.locator("#job-summary")).to_contain_text("cancel")
         wait_for(lambda: api.get("/api/jobs/2").json()["state"] == "cancelled", timeout=60)

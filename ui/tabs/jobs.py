@@ -133,6 +133,13 @@ def action_updates(job: dict[str, Any] | None) -> list[dict[str, Any]]:
     return [gr.update(interactive=enabled) for enabled in job_actions(job)]
 
 
+def _selected_id(value: Any) -> int:
+    job_id = parse_job_id(value)
+    if job_id is None:
+        raise KeyError("no job is selected")
+    return job_id
+
+
 def parse_job_id(value: Any) -> int | None:
     """The picker's value: a job id (int), or text like "#12 name" / "12" typed by the user."""
     if value is None or value == "":
@@ -241,6 +248,9 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
                                   elem_id="lr-plot")
     refresh_timer = gr.Timer(2.0)
     poll_timer = gr.Timer(1.0)
+    # The job each page (session) selected last. Polls run unqueued, beside a new selection's load: a poll
+    # begun for the old job may answer after it and would put the old job back on the page, Cancel included.
+    selected_by_page: dict[str, int | None] = {}
 
     def refresh(session):
         if not (session or {}).get("token"):
@@ -251,10 +261,11 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             return gr.skip(), gr.skip(), gr.skip()
         return table_rows(jobs), [j["id"] for j in jobs], gr.update(choices=[(job_label(j), j["id"]) for j in jobs])
 
-    def select(session, job_id):
+    def select(session, job_id, request: gr.Request):
         """A new selection: fetch everything from step 0 (also what a reloaded page does)."""
         fresh = empty_watch()
         job_id = parse_job_id(job_id)
+        selected_by_page[request.session_hash] = job_id
         if job_id is None or not (session or {}).get("token"):
             return (fresh, "", "", curve_frame([], "loss"), curve_frame([], "lr"), "", gr.update(visible=False),
                     *action_updates(None))
@@ -270,11 +281,16 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
                 curve_frame(fresh["points"], "lr"), log_html(fresh["log_lines"]), gr.update(visible=False),
                 *action_updates(job))
 
-    def poll(session, current, selected):
+    def poll(session, current, selected, request: gr.Request):
         skip = (gr.skip(),) * 9
         if not current or current.get("job_id") is None or not (session or {}).get("token"):
             return skip
-        if parse_job_id(selected) != current["job_id"]:  # a new selection is loading: leave it alone
+
+        def superseded() -> bool:   # another job was selected since (or while) this poll ran
+            latest = selected_by_page.get(request.session_hash, current["job_id"])
+            return parse_job_id(selected) != current["job_id"] or latest != current["job_id"]
+
+        if superseded():
             return skip
         if current.get("final"):  # everything of a finished job is shown: stop asking
             return skip
@@ -283,6 +299,8 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             job = client.get_job(current["job_id"])
             new_points, new_lines = fetch_new(client, current)  # after get_job: a final job's last points too
         except ApiError:
+            return skip
+        if superseded():
             return skip
         current["final"] = job["state"] in FINAL_STATES
         return (current, job_summary(job),
@@ -295,28 +313,30 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
         return ids[row] if ids and row is not None and row < len(ids) else gr.skip()
 
-    def cancel(session, current):
+    # The actions take the picker's job, what the page shows as selected, not the watch state a late poll
+    # may still hold.
+    def cancel(session, selected):
         try:
-            job = ctx.client(session).cancel_job(current["job_id"])
+            job = ctx.client(session).cancel_job(_selected_id(selected))
         except (ApiError, TypeError, KeyError) as e:
             gr.Warning(f"Cancel failed: {e}")
             return (gr.skip(),) * 4
         gr.Info(f"Job #{job['id']}: cancel {'requested' if job['state'] == 'running' else 'done'}.")
         return job_summary(job), *action_updates(job)
 
-    def retry(session, current):
+    def retry(session, selected):
         try:
-            job = ctx.client(session).retry_job(current["job_id"])
+            job = ctx.client(session).retry_job(_selected_id(selected))
         except (ApiError, TypeError, KeyError) as e:
             gr.Warning(f"Retry failed: {e}")
             return gr.skip()
-        gr.Info(f"Job #{job['id']} queued as a retry of #{current['job_id']}.")
+        gr.Info(f"Job #{job['id']} queued as a retry of #{job['retry_of']}.")
         return picker_update(ctx.client(session), job["id"])
 
-    def download(session, current):
+    def download(session, selected):
         try:
             client = ctx.client(session)
-            job_id = current["job_id"]
+            job_id = _selected_id(selected)
             files = [a["path"] for a in client.artifacts(job_id) if a["path"].startswith("adapter/")]
             if not files:
                 raise ApiError(404, f"job #{job_id} has no adapter yet (it is written when training ends)")
@@ -343,8 +363,8 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
     picker.change(select, [ctx.session, picker], view + [adapter_file] + actions, show_progress="hidden") \
         .then(relayout, watch, plots, queue=False, show_progress="hidden")
     table.select(pick_row, table_ids, picker, queue=False)
-    cancel_button.click(cancel, [ctx.session, watch], [summary] + actions)
-    retry_button.click(retry, [ctx.session, watch], picker)
-    download_button.click(download, [ctx.session, watch], adapter_file)
+    cancel_button.click(cancel, [ctx.session, picker], [summary] + actions)
+    retry_button.click(retry, [ctx.session, picker], picker)
+    download_button.click(download, [ctx.session, picker], adapter_file)
     return JobsTab(table, table_ids, picker, refresh_timer, poll_timer, summary, curve_info, loss_plot, lr_plot,
                    log_tail, cancel_button, retry_button, download_button, adapter_file, watch, refresh)
