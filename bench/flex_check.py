@@ -33,7 +33,8 @@ from trainer_core.layout import build_sample_layout
 from trainer_core.model import ParallelBranchLM, hidden_states, load_base_model, prepare_for_training
 
 # Qwen2.5-0.5B's attention layout: 14 query heads share 2 K/V heads. 14 is not a power of two, so transformers
-# expands K/V before calling flex (enable_gqa=False), the code path the 0.5B model takes.
+# would expand K/V before calling flex; trainer_core's flex_attention_shared_kv lets flex share them
+# (enable_gqa=True), the code path the 0.5B model takes.
 QUERY_HEADS, KV_HEADS = 14, 2
 LOSS_TOL = 1e-5       # relative, float32
 GRAD_TOL = 1e-3       # relative L2 error of each LoRA gradient
