@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"paratrain serve: cannot listen on {settings.host}:{settings.port}: {e.strerror or e} "
               f"(another paratrain serve? choose one with --port)", file=sys.stderr)
         return 2
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)   # the owner's alone, as in create_app
     if not args.no_demo:
         ensure_demo_assets(settings.data_dir)
     app = create_app(settings)

@@ -108,7 +108,9 @@ def _mount_ui(app: FastAPI, settings: Settings) -> None:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    # A data dir made here is the owner's alone: it holds every job's config, logs and outputs. One that
+    # exists keeps its mode (an operator may share it on purpose).
+    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     engine = make_engine(settings.database_url)
     init_db(engine)
     tokens = ensure_tokens(settings)

@@ -356,3 +356,14 @@ def test_the_largest_accepted_numbers_and_nul_bytes_reach_the_database_safely(cl
     assert r.json()["exit_code"] == 2**31 and r.json()["failure_reason"] == "died\ufffd"
     r = client.get(f"/api/jobs/{job['id']}/events", params={"last_event_id": big})  # a finished job's stream ends
     assert r.status_code == 200 and "id:" not in r.text and "event: end" in r.text  # nothing after the largest id
+
+
+def test_a_data_dir_the_server_creates_is_the_owners_alone(tmp_path):
+    import stat
+
+    from server.main import create_app
+    from server.settings import Settings
+
+    create_app(Settings(data_dir=tmp_path / "new" / "data"))
+    assert stat.S_IMODE((tmp_path / "new" / "data").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "new" / "data" / "token").stat().st_mode) == 0o600
