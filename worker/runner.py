@@ -27,6 +27,7 @@ LAUNCHED_BY_ENV = "PARATRAIN_LAUNCHED_BY"  # marks a worker's process trees, so 
 RUN_ENV = "PARATRAIN_RUN"  # marks one run's processes: "<worker name>/<job id>/<attempt>"
 STDERR_TAIL_LINES = 40
 METRIC_KEYS = ("step", "loss")
+STOPPED_UNSAVED = 130   # the trainer's exit code for a stop before its first step (trainer_core.train)
 
 # torchrun does not pass on its ranks' exit codes (it exits 1); its failure summary names them.
 _TORCHRUN_EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
@@ -193,6 +194,13 @@ class JobRun:
         return code
 
     def outcome(self, exit_code: int) -> Outcome:
+        if self.stop_reason is not None and trainer_exit_code(exit_code, self.stderr_tail) == STOPPED_UNSAVED:
+            # A stop before the first step is what was asked for; torchrun's ChildFailedError report above
+            # in the log would read as a crash.
+            launcher = " (torchrun reports that as a failure above)" if Path(self.argv[0]).name == "torchrun" else ""
+            with self._lock:
+                self.pending_logs.append(f"[paratrain] stopped before the first training step as asked: nothing "
+                                         f"to save, exit {STOPPED_UNSAVED}{launcher}")
         if self.stop_reason == StopReason.release:
             return Outcome(exit_code, None, "worker stopping", release=True)
         if self.stop_reason in (StopReason.cancel, StopReason.lost):

@@ -31,6 +31,23 @@ Root Cause (first observed failure):
 ============================================================""".splitlines()
 
 
+def test_a_requested_stop_before_the_first_step_is_explained_in_the_log():
+    """torchrun reports the trainer's exit 130 as a ChildFailedError: the log says it was the asked-for stop."""
+    from worker.runner import JobRun, StopReason
+
+    stopped = [line.replace("exitcode  : 2", "exitcode  : 130") for line in TORCHRUN_FAILURE]
+    run = JobRun(job_id=1, attempt=1, gpu_ids=[], argv=["torchrun", "-m", "trainer_core.train"], env={})
+    run.stderr_tail = stopped
+    run.stop_reason = StopReason.cancel
+    assert run.outcome(1).failure_class == "cancelled"
+    assert run.pending_logs == ["[paratrain] stopped before the first training step as asked: nothing to save, "
+                                "exit 130 (torchrun reports that as a failure above)"]
+    crashed = JobRun(job_id=2, attempt=1, gpu_ids=[], argv=["torchrun"], env={})
+    crashed.stderr_tail, crashed.stop_reason = TORCHRUN_FAILURE, StopReason.cancel
+    crashed.outcome(1)
+    assert crashed.pending_logs == []
+
+
 def test_torchrun_root_cause_gives_the_trainers_code():
     assert trainer_exit_code(1, TORCHRUN_FAILURE) == 2
     assert trainer_exit_code(1, ["plain crash"]) == 1
