@@ -11,7 +11,7 @@ the speedup of (b) over (a) is written as soon as (b) is done.
 
     python bench/train_gpu.py                       # on a GPU: the 0.5B shape
     python bench/train_gpu.py --shape tiny          # on CPU: the same table for the tiny model
-    python bench/train_gpu.py --json bench/results/train_gpu_h100.json
+    python bench/train_gpu.py --json bench/results/train_gpu_h200.json   # named after the card
     python bench/train_gpu.py --variants naive,shipped --json r.json     # issue 5's numbers first, then
     python bench/train_gpu.py --variants options,sweep --json r.json --append   # the rest, as rows of r.json
 """

@@ -20,6 +20,7 @@ from server.errors import Conflict, FieldError, NotFound, StaleConfig, Supersede
 from server.models import (
     ALLOWED_TRANSITIONS,
     FINAL_STATES,
+    MAX_ATTEMPTS,
     NODE_LOG_STRIDE,
     ClaimRequest,
     EventKind,
@@ -213,8 +214,10 @@ def retry_job(*, session: Session, job_id: int, settings: Settings) -> Job:
     if earlier is not None:
         raise Conflict(f"job {job_id} was already retried as job {earlier}; retry that one if it failed")
     config = stored_config(old).model_copy(update={"resume": True})
+    # hand-backs grew the original's max_attempts (crud.finish_job): within JobCreate's bound for the retry
+    max_attempts = min(old.max_attempts, MAX_ATTEMPTS)
     job_create = JobCreate(config=config, gpus=old.gpus, nproc=old.nproc if old.gpus == 0 else None,
-                           nodes=old.nodes, priority=old.priority, max_attempts=old.max_attempts)
+                           nodes=old.nodes, priority=old.priority, max_attempts=max_attempts)
     job = create_job(session=session, job_create=job_create, settings=settings, retry_of=old.id)
     _carry_progress(Path(old.config["output_dir"]), Path(job.config["output_dir"]))
     return job

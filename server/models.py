@@ -61,6 +61,9 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
+MAX_ATTEMPTS = 100   # a job's max_attempts as submitted (hand-backs may grow it later)
+
+
 class FailureClass(str, Enum):
     oom = "oom"
     data = "data"
@@ -95,7 +98,8 @@ class JobCreate(RequestBody):
     nodes: int = Field(1, ge=1, le=64, description="Machines (workers) the job spans. More than one: the job waits "
                        "until that many workers each have `gpus` free, then starts on all of them at once.")
     priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first; FIFO within a priority.")
-    max_attempts: int | None = Field(None, ge=1, le=100, description="Lost-lease retries; default: server's.")
+    max_attempts: int | None = Field(None, ge=1, le=MAX_ATTEMPTS,
+                                     description="Lost-lease retries; default: server's.")
 
     @property
     def procs_per_node(self) -> int:

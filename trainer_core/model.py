@@ -31,11 +31,10 @@ def attention_backend(device: torch.device) -> str:
 
 
 def load_base_model(model_dir: str, device: torch.device, dtype: torch.dtype, attn_implementation: str):
-    from transformers import AttentionInterface, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    if attn_implementation == "flex_attention":
-        AttentionInterface.register("flex_attention", flex_attention_shared_kv)
-    model = AutoModelForCausalLM.from_pretrained(local_model_dir(model_dir), dtype=dtype, attn_implementation=attn_implementation)
+    model = AutoModelForCausalLM.from_pretrained(local_model_dir(model_dir), dtype=dtype,
+                                                 attn_implementation=attn_implementation)
     return model.to(device)
 
 
@@ -54,7 +53,8 @@ def flex_attention_shared_kv(module: nn.Module, query, key, value, attention_mas
     if not (shared and plain):
         return hf_flex.flex_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
     out = hf_flex.compile_friendly_flex_attention(query, key, value, block_mask=attention_mask, enable_gqa=True,
-                                                  scale=scaling, training=module.training)
+                                                  scale=scaling, kernel_options=kwargs.get("kernel_options"),
+                                                  training=module.training)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -78,6 +78,11 @@ def prepare_for_training(base: nn.Module, cfg: TrainConfig):
     from peft import get_peft_model
 
     patch_rope_2d(base, cfg.rope_2d_ratio)
+    if getattr(base.config, "_attn_implementation", None) == "flex_attention":
+        from transformers import AttentionInterface
+
+        # process-wide, and only for flex: in this process flex runs only in models prepared here
+        AttentionInterface.register("flex_attention", flex_attention_shared_kv)
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False

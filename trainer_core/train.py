@@ -43,7 +43,7 @@ EXIT_OOM = 3
 EXIT_DIVERGED = 4   # a non-finite loss or gradient norm: the step was not applied, the last checkpoint is intact
 # Test-only fault injection, off unless set (tests/reliability): `oom_at_step:N`, `crash_rank:R_at_step:N`
 # (SIGKILL of rank R), `enospc_on_checkpoint:N` (OSError ENOSPC when saving step N), `nan_loss_at_step:N`
-# (inject_fault answers True where the loss is checked: the caller makes it NaN). A run that resumed
+# (inject_fault answers True after the forward: the caller makes the loss NaN). A run that resumed
 # from a checkpoint injects nothing, so a retry shows the recovery.
 FAULT_ENV = "PARATRAIN_FAULT"
 
@@ -269,12 +269,12 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                 sync_now = i == len(micro) - 1
                 with (lm_ddp.no_sync() if env.ddp and not sync_now else nullcontext()):
                     loss = lm_ddp(**vars(mb.to(env.device)))
+                    if inject_fault(env, step + 1, "loss", resumed):
+                        loss = loss * float("nan")   # what a diverged forward gives: NaN gradients too
                     (loss * env.world_size / label_tokens).backward()
                 loss_sum += loss.detach()
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             mean_loss = all_reduce_sum(env, float(loss_sum)) / label_tokens   # the same on every rank
-            if inject_fault(env, step + 1, "loss", resumed):
-                mean_loss = float("nan")
             if not (math.isfinite(mean_loss) and math.isfinite(float(grad_norm))):  # DDP: the same on every rank
                 raise Diverged(f"step {step + 1}: loss {mean_loss}, gradient norm {float(grad_norm)}")
             lr = scheduler.get_last_lr()[0]

@@ -90,7 +90,7 @@ class Agent:
                     self.cold_stop.set()
                 if self.warm_stop.is_set() and "warm" not in announced:
                     announced.add("warm")
-                    if self.runs:
+                    if self.runs and not self.cold_stop.is_set():
                         log.info("stopping: no new jobs; waiting for job(s) %s to finish (signal again to hand "
                                  "them back to the queue now)", sorted(self.runs))
                     else:

@@ -195,12 +195,12 @@ class JobRun:
 
     def outcome(self, exit_code: int) -> Outcome:
         if self.stop_reason is not None and trainer_exit_code(exit_code, self.stderr_tail) == STOPPED_UNSAVED:
-            # A stop before the first step is what was asked for; torchrun's ChildFailedError report above
-            # in the log would read as a crash.
+            # A stop before the first step (or a second signal) is what was asked for; torchrun's
+            # ChildFailedError report above in the log would read as a crash.
             launcher = " (torchrun reports that as a failure above)" if Path(self.argv[0]).name == "torchrun" else ""
             with self._lock:
-                self.pending_logs.append(f"[paratrain] stopped before the first training step as asked: nothing "
-                                         f"to save, exit {STOPPED_UNSAVED}{launcher}")
+                self.pending_logs.append(f"[paratrain] stopped as asked, before its first step or by a second "
+                                         f"signal: no new checkpoint, exit {STOPPED_UNSAVED}{launcher}")
         if self.stop_reason == StopReason.release:
             return Outcome(exit_code, None, "worker stopping", release=True)
         if self.stop_reason in (StopReason.cancel, StopReason.lost):
@@ -296,8 +296,8 @@ def _trainer_stderr(stderr_lines: list[str]) -> list[str]:
 
 
 def classify_exit(exit_code: int, stderr_lines: list[str]) -> tuple[str | None, str | None]:
-    """(failure_class, failure_reason) by the trainer contract: 0 ok, 2 data, 3 OOM, 4 diverged, signal or
-    else crash."""
+    """(failure_class, failure_reason) by the trainer contract: 0 ok, 2 data, 3 OOM, 4 diverged (data: the
+    settings fail again the same way), signal or else crash."""
     code = trainer_exit_code(exit_code, stderr_lines)
     tail = "\n".join(_trainer_stderr(stderr_lines)).strip()
     if code == 0:
@@ -306,8 +306,8 @@ def classify_exit(exit_code: int, stderr_lines: list[str]) -> tuple[str | None, 
         return "data", tail or "bad config or data (exit 2)"
     if code == 3:
         return "oom", tail or "out of memory (exit 3)"
-    if code == 4:
-        return "crash", tail or "training diverged: a NaN or infinite loss (exit 4)"
+    if code == 4:   # like bad data, the same settings diverge again: a gang is not re-queued
+        return "data", tail or "training diverged: a NaN or infinite loss (exit 4)"
     if "No space left on device" in tail:
         return "crash", f"disk full (No space left on device), exit code {code}; the last complete checkpoint " \
                         f"is kept: free space and retry to resume\n{tail}"

@@ -45,7 +45,7 @@ class WorkerSettings(BaseSettings):
     @field_validator("gpus")
     @classmethod
     def _gpu_spec(cls, spec: str) -> str:
-        parts = [p.strip() for p in spec.split(",")]
+        parts = [p.strip() for p in spec.split(",") if p.strip()]
         if spec.strip().lower() not in ("auto", "none", "cpu", "") and not all(p.isdigit() for p in parts):
             raise ValueError(f"{spec!r} is not 'auto', 'none' or GPU indices like '0,1'")
         return spec

@@ -318,3 +318,17 @@ def test_a_job_no_online_worker_can_take_says_so_in_its_log(client, worker_heade
     _register(client, worker_headers, name="gpu-box", gpus=[0])
     assert server_lines(client.post("/api/jobs", json={**job_body(), "gpus": 1}).json()["id"]) == []
     assert server_lines(client.post("/api/jobs", json=job_body()).json()["id"]) == []
+
+
+def test_a_retry_after_hand_backs_stays_within_the_submit_bound(client, worker_headers, job_body):
+    """Hand-backs grow max_attempts past what a submit may ask for (100): a retry must not be a 500."""
+    wid = _register(client, worker_headers)
+    client.post("/api/jobs", json={**job_body(), "max_attempts": 100})
+    job_id, attempt = _run_one(client, worker_headers, wid)
+    back = client.post(f"/api/jobs/{job_id}/finish", headers=worker_headers,
+                       json={"worker_id": wid, "attempt": attempt, "exit_code": 0, "release": True}).json()
+    assert back["max_attempts"] == 101
+    client.post(f"/api/jobs/{job_id}/cancel")
+    retry = client.post(f"/api/jobs/{job_id}/retry")
+    assert retry.status_code == 201, retry.text
+    assert retry.json()["max_attempts"] == 100

@@ -40,8 +40,8 @@ def test_a_requested_stop_before_the_first_step_is_explained_in_the_log():
     run.stderr_tail = stopped
     run.stop_reason = StopReason.cancel
     assert run.outcome(1).failure_class == "cancelled"
-    assert run.pending_logs == ["[paratrain] stopped before the first training step as asked: nothing to save, "
-                                "exit 130 (torchrun reports that as a failure above)"]
+    assert run.pending_logs == ["[paratrain] stopped as asked, before its first step or by a second signal: no "
+                                "new checkpoint, exit 130 (torchrun reports that as a failure above)"]
     crashed = JobRun(job_id=2, attempt=1, gpu_ids=[], argv=["torchrun"], env={})
     crashed.stderr_tail, crashed.stop_reason = TORCHRUN_FAILURE, StopReason.cancel
     crashed.outcome(1)
@@ -64,7 +64,7 @@ def test_failure_classes_follow_the_trainer_contract():
     assert classify_exit(137, [])[1] == "killed by SIGKILL"
     assert classify_exit(7, ["boom"]) == ("crash", "exit code 7\nboom")
     assert classify_exit(4, ["paratrain: training diverged at step 3: loss nan"]) == (
-        "crash", "paratrain: training diverged at step 3: loss nan")
+        "data", "paratrain: training diverged at step 3: loss nan")
 
 
 def test_a_clean_exit_counts_as_success_only_after_the_done_event():

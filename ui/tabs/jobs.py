@@ -29,6 +29,7 @@ TABLE_HEIGHT_PX = 420
 # e.g. "exit code 1") and its last lines.
 FAILURE_TAIL_LINES = 15
 FINAL_STATES = {"succeeded", "failed", "cancelled"}
+MAX_PAGES_REMEMBERED = 1000   # pages whose last selection the poll guard keeps
 STATE_ICONS = {"queued": "…", "running": "▶", "succeeded": "✔", "failed": "✖", "cancelled": "■"}
 
 
@@ -265,7 +266,10 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         """A new selection: fetch everything from step 0 (also what a reloaded page does)."""
         fresh = empty_watch()
         job_id = parse_job_id(job_id)
+        selected_by_page.pop(request.session_hash, None)   # re-inserted last: the oldest pages go first
         selected_by_page[request.session_hash] = job_id
+        while len(selected_by_page) > MAX_PAGES_REMEMBERED:
+            selected_by_page.pop(next(iter(selected_by_page)))
         if job_id is None or not (session or {}).get("token"):
             return (fresh, "", "", curve_frame([], "loss"), curve_frame([], "lr"), "", gr.update(visible=False),
                     *action_updates(None))
