@@ -25,9 +25,12 @@ def test_load_with_prefilled_queue_sse_and_workers():
     assert streams >= 20 and events >= 20 and errors == 0, out
     claims = [int(x) for x in re.search(r"claims per worker: \[([\d, ]+)\]", out).group(1).split(",")]
     assert len(claims) == 4 and min(claims) > 0, out  # no worker starved
-    # An even share is judged only on enough claims: when the 2-core box is slow, 10 s can give ~20 claims
-    # in all, and [2, 5, 6, 7] is ordinary sampling noise (seen before and after the gang scheduler).
-    if sum(claims) >= 40:
-        assert max(claims) - min(claims) <= 0.5 * sum(claims) / 4, out
+    # An even share, judged as sampling noise allows: with fair claims the counts are about multinomial,
+    # and a max-min spread rule fails half the time at ~50 claims ([13, 16, 9, 14] did in CI). Chi-square
+    # with 3 degrees of freedom above 16.27 has p < 0.001 for a fair share; [40, 4, 4, 4] scores 75.
+    expected = sum(claims) / 4
+    if expected >= 5:
+        chi2 = sum((c - expected) ** 2 / expected for c in claims)
+        assert chi2 <= 16.27, f"uneven claims (chi-square {chi2:.1f}):\n{out}"
     before, after = map(float, re.search(r"server RSS MB: before (\d+)  after (\d+)", out).groups())
     assert after < before + 300, out  # bounded: a few hundred jobs more, not a leak per request
