@@ -114,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
     except (ValueError, SettingsError) as e:   # a flag or a PARATRAIN_* variable
-        detail = (format_validation_error(e).replace("config: ", "settings: ") if isinstance(e, ValidationError) else
+        detail = (format_validation_error(e, whole="settings") if isinstance(e, ValidationError) else
                   f"{e} (list settings take JSON: PARATRAIN_EXTRA_ROOTS='[\"/models\"]')")
         print(f"paratrain serve: {detail}", file=sys.stderr)
         return 2

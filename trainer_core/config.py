@@ -227,11 +227,11 @@ def _cli_type(annotation: Any):
     return str
 
 
-def format_validation_error(e: ValidationError) -> str:
-    """'field: message' lines, the field named as the user spelled it."""
+def format_validation_error(e: ValidationError, whole: str = "config") -> str:
+    """'field: message' lines, the field named as the user spelled it (`whole` for a rule over several)."""
     lines = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "config"
+        loc = ".".join(str(p) for p in err["loc"]) or whole
         lines.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(lines)
 

@@ -82,16 +82,21 @@ def check_extra_fields(body: DatasetCheck) -> None:
     otherwise be ignored, and the summary computed with a default the caller did not mean."""
     import difflib
 
-    from pydantic import ValidationError
-
     extra = body.model_extra or {}
     for key in extra:
         if key not in TrainConfig.model_fields:
             close = difflib.get_close_matches(key, TrainConfig.model_fields, n=1)
             raise FieldError(("body", key), f"unknown field {key!r}" + (f"; did you mean {close[0]!r}?" if close else
                                                                        " (the fields: GET /api/config-schema)"))
+    train_config(**{**extra, "base_model": body.base_model or "model", "data_path": body.data_path})
+
+
+def train_config(**fields: Any) -> TrainConfig:
+    """TrainConfig(**fields), or a 422 naming the first bad field of the request body."""
+    from pydantic import ValidationError
+
     try:
-        TrainConfig(**{**extra, "base_model": body.base_model or "model", "data_path": body.data_path})
+        return TrainConfig(**fields)
     except ValidationError as e:
         err = e.errors()[0]
         raise FieldError(("body", *[str(p) for p in err["loc"]]), err["msg"]) from None
@@ -108,8 +113,6 @@ def has_tokenizer(base_model: str, settings) -> bool:
 
 
 def summarize_dataset(body: DatasetCheck, path, settings) -> dict[str, Any]:
-    from pydantic import ValidationError
-
     from trainer_core.data_cli import summarize
 
     try:
@@ -118,11 +121,7 @@ def summarize_dataset(body: DatasetCheck, path, settings) -> dict[str, Any]:
         raise FieldError(("body", "base_model"), str(e)) from None
     sample_fields = {k: v for k, v in (body.model_extra or {}).items()
                      if k in TrainConfig.model_fields and k not in ("output_dir", "name") and v not in (None, "")}
-    try:
-        cfg = TrainConfig(**sample_fields, base_model=str(model), data_path=str(path))
-    except ValidationError as e:
-        err = e.errors()[0]
-        raise FieldError(("body", *[str(p) for p in err["loc"]]), err["msg"]) from None
+    cfg = train_config(**sample_fields, base_model=str(model), data_path=str(path))
     try:
         summary = summarize(cfg)
     except (OSError, ValueError) as e:  # an unreadable tokenizer
