@@ -1,5 +1,6 @@
-"""Resumable checkpoints: adapter weights + optimiser + scheduler + step/data position, as one directory
-written atomically (tmp dir, then rename), so a kill at any moment leaves either the old or the new one."""
+"""Resumable checkpoints: adapter weights + optimiser + scheduler + float16 loss scale + step/data position,
+as one directory written atomically (tmp dir, then rename), so a kill at any moment leaves either the old or
+the new one."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(output_dir: str | Path, *, step: int, lora_weights: dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer, scheduler, state: dict) -> Path:
+                    optimizer: torch.optim.Optimizer, scheduler, scaler: torch.amp.GradScaler,
+                    state: dict) -> Path:
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
@@ -35,7 +37,8 @@ def save_checkpoint(output_dir: str | Path, *, step: int, lora_weights: dict[str
     tmp.mkdir()
     save_file({k: v.contiguous() for k, v in lora_weights.items()}, str(tmp / "adapter.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng_cpu": torch.get_rng_state()}, tmp / "optimizer.pt")
+                "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state()},
+               tmp / "optimizer.pt")
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)

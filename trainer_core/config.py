@@ -111,7 +111,8 @@ class TrainConfig(BaseModel):
     max_steps: int | None = _field(None, "Stop after this many optimiser steps (empty: run all epochs).",
                                    "training", ge=1, le=MAX_STEPS)
     dtype: Literal["bfloat16", "float16", "float32"] = _field(
-        "bfloat16", "Training precision on CUDA (CPU runs always use float32).", "training")
+        "bfloat16", "Training precision on CUDA (CPU runs always use float32). float16, for GPUs without bfloat16, "
+        "trains with loss scaling.", "training")
     ddp: bool = _field(False, "Distributed data parallel under torchrun (NCCL on CUDA, gloo on CPU).", "training")
     seed: int = _field(42, "Seed for data order, branch grouping and LoRA init.", "training", ge=0, le=2**32 - 1)
 

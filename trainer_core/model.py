@@ -67,10 +67,15 @@ def lora_config(cfg: TrainConfig):
                       target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
 
 
+def training_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype:
+    """The base model's dtype: --dtype on CUDA; float32 on CPU, where half precision is slow and unsupported."""
+    return DTYPES[cfg.dtype] if device.type == "cuda" else torch.float32
+
+
 def build_lora_model(cfg: TrainConfig, device: torch.device):
     """Base model (frozen) + LoRA adapters + 2D RoPE patch, ready to train."""
-    dtype = DTYPES[cfg.dtype] if device.type == "cuda" else torch.float32
-    return prepare_for_training(load_base_model(cfg.base_model, device, dtype, attention_backend(device)), cfg)
+    return prepare_for_training(load_base_model(cfg.base_model, device, training_dtype(cfg, device),
+                                                attention_backend(device)), cfg)
 
 
 def prepare_for_training(base: nn.Module, cfg: TrainConfig):

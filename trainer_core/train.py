@@ -6,7 +6,8 @@
 
 Reads top to bottom: data -> model -> optimiser -> (resume) -> loop -> outputs. Rank 0 prints one JSON
 object per line on stdout (metrics and events, for machines) and a progress line on stderr (for people).
-Exit codes: 0 done (also after SIGTERM: checkpoint saved), 2 bad config/data, 3 out of memory.
+Exit codes: 0 done (also after SIGTERM: checkpoint saved), 2 bad config/data, 3 out of memory, 4 diverged,
+130 stopped without a new checkpoint.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from trainer_core.data import (DataError, build_samples, collate_batch, epoch_ba
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
                                compute_init, gather_objects, print0, write_line)
 from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, hidden_states,
-                               load_lora_weights, lora_state_dict, save_adapter_dir)
+                               load_lora_weights, lora_state_dict, save_adapter_dir, training_dtype)
 
 EXIT_BAD_INPUT = 2
 EXIT_STOPPED_UNSAVED = 130   # as a shell reports Ctrl-C: stopped, and no new checkpoint was written
@@ -71,6 +72,30 @@ def inject_fault(env: DistEnv, step: int, where: str, resumed: bool) -> bool:
 
 class Diverged(Exception):
     """The loss or the gradient norm of a step is NaN or infinite: stepping would write NaN into the weights."""
+
+
+# Under float16 loss scaling an overflowing step halves the scale (from 2**16); one this small means the
+# gradients overflow float16 even unscaled, which is divergence, not a scale still settling.
+MIN_LOSS_SCALE = 2.0 ** -8
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[torch.Tensor],
+                   max_grad_norm: float, loss: float, step: int) -> tuple[float, bool]:
+    """Unscale, clip and apply the step's gradients: (gradient norm, applied).
+
+    A non-finite loss or gradient norm raises Diverged before anything is applied, with one exception: under
+    float16 loss scaling an infinite gradient norm means the *scaled* gradients overflowed. GradScaler then
+    skips the step and halves the scale, which is routine (several times at the start of a run)."""
+    scaler.unscale_(optimizer)
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    overflow = not math.isfinite(grad_norm)
+    if not math.isfinite(loss) or (overflow and not scaler.is_enabled()):
+        raise Diverged(f"step {step}: loss {loss}, gradient norm {grad_norm}")
+    scaler.step(optimizer)   # skipped when unscale_ found an inf/NaN gradient
+    scaler.update()
+    if overflow and scaler.get_scale() < MIN_LOSS_SCALE:
+        raise Diverged(f"step {step}: float16 gradients overflow even at loss scale {scaler.get_scale():g}")
+    return grad_norm, not overflow
 
 
 class StopNow(BaseException):
@@ -210,6 +235,9 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                                   fused=env.device.type == "cuda")
     warmup = max(1, round(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
+    # float16 has too few exponent bits for small gradients: scale the loss up before backward (GradScaler).
+    # bfloat16 and float32 have float32's range and need no scaling.
+    scaler = torch.amp.GradScaler(env.device.type, enabled=training_dtype(cfg, env.device) == torch.float16)
 
     step, start_epoch, start_epoch_step = 0, 0, 0
     if last is not None:
@@ -217,6 +245,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         load_lora_weights(model, weights, last)
         optimizer.load_state_dict(blob["optimizer"])
         scheduler.load_state_dict(blob["scheduler"])
+        scaler.load_state_dict(blob.get("scaler", {}))   # float16 runs; absent from older checkpoints
         torch.set_rng_state(blob["rng_cpu"])
         step, start_epoch, start_epoch_step = state["step"], state["epoch"], state["epoch_step"]
         if step >= total_steps:
@@ -244,7 +273,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         weights = lora_state_dict(model)
         if env.is_main:
             path = ckpt.save_checkpoint(out_dir, step=step, lora_weights=weights, optimizer=optimizer,
-                                        scheduler=scheduler, state={"epoch": epoch, "epoch_step": epoch_step,
+                                        scheduler=scheduler, scaler=scaler, state={"epoch": epoch, "epoch_step": epoch_step,
                                                                     "total_steps": total_steps, "run": identity})
             latest_pth.parent.mkdir(parents=True, exist_ok=True)
             torch.save(weights, latest_pth)
@@ -271,15 +300,19 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                     loss = lm_ddp(**vars(mb.to(env.device)))
                     if inject_fault(env, step + 1, "loss", resumed):
                         loss = loss * float("nan")   # what a diverged forward gives: NaN gradients too
-                    (loss * env.world_size / label_tokens).backward()
+                    scaler.scale(loss * env.world_size / label_tokens).backward()
                 loss_sum += loss.detach()
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
             mean_loss = all_reduce_sum(env, float(loss_sum)) / label_tokens   # the same on every rank
-            if not (math.isfinite(mean_loss) and math.isfinite(float(grad_norm))):  # DDP: the same on every rank
-                raise Diverged(f"step {step + 1}: loss {mean_loss}, gradient norm {float(grad_norm)}")
             lr = scheduler.get_last_lr()[0]
-            optimizer.step()
-            scheduler.step()
+            # DDP: gradients are all-reduced, so every rank sees the same norm and makes the same decision
+            grad_norm, applied = optimizer_step(optimizer, scaler, trainable, cfg.max_grad_norm, mean_loss, step + 1)
+            # A skipped step used its batch: it counts towards total_steps (the data position stays right), but
+            # the schedule follows the steps applied (as in HF Trainer)
+            if applied:
+                scheduler.step()
+            else:
+                print0(env, f"step {step + 1}: float16 gradients overflowed at this loss scale; step skipped, "
+                            f"loss scale now {scaler.get_scale():g}")
             optimizer.zero_grad(set_to_none=True)
             step += 1
             inject_fault(env, step, "step", resumed)
@@ -289,12 +322,12 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             step_time_ema = dt if step_time_ema is None else 0.9 * step_time_ema + 0.1 * dt
             if step % cfg.log_interval == 0 or step == total_steps:
                 record = {"step": step, "epoch": epoch + 1, "loss": round(mean_loss, 6), "lr": lr,
-                          "grad_norm": round(float(grad_norm), 6), "tokens_per_s": round(tokens / dt, 1),
+                          "grad_norm": round(grad_norm, 6), "tokens_per_s": round(tokens / dt, 1),
                           "gpu_mem_gb": _gpu_mem_gb(env), "eta_s": round(step_time_ema * (total_steps - step), 1),
                           "total_steps": total_steps}
                 emit(env, record, metrics_file)
                 print0(env, f"step {step}/{total_steps} (epoch {epoch + 1}) | loss {mean_loss:.4f} | lr {lr:.2e} | "
-                            f"grad {float(grad_norm):.3f} | {tokens / dt:,.0f} tok/s | eta {_hms(record['eta_s'])}")
+                            f"grad {grad_norm:.3f} | {tokens / dt:,.0f} tok/s | eta {_hms(record['eta_s'])}")
 
             stopping = any_rank(env, stop.requested)
             if stopping or step % cfg.save_interval == 0 or step == total_steps:

@@ -1,8 +1,10 @@
 """Mixed precision for the adapters: on a bf16 model, float32 LoRA weights compute in bf16 (no float32 copy
-of every adapted layer's input), while their weights, gradients and optimiser state stay float32."""
+of every adapted layer's input), while their weights, gradients and optimiser state stay float32. On a float16
+model the loss is scaled (GradScaler): an overflowing step is skipped, not divergence."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from trainer_core.config import TrainConfig
@@ -104,3 +106,77 @@ def test_compiled_layers_train_like_eager_ones():
         torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-4)
         for name, grad in eager_grads.items():
             torch.testing.assert_close(compiled_grads[name], grad, rtol=1e-3, atol=1e-5)
+
+
+# --- float16 loss scaling (optimizer_step): the scaler runs on CPU too, so the rules are checked here ---
+
+def _step_setup(enabled: bool, init_scale: float = 2.0 ** 16):
+    param = torch.nn.Parameter(torch.ones(4))
+    optimizer = torch.optim.AdamW([param], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, enabled=enabled)
+    return param, optimizer, scaler
+
+
+def _backward(param, scaler, overflow: bool) -> None:
+    param.grad = None
+    scaler.scale(param.sum()).backward()
+    if overflow:   # what a float16 backward gives when the scaled gradient exceeds 65504
+        param.grad[1] = float("inf")
+
+
+def test_under_loss_scaling_an_overflowing_step_is_skipped_and_the_scale_halved_then_training_goes_on():
+    from trainer_core.train import optimizer_step
+
+    param, optimizer, scaler = _step_setup(enabled=True)
+    _backward(param, scaler, overflow=True)
+    grad_norm, applied = optimizer_step(optimizer, scaler, [param], 1.0, loss=2.5, step=1)
+    assert not applied and grad_norm == float("inf")
+    assert torch.equal(param.detach(), torch.ones(4))     # nothing reached the weights
+    assert scaler.get_scale() == 2.0 ** 15
+
+    _backward(param, scaler, overflow=False)
+    grad_norm, applied = optimizer_step(optimizer, scaler, [param], 1.0, loss=2.5, step=2)
+    assert applied and grad_norm == pytest.approx(2.0)   # unscaled: d(sum)/dp = 1 for 4 entries
+    assert (param.detach() < 1).all()
+
+
+def test_under_loss_scaling_a_scale_driven_below_the_floor_or_a_nan_loss_is_divergence():
+    from trainer_core.train import MIN_LOSS_SCALE, Diverged, optimizer_step
+
+    param, optimizer, scaler = _step_setup(enabled=True, init_scale=MIN_LOSS_SCALE * 2)
+    _backward(param, scaler, overflow=True)
+    optimizer_step(optimizer, scaler, [param], 1.0, loss=2.5, step=1)   # scale halves to the floor: still a skip
+    _backward(param, scaler, overflow=True)
+    with pytest.raises(Diverged, match="step 2: float16 gradients overflow even at loss scale"):
+        optimizer_step(optimizer, scaler, [param], 1.0, loss=2.5, step=2)
+
+    param, optimizer, scaler = _step_setup(enabled=True)
+    _backward(param, scaler, overflow=False)
+    with pytest.raises(Diverged, match="step 7: loss nan"):
+        optimizer_step(optimizer, scaler, [param], 1.0, loss=float("nan"), step=7)
+    assert torch.equal(param.detach(), torch.ones(4))
+
+
+def test_without_loss_scaling_an_infinite_gradient_norm_is_divergence_before_the_step():
+    from trainer_core.train import Diverged, optimizer_step
+
+    param, optimizer, scaler = _step_setup(enabled=False)
+    _backward(param, scaler, overflow=True)
+    with pytest.raises(Diverged, match="step 3: loss 2.5, gradient norm inf"):
+        optimizer_step(optimizer, scaler, [param], 1.0, loss=2.5, step=3)
+    assert torch.equal(param.detach(), torch.ones(4))
+    _backward(param, scaler, overflow=False)
+    assert optimizer_step(optimizer, scaler, [param], 1.0, loss=2.5, step=4) == (pytest.approx(2.0), True)
+
+
+def test_a_checkpoint_keeps_the_loss_scale(tmp_path):
+    from trainer_core import checkpoint as ckpt
+
+    param, optimizer, scaler = _step_setup(enabled=True, init_scale=1024.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    path = ckpt.save_checkpoint(tmp_path, step=1, lora_weights={"w": param.detach()}, optimizer=optimizer,
+                                scheduler=scheduler, scaler=scaler, state={})
+    _, blob, _ = ckpt.load_checkpoint(path)
+    resumed = torch.amp.GradScaler("cpu", enabled=True)
+    resumed.load_state_dict(blob["scaler"])
+    assert resumed.get_scale() == 1024.0
