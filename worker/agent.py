@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from worker.client import JobGone, ServerClient, Superseded, Unauthorized, Unreachable
+from worker.client import JobGone, Refused, ServerClient, Superseded, Unauthorized, Unreachable
 from worker.command import Rendezvous, trainer_argv
 from worker.runner import LAUNCHED_BY_ENV, RUN_ENV, JobRun, Outcome, StopReason, find_orphans, kill_groups
 from worker.settings import WorkerSettings
@@ -124,7 +124,7 @@ class Agent:
             return
         try:
             self.client.leave(self.worker_id)
-        except (*Unreachable, JobGone, Superseded) as e:
+        except (*Unreachable, JobGone, Superseded, Refused) as e:
             log.warning("could not tell the server this worker stopped (%s); it shows offline after the "
                         "lease TTL", e)
             return
@@ -138,7 +138,7 @@ class Agent:
                 log.warning("server %s unreachable (%s); retrying", self.settings.server_url, e)
                 time.sleep(2)
                 continue
-            except Unauthorized as e:
+            except (Unauthorized, Refused) as e:
                 log.error("%s", e)
                 return False
             self.worker_id = reply["worker_id"]
@@ -158,7 +158,7 @@ class Agent:
                     self._cancel_ids.update(stop)
                 if self.settings.health_file is not None:
                     self.settings.health_file.touch()
-            except Unreachable as e:
+            except (*Unreachable, Refused) as e:
                 log.warning("heartbeat failed: %s", e)
             except JobGone:
                 log.warning("the server does not know worker %s any more; registering again", self.worker_id)
@@ -192,7 +192,7 @@ class Agent:
         try:
             claim = self.client.claim(self.worker_id, free_gpu_indices=free, accept_cpu_jobs=accept_cpu,
                                       rdzv_address=self.settings.rdzv_address or None, rdzv_port=free_port())
-        except (*Unreachable, JobGone) as e:
+        except (*Unreachable, JobGone, Refused) as e:
             log.warning("claim failed: %s", e)
             claim = None
         except Superseded as e:
@@ -262,6 +262,8 @@ class Agent:
             log.warning("job %s: finish not delivered yet (%s)", run.job_id, e)
             self.finished[run.job_id] = (run, outcome)
             return
+        except Refused as e:   # dropped: the lease then runs out and the server re-queues or fails the job
+            log.error("job %s: the server refused its finish (%s)", run.job_id, e)
         except JobGone:
             pass
         self.finished.pop(run.job_id, None)
@@ -289,10 +291,11 @@ class Agent:
                 log.warning("job %s is no longer ours; stopping it", run.job_id)
                 if not final:
                     run.stop(StopReason.lost, self.settings.kill_grace_s)
-                with run._lock:
-                    run.pending_metrics.clear()
-                    run.pending_logs.clear()
+                run.drop_pending()
                 return True
+            except Refused as e:   # resending the same batch would be refused forever: drop it, go on
+                log.error("job %s: the server refused %d log lines and %d metric points (%s); they are dropped",
+                          run.job_id, len(batch.logs), len(batch.metrics), e)
             run.ack(batch)
             if not final:
                 return True

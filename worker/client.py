@@ -11,6 +11,11 @@ import httpx
 Unreachable = (httpx.TransportError, httpx.HTTPStatusError)
 
 
+class Refused(Exception):
+    """Any other 4xx (413 too large, 422 invalid): the server will refuse the same body again, so the caller
+    must not keep it for a retry, or the report queue (and with it the job's finish) would wait forever."""
+
+
 class Unauthorized(Exception):
     """401: the token is not the server's worker token. Retrying will not help."""
 
@@ -41,6 +46,8 @@ class ServerClient:
             raise Superseded(response.json().get("detail", response.text[:200]))
         if response.status_code in (404, 409):
             raise JobGone(f"{path}: {response.status_code} {response.text[:200]}")
+        if 400 <= response.status_code < 500:
+            raise Refused(f"{path}: {response.status_code} {response.text[:300]}")
         response.raise_for_status()
         return response
 

@@ -26,6 +26,9 @@ from typing import Any
 LAUNCHED_BY_ENV = "PARATRAIN_LAUNCHED_BY"  # marks a worker's process trees, so its successor finds them
 RUN_ENV = "PARATRAIN_RUN"  # marks one run's processes: "<worker name>/<job id>/<attempt>"
 STDERR_TAIL_LINES = 40
+# Kept of one output line: the server's default max_log_line_chars, and 2000 such lines (a full report) stay
+# well under its default 16 MB body limit.
+MAX_LOG_LINE_CHARS = 4000
 METRIC_KEYS = ("step", "loss")
 STOPPED_UNSAVED = 130   # the trainer's exit code for a stop before its first step (trainer_core.train)
 
@@ -117,6 +120,8 @@ class JobRun:
             event = (record or {}).get("event")
             self.training_started |= event == "start"
             self.training_done |= event == "done"
+            if len(line) > MAX_LOG_LINE_CHARS:   # e.g. a printed tensor: the server keeps less anyway
+                line = line[:MAX_LOG_LINE_CHARS] + f" [... {len(line) - MAX_LOG_LINE_CHARS} characters cut]"
             with self._lock:
                 self.pending_logs.append(line)
                 if metric is not None:
@@ -149,6 +154,12 @@ class JobRun:
             del self.pending_metrics[:len(batch.metrics)]
             del self.pending_logs[:len(batch.logs)]
             self.logs_acked += len(batch.logs)
+
+    def drop_pending(self) -> None:
+        """Forget what is not sent yet: the job is no longer this worker's to report."""
+        with self._lock:
+            self.pending_metrics.clear()
+            self.pending_logs.clear()
 
     def stop(self, reason: StopReason, grace_s: float) -> None:
         if self.training_done:
@@ -227,7 +238,10 @@ def _json_record(line: str) -> dict[str, Any] | None:
 
 
 def _as_metric(record: dict[str, Any] | None) -> dict[str, Any] | None:
-    if record is not None and all(k in record for k in METRIC_KEYS) and "event" not in record:
+    """The record as a metric point, or None. A step the server would refuse (not a count) leaves the line a
+    log line: passed on, it would cost its whole report."""
+    if (record is not None and all(k in record for k in METRIC_KEYS) and "event" not in record
+            and type(record["step"]) is int and record["step"] >= 0):
         # NaN/Infinity (json.loads takes them) cannot be sent as JSON: as missing values they cannot stop reports
         return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
     return None

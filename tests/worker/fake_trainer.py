@@ -1,7 +1,7 @@
 """A stand-in for `python -m trainer_core.train` that follows its process contract (docs/API.md) in
 milliseconds: JSON metric lines on stdout, resume from a checkpoint file, SIGTERM saves and exits 0,
 exit 2 for bad data, 3 for OOM. It also starts a child process, so tests can check that a whole
-process group dies. `--name` picks a behaviour: ok, data-error, oom, crash, stubborn (ignores SIGTERM)."""
+process group dies. `--name` picks a behaviour: ok, data-error, oom, crash, stubborn (ignores SIGTERM), long-line."""
 
 import argparse
 import json
@@ -59,6 +59,8 @@ for step in range(start + 1, args.max_steps + 1):
     time.sleep(step_s)
     if args.name == "crash" and step == 2:
         raise RuntimeError("boom")
+    if args.name == "long-line" and step == 2:   # e.g. a printed tensor
+        print("long line: " + "x" * 20_000, file=sys.stderr, flush=True)
     if rank == 0:
         print(json.dumps({"step": step, "epoch": 0.0, "loss": 1.0 / step, "lr": 1e-4, "grad_norm": 1.0,
                           "tokens_per_s": 100.0, "gpu_mem_gb": 0.0, "eta_s": 0.0, "total_steps": args.max_steps}),

@@ -83,6 +83,20 @@ def _store_config(live_server, job_id: int, **changes) -> None:
         session.commit()
 
 
+@pytest.mark.parametrize("server_settings", [{"max_body_mb": 0.003}], indirect=True)
+def test_a_report_the_server_refuses_is_dropped_and_the_job_still_finishes(live_server, start_agent, job_body,
+                                                                            monkeypatch):
+    """A 413 (here: a long log line over a 3 KB body limit) used to count as "server unreachable": the same
+    batch was re-sent forever, and the job never finished."""
+    monkeypatch.setenv("FAKE_STEP_S", "0.3")   # a report per step: only the long line's batch is refused
+    job = live_server.api.post("/jobs", json=job_body(name="long-line", max_steps=4)).json()
+    start_agent()
+    done = live_server.wait_for(job["id"], {"succeeded", "failed"})
+    assert done["state"] == "succeeded" and done["step"] == 4, done
+    lines = [x["line"] for x in live_server.api.get(f"/jobs/{job['id']}/logs").json()["data"]]
+    assert "step 4/4" in lines and not any(x.startswith("long line") for x in lines)
+
+
 @pytest.mark.parametrize("refused_by", ["server", "worker"])
 def test_a_stored_config_that_is_no_longer_valid_fails_that_job_only(live_server, start_agent, job_body,
                                                                       monkeypatch, refused_by):

@@ -98,6 +98,8 @@ def test_metric_lines_are_json_objects_with_step_and_loss():
     assert _parse_metric('{"step": 3, "loss": 1.5, "lr": 0.1}') == {"step": 3, "loss": 1.5, "lr": 0.1}
     assert _parse_metric('{"event": "checkpoint", "step": 3, "loss": 1}') is None
     assert _parse_metric('{"step": 3}') is None
+    assert _parse_metric('{"step": -1, "loss": 1}') is None and _parse_metric('{"step": "3", "loss": 1}') is None
+    assert _parse_metric('{"step": true, "loss": 1}') is None and _parse_metric('{"step": 2.5, "loss": 1}') is None
     assert _parse_metric("step 3/10") is None and _parse_metric("{not json") is None
 
 
