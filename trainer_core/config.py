@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Sequence
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -200,13 +201,23 @@ def _group(info: Any) -> str:
     return extra.get("group", "training") if isinstance(extra, dict) else "training"
 
 
-def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, spelled as the field; validation is left to pydantic."""
+# The fields that change what a dataset check reports (samples, batches, packed rows, the example layout):
+# `paratrain data check` takes them as flags, and the UI's check sends them from its form.
+SAMPLE_SHAPING_FIELDS = ("max_seq_len", "branches_per_sample", "min_branches_per_sample", "max_branches_per_sample",
+                         "batch_by_samples", "batch_size", "tokens_per_row", "branch_stride", "seed")
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:
+    """One flag per TrainConfig field (or per field in `only`), spelled as the field; validation is left to
+    pydantic."""
     for group_name in GROUPS:
+        names = [name for name, info in TrainConfig.model_fields.items()
+                 if _group(info) == group_name and (only is None or name in only)]
+        if not names:
+            continue
         group = parser.add_argument_group(group_name)
-        for name, info in TrainConfig.model_fields.items():
-            if _group(info) != group_name:
-                continue
+        for name in names:
+            info = TrainConfig.model_fields[name]
             help_text = info.description or ""
             if _is_bool(info.annotation):
                 group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)

@@ -25,7 +25,7 @@ from typing import Iterator
 import numpy as np
 
 from trainer_core.config import TrainConfig
-from trainer_core.layout import PackedBatch, SampleLayout, build_sample_layout, collate_packed
+from trainer_core.layout import PackedBatch, SampleLayout, build_sample_layout, collate_rows, row_plan
 
 MAX_REPORTED_ERRORS = 50
 TOKENIZE_CHUNK = 1024
@@ -501,12 +501,6 @@ def collate_batch(ds: TokenizedDataset, samples: SampleIndex, batch: np.ndarray,
 
 
 def pack_layouts(layouts: list[SampleLayout], tokens_per_row: int, dense_attention: bool) -> PackedBatch:
-    """The packing rule of each attention backend.
-
-    With a block-sparse kernel (flex) a long row costs only its samples' own blocks, so rows fill up to
-    `tokens_per_row`. A dense mask (SDPA, the CPU path) costs T^2 per row, so there rows stop at the
-    longest sample's length: short samples still share rows, but no row grows past what padding would."""
-    if dense_attention:
-        return collate_packed(layouts, min(tokens_per_row, max(len(lay) for lay in layouts)))
-    # Flex works in 128-token blocks; whole blocks also keep the number of distinct compiled shapes small.
-    return collate_packed(layouts, tokens_per_row, pad_to_multiple=128)
+    """Rows packed by the rule of the attention backend (layout.row_plan)."""
+    rows, T = row_plan([len(lay) for lay in layouts], tokens_per_row, dense_attention)
+    return collate_rows(layouts, rows, T)

@@ -10,15 +10,12 @@ import sys
 import numpy as np
 from pydantic import ValidationError
 
-from trainer_core.config import TrainConfig, format_validation_error
+from trainer_core.config import SAMPLE_SHAPING_FIELDS, TrainConfig, add_cli_arguments, format_validation_error
 from trainer_core.data import (DataError, build_samples, epoch_batches, has_tokenizer_files, load_or_tokenize,
                                load_tokenizer, local_model_dir, sample_lengths, sample_token_ids, validate_file)
-from trainer_core.layout import pack_into_rows
+from trainer_core.layout import row_plan
 
 EXAMPLE_MAX_COLUMNS = 48
-# TrainConfig's integer fields that shape samples, batches and rows: `data check` takes them as flags.
-SHAPING_FLAGS = ("max_seq_len", "branches_per_sample", "max_branches_per_sample", "min_branches_per_sample",
-                 "batch_size", "tokens_per_row")
 
 
 def summarize(cfg: TrainConfig, with_example: bool = True) -> dict:
@@ -39,9 +36,8 @@ def summarize(cfg: TrainConfig, with_example: bool = True) -> dict:
     packed_slots = padded_slots = 0
     for batch in epoch_batches(samples, cfg, epoch=0):
         lens = [int(lengths[s]) for s in batch]
-        rows = pack_into_rows(lens, cfg.tokens_per_row)
-        row_len = max(sum(lens[i] for i in row) for row in rows)
-        packed_slots += len(rows) * (-(-row_len // 8) * 8)
+        rows, row_len = row_plan(lens, cfg.tokens_per_row, dense_attention=False)   # as on a GPU (flex)
+        packed_slots += len(rows) * row_len
         padded_slots += len(lens) * max(lens)          # what padding every sample to the longest costs
     total = int(lengths.sum())
     summary = {
@@ -107,7 +103,7 @@ def format_summary(s: dict) -> str:
         f"  tokens per text   p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  max {t['max']}"
         f"  ({s['truncated_texts']} truncated)",
         f"  tokens per sample p50 {st['p50']}  p90 {st['p90']}  p99 {st['p99']}  max {st['max']}",
-        f"  tokens {s['tokens']:,}; after packing {s['tokens_after_packing']:,} slots: padding "
+        f"  tokens {s['tokens']:,}; packed as on a GPU {s['tokens_after_packing']:,} slots: padding "
         f"{s['padding_share']:.1%} (padding to the longest sample would waste "
         f"{s['padding_share_if_padded_to_longest']:.1%})",
     ])
@@ -121,11 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("file", help="Parallel JSONL file.")
     check.add_argument("--tokenizer", default=None, help="Model directory whose tokenizer to use (without it only "
                        "the lines are checked: no token lengths, samples or packing).")
-    for name in SHAPING_FLAGS:
-        info = TrainConfig.model_fields[name]
-        check.add_argument(f"--{name}", type=int, default=None, help=info.description)
-    check.add_argument("--batch_by_samples", action="store_true", help=TrainConfig.model_fields["batch_by_samples"].description)
     check.add_argument("--json", action="store_true", help="Print the summary as JSON.")
+    add_cli_arguments(check, only=SAMPLE_SHAPING_FIELDS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -142,10 +135,9 @@ def run(args: argparse.Namespace) -> int:
               "\n".join([f"{args.file}: {records:,} valid records (give --tokenizer for samples, token lengths "
                          "and packing)", *[f"  warning: {w}" for w in warnings]]))
         return 0
-    overrides = {k: getattr(args, k) for k in SHAPING_FLAGS if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in SAMPLE_SHAPING_FIELDS if getattr(args, k) is not None}
     try:
-        cfg = TrainConfig(base_model=args.tokenizer, data_path=args.file, batch_by_samples=args.batch_by_samples,
-                          **overrides)
+        cfg = TrainConfig(base_model=args.tokenizer, data_path=args.file, **overrides)
     except ValidationError as e:
         print(f"paratrain data check: {format_validation_error(e)}", file=sys.stderr)
         return 2

@@ -165,12 +165,31 @@ class PackedBatch:
         return PackedBatch(**{k: v.to(device, non_blocking=True) for k, v in vars(self).items()})
 
 
-def collate_packed(layouts: Sequence[SampleLayout], tokens_per_row: int,
-                   pad_to_multiple: int = 8) -> PackedBatch:
+def row_plan(lengths: Sequence[int], tokens_per_row: int, dense_attention: bool) -> tuple[list[list[int]], int]:
+    """(rows of sample indices, padded row length T): the packing rule of each attention backend.
+
+    With a block-sparse kernel (flex, on CUDA) a long row costs only its samples' own blocks, so rows fill up
+    to `tokens_per_row`, padded to whole 128-token blocks (which also keeps the number of distinct compiled
+    shapes small). A dense mask (SDPA, the CPU path) costs T^2 per row, so there rows stop at the longest
+    sample's length: short samples still share rows, but no row grows past what padding would."""
+    if dense_attention:
+        tokens_per_row, multiple = min(tokens_per_row, max(lengths)), 8
+    else:
+        multiple = 128
+    rows = pack_into_rows(lengths, tokens_per_row)
+    row_len = max(sum(lengths[i] for i in row) for row in rows)
+    return rows, -(-row_len // multiple) * multiple
+
+
+def collate_packed(layouts: Sequence[SampleLayout], tokens_per_row: int, pad_to_multiple: int = 8) -> PackedBatch:
     """Pack sample layouts into as few rows as fit the budget; pad rows to the longest row only."""
     rows = pack_into_rows([len(lay) for lay in layouts], tokens_per_row)
     row_len = max(sum(len(layouts[i]) for i in row) for row in rows)
-    T = -(-row_len // pad_to_multiple) * pad_to_multiple
+    return collate_rows(layouts, rows, -(-row_len // pad_to_multiple) * pad_to_multiple)
+
+
+def collate_rows(layouts: Sequence[SampleLayout], rows: list[list[int]], T: int) -> PackedBatch:
+    """The layouts placed in `rows` (lists of layout indices, as pack_into_rows gives), each row padded to T."""
     R = len(rows)
     fill = {"input_ids": 0, "labels": IGNORE_INDEX, "pos1d": 0, "branch_pos": 0, "time_ids": 0}
     out = {name: np.full((R, T), value, dtype=np.int64) for name, value in fill.items()}

@@ -19,8 +19,8 @@ router = APIRouter(tags=["configs"], dependencies=[UserAuth])
 
 
 class DatasetCheck(BaseModel):
-    """data_path (+ base_model for the tokenizer) and, optionally, any other TrainConfig field that shapes
-    samples and batches (max_seq_len, branches_per_sample, batch_size, ...); the UI sends its whole form."""
+    """data_path (+ base_model for the tokenizer) and, optionally, other TrainConfig fields: those that shape
+    samples, batches and rows (config.SAMPLE_SHAPING_FIELDS, which the UI sends) change the summary."""
 
     model_config = ConfigDict(extra="allow")
 

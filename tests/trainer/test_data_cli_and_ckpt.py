@@ -33,6 +33,34 @@ def test_data_check_summarises_a_good_file(tiny_model_dir, demo_data_path):
     assert sorted(set(lay["branch_index"])) == list(range(rows))
 
 
+def test_the_checks_packing_numbers_are_the_gpu_trainers_rows(tiny_model_dir, demo_data_path):
+    """tokens_after_packing counts the slots of the rows the trainer builds on a GPU (flex: rows filled up to
+    tokens_per_row, in 128-token blocks), batch by batch; the flags that shape batches change it."""
+    from trainer_core.data import build_samples, collate_batch, epoch_batches, load_or_tokenize
+    from trainer_core.data_cli import summarize
+
+    for fields in ({}, {"batch_size": 3, "tokens_per_row": 512}, {"batch_by_samples": True, "batch_size": 2}):
+        cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path), max_seq_len=128, **fields)
+        ds = load_or_tokenize(cfg.data_path, cfg.base_model, cfg.max_seq_len)
+        samples = build_samples(ds, cfg)
+        rows = [collate_batch(ds, samples, b, cfg, dense_attention=False) for b in epoch_batches(samples, cfg, 0)]
+        s = summarize(cfg, with_example=False)
+        assert s["tokens_after_packing"] == sum(r.input_ids.numel() for r in rows), fields
+        assert s["tokens"] == sum(r.num_tokens for r in rows), fields
+
+
+def test_data_check_takes_every_flag_that_shapes_samples(tiny_model_dir, demo_data_path):
+    from trainer_core.config import SAMPLE_SHAPING_FIELDS
+
+    proc = subprocess.run([PARATRAIN, "data", "check", "--help"], capture_output=True, text=True, timeout=60)
+    assert all(f"--{name}" in proc.stdout for name in SAMPLE_SHAPING_FIELDS), proc.stdout
+    proc = subprocess.run([PARATRAIN, "data", "check", str(demo_data_path), "--tokenizer", str(tiny_model_dir),
+                           "--json", "--branch_stride", "64", "--batch_by_samples", "--seed", "5"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["samples"] > 0
+
+
 def test_data_check_lists_bad_lines(tmp_path, tiny_model_dir):
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "ok"}\n{"branches": "not a list"}\n{"text": "ok"}\n')

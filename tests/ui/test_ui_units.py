@@ -162,6 +162,19 @@ def test_dataset_tab_renders_the_real_check_summary(tiny_model_dir, demo_data_pa
     assert svg.count("<rect ") == len(summary["example_layout"]["time_ids"]) and "<title>time 0" in svg
 
 
+def test_the_dataset_check_sends_the_forms_fields_that_shape_samples_and_only_those():
+    """batch_size and branch_stride live outside the form's "data" group; the check once left them out and
+    summarised batches of the default size."""
+    from ui.tabs.dataset import check_body
+
+    values = {name: info.default for name, info in TrainConfig.model_fields.items() if not info.is_required()}
+    values.update(base_model="models/tiny", data_path="d.jsonl", batch_size=7.0, branch_stride=64.0, seed=3.0,
+                  batch_by_samples=True, learning_rate=123.0)   # an invalid field the check must not send
+    body = check_body(values)
+    assert body["batch_size"] == 7 and body["branch_stride"] == 64 and body["seed"] == 3 and body["batch_by_samples"]
+    assert body["data_path"] == "d.jsonl" and body["base_model"] == "models/tiny" and "learning_rate" not in body
+
+
 def test_estimate_is_corrected_by_jobs_measured_on_a_gpu(live_server, scripted_worker):
     from ui.tabs.memory import estimate_markdown, measured_peaks, worker_gpu_mem
 

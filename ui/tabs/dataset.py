@@ -11,7 +11,7 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from trainer_core.config import TrainConfig
+from trainer_core.config import SAMPLE_SHAPING_FIELDS
 from ui.api import ApiError
 from ui.context import UiContext
 from ui.form import ConfigForm, config_dict
@@ -35,10 +35,9 @@ class DatasetTab:
 
 
 def check_body(values: dict[str, Any]) -> dict[str, Any]:
-    """The check's request: base_model (its tokenizer) and every field of the schema's "data" group."""
+    """The check's request: data_path, base_model (its tokenizer) and the form's fields that shape samples."""
     config = config_dict(values)
-    data_fields = TrainConfig.fields_by_group()["data"]
-    return {k: v for k, v in config.items() if k in data_fields or k == "base_model"}
+    return {k: v for k, v in config.items() if k in (*SAMPLE_SHAPING_FIELDS, "data_path", "base_model")}
 
 
 def _flat(values: Any) -> list:
