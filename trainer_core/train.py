@@ -6,8 +6,7 @@
 
 Reads top to bottom: data -> model -> optimiser -> (resume) -> loop -> outputs. Rank 0 prints one JSON
 object per line on stdout (metrics and events, for machines) and a progress line on stderr (for people).
-Exit codes: 0 done (also after SIGTERM: checkpoint saved), 2 bad config/data, 3 out of memory, 4 diverged,
-130 stopped without a new checkpoint.
+Exit codes: trainer_core/exit_codes.py.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ from pydantic import ValidationError
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer_core import checkpoint as ckpt
+from trainer_core import exit_codes
 from trainer_core.config import RESUMABLE_CHANGES, TrainConfig, add_cli_arguments, format_validation_error
 from trainer_core.data import (DataError, build_samples, collate_batch, epoch_batches, file_sha256,
                                has_tokenizer_files, local_model_dir, open_tokens, prepare_tokens, rank_batches,
@@ -38,10 +38,6 @@ from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broad
 from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, hidden_states,
                                load_lora_weights, lora_state_dict, save_adapter_dir, training_dtype)
 
-EXIT_BAD_INPUT = 2
-EXIT_STOPPED_UNSAVED = 130   # as a shell reports Ctrl-C: stopped, and no new checkpoint was written
-EXIT_OOM = 3
-EXIT_DIVERGED = 4   # a non-finite loss or gradient norm: the step was not applied, the last checkpoint is intact
 # Test-only fault injection, off unless set (tests/reliability): `oom_at_step:N`, `crash_rank:R_at_step:N`
 # (SIGKILL of rank R), `enospc_on_checkpoint:N` (OSError ENOSPC when saving step N), `nan_loss_at_step:N`
 # (inject_fault answers True after the forward: the caller makes the loss NaN). A run that resumed
@@ -443,7 +439,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_namespace(args)
     except ValidationError as e:
         print(f"paratrain train: {format_validation_error(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return exit_codes.BAD_INPUT
     return run_config(cfg)
 
 
@@ -459,20 +455,20 @@ def run_config(cfg: TrainConfig) -> int:
     except DataError as e:
         if env.is_main:
             print("\n".join(e.lines), file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+        return exit_codes.BAD_INPUT
     except StopNow as e:
         print0(env, f"stopped {e}")
-        return EXIT_STOPPED_UNSAVED
+        return exit_codes.STOPPED_UNSAVED
     except Diverged as e:
         print0(env, f"paratrain: training diverged at {e}; the step was not applied and the last checkpoint "
                     f"is intact. Try a lower --learning_rate (now {cfg.learning_rate:g})"
                     + (", --dtype bfloat16 instead of float16" if cfg.dtype == "float16" else "")
                     + " or a smaller --lora_alpha.")
-        return EXIT_DIVERGED
+        return exit_codes.DIVERGED
     except torch.OutOfMemoryError as e:
         print(f"paratrain: out of memory on rank {env.rank}: {str(e).splitlines()[0]}\n"
               f"Try {oom_advice(cfg)}.", file=sys.stderr, flush=True)
-        return EXIT_OOM
+        return exit_codes.OUT_OF_MEMORY
     finally:
         compute_cleanup(env)
 

@@ -23,6 +23,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from trainer_core import exit_codes
+
 LAUNCHED_BY_ENV = "PARATRAIN_LAUNCHED_BY"  # marks a worker's process trees, so its successor finds them
 RUN_ENV = "PARATRAIN_RUN"  # marks one run's processes: "<worker name>/<job id>/<attempt>"
 STDERR_TAIL_LINES = 40
@@ -30,7 +32,6 @@ STDERR_TAIL_LINES = 40
 # well under its default 16 MB body limit.
 MAX_LOG_LINE_CHARS = 4000
 METRIC_KEYS = ("step", "loss")
-STOPPED_UNSAVED = 130   # the trainer's exit code for a stop before its first step (trainer_core.train)
 
 # torchrun does not pass on its ranks' exit codes (it exits 1); its failure summary names them.
 _TORCHRUN_EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
@@ -205,13 +206,14 @@ class JobRun:
         return code
 
     def outcome(self, exit_code: int) -> Outcome:
-        if self.stop_reason is not None and trainer_exit_code(exit_code, self.stderr_tail) == STOPPED_UNSAVED:
+        trainer_code = trainer_exit_code(exit_code, self.stderr_tail)
+        if self.stop_reason is not None and trainer_code == exit_codes.STOPPED_UNSAVED:
             # A stop before the first step (or a second signal) is what was asked for; torchrun's
             # ChildFailedError report above in the log would read as a crash.
             launcher = " (torchrun reports that as a failure above)" if Path(self.argv[0]).name == "torchrun" else ""
             with self._lock:
                 self.pending_logs.append(f"[paratrain] stopped as asked, before its first step or by a second "
-                                         f"signal: no new checkpoint, exit {STOPPED_UNSAVED}{launcher}")
+                                         f"signal: no new checkpoint, exit {exit_codes.STOPPED_UNSAVED}{launcher}")
         if self.stop_reason == StopReason.release:
             return Outcome(exit_code, None, "worker stopping", release=True)
         if self.stop_reason in (StopReason.cancel, StopReason.lost):
@@ -314,13 +316,13 @@ def classify_exit(exit_code: int, stderr_lines: list[str]) -> tuple[str | None, 
     settings fail again the same way), signal or else crash."""
     code = trainer_exit_code(exit_code, stderr_lines)
     tail = "\n".join(_trainer_stderr(stderr_lines)).strip()
-    if code == 0:
+    if code == exit_codes.OK:
         return None, None
-    if code == 2:
+    if code == exit_codes.BAD_INPUT:
         return "data", tail or "bad config or data (exit 2)"
-    if code == 3:
+    if code == exit_codes.OUT_OF_MEMORY:
         return "oom", tail or "out of memory (exit 3)"
-    if code == 4:   # like bad data, the same settings diverge again: a gang is not re-queued
+    if code == exit_codes.DIVERGED:   # like bad data, the same settings diverge again: a gang is not re-queued
         return "data", tail or "training diverged: a NaN or infinite loss (exit 4)"
     if "No space left on device" in tail:
         return "crash", f"disk full (No space left on device), exit code {code}; the last complete checkpoint " \
