@@ -40,7 +40,7 @@ from server.models import (
     WorkerRegister,
     utcnow,
 )
-from server.paths import confine, is_dir, is_file
+from server.paths import confine_field, is_dir, is_file
 from server.settings import Settings
 from trainer_core.config import TrainConfig, format_validation_error
 from worker.command import Rendezvous, placeholder_rendezvous
@@ -101,19 +101,12 @@ def stored_config(job: Job) -> TrainConfig:
 
 def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str) -> TrainConfig:
     """Paths made absolute and confined to the roots; output_dir is the server's choice (jobs/ID/out)."""
-    assert settings.data_root is not None
-    try:
-        data_path = confine(config.data_path, roots=settings.read_roots, base=settings.data_root)
-    except ValueError as e:
-        raise FieldError(("body", "config", "data_path"), str(e)) from None
+    data_path = confine_field(config.data_path, ("body", "config", "data_path"), settings)
     if is_dir(data_path):
         raise FieldError(("body", "config", "data_path"), f"{config.data_path!r} is a directory: give its JSONL file")
     if not is_file(data_path):
         raise FieldError(("body", "config", "data_path"), f"{config.data_path!r}: no such file under the data root")
-    try:
-        base_model = confine(config.base_model, roots=settings.read_roots, base=settings.data_root)
-    except ValueError as e:
-        raise FieldError(("body", "config", "base_model"), str(e)) from None
+    base_model = confine_field(config.base_model, ("body", "config", "base_model"), settings)
     if not is_dir(base_model):
         raise FieldError(("body", "config", "base_model"),
                          f"{config.base_model!r}: no such model directory under the data root")

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from server.errors import FieldError
+
+if TYPE_CHECKING:
+    from server.settings import Settings
 
 
 def confine(path: str, *, roots: list[Path], base: Path) -> Path:
@@ -22,6 +28,15 @@ def confine(path: str, *, roots: list[Path], base: Path) -> Path:
         if resolved.is_relative_to(root.resolve()):
             return resolved
     raise ValueError(f"{path!r} is outside the allowed roots")
+
+
+def confine_field(value: str, loc: tuple[str, ...], settings: Settings) -> Path:
+    """confine() of a request field to the server's read roots: outside them, a 422 naming the field."""
+    assert settings.data_root is not None
+    try:
+        return confine(value, roots=settings.read_roots, base=settings.data_root)
+    except ValueError as e:
+        raise FieldError(loc, str(e)) from None
 
 
 def is_file(path: Path) -> bool:

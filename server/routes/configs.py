@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter
@@ -11,7 +12,8 @@ from server import crud
 from server.deps import SettingsDep, UserAuth
 from server.errors import FieldError
 from server.models import CommandPublic, JobCreate
-from server.paths import confine
+from server.paths import confine_field, is_dir
+from server.settings import Settings
 from trainer_core.config import TrainConfig
 from worker.command import placeholder_rendezvous, trainer_argv
 
@@ -58,23 +60,20 @@ def command_preview(job_in: JobCreate, settings: SettingsDep) -> CommandPublic:
 
 @router.post("/datasets/check", response_model=DatasetCheckResult)
 def check_dataset(body: DatasetCheck, settings: SettingsDep) -> DatasetCheckResult:
-    from trainer_core.data import DataError, validate_file  # numpy etc.: only when asked
+    from trainer_core.data import DataError, has_tokenizer_files, validate_file  # numpy etc.: only when asked
 
-    assert settings.data_root is not None
     check_extra_fields(body)
-    try:
-        path = confine(body.data_path, roots=settings.read_roots, base=settings.data_root)
-    except ValueError as e:
-        raise FieldError(("body", "data_path"), str(e)) from None
-    if body.base_model is None or not has_tokenizer(body.base_model, settings):
-        note = None if body.base_model is None else f"{body.base_model} has no tokenizer: only the lines were checked"
+    path = confine_field(body.data_path, ("body", "data_path"), settings)
+    model = None if body.base_model is None else model_dir(body.base_model, settings)
+    if model is None or not has_tokenizer_files(model):
+        note = None if model is None else f"{body.base_model} has no tokenizer: only the lines were checked"
         warnings: list[str] = []
         try:
             records = validate_file(path, warnings=warnings)
             return DatasetCheckResult(data_path=str(path), records=records, warnings=warnings, note=note)
         except DataError as e:
             return DatasetCheckResult(data_path=str(path), errors=e.lines, note=note)
-    return DatasetCheckResult(**summarize_dataset(body, path, settings))
+    return DatasetCheckResult(**summarize_dataset(body, path, model))
 
 
 def check_extra_fields(body: DatasetCheck) -> None:
@@ -102,23 +101,16 @@ def train_config(**fields: Any) -> TrainConfig:
         raise FieldError(("body", *[str(p) for p in err["loc"]]), err["msg"]) from None
 
 
-def has_tokenizer(base_model: str, settings) -> bool:
-    try:
-        model = confine(base_model, roots=settings.read_roots, base=settings.data_root)
-    except ValueError as e:
-        raise FieldError(("body", "base_model"), str(e)) from None
-    if not model.is_dir():
+def model_dir(base_model: str, settings: Settings) -> Path:
+    model = confine_field(base_model, ("body", "base_model"), settings)
+    if not is_dir(model):
         raise FieldError(("body", "base_model"), f"{base_model!r}: no such model directory under the data root")
-    return (model / "tokenizer.json").exists() or (model / "tokenizer_config.json").exists()
+    return model
 
 
-def summarize_dataset(body: DatasetCheck, path, settings) -> dict[str, Any]:
+def summarize_dataset(body: DatasetCheck, path: Path, model: Path) -> dict[str, Any]:
     from trainer_core.data_cli import summarize
 
-    try:
-        model = confine(body.base_model, roots=settings.read_roots, base=settings.data_root)
-    except ValueError as e:
-        raise FieldError(("body", "base_model"), str(e)) from None
     sample_fields = {k: v for k, v in (body.model_extra or {}).items()
                      if k in TrainConfig.model_fields and k not in ("output_dir", "name") and v not in (None, "")}
     cfg = train_config(**sample_fields, base_model=str(model), data_path=str(path))
