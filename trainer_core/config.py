@@ -11,7 +11,6 @@ This module must not import torch: the server and UI import it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Sequence
 from typing import Any, Literal, get_args, get_origin
@@ -247,15 +246,3 @@ def format_validation_error(e: ValidationError, whole: str = "config") -> str:
         lines.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(lines)
 
-
-def load_config_file(path: str) -> TrainConfig:
-    """A saved config (YAML or JSON)."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if path.endswith((".yaml", ".yml")):
-        import yaml
-
-        data = yaml.safe_load(text)
-    else:
-        data = json.loads(text)
-    return TrainConfig(**data)

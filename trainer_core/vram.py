@@ -63,7 +63,6 @@ ACT_BYTES_PER_UNIT_MIXED = 10.4      # the same with adapters computed in bf16: 
 LOGITS_FULL_BYTES_PER_VOCAB = 11.6   # bytes per token per vocab entry, full-vocabulary cross-entropy
 LOGITS_CHUNK_BYTES_PER_VOCAB = 4.9   # bytes per chunk token per vocab entry, checkpointed CE chunks (table B)
 TABLE_B_CE_CHUNK_TOKENS = 8192       # the chunk table B measured with; the trainer's is CE_CHUNK_TOKENS
-CHUNKED_CE = True                    # DESIGN.md: never materialise full-vocabulary logits
 LORA_BYTES_PER_PARAM = 16            # fp32 weight 4 + grad 4 + AdamW exp_avg 4 + exp_avg_sq 4
 CUDA_CONTEXT_GB = 0.6                # assumption: CUDA context + kernels, outside torch's counters
 ALLOCATOR_SLACK = 0.08               # assumption: caching-allocator fragmentation on the dynamic part
@@ -198,8 +197,9 @@ def tokens_per_micro_batch(config: TrainConfig, tokens_per_text: int | None = No
 
 
 def _raw_breakdown(config: TrainConfig, shape: ModelShape, tokens: int, *, upcast_adapters: bool = False,
-                   checkpointed_ce: bool = False) -> dict[str, float]:
-    """GiB per part. `upcast_adapters` and `checkpointed_ce` reproduce how MEASUREMENTS.md measured (tests)."""
+                   checkpointed_ce: bool = False, chunked_ce: bool = True) -> dict[str, float]:
+    """GiB per part. The keyword arguments reproduce how MEASUREMENTS.md measured (tests); the trainer
+    chunks its cross-entropy (DESIGN.md: never materialise full-vocabulary logits)."""
     dtype_bytes = DTYPE_BYTES[config.dtype]
     dtype_scale = dtype_bytes / 2  # the calibration is bf16
     units = shape.hidden_size + shape.intermediate_size
@@ -208,7 +208,7 @@ def _raw_breakdown(config: TrainConfig, shape: ModelShape, tokens: int, *, upcas
         act_per_token = shape.num_hidden_layers * dtype_bytes * shape.hidden_size + per_layer
     else:
         act_per_token = shape.num_hidden_layers * per_layer
-    if not CHUNKED_CE:
+    if not chunked_ce:
         logits = LOGITS_FULL_BYTES_PER_VOCAB * shape.vocab_size * tokens
     elif checkpointed_ce:
         logits = LOGITS_CHUNK_BYTES_PER_VOCAB * shape.vocab_size * min(tokens, TABLE_B_CE_CHUNK_TOKENS)

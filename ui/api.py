@@ -121,8 +121,7 @@ class ApiClient:
         return self._json("POST", "/api/estimate", json=body)
 
     def presets(self, gpu_mem_gb: float, model: str) -> list[dict[str, Any]]:
-        data = self._json("GET", "/api/presets", params={"gpu_mem_gb": gpu_mem_gb, "model": model})
-        return data["data"] if isinstance(data, dict) else data
+        return self._json("GET", "/api/presets", params={"gpu_mem_gb": gpu_mem_gb, "model": model})
 
     def workers(self) -> list[dict[str, Any]]:
         return self._json("GET", "/api/workers")["data"]

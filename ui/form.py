@@ -24,11 +24,6 @@ JOB_FIELDS = ("gpus", "nodes", "priority")
 FORM_COLUMNS = 3  # fits a laptop screen: the whole form in about two screen heights
 
 
-def _group_of(info: Any) -> str:
-    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
-    return extra.get("group", "training")
-
-
 def _base_type(annotation: Any) -> tuple[Any, bool]:
     """(type without None, whether None is allowed)."""
     args = typing.get_args(annotation)

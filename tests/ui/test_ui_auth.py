@@ -4,10 +4,7 @@ message instead of answering with data (issue 6)."""
 
 from __future__ import annotations
 
-import json
-
 import httpx
-import pytest
 
 
 def _endpoints(base: str) -> dict:

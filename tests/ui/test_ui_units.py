@@ -130,8 +130,8 @@ def test_layout_picture_draws_branches_as_rows_and_time_as_columns():
     from ui.tabs.dataset import layout_svg
 
     lay = build_sample_layout(torch.arange(3), [torch.arange(4), torch.arange(2)], branch_stride=128)
-    svg = layout_svg({"time_ids": lay.time_ids.tolist(), "branch_pos": lay.branch_pos.tolist(),
-                      "branch_stride": 128, "has_main": True})
+    svg = layout_svg({"time_ids": lay.time_ids.tolist(), "branch_index": (lay.branch_pos // 128).tolist(),
+                      "has_main": True})
     assert svg.count("<rect ") == 3 + 4 + 2
     assert "main" in svg and "branch 1" in svg and "branch 2" in svg and "7 time steps" in svg
     assert "No example" in layout_svg(None)
@@ -176,10 +176,11 @@ def test_the_dataset_check_sends_the_forms_fields_that_shape_samples_and_only_th
 
 
 def test_estimate_is_corrected_by_jobs_measured_on_a_gpu(live_server, scripted_worker):
-    from ui.tabs.memory import estimate_markdown, measured_peaks, worker_gpu_mem
+    from ui.tabs.memory import estimate_markdown, measured_peaks
+    from ui.workers import largest_gpu_gb
 
     client = ApiClient(live_server.base_url, live_server.token)
-    assert worker_gpu_mem(client) == 24.0  # what the scripted worker registered
+    assert largest_gpu_gb(client.workers()) == 24.0  # what the scripted worker registered
     config = {"base_model": "models/tiny", "data_path": "demo.jsonl", "max_seq_len": 64, "batch_size": 2}
     before = client.estimate(config, 24, measured_peaks(client))
     assert before["correction"] is None

@@ -30,11 +30,10 @@ def _cfg(model: str = "0.5B", **kw) -> TrainConfig:
 
 
 @pytest.mark.parametrize("shape,rank,tokens,ckpt,chunked,static,peak,act_mb", TABLE_B)
-def test_reproduces_measurements_table_b(monkeypatch, shape, rank, tokens, ckpt, chunked, static, peak, act_mb):
-    monkeypatch.setattr(vram, "CHUNKED_CE", chunked)
+def test_reproduces_measurements_table_b(shape, rank, tokens, ckpt, chunked, static, peak, act_mb):
     cfg = _cfg(shape, lora_rank=rank, batch_size=tokens // 1024, max_seq_len=1024, gradient_checkpointing=ckpt)
     raw = vram._raw_breakdown(cfg, vram.SHAPES[shape], vram.tokens_per_micro_batch(cfg), upcast_adapters=True,
-                              checkpointed_ce=True)  # as table B was measured
+                              checkpointed_ce=True, chunked_ce=chunked)  # as table B was measured
     est_static = raw["weights"] + raw["lora_state"] / 4  # the table's static: adapters only, no grads/AdamW yet
     assert est_static == pytest.approx(static, rel=0.03)
     est_dynamic = raw["activations"] + raw["logits"]

@@ -48,15 +48,8 @@ def _flat(values: Any) -> list:
 
 
 def layout_cells(layout: dict[str, Any]) -> tuple[list[int], list[int]]:
-    """(time step, row) of each token of an example layout: per-token `time_ids` and `branch_ids` (or
-    `branch_index`: row k), or `branch_pos` with `branch_stride`."""
-    times = [int(t) for t in _flat(layout.get("time_ids"))]
-    if "branch_ids" in layout or "branch_index" in layout:
-        rows = [int(b) for b in _flat(layout.get("branch_ids", layout.get("branch_index")))]
-    else:
-        stride = int(layout.get("branch_stride") or 128)
-        rows = [int(p) // stride for p in _flat(layout.get("branch_pos"))]
-    return times, rows
+    """(time step, row) of each token of an example layout (data_cli.example_layout)."""
+    return [int(t) for t in _flat(layout.get("time_ids"))], [int(b) for b in _flat(layout.get("branch_index"))]
 
 
 def column_slots(times: list[int], limit: int) -> tuple[dict[int, int], list[tuple[int, int, int]]]:

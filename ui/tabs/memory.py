@@ -40,11 +40,6 @@ class MemoryPanel:
     presets_state: gr.State
 
 
-def worker_gpu_mem(client: ApiClient) -> float | None:
-    """Largest GPU the registered workers report (GB), or None without GPU workers."""
-    return largest_gpu_gb(client.workers())
-
-
 def gpu_mem_update(workers: list[dict[str, Any]] | None) -> dict[str, Any]:
     """The GPU size field after login: the largest GPU the workers report, else the default, saying so."""
     size = largest_gpu_gb(workers or [])
