@@ -17,7 +17,8 @@ from server.settings import Settings
 _bearer = HTTPBearer(auto_error=False, description="`paratrain serve` prints the token; it is in <data_dir>/token.")
 
 
-def get_settings(request: Request) -> Settings:
+def app_settings(request: Request) -> Settings:
+    """The settings the app was created with (server.settings.get_settings reads the environment)."""
     return request.app.state.settings
 
 
@@ -65,7 +66,7 @@ def require_worker(request: Request,
 JobIdPath = Annotated[int, Path(ge=0, le=MAX_DB_INT)]
 WorkerIdPath = Annotated[int, Path(ge=0, le=MAX_DB_INT)]
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
+SettingsDep = Annotated[Settings, Depends(app_settings)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 SessionDep = Annotated[Session, Depends(get_session)]
 WriteSessionDep = Annotated[Session, Depends(get_write_session)]

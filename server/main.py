@@ -52,17 +52,14 @@ async def _reaper(engine: Engine, settings: Settings) -> None:
 
 
 def _add_exception_handlers(app: FastAPI) -> None:
-    @app.exception_handler(NotFound)
-    async def _not_found(_: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_404_NOT_FOUND)
+    def detail_handler(status_code: int):
+        async def handler(_: Request, exc: Exception) -> JSONResponse:
+            return JSONResponse({"detail": str(exc)}, status_code=status_code)
+        return handler
 
-    @app.exception_handler(Conflict)
-    async def _conflict(_: Request, exc: Conflict) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_409_CONFLICT)
-
-    @app.exception_handler(Superseded)
-    async def _superseded(_: Request, exc: Superseded) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=status.HTTP_410_GONE)
+    for error, status_code in ((NotFound, status.HTTP_404_NOT_FOUND), (Conflict, status.HTTP_409_CONFLICT),
+                               (Superseded, status.HTTP_410_GONE)):
+        app.add_exception_handler(error, detail_handler(status_code))
 
     @app.exception_handler(FieldError)
     async def _field_error(_: Request, exc: FieldError) -> JSONResponse:

@@ -240,7 +240,7 @@ class TokenizedDataset:
     """All texts of a file as token ids.
 
     Text t has tokens `tokens[text_offsets[t]:text_offsets[t+1]]`. Record r owns texts
-    `record_texts[r]:record_texts[r+1]`; for a main+branches record (`record_has_main[r]`) the first of
+    `record_texts[r]:record_texts[r+1]`; for a main+branches record (`record_is_parallel[r]`) the first of
     them is the main (possibly empty), for a text record it is the single text. `text_truncated[t]`: text
     t had more than max_seq_len tokens.
     """
