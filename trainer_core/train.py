@@ -35,6 +35,7 @@ from trainer_core.data import (DataError, build_samples, collate_batch, epoch_ba
                                total_optimizer_steps)
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
                                compute_init, gather_objects, print0, write_line)
+from trainer_core.layout import PackedBatch
 from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, hidden_states,
                                load_lora_weights, lora_state_dict, save_adapter_dir, training_dtype)
 
@@ -237,13 +238,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
 
     step, start_epoch, start_epoch_step = 0, 0, 0
     if last is not None:
-        weights, blob, state = ckpt.load_checkpoint(last)
-        load_lora_weights(model, weights, last)
-        optimizer.load_state_dict(blob["optimizer"])
-        scheduler.load_state_dict(blob["scheduler"])
-        scaler.load_state_dict(blob.get("scaler", {}))   # float16 runs; absent from older checkpoints
-        torch.set_rng_state(blob["rng_cpu"])
-        step, start_epoch, start_epoch_step = state["step"], state["epoch"], state["epoch_step"]
+        step, start_epoch, start_epoch_step = restore_checkpoint(last, model, optimizer, scheduler, scaler)
         if step >= total_steps:
             print0(env, f"{last} is at step {step}, the end of this run ({total_steps} steps): "
                         "writing the final outputs")
@@ -259,7 +254,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
 
     lm = ParallelBranchLM(model)
     lm_ddp = DDP(lm, device_ids=[env.local_rank] if env.device.type == "cuda" else None) if env.ddp else lm
-    latest_pth, final_pth, adapter_dir = output_names(cfg)
+    latest_pth = output_names(cfg)[0]
     dense_attention = attention_backend(env.device) != "flex_attention"
 
     resumed = last is not None
@@ -268,9 +263,9 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         inject_fault(env, step, "checkpoint", resumed)
         weights = lora_state_dict(model)
         if env.is_main:
+            state = {"epoch": epoch, "epoch_step": epoch_step, "total_steps": total_steps, "run": identity}
             path = ckpt.save_checkpoint(out_dir, step=step, lora_weights=weights, optimizer=optimizer,
-                                        scheduler=scheduler, scaler=scaler, state={"epoch": epoch, "epoch_step": epoch_step,
-                                                                    "total_steps": total_steps, "run": identity})
+                                        scheduler=scheduler, scaler=scaler, state=state)
             latest_pth.parent.mkdir(parents=True, exist_ok=True)
             torch.save(weights, latest_pth)
             emit(env, {"event": "checkpoint", "step": step, "path": str(path)})
@@ -287,18 +282,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             t0 = time.time()
             micro = [collate_batch(ds, samples, b, cfg, dense_attention)
                      for b in batches[epoch_step * cfg.accumulation_steps:(epoch_step + 1) * cfg.accumulation_steps]]
-            # Token-normalised loss over the whole optimiser step, across micro-batches and ranks.
-            label_tokens = max(1.0, all_reduce_sum(env, float(sum(m.num_label_tokens for m in micro))))
-            loss_sum = torch.zeros((), device=env.device)
-            for i, mb in enumerate(micro):
-                sync_now = i == len(micro) - 1
-                with (lm_ddp.no_sync() if env.ddp and not sync_now else nullcontext()):
-                    loss = lm_ddp(**vars(mb.to(env.device)))
-                    if inject_fault(env, step + 1, "loss", resumed):
-                        loss = loss * float("nan")   # what a diverged forward gives: NaN gradients too
-                    scaler.scale(loss * env.world_size / label_tokens).backward()
-                loss_sum += loss.detach()
-            mean_loss = all_reduce_sum(env, float(loss_sum)) / label_tokens   # the same on every rank
+            mean_loss = accumulate_gradients(lm_ddp, micro, env, scaler,
+                                             poison=inject_fault(env, step + 1, "loss", resumed))
             lr = scheduler.get_last_lr()[0]
             # DDP: gradients are all-reduced, so every rank sees the same norm and makes the same decision
             grad_norm, applied = optimizer_step(optimizer, scaler, trainable, cfg.max_grad_norm, mean_loss, step + 1)
@@ -338,20 +323,60 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                 break
         epoch += 1
 
+    write_final_outputs(model, cfg, env, step=step, elapsed_s=time.time() - t_start,
+                        probe=probe_logits(model, ds, samples, cfg, env.device))
+    return 0
+
+
+def restore_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, int, int]:
+    """Load a checkpoint's adapter weights and optimiser/scheduler/loss-scale/RNG state in place:
+    (optimiser step, epoch, step within that epoch) to continue from."""
+    weights, blob, state = ckpt.load_checkpoint(path)
+    load_lora_weights(model, weights, path)
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    scaler.load_state_dict(blob.get("scaler", {}))   # float16 runs; absent from older checkpoints
+    torch.set_rng_state(blob["rng_cpu"])
+    return state["step"], state["epoch"], state["epoch_step"]
+
+
+def accumulate_gradients(lm: torch.nn.Module, micro: list[PackedBatch], env: DistEnv, scaler: torch.amp.GradScaler,
+                         poison: bool = False) -> float:
+    """Forward and backward over one optimiser step's micro-batches: the mean loss per label token over
+    all of them and all ranks (the same number on every rank), with the gradients of that mean.
+
+    Each micro-batch's summed loss is divided by the step's label tokens (all ranks), so micro-batches and
+    ranks weigh by their tokens, not equally; DDP averages over ranks, hence the world_size factor. DDP
+    syncs gradients on the last micro-batch only. `poison` (a test fault) makes the loss NaN, as a diverged
+    forward would, with NaN gradients too."""
+    label_tokens = max(1.0, all_reduce_sum(env, float(sum(m.num_label_tokens for m in micro))))
+    loss_sum = torch.zeros((), device=env.device)
+    for i, mb in enumerate(micro):
+        with (lm.no_sync() if env.ddp and i < len(micro) - 1 else nullcontext()):
+            loss = lm(**vars(mb.to(env.device)))
+            if poison:
+                loss = loss * float("nan")
+            scaler.scale(loss * env.world_size / label_tokens).backward()
+        loss_sum += loss.detach()
+    return all_reduce_sum(env, float(loss_sum)) / label_tokens
+
+
+def write_final_outputs(model, cfg: TrainConfig, env: DistEnv, *, step: int, elapsed_s: float,
+                        probe: list[float]) -> None:
+    """The final .pth, the latest .pth and the PEFT adapter directory, then the `done` event. Every rank
+    reports a digest of its weights first: DDP must leave them all the same."""
+    latest_pth, final_pth, adapter_dir = output_names(cfg)
     weights = lora_state_dict(model)
-    hashes = gather_objects(env, weights_digest(weights))  # DDP must leave every rank with the same weights
-    probe = probe_logits(model, ds, samples, cfg, env.device)
+    hashes = gather_objects(env, weights_digest(weights))
     if env.is_main:
         final_pth.parent.mkdir(parents=True, exist_ok=True)
         torch.save(weights, final_pth)
         torch.save(weights, latest_pth)
         save_adapter_dir(model, adapter_dir, cfg)
         emit(env, {"event": "done", "step": step, "final_path": str(final_pth), "adapter_dir": str(adapter_dir),
-                   "elapsed_s": round(time.time() - t_start, 1), "rank_weight_digests": hashes,
-                   "probe_logits": probe})
+                   "elapsed_s": round(elapsed_s, 1), "rank_weight_digests": hashes, "probe_logits": probe})
         print0(env, f"done: {final_pth} and {adapter_dir}/")
     barrier(env)
-    return 0
 
 
 def weights_digest(weights: dict[str, torch.Tensor]) -> str:
