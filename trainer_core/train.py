@@ -38,6 +38,7 @@ from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broad
 from trainer_core.layout import PackedBatch
 from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, hidden_states,
                                load_lora_weights, lora_state_dict, save_adapter_dir, training_dtype)
+from trainer_core.vram import memory_levers
 
 # Test-only fault injection, off unless set (tests/reliability): `oom_at_step:N`, `crash_rank:R_at_step:N`
 # (SIGKILL of rank R), `enospc_on_checkpoint:N` (OSError ENOSPC when saving step N), `nan_loss_at_step:N`
@@ -418,21 +419,6 @@ def _gpu_mem_gb(env: DistEnv) -> float | None:
     return round(torch.cuda.max_memory_allocated(env.device) / 1e9, 3)
 
 
-def oom_advice(cfg: TrainConfig) -> str:
-    """The memory levers this config has not pulled yet (advice to set what is already set only confuses)."""
-    levers = []
-    if cfg.batch_size > 1:
-        levers.append(f"a smaller --batch_size (now {cfg.batch_size}) with more --accumulation_steps")
-    branches = cfg.max_branches_per_sample or cfg.branches_per_sample
-    flag = "--max_branches_per_sample" if cfg.max_branches_per_sample else "--branches_per_sample"
-    levers.append(f"fewer {flag} (now {branches}) or a smaller --max_seq_len (now {cfg.max_seq_len})")
-    if not cfg.gradient_checkpointing:
-        levers.append("--gradient_checkpointing")
-    if cfg.dtype == "float32":
-        levers.append("--dtype bfloat16")
-    return ", ".join(levers[:-1]) + " or " + levers[-1] if len(levers) > 1 else levers[0]
-
-
 def _hms(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -492,7 +478,7 @@ def run_config(cfg: TrainConfig) -> int:
         return exit_codes.DIVERGED
     except torch.OutOfMemoryError as e:
         print(f"paratrain: out of memory on rank {env.rank}: {str(e).splitlines()[0]}\n"
-              f"Try {oom_advice(cfg)}.", file=sys.stderr, flush=True)
+              f"Try {'; '.join(memory_levers(cfg))} (flags of the same names).", file=sys.stderr, flush=True)
         return exit_codes.OUT_OF_MEMORY
     finally:
         compute_cleanup(env)

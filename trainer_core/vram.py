@@ -297,22 +297,32 @@ def estimate(config: TrainConfig | Mapping[str, Any], gpu_mem_gb: float,
     }
 
 
+def memory_levers(config: TrainConfig) -> list[str]:
+    """What lowers this config's peak memory, in the guide's order ("显存不足"), leaving out the levers already
+    pulled: advice to set what is set only confuses. Fields are named as the form and the CLI flags name them;
+    the estimate's advice and the trainer's out-of-memory message both list these."""
+    levers = []
+    if config.batch_size > 1:
+        levers.append(f"a smaller batch_size (now {config.batch_size}, e.g. {config.batch_size // 2}) with more "
+                      f"accumulation_steps (e.g. {config.accumulation_steps * 2}) to keep the effective batch")
+    branches = texts_per_sample(config)
+    if config.batch_by_samples and branches > 2:
+        field = "max_branches_per_sample" if config.max_branches_per_sample else "branches_per_sample"
+        levers.append(f"fewer branches per sample ({field} now {branches}, e.g. {branches // 2})")
+    if config.dtype == "float32":
+        levers.append("dtype bfloat16")
+    if not config.gradient_checkpointing:
+        levers.append("gradient_checkpointing (about a third slower)")
+    levers.append(f"a smaller max_seq_len (now {config.max_seq_len}; longer texts are cut)")
+    return levers
+
+
 def advice(config: TrainConfig, shape: ModelShape, peak: float, gpu_mem_gb: float) -> list[str]:
     """The guide's advice ("显存不足", "LoRA rank 如何选择", "rope_2d_ratio 如何选择") applied to `config`."""
     out: list[str] = []
     if peak > gpu_mem_gb:
-        steps = []
-        if config.batch_size > 1:
-            steps.append(f"smaller batch_size (e.g. {max(1, config.batch_size // 2)}) with more "
-                         f"accumulation_steps (e.g. {config.accumulation_steps * 2}) to keep the effective batch")
-        if config.batch_by_samples and texts_per_sample(config) > 2:
-            steps.append(f"fewer branches per sample (e.g. {texts_per_sample(config) // 2})")
-        if config.dtype == "float32":
-            steps.append("dtype bfloat16")
-        if not config.gradient_checkpointing:
-            steps.append("gradient_checkpointing")
         out.append(f"Estimated peak {peak:.1f} GB exceeds the GPU's {gpu_mem_gb:g} GB: out of memory expected. "
-                   + ("Try: " + "; ".join(steps) + "." if steps else "This model does not fit this GPU."))
+                   f"Try: {'; '.join(memory_levers(config))}.")
     elif peak > NEAR_LIMIT_SHARE * gpu_mem_gb:
         out.append(f"Estimated peak {peak:.1f} GB is within 10% of the GPU's {gpu_mem_gb:g} GB: longer-than-usual "
                    "batches may run out of memory.")

@@ -42,8 +42,9 @@ def gpu_worker_online(workers: list[Worker]) -> bool:
 
 def capacity_warning(workers: list[Worker], gpus: int, nodes: int = 1) -> str | None:
     """Why a job of `gpus` GPUs per node on `nodes` workers cannot start on the online workers, or None when
-    enough of them have that many GPUs (busy or not: that is only a wait)."""
-    online = [w for w in workers if w.get("online")]
+    enough of them have that many GPUs (busy or not: that is only a wait). A stopping worker takes no new
+    job, so it does not count (the rule of the server's "queued: it needs ..." log line)."""
+    online = [w for w in workers if w.get("online") and not w.get("stopping")]
     able = [w for w in online if gpu_count(w) >= gpus]
     if len(able) >= nodes:
         return None

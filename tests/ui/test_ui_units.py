@@ -313,6 +313,7 @@ def test_what_the_workers_mean_for_a_job():
     assert "the most is 2" in capacity_warning([GPU_WORKER], gpus=4)
     assert "No online worker has" in capacity_warning([CPU_WORKER, {**GPU_WORKER, "online": False}], gpus=1)
     assert "No worker is online" in capacity_warning([], gpus=0)
+    assert "No worker is online" in capacity_warning([{**CPU_WORKER, "stopping": True}], gpus=0)
     assert "spans 2 workers" in capacity_warning([CPU_WORKER, GPU_WORKER], gpus=1, nodes=2)
 
 

@@ -167,3 +167,16 @@ def test_cli_names_a_bad_model_or_gpu_size(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["--gpu-mem", bad])
         assert "not a GPU size in GB" in capsys.readouterr().err
+
+
+def test_memory_levers_name_only_what_is_not_pulled_yet_for_the_estimate_and_the_trainers_oom_message():
+    loose = _cfg(batch_size=8, batch_by_samples=True, max_branches_per_sample=16, dtype="float32")
+    levers = vram.memory_levers(loose)
+    assert [lever.split(" (")[0] for lever in levers] == [
+        "a smaller batch_size", "fewer branches per sample", "dtype bfloat16", "gradient_checkpointing",
+        "a smaller max_seq_len"]
+    assert "now 8, e.g. 4" in levers[0] and "max_branches_per_sample now 16, e.g. 8" in levers[1]
+    tight = _cfg(batch_size=1, gradient_checkpointing=True)
+    assert vram.memory_levers(tight) == [f"a smaller max_seq_len (now {tight.max_seq_len}; longer texts are cut)"]
+    warning = vram.estimate(_cfg("7B", batch_size=64, max_seq_len=2048), 24)["warnings"][0]
+    assert "out of memory expected" in warning and "Try: a smaller batch_size" in warning
