@@ -419,6 +419,13 @@ def _gpu_mem_gb(env: DistEnv) -> float | None:
     return round(torch.cuda.max_memory_allocated(env.device) / 1e9, 3)
 
 
+def as_flags(text: str) -> str:
+    """TrainConfig field names in `text` written as the command-line flags they are here."""
+    import re
+
+    return re.sub(r"\b(" + "|".join(TrainConfig.model_fields) + r")\b", r"--\1", text)
+
+
 def _hms(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
@@ -478,7 +485,7 @@ def run_config(cfg: TrainConfig) -> int:
         return exit_codes.DIVERGED
     except torch.OutOfMemoryError as e:
         print(f"paratrain: out of memory on rank {env.rank}: {str(e).splitlines()[0]}\n"
-              f"Try {'; '.join(memory_levers(cfg))} (flags of the same names).", file=sys.stderr, flush=True)
+              f"Try {as_flags('; '.join(memory_levers(cfg)))}.", file=sys.stderr, flush=True)
         return exit_codes.OUT_OF_MEMORY
     finally:
         compute_cleanup(env)
