@@ -15,10 +15,9 @@ import threading
 import time
 from pathlib import Path
 
-log = logging.getLogger("paratrain.serve")
+from trainer_core.demo import DEMO_DATA, DEMO_MODEL
 
-DEMO_MODEL = "models/tiny-qwen2"
-DEMO_DATA = "datasets/demo.jsonl"
+log = logging.getLogger("paratrain.serve")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -130,8 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_demo:
         ensure_demo_assets(settings.data_dir)
     app = create_app(settings)
-    connect_host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
-    url = f"http://{connect_host}:{settings.port}"
+    url = settings.local_url
     ui_mounted = any(getattr(route, "path", "") == "/ui" for route in app.routes)
     hidden = None
     if not sys.stdout.isatty():

@@ -92,8 +92,7 @@ def _mount_ui(app: FastAPI, settings: Settings) -> None:
     try:
         from ui.app import mount_ui
 
-        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host
-        mount_ui(app, f"http://{host}:{settings.port}")
+        mount_ui(app, settings.local_url)
     except Exception as e:  # absent or broken, the UI must not take the API down with it
         log.warning("UI not mounted: %s", e)
         return

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def local_url(self) -> str:
+        """How a process on this machine reaches the server (a wildcard bind is reached on loopback)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
 

@@ -13,6 +13,11 @@ import os
 import pydoc
 from pathlib import Path
 
+# Where `paratrain serve` creates the demo assets, relative to its data dir (the server takes relative paths
+# from its data root, so the UI names them as they are).
+DEMO_MODEL = "models/tiny-qwen2"
+DEMO_DATA = "datasets/demo.jsonl"
+
 # Standard-library modules whose documentation becomes the demo corpus (stable, always installed).
 DEMO_MODULES = (
     "json", "re", "os", "os.path", "shutil", "string", "textwrap", "itertools", "functools", "collections",

@@ -289,12 +289,6 @@ def test_presets_table_has_a_column_per_preset_verdict_first():
     assert column["rank"] == str(first["config"]["lora_rank"])
 
 
-def test_demo_paths_named_by_the_form_are_the_ones_serve_creates():
-    from server.cli import DEMO_DATA, DEMO_MODEL
-    from ui.tabs.submit import DEMO_DATA as UI_DEMO_DATA, DEMO_MODEL as UI_DEMO_MODEL
-
-    assert (UI_DEMO_MODEL, UI_DEMO_DATA) == (DEMO_MODEL, DEMO_DATA)
-
 
 CPU_WORKER = {"id": 1, "name": "box-local", "gpus": [], "online": True}
 GPU_WORKER = {"id": 2, "name": "gpu-box", "gpus": [{"index": i, "name": "H100", "memory_gb": 80.0} for i in range(2)],

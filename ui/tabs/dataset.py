@@ -12,10 +12,10 @@ import gradio as gr
 import pandas as pd
 
 from trainer_core.config import SAMPLE_SHAPING_FIELDS
+from trainer_core.demo import DEMO_DATA, DEMO_MODEL
 from ui.api import ApiError
 from ui.context import UiContext
 from ui.form import ConfigForm, config_dict
-from ui.tabs.submit import DEMO_DATA, DEMO_MODEL
 
 # Row colours of the layout picture: the main branch, then the branches in turn.
 MAIN_COLOUR = "#4b5563"

@@ -10,16 +10,13 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from trainer_core.demo import DEMO_DATA, DEMO_MODEL
 from ui.api import ApiError
 from ui.context import UiContext, scratch_file
 from ui.form import ConfigForm, build_config_form, from_yaml, job_body, to_yaml, validate
 from ui.tabs.memory import MemoryPanel, create_memory_panel
 from ui.workers import capacity_warning, known_workers
 
-# What `paratrain serve` creates in its data dir on first start (server/cli.py: DEMO_MODEL, DEMO_DATA); the
-# server takes relative paths from its data root, so these names work as they are.
-DEMO_MODEL = "models/tiny-qwen2"
-DEMO_DATA = "datasets/demo.jsonl"
 # short: the whole example must fit the narrow input; the field's help says it is required
 PLACEHOLDERS = {"base_model": f"e.g. {DEMO_MODEL}", "data_path": f"e.g. {DEMO_DATA}"}
 
