@@ -26,6 +26,7 @@ from server.models import (
     EventKind,
     FailureClass,
     Finish,
+    GpuInfo,
     Heartbeat,
     Job,
     JobCreate,
@@ -37,6 +38,7 @@ from server.models import (
     Metric,
     Report,
     Worker,
+    WorkerPublic,
     WorkerRegister,
     utcnow,
 )
@@ -357,7 +359,9 @@ def get_worker(*, session: Session, worker_id: int, instance: str | None = None)
     return worker
 
 
-def list_workers(*, session: Session) -> list[tuple[Worker, list[int]]]:
+def list_workers(*, session: Session, settings: Settings) -> list[WorkerPublic]:
+    """Every registered worker, with whether it is online and the jobs it runs now."""
+    now = utcnow()
     workers = session.exec(select(Worker).order_by(col(Worker.id))).all()
     running = [*session.exec(select(Job.id, Job.worker_id).where(Job.state == JobState.running, Job.nodes == 1)),
                *session.exec(select(JobNode.job_id, JobNode.worker_id).join(Job)
@@ -365,7 +369,11 @@ def list_workers(*, session: Session) -> list[tuple[Worker, list[int]]]:
     by_worker: dict[int, list[int]] = {}
     for job_id, worker_id in running:
         by_worker.setdefault(worker_id, []).append(job_id)
-    return [(w, sorted(by_worker.get(w.id or -1, []))) for w in workers]
+    return [WorkerPublic(id=w.id, name=w.name, hostname=w.hostname, gpus=[GpuInfo(**g) for g in w.gpus],
+                         registered_at=w.registered_at, last_heartbeat_at=w.last_heartbeat_at, left_at=w.left_at,
+                         online=worker_online(w, settings, now), stopping=w.stopping_since is not None,
+                         running_job_ids=sorted(by_worker.get(w.id or -1, [])))
+            for w in workers]
 
 
 def heartbeat(*, session: Session, worker: Worker, beat: Heartbeat, settings: Settings) -> list[int]:

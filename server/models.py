@@ -106,11 +106,8 @@ class JobCreate(RequestBody):
         return self.gpus if self.gpus > 0 else (self.nproc or 1)
 
 
-class Job(SQLModel, table=True):
-    __table_args__ = (
-        Index("ix_job_claim", "state", "priority", "id"),
-        {"sqlite_autoincrement": True},  # ids are never reused: a job's output dir is named after its id
-    )
+class JobBase(SQLModel):
+    """A job as clients see it (JobPublic); the table adds the queue's own bookkeeping."""
 
     id: int | None = Field(default=None, primary_key=True, sa_type=BigInt)
     name: str
@@ -138,38 +135,21 @@ class Job(SQLModel, table=True):
     eta_s: float | None = None
     peak_mem_gb: float | None = None
     cancel_requested: bool = False
+
+
+class Job(JobBase, table=True):
+    __table_args__ = (
+        Index("ix_job_claim", "state", "priority", "id"),
+        {"sqlite_autoincrement": True},  # ids are never reused: a job's output dir is named after its id
+    )
+
     lease_expires_at: datetime | None = None
     last_event_id: int = Field(0, sa_type=BigInt)  # per-job SSE event counter
     log_count: int = Field(0, sa_type=BigInt)  # per-job log line counter (next seq)
 
 
-class JobPublic(BaseModel):
+class JobPublic(JobBase):
     id: int
-    name: str
-    state: JobState
-    priority: int
-    gpus: int
-    nproc: int
-    nodes: int
-    config: dict[str, Any]
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    worker_id: int | None
-    gpu_ids: list[int] | None
-    attempt: int
-    max_attempts: int
-    retry_of: int | None
-    failure_class: FailureClass | None
-    failure_reason: str | None
-    exit_code: int | None
-    step: int
-    total_steps: int | None
-    last_loss: float | None
-    tokens_per_s: float | None
-    eta_s: float | None
-    peak_mem_gb: float | None
-    cancel_requested: bool
 
 
 class JobNode(SQLModel, table=True):

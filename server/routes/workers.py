@@ -12,18 +12,15 @@ from server.models import (
     ClaimRequest,
     FailureClass,
     Finish,
-    GpuInfo,
     Heartbeat,
     HeartbeatReply,
     Job,
     JobPublic,
     Report,
     WorkerLeave,
-    WorkerPublic,
     WorkerRegister,
     WorkerRegistered,
     WorkersPublic,
-    utcnow,
 )
 from worker.command import trainer_argv
 
@@ -33,13 +30,7 @@ agent_router = APIRouter(tags=["worker agent"], dependencies=[WorkerAuth])
 
 @router.get("", response_model=WorkersPublic)
 def list_workers(session: SessionDep, settings: SettingsDep) -> WorkersPublic:
-    now = utcnow()
-    return WorkersPublic(data=[
-        WorkerPublic(id=w.id, name=w.name, hostname=w.hostname, gpus=[GpuInfo(**g) for g in w.gpus],
-                     registered_at=w.registered_at, last_heartbeat_at=w.last_heartbeat_at, left_at=w.left_at,
-                     online=crud.worker_online(w, settings, now), stopping=w.stopping_since is not None,
-                     running_job_ids=running)
-        for w, running in crud.list_workers(session=session)])
+    return WorkersPublic(data=crud.list_workers(session=session, settings=settings))
 
 
 @agent_router.post("/workers/register", response_model=WorkerRegistered)
