@@ -20,7 +20,6 @@ from server.errors import Conflict, FieldError, NotFound, StaleConfig, Supersede
 from server.models import (
     ALLOWED_TRANSITIONS,
     FINAL_STATES,
-    MAX_ATTEMPTS,
     NODE_LOG_STRIDE,
     ClaimRequest,
     EventKind,
@@ -44,7 +43,7 @@ from server.models import (
 )
 from server.paths import confine_field, is_dir, is_file
 from server.settings import Settings
-from trainer_core.config import TrainConfig, format_validation_error
+from trainer_core.config import MAX_ATTEMPTS, TrainConfig, format_validation_error
 from worker.command import Rendezvous, placeholder_rendezvous
 
 SERVER_LOG_ATTEMPT = 0  # log lines written by the server itself (re-queues, releases)

@@ -12,7 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, f
 from sqlalchemy import JSON, BigInteger, Column, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
-from trainer_core.config import TrainConfig
+from trainer_core.config import JobResources, TrainConfig
 from worker.command import Rendezvous
 
 
@@ -61,9 +61,6 @@ ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
 }
 
 
-MAX_ATTEMPTS = 100   # a job's max_attempts as submitted (hand-backs may grow it later)
-
-
 class FailureClass(str, Enum):
     oom = "oom"
     data = "data"
@@ -88,22 +85,10 @@ class RequestBody(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 
-class JobCreate(RequestBody):
-    """What a client submits. `config` is validated by TrainConfig (unknown keys are errors)."""
+class JobCreate(RequestBody, JobResources):
+    """What a client submits: the TrainConfig (unknown keys are errors) and the JobResources fields."""
 
     config: TrainConfig
-    gpus: int = Field(1, ge=0, le=64, description="GPUs per node; 0 runs on CPU (gloo).")
-    nproc: int | None = Field(None, ge=1, le=64, description="Processes of a CPU job (gpus=0); default 1. "
-                              "A GPU job runs one process per GPU.")
-    nodes: int = Field(1, ge=1, le=64, description="Machines (workers) the job spans. More than one: the job waits "
-                       "until that many workers each have `gpus` free, then starts on all of them at once.")
-    priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first; FIFO within a priority.")
-    max_attempts: int | None = Field(None, ge=1, le=MAX_ATTEMPTS,
-                                     description="Lost-lease retries; default: server's.")
-
-    @property
-    def procs_per_node(self) -> int:
-        return self.gpus if self.gpus > 0 else (self.nproc or 1)
 
 
 class JobBase(SQLModel):

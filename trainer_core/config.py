@@ -191,6 +191,28 @@ class TrainConfig(BaseModel):
         return out
 
 
+MAX_ATTEMPTS = 100   # a job's max_attempts as submitted (hand-backs may grow it later)
+
+
+class JobResources(BaseModel):
+    """How the queue runs a job, next to its TrainConfig: GPUs, processes, machines, order and retries.
+    The API's JobCreate and the UI form's Resources group are both made from these fields."""
+
+    gpus: int = Field(1, ge=0, le=64, description="GPUs per node; 0 runs on CPU (gloo).")
+    nproc: int | None = Field(None, ge=1, le=64, description="Processes of a CPU job (gpus=0); default 1. "
+                              "A GPU job runs one process per GPU.")
+    nodes: int = Field(1, ge=1, le=64, description="Machines (workers) the job spans. More than one: the job waits "
+                       "until that many workers each have `gpus` free, then starts on all of them at once.")
+    priority: int = Field(0, ge=-1000, le=1000, description="Higher runs first; FIFO within a priority.")
+    max_attempts: int | None = Field(None, ge=1, le=MAX_ATTEMPTS,
+                                     description="Runs a job may lose (its worker gone) before it fails; "
+                                                 "default: the server's.")
+
+    @property
+    def procs_per_node(self) -> int:
+        return self.gpus if self.gpus > 0 else (self.nproc or 1)
+
+
 def _is_bool(annotation: Any) -> bool:
     return annotation is bool
 

@@ -1,6 +1,6 @@
-"""The job form, derived from `trainer_core.config.TrainConfig`: one input per field, in the field's group,
-with its default and help. Nothing here names a training parameter, so a new TrainConfig field appears
-in the form by itself.
+"""The job form, derived from `trainer_core.config.TrainConfig` and `JobResources`: one input per field, in
+the field's group, with its default and help. Nothing here names a parameter, so a new field of either
+appears in the form by itself.
 
 The schema is read from the class (it imports no torch and holds no state); everything that acts on a
 config — preview, submit, estimate — goes through the REST API.
@@ -14,13 +14,12 @@ from typing import Any
 
 import gradio as gr
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from trainer_core.config import GROUPS, TrainConfig, format_validation_error
+from trainer_core.config import GROUPS, JobResources, TrainConfig, format_validation_error
 
 GROUP_TITLES = {"model": "Model", "data": "Data", "training": "Training", "output": "Output"}
-# Job-level settings that are not part of TrainConfig (JobCreate in docs/API.md).
-JOB_FIELDS = ("gpus", "nodes", "priority")
+JOB_FIELDS = tuple(JobResources.model_fields)   # the job-level fields of JobCreate (docs/API.md)
 FORM_COLUMNS = 3  # fits a laptop screen: the whole form in about two screen heights
 
 
@@ -33,8 +32,9 @@ def _base_type(annotation: Any) -> tuple[Any, bool]:
     return annotation, False
 
 
-def component_for(name: str, info: Any, placeholder: str | None = None) -> gr.components.Component:
-    """The input for one TrainConfig field: label = flag name, info = the field's help, value = default;
+def component_for(name: str, info: Any, placeholder: str | None = None,
+                  elem_prefix: str = "cfg") -> gr.components.Component:
+    """The input for one schema field: label = flag name, info = the field's help, value = default;
     `placeholder` replaces a text input's own ("required", "empty: not set")."""
     kind, optional = _base_type(info.annotation)
     default = None if info.is_required() else info.default
@@ -43,7 +43,7 @@ def component_for(name: str, info: Any, placeholder: str | None = None) -> gr.co
         help_text += " (optional: leave empty)"
     elif info.is_required():
         help_text += " (required)"
-    common = {"label": name, "info": help_text, "elem_id": f"cfg-{name}"}
+    common = {"label": name, "info": help_text, "elem_id": f"{elem_prefix}-{name}"}
     if optional and kind in (int, float):
         # gr.Number cannot be empty (it shows and sends 0), so an unset number is an empty textbox
         return gr.Textbox(value="" if default is None else str(default),
@@ -64,7 +64,7 @@ def component_for(name: str, info: Any, placeholder: str | None = None) -> gr.co
 
 @dataclass
 class ConfigForm:
-    """The form's inputs: TrainConfig fields by name, plus the job-level gpus/nodes/priority."""
+    """The form's inputs: TrainConfig fields by name, plus the job-level JobResources fields."""
 
     fields: dict[str, gr.components.Component] = field(default_factory=dict)
     job: dict[str, gr.components.Component] = field(default_factory=dict)
@@ -98,28 +98,36 @@ def build_config_form(open_groups: tuple[str, ...] = ("model", "data", "training
             continue
         with gr.Accordion(GROUP_TITLES.get(group, group.title()), open=group in open_groups,
                           elem_id=f"group-{group}"):
-            with gr.Row(equal_height=False):
-                columns = [gr.Column(min_width=200) for _ in range(FORM_COLUMNS)]
-            for i, name in enumerate(names):
-                with columns[i % FORM_COLUMNS]:
-                    form.fields[name] = component_for(name, TrainConfig.model_fields[name], placeholders.get(name))
+            form.fields.update(_grid(names, lambda name: component_for(name, TrainConfig.model_fields[name],
+                                                                       placeholders.get(name))))
     with gr.Accordion("Resources", open=True, elem_id="group-resources"):
-        with gr.Row():
-            form.job["gpus"] = gr.Number(value=1, precision=0, label="gpus",
-                                         info="GPUs per node for this job; 0 runs on CPU.", elem_id="job-gpus")
-            form.job["nodes"] = gr.Number(value=1, precision=0, label="nodes",
-                                          info="Machines (workers) the job spans; more than 1 waits until that many workers are free.", elem_id="job-nodes")
-            form.job["priority"] = gr.Number(value=0, precision=0, label="priority",
-                                             info="Higher runs first.", elem_id="job-priority")
+        form.job.update(_grid(JOB_FIELDS, lambda name: component_for(name, JobResources.model_fields[name],
+                                                                     elem_prefix="job")))
     return form
+
+
+def _grid(names: typing.Sequence[str], make: typing.Callable[[str], gr.components.Component]) -> dict[str, Any]:
+    """Inputs made by `make`, filled into FORM_COLUMNS columns row by row."""
+    with gr.Row(equal_height=False):
+        columns = [gr.Column(min_width=200) for _ in range(FORM_COLUMNS)]
+    made = {}
+    for i, name in enumerate(names):
+        with columns[i % FORM_COLUMNS]:
+            made[name] = make(name)
+    return made
 
 
 # --- values <-> config ------------------------------------------------------------------------------
 def config_dict(values: dict[str, Any]) -> dict[str, Any]:
-    """Form values -> TrainConfig keyword arguments: empty optional inputs are left out (so the
-    schema's default applies), whole floats from gr.Number become ints where the field is an int."""
+    """Form values -> TrainConfig keyword arguments (see schema_kwargs)."""
+    return schema_kwargs(TrainConfig, values)
+
+
+def schema_kwargs(schema: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
+    """Form values -> keyword arguments of `schema`: empty optional inputs are left out (so the schema's
+    default applies), whole floats from gr.Number become ints where the field is an int."""
     out: dict[str, Any] = {}
-    for name, info in TrainConfig.model_fields.items():
+    for name, info in schema.model_fields.items():
         if name not in values:
             continue
         value = values[name]
@@ -145,27 +153,26 @@ def _parse_number(text: str, kind: type) -> Any:
     return int(number) if kind is int and number.is_integer() else number
 
 
-def validate(values: dict[str, Any]) -> tuple[TrainConfig | None, str]:
-    """(config, "") or (None, 'field: message; ...')."""
+def validate(values: dict[str, Any], with_job: bool = False) -> tuple[TrainConfig | None, str]:
+    """(config, "") or (None, 'field: message; ...'); `with_job`: the Resources fields must be valid too."""
     try:
-        return TrainConfig(**config_dict(values)), ""
+        config = TrainConfig(**config_dict(values))
+        if with_job:
+            JobResources(**schema_kwargs(JobResources, values))
+        return config, ""
     except ValidationError as e:
         return None, format_validation_error(e)
 
 
 def job_body(values: dict[str, Any], config: TrainConfig) -> dict[str, Any]:
-    """The JobCreate body of docs/API.md."""
-    body: dict[str, Any] = {"config": config.model_dump(mode="json")}
-    for name in JOB_FIELDS:
-        if values.get(name) is not None:
-            body[name] = int(values[name])
-    return body
+    """The JobCreate body of docs/API.md: the config and the Resources fields that are set."""
+    return {"config": config.model_dump(mode="json"), **schema_kwargs(JobResources, values)}
 
 
 def to_yaml(values: dict[str, Any]) -> str:
-    """A saved form: the TrainConfig fields that are set, plus a `job:` section (gpus, nodes, priority)."""
+    """A saved form: the TrainConfig fields that are set, plus a `job:` section (the Resources fields)."""
     data = config_dict(values)
-    job = {n: int(values[n]) for n in JOB_FIELDS if values.get(n) is not None}
+    job = schema_kwargs(JobResources, values)
     if job:
         data["job"] = job
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
@@ -185,7 +192,7 @@ def from_yaml(text: str) -> dict[str, Any]:
         raise ValueError("the file does not hold a mapping of field: value")
     job = data.pop("job", {}) or {}
     if not isinstance(job, dict):
-        raise ValueError("'job' must be a mapping of gpus/nodes/priority")
+        raise ValueError(f"'job' must be a mapping of {'/'.join(JOB_FIELDS)}")
     unknown = sorted(set(data) - set(TrainConfig.model_fields)) + sorted(f"job.{k}" for k in set(job) - set(JOB_FIELDS))
     if unknown:
         raise ValueError(f"unknown config keys: {', '.join(unknown)}")
@@ -193,9 +200,10 @@ def from_yaml(text: str) -> dict[str, Any]:
         TrainConfig(**{"base_model": "-", "data_path": "-", **data})
     except ValidationError as e:
         raise ValueError(format_validation_error(e)) from None
-    bad_job = [k for k, v in job.items() if isinstance(v, bool) or not isinstance(v, int)]
-    if bad_job:
-        raise ValueError(f"job.{bad_job[0]}: must be a whole number")
+    try:
+        JobResources.model_validate(job, strict=True)   # YAML gives numbers as numbers: "2" is a mistake
+    except ValidationError as e:
+        raise ValueError(f"job.{format_validation_error(e)}") from None
     values: dict[str, Any] = {}
     for name, info in TrainConfig.model_fields.items():
         if name in data:

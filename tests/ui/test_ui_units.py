@@ -30,6 +30,7 @@ def test_form_is_derived_from_train_config():
         if not info.is_required() and info.default is not None:
             assert component.value == info.default, name
     assert ui.submit.form.job["gpus"].value == 1
+    assert list(ui.submit.form.job) == ["gpus", "nproc", "nodes", "priority", "max_attempts"]   # JobResources
     # the demo `paratrain serve` creates, named where the form starts empty
     assert "models/tiny-qwen2" in fields["base_model"].placeholder
     assert "datasets/demo.jsonl" in fields["data_path"].placeholder
@@ -43,13 +44,15 @@ def test_form_is_derived_from_train_config():
 def test_form_values_round_trip_through_yaml():
     values = {name: (info.default if not info.is_required() else None) for name, info in TrainConfig.model_fields.items()}
     values.update(base_model="models/tiny", data_path="datasets/demo.jsonl", lora_rank=16.0, max_steps=None,
-                  gpus=2, nodes=1, priority=3)
+                  gpus=2, nodes=1, priority=3, nproc="", max_attempts="5")
     config, error = validate(values)
     assert error == "" and config.lora_rank == 16 and isinstance(config.lora_rank, int)
     body = job_body(values, config)
     assert body["gpus"] == 2 and body["priority"] == 3 and body["config"]["base_model"] == "models/tiny"
+    assert body["max_attempts"] == 5 and "nproc" not in body   # an empty input: the server's default
     loaded = from_yaml(to_yaml(values))
     assert loaded["lora_rank"] == 16 and loaded["gpus"] == 2 and loaded["max_steps"] is None
+    assert loaded["max_attempts"] == 5 and "nproc" not in loaded
     assert TrainConfig(**config_dict(loaded)) == config
 
 
@@ -63,8 +66,12 @@ def test_form_validation_names_the_field():
         from_yaml("batch_size: lots\n")
     with pytest.raises(ValueError, match="not valid YAML at line 2, column 1: expected .,. or .]."):
         from_yaml("base_model: [models/tiny\n")
-    with pytest.raises(ValueError, match="job.gpus: must be a whole number"):
+    with pytest.raises(ValueError, match="job.gpus: Input should be a valid integer"):
         from_yaml("lora_rank: 4\njob: {gpus: two}\n")
+    with pytest.raises(ValueError, match="job.max_attempts: Input should be less than or equal to 100"):
+        from_yaml("job: {max_attempts: 1000}\n")
+    config, error = validate({"base_model": "m", "data_path": "d", "nodes": 0.0}, with_job=True)
+    assert config is None and error == "nodes: Input should be greater than or equal to 1"
     assert from_yaml("lora_rank: 4\n")["lora_rank"] == 4      # base_model/data_path may be left out
 
 

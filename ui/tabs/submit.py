@@ -71,7 +71,7 @@ def create_submit_tab(ctx: UiContext) -> SubmitTab:
     def preview(session, *form_args):
         """(command, status): a refusal goes to the status line, where it wraps, not into the code box."""
         values = form.values(form_args)
-        config, error = validate(values)
+        config, error = validate(values, with_job=True)
         if config is None:
             return "", f"✖ Fix the form first: {error}"
         try:
@@ -82,7 +82,7 @@ def create_submit_tab(ctx: UiContext) -> SubmitTab:
 
     def submit(session, *form_args):
         values = form.values(form_args)
-        config, error = validate(values)
+        config, error = validate(values, with_job=True)
         if config is None:
             return f"✖ Fix the form first: {error}", gr.skip()
         try:
