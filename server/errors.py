@@ -1,4 +1,4 @@
-"""Domain errors raised by crud and turned into HTTP answers by handlers in server.main."""
+"""Domain errors raised by crud, queue and job_events and turned into HTTP answers by handlers in server.main."""
 
 from __future__ import annotations
 

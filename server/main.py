@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
-from server import crud
+from server import queue
 from server.auth import ensure_tokens
 from server.db import init_db, make_engine, write_engine
 from server.errors import Conflict, FieldError, NotFound, Superseded
@@ -32,8 +32,8 @@ def reap_once(engine: Engine, settings: Settings) -> list[int]:
     """Re-queues jobs whose lease expired (returned) and releases stale multi-node reservations."""
     with Session(write_engine(engine)) as session:
         now = utcnow()
-        requeued = crud.requeue_expired(session=session, now=now)
-        released = crud.release_stale_reservations(session=session, now=now, settings=settings)
+        requeued = queue.requeue_expired(session=session, now=now)
+        released = queue.release_stale_reservations(session=session, now=now, settings=settings)
         session.commit()
     if released:
         log.warning("reservations released for multi-node jobs %s", released)
@@ -114,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         with Session(write_engine(engine)) as session:
-            crud.extend_all_leases(session=session, settings=settings)
+            queue.extend_all_leases(session=session, settings=settings)
             session.commit()
         async with anyio.create_task_group() as tasks:
             tasks.start_soon(_reaper, engine, settings)

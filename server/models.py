@@ -51,7 +51,7 @@ class JobState(str, Enum):
 
 FINAL_STATES = frozenset({JobState.succeeded, JobState.failed, JobState.cancelled})
 
-# The only state changes crud may make. running -> queued is a lost lease or a worker handing a job back.
+# The only state changes job_events.set_state makes. running -> queued is a lost lease or a worker handing a job back.
 ALLOWED_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.queued: frozenset({JobState.running, JobState.cancelled}),
     JobState.running: frozenset({JobState.queued, JobState.succeeded, JobState.failed, JobState.cancelled}),
@@ -142,7 +142,7 @@ class JobNode(SQLModel, table=True):
 
     While the job is queued its rows are reservations: workers holding GPUs for it until the gang is
     complete. The claim that completes the gang starts the job; the other nodes get their launch with their
-    next claim. Rows exist only while the job is queued or running (`crud._set_state` removes them).
+    next claim. Rows exist only while the job is queued or running (`job_events.set_state` removes them).
     """
     __table_args__ = (UniqueConstraint("job_id", "worker_id"),)
 

@@ -9,7 +9,7 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.responses import FileResponse
 from sqlmodel import Session
 
-from server import crud
+from server import crud, queue
 from server.deps import MAX_DB_INT, JobIdPath, SessionDep, SettingsDep, UserAuth, WriteSessionDep
 from server.errors import FieldError
 from server.models import (
@@ -34,7 +34,7 @@ router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
 
 def _command(job: Job, session: Session) -> CommandPublic:
     """Node 0's command for a multi-node job (the real rendezvous once the gang is placed)."""
-    rendezvous = crud.node0_rendezvous(session=session, job=job)
+    rendezvous = queue.node0_rendezvous(session=session, job=job)
     return CommandPublic(argv=trainer_argv(crud.stored_config(job), nproc=job.nproc, rendezvous=rendezvous))
 
 

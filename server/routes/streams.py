@@ -15,6 +15,7 @@ from sqlmodel import Session
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from server import crud
+from server.job_events import list_events
 from server.errors import NotFound
 from server.deps import MAX_DB_INT, EngineDep, JobIdPath, SettingsDep, UserAuth
 from server.models import JobEvent, JobState
@@ -29,7 +30,7 @@ def _poll(engine: Engine, job_id: int, after: int) -> tuple[JobState | None, lis
             state = crud.get_job(session=session, job_id=job_id).state
         except NotFound:  # deleted meanwhile
             return None, []
-        return state, crud.list_events(session=session, job_id=job_id, after=after)
+        return state, list_events(session=session, job_id=job_id, after=after)
 
 
 async def _follow(engine: Engine, job_id: int, after: int, poll_s: float) -> AsyncIterator[ServerSentEvent]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from server import crud
+from server import crud, queue
 from server.deps import JobIdPath, SessionDep, SettingsDep, UserAuth, WorkerAuth, WorkerIdPath, WriteSessionDep
 from server.errors import StaleConfig
 from server.models import (
@@ -30,13 +30,13 @@ agent_router = APIRouter(tags=["worker agent"], dependencies=[WorkerAuth])
 
 @router.get("", response_model=WorkersPublic)
 def list_workers(session: SessionDep, settings: SettingsDep) -> WorkersPublic:
-    return WorkersPublic(data=crud.list_workers(session=session, settings=settings))
+    return WorkersPublic(data=queue.list_workers(session=session, settings=settings))
 
 
 @agent_router.post("/workers/register", response_model=WorkerRegistered)
 def register_worker(registration: WorkerRegister, session: WriteSessionDep,
                     settings: SettingsDep) -> WorkerRegistered:
-    worker = crud.register_worker(session=session, registration=registration)
+    worker = queue.register_worker(session=session, registration=registration)
     session.commit()
     assert worker.id is not None
     return WorkerRegistered(worker_id=worker.id, heartbeat_interval_s=settings.heartbeat_interval_s,
@@ -46,8 +46,8 @@ def register_worker(registration: WorkerRegister, session: WriteSessionDep,
 @agent_router.post("/workers/{worker_id}/heartbeat", response_model=HeartbeatReply)
 def heartbeat(worker_id: WorkerIdPath, beat: Heartbeat, session: WriteSessionDep,
               settings: SettingsDep) -> HeartbeatReply:
-    worker = crud.get_worker(session=session, worker_id=worker_id, instance=beat.instance)
-    stop = crud.heartbeat(session=session, worker=worker, beat=beat, settings=settings)
+    worker = queue.get_worker(session=session, worker_id=worker_id, instance=beat.instance)
+    stop = queue.heartbeat(session=session, worker=worker, beat=beat, settings=settings)
     session.commit()
     return HeartbeatReply(cancel_job_ids=stop)
 
@@ -55,8 +55,8 @@ def heartbeat(worker_id: WorkerIdPath, beat: Heartbeat, session: WriteSessionDep
 @agent_router.post("/workers/{worker_id}/leave", status_code=status.HTTP_204_NO_CONTENT)
 def leave(worker_id: WorkerIdPath, body: WorkerLeave, session: WriteSessionDep) -> Response:
     """A clean stop: the worker shows offline at once instead of after a lease TTL without heartbeats."""
-    worker = crud.get_worker(session=session, worker_id=worker_id, instance=body.instance)
-    crud.leave_worker(session=session, worker=worker)
+    worker = queue.get_worker(session=session, worker_id=worker_id, instance=body.instance)
+    queue.leave_worker(session=session, worker=worker)
     session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
@@ -66,8 +66,8 @@ def leave(worker_id: WorkerIdPath, body: WorkerLeave, session: WriteSessionDep) 
                                                    "they were reserved for a multi-node job still forming."}})
 def claim(worker_id: WorkerIdPath, request: ClaimRequest, session: WriteSessionDep,
           settings: SettingsDep) -> Claim | Response:
-    worker = crud.get_worker(session=session, worker_id=worker_id, instance=request.instance)
-    launch = crud.claim_job(session=session, worker=worker, request=request, settings=settings)
+    worker = queue.get_worker(session=session, worker_id=worker_id, instance=request.instance)
+    launch = queue.claim_job(session=session, worker=worker, request=request, settings=settings)
     session.commit()  # a reservation is stored even when nothing starts yet
     if launch is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
@@ -75,7 +75,7 @@ def claim(worker_id: WorkerIdPath, request: ClaimRequest, session: WriteSessionD
     try:
         config = crud.stored_config(job)
     except StaleConfig as e:  # no worker can run it: fail it now rather than let it hold the head of the queue
-        crud.finish_job(session=session, job_id=job.id, finish=Finish(
+        queue.finish_job(session=session, job_id=job.id, finish=Finish(
             worker_id=worker.id, attempt=job.attempt, exit_code=2, failure_class=FailureClass.data,
             failure_reason=str(e)))
         session.commit()
@@ -87,13 +87,13 @@ def claim(worker_id: WorkerIdPath, request: ClaimRequest, session: WriteSessionD
 
 @agent_router.post("/jobs/{job_id}/report", status_code=status.HTTP_204_NO_CONTENT)
 def report(job_id: JobIdPath, body: Report, session: WriteSessionDep, settings: SettingsDep) -> Response:
-    crud.record_report(session=session, job_id=job_id, report=body, settings=settings)
+    queue.record_report(session=session, job_id=job_id, report=body, settings=settings)
     session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
 @agent_router.post("/jobs/{job_id}/finish", response_model=JobPublic)
 def finish(job_id: JobIdPath, body: Finish, session: WriteSessionDep) -> Job:
-    job = crud.finish_job(session=session, job_id=job_id, finish=body)
+    job = queue.finish_job(session=session, job_id=job_id, finish=body)
     session.commit()
     return job

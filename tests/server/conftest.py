@@ -52,7 +52,7 @@ def race_workers(settings: Settings, count: int, claim_loop: Callable[..., None]
     registers itself, then runs `claim_loop(engine, worker_id, name)`. Fails with what any thread raised."""
     from sqlmodel import Session
 
-    from server import crud
+    from server import queue
     from server.db import make_engine, write_engine
     from server.models import WorkerRegister
 
@@ -62,7 +62,7 @@ def race_workers(settings: Settings, count: int, claim_loop: Callable[..., None]
         engine = write_engine(make_engine(settings.database_url))
         try:
             with Session(engine) as session:
-                worker = crud.register_worker(session=session, registration=WorkerRegister(name=name))
+                worker = queue.register_worker(session=session, registration=WorkerRegister(name=name))
                 session.commit()
                 worker_id = worker.id
             claim_loop(engine, worker_id, name)

@@ -266,7 +266,7 @@ def test_racing_workers_form_each_gang_exactly_once(settings, job_body):
 
     from sqlmodel import Session
 
-    from server import crud
+    from server import queue
     from server.models import ClaimRequest
     from tests.server.conftest import race_workers
 
@@ -283,8 +283,8 @@ def test_racing_workers_form_each_gang_exactly_once(settings, job_body):
         request = ClaimRequest(rdzv_address=f"{name}.lan", rdzv_port=29000)
         for _ in range(40):
             with Session(engine) as session:
-                me = crud.get_worker(session=session, worker_id=worker_id)
-                launch = crud.claim_job(session=session, worker=me, request=request, settings=settings)
+                me = queue.get_worker(session=session, worker_id=worker_id)
+                launch = queue.claim_job(session=session, worker=me, request=request, settings=settings)
                 got = (launch.job.id, launch.rendezvous.node, name) if launch else None
                 session.commit()
             if got:

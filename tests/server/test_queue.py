@@ -8,7 +8,7 @@ import time
 
 from sqlmodel import Session
 
-from server import crud
+from server import queue
 from server.main import create_app, reap_once
 from server.models import ClaimRequest
 from tests.server.conftest import race_workers
@@ -34,8 +34,8 @@ def test_concurrent_claimers_never_share_a_job(settings, job_body):
     def claim_until_empty(engine, worker_id: int, name: str) -> None:
         while True:
             with Session(engine) as session:
-                worker = crud.get_worker(session=session, worker_id=worker_id)
-                got = crud.claim_job(session=session, worker=worker, request=ClaimRequest(), settings=settings)
+                worker = queue.get_worker(session=session, worker_id=worker_id)
+                got = queue.claim_job(session=session, worker=worker, request=ClaimRequest(), settings=settings)
                 job_id = got.job.id if got else None
                 session.commit()
             if job_id is None:

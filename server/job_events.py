@@ -1,0 +1,66 @@
+"""A job's history as clients see it: every state change goes through `set_state` (the allowed-transition
+table) and appends an event in the same transaction as the change, and so do log lines and metrics, so the
+SSE stream and the tables never disagree. Callers commit."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import delete
+from sqlmodel import Session, col, select
+
+from server.errors import Conflict
+from server.models import (
+    ALLOWED_TRANSITIONS,
+    FINAL_STATES,
+    EventKind,
+    Job,
+    JobEvent,
+    JobNode,
+    JobPublic,
+    JobState,
+    LogLine,
+    utcnow,
+)
+
+
+SERVER_LOG_ATTEMPT = 0  # log lines written by the server itself (re-queues, releases)
+
+
+def emit(session: Session, job: Job, kind: EventKind, data: dict[str, Any]) -> None:
+    job.last_event_id += 1
+    session.add(JobEvent(job_id=job.id, id=job.last_event_id, kind=kind, data=data))
+
+
+def emit_state(session: Session, job: Job) -> None:
+    session.flush()
+    emit(session, job, EventKind.state, JobPublic.model_validate(job, from_attributes=True).model_dump(mode="json"))
+
+
+def add_log(session: Session, job: Job, line: str, *, attempt: int, idx: int) -> None:
+    seq = job.log_count
+    job.log_count += 1
+    session.add(LogLine(job_id=job.id, seq=seq, attempt=attempt, idx=idx, line=line))
+    emit(session, job, EventKind.log, {"seq": seq, "line": line})
+
+
+def server_log(session: Session, job: Job, line: str) -> None:
+    add_log(session, job, f"[paratrain] {line}", attempt=SERVER_LOG_ATTEMPT, idx=job.log_count)
+
+
+def set_state(session: Session, job: Job, state: JobState) -> None:
+    if state not in ALLOWED_TRANSITIONS[job.state]:
+        raise Conflict(f"job {job.id} is {job.state.value}; it cannot become {state.value}")
+    job.state = state
+    if state in FINAL_STATES:
+        job.finished_at = utcnow()
+        job.lease_expires_at = None
+    if state == JobState.queued or state in FINAL_STATES:  # a re-queued gang is formed anew
+        session.exec(delete(JobNode).where(JobNode.job_id == job.id))  # type: ignore[arg-type]
+    emit_state(session, job)
+
+
+def list_events(*, session: Session, job_id: int, after: int, limit: int = 500) -> list[JobEvent]:
+    stmt = (select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+            .order_by(col(JobEvent.id)).limit(limit))
+    return list(session.exec(stmt))
