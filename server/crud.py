@@ -8,11 +8,10 @@ import os
 import shutil
 from pathlib import Path
 
-from pydantic import ValidationError
 from sqlalchemy import delete, func
 from sqlmodel import Session, col, select
 
-from server.errors import Conflict, FieldError, StaleConfig
+from server.errors import Conflict, FieldError
 from server.job_events import emit_state, server_log, set_state
 from server.models import (
     FINAL_STATES,
@@ -26,17 +25,9 @@ from server.models import (
     Metric,
 )
 from server.paths import confine_field, is_dir, is_file
-from server.queue import get_job, log_if_no_worker_fits
+from server.queue import get_job, log_if_no_worker_fits, stored_config
 from server.settings import Settings
-from trainer_core.config import MAX_ATTEMPTS, TrainConfig, format_validation_error
-
-
-def stored_config(job: Job) -> TrainConfig:
-    """The job's config as the trainer will read it; StaleConfig (409) when today's schema refuses it."""
-    try:
-        return TrainConfig(**job.config)
-    except ValidationError as e:
-        raise StaleConfig(f"job {job.id}'s stored config is no longer valid: {format_validation_error(e)}") from None
+from trainer_core.config import MAX_ATTEMPTS, TrainConfig
 
 
 def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str) -> TrainConfig:

@@ -4,14 +4,15 @@ operations on a session; callers commit."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import delete, func, update
 from sqlalchemy.exc import IntegrityError
+from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
-from server.errors import Conflict, NotFound, Superseded
+from server.errors import Conflict, NotFound, StaleConfig, Superseded
 from server.job_events import add_log, emit, emit_state, server_log, set_state
 from server.models import (
     NODE_LOG_STRIDE,
@@ -33,7 +34,17 @@ from server.models import (
     utcnow,
 )
 from server.settings import Settings
-from worker.command import Rendezvous, placeholder_rendezvous
+from trainer_core import exit_codes
+from trainer_core.config import TrainConfig, format_validation_error
+from worker.command import Rendezvous, placeholder_rendezvous, trainer_argv
+
+
+def stored_config(job: Job) -> TrainConfig:
+    """The job's config as the trainer will read it; StaleConfig (409) when today's schema refuses it."""
+    try:
+        return TrainConfig(**job.config)
+    except ValidationError as e:
+        raise StaleConfig(f"job {job.id}'s stored config is no longer valid: {format_validation_error(e)}") from None
 
 
 def get_job(*, session: Session, job_id: int, for_update: bool = False) -> Job:
@@ -73,6 +84,7 @@ class Launch:
     job: Job
     gpu_ids: list[int]
     rendezvous: Rendezvous | None = None
+    argv: list[str] = field(default_factory=list)   # the command the worker runs (worker.command.trainer_argv)
 
 
 def _lose_job(session: Session, job: Job, reason: str) -> None:
@@ -248,6 +260,23 @@ def _online_workers(session: Session, worker: Worker, settings: Settings, now: d
 
 
 def claim_job(*, session: Session, worker: Worker, request: ClaimRequest, settings: Settings) -> Launch | None:
+    """The worker's next launch with its command (see _next_launch). A job whose stored config today's
+    schema refuses fails here, as bad data: no worker could run it, and it must not hold the queue's head."""
+    launch = _next_launch(session, worker, request, settings)
+    if launch is None:
+        return None
+    job = launch.job
+    try:
+        launch.argv = trainer_argv(stored_config(job), nproc=job.nproc, rendezvous=launch.rendezvous)
+    except StaleConfig as e:
+        finish_job(session=session, job_id=job.id, finish=Finish(
+            worker_id=worker.id, attempt=job.attempt, exit_code=exit_codes.BAD_INPUT,
+            failure_class=FailureClass.data, failure_reason=str(e)))
+        return None
+    return launch
+
+
+def _next_launch(session: Session, worker: Worker, request: ClaimRequest, settings: Settings) -> Launch | None:
     """The worker's next launch: a node of a multi-node job whose gang another worker completed, else the
     highest-priority, oldest queued job that fits the worker's free GPUs.
 

@@ -219,6 +219,8 @@ class Agent:
             self._finish(JobRun(job_id=job["id"], attempt=job["attempt"], gpu_ids=gpu_ids, argv=[], env={}),
                          Outcome(2, "data", reason))
             return
+        # Derived here, not taken from claim["argv"]: this machine's trainer program and schema are the ones
+        # that run. For a standard worker it is the same command (worker.command.trainer_argv on both sides).
         argv = trainer_argv(config, nproc=job["nproc"], rendezvous=rendezvous,
                             trainer=self.settings.trainer, use_torchrun=self.settings.use_torchrun)
         env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}

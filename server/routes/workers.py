@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response, status
 
-from server import crud, queue
+from server import queue
 from server.deps import JobIdPath, SessionDep, SettingsDep, UserAuth, WorkerAuth, WorkerIdPath, WriteSessionDep
-from server.errors import StaleConfig
 from server.models import (
     Claim,
     ClaimRequest,
-    FailureClass,
     Finish,
     Heartbeat,
     HeartbeatReply,
@@ -22,7 +20,6 @@ from server.models import (
     WorkerRegistered,
     WorkersPublic,
 )
-from worker.command import trainer_argv
 
 router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[UserAuth])
 agent_router = APIRouter(tags=["worker agent"], dependencies=[WorkerAuth])
@@ -71,18 +68,8 @@ def claim(worker_id: WorkerIdPath, request: ClaimRequest, session: WriteSessionD
     session.commit()  # a reservation is stored even when nothing starts yet
     if launch is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
-    job = launch.job
-    try:
-        config = crud.stored_config(job)
-    except StaleConfig as e:  # no worker can run it: fail it now rather than let it hold the head of the queue
-        queue.finish_job(session=session, job_id=job.id, finish=Finish(
-            worker_id=worker.id, attempt=job.attempt, exit_code=2, failure_class=FailureClass.data,
-            failure_reason=str(e)))
-        session.commit()
-        return Response(status_code=status.HTTP_204_NO_CONTENT)
-    argv = trainer_argv(config, nproc=job.nproc, rendezvous=launch.rendezvous)
-    return Claim(job=JobPublic.model_validate(job, from_attributes=True), gpu_ids=launch.gpu_ids, argv=argv,
-                 rendezvous=launch.rendezvous)
+    return Claim(job=JobPublic.model_validate(launch.job, from_attributes=True), gpu_ids=launch.gpu_ids,
+                 argv=launch.argv, rendezvous=launch.rendezvous)
 
 
 @agent_router.post("/jobs/{job_id}/report", status_code=status.HTTP_204_NO_CONTENT)

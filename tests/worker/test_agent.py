@@ -105,10 +105,10 @@ def test_a_stored_config_that_is_no_longer_valid_fails_that_job_only(live_server
     good = live_server.api.post("/jobs", json=job_body()).json()
     _store_config(live_server, bad["id"], learning_rate=-1.0)
     if refused_by == "worker":   # a server older than its worker hands the config out unchecked
-        from server import crud
+        from server import queue
         from trainer_core.config import TrainConfig
 
-        monkeypatch.setattr(crud, "stored_config", lambda job: TrainConfig.model_construct(**job.config))
+        monkeypatch.setattr(queue, "stored_config", lambda job: TrainConfig.model_construct(**job.config))
     agent = start_agent()
     failed = live_server.wait_for(bad["id"], {"succeeded", "failed"})
     assert failed["state"] == "failed" and failed["failure_class"] == "data", failed
