@@ -15,17 +15,20 @@ import threading
 import time
 from pathlib import Path
 
+from paratrain.flags import add_settings_flag, settings_overrides
 from trainer_core.demo import DEMO_DATA, DEMO_MODEL
 
 log = logging.getLogger("paratrain.serve")
 
 
+SETTINGS_FLAGS = {"--data-dir": "data_dir", "--host": "host", "--port": "port"}   # flag -> Settings field
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", help="DB, tokens, demo assets, job outputs (env PARATRAIN_DATA_DIR; "
-                                           "default ./.paratrain).")
-    parser.add_argument("--host", help="Bind address (env PARATRAIN_HOST; default 127.0.0.1; 0.0.0.0 exposes "
-                                       "the API).")
-    parser.add_argument("--port", type=int, help="Port (env PARATRAIN_PORT; default 8000).")
+    from server.settings import Settings
+
+    for flag, field in SETTINGS_FLAGS.items():
+        add_settings_flag(parser, flag, Settings, field, type=int if field == "port" else str)
     parser.add_argument("--no-worker", action="store_true", help="Do not start the local worker.")
     parser.add_argument("--worker-gpus", default="auto", help="GPUs of the local worker: auto, none, or 0,1.")
     parser.add_argument("--no-demo", action="store_true", help="Do not create the demo model and dataset.")
@@ -109,9 +112,8 @@ def run(args: argparse.Namespace) -> int:
     from trainer_core.config import format_validation_error
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    overrides = {"data_dir": args.data_dir, "host": args.host, "port": args.port}
     try:
-        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+        settings = Settings(**settings_overrides(args, list(SETTINGS_FLAGS.values())))
     except (ValueError, SettingsError) as e:   # a flag or a PARATRAIN_* variable
         detail = (format_validation_error(e, whole="settings") if isinstance(e, ValidationError) else
                   f"{e} (list settings take JSON: PARATRAIN_EXTRA_ROOTS='[\"/models\"]')")

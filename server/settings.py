@@ -18,8 +18,8 @@ class Settings(BaseSettings):
     extra_roots: list[Path] = Field(default_factory=list,
                                     description="More directories jobs may read from (absolute paths only).")
     mount_ui: bool = Field(True, description="Serve the Gradio UI at /ui when the ui package imports.")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 exposes the API to the network.")
+    port: int = Field(8000, ge=1, le=65535, description="Port of the API and the UI.")
 
     # Tokens: taken from here when set (docker), else read from / created in <data_dir>/token, worker_token.
     user_token: str = ""

@@ -5,19 +5,22 @@ from __future__ import annotations
 import argparse
 
 
+from paratrain.flags import add_settings_flag, settings_overrides
+
+# flag -> WorkerSettings field
+SETTINGS_FLAGS = {"--server": "server_url", "--token": "token", "--name": "name", "--gpus": "gpus",
+                  "--max-cpu-jobs": "max_cpu_jobs", "--rdzv-address": "rdzv_address"}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", help="Server URL (env PARATRAIN_WORKER_SERVER_URL; default http://127.0.0.1:8000).")
-    parser.add_argument("--token", help="Worker token (env PARATRAIN_WORKER_TOKEN; the server's "
-                                        "<data_dir>/worker_token).")
-    parser.add_argument("--token-file", help="Read the worker token from this file.")
-    parser.add_argument("--name", help="Worker name, unique per server: a second worker under a name pushes the "
-                                       "first one out (env PARATRAIN_WORKER_NAME; default: hostname).")
-    parser.add_argument("--gpus", help="'auto' (NVML, default), 'none', or indices like '0,1' "
-                                       "(env PARATRAIN_WORKER_GPUS).")
-    parser.add_argument("--max-cpu-jobs", type=int, help="CPU jobs run at the same time (env "
-                                                         "PARATRAIN_WORKER_MAX_CPU_JOBS; default 1).")
-    parser.add_argument("--rdzv-address", help="How other workers reach this machine for multi-node jobs "
-                                               "(default: hostname; '' takes no multi-node jobs).")
+    from worker.settings import WorkerSettings
+
+    for flag, field in SETTINGS_FLAGS.items():
+        add_settings_flag(parser, flag, WorkerSettings, field, type=int if field == "max_cpu_jobs" else str,
+                          default_text={"name": "this machine's hostname", "rdzv_address": "hostname",
+                                        "token": "none"}.get(field))
+    parser.add_argument("--token-file", help="Read the worker token from this file (better than --token, which "
+                                             "every user of the machine can see).")
 
 
 def settings_from_args(args: argparse.Namespace):  # -> WorkerSettings
@@ -25,11 +28,10 @@ def settings_from_args(args: argparse.Namespace):  # -> WorkerSettings
 
     from worker.settings import WorkerSettings
 
-    overrides = {"server_url": args.server, "token": args.token, "name": args.name, "gpus": args.gpus,
-                 "max_cpu_jobs": args.max_cpu_jobs, "rdzv_address": args.rdzv_address}
+    overrides = settings_overrides(args, list(SETTINGS_FLAGS.values()))
     if args.token_file:
         overrides["token"] = Path(args.token_file).read_text().strip()
-    return WorkerSettings(**{k: v for k, v in overrides.items() if v is not None})
+    return WorkerSettings(**overrides)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,10 +15,11 @@ from worker.command import DEFAULT_TRAINER
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PARATRAIN_WORKER_", extra="ignore")
 
-    server_url: str = "http://127.0.0.1:8000"
+    server_url: str = Field("http://127.0.0.1:8000", description="The server's URL.")
     token: str = Field("", description="The server's worker token (<data_dir>/worker_token).")
     name: str = Field(default_factory=socket.gethostname, min_length=1,
-                      description="Unique per server: registering again under a name re-queues that name's jobs.")
+                      description="Worker name, unique per server: registering again under a name re-queues "
+                      "that name's jobs.")
     gpus: str = Field("auto", description="'auto' (NVML), 'none' (CPU only) or indices like '0,1,3'.")
     max_cpu_jobs: int = Field(1, ge=0, description="CPU jobs (gpus=0) run at the same time.")
     rdzv_address: str | None = Field(default_factory=socket.gethostname,
