@@ -88,6 +88,35 @@ def test_text_runs_grouped_fixed_and_dynamic(tmp_path, tiny_model_dir):
     assert all(n >= 2 for n in counts[:-1] if n)  # only a run's last group may fall short
 
 
+def test_dynamic_branch_counts_cover_the_whole_range_min_to_max(tmp_path, tiny_model_dir):
+    f = write(tmp_path / "d.jsonl", [{"text": f"text number {i}"} for i in range(300)])
+    c = cfg(tiny_model_dir, f, max_branches_per_sample=4, min_branches_per_sample=2)
+    s = build_samples(load_or_tokenize(c.data_path, c.base_model, c.max_seq_len), c)
+    counts = [s.num_branches(i) for i in range(len(s))]
+    assert set(counts[:-1]) == {2, 3, 4}   # both bounds are drawn, nothing outside them
+
+
+def test_epochs_are_shuffled_differently_and_reproducibly(tmp_path, tiny_model_dir):
+    f = write(tmp_path / "d.jsonl", [{"text": f"text number {i}"} for i in range(40)])
+    c = cfg(tiny_model_dir, f, branches_per_sample=1, batch_size=4, batch_by_samples=True)
+    s = build_samples(load_or_tokenize(c.data_path, c.base_model, c.max_seq_len), c)
+    order = [np.concatenate(epoch_batches(s, c, epoch)) for epoch in (0, 1)]
+    assert sorted(order[0]) == list(range(40)) and sorted(order[1]) == list(range(40))   # each sample once
+    assert list(order[0]) != list(range(40)) and list(order[0]) != list(order[1])
+    assert np.array_equal(np.concatenate(epoch_batches(s, c, 0)), order[0])   # every rank computes the same
+    other_seed = np.concatenate(epoch_batches(s, c.model_copy(update={"seed": c.seed + 1}), 0))
+    assert list(other_seed) != list(order[0])
+
+
+def test_text_batches_count_a_main_as_a_text(tmp_path, tiny_model_dir):
+    """--batch_size in text mode is at least N texts, a main counting as one (the guide's reading)."""
+    f = write(tmp_path / "d.jsonl", [{"main": f"main {i}", "branches": ["a b", "c d"]} for i in range(20)])
+    c = cfg(tiny_model_dir, f, batch_size=6)
+    s = build_samples(load_or_tokenize(c.data_path, c.base_model, c.max_seq_len), c)
+    batches = epoch_batches(s, c, 0)
+    assert [len(b) for b in batches] == [2] * 10   # 3 texts per sample: two samples make 6 texts
+
+
 def test_truncation_and_token_cache_reuse(tmp_path, tiny_model_dir, monkeypatch):
     f = write(tmp_path / "d.jsonl", [{"main": "word " * 50, "branches": ["short", "other " * 40]}])
     ds = load_or_tokenize(str(f), str(tiny_model_dir), max_seq_len=16)

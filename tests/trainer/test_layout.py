@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from trainer_core.layout import (IGNORE_INDEX, build_sample_layout, collate_packed, columnar_mask,
-                                 pack_into_rows)
+                                 pack_into_rows, row_plan)
 
 token = st.integers(min_value=0, max_value=50_000)
 branch = st.lists(token, min_size=1, max_size=12)
@@ -98,6 +98,25 @@ def test_packing_respects_budget_and_keeps_every_sample(lengths, budget):
         assert len(row) == 1 or sum(lengths[i] for i in row) <= budget
 
 
+def test_samples_that_exactly_fill_a_row_share_it():
+    assert pack_into_rows([4, 4], 8) == [[0, 1]]
+    assert pack_into_rows([5, 3, 8], 8) == [[2], [0, 1]]
+
+
+@given(st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=30),
+       st.integers(min_value=128, max_value=2048))
+def test_row_plan_is_each_backends_packing_rule(lengths, budget):
+    """Dense attention (SDPA, CPU) costs T^2 per row: rows never grow past the longest sample (padded to 8).
+    Block-sparse flex (CUDA) fills rows up to the budget, in whole 128-token blocks."""
+    rows, T = row_plan(lengths, budget, dense_attention=True)
+    assert T == -(-max(lengths) // 8) * 8   # no wider than padding every sample to the longest
+    flex_rows, flex_T = row_plan(lengths, budget, dense_attention=False)
+    assert flex_T % 128 == 0 and flex_T >= max(sum(lengths[i] for i in row) for row in flex_rows)
+    assert len(flex_rows) <= len(rows)
+    for plan in (rows, flex_rows):
+        assert sorted(i for row in plan for i in row) == list(range(len(lengths)))
+
+
 def test_padding_attends_only_itself_and_is_never_attended():
     time_ids = torch.tensor([[0, 1, 1, 0, 0]])
     sample_ids = torch.tensor([[0, 0, 0, -1, -1]])
@@ -105,3 +124,6 @@ def test_padding_attends_only_itself_and_is_never_attended():
     assert m[3].tolist() == [False, False, False, True, False]
     assert not m[:3, 3:].any()
     assert m[2].tolist() == [True, False, True, False, False]   # same column: not its sibling
+    # whatever time ids padding carries: it sees itself only (padding of a packed row is not one sample)
+    padding = columnar_mask(torch.tensor([[0, 1, 2]]), torch.tensor([[-1, -1, -1]]))[0, 0]
+    assert torch.equal(padding, torch.eye(3, dtype=torch.bool))
