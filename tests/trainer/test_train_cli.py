@@ -51,6 +51,18 @@ def test_guide_quick_start_under_torchrun_ddp(tmp_path, tiny_model_dir, demo_dat
     metrics_file = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics_file] == list(range(1, 11))
 
+    # One process accumulating 2 micro-batches per step sees the same batches per step as the 2 ranks, so
+    # it must train the same: the loss is normalised over the step's label tokens across micro-batches and
+    # ranks, and DDP's averaging over ranks is undone. Any slip there shows in the loss or gradient norm.
+    single = subprocess.run([PYTHON, "-m", "trainer_core.train", *guide_args(
+        tiny_model_dir, demo_data_path, tmp_path / "single", "--accumulation_steps", "2", "--max_steps", "10",
+        "--learning_rate", "2e-2")], capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    single_steps = [r for r in json_lines(single.stdout) if "loss" in r]
+    ddp_steps = [r for r in records if "loss" in r]
+    for key in ("loss", "grad_norm", "lr"):
+        assert [r[key] for r in single_steps] == pytest.approx([r[key] for r in ddp_steps], rel=1e-3), key
+
     # The guide's outputs exist, and both load back (PEFT + the patch) to the logits of the end of training.
     final_pth = out / "lora" / f"paratrain_{tiny_model_dir.name}_final.pth"
     assert final_pth.exists() and (out / "lora" / f"paratrain_{tiny_model_dir.name}.pth").exists()

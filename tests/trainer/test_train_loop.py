@@ -1,0 +1,93 @@
+"""The arithmetic of the training loop, one function at a time: gradient accumulation over a step's
+micro-batches, the learning-rate schedule, and what resuming keeps (metrics, checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import torch
+
+from trainer_core import checkpoint as ckpt
+from trainer_core.config import TrainConfig
+from trainer_core.dist import DistEnv
+from trainer_core.layout import build_sample_layout, collate_packed
+from trainer_core.model import ParallelBranchLM, prepare_for_training
+from trainer_core.train import _truncate_metrics, accumulate_gradients, lr_lambda
+
+ONE_PROCESS = DistEnv(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def _tiny_lora_model():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=4096)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = prepare_for_training(Qwen2ForCausalLM(config), TrainConfig(base_model="m", data_path="d", lora_rank=4))
+    with torch.no_grad():  # LoRA B starts at zero; give it weight so every LoRA factor gets a gradient
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _layouts(seed: int, branch_lengths: list[list[int]]):
+    g = torch.Generator().manual_seed(seed)
+    return [build_sample_layout(torch.randint(0, 300, (5,), generator=g),
+                                [torch.randint(0, 300, (n,), generator=g) for n in lengths])
+            for lengths in branch_lengths]
+
+
+def test_accumulated_gradients_are_those_of_the_whole_steps_mean_loss_per_label_token():
+    """Micro-batches of unequal size weigh by their label tokens: the step's gradient is that of the mean
+    loss over all its label tokens, as if the step were one batch (not the mean of per-batch means)."""
+    model = _tiny_lora_model()
+    lm = ParallelBranchLM(model)
+    small, large = _layouts(1, [[3, 4]]), _layouts(2, [[30, 25, 40], [20, 35]])
+    micro = [collate_packed(small, 4096), collate_packed(large, 4096)]
+    assert micro[0].num_label_tokens * 5 < micro[1].num_label_tokens
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    mean_loss = accumulate_gradients(lm, micro, ONE_PROCESS, scaler)
+    accumulated = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    whole = collate_packed(small + large, 4096)
+    whole_loss = lm(**vars(whole)) / whole.num_label_tokens
+    whole_loss.backward()
+
+    assert math.isclose(mean_loss, float(whole_loss), rel_tol=1e-5)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(accumulated[name], p.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_zero_along_a_cosine():
+    f = lr_lambda(total_steps=10, warmup_steps=2)
+    factors = [f(step) for step in range(11)]
+    assert factors[:3] == [0.5, 1.0, 1.0]
+    assert all(a > b for a, b in zip(factors[2:10], factors[3:10]))   # strictly falling after the warmup
+    assert factors[6] == 0.5 and factors[10] == 0.0                      # the cosine's midpoint, then zero
+    assert lr_lambda(total_steps=4, warmup_steps=0)(0) == 1.0            # no warmup: the peak at once
+
+
+def test_resuming_drops_the_metrics_of_steps_that_will_be_trained_again(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 9)))
+    _truncate_metrics(path, after_step=4)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
+    _truncate_metrics(tmp_path / "absent.jsonl", after_step=4)   # a first run has none: nothing to do
+
+
+def test_only_the_latest_checkpoints_are_kept(tmp_path):
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([param])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    for step in (4, 8, 12):
+        ckpt.save_checkpoint(tmp_path, step=step, lora_weights={"w": param.detach()}, optimizer=optimizer,
+                             scheduler=scheduler, scaler=scaler, state={})
+    kept = sorted(p.name for p in ckpt.checkpoint_root(tmp_path).iterdir())
+    assert kept == ["step_00000008", "step_00000012"] and ckpt.KEEP_CHECKPOINTS == 2
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_00000012"
