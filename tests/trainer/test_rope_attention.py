@@ -108,6 +108,19 @@ def test_patched_model_generates(tiny_model_dir):
     assert out.shape == (1, 8)
 
 
+def test_plain_text_through_the_patched_model_is_a_single_branch_sample(tiny_model_dir):
+    """generate() and plain forward calls pass [B,T] position_ids: they read as one branch (branch
+    coordinate 0, time = position), exactly as that text laid out as a sample of one branch trains."""
+    model = patch_rope_2d(load_base_model(str(tiny_model_dir), CPU, torch.float32, "sdpa"), 0.5).eval()
+    ids = torch.tensor([5, 6, 7, 8, 9, 10, 11])
+    batch = collate_packed([build_sample_layout([], [ids])], tokens_per_row=4096)
+    with torch.no_grad():
+        plain = model(ids[None]).logits
+        as_sample = parallel_logits(model, batch.input_ids, batch.pos1d, batch.branch_pos, batch.time_ids,
+                                    batch.sample_ids)
+    torch.testing.assert_close(plain[0], as_sample[0, :len(ids)], atol=1e-5, rtol=1e-5)
+
+
 def _packed(samples):
     return collate_packed([build_sample_layout(m, b) for m, b in samples], tokens_per_row=4096)
 
