@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -11,6 +12,7 @@ from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
 from server.auth import Tokens, token_matches
+from server.errors import FieldError
 from server.models import MAX_DB_INT
 from server.settings import Settings
 
@@ -39,6 +41,27 @@ async def get_write_session(request: Request) -> AsyncIterator[Session]:
     """For routes that write: the transaction holds SQLite's write lock from its first statement."""
     with Session(request.app.state.write_engine, expire_on_commit=False) as session:
         yield session
+
+
+def reject_unknown_query_params(request: Request) -> None:
+    """A misspelt query parameter (`?stat=running`) would be ignored, and the answer would silently be
+    for something else: a 422 names it. The known ones are those of the route and its dependencies."""
+    route = request.scope.get("route")
+    if not hasattr(route, "dependant"):
+        return
+    known = _query_params(route.dependant)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known)) or 'none'}"
+        raise FieldError(("query", unknown[0]), f"unknown query parameter; {hint}")
+
+
+def _query_params(dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_params(sub)
+    return names
 
 
 def _tokens(request: Request) -> Tokens:

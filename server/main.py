@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, FastAPI, Request, status
+from fastapi import APIRouter, Depends, FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
@@ -19,6 +19,7 @@ from sqlmodel import Session
 from server import queue
 from server.auth import ensure_tokens
 from server.db import init_db, make_engine, write_engine
+from server.deps import reject_unknown_query_params
 from server.errors import Conflict, FieldError, NotFound, Superseded
 from server.limits import BodySizeLimit
 from server.models import utcnow
@@ -132,7 +133,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_body_mb * 1024 * 1024))
     _add_exception_handlers(app)
 
-    api = APIRouter(prefix="/api")
+    api = APIRouter(prefix="/api", dependencies=[Depends(reject_unknown_query_params)])
 
     @api.get("/health", tags=["health"])
     def health() -> dict[str, str]:

@@ -59,6 +59,17 @@ def test_bad_input_is_422_naming_the_field(client, job_body):
     assert r.status_code == 422
 
 
+def test_a_misspelt_query_parameter_is_a_422_naming_it_not_a_silently_different_answer(client, job_body):
+    client.post("/api/jobs", json=job_body())
+    r = client.get("/api/jobs", params={"stat": "running"})   # once answered with every job
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"] == ["query", "stat"] and "did you mean 'state'?" in r.json()["detail"][0]["msg"]
+    r = client.get("/api/jobs/1/metrics", params={"since": 3})
+    assert r.status_code == 422 and "did you mean 'since_step'?" in r.json()["detail"][0]["msg"]
+    assert client.get("/api/workers", params={"x": 1}).status_code == 422
+    assert client.get("/api/jobs", params={"state": "queued", "limit": 5}).json()["count"] == 1
+
+
 def test_paths_outside_the_data_root_are_refused(client, settings, tmp_path_factory, job_body):
     outside = tmp_path_factory.mktemp("outside")
     (outside / "secret.jsonl").write_text('{"text": "x"}\n')
