@@ -499,7 +499,9 @@ def finish_job(*, session: Session, job_id: int, finish: Finish) -> Job:
         _lose_job(session, job, f"{who} crashed ({first_line})")
     else:
         job.failure_class = finish.failure_class or FailureClass.crash
-        job.failure_reason = f"{who}: {finish.failure_reason}" if who else finish.failure_reason
+        # a failed job always says why, even when its worker sent no words (an older worker, a bare client)
+        reason = finish.failure_reason or f"{job.failure_class.value}, exit code {finish.exit_code}"
+        job.failure_reason = f"{who}: {reason}" if who else reason
         set_state(session, job, JobState.failed)
     return job
 

@@ -13,14 +13,17 @@ from server.main import create_app
 class Box:
     """A worker as the server sees it: registers, heartbeats, claims (offering a rendezvous address/port)."""
 
-    def __init__(self, client: TestClient, headers: dict[str, str], name: str, port: int) -> None:
+    def __init__(self, client: TestClient, headers: dict[str, str], name: str, port: int,
+                 gpus: tuple[int, ...] = ()) -> None:
         self.client, self.headers, self.name, self.port = client, headers, name, port
-        r = client.post("/api/workers/register", json={"name": name}, headers=headers)
+        r = client.post("/api/workers/register", json={"name": name, "gpus": [{"index": i} for i in gpus]},
+                        headers=headers)
         self.id = r.json()["worker_id"]
 
-    def claim(self, *, accept_cpu_jobs: bool = True):
+    def claim(self, *, accept_cpu_jobs: bool = True, free_gpus: tuple[int, ...] = ()):
         r = self.client.post(f"/api/workers/{self.id}/claim", headers=self.headers, json={
-            "accept_cpu_jobs": accept_cpu_jobs, "rdzv_address": f"{self.name}.lan", "rdzv_port": self.port})
+            "accept_cpu_jobs": accept_cpu_jobs, "rdzv_address": f"{self.name}.lan", "rdzv_port": self.port,
+            "free_gpu_indices": list(free_gpus)})
         assert r.status_code in (200, 204), r.text
         return r.json() if r.status_code == 200 else None
 
@@ -103,6 +106,27 @@ def test_with_one_worker_online_a_gang_job_waits_and_later_jobs_run(client, work
     assert r.status_code == 204
     [hint] = _lines(client, gang["id"])     # submitted with no worker online; nothing reserved since
     assert "it needs a CPU slot on each of 2 workers, and no worker is online" in hint
+
+
+def test_gpus_reserved_for_a_forming_gang_are_not_handed_to_a_single_node_job(client, worker_headers, job_body):
+    """The worker still reports a reserved GPU as free (nothing runs on it yet): the server must not book it
+    twice, or the gang's node and the single-node job would start on the same GPU."""
+    gang = client.post("/api/jobs", json={**job_body(), "gpus": 1, "nodes": 2}).json()
+    a = Box(client, worker_headers, "a", 29001, gpus=(0, 1))
+    b = Box(client, worker_headers, "b", 29002, gpus=(0, 1))
+    assert a.claim(free_gpus=(0, 1)) is None
+    assert any("node 0 reserved on worker a GPUs [0]" in line for line in _lines(client, gang["id"]))
+    two = client.post("/api/jobs", json={**job_body(), "gpus": 2}).json()
+    assert a.claim(free_gpus=(0, 1)) is None  # one GPU is left on a: a two-GPU job does not fit
+    one = client.post("/api/jobs", json={**job_body(), "gpus": 1}).json()
+    launch = a.claim(free_gpus=(0, 1))
+    assert launch["job"]["id"] == one["id"] and launch["gpu_ids"] == [1]
+    assert client.get(f"/api/jobs/{two['id']}").json()["state"] == "queued"
+    # the gang still starts on the GPU it reserved
+    assert b.claim(free_gpus=(0, 1))["job"]["id"] == gang["id"]
+    node0 = a.claim(free_gpus=(0,))
+    assert node0["job"]["id"] == gang["id"] and node0["gpu_ids"] == [0]
+    assert _integrity(client) == []
 
 
 def test_the_job_succeeds_only_when_every_node_has(client, worker_headers, job_body):

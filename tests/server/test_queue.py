@@ -79,6 +79,40 @@ def test_lost_lease_requeues_then_fails_with_reason(client, worker_headers, job_
     assert failed["failure_class"] == "lost" and "2 attempts" in failed["failure_reason"]
 
 
+def test_reports_alone_keep_the_lease_like_heartbeats(settings, client, worker_headers, job_body):
+    """A report is proof of life: a worker whose heartbeat thread is late but whose reports arrive keeps
+    its job past the lease TTL."""
+    client.post("/api/jobs", json=job_body())
+    wid = _register(client, worker_headers)
+    job_id, attempt = _run_one(client, worker_headers, wid)
+    until = time.time() + 1.5 * settings.lease_ttl_s
+    step = 0
+    while time.time() < until:
+        step += 1
+        r = client.post(f"/api/jobs/{job_id}/report", headers=worker_headers,
+                        json={"worker_id": wid, "attempt": attempt, "metrics": [{"step": step, "loss": 1.0}]})
+        assert r.status_code == 204, r.text   # 409 once the reaper took the job away
+        time.sleep(0.2)
+    job = client.get(f"/api/jobs/{job_id}").json()
+    assert job["state"] == "running" and job["attempt"] == 1 and job["step"] == step
+
+
+def test_a_job_whose_worker_goes_silent_while_cancelling_ends_cancelled_not_requeued(client, worker_headers,
+                                                                                      job_body):
+    """The user asked to stop it: losing its worker must not start it again elsewhere."""
+    client.post("/api/jobs", json=job_body())  # max_attempts 2 (settings): a re-queue would be allowed
+    wid = _register(client, worker_headers)
+    job_id, _ = _run_one(client, worker_headers, wid)
+    assert client.post(f"/api/jobs/{job_id}/cancel").json()["cancel_requested"]
+    deadline = time.time() + 10   # no heartbeat: the lease (2 s) runs out
+    while (job := client.get(f"/api/jobs/{job_id}").json())["state"] == "running":
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert job["state"] == "cancelled" and job["attempt"] == 1 and job["worker_id"] is None, job
+    assert job["failure_class"] == "cancelled" and "while cancelling" in job["failure_reason"]
+    assert client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers).status_code == 204
+
+
 def test_reregistering_releases_the_old_jobs_at_once(client, worker_headers, job_body):
     job = client.post("/api/jobs", json=job_body()).json()
     wid = _register(client, worker_headers, name="box")
@@ -175,6 +209,12 @@ def test_finish_classes(client, worker_headers, job_body):
     assert outcomes[2]["state"] == "failed" and outcomes[2]["failure_class"] == "data"
     assert outcomes[3]["failure_class"] == "oom" and outcomes[-9]["failure_class"] == "crash"
     assert outcomes[-9]["exit_code"] == -9 and outcomes[-9]["finished_at"]
+    # a failure the worker gave no words for still says what it was (found by the API fuzz)
+    client.post("/api/jobs", json=job_body())
+    job_id, attempt = _run_one(client, worker_headers, wid)
+    r = client.post(f"/api/jobs/{job_id}/finish", headers=worker_headers,
+                    json={"worker_id": wid, "attempt": attempt, "exit_code": 3, "failure_class": "oom"})
+    assert r.json()["state"] == "failed" and r.json()["failure_reason"] == "oom, exit code 3"
     # release: back to the queue as the next attempt
     client.post("/api/jobs", json=job_body())
     job_id, attempt = _run_one(client, worker_headers, wid)
@@ -224,15 +264,25 @@ def test_a_run_that_completed_before_its_cancel_took_effect_succeeded(client, wo
     assert job_id == failed and r.json()["state"] == "cancelled"
 
 
-def _read_sse(client, job_id, **kw):
+def _read_sse(client, job_id, *, max_events: int = 500, timeout_s: float = 30, **kw):
+    """The events of a stream that must end by itself; a stream that goes on (a replay repeating events, a
+    final job with no "end") fails the test after `max_events` events or `timeout_s` instead of hanging it."""
     events = []
+    deadline = time.monotonic() + timeout_s
+
+    def last() -> list:
+        return [(e.get("id"), e.get("event")) for e in events[-5:]]
+
     with client.stream("GET", f"/api/jobs/{job_id}/events", **kw) as r:
         assert r.status_code == 200
         current = {}
-        for line in r.iter_lines():
+        for line in r.iter_lines():   # (pings are lines too: a silent stream still comes back here)
+            assert time.monotonic() < deadline, f"the stream did not end within {timeout_s} s; last: {last()}"
             if not line:
                 if "data" in current:
                     events.append(current)
+                    assert len(events) <= max_events, f"the stream did not end after {max_events} events; " \
+                                                      f"last: {last()}"
                 current = {}
                 continue
             key, _, value = line.partition(": ")
@@ -262,6 +312,17 @@ def test_sse_replays_after_last_event_id(client, worker_headers, job_body):
     *rest, end = _read_sse(client, job_id, params={"last_event_id": 4})
     assert [int(e["id"]) for e in rest] == ids[4:]
     assert client.get("/api/jobs/999/events").status_code == 404
+
+
+def test_a_last_event_id_header_outside_the_id_range_is_422_naming_the_header(client, job_body):
+    job_id = client.post("/api/jobs", json=job_body()).json()["id"]
+    client.post(f"/api/jobs/{job_id}/cancel")   # final: a stream of it ends by itself
+    for bad in ("-1", str(2**63), "x"):
+        r = client.get(f"/api/jobs/{job_id}/events", headers={"Last-Event-ID": bad})
+        assert r.status_code == 422, (bad, r.status_code, r.text)
+        assert [e["loc"] for e in r.json()["detail"]] == [["header", "Last-Event-ID"]]
+    r = client.get(f"/api/jobs/{job_id}/events", headers={"Last-Event-ID": str(2**63 - 1)})  # the largest id
+    assert r.status_code == 200 and "id:" not in r.text and "event: end" in r.text
 
 
 def test_sse_follows_a_live_job(client, worker_headers, job_body):

@@ -86,6 +86,26 @@ def test_tokens_per_text_tightens_the_worst_case():
     assert typical["tokens_per_micro_batch"] == 1600 and typical["peak_gb"] < worst["peak_gb"]
 
 
+def test_batch_by_samples_counts_every_branch_of_each_sample():
+    """With --batch_by_samples a micro-batch holds batch_size samples of (max_)branches_per_sample texts each:
+    the worst case the estimate must budget for."""
+    dynamic = vram.estimate(_cfg(batch_by_samples=True, max_branches_per_sample=16, batch_size=2, max_seq_len=256), 80)
+    assert dynamic["tokens_per_micro_batch"] == 2 * 16 * 256
+    fixed = vram.estimate(_cfg(batch_by_samples=True, branches_per_sample=4, batch_size=2, max_seq_len=256), 80)
+    assert fixed["tokens_per_micro_batch"] == 2 * 4 * 256
+    texts = vram.estimate(_cfg(branches_per_sample=4, batch_size=2, max_seq_len=256), 80)   # batch_size counts texts
+    assert texts["tokens_per_micro_batch"] == 2 * 256
+
+
+@pytest.mark.parametrize("field,small,large", [
+    ("max_branches_per_sample", 4, 16), ("branches_per_sample", 2, 8), ("batch_size", 2, 8),
+    ("max_seq_len", 512, 2048), ("lora_rank", 8, 64)])
+def test_the_estimated_peak_grows_with_each_size_setting(field, small, large):
+    base = {"batch_by_samples": True, "batch_size": 4, "max_seq_len": 1024, "lora_rank": 16}
+    peaks = [vram.estimate(_cfg(**{**base, field: value}), 80)["peak_gb"] for value in (small, large)]
+    assert peaks[1] > peaks[0], peaks
+
+
 def test_measured_peaks_correct_the_estimate():
     cfg = _cfg(batch_size=8)
     raw = vram.estimate(cfg, 80)

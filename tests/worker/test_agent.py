@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -173,6 +174,19 @@ def test_jobs_share_a_worker_on_disjoint_gpus(live_server, start_agent, monkeypa
         assert live_server.wait_for(job_id, {"succeeded", "failed"})["state"] == "succeeded"
     seen = [_pid_files(live_server.api.get(f"/jobs/{i}").json())[0]["cuda_visible_devices"] for i in ids[:2]]
     assert sorted(",".join(seen).split(",")) == ["0", "1", "2"]
+
+
+def test_max_cpu_jobs_1_runs_cpu_jobs_one_after_the_other(live_server, start_agent, monkeypatch, job_body):
+    """Two CPU trainings at once would share the cores (and RAM) the limit was set for: the second waits."""
+    monkeypatch.setenv("FAKE_STEP_S", "0.2")
+    first, second = (live_server.api.post("/jobs", json=job_body(max_steps=5)).json()["id"] for _ in range(2))
+    start_agent(max_cpu_jobs=1)
+    wait_for_step(live_server, first, 1)
+    assert live_server.api.get(f"/jobs/{second}").json()["state"] == "queued"
+    done = [live_server.wait_for(i, {"succeeded", "failed"}) for i in (first, second)]
+    assert [d["state"] for d in done] == ["succeeded", "succeeded"], done
+    started, finished = (datetime.fromisoformat(d[k]) for d, k in ((done[1], "started_at"), (done[0], "finished_at")))
+    assert started >= finished, done   # never both at once
 
 
 def test_cold_stop_hands_jobs_back_and_they_resume(live_server, start_agent, monkeypatch, job_body):
