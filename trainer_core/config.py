@@ -140,6 +140,14 @@ class TrainConfig(BaseModel):
             raise ValueError("min_branches_per_sample must be <= max_branches_per_sample")
         return self
 
+    @model_validator(mode="after")
+    def _check_float16_adapters(self) -> "TrainConfig":
+        # float16 trains with loss scaling, which unscales float32 gradients only
+        if self.dtype == "float16" and self.adapter_dtype == "model":
+            raise ValueError("dtype float16 needs adapter_dtype float32: float16 LoRA weights cannot be "
+                             "loss-scaled (or use dtype bfloat16)")
+        return self
+
     @property
     def resolved_lora_alpha(self) -> float:
         return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.lora_rank

@@ -336,7 +336,8 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> tuple
     load_lora_weights(model, weights, path)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
-    scaler.load_state_dict(blob.get("scaler", {}))   # float16 runs; absent from older checkpoints
+    if blob.get("scaler"):   # a float16 run's loss scale; empty or absent (older checkpoints): start afresh
+        scaler.load_state_dict(blob["scaler"])
     torch.set_rng_state(blob["rng_cpu"])
     return state["step"], state["epoch"], state["epoch_step"]
 

@@ -169,6 +169,31 @@ def test_without_loss_scaling_an_infinite_gradient_norm_is_divergence_before_the
     assert optimizer_step(optimizer, scaler, [param], 1.0, loss=2.5, step=4) == (pytest.approx(2.0), True)
 
 
+def test_float16_with_float16_adapters_is_refused_as_a_config_error():
+    """GradScaler unscales float32 gradients only: the run would crash at its first step."""
+    with pytest.raises(ValueError, match="dtype float16 needs adapter_dtype float32"):
+        TrainConfig(base_model="m", data_path="d", dtype="float16", adapter_dtype="model")
+    TrainConfig(base_model="m", data_path="d", dtype="bfloat16", adapter_dtype="model")
+
+
+def test_a_checkpoint_without_a_loss_scale_resumes_a_float16_run(tmp_path):
+    """Checkpoints from before loss scaling (or from a bf16/CPU run) hold none: the scale starts afresh."""
+    from trainer_core import checkpoint as ckpt
+    from trainer_core.model import lora_state_dict
+    from trainer_core.train import restore_checkpoint
+
+    model = _model(torch.float32)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    path = ckpt.save_checkpoint(tmp_path, step=3, lora_weights=lora_state_dict(model), optimizer=optimizer,
+                                scheduler=scheduler, scaler=torch.amp.GradScaler("cpu", enabled=False),
+                                state={"epoch": 0, "epoch_step": 3})
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, enabled=True)
+    assert restore_checkpoint(path, model, optimizer, scheduler, scaler) == (3, 0, 3)
+    assert scaler.get_scale() == 1024.0
+
+
 def test_a_checkpoint_keeps_the_loss_scale(tmp_path):
     from trainer_core import checkpoint as ckpt
 
