@@ -26,6 +26,7 @@ log = logging.getLogger("paratrain.worker")
 EXIT_SUPERSEDED = 4   # another process registered under this worker's name: do not restart this one
 MAX_METRICS_PER_REPORT = 500
 MAX_LOGS_PER_REPORT = 2000
+MAX_REPORT_LOG_BYTES = 4 * 1024 * 1024   # well under the server's default 16 MB body limit, in any script
 # paratrain's own secrets never reach the job's processes (what a job runs is not trusted with them)
 SECRET_ENV = ("PARATRAIN_WORKER_TOKEN", "PARATRAIN_USER_TOKEN")
 
@@ -280,7 +281,7 @@ class Agent:
         while True:
             batch = run.take_batch()
             batch.metrics = batch.metrics[:MAX_METRICS_PER_REPORT]
-            batch.logs = batch.logs[:MAX_LOGS_PER_REPORT]
+            batch.logs = _within_bytes(batch.logs[:MAX_LOGS_PER_REPORT], MAX_REPORT_LOG_BYTES)
             if not batch.metrics and not batch.logs:
                 return True
             try:
@@ -301,3 +302,14 @@ class Agent:
             run.ack(batch)
             if not final:
                 return True
+
+
+def _within_bytes(lines: list[str], limit: int) -> list[str]:
+    """The first lines whose UTF-8 text fits in `limit` bytes (at least one: a line is at most
+    MAX_LOG_LINE_CHARS characters)."""
+    total = 0
+    for i, line in enumerate(lines):
+        total += len(line.encode("utf-8", errors="replace")) + 4   # and its JSON quotes and comma
+        if total > limit and i > 0:
+            return lines[:i]
+    return lines

@@ -7,13 +7,15 @@ from typing import Any
 
 import httpx
 
-# Transport errors and 5xx mean "the server is down or restarting": the caller keeps its data and retries.
+# Transport errors, 5xx and the 4xx not handled below by name mean "the server (or a proxy) cannot take it
+# now": the caller keeps its data and retries.
 Unreachable = (httpx.TransportError, httpx.HTTPStatusError)
 
 
 class Refused(Exception):
-    """Any other 4xx (413 too large, 422 invalid): the server will refuse the same body again, so the caller
-    must not keep it for a retry, or the report queue (and with it the job's finish) would wait forever."""
+    """400, 413 (too large) or 422 (invalid): the server will refuse the same body again, so the caller must
+    not keep it for a retry, or the report queue (and with it the job's finish) would wait forever. Other
+    4xx (a proxy's 408 or 429) are worth retrying, like 5xx."""
 
 
 class Unauthorized(Exception):
@@ -46,7 +48,7 @@ class ServerClient:
             raise Superseded(response.json().get("detail", response.text[:200]))
         if response.status_code in (404, 409):
             raise JobGone(f"{path}: {response.status_code} {response.text[:200]}")
-        if 400 <= response.status_code < 500:
+        if response.status_code in (400, 413, 422):
             raise Refused(f"{path}: {response.status_code} {response.text[:300]}")
         response.raise_for_status()
         return response

@@ -28,9 +28,8 @@ from trainer_core import exit_codes
 LAUNCHED_BY_ENV = "PARATRAIN_LAUNCHED_BY"  # marks a worker's process trees, so its successor finds them
 RUN_ENV = "PARATRAIN_RUN"  # marks one run's processes: "<worker name>/<job id>/<attempt>"
 STDERR_TAIL_LINES = 40
-# Kept of one output line: the server's default max_log_line_chars, and 2000 such lines (a full report) stay
-# well under its default 16 MB body limit.
-MAX_LOG_LINE_CHARS = 4000
+MAX_LOG_LINE_CHARS = 4000   # kept of one output line: the server's default max_log_line_chars
+MAX_FAILURE_REASON_CHARS = 16_000
 METRIC_KEYS = ("step", "loss")
 
 # torchrun does not pass on its ranks' exit codes (it exits 1); its failure summary names them.
@@ -49,6 +48,12 @@ class Outcome:
     failure_class: str | None
     failure_reason: str | None
     release: bool = False
+
+    def __post_init__(self) -> None:
+        # the server takes 20,000 characters (a longer finish would be refused, and the real reason lost);
+        # a traceback's end is what says why
+        if self.failure_reason is not None and len(self.failure_reason) > MAX_FAILURE_REASON_CHARS:
+            self.failure_reason = "[...]\n" + self.failure_reason[-MAX_FAILURE_REASON_CHARS:]
 
 
 @dataclass

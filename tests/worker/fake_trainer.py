@@ -61,6 +61,7 @@ for step in range(start + 1, args.max_steps + 1):
         raise RuntimeError("boom")
     if args.name == "long-line" and step == 2:   # e.g. a printed tensor
         print("long line: " + "x" * 20_000, file=sys.stderr, flush=True)
+        time.sleep(1.0)   # its report goes alone (and is refused alone), even from a slow worker
     if rank == 0:
         print(json.dumps({"step": step, "epoch": 0.0, "loss": 1.0 / step, "lr": 1e-4, "grad_norm": 1.0,
                           "tokens_per_s": 100.0, "gpu_mem_gb": 0.0, "eta_s": 0.0, "total_steps": args.max_steps}),

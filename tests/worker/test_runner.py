@@ -103,6 +103,24 @@ def test_metric_lines_are_json_objects_with_step_and_loss():
     assert _parse_metric("step 3/10") is None and _parse_metric("{not json") is None
 
 
+def test_a_long_failure_reason_keeps_its_end_within_what_the_server_takes():
+    from worker.runner import MAX_FAILURE_REASON_CHARS, Outcome
+
+    reason = "\n".join(f"traceback line {i} " + "x" * 3000 for i in range(40)) + "\nValueError: the cause"
+    outcome = Outcome(1, "crash", reason)
+    assert len(outcome.failure_reason) <= MAX_FAILURE_REASON_CHARS + 10 < 20_000   # Finish.failure_reason
+    assert outcome.failure_reason.startswith("[...]") and outcome.failure_reason.endswith("ValueError: the cause")
+    assert Outcome(2, "data", "d.jsonl:3: bad").failure_reason == "d.jsonl:3: bad"
+
+
+def test_a_report_holds_no_more_log_bytes_than_the_limit_in_any_script():
+    from worker.agent import _within_bytes
+
+    cjk = ["训练" * 2000] * 10   # 4,000 characters, 12,000 bytes each
+    assert len(_within_bytes(cjk, 50_000)) == 4 and _within_bytes(cjk, 10) == cjk[:1]
+    assert _within_bytes(["a", "b"], 50_000) == ["a", "b"]
+
+
 def test_a_nan_metric_from_an_older_trainer_is_sent_as_missing_values():
     """httpx refuses NaN in a JSON body: passed on, one diverged run stopped its worker's reports."""
     metric = _parse_metric('{"step": 3, "loss": NaN, "grad_norm": Infinity, "lr": 0.1}')
