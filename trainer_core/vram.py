@@ -191,6 +191,8 @@ def texts_per_sample(config: TrainConfig) -> int:
 
 
 def tokens_per_micro_batch(config: TrainConfig, tokens_per_text: int | None = None) -> int:
+    """batch_size samples with batch_by_samples, else batch_size texts. (Text batches hold whole samples, so
+    they can run up to a sample's texts less one past batch_size: known, not modelled; docs/VRAM.md.)"""
     per_text = min(tokens_per_text or config.max_seq_len, config.max_seq_len)
     texts = config.batch_size * (texts_per_sample(config) if config.batch_by_samples else 1)
     return texts * per_text
