@@ -47,14 +47,21 @@ def reject_unknown_query_params(request: Request) -> None:
     """A misspelt query parameter (`?stat=running`) would be ignored, and the answer would silently be
     for something else: a 422 names it. The known ones are those of the route and its dependencies."""
     route = request.scope.get("route")
-    if not hasattr(route, "dependant"):
-        return
+    if not hasattr(route, "dependant") or not _any_token(request):
+        return   # (a request without a valid token gets its 401 from the route's auth, and learns nothing)
     known = _query_params(route.dependant)
     unknown = sorted(set(request.query_params) - known)
     if unknown:
         close = difflib.get_close_matches(unknown[0], known, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known)) or 'none'}"
         raise FieldError(("query", unknown[0]), f"unknown query parameter; {hint}")
+
+
+def _any_token(request: Request) -> bool:
+    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
+    tokens = _tokens(request)
+    return scheme.lower() == "bearer" and (token_matches(credentials, tokens.user) or
+                                           token_matches(credentials, tokens.worker))
 
 
 def _query_params(dependant) -> set[str]:

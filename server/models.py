@@ -134,6 +134,9 @@ class Job(JobBase, table=True):
 
 
 class JobPublic(JobBase):
+    # every field is in every answer: the response schema says so (clients generated from it need not guess)
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
     id: int
 
 

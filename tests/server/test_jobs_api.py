@@ -67,6 +67,7 @@ def test_a_misspelt_query_parameter_is_a_422_naming_it_not_a_silently_different_
     r = client.get("/api/jobs/1/metrics", params={"since": 3})
     assert r.status_code == 422 and "did you mean 'since_step'?" in r.json()["detail"][0]["msg"]
     assert client.get("/api/workers", params={"x": 1}).status_code == 422
+    assert client.get("/api/workers", params={"x": 1}, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/api/jobs", params={"state": "queued", "limit": 5}).json()["count"] == 1
 
 
