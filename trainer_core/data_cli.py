@@ -38,7 +38,8 @@ def summarize(cfg: TrainConfig, with_example: bool = True) -> dict:
         lens = [int(lengths[s]) for s in batch]
         rows, row_len = row_plan(lens, cfg.tokens_per_row, dense_attention=False)   # as on a GPU (flex)
         packed_slots += len(rows) * row_len
-        padded_slots += len(lens) * max(lens)          # what padding every sample to the longest costs
+        # what padding every sample to the longest costs, in the same 128-token blocks
+        padded_slots += len(lens) * row_plan([max(lens)], max(lens), dense_attention=False)[1]
     total = int(lengths.sum())
     summary = {
         "data_path": cfg.data_path,
