@@ -190,12 +190,21 @@ def texts_per_sample(config: TrainConfig) -> int:
     return config.max_branches_per_sample or config.branches_per_sample
 
 
+def texts_per_micro_batch(config: TrainConfig) -> int:
+    """The most texts one micro-batch holds. With batch_by_samples, batch_size samples. Otherwise samples are
+    added until there are at least batch_size texts, and a sample is never split: a fixed group size rounds
+    batch_size up to whole groups (batch_size 1 is one sample of 8 texts by default), a random one can
+    overshoot by its maximum less one."""
+    per_sample = texts_per_sample(config)
+    if config.batch_by_samples:
+        return config.batch_size * per_sample
+    if config.max_branches_per_sample is None:
+        return -(-config.batch_size // per_sample) * per_sample
+    return config.batch_size - 1 + per_sample
+
+
 def tokens_per_micro_batch(config: TrainConfig, tokens_per_text: int | None = None) -> int:
-    """batch_size samples with batch_by_samples, else batch_size texts. (Text batches hold whole samples, so
-    they can run up to a sample's texts less one past batch_size: known, not modelled; docs/VRAM.md.)"""
-    per_text = min(tokens_per_text or config.max_seq_len, config.max_seq_len)
-    texts = config.batch_size * (texts_per_sample(config) if config.batch_by_samples else 1)
-    return texts * per_text
+    return texts_per_micro_batch(config) * min(tokens_per_text or config.max_seq_len, config.max_seq_len)
 
 
 def _raw_breakdown(config: TrainConfig, shape: ModelShape, tokens: int, *, upcast_adapters: bool = False,
@@ -376,7 +385,11 @@ def fit_to_memory(overrides: dict[str, Any], base_model: str, gpu_mem_gb: float,
     base = dict(overrides)
     base.setdefault("gradient_checkpointing", False)
     batch0, accum0 = base.get("batch_size", 16), base.get("accumulation_steps", 1)
-    branches0 = base.get("max_branches_per_sample") if base.get("batch_by_samples") else None
+    # fewer branches per sample: the random maximum with batch_by_samples, else the fixed group size (in
+    # text batches a sample is never split, so below a group a smaller batch_size saves nothing)
+    branch_field = "max_branches_per_sample" if base.get("batch_by_samples") else "branches_per_sample"
+    branches0 = base.get(branch_field) or (None if base.get("batch_by_samples") else
+                                           TrainConfig.model_fields["branches_per_sample"].default)
     branch_options = [branches0] if not branches0 else [b for b in (branches0, branches0 // 2, branches0 // 4, 2)
                                                         if b >= 2 or b == branches0]
     rank_options = [base.get("lora_rank", 8), RANK_RANGES[shape.size_class][0]]
@@ -389,9 +402,7 @@ def fit_to_memory(overrides: dict[str, Any], base_model: str, gpu_mem_gb: float,
                     while batch >= 1:
                         yield {**base, "lora_rank": rank, "gradient_checkpointing": ckpt or base["gradient_checkpointing"],
                                "batch_size": batch, "accumulation_steps": max(1, accum0 * batch0 // batch),
-                               **({"max_branches_per_sample": branches,
-                                   "min_branches_per_sample": min(base.get("min_branches_per_sample", 1), branches)}
-                                  if branches else {})}
+                               **_branch_fields(branch_field, branches, base)}
                         batch //= 2
 
     cfg = base
@@ -403,6 +414,14 @@ def fit_to_memory(overrides: dict[str, Any], base_model: str, gpu_mem_gb: float,
     before = {k: base.get(k, TrainConfig.model_fields[k].default) for k in cfg}   # unset: the schema's default
     changes = [f"{k} {before[k]} -> {v}" for k, v in cfg.items() if before[k] != v]
     return cfg, changes
+
+
+def _branch_fields(field: str, branches: int | None, base: dict[str, Any]) -> dict[str, Any]:
+    if not branches:
+        return {}
+    if field == "branches_per_sample":
+        return {field: branches}
+    return {field: branches, "min_branches_per_sample": min(base.get("min_branches_per_sample", 1), branches)}
 
 
 def presets(gpu_mem_gb: float, model: str, measured: list | None = None) -> list[dict[str, Any]]:

@@ -31,7 +31,8 @@ def _cfg(model: str = "0.5B", **kw) -> TrainConfig:
 
 @pytest.mark.parametrize("shape,rank,tokens,ckpt,chunked,static,peak,act_mb", TABLE_B)
 def test_reproduces_measurements_table_b(shape, rank, tokens, ckpt, chunked, static, peak, act_mb):
-    cfg = _cfg(shape, lora_rank=rank, batch_size=tokens // 1024, max_seq_len=1024, gradient_checkpointing=ckpt)
+    cfg = _cfg(shape, lora_rank=rank, batch_size=tokens // 1024, max_seq_len=1024, gradient_checkpointing=ckpt,
+               branches_per_sample=1)   # table B measured tokens: batch_size texts of max_seq_len
     raw = vram._raw_breakdown(cfg, vram.SHAPES[shape], vram.tokens_per_micro_batch(cfg), upcast_adapters=True,
                               checkpointed_ce=True, chunked_ce=chunked)  # as table B was measured
     est_static = raw["weights"] + raw["lora_state"] / 4  # the table's static: adapters only, no grads/AdamW yet
@@ -157,10 +158,21 @@ def test_presets_fit_and_follow_guide_ranks(gpu, model):
 def test_presets_keep_effective_batch_when_shrinking():
     for preset in vram.presets(8, "7B"):   # every preset had to shrink: each change names a real value
         assert preset["adjustments"] and not any("None" in step for step in preset["adjustments"]), preset
-    big = vram.presets(80, "3B")[0]["config"]
-    small = vram.presets(24, "3B")[0]["config"]
-    assert big["batch_size"] * big["accumulation_steps"] == small["batch_size"] * small["accumulation_steps"] == 8
-    assert small["batch_size"] < big["batch_size"]
+    for big, small in zip(vram.presets(80, "3B"), vram.presets(24, "3B")):
+        big, small = big["config"], small["config"]
+        assert big["batch_size"] * big["accumulation_steps"] == small["batch_size"] * small["accumulation_steps"]
+        assert small["batch_size"] < big["batch_size"] or small["gradient_checkpointing"] > big["gradient_checkpointing"]
+    guide_on_8gb = vram.presets(8, "7B")[0]
+    assert any(step.startswith("branches_per_sample 8 -> ") for step in guide_on_8gb["adjustments"]), guide_on_8gb
+
+
+def test_a_text_batch_holds_whole_samples():
+    """--batch_size counts texts, but a sample is never split: the guide's 7B batch_size 1 trains one sample
+    of 8 texts (the default group) per micro-batch, and its estimate must say so."""
+    assert vram.texts_per_micro_batch(_cfg(batch_size=1)) == 8
+    assert vram.texts_per_micro_batch(_cfg(batch_size=8)) == 8 and vram.texts_per_micro_batch(_cfg(batch_size=9)) == 16
+    assert vram.texts_per_micro_batch(_cfg(batch_size=8, max_branches_per_sample=16)) == 8 - 1 + 16
+    assert vram.estimate(_cfg("7B", batch_size=1, max_seq_len=1024), 80)["tokens_per_micro_batch"] == 8 * 1024
 
 
 def test_cli_prints_guide_configs_for_each_gpu(capsys):
