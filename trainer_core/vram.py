@@ -520,7 +520,7 @@ def format_guide_table(guide_rows: list, gpu_mems: Sequence[float]) -> str:
             + _table(header, rows))
 
 
-PRESET_COLUMNS = ["preset", "rank", "batch", "accum", "by samples", "max branches", "seq len", "ckpt", "rope2d",
+PRESET_COLUMNS = ["preset", "rank", "batch", "accum", "by samples", "branches", "seq len", "ckpt", "rope2d",
                   "peak GB", "fits"]
 
 
@@ -530,10 +530,17 @@ def preset_rows(plist: list[dict[str, Any]]) -> list[list[Any]]:
     for p in plist:
         c = p["config"]
         rows.append([p["name"], c.get("lora_rank"), c.get("batch_size"), c.get("accumulation_steps", 1),
-                     "yes" if c.get("batch_by_samples") else "no", c.get("max_branches_per_sample") or "-",
+                     "yes" if c.get("batch_by_samples") else "no", _branches_text(c),
                      c.get("max_seq_len", 1024), "on" if c.get("gradient_checkpointing") else "off",
                      c.get("rope_2d_ratio"), round(p["estimate"]["peak_gb"], 2), "yes" if p["fits"] else "NO"])
     return rows
+
+
+def _branches_text(config: dict[str, Any]) -> str:
+    """Texts per sample: '1-16' (random, batch_by_samples) or '8' (fixed groups of text records)."""
+    if config.get("max_branches_per_sample"):
+        return f"{config.get('min_branches_per_sample', 1)}-{config['max_branches_per_sample']}"
+    return str(config.get("branches_per_sample", TrainConfig.model_fields["branches_per_sample"].default))
 
 
 def format_preset_table(gpu_mem: float, model: str, plist: list[dict[str, Any]]) -> str:

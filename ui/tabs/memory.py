@@ -11,6 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from trainer_core import vram
+from trainer_core.config import TrainConfig
 from ui.api import ApiClient, ApiError
 from ui.context import UiContext
 from ui.form import ConfigForm, validate
@@ -157,8 +158,9 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
             gr.Warning("Pick a preset first.")
             return form.updates({})
         values = dict(chosen["config"])
-        if not values.get("batch_by_samples"):
+        if not values.get("batch_by_samples"):   # fixed groups, as the preset was estimated with
             values.setdefault("max_branches_per_sample", None)
+            values.setdefault("branches_per_sample", TrainConfig.model_fields["branches_per_sample"].default)
         gr.Info(f"Applied preset '{choice}'.")
         return form.updates(values)
 
