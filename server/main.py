@@ -11,10 +11,12 @@ from typing import Any
 import anyio
 from fastapi import APIRouter, Depends, FastAPI, Request, status
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import queue
 from server.auth import ensure_tokens
@@ -72,6 +74,15 @@ def _add_exception_handlers(app: FastAPI) -> None:
         # FastAPI's own 422, except that a refused NaN/Infinity is echoed as text: JSON has no such numbers
         return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))},
                             status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError):
+            # FastAPI's bare "There was an error parsing the body": say what is wrong, as for other bad JSON
+            detail = [{"loc": ["body"], "type": "json_invalid",
+                       "msg": f"not UTF-8 text (byte {exc.__cause__.start}): JSON bodies are UTF-8"}]
+            return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+        return await http_exception_handler(request, exc)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -57,6 +57,9 @@ def test_bad_input_is_422_naming_the_field(client, job_body):
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "nproc"]
     r = client.post("/api/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 422
+    r = client.post("/api/jobs", content=b'{"config": {"base_model": "\xff"}}',
+                    headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and "not UTF-8 text (byte 27)" in r.json()["detail"][0]["msg"]   # was a bare 400
 
 
 def test_a_misspelt_query_parameter_is_a_422_naming_it_not_a_silently_different_answer(client, job_body):
