@@ -43,11 +43,14 @@ async def get_write_session(request: Request) -> AsyncIterator[Session]:
         yield session
 
 
-def reject_unknown_query_params(request: Request) -> None:
+async def reject_unknown_query_params(request: Request) -> None:
     """A misspelt query parameter (`?stat=running`) would be ignored, and the answer would silently be
     for something else: a 422 names it. The known ones are those of the route and its dependencies."""
     route = request.scope.get("route")
-    if not hasattr(route, "dependant") or not _any_token(request):
+    # The bearer is read here, not declared as a dependency: that would mark /api/health as needing a token.
+    credentials = await _bearer(request)
+    tokens = _tokens(request)
+    if not hasattr(route, "dependant") or not (_holds(credentials, tokens.user) or _holds(credentials, tokens.worker)):
         return   # (a request without a valid token gets its 401 from the route's auth, and learns nothing)
     known = _query_params(route.dependant)
     unknown = sorted(set(request.query_params) - known)
@@ -55,13 +58,6 @@ def reject_unknown_query_params(request: Request) -> None:
         close = difflib.get_close_matches(unknown[0], known, n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known)) or 'none'}"
         raise FieldError(("query", unknown[0]), f"unknown query parameter; {hint}")
-
-
-def _any_token(request: Request) -> bool:
-    scheme, _, credentials = request.headers.get("authorization", "").partition(" ")
-    tokens = _tokens(request)
-    return scheme.lower() == "bearer" and (token_matches(credentials, tokens.user) or
-                                           token_matches(credentials, tokens.worker))
 
 
 def _query_params(dependant) -> set[str]:
@@ -80,15 +76,19 @@ def _unauthorized() -> HTTPException:
                          headers={"WWW-Authenticate": "Bearer"})
 
 
+def _holds(credentials: HTTPAuthorizationCredentials | None, token: str) -> bool:
+    return credentials is not None and token_matches(credentials.credentials, token)
+
+
 def require_user(request: Request,
                  credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    if credentials is None or not token_matches(credentials.credentials, _tokens(request).user):
+    if not _holds(credentials, _tokens(request).user):
         raise _unauthorized()
 
 
 def require_worker(request: Request,
                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
-    if credentials is None or not token_matches(credentials.credentials, _tokens(request).worker):
+    if not _holds(credentials, _tokens(request).worker):
         raise _unauthorized()
 
 
