@@ -99,8 +99,8 @@ class TrainConfig(BaseModel):
     # --- training ------------------------------------------------------------------------------
     epochs: int = _field(3, "Passes over the data.", "training", ge=1, le=1000)
     batch_size: int = _field(16, "Per-device batch: samples with --batch_by_samples, else at least this many texts "
-                                 "(whole samples; a main counts as a text; an epoch's last batch may hold fewer).", "training", ge=1,
-                             le=MAX_COUNT)
+                                 "(whole samples; a main counts as a text; an epoch's last batch may hold fewer).",
+                             "training", ge=1, le=MAX_COUNT)
     learning_rate: float = _field(1e-4, "Peak AdamW learning rate (warmup, then cosine decay).", "training", gt=0,
                                   le=1.0)
     warmup_ratio: float = _field(0.05, "Share of optimiser steps spent warming up.", "training", ge=0.0, le=1.0)

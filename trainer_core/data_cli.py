@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from trainer_core.config import SAMPLE_SHAPING_FIELDS, TrainConfig, add_cli_arguments, format_validation_error
 from trainer_core.data import (DataError, build_samples, epoch_batches, has_tokenizer_files, load_or_tokenize,
                                load_tokenizer, local_model_dir, sample_lengths, sample_token_ids, validate_file)
-from trainer_core.layout import row_plan
+from trainer_core.layout import FLEX_BLOCK_TOKENS, round_up, row_plan
 
 EXAMPLE_MAX_COLUMNS = 48
 
@@ -38,8 +38,8 @@ def summarize(cfg: TrainConfig, with_example: bool = True) -> dict:
         lens = [int(lengths[s]) for s in batch]
         rows, row_len = row_plan(lens, cfg.tokens_per_row, dense_attention=False)   # as on a GPU (flex)
         packed_slots += len(rows) * row_len
-        # what padding every sample to the longest costs, in the same 128-token blocks
-        padded_slots += len(lens) * row_plan([max(lens)], max(lens), dense_attention=False)[1]
+        # what padding every sample to the longest costs, in the same blocks
+        padded_slots += len(lens) * round_up(max(lens), FLEX_BLOCK_TOKENS)
     total = int(lengths.sum())
     summary = {
         "data_path": cfg.data_path,

@@ -17,6 +17,7 @@ import torch
 
 IGNORE_INDEX = -100
 PAD_SAMPLE_ID = -1
+FLEX_BLOCK_TOKENS = 128   # FlexAttention's block: rows for the flex kernel are padded to whole blocks
 
 
 @dataclass
@@ -175,17 +176,20 @@ def row_plan(lengths: Sequence[int], tokens_per_row: int, dense_attention: bool)
     if dense_attention:
         tokens_per_row, multiple = min(tokens_per_row, max(lengths)), 8
     else:
-        multiple = 128
+        multiple = FLEX_BLOCK_TOKENS
     rows = pack_into_rows(lengths, tokens_per_row)
-    row_len = max(sum(lengths[i] for i in row) for row in rows)
-    return rows, -(-row_len // multiple) * multiple
+    return rows, round_up(max(sum(lengths[i] for i in row) for row in rows), multiple)
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
 
 
 def collate_packed(layouts: Sequence[SampleLayout], tokens_per_row: int, pad_to_multiple: int = 8) -> PackedBatch:
     """Pack sample layouts into as few rows as fit the budget; pad rows to the longest row only."""
     rows = pack_into_rows([len(lay) for lay in layouts], tokens_per_row)
-    row_len = max(sum(len(layouts[i]) for i in row) for row in rows)
-    return collate_rows(layouts, rows, -(-row_len // pad_to_multiple) * pad_to_multiple)
+    return collate_rows(layouts, rows, round_up(max(sum(len(layouts[i]) for i in row) for row in rows),
+                                                pad_to_multiple))
 
 
 def collate_rows(layouts: Sequence[SampleLayout], rows: list[list[int]], T: int) -> PackedBatch:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from trainer_core import exit_codes
 from worker.client import JobGone, Refused, ServerClient, Superseded, Unauthorized, Unreachable
 from worker.command import Rendezvous, trainer_argv
 from worker.runner import LAUNCHED_BY_ENV, RUN_ENV, JobRun, Outcome, StopReason, find_orphans, kill_groups
@@ -218,7 +219,7 @@ class Agent:
             reason = f"this worker cannot run the stored config: {format_validation_error(e)}"
             log.error("job %s: %s", job["id"], reason)
             self._finish(JobRun(job_id=job["id"], attempt=job["attempt"], gpu_ids=gpu_ids, argv=[], env={}),
-                         Outcome(2, "data", reason))
+                         Outcome(exit_codes.BAD_INPUT, "data", reason))
             return
         # Derived here, not taken from claim["argv"]: this machine's trainer program and schema are the ones
         # that run. For a standard worker it is the same command (worker.command.trainer_argv on both sides).

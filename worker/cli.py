@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-
 from paratrain.flags import add_settings_flag, settings_overrides
 
 # flag -> WorkerSettings field

@@ -14,7 +14,7 @@ from server.errors import FieldError
 from server.models import CommandPublic, JobCreate
 from server.paths import confine_field, is_dir
 from server.settings import Settings
-from trainer_core.config import TrainConfig
+from trainer_core.config import SAMPLE_SHAPING_FIELDS, TrainConfig
 from worker.command import placeholder_rendezvous, trainer_argv
 
 router = APIRouter(tags=["configs"], dependencies=[UserAuth])
@@ -112,7 +112,7 @@ def summarize_dataset(body: DatasetCheck, path: Path, model: Path) -> dict[str, 
     from trainer_core.data_cli import summarize
 
     sample_fields = {k: v for k, v in (body.model_extra or {}).items()
-                     if k in TrainConfig.model_fields and k not in ("output_dir", "name") and v not in (None, "")}
+                     if k in SAMPLE_SHAPING_FIELDS and v not in (None, "")}
     cfg = train_config(**sample_fields, base_model=str(model), data_path=str(path))
     try:
         summary = summarize(cfg)
