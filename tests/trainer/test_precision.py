@@ -7,27 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.trainer.conftest import tiny_lora_model
 from trainer_core.config import TrainConfig
 from trainer_core.layout import build_sample_layout, collate_packed
 from trainer_core.model import ParallelBranchLM, prepare_for_training
 
 
-def _model(dtype: torch.dtype, adapter_dtype: str = "float32"):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=4096, initializer_range=0.1)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    base = Qwen2ForCausalLM(config).to(dtype)
-    torch.manual_seed(1)
-    model = prepare_for_training(base, TrainConfig(base_model="m", data_path="d", lora_rank=8,
-                                                   adapter_dtype=adapter_dtype))
-    with torch.no_grad():  # LoRA B starts at zero; give it weight so both LoRA factors get gradients
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
-    return model
 
 
 def _batch():
@@ -47,8 +32,8 @@ def _loss_and_grads(model):
 
 
 def test_float32_adapters_on_a_bf16_model_compute_in_bf16_and_train_in_float32():
-    reference_loss, reference_grads = _loss_and_grads(_model(torch.float32))
-    model = _model(torch.bfloat16)
+    reference_loss, reference_grads = _loss_and_grads(tiny_lora_model(torch.float32))
+    model = tiny_lora_model(torch.bfloat16)
     lora = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert lora and all(p.dtype == torch.float32 for p in lora.values())
     assert not any(getattr(m, "cast_input_dtype_enabled", False) for m in model.modules())
@@ -68,7 +53,7 @@ def test_float32_adapters_on_a_bf16_model_compute_in_bf16_and_train_in_float32()
 
 
 def test_bf16_adapters_train_too():
-    model = _model(torch.bfloat16, adapter_dtype="model")
+    model = tiny_lora_model(torch.bfloat16, adapter_dtype="model")
     assert all(p.dtype == torch.bfloat16 for p in model.parameters() if p.requires_grad)
     loss, grads = _loss_and_grads(model)
     assert torch.isfinite(torch.tensor(loss)) and all(torch.isfinite(g).all() for g in grads.values())
@@ -182,7 +167,7 @@ def test_a_checkpoint_without_a_loss_scale_resumes_a_float16_run(tmp_path):
     from trainer_core.model import lora_state_dict
     from trainer_core.train import restore_checkpoint
 
-    model = _model(torch.float32)
+    model = tiny_lora_model(torch.float32)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)

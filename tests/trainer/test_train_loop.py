@@ -8,29 +8,14 @@ import math
 
 import torch
 
+from tests.trainer.conftest import tiny_lora_model
 from trainer_core import checkpoint as ckpt
-from trainer_core.config import TrainConfig
 from trainer_core.dist import DistEnv
 from trainer_core.layout import build_sample_layout, collate_packed
-from trainer_core.model import ParallelBranchLM, prepare_for_training
+from trainer_core.model import ParallelBranchLM
 from trainer_core.train import _truncate_metrics, accumulate_gradients, lr_lambda
 
 ONE_PROCESS = DistEnv(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-
-
-def _tiny_lora_model():
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=4096)
-    config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = prepare_for_training(Qwen2ForCausalLM(config), TrainConfig(base_model="m", data_path="d", lora_rank=4))
-    with torch.no_grad():  # LoRA B starts at zero; give it weight so every LoRA factor gets a gradient
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05)
-    return model
 
 
 def _layouts(seed: int, branch_lengths: list[list[int]]):
@@ -43,7 +28,7 @@ def _layouts(seed: int, branch_lengths: list[list[int]]):
 def test_accumulated_gradients_are_those_of_the_whole_steps_mean_loss_per_label_token():
     """Micro-batches of unequal size weigh by their label tokens: the step's gradient is that of the mean
     loss over all its label tokens, as if the step were one batch (not the mean of per-batch means)."""
-    model = _tiny_lora_model()
+    model = tiny_lora_model()
     lm = ParallelBranchLM(model)
     small, large = _layouts(1, [[3, 4]]), _layouts(2, [[30, 25, 40], [20, 35]])
     micro = [collate_packed(small, 4096), collate_packed(large, 4096)]
