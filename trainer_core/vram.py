@@ -388,8 +388,7 @@ def fit_to_memory(overrides: dict[str, Any], base_model: str, gpu_mem_gb: float,
     # fewer branches per sample: the random maximum with batch_by_samples, else the fixed group size (in
     # text batches a sample is never split, so below a group a smaller batch_size saves nothing)
     branch_field = "max_branches_per_sample" if base.get("batch_by_samples") else "branches_per_sample"
-    branches0 = base.get(branch_field) or (None if base.get("batch_by_samples") else
-                                           TrainConfig.model_fields["branches_per_sample"].default)
+    branches0 = base.get(branch_field, TrainConfig.model_fields[branch_field].default)
     branch_options = [branches0] if not branches0 else [b for b in (branches0, branches0 // 2, branches0 // 4, 2)
                                                         if b >= 2 or b == branches0]
     rank_options = [base.get("lora_rank", 8), RANK_RANGES[shape.size_class][0]]
