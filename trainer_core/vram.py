@@ -190,6 +190,12 @@ def texts_per_sample(config: TrainConfig) -> int:
     return config.max_branches_per_sample or config.branches_per_sample
 
 
+def branch_count_field(max_branches_per_sample: int | None) -> str:
+    """The field that sets how many texts a sample holds: the random maximum when one is set, else the fixed
+    group size. Both batching modes read it (a text batch never splits a sample either)."""
+    return "max_branches_per_sample" if max_branches_per_sample else "branches_per_sample"
+
+
 def texts_per_micro_batch(config: TrainConfig) -> int:
     """The most texts one micro-batch holds. With batch_by_samples, batch_size samples. Otherwise samples are
     added until there are at least batch_size texts, and a sample is never split: a fixed group size rounds
@@ -313,12 +319,14 @@ def memory_levers(config: TrainConfig) -> list[str]:
     pulled: advice to set what is set only confuses. Fields are named as the form and the CLI flags name them;
     the estimate's advice and the trainer's out-of-memory message both list these."""
     levers = []
-    if config.batch_size > 1:
+    half_batch = config.model_copy(update={"batch_size": config.batch_size // 2})
+    # in text batches a sample is never split: below one group a smaller batch_size saves nothing
+    if config.batch_size > 1 and texts_per_micro_batch(half_batch) < texts_per_micro_batch(config):
         levers.append(f"a smaller batch_size (now {config.batch_size}, e.g. {config.batch_size // 2}) with more "
                       f"accumulation_steps (e.g. {config.accumulation_steps * 2}) to keep the effective batch")
     branches = texts_per_sample(config)
-    if config.batch_by_samples and branches > 2:
-        field = "max_branches_per_sample" if config.max_branches_per_sample else "branches_per_sample"
+    if branches > 2:
+        field = branch_count_field(config.max_branches_per_sample)
         levers.append(f"fewer branches per sample ({field} now {branches}, e.g. {branches // 2})")
     if config.dtype == "float32":
         levers.append("dtype bfloat16")
@@ -385,9 +393,9 @@ def fit_to_memory(overrides: dict[str, Any], base_model: str, gpu_mem_gb: float,
     base = dict(overrides)
     base.setdefault("gradient_checkpointing", False)
     batch0, accum0 = base.get("batch_size", 16), base.get("accumulation_steps", 1)
-    # fewer branches per sample: the random maximum with batch_by_samples, else the fixed group size (in
-    # text batches a sample is never split, so below a group a smaller batch_size saves nothing)
-    branch_field = "max_branches_per_sample" if base.get("batch_by_samples") else "branches_per_sample"
+    # fewer branches per sample (in text batches a sample is never split, so below a group a smaller
+    # batch_size saves nothing and this is the lever that does)
+    branch_field = branch_count_field(base.get("max_branches_per_sample"))
     branches0 = base.get(branch_field, TrainConfig.model_fields[branch_field].default)
     branch_options = [branches0] if not branches0 else [b for b in (branches0, branches0 // 2, branches0 // 4, 2)
                                                         if b >= 2 or b == branches0]

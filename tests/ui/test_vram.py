@@ -206,7 +206,15 @@ def test_memory_levers_name_only_what_is_not_pulled_yet_for_the_estimate_and_the
         "a smaller batch_size", "fewer branches per sample", "dtype bfloat16", "gradient_checkpointing",
         "a smaller max_seq_len"]
     assert "now 8, e.g. 4" in levers[0] and "max_branches_per_sample now 16, e.g. 8" in levers[1]
-    tight = _cfg(batch_size=1, gradient_checkpointing=True)
+    tight = _cfg(batch_size=1, branches_per_sample=2, gradient_checkpointing=True)
     assert vram.memory_levers(tight) == [f"a smaller max_seq_len (now {tight.max_seq_len}; longer texts are cut)"]
+    # text batches never split a sample: at or below one group (8 texts by default) only fewer branches help,
+    # the lever the preset ladder pulls there too
+    one_group = _cfg(batch_size=8, gradient_checkpointing=True)
+    assert [lever.split(" (")[0] for lever in vram.memory_levers(one_group)] == [
+        "fewer branches per sample", "a smaller max_seq_len"]
+    assert "branches_per_sample now 8, e.g. 4" in vram.memory_levers(one_group)[0]
+    two_groups = _cfg(batch_size=16, gradient_checkpointing=True)
+    assert vram.memory_levers(two_groups)[0].startswith("a smaller batch_size (now 16, e.g. 8)")
     warning = vram.estimate(_cfg("7B", batch_size=64, max_seq_len=2048), 24)["warnings"][0]
     assert "out of memory expected" in warning and "Try: a smaller batch_size" in warning
