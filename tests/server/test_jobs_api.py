@@ -108,6 +108,7 @@ def test_cancel_retry_delete(client, settings, job_body):
     out.mkdir(parents=True)
     assert client.delete(f"/api/jobs/{job['id']}").status_code == 204
     assert client.get(f"/api/jobs/{job['id']}").status_code == 404 and not out.exists()
+    assert client.get(f"/api/jobs/{retry['id']}").json()["retry_of"] == job["id"]   # history, as documented
     # ids are never reused, so a new job never finds an old job's checkpoints
     newest = client.post("/api/jobs", json=job_body()).json()
     assert newest["id"] > retry["id"]
