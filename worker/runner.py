@@ -23,6 +23,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from trainer_core import exit_codes
 
 LAUNCHED_BY_ENV = "PARATRAIN_LAUNCHED_BY"  # marks a worker's process trees, so its successor finds them
@@ -273,25 +275,17 @@ def _kill(pid: int, sig: signal.Signals) -> None:
 
 
 def pids_with_env(name: str, value: str) -> list[int]:
-    """Live processes whose environment has name=value (Linux /proc; empty elsewhere)."""
-    wanted = f"{name}={value}".encode()
+    """Live processes of this user whose environment has name=value (another user's environment is not
+    readable, and the trainer runs as the worker's user)."""
     found = []
-    proc = Path("/proc")
-    if not proc.is_dir():
-        return found
-    for entry in proc.iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
+    for process in psutil.process_iter():
         try:
-            if wanted in (entry / "environ").read_bytes().split(b"\0") and not _is_zombie(entry):
-                found.append(int(entry.name))
-        except OSError:
+            if (process.pid != os.getpid() and process.environ().get(name) == value
+                    and process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)):
+                found.append(process.pid)
+        except (psutil.Error, OSError):   # gone meanwhile, or not ours
             continue
     return found
-
-
-def _is_zombie(entry: Path) -> bool:
-    return (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def trainer_exit_code(exit_code: int, stderr_lines: list[str]) -> int:
