@@ -12,8 +12,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, StringConstraints, f
 from sqlalchemy import JSON, BigInteger, Column, Index, Integer, Text, UniqueConstraint
 from sqlmodel import Field, SQLModel
 
+from trainer_core.command import Rendezvous
 from trainer_core.config import JobResources, TrainConfig
-from worker.command import Rendezvous
 
 
 MAX_DB_INT = 2**63 - 1  # 64-bit integer columns

@@ -35,8 +35,8 @@ from server.models import (
 )
 from server.settings import Settings
 from trainer_core import exit_codes
+from trainer_core.command import Rendezvous, placeholder_rendezvous, trainer_argv
 from trainer_core.config import TrainConfig, format_validation_error
-from worker.command import Rendezvous, placeholder_rendezvous, trainer_argv
 
 
 def stored_config(job: Job) -> TrainConfig:
@@ -84,7 +84,7 @@ class Launch:
     job: Job
     gpu_ids: list[int]
     rendezvous: Rendezvous | None = None
-    argv: list[str] = field(default_factory=list)   # the command the worker runs (worker.command.trainer_argv)
+    argv: list[str] = field(default_factory=list)   # the command the worker runs (trainer_core.command.trainer_argv)
 
 
 def _lose_job(session: Session, job: Job, reason: str) -> None:

@@ -16,9 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
+from server.models import Claim
 from trainer_core import exit_codes
+from trainer_core.command import trainer_argv
+from trainer_core.config import TrainConfig, format_validation_error
 from worker.client import JobGone, Refused, ServerClient, Superseded, Unauthorized, Unreachable
-from worker.command import Rendezvous, trainer_argv
 from worker.runner import LAUNCHED_BY_ENV, RUN_ENV, JobRun, Outcome, StopReason, find_orphans, kill_groups
 from worker.settings import WorkerSettings
 
@@ -143,8 +147,8 @@ class Agent:
             except (Unauthorized, Refused) as e:
                 log.error("%s", e)
                 return False
-            self.worker_id = reply["worker_id"]
-            self.heartbeat_interval_s = reply["heartbeat_interval_s"]
+            self.worker_id = reply.worker_id
+            self.heartbeat_interval_s = reply.heartbeat_interval_s
             log.info("registered as worker %s (%s) with GPUs %s", self.worker_id, self.settings.name,
                      [g["index"] for g in self.gpus] or "none (CPU mode)")
             return True
@@ -205,41 +209,35 @@ class Agent:
             return
         self._start(claim)  # and claim again on the next turn: more may fit
 
-    def _start(self, claim: dict[str, Any]) -> None:
-        from pydantic import ValidationError
-
-        from trainer_core.config import TrainConfig, format_validation_error
-
-        job = claim["job"]
-        gpu_ids: list[int] = claim["gpu_ids"]
-        rendezvous = Rendezvous(**claim["rendezvous"]) if claim.get("rendezvous") else None
+    def _start(self, claim: Claim) -> None:
+        job, gpu_ids = claim.job, claim.gpu_ids
         try:
-            config = TrainConfig(**job["config"])
+            config = TrainConfig(**job.config)
         except ValidationError as e:  # stored by a server whose schema differs from ours: that job fails, not the worker
             reason = f"this worker cannot run the stored config: {format_validation_error(e)}"
-            log.error("job %s: %s", job["id"], reason)
-            self._finish(JobRun(job_id=job["id"], attempt=job["attempt"], gpu_ids=gpu_ids, argv=[], env={}),
+            log.error("job %s: %s", job.id, reason)
+            self._finish(JobRun(job_id=job.id, attempt=job.attempt, gpu_ids=gpu_ids, argv=[], env={}),
                          Outcome(exit_codes.BAD_INPUT, "data", reason))
             return
-        # Derived here, not taken from claim["argv"]: this machine's trainer program and schema are the ones
-        # that run. For a standard worker it is the same command (worker.command.trainer_argv on both sides).
-        argv = trainer_argv(config, nproc=job["nproc"], rendezvous=rendezvous,
+        # Derived here, not taken from claim.argv: this machine's trainer program and schema are the ones
+        # that run. For a standard worker it is the same command (trainer_core.command.trainer_argv on both sides).
+        argv = trainer_argv(config, nproc=job.nproc, rendezvous=claim.rendezvous,
                             trainer=self.settings.trainer, use_torchrun=self.settings.use_torchrun)
         env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
         env.update({
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpu_ids)),  # empty for a CPU job: no GPU at all
             "PYTHONUNBUFFERED": "1",
-            "PARATRAIN_JOB_ID": str(job["id"]),
+            "PARATRAIN_JOB_ID": str(job.id),
             LAUNCHED_BY_ENV: self.settings.identity,
-            RUN_ENV: f"{self.settings.identity}/{job['id']}/{job['attempt']}",
+            RUN_ENV: f"{self.settings.identity}/{job.id}/{job.attempt}",
         })
-        run = JobRun(job_id=job["id"], attempt=job["attempt"], gpu_ids=gpu_ids, argv=argv, env=env)
+        run = JobRun(job_id=job.id, attempt=job.attempt, gpu_ids=gpu_ids, argv=argv, env=env)
         # a later attempt, or a retry (its server copied the original's file): the curve so far
-        run.backfill_metrics(Path(job["config"]["output_dir"]) / "metrics.jsonl")
+        run.backfill_metrics(Path(job.config["output_dir"]) / "metrics.jsonl")
         try:
             run.start()
         except OSError as e:
-            log.error("job %s: could not start %s: %s", job["id"], argv[0], e)
+            log.error("job %s: could not start %s: %s", job.id, argv[0], e)
             self._finish(run, Outcome(127, "crash", f"could not start {argv[0]}: {e}"))
             return
         self.runs[run.job_id] = run

@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+from pydantic import BaseModel, ValidationError
+
+from server.models import (
+    Claim,
+    ClaimRequest,
+    Finish,
+    Heartbeat,
+    HeartbeatReply,
+    Report,
+    WorkerLeave,
+    WorkerRegister,
+    WorkerRegistered,
+)
+from trainer_core.config import format_validation_error
+
+Reply = TypeVar("Reply", bound=BaseModel)
 
 # Transport errors, 5xx and the 4xx not handled below by name mean "the server (or a proxy) cannot take it
 # now": the caller keeps its data and retries.
@@ -13,9 +29,10 @@ Unreachable = (httpx.TransportError, httpx.HTTPStatusError)
 
 
 class Refused(Exception):
-    """400, 413 (too large) or 422 (invalid): the server will refuse the same body again, so the caller must
-    not keep it for a retry, or the report queue (and with it the job's finish) would wait forever. Other
-    4xx (a proxy's 408 or 429) are worth retrying, like 5xx."""
+    """The exchange cannot succeed as it is: the server answered 400, 413 (too large) or 422 (invalid), the
+    body broke the API's schema before it was sent, or the reply did not fit it. The same body would be refused again, so the caller
+    must not keep it for a retry, or the report queue (and with it the job's finish) would wait forever.
+    Other 4xx (a proxy's 408 or 429) are worth retrying, like 5xx."""
 
 
 class Unauthorized(Exception):
@@ -32,6 +49,9 @@ class JobGone(Exception):
 
 
 class ServerClient:
+    """The worker's side of the API: request and reply bodies are the server's own models (server/models.py),
+    so the two sides cannot disagree on a field."""
+
     def __init__(self, base_url: str, token: str, timeout_s: float = 10.0) -> None:
         self.instance = uuid.uuid4().hex   # this process, as the server tells it from others of its name
         self._http = httpx.Client(base_url=base_url.rstrip("/") + "/api", timeout=timeout_s,
@@ -40,8 +60,13 @@ class ServerClient:
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
-        response = self._http.post(path, json=body)
+    def _post(self, path: str, body_model: type[BaseModel], reply_model: type[Reply] | None = None,
+              **fields: Any) -> Reply | None:
+        try:
+            body = body_model(**fields).model_dump_json()
+        except ValidationError as e:   # the server would answer 422
+            raise Refused(f"{path}: {format_validation_error(e)}") from None
+        response = self._http.post(path, content=body, headers={"Content-Type": "application/json"})
         if response.status_code == 401:
             raise Unauthorized("the server refused the worker token (use its <data_dir>/worker_token)")
         if response.status_code == 410:
@@ -51,35 +76,42 @@ class ServerClient:
         if response.status_code in (400, 413, 422):
             raise Refused(f"{path}: {response.status_code} {response.text[:300]}")
         response.raise_for_status()
-        return response
+        if reply_model is None or response.status_code == 204:
+            return None
+        try:
+            return reply_model.model_validate_json(response.content)
+        except ValidationError as e:   # a server of another version
+            raise Refused(f"{path}: the server's reply does not fit this worker's schema: "
+                          f"{format_validation_error(e)}") from None
 
-    def register(self, *, name: str, hostname: str, gpus: list[dict]) -> dict[str, Any]:
-        return self._post("/workers/register", {"name": name, "hostname": hostname, "gpus": gpus,
-                                                "instance": self.instance}).json()
+    def register(self, *, name: str, hostname: str, gpus: list[dict]) -> WorkerRegistered:
+        reply = self._post("/workers/register", WorkerRegister, WorkerRegistered, name=name, hostname=hostname,
+                           gpus=gpus, instance=self.instance)
+        assert reply is not None
+        return reply
 
     def heartbeat(self, worker_id: int, running_job_ids: list[int], stopping: bool = False) -> list[int]:
-        reply = self._post(f"/workers/{worker_id}/heartbeat",
-                           {"running_job_ids": running_job_ids, "stopping": stopping,
-                            "instance": self.instance}).json()
-        return list(reply["cancel_job_ids"])
+        reply = self._post(f"/workers/{worker_id}/heartbeat", Heartbeat, HeartbeatReply,
+                           running_job_ids=running_job_ids, stopping=stopping, instance=self.instance)
+        assert reply is not None
+        return reply.cancel_job_ids
 
     def leave(self, worker_id: int) -> None:
-        self._post(f"/workers/{worker_id}/leave", {"instance": self.instance})
+        self._post(f"/workers/{worker_id}/leave", WorkerLeave, instance=self.instance)
 
     def claim(self, worker_id: int, *, free_gpu_indices: list[int], accept_cpu_jobs: bool,
-              rdzv_address: str | None = None, rdzv_port: int | None = None) -> dict[str, Any] | None:
-        response = self._post(f"/workers/{worker_id}/claim", {
-            "free_gpu_indices": free_gpu_indices, "accept_cpu_jobs": accept_cpu_jobs,
-            "rdzv_address": rdzv_address, "rdzv_port": rdzv_port, "instance": self.instance})
-        return None if response.status_code == 204 else response.json()
+              rdzv_address: str | None = None, rdzv_port: int | None = None) -> Claim | None:
+        """The job the server hands this worker, or None when there is none (204)."""
+        return self._post(f"/workers/{worker_id}/claim", ClaimRequest, Claim, free_gpu_indices=free_gpu_indices,
+                          accept_cpu_jobs=accept_cpu_jobs, rdzv_address=rdzv_address, rdzv_port=rdzv_port,
+                          instance=self.instance)
 
     def report(self, job_id: int, *, worker_id: int, attempt: int, metrics: list[dict], logs: list[str],
                log_start: int) -> None:
-        self._post(f"/jobs/{job_id}/report", {"worker_id": worker_id, "attempt": attempt, "metrics": metrics,
-                                              "logs": logs, "log_start": log_start})
+        self._post(f"/jobs/{job_id}/report", Report, worker_id=worker_id, attempt=attempt, metrics=metrics,
+                   logs=logs, log_start=log_start)
 
     def finish(self, job_id: int, *, worker_id: int, attempt: int, exit_code: int, failure_class: str | None,
                failure_reason: str | None, release: bool) -> None:
-        self._post(f"/jobs/{job_id}/finish", {"worker_id": worker_id, "attempt": attempt, "exit_code": exit_code,
-                                              "failure_class": failure_class, "failure_reason": failure_reason,
-                                              "release": release})
+        self._post(f"/jobs/{job_id}/finish", Finish, worker_id=worker_id, attempt=attempt, exit_code=exit_code,
+                   failure_class=failure_class, failure_reason=failure_reason, release=release)

@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from worker.command import DEFAULT_TRAINER
+from trainer_core.command import DEFAULT_TRAINER
 
 
 class WorkerSettings(BaseSettings):

@@ -14,8 +14,8 @@ from server.errors import FieldError
 from server.models import CommandPublic, JobCreate
 from server.paths import confine_field, is_dir
 from server.settings import Settings
+from trainer_core.command import placeholder_rendezvous, trainer_argv
 from trainer_core.config import SAMPLE_SHAPING_FIELDS, TrainConfig
-from worker.command import placeholder_rendezvous, trainer_argv
 
 router = APIRouter(tags=["configs"], dependencies=[UserAuth])
 

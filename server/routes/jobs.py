@@ -27,7 +27,7 @@ from server.models import (
     MetricsPublic,
 )
 from server.paths import safe_child
-from worker.command import trainer_argv
+from trainer_core.command import trainer_argv
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from trainer_core.command import trainer_argv
 from trainer_core.config import TrainConfig
-from worker.command import trainer_argv
 from worker.runner import _parse_metric, classify_exit, trainer_exit_code
 
 TORCHRUN_FAILURE = """\
