@@ -88,11 +88,11 @@ def main() -> None:
     L = 24 if args.shape == "qwen2.5-0.5b" else 2
     rows = []
     print(f"{args.shape}, bf16, one quick-start step of {T:,} tokens; bytes kept for backward")
-    print(f"{'mode':<50} {'KB/token/layer':>15} {f'GB at {args.tokens} tok x {L} layers':>28}")
+    print(f"{'mode':<50} {'KB/token/layer':>15} {f'GiB at {args.tokens} tok x {L} layers':>28}")
     for name, (adapter_dtype, upcast, ckpt) in MODES.items():
         one, two = (saved_bytes(shape, n, adapter_dtype, upcast, ckpt, batch) for n in (1, 2))
         per_token_layer = (two - one) / T
-        total_gb = per_token_layer * args.tokens * L / 1e9
+        total_gb = per_token_layer * args.tokens * L / 2**30
         rows.append({"mode": name, "bytes_per_token_per_layer": round(per_token_layer),
                      "activation_gb_extrapolated": round(total_gb, 2)})
         print(f"{name:<50} {per_token_layer / 1e3:>15.1f} {total_gb:>28.2f}")

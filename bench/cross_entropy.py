@@ -63,12 +63,12 @@ def measure(fn, h: torch.Tensor, y: torch.Tensor, reps: int) -> dict:
         sync(device)
         if i:
             times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() - base) / 1e9 if device.type == "cuda" else None
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else None
     return {"ms": statistics.median(times) * 1e3, "peak_gb": peak, "loss": float(loss.detach()),
             "grad": h.grad.detach().float().clone()}
 
 
-HEADER = f"{'method':<28} {'ms fwd+bwd':>10} {'peak GB':>8} {'loss diff':>10} {'grad err':>9}"
+HEADER = f"{'method':<28} {'ms fwd+bwd':>10} {'peak GiB':>8} {'loss diff':>10} {'grad err':>9}"
 
 
 def print_row(r: dict) -> None:

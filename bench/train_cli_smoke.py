@@ -133,7 +133,7 @@ def main() -> None:
         records.append(record)
         if "event" not in record:   # one line per step in the log, and the JSON as it stands
             print(f"step {record.get('step')}: loss {record.get('loss')}, {record.get('tokens_per_s')} tokens/s, "
-                  f"peak {record.get('gpu_mem_gb')} GB", flush=True)
+                  f"peak {record.get('gpu_mem_gb')} GiB", flush=True)
             write()
 
     with tempfile.TemporaryDirectory(prefix="paratrain-smoke-") as tmp:

@@ -113,7 +113,7 @@ class StepClock:
 
 
 def gb(n_bytes: int) -> float:
-    return round(n_bytes / 1e9, 2)
+    return round(n_bytes / 2**30, 2)   # GiB, like the trainer, the VRAM estimate and MEASUREMENTS.md
 
 
 def sync(device: torch.device) -> None:
@@ -199,8 +199,9 @@ def run_variant(name, model, steps, device, loss_fn, warmup: int, flops_per_toke
         "mfu_vs_datasheet": round(tps * flops_per_token / (DATASHEET_BF16_TFLOPS * 1e12), 4) if cuda else None,
         "valid_tokens_per_s_mean": round(sum(step_tokens) / sum(seconds)),
         "step_ms": [round(s * 1e3, 1) for s in seconds],
-        # decimal GB; allocated is what tensors hold, reserved adds the allocator's cached slack
+        # GiB; allocated is what tensors hold, reserved adds the allocator's cached slack
         "peak_mem_gb": gb(torch.cuda.max_memory_allocated()) if cuda else None,
+        "peak_mem_bytes": torch.cuda.max_memory_allocated() if cuda else None,   # for readers of decimal GB
         "peak_reserved_gb": gb(torch.cuda.max_memory_reserved()) if cuda else None,
         "padding_share": round(1 - sum(step_tokens) / slots, 4), "tokens_per_step": round(statistics.mean(step_tokens)),
         "first_step_loss": round(first_loss, 5),
@@ -346,7 +347,7 @@ class Bench:
         dloss = abs(naive["first_step_loss"] - shipped["first_step_loss"])
         self.env.update(speedup=round(speedup, 3), loss_difference=dloss)
         self.save()
-        memory = (f"{shipped['peak_mem_gb']} GB allocated / {shipped['peak_reserved_gb']} GB reserved at peak (<= 16)"
+        memory = (f"{shipped['peak_mem_gb']} GiB allocated / {shipped['peak_reserved_gb']} GiB reserved at peak (<= 16)"
                   if self.cuda else "no GPU memory figures")
         return (f"trainer_core / naive: {speedup:.2f}x tokens/s; same-batch loss difference {dloss:.2e}"
                 f"\nissue 5 (H100 targets): {shipped['valid_tokens_per_s']:,} tokens/s (>= 40,000), {memory}, "
@@ -356,7 +357,7 @@ class Bench:
 # (b)'s options, by row key: (mark in the row's name, the trainer flag, Bench.packed's arguments)
 OPTIONS = {"adapter_model": ("'", "--adapter_dtype model", {"adapter_dtype": "model"}),
            "compile": ("''", "--compile", {"compile_layers": True})}
-HEADER = f"{'variant':<62} {'tokens/s':>9} {'MFU':>6} {'peak GB':>8} {'pad':>6} {'tok/step':>8} {'loss@1':>8}"
+HEADER = f"{'variant':<62} {'tokens/s':>9} {'MFU':>6} {'peak GiB':>8} {'pad':>6} {'tok/step':>8} {'loss@1':>8}"
 
 
 def print_row(r: dict) -> None:

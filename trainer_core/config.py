@@ -119,7 +119,7 @@ class TrainConfig(BaseModel):
     # --- output --------------------------------------------------------------------------------
     output_dir: str = _field("out", "Where lora/, adapter/, checkpoints/ and metrics.jsonl go.", "output",
                              min_length=1)
-    name: str = _field("paratrain", "Run name used in out/lora/{name}_{model}.pth.", "output",
+    name: str = _field("paratrain", "Run name used in <output_dir>/lora/{name}_{model}.pth.", "output",
                        min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
     log_interval: int = _field(1, "Log metrics every N optimiser steps.", "output", ge=1, le=MAX_STEPS)
     save_interval: int = _field(50, "Save a resumable checkpoint every N optimiser steps.", "output", ge=1,
@@ -249,6 +249,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | Non
             info = TrainConfig.model_fields[name]
             help_text = info.description or ""
             if _is_bool(info.annotation):
+                help_text += f" (default: {'on' if info.default else 'off'})"
                 group.add_argument(f"--{name}", action=argparse.BooleanOptionalAction, default=None, help=help_text)
                 continue
             default = None if info.is_required() else info.default

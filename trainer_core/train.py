@@ -417,7 +417,8 @@ def _truncate_metrics(path: Path, after_step: int) -> None:
 def _gpu_mem_gb(env: DistEnv) -> float | None:
     if env.device.type != "cuda":
         return None
-    return round(torch.cuda.max_memory_allocated(env.device) / 1e9, 3)
+    # GiB, the unit of the VRAM estimate this number calibrates (and of MEASUREMENTS.md's "GB")
+    return round(torch.cuda.max_memory_allocated(env.device) / 2**30, 3)
 
 
 def as_flags(text: str) -> str:

@@ -18,8 +18,12 @@ The estimate, per GPU (the batch is per device, so DDP does not change it), in G
     overhead     = CUDA_CONTEXT_GB + ALLOCATOR_SLACK * (activations + logits)
 
     tokens       = tokens in one micro-batch
-                 = batch_size * texts_per_sample * tokens_per_text   (--batch_by_samples)
-                 = batch_size * tokens_per_text                      (otherwise)
+                 = texts_per_micro_batch * tokens_per_text, texts_per_micro_batch =
+                   batch_size * texts_per_sample                     (--batch_by_samples)
+                   ceil(batch_size / texts_per_sample) * texts_per_sample
+                                                                     (text batches, fixed groups: a sample
+                                                                     is never split)
+                   batch_size - 1 + max_branches_per_sample          (text batches, random groups)
                    texts_per_sample = max_branches_per_sample or branches_per_sample; tokens_per_text
                    defaults to max_seq_len (the worst case: every branch full). Give the dataset's real
                    p90/max length (the data check reports it) for a tighter number.
