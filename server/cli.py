@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     # keep-alive: longer than a client's pause between pooled requests (uvicorn's default 5 s races with them)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info", access_log=False,
                             timeout_keep_alive=75, timeout_graceful_shutdown=5)
-    server = _make_server(config, on_first_exit=lambda: worker and worker.stop())
+    server = _make_server(config, on_first_exit=lambda: worker and worker.stop(),
+                          on_second_exit=lambda: worker and worker.kill())
     if worker is not None:
         worker.start()
     try:
@@ -202,10 +203,18 @@ class LocalWorker:
         if self.process is not None:
             stop_local_worker(self.process)
 
+    def kill(self) -> None:
+        """At once, without the hand-back (a second Ctrl-C): its trainers get their parent-death SIGTERM and
+        save a checkpoint on their own, and the next start's worker, registering under the same name,
+        re-queues the jobs. Left running, it would retry its reports against the stopped API for a minute."""
+        self.stopping.set()
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
 
-def _make_server(config, on_first_exit):  # type: ignore[no-untyped-def]
+
+def _make_server(config, on_first_exit, on_second_exit):  # type: ignore[no-untyped-def]
     """A uvicorn.Server whose first Ctrl-C/SIGTERM stops the local worker *before* the API goes away, so
-    the worker can still hand its jobs back; a second signal exits at once."""
+    the worker can still hand its jobs back; a second signal exits at once, the worker with it."""
     import uvicorn
 
     class ServeServer(uvicorn.Server):
@@ -213,6 +222,7 @@ def _make_server(config, on_first_exit):  # type: ignore[no-untyped-def]
 
         def handle_exit(self, sig: int, frame) -> None:  # type: ignore[no-untyped-def]
             if self.stopping:
+                on_second_exit()
                 return super().handle_exit(sig, frame)
             self.stopping = True
 

@@ -109,9 +109,12 @@ def test_serve_trains_the_demo_and_hands_jobs_back_on_exit(data_dir, tmp_path):
             _stop_serve(serve)
 
 
-def test_serve_killed_9_takes_its_worker_along_and_the_restart_resumes_the_job(data_dir, tmp_path):
+@pytest.mark.parametrize("stop", ["kill -9", "Ctrl-C twice"])
+def test_serve_stopped_at_once_takes_its_worker_along_and_the_restart_resumes_the_job(data_dir, tmp_path, stop):
     """A local worker outliving its server would keep running jobs under the name the restarted server's
-    worker registers with: two workers in one name, a finished job run again, two jobs on one CPU slot."""
+    worker registers with: two workers in one name, a finished job run again, two jobs on one CPU slot.
+    A second Ctrl-C means "now": serve must not wait for its worker's hand-back (which retried its reports
+    against the stopped API for a minute)."""
     port = free_port()
     log_path = tmp_path / "serve.log"
     serve = _start_serve(data_dir, port, log_path)
@@ -127,7 +130,12 @@ def test_serve_killed_9_takes_its_worker_along_and_the_restart_resumes_the_job(d
         [worker] = [p for p in _children(serve.pid) if alive(p)]
         trainers = pids_of(job["config"]["output_dir"])
         assert trainers
-        serve.kill()
+        if stop == "kill -9":
+            serve.kill()
+        else:
+            serve.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+            serve.send_signal(signal.SIGINT)
         serve.wait(10)
         deadline = time.time() + 30
         while [p for p in [worker, *trainers] if alive(p)]:
