@@ -44,6 +44,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class OutageLog:
+    """One warning when the server stops answering, a reminder a minute, one line when it answers again:
+    the worker retries every report interval, and a line per retry and job would bury its log."""
+
+    REMIND_S = 60.0
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+        self._reminded = 0.0
+        self._lock = threading.Lock()   # the heartbeat thread reports here too
+
+    def failed(self, what: str, error: Exception) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if self._since is None:
+                self._since = self._reminded = now
+                log.warning("server unreachable (%s: %s); retrying, and keeping what is not delivered", what, error)
+            elif now - self._reminded >= self.REMIND_S:
+                self._reminded = now
+                log.warning("server still unreachable after %.0f s (%s: %s)", now - self._since, what, error)
+
+    def answered(self) -> None:
+        with self._lock:
+            if self._since is not None:
+                log.info("server reachable again after %.0f s", time.monotonic() - self._since)
+                self._since = None
+
+
 class Agent:
     def __init__(self, settings: WorkerSettings, client: ServerClient, gpus: list[dict]) -> None:
         self.settings = settings
@@ -60,6 +88,7 @@ class Agent:
         self._next_claim = 0.0
         self._unknown_to_server = threading.Event()  # the server lost our registration (a new database)
         self.superseded: str | None = None  # why this process must stop: another registered under its name
+        self.outage = OutageLog()
 
     # --- signals -----------------------------------------------------------------------------------
     def install_signal_handlers(self) -> None:
@@ -141,12 +170,13 @@ class Agent:
             try:
                 reply = self.client.register(name=self.settings.name, hostname=socket.gethostname(), gpus=self.gpus)
             except Unreachable as e:
-                log.warning("server %s unreachable (%s); retrying", self.settings.server_url, e)
+                self.outage.failed(f"registering at {self.settings.server_url}", e)
                 time.sleep(2)
                 continue
             except (Unauthorized, Refused) as e:
                 log.error("%s", e)
                 return False
+            self.outage.answered()
             self.worker_id = reply.worker_id
             self.heartbeat_interval_s = reply.heartbeat_interval_s
             log.info("registered as worker %s (%s) with GPUs %s", self.worker_id, self.settings.name,
@@ -160,11 +190,14 @@ class Agent:
             try:
                 stop = self.client.heartbeat(self.worker_id, sorted([*self.runs, *self.finished]),
                                              stopping=self.warm_stop.is_set())
+                self.outage.answered()
                 with self._cancel_lock:
                     self._cancel_ids.update(stop)
                 if self.settings.health_file is not None:
                     self.settings.health_file.touch()
-            except (*Unreachable, Refused) as e:
+            except Unreachable as e:
+                self.outage.failed("heartbeat", e)
+            except Refused as e:
                 log.warning("heartbeat failed: %s", e)
             except JobGone:
                 log.warning("the server does not know worker %s any more; registering again", self.worker_id)
@@ -198,7 +231,11 @@ class Agent:
         try:
             claim = self.client.claim(self.worker_id, free_gpu_indices=free, accept_cpu_jobs=accept_cpu,
                                       rdzv_address=self.settings.rdzv_address or None, rdzv_port=free_port())
-        except (*Unreachable, JobGone, Refused) as e:
+            self.outage.answered()
+        except Unreachable as e:
+            self.outage.failed("claim", e)
+            claim = None
+        except (JobGone, Refused) as e:
             log.warning("claim failed: %s", e)
             claim = None
         except Superseded as e:
@@ -260,8 +297,9 @@ class Agent:
             self.client.finish(run.job_id, worker_id=self.worker_id, attempt=run.attempt,
                                exit_code=outcome.exit_code, failure_class=outcome.failure_class,
                                failure_reason=outcome.failure_reason, release=outcome.release)
+            self.outage.answered()
         except Unreachable as e:
-            log.warning("job %s: finish not delivered yet (%s)", run.job_id, e)
+            self.outage.failed(f"job {run.job_id}'s finish", e)
             self.finished[run.job_id] = (run, outcome)
             return
         except Refused as e:   # dropped: the lease then runs out and the server re-queues or fails the job
@@ -286,8 +324,9 @@ class Agent:
             try:
                 self.client.report(run.job_id, worker_id=self.worker_id, attempt=run.attempt,
                                    metrics=batch.metrics, logs=batch.logs, log_start=batch.log_start)
+                self.outage.answered()
             except Unreachable as e:
-                log.warning("job %s: report not delivered yet (%s)", run.job_id, e)
+                self.outage.failed(f"job {run.job_id}'s report", e)
                 return False
             except JobGone:
                 log.warning("job %s is no longer ours; stopping it", run.job_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from datetime import datetime
@@ -246,7 +247,8 @@ def test_a_warm_stop_shows_the_worker_stopping_until_its_job_ends(live_server, s
     assert not worker["online"]
 
 
-def test_server_down_mid_job_loses_nothing(live_server, start_agent, monkeypatch, job_body, make_server):
+def test_server_down_mid_job_loses_nothing(live_server, start_agent, monkeypatch, job_body, make_server, caplog):
+    caplog.set_level(logging.INFO, logger="paratrain.worker")
     monkeypatch.setenv("FAKE_STEP_S", "0.2")
     job = live_server.api.post("/jobs", json=job_body(max_steps=15)).json()
     start_agent()
@@ -260,6 +262,10 @@ def test_server_down_mid_job_loses_nothing(live_server, start_agent, monkeypatch
     assert [m["step"] for m in metrics] == list(range(1, 16))
     lines = [x["line"] for x in again.api.get(f"/jobs/{job['id']}/logs").json()["data"]]
     assert [x for x in lines if x.startswith("step ")] == [f"step {i}/15" for i in range(1, 16)]
+    # the outage is one warning and one line when it ends, not a line per retry (every 0.1 s here)
+    worker_log = [r.getMessage() for r in caplog.records if r.name == "paratrain.worker"]
+    assert sum("unreachable" in m for m in worker_log) == 1, worker_log
+    assert sum("reachable again" in m for m in worker_log) == 1, worker_log
 
 
 @pytest.mark.slow
