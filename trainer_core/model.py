@@ -106,7 +106,9 @@ def prepare_for_training(base: nn.Module, cfg: TrainConfig):
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if not trainable or any("lora_" not in n for n in trainable):
         raise RuntimeError(f"unexpected trainable parameters: {[n for n in trainable if 'lora_' not in n][:5]}")
-    return model
+    # from_pretrained hands the model over in eval mode, where transformers skips gradient checkpointing
+    # and LoRA dropout does nothing: both would be silently off
+    return model.train()
 
 
 def compute_adapters_in_model_dtype(peft_model: nn.Module, enabled: bool = True) -> None:

@@ -76,3 +76,64 @@ def test_only_the_latest_checkpoints_are_kept(tmp_path):
     kept = sorted(p.name for p in ckpt.checkpoint_root(tmp_path).iterdir())
     assert kept == ["step_00000008", "step_00000012"] and ckpt.KEEP_CHECKPOINTS == 2
     assert ckpt.latest_checkpoint(tmp_path).name == "step_00000012"
+
+
+def test_a_loaded_model_trains_in_train_mode_so_checkpointing_and_dropout_take_effect(tiny_model_dir):
+    """from_pretrained returns a model in eval mode, where transformers skips gradient checkpointing: the
+    trainer's --gradient_checkpointing saved nothing until prepare_for_training switched to train mode."""
+    from trainer_core.config import TrainConfig
+    from trainer_core.model import load_base_model, prepare_for_training
+
+    batch = collate_packed(_layouts(3, [[40, 30, 50], [60, 20]]), 4096)
+
+    def bytes_kept_for_backward(**fields) -> int:
+        cfg = TrainConfig(base_model=str(tiny_model_dir), data_path="d", **fields)
+        model = prepare_for_training(load_base_model(str(tiny_model_dir), torch.device("cpu"), torch.float32,
+                                                     "sdpa"), cfg)
+        assert model.training and all(m.training for m in model.modules())
+        kept = []
+
+        def pack(t):
+            kept.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            ParallelBranchLM(model)(**vars(batch))
+        return sum(kept)
+
+    assert bytes_kept_for_backward(gradient_checkpointing=True) < 0.5 * bytes_kept_for_backward()
+
+
+def test_the_end_of_training_probe_runs_with_sdpa_and_never_costs_the_final_outputs(tiny_model_dir, demo_data_path,
+                                                                                    monkeypatch):
+    """On CUDA the model trains with flex, which the probe would run eagerly (not worth compiling for one
+    forward), holding every head's full score matrix: tens of GB for a long sample, before the final
+    outputs are written. The probe uses SDPA, as load_adapter_dir does, and gives None on out-of-memory."""
+    from trainer_core import model as model_module
+    from trainer_core import train as train_module
+    from trainer_core.config import TrainConfig
+    from trainer_core.data import build_samples, load_or_tokenize
+    from trainer_core.model import load_base_model, prepare_for_training
+
+    cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path))
+    ds = load_or_tokenize(cfg.data_path, cfg.base_model, cfg.max_seq_len)
+    samples = build_samples(ds, cfg)
+    model = prepare_for_training(load_base_model(cfg.base_model, torch.device("cpu"), torch.float32, "sdpa"), cfg)
+    with_sdpa = train_module.probe_logits(model, ds, samples, cfg, ONE_PROCESS)
+
+    config = model.get_base_model().config
+    config._attn_implementation = "flex_attention"   # as on CUDA; a flex mask must not be built
+
+    def no_flex(*args, **kwargs):
+        raise AssertionError("the probe built a flex BlockMask")
+
+    monkeypatch.setattr(model_module, "columnar_block_mask", no_flex)
+    assert train_module.probe_logits(model, ds, samples, cfg, ONE_PROCESS) == with_sdpa
+    assert config._attn_implementation == "flex_attention" and model.training   # as training left them
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(train_module, "hidden_states", out_of_memory)
+    assert train_module.probe_logits(model, ds, samples, cfg, ONE_PROCESS) is None
+    assert config._attn_implementation == "flex_attention" and model.training
