@@ -325,7 +325,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         epoch += 1
 
     write_final_outputs(model, cfg, env, step=step, elapsed_s=time.time() - t_start,
-                        probe=probe_logits(model, ds, samples, cfg, env.device))
+                        probe=probe_logits(model, ds, samples, cfg, env))
     return 0
 
 
@@ -364,7 +364,7 @@ def accumulate_gradients(lm: torch.nn.Module, micro: list[PackedBatch], env: Dis
 
 
 def write_final_outputs(model, cfg: TrainConfig, env: DistEnv, *, step: int, elapsed_s: float,
-                        probe: list[float]) -> None:
+                        probe: list[float] | None) -> None:
     """The final .pth, the latest .pth and the PEFT adapter directory, then the `done` event. Every rank
     reports a digest of its weights first: DDP must leave them all the same."""
     latest_pth, final_pth, adapter_dir = output_names(cfg)
@@ -390,19 +390,30 @@ def weights_digest(weights: dict[str, torch.Tensor]) -> str:
 
 
 @torch.no_grad()
-def probe_logits(model, ds, samples, cfg: TrainConfig, device: torch.device) -> list[float]:
+def probe_logits(model, ds, samples, cfg: TrainConfig, env: DistEnv) -> list[float] | None:
     """A few logits of the trained model on the first sample: lets anyone check that the saved adapter
-    reproduces the model as it was at the end of training."""
-    batch = collate_batch(ds, samples, np.array([0]), cfg).to(device)
-    was_training = model.training
+    reproduces the model as it was at the end of training. Computed with SDPA, as load_adapter_dir loads
+    it: flex run eagerly (not worth compiling for one forward) would hold every head's full score matrix,
+    tens of GB for a long sample. None, rather than no final outputs, when even that does not fit."""
+    batch = collate_batch(ds, samples, np.array([0]), cfg).to(env.device)
+    config = model.get_base_model().config
+    was_training, attn = model.training, config._attn_implementation
     model.eval()
-    with torch.compiler.set_stance("force_eager"):  # one forward: not worth compiling --compile's layers again
-        hidden = hidden_states(model, batch.input_ids, batch.pos1d, batch.branch_pos, batch.time_ids,
-                               batch.sample_ids)
-    last = int((batch.sample_ids[0] >= 0).sum()) - 1
-    logits = model.get_base_model().get_output_embeddings()(hidden[0, last])   # one position, not [T, V]
-    model.train(was_training)
-    return [round(float(x), 5) for x in logits[:8]]
+    config._attn_implementation = "sdpa"
+    try:
+        with torch.compiler.set_stance("force_eager"):  # one forward: not worth compiling --compile's layers again
+            hidden = hidden_states(model, batch.input_ids, batch.pos1d, batch.branch_pos, batch.time_ids,
+                                   batch.sample_ids)
+        last = int((batch.sample_ids[0] >= 0).sum()) - 1
+        logits = model.get_base_model().get_output_embeddings()(hidden[0, last])   # one position, not [T, V]
+        return [round(float(x), 5) for x in logits[:8]]
+    except torch.OutOfMemoryError:
+        print0(env, "out of memory computing the probe logits of the first sample; the final outputs are "
+                    "written without them")
+        return None
+    finally:
+        config._attn_implementation = attn
+        model.train(was_training)
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:
