@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train_gpu import write_json  # bench/ is on the path of a script run from it
 from trainer_core.config import CE_CHUNK_TOKENS
 from trainer_core.model import LinearCrossEntropy, checkpointed_cross_entropy
 
@@ -108,8 +109,7 @@ def main() -> None:
 
     def save() -> None:   # at the start and after every method: a run cut short keeps what it measured
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"env": env, "results": rows}, f, indent=2)
+            write_json(args.json, {"env": env, "results": rows})
 
     save()
     print(HEADER, flush=True)

@@ -35,6 +35,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limi
   || log "nvidia-smi failed"
 # 0) wheels: a failed install is logged, not the end (an exit here would return an empty $OUT)
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# each recompile is a few log lines: an odd tokens/s (a compile inside the timed steps) can then be explained
+export TORCH_LOGS=recompiles
 if ls .whl/*.whl >/dev/null 2>&1; then
   if python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .whl/*.whl >>"$LOG" 2>&1; then
@@ -62,7 +64,7 @@ print("preflight OK: trainer_core.config and trainer_core.model import; CUDA", t
 # 1) correctness on CUDA in float32: flex BlockMask vs SDPA (loss, LoRA gradients), no leak between packed samples
 run_step "1 flex_check" 80 "$LOG" python3 bench/flex_check.py
 # 2) issue 5: (a) naive vs (b) trainer_core at the quick-start shape; the speedup is saved right after (b)
-run_step "2 train_gpu (a)+(b)" 210 "$OUT/train_gpu_${CARD}.txt" \
+run_step "2 train_gpu (a)+(b)" 180 "$OUT/train_gpu_${CARD}.txt" \
   python3 bench/train_gpu.py --variants naive,shipped --json "$OUT/train_gpu_${CARD}.json"
 # 3) the real trainer command end to end at the 0.5B shape; it stops itself 15 s early to write its summary
 limit=$(left 120)
@@ -73,10 +75,13 @@ run_step "4 cross_entropy" 60 "$OUT/cross_entropy_${CARD}.txt" \
   python3 bench/cross_entropy.py --json "$OUT/cross_entropy_${CARD}.json"
 # 4b) --dtype float16 (GPUs without bfloat16): the trainer's loss scaling on CUDA, a few steps, appended to
 # step 3's text (its summary JSON stays in /tmp: 8 files at most come back)
-limit=$(left 60)
+# float16 kernels compile cold (step 3 cached bf16 ones); one row per step (tokens_per_row 65536) saves the
+# second compile for a changing row count
+limit=$(left 110)
 echo "--- float16 (loss scaling) ---" >>"$OUT/train_cli_${CARD}.txt"
 run_step "4b train_cli_smoke float16" "$limit" "$OUT/train_cli_${CARD}.txt" \
-  python3 bench/train_cli_smoke.py --steps 8 --timeout $((limit - 15)) --json /tmp/train_cli_fp16.json -- --dtype float16
+  python3 bench/train_cli_smoke.py --steps 6 --timeout $((limit - 15)) --json /tmp/train_cli_fp16.json -- \
+  --dtype float16 --tokens_per_row 65536
 # 5) the rest of the training bench with what time is left: (b') bf16 adapters, (b'') --compile, the sweep
 run_step "5 train_gpu options + sweep" 600 "$OUT/train_gpu_${CARD}.txt" \
   python3 bench/train_gpu.py --variants options,sweep --append --json "$OUT/train_gpu_${CARD}.json"

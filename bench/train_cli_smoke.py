@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_gpu import SHAPES  # noqa: E402
+from train_gpu import SHAPES, write_json  # noqa: E402
 
 from trainer_core.demo import make_demo_data, make_tiny_model  # noqa: E402
 
@@ -126,7 +126,7 @@ def main() -> None:
     def write() -> dict:
         summary = summarize(records, shape, cuda, args.extra, exit_code, time.time() - started, timed_out)
         if args.json:
-            Path(args.json).write_text(json.dumps(summary, indent=2))
+            write_json(args.json, summary)
         return summary
 
     def on_record(record: dict) -> None:
