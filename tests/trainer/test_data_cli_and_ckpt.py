@@ -96,7 +96,6 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_model_dir
         cfg = TrainConfig(base_model=str(tiny_model_dir), data_path="unused", gradient_checkpointing=ckpt)
         torch.manual_seed(0)
         model = prepare_for_training(load_base_model(str(tiny_model_dir), torch.device("cpu"), torch.float32, "sdpa"), cfg)
-        model.train()
         loss = ParallelBranchLM(model)(**vars(batch))
         loss.backward()
         grads.append((float(loss), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
