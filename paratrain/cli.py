@@ -14,6 +14,8 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.cli", "Start server + UI + one local worker (the embedded default)."),
     "worker": ("worker.cli", "Run a worker that claims jobs from a server and launches torchrun."),
+    "submit": ("paratrain.submit", "Queue a saved job file (the UI's Save as YAML) on a server; --follow prints "
+                                   "its progress to the end."),
     "train": ("trainer_core.train", "Train in this process with the guide's flags (several processes: "
                                     "torchrun --nproc_per_node N -m trainer_core.train ... --ddp)."),
     "data": ("trainer_core.data_cli", "Check a Parallel JSONL dataset: errors with FILE:LINE, or a summary."),

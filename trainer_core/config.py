@@ -11,6 +11,7 @@ This module must not import torch: the server and UI import it.
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 from collections.abc import Sequence
 from typing import Any, Literal, get_args, get_origin
@@ -219,6 +220,42 @@ class JobResources(BaseModel):
     @property
     def procs_per_node(self) -> int:
         return self.gpus if self.gpus > 0 else (self.nproc or 1)
+
+
+def parse_job_file(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A saved job (the UI's *Save as YAML*, `paratrain submit`'s input): TrainConfig fields at the top
+    level, JobResources fields under `job:`; a bare TrainConfig YAML or JSON is one too. Returns (the
+    config fields that are set, the job fields that are set), checked against both schemas (required
+    config fields may be missing). ValueError naming the line, the key or the field."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        raise ValueError(f"not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(data, dict):
+        raise ValueError("the file does not hold a mapping of field: value")
+    job = data.pop("job", {}) or {}
+    if not isinstance(job, dict):
+        raise ValueError(f"'job' must be a mapping of {'/'.join(JobResources.model_fields)}")
+    unknown = (sorted(map(str, set(data) - set(TrainConfig.model_fields)))
+               + sorted(f"job.{k}" for k in set(job) - set(JobResources.model_fields)))
+    if unknown:
+        known = [*TrainConfig.model_fields, *(f"job.{k}" for k in JobResources.model_fields)]
+        named = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, known, 1)) else key
+                 for key in unknown]
+        raise ValueError(f"unknown config keys: {', '.join(named)}")
+    try:   # every value as the schema takes it (required fields it may lack are stand-ins here)
+        TrainConfig(**{"base_model": "-", "data_path": "-", **data})
+    except ValidationError as e:
+        raise ValueError(format_validation_error(e)) from None
+    try:
+        JobResources.model_validate(job, strict=True)   # YAML gives numbers as numbers: "2" is a mistake
+    except ValidationError as e:
+        raise ValueError(f"job.{format_validation_error(e)}") from None
+    return data, job
 
 
 def _is_bool(annotation: Any) -> bool:

@@ -16,7 +16,7 @@ import gradio as gr
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from trainer_core.config import GROUPS, JobResources, TrainConfig, format_validation_error
+from trainer_core.config import GROUPS, JobResources, TrainConfig, format_validation_error, parse_job_file
 
 GROUP_TITLES = {"model": "Model", "data": "Data", "training": "Training", "output": "Output"}
 JOB_FIELDS = tuple(JobResources.model_fields)   # the job-level fields of JobCreate (docs/API.md)
@@ -182,28 +182,7 @@ def from_yaml(text: str) -> dict[str, Any]:
     """Values for the form from a saved YAML (or a bare TrainConfig YAML/JSON); missing keys take the
     schema default. ValueError naming the line or field for bad YAML, an unknown key, a bad value: a form
     filled with a value its input cannot show would only show "Error"."""
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
-        raise ValueError(f"not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
-    if not isinstance(data, dict):
-        raise ValueError("the file does not hold a mapping of field: value")
-    job = data.pop("job", {}) or {}
-    if not isinstance(job, dict):
-        raise ValueError(f"'job' must be a mapping of {'/'.join(JOB_FIELDS)}")
-    unknown = sorted(set(data) - set(TrainConfig.model_fields)) + sorted(f"job.{k}" for k in set(job) - set(JOB_FIELDS))
-    if unknown:
-        raise ValueError(f"unknown config keys: {', '.join(unknown)}")
-    try:   # every value as the schema takes it (required fields it may lack are stand-ins here)
-        TrainConfig(**{"base_model": "-", "data_path": "-", **data})
-    except ValidationError as e:
-        raise ValueError(format_validation_error(e)) from None
-    try:
-        JobResources.model_validate(job, strict=True)   # YAML gives numbers as numbers: "2" is a mistake
-    except ValidationError as e:
-        raise ValueError(f"job.{format_validation_error(e)}") from None
+    data, job = parse_job_file(text)
     values: dict[str, Any] = {}
     for name, info in TrainConfig.model_fields.items():
         if name in data:

@@ -10,6 +10,7 @@ import time
 
 import httpx
 import pytest
+import yaml
 
 from process_utils import FAST_LEASES, REPO, TINY_CONFIG, alive, free_port, pids_of
 
@@ -75,12 +76,16 @@ def test_serve_trains_the_demo_and_hands_jobs_back_on_exit(data_dir, tmp_path):
         api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api", headers={"Authorization": f"Bearer {token}"},
                            timeout=30)
         assert httpx.get(f"http://127.0.0.1:{port}/api/jobs").status_code == 401
-        job = api.post("/jobs", json={"config": {**TINY_CONFIG, "max_steps": 4}, "gpus": 0}).json()
+        # a saved job file, queued and followed to its end by `paratrain submit` (token from the data dir)
+        job_file = tmp_path / "job.yaml"
+        job_file.write_text(yaml.safe_dump({**TINY_CONFIG, "max_steps": 4, "job": {"gpus": 0}}))
+        submit = subprocess.run([sys.executable, "-m", "paratrain", "submit", str(job_file),
+                                 "--server", f"http://127.0.0.1:{port}", "--follow"],
+                                cwd=REPO, env={**os.environ, "PARATRAIN_DATA_DIR": str(data_dir)},
+                                capture_output=True, text=True, timeout=150)
+        assert submit.returncode == 0, submit.stdout + submit.stderr + log_path.read_text()[-5000:]
+        assert "step 4/4  loss" in submit.stdout and "succeeded; outputs in" in submit.stdout, submit.stdout
         deadline = time.time() + 120
-        while api.get(f"/jobs/{job['id']}").json()["state"] not in ("succeeded", "failed"):
-            assert time.time() < deadline, log_path.read_text()[-5000:]
-            time.sleep(0.3)
-        assert api.get(f"/jobs/{job['id']}").json()["state"] == "succeeded", log_path.read_text()[-5000:]
 
         long_job = api.post("/jobs", json={"config": {**TINY_CONFIG, "max_steps": 500}, "gpus": 0}).json()
         while api.get(f"/jobs/{long_job['id']}").json()["step"] < 2:
