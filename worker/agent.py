@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import httpx
 from pydantic import ValidationError
 
 from server.models import Claim
 from trainer_core import exit_codes
 from trainer_core.command import trainer_argv
 from trainer_core.config import TrainConfig, format_validation_error
-from worker.client import JobGone, Refused, ServerClient, Superseded, Unauthorized, Unreachable
+from worker.client import JobGone, Refused, ServerClient, Superseded, Unauthorized, Unreachable, UnreadableClaim
 from worker.runner import LAUNCHED_BY_ENV, RUN_ENV, JobRun, Outcome, StopReason, find_orphans, kill_groups
 from worker.settings import WorkerSettings
 
@@ -45,20 +46,28 @@ def free_port() -> int:
 
 
 class OutageLog:
-    """One warning when the server stops answering, a reminder a minute, one line when it answers again:
-    the worker retries every report interval, and a line per retry and job would bury its log."""
+    """What the worker logs while the server cannot take its calls, which it retries every report interval:
+    a line per retry and job would bury its log. An outage (no connection) is one warning, a reminder a
+    minute and one line when the server answers again; an error status (a 5xx, a proxy's 408/429) is an
+    answer, logged at most once a minute per call."""
 
     REMIND_S = 60.0
 
     def __init__(self) -> None:
         self._since: float | None = None
         self._reminded = 0.0
+        self._status_logged: dict[str, float] = {}
         self._lock = threading.Lock()   # the heartbeat thread reports here too
 
     def failed(self, what: str, error: Exception) -> None:
         now = time.monotonic()
         with self._lock:
-            if self._since is None:
+            if isinstance(error, httpx.HTTPStatusError):
+                if now - self._status_logged.get(what, -self.REMIND_S) >= self.REMIND_S:
+                    self._status_logged[what] = now
+                    log.warning("the server answered %s to %s; retrying, and keeping what is not delivered",
+                                error.response.status_code, what)
+            elif self._since is None:
                 self._since = self._reminded = now
                 log.warning("server unreachable (%s: %s); retrying, and keeping what is not delivered", what, error)
             elif now - self._reminded >= self.REMIND_S:
@@ -234,6 +243,12 @@ class Agent:
             self.outage.answered()
         except Unreachable as e:
             self.outage.failed("claim", e)
+            claim = None
+        except UnreadableClaim as e:   # leased to us now: failed with the reason, not left to lapse and recur
+            log.error("job %s: %s", e.job_id, e)
+            self._finish(JobRun(job_id=e.job_id, attempt=e.attempt, gpu_ids=[], argv=[], env={}),
+                         Outcome(exit_codes.BAD_INPUT, "data", f"this worker cannot read the server's claim (a "
+                                 f"worker of another version than the server?): {e}"))
             claim = None
         except (JobGone, Refused) as e:
             log.warning("claim failed: %s", e)

@@ -30,9 +30,19 @@ Unreachable = (httpx.TransportError, httpx.HTTPStatusError)
 
 class Refused(Exception):
     """The exchange cannot succeed as it is: the server answered 400, 413 (too large) or 422 (invalid), the
-    body broke the API's schema before it was sent, or the reply did not fit it. The same body would be refused again, so the caller
-    must not keep it for a retry, or the report queue (and with it the job's finish) would wait forever.
-    Other 4xx (a proxy's 408 or 429) are worth retrying, like 5xx."""
+    body broke the API's schema before it was sent, or the reply did not fit it. The same body would be
+    refused again, so the caller must not keep it for a retry, or the report queue (and with it the job's
+    finish) would wait forever. Other 4xx (a proxy's 408 or 429) are worth retrying, like 5xx."""
+
+
+class UnreadableClaim(Refused):
+    """The server handed this worker a job (it is now leased to it) in a reply this worker cannot read: a
+    server of another version. The caller must finish the job with the reason, or it would sit leased until
+    its lease ran out, be claimed again and dropped again until its attempts were used up."""
+
+    def __init__(self, message: str, job_id: int, attempt: int) -> None:
+        super().__init__(message)
+        self.job_id, self.attempt = job_id, attempt
 
 
 class Unauthorized(Exception):
@@ -60,8 +70,7 @@ class ServerClient:
     def close(self) -> None:
         self._http.close()
 
-    def _post(self, path: str, body_model: type[BaseModel], reply_model: type[Reply] | None = None,
-              **fields: Any) -> Reply | None:
+    def _post(self, path: str, body_model: type[BaseModel], **fields: Any) -> httpx.Response:
         try:
             body = body_model(**fields).model_dump_json()
         except ValidationError as e:   # the server would answer 422
@@ -76,25 +85,25 @@ class ServerClient:
         if response.status_code in (400, 413, 422):
             raise Refused(f"{path}: {response.status_code} {response.text[:300]}")
         response.raise_for_status()
-        if reply_model is None or response.status_code == 204:
-            return None
+        return response
+
+    @staticmethod
+    def _reply(response: httpx.Response, reply_model: type[Reply]) -> Reply:
         try:
             return reply_model.model_validate_json(response.content)
         except ValidationError as e:   # a server of another version
-            raise Refused(f"{path}: the server's reply does not fit this worker's schema: "
+            raise Refused(f"{response.url.path}: the server's reply does not fit this worker's schema: "
                           f"{format_validation_error(e)}") from None
 
     def register(self, *, name: str, hostname: str, gpus: list[dict]) -> WorkerRegistered:
-        reply = self._post("/workers/register", WorkerRegister, WorkerRegistered, name=name, hostname=hostname,
-                           gpus=gpus, instance=self.instance)
-        assert reply is not None
-        return reply
+        response = self._post("/workers/register", WorkerRegister, name=name, hostname=hostname, gpus=gpus,
+                              instance=self.instance)
+        return self._reply(response, WorkerRegistered)
 
     def heartbeat(self, worker_id: int, running_job_ids: list[int], stopping: bool = False) -> list[int]:
-        reply = self._post(f"/workers/{worker_id}/heartbeat", Heartbeat, HeartbeatReply,
-                           running_job_ids=running_job_ids, stopping=stopping, instance=self.instance)
-        assert reply is not None
-        return reply.cancel_job_ids
+        response = self._post(f"/workers/{worker_id}/heartbeat", Heartbeat, running_job_ids=running_job_ids,
+                              stopping=stopping, instance=self.instance)
+        return self._reply(response, HeartbeatReply).cancel_job_ids
 
     def leave(self, worker_id: int) -> None:
         self._post(f"/workers/{worker_id}/leave", WorkerLeave, instance=self.instance)
@@ -102,9 +111,20 @@ class ServerClient:
     def claim(self, worker_id: int, *, free_gpu_indices: list[int], accept_cpu_jobs: bool,
               rdzv_address: str | None = None, rdzv_port: int | None = None) -> Claim | None:
         """The job the server hands this worker, or None when there is none (204)."""
-        return self._post(f"/workers/{worker_id}/claim", ClaimRequest, Claim, free_gpu_indices=free_gpu_indices,
-                          accept_cpu_jobs=accept_cpu_jobs, rdzv_address=rdzv_address, rdzv_port=rdzv_port,
-                          instance=self.instance)
+        response = self._post(f"/workers/{worker_id}/claim", ClaimRequest, free_gpu_indices=free_gpu_indices,
+                              accept_cpu_jobs=accept_cpu_jobs, rdzv_address=rdzv_address, rdzv_port=rdzv_port,
+                              instance=self.instance)
+        if response.status_code == 204:
+            return None
+        try:
+            return self._reply(response, Claim)
+        except Refused as e:
+            try:   # the job is leased to us now: its id and attempt are needed to hand it back failed
+                job = response.json()["job"]
+                job_id, attempt = int(job["id"]), int(job["attempt"])
+            except (ValueError, KeyError, TypeError):
+                raise e from None
+            raise UnreadableClaim(str(e), job_id, attempt) from None
 
     def report(self, job_id: int, *, worker_id: int, attempt: int, metrics: list[dict], logs: list[str],
                log_start: int) -> None:

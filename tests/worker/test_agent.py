@@ -119,6 +119,27 @@ def test_a_stored_config_that_is_no_longer_valid_fails_that_job_only(live_server
     assert agent.thread.is_alive() and agent.exit_code is None
 
 
+def test_a_claim_this_worker_cannot_read_fails_that_job_with_the_reason(live_server, start_agent, job_body,
+                                                                        monkeypatch):
+    """A server of another version hands out a job in a reply this worker cannot parse. The job is leased to
+    the worker by then: dropped, it would lapse, come back and be dropped again until its attempts ran out,
+    ending `lost` with no word of why."""
+    import worker.client
+    from server.models import Claim
+
+    class NewerClaim(Claim):   # what an older server's reply lacks
+        field_of_a_newer_server: int
+
+    monkeypatch.setattr(worker.client, "Claim", NewerClaim)
+    job = live_server.api.post("/jobs", json=job_body()).json()
+    agent = start_agent()
+    failed = live_server.wait_for(job["id"], {"succeeded", "failed"})
+    assert failed["state"] == "failed" and failed["failure_class"] == "data" and failed["attempt"] == 1, failed
+    assert "cannot read the server's claim" in failed["failure_reason"]
+    assert "field_of_a_newer_server" in failed["failure_reason"]
+    assert agent.thread.is_alive() and agent.exit_code is None
+
+
 def test_cancel_kills_the_whole_process_group(live_server, start_agent, monkeypatch, job_body):
     monkeypatch.setenv("FAKE_STEP_S", "0.5")
     job = live_server.api.post("/jobs", json=job_body(max_steps=100)).json()
@@ -405,3 +426,26 @@ def test_workers_of_the_same_name_on_other_servers_leave_each_others_runs_alone(
     finally:
         kill_groups([proc.pid], 1)
         proc.wait(5)
+
+
+def test_an_error_status_is_an_answer_logged_once_a_minute_not_an_outage(caplog):
+    """A server that takes the heartbeat but answers one job's report with 500 is not "unreachable": the
+    log must not flap between "unreachable" and "reachable again" on every retry."""
+    import httpx
+
+    from worker.agent import OutageLog
+
+    caplog.set_level(logging.INFO, logger="paratrain.worker")
+    request = httpx.Request("POST", "http://server/api/jobs/7/report")
+    error = httpx.HTTPStatusError("500", request=request, response=httpx.Response(500, request=request))
+    outage = OutageLog()
+    for _ in range(5):
+        outage.failed("job 7's report", error)
+        outage.answered()   # the heartbeat thread's call went through
+    assert [r.getMessage() for r in caplog.records] == [
+        "the server answered 500 to job 7's report; retrying, and keeping what is not delivered"]
+    outage.failed("claim", httpx.ConnectError("refused"))
+    outage.failed("claim", httpx.ConnectError("refused"))
+    outage.answered()
+    assert [r.getMessage().split(" (")[0] for r in caplog.records[1:]] == [
+        "server unreachable", "server reachable again after 0 s"]
