@@ -7,7 +7,7 @@ SSE stream (docs/API.md) and prints its state changes and metrics; it reconnects
 (`Last-Event-ID`), and Ctrl-C stops following, not the job.
 
 Exit codes: 0 queued (with --follow: succeeded); 1 the job failed or was cancelled, or the server could not
-be reached; 2 a bad file, flag or token, or a job the server refused.
+be reached or failed; 2 a bad file, flag or token, or a job the server refused; 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -19,21 +19,38 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
+if TYPE_CHECKING:
+    from ui.api import ApiClient
+
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 DEFAULT_SERVER = "http://127.0.0.1:8000"   # `paratrain serve`'s default
+SUBMIT_TIMEOUT_S = 60.0    # a busy SQLite queue can take seconds to commit; a timed-out POST may still land
 FINAL_STATES = ("succeeded", "failed", "cancelled")
-RECONNECT_TRIES = 30
+RECONNECTS_WITHOUT_PROGRESS = 30
 RECONNECT_WAIT_S = 2.0
+STREAM_READ_TIMEOUT_S = 60.0   # the server pings every 15 s: silence this long is a dead connection
+TRANSIENT_STATUSES = (408, 429, 500, 502, 503, 504)
+
+
+def server_url(text: str) -> str:
+    try:
+        url = httpx.URL(text)
+    except (httpx.InvalidURL, TypeError) as e:
+        raise argparse.ArgumentTypeError(f"not a URL: {text!r} ({e})") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise argparse.ArgumentTypeError(f"not an http(s) URL: {text!r} (e.g. {DEFAULT_SERVER})")
+    return text.rstrip("/")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="The job: YAML or JSON of TrainConfig fields, JobResources "
                                                 "fields under `job:` (the UI's Save as YAML writes one).")
-    parser.add_argument("--server", default=DEFAULT_SERVER, help=f"The server's URL (default: {DEFAULT_SERVER}).")
+    parser.add_argument("--server", type=server_url, default=DEFAULT_SERVER,
+                        help=f"The server's URL (default: {DEFAULT_SERVER}).")
     parser.add_argument("--token-file", type=Path, default=None,
                         help="File holding the user token (default: $PARATRAIN_USER_TOKEN, else "
                              "$PARATRAIN_DATA_DIR/token, else .paratrain/token: what `paratrain serve` creates).")
@@ -43,44 +60,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ui.api import ApiClient, ApiError
+    from ui.workers import capacity_warning, known_workers
 
     try:
         body = job_body(args.file.read_text(encoding="utf-8"))
     except OSError as e:
         return _fail(f"{args.file}: {e.strerror or e}")
-    except ValueError as e:
+    except (ValueError, UnicodeDecodeError) as e:
         return _fail(f"{args.file}: {e}")
     try:
         token = read_token(args.token_file)
     except (OSError, ValueError) as e:
         return _fail(str(e))
-    server = args.server.rstrip("/")
+    api = ApiClient(args.server, token, timeout_s=SUBMIT_TIMEOUT_S)
+    maybe_queued = f"the job may have been queued: see {args.server}/api/jobs or the UI"
     try:
-        job = ApiClient(server, token).submit_job(body)
+        job = api.submit_job(body)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted before the server answered; {maybe_queued}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except ApiError as e:
-        if e.status == 0:
+        if e.status == 0 and isinstance(e.__cause__, httpx.ReadTimeout):
+            print(f"paratrain submit: no answer within {SUBMIT_TIMEOUT_S:.0f} s; {maybe_queued}", file=sys.stderr)
+            return EXIT_FAILED
+        if e.status == 0 or e.status >= 500:
             print(f"paratrain submit: {e}", file=sys.stderr)
             return EXIT_FAILED
         if e.status == 401:
-            return _fail(f"the server at {server} did not accept the token (give --token-file, or set "
+            return _fail(f"the server at {args.server} did not accept the token (give --token-file, or set "
                          "PARATRAIN_USER_TOKEN)")
         return _fail(f"the server refused the job: {e}")
-    print(f"job {job['id']} queued ({job['name']}): {server}/ui, or {server}/api/jobs/{job['id']}", flush=True)
+    print(f"job {job['id']} queued ({job['name']}): {args.server}/ui, or {args.server}/api/jobs/{job['id']}",
+          flush=True)
+    workers = known_workers(api)
+    warning = workers is not None and capacity_warning(workers, job["gpus"], job["nodes"])
+    if warning:
+        print(f"paratrain submit: {warning}", file=sys.stderr, flush=True)
     if not args.follow:
         return 0
     try:
-        return follow(server, token, job["id"])
+        return follow(api, token, job["id"])
     except FollowError as e:
         print(f"paratrain submit: {e}; job {job['id']} may go on", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"\nstopped following; job {job['id']} goes on (cancel it in the UI or with "
-              f"POST {server}/api/jobs/{job['id']}/cancel)", file=sys.stderr)
+              f"POST {args.server}/api/jobs/{job['id']}/cancel)", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 
 class FollowError(Exception):
-    """The job's event stream cannot be read (refused, or the server gone for good)."""
+    """The job's event stream cannot be read (refused, unreadable, or the server gone for good)."""
 
 
 def job_body(text: str) -> dict[str, Any]:
@@ -97,35 +127,46 @@ def job_body(text: str) -> dict[str, Any]:
 def read_token(token_file: Path | None) -> str:
     if token_file is None:
         if os.environ.get("PARATRAIN_USER_TOKEN"):
-            return os.environ["PARATRAIN_USER_TOKEN"]
+            return _checked_token(os.environ["PARATRAIN_USER_TOKEN"].strip(), "PARATRAIN_USER_TOKEN")
         token_file = Path(os.environ.get("PARATRAIN_DATA_DIR", ".paratrain")) / "token"
     try:
-        token = token_file.read_text().strip()
+        token = token_file.read_text(encoding="utf-8").strip()
     except OSError as e:
         raise OSError(f"cannot read the user token from {token_file}: {e.strerror or e} (give --token-file, or "
                       "set PARATRAIN_USER_TOKEN)") from None
-    if not token:
-        raise ValueError(f"{token_file} is empty")
+    except UnicodeDecodeError:
+        raise ValueError(f"{token_file} does not hold a token (not text)") from None
+    return _checked_token(token, str(token_file))
+
+
+def _checked_token(token: str, source: str) -> str:
+    # an HTTP header takes printable ASCII only: anything else would end in an encoding traceback
+    if not token or not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+        raise ValueError(f"{source} does not hold a token (one word of printable ASCII)")
     return token
 
 
-def follow(server: str, token: str, job_id: int) -> int:
+def follow(api: ApiClient, token: str, job_id: int) -> int:
     """Print the job's state changes and metrics until its stream ends; the exit code of its final state."""
-    from ui.api import ApiClient
+    from ui.api import ApiError
 
-    api = ApiClient(server, token)
     state, total_steps = None, None
-    for event, data in job_events(server, token, job_id):
+    printed: dict[int, Any] = {}   # step -> loss: a resumed attempt re-sends the steps it brings back
+    for event, data in sse_events(api.base_url, token, job_id):
         if event == "state" and data["state"] != state and data["state"] not in FINAL_STATES:
             state = data["state"]
             print(f"{state} (attempt {data['attempt']})", flush=True)
-        elif event == "metric":
-            # the trainer's first metric comes after its start event, which set the job's total
-            total_steps = total_steps or data.get("total_steps") or api.get_job(job_id).get("total_steps")
+        elif event == "metric" and printed.get(data["step"], object()) != data.get("loss"):
+            if total_steps is None:   # the job's total is known once the trainer's start event has come
+                try:
+                    total_steps = api.get_job(job_id).get("total_steps")
+                except ApiError:
+                    pass
+            printed[data["step"]] = data.get("loss")
             print(metric_line(data, total_steps), flush=True)
         elif event == "end":
             return _final(api, job_id, data["state"])
-    return EXIT_FAILED
+    raise FollowError("the event stream ended without the job's end")
 
 
 def metric_line(m: dict[str, Any], total_steps: int | None) -> str:
@@ -143,41 +184,68 @@ def metric_line(m: dict[str, Any], total_steps: int | None) -> str:
     return "  ".join(parts)
 
 
-def job_events(server: str, token: str, job_id: int) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(event, data) of the job's SSE stream, reconnecting after the last event seen when the connection
-    drops (the server replays exactly what followed it)."""
-    last_id, tries = 0, 0
+def sse_events(server: str, token: str, job_id: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event, data) of the job's SSE stream. A dropped connection, a stream that closes early, or a
+    transient status (a proxy while the server restarts) is retried from the last event seen (the server
+    replays exactly what followed it), up to RECONNECTS_WITHOUT_PROGRESS times in a row without a new event."""
+    last_id, idle_reconnects = 0, 0
     while True:
+        problem = "the stream closed"
         try:
             headers = {"Authorization": f"Bearer {token}", "Last-Event-ID": str(last_id)}
+            timeout = httpx.Timeout(10.0, read=STREAM_READ_TIMEOUT_S)
             with httpx.stream("GET", f"{server}/api/jobs/{job_id}/events", headers=headers,
-                              timeout=httpx.Timeout(10.0, read=None)) as response:
+                              timeout=timeout) as response:
                 if response.status_code != 200:
-                    detail = response.read().decode(errors="replace")[:300]
-                    raise FollowError(f"its event stream answered {response.status_code}: {detail}")
-                tries = 0
-                fields: dict[str, str] = {}
-                for line in response.iter_lines():
-                    if line:
-                        key, _, value = line.partition(":")
-                        fields[key] = value.removeprefix(" ")
-                        continue
-                    if "id" in fields:
-                        last_id = int(fields["id"])
-                    if "data" in fields:
-                        yield fields.get("event", "message"), json.loads(fields["data"])
-                        if fields.get("event") == "end":
+                    detail = f"its event stream answered {response.status_code}: " \
+                             f"{response.read().decode(errors='replace')[:300]}"
+                    if response.status_code not in TRANSIENT_STATUSES:
+                        raise FollowError(detail)
+                    problem = detail
+                else:
+                    for event_id, event, data in _parse_sse(response.iter_lines()):
+                        idle_reconnects = 0
+                        last_id = event_id if event_id is not None else last_id
+                        yield event, data
+                        if event == "end":
                             return
-                    fields = {}
         except httpx.TransportError as e:
-            tries += 1
-            if tries > RECONNECT_TRIES:
-                raise FollowError(f"lost the server ({e})") from None
-            print(f"(connection lost: {e}; reconnecting)", file=sys.stderr, flush=True)
-            time.sleep(RECONNECT_WAIT_S)
+            problem = f"connection lost: {e}"
+        idle_reconnects += 1
+        if idle_reconnects > RECONNECTS_WITHOUT_PROGRESS:
+            raise FollowError(f"gave up after {RECONNECTS_WITHOUT_PROGRESS} tries ({problem})")
+        print(f"({problem}; reconnecting)", file=sys.stderr, flush=True)
+        time.sleep(RECONNECT_WAIT_S)
 
 
-def _final(api, job_id: int, state: str) -> int:  # type: ignore[no-untyped-def]
+def _parse_sse(lines: Iterator[str]) -> Iterator[tuple[int | None, str, dict[str, Any]]]:
+    """(id, event, JSON data) per event of a text/event-stream; comments (the server's pings) are skipped."""
+    event_id, event, data = None, "message", []
+    for line in lines:
+        if line.startswith(":"):
+            continue
+        if line:
+            key, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if key == "data":
+                data.append(value)   # several data lines are one text, joined by newlines
+            elif key == "event":
+                event = value
+            elif key == "id":
+                event_id = int(value) if value.isdigit() else None
+            continue
+        if data:
+            try:
+                payload = json.loads("\n".join(data))
+            except ValueError as e:
+                raise FollowError(f"an unreadable {event!r} event ({e})") from None
+            if not isinstance(payload, dict):
+                raise FollowError(f"an unreadable {event!r} event (not a JSON object)")
+            yield event_id, event, payload
+        event_id, event, data = None, "message", []
+
+
+def _final(api: ApiClient, job_id: int, state: str) -> int:
     from ui.api import ApiError
 
     try:

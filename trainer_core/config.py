@@ -227,17 +227,27 @@ def parse_job_file(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
     level, JobResources fields under `job:`; a bare TrainConfig YAML or JSON is one too. Returns (the
     config fields that are set, the job fields that are set), checked against both schemas (required
     config fields may be missing). ValueError naming the line, the key or the field."""
+    import json
+
     import yaml
 
     try:
-        data = yaml.safe_load(text) or {}
+        # JSON first: YAML 1.1 refuses some valid JSON (tab indentation)
+        data = json.loads(text) if text.lstrip().startswith("{") else (yaml.safe_load(text) or {})
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
         raise ValueError(f"not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):
         raise ValueError("the file does not hold a mapping of field: value")
-    job = data.pop("job", {}) or {}
+    try:   # what YAML holds beyond JSON (binary, dates, sets) cannot be sent or stored
+        json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"a value that is not plain text, a number, true/false or a list of them ({e})") from None
+    job = data.pop("job", None)
+    job = {} if job is None else job   # `job: 0` is a mistake to name, not "no job section"
     if not isinstance(job, dict):
         raise ValueError(f"'job' must be a mapping of {'/'.join(JobResources.model_fields)}")
     unknown = (sorted(map(str, set(data) - set(TrainConfig.model_fields)))

@@ -39,10 +39,12 @@ def _detail(response: httpx.Response) -> str:
 
 
 class ApiClient:
-    def __init__(self, base_url: str, token: str | None, transport: httpx.BaseTransport | None = None):
+    def __init__(self, base_url: str, token: str | None, transport: httpx.BaseTransport | None = None,
+                 timeout_s: float = TIMEOUT_S):
         self.base_url = base_url.rstrip("/")
         self._token = token or ""
         self._transport = transport
+        self._timeout_s = timeout_s
 
     def __repr__(self) -> str:  # never show the token
         return f"ApiClient({self.base_url!r})"
@@ -51,7 +53,7 @@ class ApiClient:
     def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         headers = {"Authorization": f"Bearer {self._token}"} if self._token else {}
         try:
-            with httpx.Client(base_url=self.base_url, timeout=TIMEOUT_S, transport=self._transport) as client:
+            with httpx.Client(base_url=self.base_url, timeout=self._timeout_s, transport=self._transport) as client:
                 response = client.request(method, path, headers=headers, **kw)
         except httpx.HTTPError as e:
             raise ApiError(0, f"The server at {self.base_url} could not be reached ({type(e).__name__}).") from e

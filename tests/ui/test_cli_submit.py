@@ -75,6 +75,9 @@ def test_submit_follow_prints_the_progress_and_exits_by_the_final_state(live_ser
     ("base_model: models/tiny\ndata_path: demo.jsonl\njob:\n  gpus: '2'\n", "job.gpus"),
     ("data_path: demo.jsonl\n", "job.yaml: missing base_model"),
     ("base_model: models/tiny\ndata_path: /etc/passwd\n", "the server refused the job: 422: config.data_path"),
+    ("base_model: models/tiny\ndata_path: demo.jsonl\njob: 0\n", "'job' must be a mapping"),
+    ("base_model: models/tiny\ndata_path: demo.jsonl\nname: !!binary cGFyYQ==\n", "not plain text"),
+    ('{\n\t"base_model": "models/tiny",\n\t"data_path": [1,\n}', "not valid JSON at line 4"),
 ])
 def test_a_bad_job_file_is_one_line_naming_the_line_key_or_field_and_exit_2(live_server, tmp_path, token_file,
                                                                              capsys, text, message):
@@ -97,3 +100,112 @@ def test_a_wrong_token_or_no_server_is_said_plainly(live_server, tmp_path, capsy
     nowhere = f"http://127.0.0.1:{free_port()}"
     assert main(["submit", str(job_file), "--server", nowhere, "--token-file", str(wrong)]) == 1
     assert f"The server at {nowhere} could not be reached" in capsys.readouterr().err
+
+
+def test_json_with_tabs_is_a_job_file_too(live_server, tmp_path, token_file, capsys):
+    job_file = tmp_path / "job.json"
+    job_file.write_text('{\n\t"base_model": "models/tiny",\n\t"data_path": "demo.jsonl",\n\t"job": {"gpus": 0}\n}')
+    assert main(["submit", str(job_file), "--server", live_server.base_url, "--token-file", str(token_file)]) == 0
+    assert "queued" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv_tail,message", [
+    (["--server", "http://127.0.0.1:notaport"], "not a URL"),
+    (["--server", "127.0.0.1:8000"], "not an http(s) URL"),
+])
+def test_a_bad_server_url_is_an_argument_error(tmp_path, capsys, argv_tail, message):
+    with pytest.raises(SystemExit) as stop:
+        main(["submit", str(tmp_path / "job.yaml"), *argv_tail])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_token_that_is_not_one_ascii_word_is_refused_by_name(live_server, tmp_path, capsys):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(JOB_FILE)
+    for content in ("t\u00f6k\u00e9n".encode(), b"\xff\xfe", b"two words"):
+        token = tmp_path / "token"
+        token.write_bytes(content)
+        assert main(["submit", str(job_file), "--server", live_server.base_url, "--token-file", str(token)]) == 2
+        err = capsys.readouterr().err
+        assert f"{token} does not hold a token" in err and "Traceback" not in err, err
+
+
+class _Stream:
+    """One scripted answer of httpx.stream: a status and the lines of its body."""
+
+    def __init__(self, status: int, lines: list[str]):
+        self.status_code, self._lines = status, lines
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def iter_lines(self):
+        yield from self._lines
+
+    def read(self) -> bytes:
+        return "\n".join(self._lines).encode()
+
+
+def test_following_reconnects_from_the_last_event_through_a_restart(monkeypatch):
+    """A proxy's 503 while the server restarts, then a stream that closes before the job's end: both are
+    retried, each time from the last event seen; an event's data may span several lines."""
+    from paratrain import submit
+
+    answers = [_Stream(503, ["upstream restarting"]),
+               _Stream(200, [": ping", "", "id: 1", "event: metric", 'data: {"step": 1,', 'data:  "loss": 2.5}', "",
+                             "id: 2", "event: state", 'data: {"state": "running", "attempt": 1}', ""]),
+               _Stream(200, ["event: end", 'data: {"state": "succeeded"}', ""])]
+    sent_last_ids = []
+
+    def scripted_stream(method, url, headers, timeout):
+        sent_last_ids.append(headers["Last-Event-ID"])
+        return answers.pop(0)
+
+    monkeypatch.setattr(submit.httpx, "stream", scripted_stream)
+    monkeypatch.setattr(submit, "RECONNECT_WAIT_S", 0)
+    events = list(submit.sse_events("http://server", "token", 1))
+    assert events == [("metric", {"step": 1, "loss": 2.5}), ("state", {"state": "running", "attempt": 1}),
+                      ("end", {"state": "succeeded"})]
+    assert sent_last_ids == ["0", "0", "2"]
+
+
+def test_following_gives_up_on_a_refusal_or_a_stream_that_never_moves(monkeypatch):
+    from paratrain import submit
+
+    monkeypatch.setattr(submit, "RECONNECT_WAIT_S", 0)
+    monkeypatch.setattr(submit.httpx, "stream", lambda *a, **k: _Stream(404, ['{"detail": "job 1 not found"}']))
+    with pytest.raises(submit.FollowError, match="answered 404"):
+        list(submit.sse_events("http://server", "token", 1))
+    calls = []
+    monkeypatch.setattr(submit.httpx, "stream", lambda *a, **k: calls.append(1) or _Stream(200, [": ping", ""]))
+    with pytest.raises(submit.FollowError, match="gave up after 30 tries"):
+        list(submit.sse_events("http://server", "token", 1))
+    assert len(calls) == 31
+    monkeypatch.setattr(submit.httpx, "stream", lambda *a, **k: _Stream(200, ["event: metric", "data: oops", ""]))
+    with pytest.raises(submit.FollowError, match="unreadable 'metric' event"):
+        list(submit.sse_events("http://server", "token", 1))
+
+
+def test_a_resumed_attempt_does_not_print_its_steps_twice(monkeypatch, capsys):
+    """A later attempt re-sends the steps it brings back from the checkpoint's metrics file: printed once;
+    a step it trains again to another loss is printed again."""
+    from paratrain import submit
+
+    class FakeApi:
+        base_url = "http://server"
+
+        def get_job(self, job_id):
+            return {"total_steps": 3, "config": {"output_dir": "/out"}}
+
+    events = [("state", {"state": "running", "attempt": 1}), ("metric", {"step": 1, "loss": 2.0}),
+              ("metric", {"step": 2, "loss": 1.5}), ("state", {"state": "queued", "attempt": 2}),
+              ("state", {"state": "running", "attempt": 2}), ("metric", {"step": 1, "loss": 2.0}),
+              ("metric", {"step": 2, "loss": 1.4}), ("metric", {"step": 3, "loss": 1.2}),
+              ("end", {"state": "succeeded"})]
+    monkeypatch.setattr(submit, "sse_events", lambda *args: iter(events))
+    assert submit.follow(FakeApi(), "token", 1) == 0
+    steps = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert steps == ["step 1/3", "step 2/3", "step 2/3", "step 3/3"]
