@@ -323,15 +323,26 @@ def memory_levers(config: TrainConfig) -> list[str]:
     pulled: advice to set what is set only confuses. Fields are named as the form and the CLI flags name them;
     the estimate's advice and the trainer's out-of-memory message both list these."""
     levers = []
-    half_batch = config.model_copy(update={"batch_size": config.batch_size // 2})
-    # in text batches a sample is never split: below one group a smaller batch_size saves nothing
-    if config.batch_size > 1 and texts_per_micro_batch(half_batch) < texts_per_micro_batch(config):
-        levers.append(f"a smaller batch_size (now {config.batch_size}, e.g. {config.batch_size // 2}) with more "
-                      f"accumulation_steps (e.g. {config.accumulation_steps * 2}) to keep the effective batch")
-    branches = texts_per_sample(config)
-    if branches > 2:
-        field = branch_count_field(config.max_branches_per_sample)
-        levers.append(f"fewer branches per sample ({field} now {branches}, e.g. {branches // 2})")
+    branches, field = texts_per_sample(config), branch_count_field(config.max_branches_per_sample)
+    texts = texts_per_micro_batch(config)
+
+    def fewer_texts(**update: int) -> bool:   # a text batch never splits a sample: not every lever helps
+        return texts_per_micro_batch(config.model_copy(update=update)) < texts
+
+    batch_lever = (f"a smaller batch_size (now {config.batch_size}, e.g. {config.batch_size // 2}) with more "
+                   f"accumulation_steps (e.g. {config.accumulation_steps * 2}) to keep the effective batch")
+    branch_lever = f"fewer branches per sample ({field} now {branches}, e.g. {branches // 2})"
+    halves = {"batch_size": config.batch_size // 2, field: branches // 2}
+    can_halve_batch, can_halve_branches = config.batch_size > 1, branches > 2
+    if can_halve_batch and fewer_texts(batch_size=halves["batch_size"]):
+        levers.append(batch_lever)
+    if can_halve_branches and fewer_texts(**{field: halves[field]}):
+        levers.append(branch_lever)
+    if not levers and can_halve_batch and can_halve_branches and fewer_texts(**halves):
+        levers.append(f"a smaller batch_size and fewer branches per sample together (batch_size now "
+                      f"{config.batch_size}, e.g. {halves['batch_size']}, with accumulation_steps "
+                      f"{config.accumulation_steps * 2}; {field} now {branches}, e.g. {halves[field]}): a "
+                      "micro-batch of one whole sample shrinks only with both")
     if config.dtype == "float32":
         levers.append("dtype bfloat16")
     if not config.gradient_checkpointing:

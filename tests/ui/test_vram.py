@@ -208,13 +208,23 @@ def test_memory_levers_name_only_what_is_not_pulled_yet_for_the_estimate_and_the
     assert "now 8, e.g. 4" in levers[0] and "max_branches_per_sample now 16, e.g. 8" in levers[1]
     tight = _cfg(batch_size=1, branches_per_sample=2, gradient_checkpointing=True)
     assert vram.memory_levers(tight) == [f"a smaller max_seq_len (now {tight.max_seq_len}; longer texts are cut)"]
-    # text batches never split a sample: at or below one group (8 texts by default) only fewer branches help,
-    # the lever the preset ladder pulls there too
-    one_group = _cfg(batch_size=8, gradient_checkpointing=True)
-    assert [lever.split(" (")[0] for lever in vram.memory_levers(one_group)] == [
-        "fewer branches per sample", "a smaller max_seq_len"]
-    assert "branches_per_sample now 8, e.g. 4" in vram.memory_levers(one_group)[0]
-    two_groups = _cfg(batch_size=16, gradient_checkpointing=True)
-    assert vram.memory_levers(two_groups)[0].startswith("a smaller batch_size (now 16, e.g. 8)")
+    # Text batches never split a sample (8 texts per group by default): a lever is offered only where it
+    # lowers the estimate. Below one group only fewer branches help; at exactly one group only both together.
+    def offered(**fields):
+        config = _cfg(gradient_checkpointing=True, **fields)
+        levers = vram.memory_levers(config)[:-1]   # the last is max_seq_len
+        peak = vram.estimate(config, 80)["peak_gb"]
+        for lever in levers:
+            halved = {"batch_size": config.batch_size // 2, "accumulation_steps": config.accumulation_steps * 2} \
+                if lever.startswith("a smaller batch_size") else {}
+            if "branches" in lever:
+                halved["branches_per_sample"] = config.branches_per_sample // 2
+            assert vram.estimate(_cfg(**{**fields, **halved, "gradient_checkpointing": True}), 80)["peak_gb"] < peak
+        return [lever.split(" (")[0] for lever in levers]
+
+    assert offered(batch_size=4) == ["fewer branches per sample"]
+    assert offered(batch_size=8) == ["a smaller batch_size and fewer branches per sample together"]
+    assert offered(batch_size=16) == ["a smaller batch_size"]
+    assert offered(batch_size=12) == ["a smaller batch_size", "fewer branches per sample"]
     warning = vram.estimate(_cfg("7B", batch_size=64, max_seq_len=2048), 24)["warnings"][0]
     assert "out of memory expected" in warning and "Try: a smaller batch_size" in warning
