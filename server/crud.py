@@ -46,7 +46,7 @@ def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str
                          f"{config.base_model!r}: not a HuggingFace model directory (it has no config.json)")
     output_dir = settings.jobs_dir / str(job_id) / "out"
     return config.model_copy(update={"data_path": str(data_path), "base_model": str(base_model),
-                                     "output_dir": str(output_dir)})
+                                     "output_dir": str(output_dir), "resume": True})   # see stored_config
 
 
 def create_job(*, session: Session, job_create: JobCreate, settings: Settings, retry_of: int | None = None) -> Job:
@@ -108,7 +108,7 @@ def retry_job(*, session: Session, job_id: int, settings: Settings) -> Job:
     earlier = session.exec(select(Job.id).where(Job.retry_of == old.id)).first()
     if earlier is not None:
         raise Conflict(f"job {job_id} was already retried as job {earlier}; retry that one if it failed")
-    config = stored_config(old).model_copy(update={"resume": True})
+    config = stored_config(old)
     # hand-backs grew the original's max_attempts (queue.finish_job): within JobCreate's bound for the retry
     max_attempts = min(old.max_attempts, MAX_ATTEMPTS)
     job_create = JobCreate(config=config, gpus=old.gpus, nproc=old.nproc if old.gpus == 0 else None,

@@ -40,9 +40,11 @@ from trainer_core.config import TrainConfig, format_validation_error
 
 
 def stored_config(job: Job) -> TrainConfig:
-    """The job's config as the trainer will read it; StaleConfig (409) when today's schema refuses it."""
+    """The job's config as the trainer will read it; StaleConfig (409) when today's schema refuses it.
+    Always resuming: a job's output dir is its own, so the only checkpoints there are its earlier attempts'
+    (or, for a retry, its original's), which resume=False would delete to start over."""
     try:
-        return TrainConfig(**job.config)
+        return TrainConfig(**{**job.config, "resume": True})
     except ValidationError as e:
         raise StaleConfig(f"job {job.id}'s stored config is no longer valid: {format_validation_error(e)}") from None
 

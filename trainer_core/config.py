@@ -139,6 +139,9 @@ class TrainConfig(BaseModel):
     def _check_branch_bounds(self) -> "TrainConfig":
         if self.max_branches_per_sample is not None and self.min_branches_per_sample > self.max_branches_per_sample:
             raise ValueError("min_branches_per_sample must be <= max_branches_per_sample")
+        if self.max_branches_per_sample is None and self.min_branches_per_sample != 1:
+            raise ValueError("min_branches_per_sample applies to dynamic grouping only: set max_branches_per_sample "
+                             "too (or use branches_per_sample for a fixed count)")
         return self
 
     @model_validator(mode="after")
@@ -276,6 +279,11 @@ def _group(info: Any) -> str:
     extra = info.json_schema_extra or {}
     return extra.get("group", "training") if isinstance(extra, dict) else "training"
 
+
+# What the server sets in every job's config, whatever was sent: the job's own output dir
+# (<data_dir>/jobs/<id>/out), and resuming from it (its only checkpoints are its earlier attempts').
+JOB_SET_FIELDS = {"output_dir": "set by the server for a job: <data_dir>/jobs/<id>/out",
+                  "resume": "always on for a job: a re-queued attempt resumes its own checkpoints"}
 
 # The fields that change what a dataset check reports (samples, batches, packed rows, the example layout):
 # `paratrain data check` takes them as flags, and the UI's check sends them from its form.

@@ -97,6 +97,14 @@ def prepare_for_training(base: nn.Module, cfg: TrainConfig):
         linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear)})
         raise DataError([f"--lora_target_modules {cfg.lora_target_modules}: {str(e).splitlines()[0]} "
                          f"(linear layers of this model: {', '.join(linear)}, or 'all-linear')"]) from None
+    wanted = lora_config(cfg).target_modules
+    if not isinstance(wanted, str):   # PEFT drops a listed name that matches nothing when another name matches
+        targeted = model.targeted_module_names
+        unmatched = sorted(t for t in wanted if not any(n == t or n.endswith("." + t) for n in targeted))
+        if unmatched:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear)})
+            raise DataError([f"--lora_target_modules {cfg.lora_target_modules}: no module named {', '.join(unmatched)} "
+                             f"(linear layers of this model: {', '.join(linear)}, or 'all-linear')"])
     compute_adapters_in_model_dtype(model)
     if cfg.compile:
         # In place, layer by layer: parameter names (checkpoints, PEFT's adapter files) do not change, and

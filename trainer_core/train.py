@@ -119,6 +119,12 @@ class StopFlag:
         self.requested = True
 
 
+def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
+    """Steps of linear warmup. At least 2 for any positive ratio: the last warmup step is at the peak, so
+    one step would be no warmup at all (the default 0.05 of a run under 30 steps)."""
+    return max(2, round(warmup_ratio * total_steps)) if warmup_ratio > 0 else 0
+
+
 def lr_lambda(total_steps: int, warmup_steps: int):
     """Linear warmup to the peak, then cosine decay to zero."""
     def f(step: int) -> float:
@@ -231,8 +237,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         print0(env, "--compile: the decoder layers compile during the first steps (a minute or two)")
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
                                   fused=env.device.type == "cuda")
-    warmup = max(1, round(cfg.warmup_ratio * total_steps)) if cfg.warmup_ratio > 0 else 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(total_steps, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lr_lambda(total_steps, warmup_steps(cfg.warmup_ratio, total_steps)))
     # float16 has too few exponent bits for small gradients: scale the loss up before backward (GradScaler).
     # bfloat16 and float32 have float32's range and need no scaling.
     scaler = torch.amp.GradScaler(env.device.type, enabled=training_dtype(cfg, env.device) == torch.float16)

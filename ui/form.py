@@ -16,7 +16,8 @@ import gradio as gr
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from trainer_core.config import GROUPS, JobResources, TrainConfig, format_validation_error, parse_job_file
+from trainer_core.config import (GROUPS, JOB_SET_FIELDS, JobResources, TrainConfig, format_validation_error,
+                                 parse_job_file)
 
 GROUP_TITLES = {"model": "Model", "data": "Data", "training": "Training", "output": "Output"}
 JOB_FIELDS = tuple(JobResources.model_fields)   # the job-level fields of JobCreate (docs/API.md)
@@ -44,6 +45,8 @@ def component_for(name: str, info: Any, placeholder: str | None = None,
     elif info.is_required():
         help_text += " (required)"
     common = {"label": name, "info": help_text, "elem_id": f"{elem_prefix}-{name}"}
+    if elem_prefix == "cfg" and name in JOB_SET_FIELDS:   # shown, not editable: the server decides it
+        common.update(info=f"{help_text} ({JOB_SET_FIELDS[name]})", interactive=False)
     if optional and kind in (int, float):
         # gr.Number cannot be empty (it shows and sends 0), so an unset number is an empty textbox
         return gr.Textbox(value="" if default is None else str(default),

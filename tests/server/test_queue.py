@@ -12,6 +12,7 @@ from server import queue
 from server.main import create_app, reap_once
 from server.models import ClaimRequest
 from tests.server.conftest import race_workers
+from trainer_core.config import TrainConfig
 
 
 def _register(client, worker_headers, name="w", gpus=()):
@@ -393,3 +394,18 @@ def test_a_retry_after_hand_backs_stays_within_the_submit_bound(client, worker_h
     retry = client.post(f"/api/jobs/{job_id}/retry")
     assert retry.status_code == 201, retry.text
     assert retry.json()["max_attempts"] == 100
+
+
+def test_a_requeued_job_resumes_its_checkpoint_even_if_submitted_with_resume_false(client, worker_headers, job_body):
+    """In a job, output_dir is the server's and new, so the only checkpoints resume=False would delete are the
+    job's own: a hand-back or a lost lease must resume them, as the server's log and the worker say."""
+    job = client.post("/api/jobs", json=job_body(resume=False)).json()
+    wid = client.post("/api/workers/register", json={"name": "w"}, headers=worker_headers).json()["worker_id"]
+    assert client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers).json()["job"]["id"] == job["id"]
+    client.post(f"/api/jobs/{job['id']}/finish", headers=worker_headers,
+                json={"worker_id": wid, "attempt": 1, "exit_code": 0, "failure_class": "lost",
+                      "failure_reason": "handed back"})
+    second = client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers).json()
+    assert second["job"]["attempt"] == 2
+    assert "--no-resume" not in second["argv"]                   # the server's command
+    assert TrainConfig(**second["job"]["config"]).resume          # what the worker derives its own argv from

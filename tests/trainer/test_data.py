@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 import trainer_core.data as data
 from trainer_core.config import TrainConfig
@@ -213,3 +214,11 @@ def test_prefix_tokenisation_equals_whole_tokenisation(tmp_path, tiny_model_dir,
         ds = load_or_tokenize(str(f), str(tiny_model_dir), max_seq_len, cache_dir=tmp_path / str(chars_per_token))
         assert [ds.text(t).tolist() for t in range(len(texts))] == [ids[:max_seq_len] for ids in whole]
         assert ds.text_truncated.tolist() == [len(ids) > max_seq_len for ids in whole]
+
+
+def test_min_branches_per_sample_without_max_is_refused_not_ignored():
+    """Without a maximum the groups are fixed (branches_per_sample): a minimum would silently do nothing."""
+    with pytest.raises(ValidationError, match="max_branches_per_sample"):
+        TrainConfig(base_model="m", data_path="d", min_branches_per_sample=4)
+    TrainConfig(base_model="m", data_path="d", min_branches_per_sample=4, max_branches_per_sample=8)
+    TrainConfig(base_model="m", data_path="d", min_branches_per_sample=1)   # the worker's argv passes the default

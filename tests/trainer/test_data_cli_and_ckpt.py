@@ -7,9 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from trainer_core.config import TrainConfig
+from trainer_core.data import DataError
 from trainer_core.layout import build_sample_layout, collate_packed
 from trainer_core.model import ParallelBranchLM, load_base_model, prepare_for_training
 
@@ -144,3 +146,11 @@ def test_data_check_counts_branches_without_the_main_and_warns_of_ignored_keys(t
     assert proc.returncode == 0, proc.stderr
     assert "branches per sample, main not counted (branches:samples): 2:1 4:1" in proc.stdout
     assert "warning: " in proc.stdout and "(1 truncated)" in proc.stdout
+
+
+def test_a_misspelled_module_in_a_target_list_is_an_error_not_dropped(tiny_model_dir):
+    """PEFT drops a listed name that matches nothing when another name matches: q_proj,vproj trained q_proj
+    alone, while the log and adapter_config.json still listed vproj."""
+    cfg = TrainConfig(base_model=str(tiny_model_dir), data_path="d", lora_target_modules="q_proj,vproj")
+    with pytest.raises(DataError, match="vproj"):
+        prepare_for_training(load_base_model(str(tiny_model_dir), torch.device("cpu"), torch.float32, "sdpa"), cfg)

@@ -13,7 +13,7 @@ from trainer_core import checkpoint as ckpt
 from trainer_core.dist import DistEnv
 from trainer_core.layout import build_sample_layout, collate_packed
 from trainer_core.model import ParallelBranchLM
-from trainer_core.train import _truncate_metrics, accumulate_gradients, lr_lambda
+from trainer_core.train import _truncate_metrics, accumulate_gradients, lr_lambda, warmup_steps
 
 ONE_PROCESS = DistEnv(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -55,6 +55,9 @@ def test_learning_rate_warms_up_linearly_then_decays_to_zero_along_a_cosine():
     assert all(a > b for a, b in zip(factors[2:10], factors[3:10]))   # strictly falling after the warmup
     assert factors[6] == 0.5 and factors[10] == 0.0                      # the cosine's midpoint, then zero
     assert lr_lambda(total_steps=4, warmup_steps=0)(0) == 1.0            # no warmup: the peak at once
+    # the default ratio 0.05 of a 20-step run rounds to 1 step, which would start at the peak: no warmup at all
+    assert warmup_steps(0.05, 20) == 2 and lr_lambda(20, warmup_steps(0.05, 20))(0) == 0.5
+    assert warmup_steps(0.05, 1000) == 50 and warmup_steps(0.0, 1000) == 0
 
 
 def test_resuming_drops_the_metrics_of_steps_that_will_be_trained_again(tmp_path):
