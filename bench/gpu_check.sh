@@ -64,7 +64,7 @@ print("preflight OK: trainer_core.config and trainer_core.model import; CUDA", t
 # 1) correctness on CUDA in float32: flex BlockMask vs SDPA (loss, LoRA gradients), no leak between packed samples
 run_step "1 flex_check" 80 "$LOG" python3 bench/flex_check.py
 # 2) issue 5: (a) naive vs (b) trainer_core at the quick-start shape; the speedup is saved right after (b)
-run_step "2 train_gpu (a)+(b)" 180 "$OUT/train_gpu_${CARD}.txt" \
+run_step "2 train_gpu (a)+(b)" 210 "$OUT/train_gpu_${CARD}.txt" \
   python3 bench/train_gpu.py --variants naive,shipped --json "$OUT/train_gpu_${CARD}.json"
 # 3) the real trainer command end to end at the 0.5B shape; it stops itself 15 s early to write its summary
 limit=$(left 120)

@@ -434,10 +434,11 @@ def record_report(*, session: Session, job_id: int, report: Report, settings: Se
     for point in report.metrics:
         values = point.model_dump(exclude={"total_steps"})
         row = session.get(Metric, (job_id, point.step))
+        stored = None if row is None else row.model_dump(exclude={"job_id"})
         if row is None:
             session.add(Metric(job_id=job_id, **values))
-        elif row.model_dump(exclude={"job_id"}) == values:
-            continue  # a re-sent point (a worker back-filling from metrics.jsonl): already streamed
+        elif stored == values or (values["eta_s"] is None and {**stored, "eta_s": None} == values):
+            continue  # a re-sent point (a worker back-filling from metrics.jsonl, without the old ETA): streamed
         else:  # a resumed attempt re-ran this step: the newer value replaces the old one
             row.sqlmodel_update(values)
         emit(session, job, EventKind.metric, values)

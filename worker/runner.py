@@ -142,7 +142,7 @@ class JobRun:
     def backfill_metrics(self, metrics_file: Path) -> None:
         """Queue the points a previous attempt wrote to metrics.jsonl: its worker may have died before
         sending them, and the trainer drops the ones after its checkpoint when it resumes. The server
-        ignores points it already has."""
+        ignores points it already has (one that differs only in its missing ETA too)."""
         if not metrics_file.is_file():
             return
         by_step: dict[int, dict[str, Any]] = {}
