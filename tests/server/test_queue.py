@@ -191,15 +191,15 @@ def test_reports_are_idempotent_and_a_rerun_step_replaces(client, worker_headers
     assert [x["seq"] for x in page["data"]] == [1, 2] and page["next_offset"] == 3
     job = client.get(f"/api/jobs/{job_id}").json()
     assert job["step"] == 2 and job["total_steps"] == 3 and job["last_loss"] == 1.5
-    # a later attempt back-fills step 1 from metrics.jsonl without its old ETA: the point is not new, so the
-    # job's step does not go back and its ETA stays
+    # a later attempt back-fills step 3 from metrics.jsonl without its old ETA: the point is not new, so
+    # the job keeps its ETA
     body = {"worker_id": wid, "attempt": attempt, "log_start": 3, "logs": [], "metrics": [
-        {"step": 2, "loss": 1.5, "eta_s": 4.0}]}
+        {"step": 3, "loss": 1.2, "eta_s": 4.0}]}
     assert client.post(f"/api/jobs/{job_id}/report", json=body, headers=worker_headers).status_code == 204
-    body["metrics"] = [{"step": 1, "loss": 2.0, "eta_s": None}]
+    body["metrics"] = [{"step": 3, "loss": 1.2, "eta_s": None}]
     assert client.post(f"/api/jobs/{job_id}/report", json=body, headers=worker_headers).status_code == 204
     job = client.get(f"/api/jobs/{job_id}").json()
-    assert job["step"] == 2 and job["eta_s"] == 4.0
+    assert job["step"] == 3 and job["eta_s"] == 4.0
     # another worker (or a stale attempt) cannot report
     bad = {**body, "attempt": attempt + 1}
     assert client.post(f"/api/jobs/{job_id}/report", json=bad, headers=worker_headers).status_code == 409
