@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train_gpu import write_json  # bench/ is on the path of a script run from it
+from results_file import write_json  # bench/ is on the path of a script run from it
 from trainer_core.config import CE_CHUNK_TOKENS
 from trainer_core.model import LinearCrossEntropy, checkpointed_cross_entropy
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_gpu import SHAPES, write_json  # noqa: E402
+from results_file import write_json  # noqa: E402
+from train_gpu import SHAPES  # noqa: E402
 
 from trainer_core.demo import make_demo_data, make_tiny_model  # noqa: E402
 

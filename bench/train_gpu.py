@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from results_file import write_json  # bench/ is on the path of a script run from it
 from trainer_core.config import TrainConfig
 from trainer_core.data import pack_layouts
 from trainer_core.layout import IGNORE_INDEX, build_sample_layout
@@ -111,13 +111,6 @@ class StepClock:
             torch.cuda.synchronize()
             return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
         return [b - a for a, b in zip(self.marks, self.marks[1:])]
-
-
-def write_json(path: str | Path, obj) -> None:
-    """Whole or not at all: a time limit's kill in mid-write must not leave a cut file of earlier rows."""
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def gb(n_bytes: int) -> float:
