@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", type=Path, default=None,
                         help="File holding the user token (default: $PARATRAIN_USER_TOKEN, else "
                              "$PARATRAIN_DATA_DIR/token, else .paratrain/token: what `paratrain serve` creates).")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="Change one field of the file (job.KEY for a job field; the value is read as YAML: "
+                             "--set learning_rate=3e-4 --set job.gpus=2). Repeatable: one file, a sweep.")
     parser.add_argument("-f", "--follow", action="store_true",
                         help="Print the job's progress until it ends; exit 0 only if it succeeded.")
 
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from ui.workers import capacity_warning, known_workers
 
     try:
-        body = job_body(args.file.read_text(encoding="utf-8"))
+        body = job_body(args.file.read_text(encoding="utf-8"), args.overrides)
     except OSError as e:
         return _fail(f"{args.file}: {e.strerror or e}")
     except (ValueError, UnicodeDecodeError) as e:
@@ -113,11 +116,11 @@ class FollowError(Exception):
     """The job's event stream cannot be read (refused, unreadable, or the server gone for good)."""
 
 
-def job_body(text: str) -> dict[str, Any]:
-    """The JobCreate body of docs/API.md from a job file."""
+def job_body(text: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The JobCreate body of docs/API.md from a job file and `key=value` overrides."""
     from trainer_core.config import parse_job_file
 
-    config, job = parse_job_file(text)
+    config, job = parse_job_file(text, overrides or ())
     missing = [name for name in ("base_model", "data_path") if name not in config]
     if missing:
         raise ValueError(f"missing {' and '.join(missing)}")

@@ -225,11 +225,13 @@ class JobResources(BaseModel):
         return self.gpus if self.gpus > 0 else (self.nproc or 1)
 
 
-def parse_job_file(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def parse_job_file(text: str, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
     """A saved job (the UI's *Save as YAML*, `paratrain submit`'s input): TrainConfig fields at the top
-    level, JobResources fields under `job:`; a bare TrainConfig YAML or JSON is one too. Returns (the
-    config fields that are set, the job fields that are set), checked against both schemas (required
-    config fields may be missing). ValueError naming the line, the key or the field."""
+    level, JobResources fields under `job:`; a bare TrainConfig YAML or JSON is one too. `overrides` are
+    `key=value` (`job.key=value` for a job field; the value read as YAML: 3e-4, true, [q_proj, v_proj]),
+    applied over the file. Returns (the config fields that are set, the job fields that are set), checked
+    against both schemas (required config fields may be missing). ValueError naming the line, the key or
+    the field."""
     import json
 
     import yaml
@@ -245,6 +247,22 @@ def parse_job_file(text: str) -> tuple[dict[str, Any], dict[str, Any]]:
         raise ValueError(f"not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):
         raise ValueError("the file does not hold a mapping of field: value")
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {override!r}: expected key=value (job.key=value for a job field)")
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            parsed = value   # plain text, e.g. a path with a colon
+        section, _, name = key.strip().rpartition(".")
+        if section == "job":
+            if data.get("job") is None:
+                data["job"] = {}
+            if isinstance(data["job"], dict):   # else the check below names it
+                data["job"][name] = parsed
+        else:
+            data[key.strip()] = parsed
     try:   # what YAML holds beyond JSON (binary, dates, sets) cannot be sent or stored
         json.dumps(data, allow_nan=False)
     except (TypeError, ValueError) as e:

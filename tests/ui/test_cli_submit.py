@@ -209,3 +209,18 @@ def test_a_resumed_attempt_does_not_print_its_steps_twice(monkeypatch, capsys):
     assert submit.follow(FakeApi(), "token", 1) == 0
     steps = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
     assert steps == ["step 1/3", "step 2/3", "step 2/3", "step 3/3"]
+
+
+def test_set_changes_fields_of_the_file_for_a_sweep(live_server, tmp_path, token_file, capsys):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(JOB_FILE)
+    argv = ["submit", str(job_file), "--server", live_server.base_url, "--token-file", str(token_file)]
+    for lr in ("1e-4", "3e-4"):
+        assert main([*argv, "--set", f"learning_rate={lr}", "--set", "job.priority=5",
+                     "--set", "lora_target_modules=q_proj,v_proj"]) == 0
+    with live_server.api() as api:
+        jobs = api.get("/api/jobs").json()["data"]
+    assert sorted(j["config"]["learning_rate"] for j in jobs) == [1e-4, 3e-4]
+    assert {(j["priority"], j["gpus"], j["config"]["lora_target_modules"]) for j in jobs} == {(5, 1, "q_proj,v_proj")}
+    assert main([*argv, "--set", "lerning_rate=1e-4"]) == 2
+    assert "lerning_rate (did you mean learning_rate?)" in capsys.readouterr().err
