@@ -96,26 +96,26 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     return server, url, (data_dir / "token").read_text().strip()
 
 
-async def client_loop(http: httpx.AsyncClient, body: dict, stop_at: float, latencies: list[float],
+async def client_loop(http: httpx.AsyncClient, body: dict, stop_at: float, latencies: list[tuple[str, float]],
                       statuses: Counter) -> None:
-    async def call(method: str, path: str, **kw) -> httpx.Response | None:
+    async def call(kind: str, method: str, path: str, **kw) -> httpx.Response | None:
         t0 = time.perf_counter()
         try:
             r = await http.request(method, path, **kw)
         except httpx.HTTPError as e:
             statuses[f"error {type(e).__name__}"] += 1
             return None
-        latencies.append(time.perf_counter() - t0)
+        latencies.append((kind, time.perf_counter() - t0))
         statuses[r.status_code] += 1
         return r
 
     while time.monotonic() < stop_at:
-        created = await call("POST", "/api/jobs", json=body)
-        await call("GET", "/api/jobs", params={"limit": 20})
+        created = await call("POST /jobs", "POST", "/api/jobs", json=body)
+        await call("GET /jobs", "GET", "/api/jobs", params={"limit": 20})
         if created is not None and created.status_code == 201:
             job_id = created.json()["id"]
-            await call("GET", f"/api/jobs/{job_id}")
-            await call("GET", f"/api/jobs/{job_id}/metrics")
+            await call("GET /jobs/{id}", "GET", f"/api/jobs/{job_id}")
+            await call("GET /jobs/{id}/metrics", "GET", f"/api/jobs/{job_id}/metrics")
 
 
 async def sse_watcher(url: str, token: str, job_ids: asyncio.Queue, stop_at: float, counts: Counter) -> None:
@@ -172,8 +172,9 @@ async def sim_worker(url: str, worker_token: str, name: str, stop_at: float, cla
 
 
 async def run_load(url: str, token: str, body: dict, clients: int, duration_s: float, *, sse: int = 0,
-                   workers: int = 0, worker_token: str = "") -> tuple[list[float], Counter, Counter, Counter]:
-    latencies: list[float] = []
+                   workers: int = 0, worker_token: str = "") -> tuple[list[tuple[str, float]], Counter, Counter,
+                                                                      Counter]:
+    latencies: list[tuple[str, float]] = []
     statuses: Counter = Counter()
     sse_counts: Counter = Counter()
     claims: Counter = Counter()
@@ -208,15 +209,21 @@ async def prefill_api(url: str, token: str, body: dict, count: int) -> None:
         await asyncio.gather(*(one() for _ in range(count)))
 
 
-def report(latencies: list[float], statuses: Counter, elapsed_s: float, clients: int) -> int:
+def _quantiles_ms(seconds: list[float]) -> str:
+    ordered = sorted(seconds)
+    p = (lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000) if ordered else (lambda q: 0.0)
+    return f"p50 {p(0.50):.1f}  p99 {p(0.99):.1f}  max {p(1.0):.1f}"
+
+
+def report(latencies: list[tuple[str, float]], statuses: Counter, elapsed_s: float, clients: int) -> int:
     server_errors = sum(n for code, n in statuses.items() if isinstance(code, int) and code >= 500)
     failures = sum(n for code, n in statuses.items() if not isinstance(code, int))
-    ordered = sorted(latencies)
-    p = (lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000) if ordered else (lambda q: 0.0)
+    seconds = [s for _, s in latencies]
     print(f"clients: {clients}  duration: {elapsed_s:.1f} s  requests: {len(latencies)}")
     print(f"requests/s: {len(latencies) / elapsed_s:.1f}")
-    print(f"latency ms: p50 {p(0.50):.1f}  p99 {p(0.99):.1f}  max {p(1.0):.1f}"
-          f"  mean {statistics.fmean(ordered) * 1000 if ordered else 0:.1f}")
+    print(f"latency ms: {_quantiles_ms(seconds)}  mean {statistics.fmean(seconds) * 1000 if seconds else 0:.1f}")
+    for kind in sorted({k for k, _ in latencies}):   # which call the slow ones are
+        print(f"  {kind:<22} {_quantiles_ms([s for k, s in latencies if k == kind])}")
     print(f"status: {dict(sorted(statuses.items(), key=str))}")
     print(f"5xx: {server_errors}  connection errors: {failures}")
     return 1 if server_errors or failures else 0
