@@ -1,8 +1,11 @@
 """Engine factory. SQLite runs in WAL mode: readers never wait. Write transactions start with BEGIN
 IMMEDIATE (connections of `write_engine(engine)`), so one that reads and then writes never fails half-way
-with SQLITE_BUSY; writers queue on the busy timeout instead. PostgreSQL needs none of this."""
+with SQLITE_BUSY; this process's writers take turns on a lock first, and the busy timeout covers the rest
+(another process). PostgreSQL needs none of this."""
 
 from __future__ import annotations
+
+import threading
 
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import Engine
@@ -31,14 +34,35 @@ def make_engine(url: str) -> Engine:
         cur.execute("PRAGMA foreign_keys=ON")
         cur.close()
 
+    # SQLite's busy handler retries a waiting writer with sleeps, in no order: under load an unlucky one
+    # waited for seconds (bench/api_load.py). This process's writers take turns here first, in the order
+    # the lock wakes them, and only then take SQLite's lock, which is then free or about to be.
+    writer_turn = threading.Lock()
+
+    def _end_turn(conn) -> None:  # type: ignore[no-untyped-def]
+        if conn.info.pop(_HOLDS_TURN, False):
+            writer_turn.release()
+
     @event.listens_for(engine, "begin")
     def _on_begin(conn) -> None:  # type: ignore[no-untyped-def]
-        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(_WRITE) else "BEGIN")
+        if not conn.get_execution_options().get(_WRITE):
+            conn.exec_driver_sql("BEGIN")
+            return
+        writer_turn.acquire()
+        conn.info[_HOLDS_TURN] = True
+        try:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        except BaseException:
+            _end_turn(conn)
+            raise
 
+    event.listen(engine, "commit", _end_turn)
+    event.listen(engine, "rollback", _end_turn)
     return engine
 
 
 _WRITE = "paratrain_write"
+_HOLDS_TURN = "paratrain_holds_writer_turn"
 
 
 def write_engine(engine: Engine) -> Engine:

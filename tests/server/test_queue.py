@@ -418,3 +418,52 @@ def test_a_requeued_job_resumes_its_checkpoint_even_if_submitted_with_resume_fal
     assert second["job"]["attempt"] == 2
     assert "--no-resume" not in second["argv"]                   # the server's command
     assert TrainConfig(**second["job"]["config"]).resume          # what the worker derives its own argv from
+
+
+def test_sqlite_writers_take_turns_and_every_way_out_of_a_transaction_ends_its_turn(tmp_path):
+    """Writers of one process queue on a lock before SQLite's (whose busy handler retries with sleeps, in no
+    order). A turn that a failed, read-only or rolled-back transaction kept would stop every later write."""
+    from sqlalchemy import text
+    from sqlmodel import Session
+
+    from server.db import init_db, make_engine, write_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'turns.db'}")
+    init_db(engine)
+    writes = write_engine(engine)
+
+    def ways_out() -> None:
+        try:
+            with Session(writes) as session:
+                session.exec(text("SELECT 1"))
+                raise RuntimeError("the route failed")
+        except RuntimeError:
+            pass
+        with Session(writes) as session:   # read only, closed without a commit
+            session.exec(text("SELECT 1"))
+        with Session(writes) as session:
+            session.exec(text("SELECT 1"))
+            session.rollback()
+
+    first = threading.Thread(target=ways_out, daemon=True)   # a kept turn blocks: fail, do not hang
+    first.start()
+    first.join(10)
+    assert not first.is_alive(), "a transaction that ended without a commit kept the writers' turn"
+    order: list[int] = []
+
+    def write(i: int) -> None:
+        with Session(writes) as session:
+            session.exec(text("CREATE TABLE IF NOT EXISTS t (i INTEGER)"))
+            session.exec(text("INSERT INTO t VALUES (:i)"), params={"i": i})
+            time.sleep(0.01)
+            session.commit()
+            order.append(i)
+
+    threads = [threading.Thread(target=write, args=(i,), daemon=True) for i in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert sorted(order) == list(range(20)), "a writer never got its turn"
+    with Session(engine) as session:
+        assert session.exec(text("SELECT COUNT(*) FROM t")).one()[0] == 20
