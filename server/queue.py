@@ -36,7 +36,7 @@ from server.models import (
 from server.settings import Settings
 from trainer_core import exit_codes
 from trainer_core.command import Rendezvous, placeholder_rendezvous, trainer_argv
-from trainer_core.config import TrainConfig, format_validation_error
+from trainer_core.config import TrainConfig, format_validation_error, job_config
 
 
 def stored_config(job: Job) -> TrainConfig:
@@ -44,7 +44,7 @@ def stored_config(job: Job) -> TrainConfig:
     Always resuming: a job's output dir is its own, so the only checkpoints there are its earlier attempts'
     (or, for a retry, its original's), which resume=False would delete to start over."""
     try:
-        return TrainConfig(**{**job.config, "resume": True})
+        return job_config(job.config)
     except ValidationError as e:
         raise StaleConfig(f"job {job.id}'s stored config is no longer valid: {format_validation_error(e)}") from None
 

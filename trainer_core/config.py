@@ -303,6 +303,12 @@ def _group(info: Any) -> str:
 JOB_SET_FIELDS = {"output_dir": "set by the server for a job: <data_dir>/jobs/<id>/out",
                   "resume": "always on for a job: a re-queued attempt resumes its own checkpoints"}
 
+
+def job_config(stored: dict[str, Any]) -> TrainConfig:
+    """A queued job's stored config as its trainer runs it, on the server (its command) and on the worker
+    (which derives its own): always resuming, also for a job stored before the server set that."""
+    return TrainConfig(**{**stored, "resume": True})
+
 # The fields that change what a dataset check reports (samples, batches, packed rows, the example layout):
 # `paratrain data check` takes them as flags, and the UI's check sends them from its form.
 SAMPLE_SHAPING_FIELDS = ("max_seq_len", "branches_per_sample", "min_branches_per_sample", "max_branches_per_sample",

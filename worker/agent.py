@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from server.models import Claim
 from trainer_core import exit_codes
 from trainer_core.command import trainer_argv
-from trainer_core.config import TrainConfig, format_validation_error
+from trainer_core.config import format_validation_error, job_config
 from worker.client import JobGone, Refused, ServerClient, Superseded, Unauthorized, Unreachable, UnreadableClaim
 from worker.runner import LAUNCHED_BY_ENV, RUN_ENV, JobRun, Outcome, StopReason, find_orphans, kill_groups
 from worker.settings import WorkerSettings
@@ -264,7 +264,7 @@ class Agent:
     def _start(self, claim: Claim) -> None:
         job, gpu_ids = claim.job, claim.gpu_ids
         try:
-            config = TrainConfig(**job.config)
+            config = job_config(job.config)
         except ValidationError as e:  # stored by a server whose schema differs from ours: that job fails, not the worker
             reason = f"this worker cannot run the stored config: {format_validation_error(e)}"
             log.error("job %s: %s", job.id, reason)

@@ -34,7 +34,7 @@ signal.signal(signal.SIGTERM, signal.SIG_IGN if args.name == "stubborn" else on_
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
 with open(os.path.join(args.output_dir, f"pids-{os.getpid()}.json"), "w") as f:
     json.dump({"pid": os.getpid(), "child": child.pid, "pgid": os.getpgid(0),
-               "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}, f)
+               "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "argv": sys.argv[1:]}, f)
 
 if args.name == "data-error":
     print(f"{args.output_dir}/data.jsonl:3: 'branches' must be a list of strings", file=sys.stderr, flush=True)

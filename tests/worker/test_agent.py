@@ -119,6 +119,19 @@ def test_a_stored_config_that_is_no_longer_valid_fails_that_job_only(live_server
     assert agent.thread.is_alive() and agent.exit_code is None
 
 
+def test_a_job_stored_with_resume_off_before_the_server_forced_it_still_resumes(live_server, start_agent,
+                                                                                job_body):
+    """resume=false in a job only ever deleted its own earlier attempts' checkpoints. New jobs are stored
+    with resume on; one stored before that must not get --no-resume from the worker, which derives the
+    command from the stored config."""
+    job = live_server.api.post("/jobs", json=job_body()).json()
+    _store_config(live_server, job["id"], resume=False)
+    start_agent()
+    assert live_server.wait_for(job["id"], {"succeeded", "failed"})["state"] == "succeeded"
+    [started] = _pid_files(job)
+    assert "--no-resume" not in started["argv"], started["argv"]
+
+
 def test_a_claim_this_worker_cannot_read_fails_that_job_with_the_reason(live_server, start_agent, job_body,
                                                                         monkeypatch):
     """A server of another version hands out a job in a reply this worker cannot parse. The job is leased to
