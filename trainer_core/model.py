@@ -91,20 +91,17 @@ def prepare_for_training(base: nn.Module, cfg: TrainConfig):
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
+    peft_config = lora_config(cfg)
     try:
-        model = get_peft_model(base, lora_config(cfg), autocast_adapter_dtype=cfg.adapter_dtype == "float32")
+        model = get_peft_model(base, peft_config, autocast_adapter_dtype=cfg.adapter_dtype == "float32")
     except ValueError as e:  # PEFT's NoMatchingPeftModuleError: a module name this model does not have
-        linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear)})
-        raise DataError([f"--lora_target_modules {cfg.lora_target_modules}: {str(e).splitlines()[0]} "
-                         f"(linear layers of this model: {', '.join(linear)}, or 'all-linear')"]) from None
-    wanted = lora_config(cfg).target_modules
+        raise _target_modules_error(base, cfg, str(e).splitlines()[0]) from None
+    wanted = peft_config.target_modules
     if not isinstance(wanted, str):   # PEFT drops a listed name that matches nothing when another name matches
         targeted = model.targeted_module_names
         unmatched = sorted(t for t in wanted if not any(n == t or n.endswith("." + t) for n in targeted))
         if unmatched:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear)})
-            raise DataError([f"--lora_target_modules {cfg.lora_target_modules}: no module named {', '.join(unmatched)} "
-                             f"(linear layers of this model: {', '.join(linear)}, or 'all-linear')"])
+            raise _target_modules_error(base, cfg, f"no module named {', '.join(unmatched)}")
     compute_adapters_in_model_dtype(model)
     if cfg.compile:
         # In place, layer by layer: parameter names (checkpoints, PEFT's adapter files) do not change, and
@@ -117,6 +114,12 @@ def prepare_for_training(base: nn.Module, cfg: TrainConfig):
     # from_pretrained hands the model over in eval mode, where transformers skips gradient checkpointing
     # and LoRA dropout does nothing: both would be silently off
     return model.train()
+
+
+def _target_modules_error(base: nn.Module, cfg: TrainConfig, problem: str) -> DataError:
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear)})
+    return DataError([f"--lora_target_modules {cfg.lora_target_modules}: {problem} "
+                      f"(linear layers of this model: {', '.join(linear)}, or 'all-linear')"])
 
 
 def compute_adapters_in_model_dtype(peft_model: nn.Module, enabled: bool = True) -> None:
