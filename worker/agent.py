@@ -245,10 +245,8 @@ class Agent:
             self.outage.failed("claim", e)
             claim = None
         except UnreadableClaim as e:   # leased to us now: failed with the reason, not left to lapse and recur
-            log.error("job %s: %s", e.job_id, e)
-            self._finish(JobRun(job_id=e.job_id, attempt=e.attempt, gpu_ids=[], argv=[], env={}),
-                         Outcome(exit_codes.BAD_INPUT, "data", f"this worker cannot read the server's claim (a "
-                                 f"worker of another version than the server?): {e}"))
+            self._fail_unstarted(e.job_id, e.attempt, "this worker cannot read the server's claim (a worker of "
+                                                      f"another version than the server?): {e}")
             claim = None
         except (JobGone, Refused) as e:
             log.warning("claim failed: %s", e)
@@ -266,10 +264,8 @@ class Agent:
         try:
             config = job_config(job.config)
         except ValidationError as e:  # stored by a server whose schema differs from ours: that job fails, not the worker
-            reason = f"this worker cannot run the stored config: {format_validation_error(e)}"
-            log.error("job %s: %s", job.id, reason)
-            self._finish(JobRun(job_id=job.id, attempt=job.attempt, gpu_ids=gpu_ids, argv=[], env={}),
-                         Outcome(exit_codes.BAD_INPUT, "data", reason))
+            self._fail_unstarted(job.id, job.attempt,
+                                 f"this worker cannot run the stored config: {format_validation_error(e)}")
             return
         # Derived here, not taken from claim.argv: this machine's trainer program and schema are the ones
         # that run. For a standard worker it is the same command (trainer_core.command.trainer_argv on both sides).
@@ -294,6 +290,13 @@ class Agent:
             return
         self.runs[run.job_id] = run
         log.info("job %s attempt %s started (pgid %s): %s", run.job_id, run.attempt, run.pgid, " ".join(argv))
+
+    def _fail_unstarted(self, job_id: int, attempt: int, reason: str) -> None:
+        """A claimed job this worker cannot even start (a server of another version): it fails as bad input
+        with the reason, so it neither waits out its lease nor comes back to fail the same way."""
+        log.error("job %s: %s", job_id, reason)
+        self._finish(JobRun(job_id=job_id, attempt=attempt, gpu_ids=[], argv=[], env={}),
+                     Outcome(exit_codes.BAD_INPUT, "data", reason))
 
     def _reap(self) -> None:
         for job_id, run in list(self.runs.items()):
