@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -15,6 +14,7 @@ from server.auth import Tokens, token_matches
 from server.errors import FieldError
 from server.models import MAX_DB_INT
 from server.settings import Settings
+from trainer_core.config import closest_name
 
 _bearer = HTTPBearer(auto_error=False, description="`paratrain serve` prints the token; it is in <data_dir>/token.")
 
@@ -55,8 +55,8 @@ async def reject_unknown_query_params(request: Request) -> None:
     known = _query_params(route.dependant)
     unknown = sorted(set(request.query_params) - known)
     if unknown:
-        close = difflib.get_close_matches(unknown[0], known, n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known)) or 'none'}"
+        close = closest_name(unknown[0], known)
+        hint = f"did you mean {close!r}?" if close else f"known: {', '.join(sorted(known)) or 'none'}"
         raise FieldError(("query", unknown[0]), f"unknown query parameter; {hint}")
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -225,6 +225,12 @@ class JobResources(BaseModel):
         return self.gpus if self.gpus > 0 else (self.nproc or 1)
 
 
+def closest_name(name: str, known: Iterable[str]) -> str | None:
+    """The known name a misspelt one most likely meant (difflib's closest match), or None."""
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return close[0] if close else None
+
+
 def parse_job_file(text: str, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
     """A saved job (the UI's *Save as YAML*, `paratrain submit`'s input): TrainConfig fields at the top
     level, JobResources fields under `job:`; a bare TrainConfig YAML or JSON is one too. `overrides` are
@@ -275,8 +281,7 @@ def parse_job_file(text: str, overrides: Sequence[str] = ()) -> tuple[dict[str, 
                + sorted(f"job.{k}" for k in set(job) - set(JobResources.model_fields)))
     if unknown:
         known = [*TrainConfig.model_fields, *(f"job.{k}" for k in JobResources.model_fields)]
-        named = [f"{key} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(key, known, 1)) else key
-                 for key in unknown]
+        named = [f"{key} (did you mean {close}?)" if (close := closest_name(key, known)) else key for key in unknown]
         raise ValueError(f"unknown config keys: {', '.join(named)}")
     try:   # every value as the schema takes it (required fields it may lack are stand-ins here)
         TrainConfig(**{"base_model": "-", "data_path": "-", **data})

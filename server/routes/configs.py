@@ -15,7 +15,7 @@ from server.models import CommandPublic, JobCreate
 from server.paths import confine_field, is_dir
 from server.settings import Settings
 from trainer_core.command import placeholder_rendezvous, trainer_argv
-from trainer_core.config import SAMPLE_SHAPING_FIELDS, TrainConfig
+from trainer_core.config import SAMPLE_SHAPING_FIELDS, TrainConfig, closest_name
 
 router = APIRouter(tags=["configs"], dependencies=[UserAuth])
 
@@ -79,13 +79,11 @@ def check_dataset(body: DatasetCheck, settings: SettingsDep) -> DatasetCheckResu
 def check_extra_fields(body: DatasetCheck) -> None:
     """The extra keys must be TrainConfig fields with valid values: a misspelt one (max_seq_length) would
     otherwise be ignored, and the summary computed with a default the caller did not mean."""
-    import difflib
-
     extra = body.model_extra or {}
     for key in extra:
         if key not in TrainConfig.model_fields:
-            close = difflib.get_close_matches(key, TrainConfig.model_fields, n=1)
-            raise FieldError(("body", key), f"unknown field {key!r}" + (f"; did you mean {close[0]!r}?" if close else
+            close = closest_name(key, TrainConfig.model_fields)
+            raise FieldError(("body", key), f"unknown field {key!r}" + (f"; did you mean {close!r}?" if close else
                                                                        " (the fields: GET /api/config-schema)"))
     train_config(**{**extra, "base_model": body.base_model or "model", "data_path": body.data_path})
 
