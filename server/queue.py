@@ -484,10 +484,14 @@ def finish_job(*, session: Session, job_id: int, finish: Finish) -> Job:
         return job
     completed = finish.exit_code == 0 and finish.failure_class is None
     # A cancel that reached a trainer already past its last step does not undo it: the job succeeded.
-    if finish.failure_class == FailureClass.cancelled or (job.cancel_requested and not completed):
+    if job.cancel_requested and not completed:
         job.failure_class = FailureClass.cancelled
         job.failure_reason = finish.failure_reason or "cancelled"
         set_state(session, job, JobState.cancelled)
+    elif finish.failure_class == FailureClass.cancelled:
+        # Only a user cancels a job. A run its worker stopped as cancelled while nobody asked was stopped by
+        # mistake (a stale stop): it resumes from its checkpoint, up to max_attempts.
+        _lose_job(session, job, f"{who + ': ' if who else ''}stopped by its worker, but no cancel was requested")
     elif finish.failure_class == FailureClass.lost:   # stopped from outside: again, up to max_attempts
         _lose_job(session, job, f"{who + ': ' if who else ''}{finish.failure_reason or 'lost'}")
     elif completed:

@@ -92,7 +92,7 @@ class Agent:
         self.finished: dict[int, tuple[JobRun, Outcome]] = {}  # exited, final report not yet accepted
         self.warm_stop = threading.Event()
         self.cold_stop = threading.Event()
-        self._cancel_ids: set[int] = set()
+        self._stops: set[tuple[int, int]] = set()   # (job id, attempt) the server told us to stop
         self._cancel_lock = threading.Lock()
         self._next_claim = 0.0
         self._unknown_to_server = threading.Event()  # the server lost our registration (a new database)
@@ -197,11 +197,7 @@ class Agent:
         assert self.worker_id is not None
         while not stopped.is_set():
             try:
-                stop = self.client.heartbeat(self.worker_id, sorted([*self.runs, *self.finished]),
-                                             stopping=self.warm_stop.is_set())
-                self.outage.answered()
-                with self._cancel_lock:
-                    self._cancel_ids.update(stop)
+                self._beat()
                 if self.settings.health_file is not None:
                     self.settings.health_file.touch()
             except Unreachable as e:
@@ -216,12 +212,22 @@ class Agent:
                 return
             stopped.wait(self.heartbeat_interval_s)
 
+    def _beat(self) -> None:
+        # The server names jobs, not attempts. A reply can arrive after this worker ended the attempt it was
+        # about and claimed the job's next one (a gang re-forming): the stop is for the attempt it was sent for.
+        attempts = {job_id: run.attempt for job_id, run in dict(self.runs).items()}
+        attempts.update({job_id: run.attempt for job_id, (run, _) in dict(self.finished).items()})
+        stop = self.client.heartbeat(self.worker_id, sorted(attempts), stopping=self.warm_stop.is_set())
+        self.outage.answered()
+        with self._cancel_lock:
+            self._stops.update((job_id, attempts[job_id]) for job_id in stop if job_id in attempts)
+
     def _apply_cancels(self) -> None:
         with self._cancel_lock:
-            ids, self._cancel_ids = self._cancel_ids, set()
-        for job_id in ids:
+            stops, self._stops = self._stops, set()
+        for job_id, attempt in stops:
             run = self.runs.get(job_id)
-            if run is not None:
+            if run is not None and run.attempt == attempt and run.stop_reason is None:
                 log.info("stopping job %s (cancelled or no longer ours)", job_id)
                 run.stop(StopReason.cancel, self.settings.kill_grace_s)
 

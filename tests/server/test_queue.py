@@ -258,6 +258,20 @@ def test_cancel_running_goes_through_the_worker(client, worker_headers, job_body
     assert r.json()["state"] == "cancelled" and r.json()["failure_class"] == "cancelled"
 
 
+def test_a_run_stopped_as_cancelled_without_a_cancel_request_is_requeued_not_cancelled(client, worker_headers,
+                                                                                        job_body):
+    """Only a user cancels: a worker's stale stop must not end the job for good."""
+    client.post("/api/jobs", json=job_body())
+    wid = _register(client, worker_headers)
+    job_id, attempt = _run_one(client, worker_headers, wid)
+    r = client.post(f"/api/jobs/{job_id}/finish", headers=worker_headers,
+                    json={"worker_id": wid, "attempt": attempt, "exit_code": 0, "failure_class": "cancelled"})
+    assert r.json()["state"] == "queued" and r.json()["attempt"] == attempt + 1, r.json()
+    assert not r.json()["failure_class"]
+    logs = [x["line"] for x in client.get(f"/api/jobs/{job_id}/logs").json()["data"]]
+    assert any("no cancel was requested" in line for line in logs), logs
+
+
 def test_a_run_that_completed_before_its_cancel_took_effect_succeeded(client, worker_headers, job_body):
     client.post("/api/jobs", json=job_body())
     wid = _register(client, worker_headers)

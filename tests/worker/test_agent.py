@@ -462,3 +462,34 @@ def test_an_error_status_is_an_answer_logged_once_a_minute_not_an_outage(caplog)
     outage.answered()
     assert [r.getMessage().split(" (")[0] for r in caplog.records[1:]] == [
         "server unreachable", "server reachable again after 0 s"]
+
+
+@pytest.mark.parametrize("next_attempt_starts_meanwhile", [True, False])
+def test_a_stop_for_one_attempt_does_not_stop_the_jobs_next_attempt(next_attempt_starts_meanwhile):
+    """A gang re-forming: the server still names the job in its heartbeat reply because that reply was about
+    the attempt this worker had just ended; by the time it arrives, the worker has claimed the next attempt.
+    (A stale stop ended such a two-node job `cancelled` in CI.)"""
+    from worker.agent import Agent
+    from worker.runner import JobRun
+    from worker.settings import WorkerSettings
+
+    stopped: list[int] = []
+
+    def run_of(attempt: int) -> JobRun:
+        run = JobRun(job_id=1, attempt=attempt, gpu_ids=[], argv=["trainer"], env={})
+        run.stop = lambda reason, grace_s: stopped.append(attempt)
+        return run
+
+    class Client:
+        def heartbeat(self, worker_id, running_job_ids, stopping):
+            assert running_job_ids == [1]
+            if next_attempt_starts_meanwhile:   # the main loop, while this request is in flight
+                agent.runs = {1: run_of(2)}
+            return [1]
+
+    agent = Agent(WorkerSettings(name="w"), Client(), gpus=[])
+    agent.worker_id = 7
+    agent.runs = {1: run_of(1)}
+    agent._beat()
+    agent._apply_cancels()
+    assert stopped == ([] if next_attempt_starts_meanwhile else [1])
