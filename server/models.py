@@ -324,6 +324,9 @@ class ClaimRequest(BaseModel):
     rdzv_port: int | None = Field(None, ge=1, le=65535, description="A port free on this machine now; used when "
                                   "this worker becomes node 0 of a multi-node job.")
     instance: WorkerInstance = None
+    busy_job_ids: list[int] = Field(default_factory=list, max_length=4096, description="Jobs an earlier attempt "
+                                    "of which is still exiting (or unreported) on this worker: not offered to it "
+                                    "again until that is over.")
 
 
 class Claim(BaseModel):

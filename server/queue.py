@@ -297,6 +297,8 @@ def _next_launch(session: Session, worker: Worker, request: ClaimRequest, settin
     reservations = [node for node, job in nodes if job.state == JobState.queued]
     free = sorted(set(request.free_gpu_indices) - {i for node in reservations for i in node.gpu_ids})
     stmt = select(Job).where(Job.state == JobState.queued, Job.gpus <= len(free))
+    if request.busy_job_ids:   # two attempts of a job on one machine would write the same output dir at once
+        stmt = stmt.where(col(Job.id).not_in(request.busy_job_ids))
     if not request.accept_cpu_jobs or any(not node.gpu_ids for node in reservations):
         stmt = stmt.where(Job.gpus > 0)
     if reservations or request.rdzv_address is None or request.rdzv_port is None:

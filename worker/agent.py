@@ -245,7 +245,8 @@ class Agent:
         assert self.worker_id is not None
         try:
             claim = self.client.claim(self.worker_id, free_gpu_indices=free, accept_cpu_jobs=accept_cpu,
-                                      rdzv_address=self.settings.rdzv_address or None, rdzv_port=free_port())
+                                      rdzv_address=self.settings.rdzv_address or None, rdzv_port=free_port(),
+                                      busy_job_ids=sorted({*self.runs, *self.finished}))
             self.outage.answered()
         except Unreachable as e:
             self.outage.failed("claim", e)

@@ -109,11 +109,12 @@ class ServerClient:
         self._post(f"/workers/{worker_id}/leave", WorkerLeave, instance=self.instance)
 
     def claim(self, worker_id: int, *, free_gpu_indices: list[int], accept_cpu_jobs: bool,
-              rdzv_address: str | None = None, rdzv_port: int | None = None) -> Claim | None:
+              rdzv_address: str | None = None, rdzv_port: int | None = None,
+              busy_job_ids: list[int] | None = None) -> Claim | None:
         """The job the server hands this worker, or None when there is none (204)."""
         response = self._post(f"/workers/{worker_id}/claim", ClaimRequest, free_gpu_indices=free_gpu_indices,
                               accept_cpu_jobs=accept_cpu_jobs, rdzv_address=rdzv_address, rdzv_port=rdzv_port,
-                              instance=self.instance)
+                              instance=self.instance, busy_job_ids=busy_job_ids or [])
         if response.status_code == 204:
             return None
         try:

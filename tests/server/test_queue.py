@@ -48,6 +48,22 @@ def test_concurrent_claimers_never_share_a_job(settings, job_body):
     assert len(claimed) == 40 and len(set(claimed)) == 40
 
 
+def test_a_job_still_exiting_on_a_worker_is_not_offered_to_it_again(client, worker_headers, job_body):
+    """A re-queued job whose old attempt is still saving on this worker goes to another one (or waits):
+    two attempts on one machine would write the same output dir at once."""
+    first = client.post("/api/jobs", json=job_body()).json()["id"]
+    second = client.post("/api/jobs", json=job_body()).json()["id"]
+    wid = _register(client, worker_headers)
+
+    def claim(busy):
+        r = client.post(f"/api/workers/{wid}/claim", json={"busy_job_ids": busy}, headers=worker_headers)
+        return r.json()["job"]["id"] if r.status_code == 200 else None
+
+    assert claim([first]) == second
+    assert claim([first]) is None
+    assert claim([]) == first
+
+
 def test_lost_lease_requeues_then_fails_with_reason(client, worker_headers, job_body):
     job = client.post("/api/jobs", json=job_body()).json()  # max_attempts 2 (settings)
     wid = _register(client, worker_headers)

@@ -493,3 +493,22 @@ def test_a_stop_for_one_attempt_does_not_stop_the_jobs_next_attempt(next_attempt
     agent._beat()
     agent._apply_cancels()
     assert stopped == ([] if next_attempt_starts_meanwhile else [1])
+
+
+def test_a_worker_does_not_claim_a_job_whose_earlier_attempt_it_still_runs():
+    from worker.agent import Agent
+    from worker.runner import JobRun, Outcome
+    from worker.settings import WorkerSettings
+
+    asked: list[list[int]] = []
+
+    class Client:
+        def claim(self, worker_id, **request):
+            asked.append(request["busy_job_ids"])
+
+    agent = Agent(WorkerSettings(name="w", max_cpu_jobs=3), Client(), gpus=[])
+    agent.worker_id = 7
+    agent.runs = {4: JobRun(job_id=4, attempt=1, gpu_ids=[], argv=["trainer"], env={})}   # told to stop, exiting
+    agent.finished = {2: (JobRun(job_id=2, attempt=3, gpu_ids=[], argv=["trainer"], env={}), Outcome(0, None, ""))}
+    agent._claim()
+    assert asked == [[2, 4]]
