@@ -265,3 +265,40 @@ def test_a_stop_signal_before_the_first_step_stops_at_once(tmp_path, tiny_model_
     assert proc.wait(timeout=60) == 130, rest
     assert "stopped before the first training step: nothing to save" in rest and "Traceback" not in rest
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_weight_decay_clipping_alpha_and_log_interval_reach_the_training_run(tmp_path, tiny_model_dir,
+                                                                             demo_data_path):
+    """Each flag through the real command line to its effect. Gradients clipped to a norm of 1e-12 are far
+    below AdamW's eps (1e-8), so a step moves a weight by at most lr * 1e-12 / 1e-8 (unclipped, about lr): lora_B
+    (zero at init) stays near zero, and lora_A changes by the decoupled weight decay, prod(1 - lr_t * weight_decay)."""
+    from trainer_core.train import lr_lambda
+
+    steps, lr, weight_decay = 5, 0.05, 2.0
+
+    def train(out: Path, *extra: str) -> tuple[list[int], dict[str, torch.Tensor]]:
+        proc = subprocess.run([PYTHON, "-m", "trainer_core.train", *guide_args(tiny_model_dir, demo_data_path, out),
+                               "--max_steps", str(steps), "--learning_rate", str(lr), "--warmup_ratio", "0",
+                               "--max_grad_norm", "1e-12", "--save_interval", "100", *extra],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        logged = [r["step"] for r in json_lines(proc.stdout) if "loss" in r]
+        return logged, torch.load(next((out / "lora").glob("*_final.pth")), weights_only=True)
+
+    logged, decayed = train(tmp_path / "decayed", "--weight_decay", str(weight_decay), "--log_interval", "2",
+                            "--lora_alpha", "3")
+    assert logged == [2, 4, 5]   # every second step, and the last
+    assert json.loads((tmp_path / "decayed" / "adapter" / "adapter_config.json").read_text())["lora_alpha"] == 3
+    _, plain = train(tmp_path / "plain")
+    shrink = 1.0
+    for step in range(steps):
+        shrink *= 1 - lr * lr_lambda(steps, 0)(step) * weight_decay
+    assert shrink < 0.8
+    moved = steps * lr * 1e-12 / 1e-8   # the most the clipped gradients can move a weight: 2.5e-5 here
+    lora_a = [k for k in plain if "lora_A" in k]
+    assert lora_a and any("lora_B" in k for k in plain)
+    for key in plain:
+        if "lora_B" in key:
+            assert decayed[key].abs().max() <= moved and plain[key].abs().max() <= moved, key
+    for key in lora_a:
+        torch.testing.assert_close(decayed[key], plain[key] * shrink, rtol=0, atol=2 * moved)
