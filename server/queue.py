@@ -154,7 +154,9 @@ def _drop_jobs_of_worker(session: Session, worker: Worker, why: str) -> None:
     single = select(Job).where(Job.worker_id == worker.id, Job.state == JobState.running, Job.nodes == 1)
     for job in session.exec(single).all():
         _lose_job(session, job, why)
-    for _, job in _lock_nodes_of_worker(session, worker):
+    for node, job in _lock_nodes_of_worker(session, worker):
+        if node.finished:   # its part is done (it left while the other nodes finish): nothing to re-run
+            continue
         if job.state == JobState.running:
             _lose_job(session, job, why)
         else:
@@ -204,8 +206,8 @@ def heartbeat(*, session: Session, worker: Worker, beat: Heartbeat, settings: Se
         select(Job).where(Job.worker_id == worker.id, Job.state == JobState.running, Job.nodes == 1))}
     alive = [job_id for job_id in reported if job_id in held]
     if alive:
-        session.exec(update(Job).where(col(Job.id).in_(alive), Job.state == JobState.running)
-                     .values(lease_expires_at=lease))
+        session.exec(update(Job).where(col(Job.id).in_(alive), Job.state == JobState.running,
+                                       Job.worker_id == worker.id).values(lease_expires_at=lease))
     for node, job in _lock_nodes_of_worker(session, worker):
         if beat.stopping and not node.launched:  # it will claim nothing more: free what it holds for a gang
             if job.state == JobState.queued:
@@ -289,8 +291,10 @@ def _next_launch(session: Session, worker: Worker, request: ClaimRequest, settin
     The state change is a conditional UPDATE (`... WHERE state = 'queued'`), so of two workers racing
     for a job only one UPDATE matches a row (and on SQLite the whole transaction holds the write lock).
     """
+    if worker.stopping_since is not None:   # a claim sent just before its stop signal: it starts nothing more
+        return None
     nodes = _lock_nodes_of_worker(session, worker)  # one indexed query when the worker holds none
-    launch = _pending_launch(session, nodes)
+    launch = _pending_launch(session, nodes, settings)
     if launch is not None:
         return launch
     now = utcnow()
@@ -363,14 +367,17 @@ def _reserve_node(session: Session, job: Job, worker: Worker, gpu_ids: list[int]
     return Launch(job, node.gpu_ids, _rendezvous(job, node, head))
 
 
-def _pending_launch(session: Session, nodes: list[tuple[JobNode, Job]]) -> Launch | None:
+def _pending_launch(session: Session, nodes: list[tuple[JobNode, Job]], settings: Settings) -> Launch | None:
     """A node of a running multi-node job that this worker reserved and has not started yet."""
     row = next(((node, job) for node, job in nodes if not node.launched and job.state == JobState.running), None)
     if row is None:
         return None
     node, job = row
     node.launched = True
+    node.lease_expires_at = utcnow() + timedelta(seconds=settings.lease_ttl_s)   # a TTL from its launch
     session.add(node)
+    session.flush()
+    _refresh_gang_lease(session, job)
     head = session.get(JobNode, (job.id, 0))
     assert head is not None
     return Launch(job, node.gpu_ids, _rendezvous(job, node, head))
@@ -403,7 +410,8 @@ def release_stale_reservations(*, session: Session, now: datetime, settings: Set
     stale_ids = session.exec(select(JobNode.job_id).join(Job).where(Job.state == JobState.queued).where(
         (col(JobNode.lease_expires_at) < now)
         | (col(JobNode.reserved_at) < now - timedelta(seconds=settings.gang_wait_s))).distinct()).all()
-    stale = [get_job(session=session, job_id=job_id, for_update=True) for job_id in sorted(stale_ids)]
+    locked = [get_job(session=session, job_id=job_id, for_update=True) for job_id in sorted(stale_ids)]
+    stale = [job for job in locked if job.state == JobState.queued]   # PostgreSQL: a gang completed meanwhile
     for job in stale:
         _release_reservations(session, job, f"the gang was not complete after {settings.gang_wait_s:g} s "
                                             "or a reserving worker went silent")
@@ -484,7 +492,8 @@ def finish_job(*, session: Session, job_id: int, finish: Finish) -> Job:
                                   f"(a hand-back does not count against max_attempts)")
         set_state(session, job, JobState.queued)
         return job
-    completed = finish.exit_code == 0 and finish.failure_class is None
+    # a hand-back exits 0 too, mid-run (here only when a cancel crossed it, which the branch below honours)
+    completed = finish.exit_code == 0 and finish.failure_class is None and not finish.release
     # A cancel that reached a trainer already past its last step does not undo it: the job succeeded.
     if job.cancel_requested and not completed:
         job.failure_class = FailureClass.cancelled

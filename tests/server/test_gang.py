@@ -268,7 +268,9 @@ def test_a_stopping_worker_gives_back_what_it_holds_for_a_gang(client, worker_he
     assert any("reservations released (worker a is stopping)" in line for line in _lines(client, job["id"]))
     # the gang formed, but the stopping worker had not started its node yet: the job goes back to the queue
     assert b.claim() is None
-    assert a.claim() is not None  # a (not stopping any more) completes the gang as node 1
+    assert a.claim() is None   # a stopping worker is handed nothing
+    a = Box(client, worker_headers, "a", 29001)   # a, restarted, completes the gang as node 1
+    assert a.claim() is not None
     b.heartbeat(stopping=True)
     again = client.get(f"/api/jobs/{job['id']}").json()
     assert again["state"] == "queued" and again["attempt"] == 2
@@ -326,3 +328,34 @@ def test_racing_workers_form_each_gang_exactly_once(settings, job_body):
     with TestClient(create_app(settings)) as check:
         check.headers["Authorization"] = f"Bearer {check.app.state.tokens.user}"
         assert _integrity(check) == []
+
+
+@pytest.mark.parametrize("goes_away", ["leaves", "restarts"])
+def test_a_node_that_finished_may_go_away_while_the_others_finish(client, worker_headers, job_body, goes_away):
+    """Rank 0 finishes last (it writes the final outputs): a warm-stopped worker whose node is done leaves
+    (or restarts) before that, and the gang's success must stand, not be re-run or failed as lost."""
+    job, a, b = _start_gang(client, worker_headers, job_body)
+    assert b.finish(job["id"], 1).json()["state"] == "running"
+    if goes_away == "leaves":
+        assert client.post(f"/api/workers/{b.id}/leave", headers=worker_headers, json={}).status_code == 204
+    else:
+        Box(client, worker_headers, "b", 29002)
+    assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "running"
+    done = a.finish(job["id"], 1)
+    assert done.status_code == 200 and done.json()["state"] == "succeeded" and done.json()["attempt"] == 1
+    assert _integrity(client) == []
+
+
+def test_a_launch_claimed_late_gets_a_lease_from_its_launch(client, worker_headers, job_body, settings):
+    """A node's lease counts from when its worker took the launch, not from when the gang completed: a
+    worker slow to claim (a long final-report flush) must not lose the gang before its first heartbeat."""
+    ttl = settings.lease_ttl_s
+    job = _gang_job(client, job_body)
+    a, b = Box(client, worker_headers, "a", 29001), Box(client, worker_headers, "b", 29002)
+    assert a.claim() is None and b.claim() is not None   # the gang is complete; a has not taken its launch
+    complete = time.monotonic()
+    time.sleep(0.75 * ttl)
+    b.heartbeat(job["id"])
+    assert a.claim() is not None
+    time.sleep(max(0.0, complete + 1.3 * ttl - time.monotonic()))   # past the gang start's TTL, within the launch's
+    assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "running", _lines(client, job["id"])

@@ -497,3 +497,24 @@ def test_sqlite_writers_take_turns_and_every_way_out_of_a_transaction_ends_its_t
     assert sorted(order) == list(range(20)), "a writer never got its turn"
     with Session(engine) as session:
         assert session.exec(text("SELECT COUNT(*) FROM t")).one()[0] == 20
+
+
+def test_a_hand_back_crossed_by_a_cancel_ends_cancelled_not_succeeded(client, worker_headers, job_body):
+    """The worker stops (its trainer saves mid-run and exits 0) while the user cancels: not a success."""
+    job_id = client.post("/api/jobs", json=job_body()).json()["id"]
+    wid = _register(client, worker_headers)
+    _, attempt = _run_one(client, worker_headers, wid)
+    client.post(f"/api/jobs/{job_id}/cancel")
+    r = client.post(f"/api/jobs/{job_id}/finish", headers=worker_headers, json={
+        "worker_id": wid, "attempt": attempt, "exit_code": 0, "release": True, "failure_reason": "worker stopping"})
+    assert r.json()["state"] == "cancelled", r.json()
+
+
+def test_a_stopping_worker_is_handed_nothing(client, worker_headers, job_body):
+    """A claim sent just before the worker's stop signal, answered after its stopping heartbeat."""
+    wid = _register(client, worker_headers)
+    client.post(f"/api/workers/{wid}/heartbeat", json={"running_job_ids": [], "stopping": True},
+                headers=worker_headers)
+    job_id = client.post("/api/jobs", json=job_body()).json()["id"]
+    assert client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers).status_code == 204
+    assert client.get(f"/api/jobs/{job_id}").json()["state"] == "queued"
