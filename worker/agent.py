@@ -24,7 +24,8 @@ from trainer_core import exit_codes
 from trainer_core.command import trainer_argv
 from trainer_core.config import format_validation_error, job_config
 from worker.client import JobGone, Refused, ServerClient, Superseded, Unauthorized, Unreachable, UnreadableClaim
-from worker.runner import LAUNCHED_BY_ENV, RUN_ENV, JobRun, Outcome, StopReason, find_orphans, kill_groups
+from worker.runner import (DEATH_SIGNAL_DELIVERED, LAUNCHED_BY_ENV, RUN_ENV, JobRun, Outcome, StopReason, find_orphans,
+                           kill_groups)
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("paratrain.worker")
@@ -113,8 +114,11 @@ class Agent:
     def run(self) -> int:
         orphans = find_orphans(self.settings.identity)
         if orphans:
-            log.warning("stopping process groups %s left by a previous worker %r", sorted(orphans), self.settings.name)
-            kill_groups(list(orphans), self.settings.kill_grace_s)
+            # They got their death signal when that worker died and are saving a checkpoint: a second SIGTERM
+            # would make the trainers exit without it (their rule for a second signal). So wait, then SIGKILL.
+            log.warning("waiting up to %.0f s for process groups %s left by a previous worker %r to save and exit",
+                        self.settings.kill_grace_s, sorted(orphans), self.settings.name)
+            kill_groups(list(orphans), self.settings.kill_grace_s, terminate=not DEATH_SIGNAL_DELIVERED)
         if not self._register():
             return 1
         stopped = threading.Event()

@@ -347,9 +347,14 @@ def find_orphans(launched_by: str) -> dict[int, list[int]]:
     return groups
 
 
-def kill_groups(pgids: list[int], grace_s: float) -> None:
-    """SIGTERM every group, wait up to grace_s for them to go, SIGKILL what is left."""
-    for pgid in pgids:
+# Linux delivers a launcher's death signal (worker.launch) when the worker that started it dies, even by SIGKILL.
+DEATH_SIGNAL_DELIVERED = sys.platform.startswith("linux")
+
+
+def kill_groups(pgids: list[int], grace_s: float, *, terminate: bool = True) -> None:
+    """SIGTERM every group (unless `terminate` is False: they were signalled already), wait up to grace_s for
+    them to go, SIGKILL what is left."""
+    for pgid in pgids if terminate else []:
         _killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     while pgids and time.monotonic() < deadline:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -512,3 +513,53 @@ def test_a_worker_does_not_claim_a_job_whose_earlier_attempt_it_still_runs():
     agent.finished = {2: (JobRun(job_id=2, attempt=3, gpu_ids=[], argv=["trainer"], env={}), Outcome(0, None, ""))}
     agent._claim()
     assert asked == [[2, 4]]
+
+
+ORPHAN_TRAINER = """
+import pathlib, signal, sys, time
+saved = pathlib.Path(sys.argv[1])
+stop = []
+def handle(signum, frame):
+    if stop:            # the trainer's rule: a second signal exits without a new checkpoint
+        sys.exit(130)
+    stop.append(signum)
+signal.signal(signal.SIGTERM, handle)
+pathlib.Path(sys.argv[2]).touch()
+while not stop:
+    time.sleep(0.01)
+time.sleep(1.0)         # saving
+saved.write_text("checkpoint")
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_restarted_worker_lets_its_predecessors_trainers_finish_their_checkpoint(tmp_path):
+    """The dead worker's trainers got their death signal and are saving: the new worker must not send the
+    second signal that makes them exit without it."""
+    import subprocess
+
+    from worker.agent import Agent
+    from worker.client import Unauthorized
+    from worker.runner import LAUNCHED_BY_ENV, find_orphans
+    from worker.settings import WorkerSettings
+
+    class Client:   # the new worker stops right after its start-up sweep
+        def register(self, **_):
+            raise Unauthorized("stop here")
+
+    settings = WorkerSettings(name="box", server_url="http://127.0.0.1:8123", kill_grace_s=10)
+    identity = settings.identity
+    saved, ready = tmp_path / "saved", tmp_path / "ready"
+    old_worker = subprocess.Popen([sys.executable, "-c", (
+        "import os, subprocess, sys, time; subprocess.Popen([sys.executable, '-m', 'worker.launch', str(os.getpid()), "
+        f"sys.executable, '-c', {ORPHAN_TRAINER!r}, {str(saved)!r}, {str(ready)!r}], start_new_session=True); "
+        "time.sleep(60)")], env={**os.environ, LAUNCHED_BY_ENV: identity}, cwd=Path(__file__).parents[2])
+    deadline = time.time() + 20
+    while not ready.exists():
+        assert time.time() < deadline, "the trainer did not start"
+        time.sleep(0.05)
+    old_worker.kill()
+    old_worker.wait()
+    assert find_orphans(identity)
+    assert Agent(settings, Client(), gpus=[]).run() == 1
+    assert saved.read_text() == "checkpoint" and not find_orphans(identity)
