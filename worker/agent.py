@@ -96,7 +96,7 @@ class Agent:
         self._stops: set[tuple[int, int]] = set()   # (job id, attempt) the server told us to stop
         self._cancel_lock = threading.Lock()
         self._next_claim = 0.0
-        self._unknown_to_server = threading.Event()  # the server lost our registration (a new database)
+        self._forgotten_id: int | None = None  # a registration the server no longer knows (a new database)
         self.superseded: str | None = None  # why this process must stop: another registered under its name
         self.outage = OutageLog()
 
@@ -127,9 +127,7 @@ class Agent:
         announced = set()   # which stop the log has announced (signal handlers must not log)
         try:
             while True:
-                if self._unknown_to_server.is_set():
-                    self._unknown_to_server.clear()
-                    self._register()
+                self._register_again_if_forgotten()
                 if self.superseded is not None and "superseded" not in announced:
                     announced.add("superseded")
                     log.error("%s; stopping this one (its jobs were re-queued; set --name or "
@@ -200,8 +198,9 @@ class Agent:
     def _heartbeat_loop(self, stopped: threading.Event) -> None:
         assert self.worker_id is not None
         while not stopped.is_set():
+            worker_id = self.worker_id
             try:
-                self._beat()
+                self._beat(worker_id)
                 if self.settings.health_file is not None:
                     self.settings.health_file.touch()
             except Unreachable as e:
@@ -209,19 +208,26 @@ class Agent:
             except Refused as e:
                 log.warning("heartbeat failed: %s", e)
             except JobGone:
-                log.warning("the server does not know worker %s any more; registering again", self.worker_id)
-                self._unknown_to_server.set()
+                self._forgotten_id = worker_id
             except Superseded as e:
                 self.superseded = str(e)
                 return
             stopped.wait(self.heartbeat_interval_s)
 
-    def _beat(self) -> None:
+    def _register_again_if_forgotten(self) -> None:
+        forgotten, self._forgotten_id = self._forgotten_id, None
+        # Only if it is still our registration: a beat sent under the old id and answered after this worker
+        # registered again would register it a third time, and that re-queues the job it claimed meanwhile.
+        if forgotten is not None and forgotten == self.worker_id:
+            log.warning("the server does not know worker %s any more; registering again", forgotten)
+            self._register()
+
+    def _beat(self, worker_id: int) -> None:
         # The server names jobs, not attempts. A reply can arrive after this worker ended the attempt it was
         # about and claimed the job's next one (a gang re-forming): the stop is for the attempt it was sent for.
         attempts = {job_id: run.attempt for job_id, run in dict(self.runs).items()}
         attempts.update({job_id: run.attempt for job_id, (run, _) in dict(self.finished).items()})
-        stop = self.client.heartbeat(self.worker_id, sorted(attempts), stopping=self.warm_stop.is_set())
+        stop = self.client.heartbeat(worker_id, sorted(attempts), stopping=self.warm_stop.is_set())
         self.outage.answered()
         with self._cancel_lock:
             self._stops.update((job_id, attempts[job_id]) for job_id in stop if job_id in attempts)

@@ -491,7 +491,7 @@ def test_a_stop_for_one_attempt_does_not_stop_the_jobs_next_attempt(next_attempt
     agent = Agent(WorkerSettings(name="w"), Client(), gpus=[])
     agent.worker_id = 7
     agent.runs = {1: run_of(1)}
-    agent._beat()
+    agent._beat(7)
     agent._apply_cancels()
     assert stopped == ([] if next_attempt_starts_meanwhile else [1])
 
@@ -563,3 +563,21 @@ def test_a_restarted_worker_lets_its_predecessors_trainers_finish_their_checkpoi
     assert find_orphans(identity)
     assert Agent(settings, Client(), gpus=[]).run() == 1
     assert saved.read_text() == "checkpoint" and not find_orphans(identity)
+
+
+def test_a_stale_unknown_worker_reply_does_not_register_the_worker_again():
+    """After the server lost the worker (a new database), a heartbeat still in flight under the old id is
+    answered 404 after the worker registered again: a third registration would re-queue its new job."""
+    from worker.agent import Agent
+    from worker.settings import WorkerSettings
+
+    registered: list[str] = []
+    agent = Agent(WorkerSettings(name="w"), client=None, gpus=[])
+    agent._register = lambda: registered.append("again") or True
+    agent.worker_id = 8            # registered again already, as worker 8
+    agent._forgotten_id = 7        # the late 404 of a beat sent as worker 7
+    agent._register_again_if_forgotten()
+    assert registered == []
+    agent._forgotten_id = 8
+    agent._register_again_if_forgotten()
+    assert registered == ["again"]
