@@ -479,18 +479,8 @@ def finish_job(*, session: Session, job_id: int, finish: Finish) -> Job:
     job.exit_code = finish.exit_code
     who = f"node {node.node} (worker {_worker_name(session, node.worker_id)})" if node else ""
     if finish.release and not job.cancel_requested:
-        job.worker_id = None
-        job.gpu_ids = None
-        job.lease_expires_at = None
-        why = finish.failure_reason or "its worker is stopping"
-        # Every run is an attempt (its log lines are numbered per attempt), but a hand-back is no failure:
-        # it must not use up the lost-run budget, so the budget grows with it.
-        job.attempt += 1
-        job.max_attempts += 1
-        server_log(session, job, f"handed back{' by ' + who if who else ''} ({why}); "
-                                  f"re-queued as attempt {job.attempt} of {job.max_attempts} "
-                                  f"(a hand-back does not count against max_attempts)")
-        set_state(session, job, JobState.queued)
+        _hand_back(session, job, f"handed back{' by ' + who if who else ''} "
+                                 f"({finish.failure_reason or 'its worker is stopping'})")
         return job
     # a hand-back exits 0 too, mid-run (here only when a cancel crossed it, which the branch below honours)
     completed = finish.exit_code == 0 and finish.failure_class is None and not finish.release
@@ -504,7 +494,13 @@ def finish_job(*, session: Session, job_id: int, finish: Finish) -> Job:
         # mistake (a stale stop): it resumes from its checkpoint, up to max_attempts.
         _lose_job(session, job, f"{who + ': ' if who else ''}stopped by its worker, but no cancel was requested")
     elif finish.failure_class == FailureClass.lost:   # stopped from outside: again, up to max_attempts
-        _lose_job(session, job, f"{who + ': ' if who else ''}{finish.failure_reason or 'lost'}")
+        stopping = _stopping_peer(session, job, node) if node is not None else None
+        if stopping is not None and not job.cancel_requested:
+            # A gang stops together: a peer's worker handing its node back stopped this one too. Its release
+            # may arrive after this finish; either way the gang is handed back, not lost.
+            _hand_back(session, job, f"{who} stopped with its gang (worker {stopping} is stopping)")
+        else:
+            _lose_job(session, job, f"{who + ': ' if who else ''}{finish.failure_reason or 'lost'}")
     elif completed:
         if node is not None and _finish_node(session, job, node):
             return job
@@ -522,6 +518,26 @@ def finish_job(*, session: Session, job_id: int, finish: Finish) -> Job:
         job.failure_reason = f"{who}: {reason}" if who else reason
         set_state(session, job, JobState.failed)
     return job
+
+
+def _hand_back(session: Session, job: Job, message: str) -> None:
+    """Re-queue a job its worker gave back (stopping). Every run is an attempt (its log lines are numbered per
+    attempt), but a hand-back is no failure: it must not use up the lost-run budget, so the budget grows with it."""
+    job.worker_id = None
+    job.gpu_ids = None
+    job.lease_expires_at = None
+    job.attempt += 1
+    job.max_attempts += 1
+    server_log(session, job, f"{message}; re-queued as attempt {job.attempt} of {job.max_attempts} "
+                             "(a hand-back does not count against max_attempts)")
+    set_state(session, job, JobState.queued)
+
+
+def _stopping_peer(session: Session, job: Job, node: JobNode) -> str | None:
+    """The name of a stopping worker running another node of this gang, if any."""
+    peer = session.exec(select(Worker).join(JobNode, col(JobNode.worker_id) == col(Worker.id)).where(
+        JobNode.job_id == job.id, JobNode.node != node.node, col(Worker.stopping_since).is_not(None))).first()
+    return peer.name if peer else None
 
 
 def _finish_node(session: Session, job: Job, node: JobNode) -> bool:

@@ -136,6 +136,7 @@ class Agent:
                     self.cold_stop.set()
                 if self.warm_stop.is_set() and "warm" not in announced:
                     announced.add("warm")
+                    self._announce_stopping()
                     if self.runs and not self.cold_stop.is_set():
                         log.info("stopping: no new jobs; waiting for job(s) %s to finish (signal again to hand "
                                  "them back to the queue now)", sorted(self.runs))
@@ -213,6 +214,15 @@ class Agent:
                 self.superseded = str(e)
                 return
             stopped.wait(self.heartbeat_interval_s)
+
+    def _announce_stopping(self) -> None:
+        """Tell the server now, not at the next heartbeat, and before any job is handed back: when this worker
+        stops its node of a gang, the other nodes stop with it, and their finishes may reach the server first."""
+        assert self.worker_id is not None
+        try:
+            self._beat(self.worker_id)
+        except (*Unreachable, Refused, JobGone, Superseded):
+            pass   # the heartbeat thread keeps trying
 
     def _register_again_if_forgotten(self) -> None:
         forgotten, self._forgotten_id = self._forgotten_id, None

@@ -359,3 +359,27 @@ def test_a_launch_claimed_late_gets_a_lease_from_its_launch(client, worker_heade
     assert a.claim() is not None
     time.sleep(max(0.0, complete + 1.3 * ttl - time.monotonic()))   # past the gang start's TTL, within the launch's
     assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "running", _lines(client, job["id"])
+
+
+@pytest.mark.parametrize("order", ["peer first", "release first"])
+def test_a_gang_handed_back_by_one_stopping_worker_uses_up_no_attempt(client, worker_headers, job_body, order):
+    """b is stopped (cold): it tells the server, then stops its trainers; the gang stops together, and a's
+    trainer exits 0 mid-run ("lost": a signal a's worker did not send). Whichever finish comes first, the
+    gang is handed back, and the hand-back costs no attempt."""
+    job, a, b = _start_gang(client, worker_headers, job_body)
+    max_attempts = client.get(f"/api/jobs/{job['id']}").json()["max_attempts"]
+    b.heartbeat(job["id"], stopping=True)
+    finishes = [lambda: a.finish(job["id"], 1, failure_class="lost", failure_reason="stopped by a signal"),
+                lambda: b.finish(job["id"], 1, release=True)]
+    first, second = finishes if order == "peer first" else finishes[::-1]
+    back = first().json()
+    assert back["state"] == "queued" and back["attempt"] == 2 and back["max_attempts"] == max_attempts + 1, back
+    assert second().status_code == 409
+    assert _integrity(client) == []
+
+
+def test_a_gang_node_lost_without_a_stopping_peer_uses_up_an_attempt(client, worker_headers, job_body):
+    job, a, b = _start_gang(client, worker_headers, job_body)
+    max_attempts = client.get(f"/api/jobs/{job['id']}").json()["max_attempts"]
+    back = a.finish(job["id"], 1, failure_class="lost", failure_reason="stopped by a signal").json()
+    assert back["state"] == "queued" and back["attempt"] == 2 and back["max_attempts"] == max_attempts

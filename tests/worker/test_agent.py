@@ -581,3 +581,56 @@ def test_a_stale_unknown_worker_reply_does_not_register_the_worker_again():
     agent._forgotten_id = 8
     agent._register_again_if_forgotten()
     assert registered == ["again"]
+
+
+def test_a_stopping_worker_tells_the_server_before_it_hands_its_jobs_back():
+    """The server must know the worker is stopping before the gang's other nodes stop and report."""
+    import threading
+
+    from server.models import WorkerRegistered
+    from worker.agent import Agent
+    from worker.runner import Outcome, StopReason
+    from worker.settings import WorkerSettings
+
+    calls: list[str] = []
+
+    class Run:
+        job_id, attempt, gpu_ids, stop_reason = 3, 1, [], None
+
+        def stop(self, reason, grace_s):
+            calls.append(f"stop {reason.value}")
+            self.stop_reason = reason
+
+        def poll(self):
+            return 0 if self.stop_reason else None
+
+        def outcome(self, code):
+            return Outcome(code, None, "worker stopping", release=self.stop_reason == StopReason.release)
+
+        def take_batch(self):
+            from worker.runner import Batch
+            return Batch(metrics=[], logs=[], log_start=0)
+
+    class Client:
+        def register(self, **_):
+            agent._on_signal(15, None)   # the stop signal comes while a job runs
+            return WorkerRegistered(worker_id=1, heartbeat_interval_s=60, lease_ttl_s=120)
+
+        def heartbeat(self, worker_id, running_job_ids, stopping):
+            calls.append(f"heartbeat stopping={stopping}")
+            return []
+
+        def finish(self, job_id, **finish):
+            calls.append(f"finish release={finish['release']}")
+
+        def leave(self, worker_id):
+            calls.append("leave")
+
+    agent = Agent(WorkerSettings(name="w", stop_mode="cold", report_interval_s=0.01), Client(), gpus=[])
+    agent.runs = {3: Run()}
+    agent._claim = lambda: None
+    agent._heartbeat_loop = lambda stopped: None   # only the main loop's calls, in their order
+    done = threading.Event()
+    threading.Thread(target=lambda: (agent.run(), done.set()), daemon=True).start()
+    assert done.wait(10)
+    assert calls == ["heartbeat stopping=True", "stop release", "finish release=True", "leave"]
