@@ -324,9 +324,10 @@ class ClaimRequest(BaseModel):
     rdzv_port: int | None = Field(None, ge=1, le=65535, description="A port free on this machine now; used when "
                                   "this worker becomes node 0 of a multi-node job.")
     instance: WorkerInstance = None
-    busy_job_ids: list[int] = Field(default_factory=list, max_length=4096, description="Jobs an earlier attempt "
-                                    "of which is still exiting (or unreported) on this worker: not offered to it "
-                                    "again until that is over.")
+    busy_job_ids: list[int] | None = Field(None, max_length=4096, description="Every job this worker runs or has "
+                                           "not reported the end of: none of them is offered to it again, and a job "
+                                           "leased to it but not among them (a lost claim answer) is offered again. "
+                                           "Null: the worker does not say.")
 
 
 class Claim(BaseModel):

@@ -294,7 +294,7 @@ def _next_launch(session: Session, worker: Worker, request: ClaimRequest, settin
     if worker.stopping_since is not None:   # a claim sent just before its stop signal: it starts nothing more
         return None
     nodes = _lock_nodes_of_worker(session, worker)  # one indexed query when the worker holds none
-    launch = _pending_launch(session, nodes, settings)
+    launch = _unanswered_launch(session, worker, request, nodes) or _pending_launch(session, nodes, settings)
     if launch is not None:
         return launch
     now = utcnow()
@@ -365,6 +365,32 @@ def _reserve_node(session: Session, job: Job, worker: Worker, gpu_ids: list[int]
     server_log(session, job, f"attempt {job.attempt} started on {job.nodes} workers: {placement}")
     emit_state(session, job)
     return Launch(job, node.gpu_ids, _rendezvous(job, node, head))
+
+
+def _unanswered_launch(session: Session, worker: Worker, request: ClaimRequest,
+                       nodes: list[tuple[JobNode, Job]]) -> Launch | None:
+    """A launch this worker was given but never heard of: the answer to an earlier claim was lost (a timeout
+    while the server committed it). It runs nothing of it (not in its `busy_job_ids`): offered again as it was,
+    rather than left to lapse as a lost attempt while a gang's other nodes wait for this one."""
+    if request.busy_job_ids is None:   # a worker that does not say what it runs
+        return None
+    busy = set(request.busy_job_ids)
+    for node, job in nodes:
+        if node.launched and not node.finished and job.state == JobState.running and job.id not in busy:
+            server_log(session, job, f"node {node.node}'s launch offered again to worker {worker.name}, which "
+                                     "had not received it")
+            head = session.get(JobNode, (job.id, 0))
+            assert head is not None
+            return Launch(job, node.gpu_ids, _rendezvous(job, node, head))
+    held = session.exec(select(Job).where(Job.worker_id == worker.id, Job.state == JobState.running,
+                                          Job.nodes == 1).order_by(col(Job.id))).all()
+    free = set(request.free_gpu_indices)
+    for job in held:
+        if job.id not in busy and set(job.gpu_ids or []) <= free and (job.gpus > 0 or request.accept_cpu_jobs):
+            server_log(session, job, f"attempt {job.attempt} offered again to worker {worker.name}, which had not "
+                                     "received it")
+            return Launch(job, list(job.gpu_ids or []))
+    return None
 
 
 def _pending_launch(session: Session, nodes: list[tuple[JobNode, Job]], settings: Settings) -> Launch | None:

@@ -91,6 +91,9 @@ class Agent:
         self.heartbeat_interval_s = 5.0
         self.runs: dict[int, JobRun] = {}
         self.finished: dict[int, tuple[JobRun, Outcome]] = {}  # exited, final report not yet accepted
+        # jobs whose finish the server refused -> until when: not offered here again before their lease ran out
+        self.abandoned: dict[int, float] = {}
+        self.lease_ttl_s = 30.0
         self.warm_stop = threading.Event()
         self.cold_stop = threading.Event()
         self._stops: set[tuple[int, int]] = set()   # (job id, attempt) the server told us to stop
@@ -191,6 +194,7 @@ class Agent:
             self.outage.answered()
             self.worker_id = reply.worker_id
             self.heartbeat_interval_s = reply.heartbeat_interval_s
+            self.lease_ttl_s = reply.lease_ttl_s
             log.info("registered as worker %s (%s) with GPUs %s", self.worker_id, self.settings.name,
                      [g["index"] for g in self.gpus] or "none (CPU mode)")
             return True
@@ -266,7 +270,7 @@ class Agent:
         try:
             claim = self.client.claim(self.worker_id, free_gpu_indices=free, accept_cpu_jobs=accept_cpu,
                                       rdzv_address=self.settings.rdzv_address or None, rdzv_port=free_port(),
-                                      busy_job_ids=sorted({*self.runs, *self.finished}))
+                                      busy_job_ids=sorted({*self.runs, *self.finished, *self._abandoned_now()}))
             self.outage.answered()
         except Unreachable as e:
             self.outage.failed("claim", e)
@@ -285,6 +289,11 @@ class Agent:
             self._next_claim = now + self.settings.claim_interval_s
             return
         self._start(claim)  # and claim again on the next turn: more may fit
+
+    def _abandoned_now(self) -> list[int]:
+        now = time.monotonic()
+        self.abandoned = {job_id: until for job_id, until in self.abandoned.items() if until > now}
+        return list(self.abandoned)
 
     def _start(self, claim: Claim) -> None:
         job, gpu_ids = claim.job, claim.gpu_ids
@@ -349,6 +358,8 @@ class Agent:
             return
         except Refused as e:   # dropped: the lease then runs out and the server re-queues or fails the job
             log.error("job %s: the server refused its finish (%s)", run.job_id, e)
+            # else the server offers the attempt again (it thinks the answer to the claim was lost)
+            self.abandoned[run.job_id] = time.monotonic() + 2 * self.lease_ttl_s
         except JobGone:
             pass
         self.finished.pop(run.job_id, None)

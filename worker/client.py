@@ -114,7 +114,7 @@ class ServerClient:
         """The job the server hands this worker, or None when there is none (204)."""
         response = self._post(f"/workers/{worker_id}/claim", ClaimRequest, free_gpu_indices=free_gpu_indices,
                               accept_cpu_jobs=accept_cpu_jobs, rdzv_address=rdzv_address, rdzv_port=rdzv_port,
-                              instance=self.instance, busy_job_ids=busy_job_ids or [])
+                              instance=self.instance, busy_job_ids=busy_job_ids)
         if response.status_code == 204:
             return None
         try:

@@ -383,3 +383,14 @@ def test_a_gang_node_lost_without_a_stopping_peer_uses_up_an_attempt(client, wor
     max_attempts = client.get(f"/api/jobs/{job['id']}").json()["max_attempts"]
     back = a.finish(job["id"], 1, failure_class="lost", failure_reason="stopped by a signal").json()
     assert back["state"] == "queued" and back["attempt"] == 2 and back["max_attempts"] == max_attempts
+
+
+def test_a_gang_nodes_launch_whose_answer_was_lost_is_offered_again(client, worker_headers, job_body):
+    job, a, b = _start_gang(client, worker_headers, job_body)   # a took node 0's launch; say its answer was lost
+    r = client.post(f"/api/workers/{a.id}/claim", headers=worker_headers, json={
+        "rdzv_address": "a.lan", "rdzv_port": 29001, "busy_job_ids": []})
+    assert r.status_code == 200 and r.json()["rendezvous"]["node"] == 0 and r.json()["job"]["attempt"] == 1
+    r = client.post(f"/api/workers/{a.id}/claim", headers=worker_headers, json={
+        "rdzv_address": "a.lan", "rdzv_port": 29001, "busy_job_ids": [job["id"]]})
+    assert r.status_code == 204
+    assert _integrity(client) == []

@@ -60,8 +60,26 @@ def test_a_job_still_exiting_on_a_worker_is_not_offered_to_it_again(client, work
         return r.json()["job"]["id"] if r.status_code == 200 else None
 
     assert claim([first]) == second
-    assert claim([first]) is None
-    assert claim([]) == first
+    assert claim([first, second]) is None
+    assert claim([second]) == first
+
+
+def test_a_launch_whose_answer_was_lost_is_offered_again_as_it_was(client, worker_headers, job_body):
+    """The claim's answer never reached the worker (a timeout while the server committed it): its next claim,
+    which does not list the job among those it runs, gets the same attempt again instead of letting it lapse."""
+    job_id = client.post("/api/jobs", json=job_body()).json()["id"]
+    wid = _register(client, worker_headers)
+
+    def claim(**body):
+        r = client.post(f"/api/workers/{wid}/claim", json=body, headers=worker_headers)
+        return r.json()["job"] if r.status_code == 200 else None
+
+    first = claim(busy_job_ids=[])
+    again = claim(busy_job_ids=[])
+    assert (again["id"], again["attempt"]) == (job_id, first["attempt"])
+    assert claim(busy_job_ids=[job_id]) is None      # it runs it now
+    assert claim() is None                           # a worker that does not say what it runs: nothing re-offered
+    assert any("offered again to worker w" in x["line"] for x in client.get(f"/api/jobs/{job_id}/logs").json()["data"])
 
 
 def test_lost_lease_requeues_then_fails_with_reason(client, worker_headers, job_body):

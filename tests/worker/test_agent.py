@@ -634,3 +634,29 @@ def test_a_stopping_worker_tells_the_server_before_it_hands_its_jobs_back():
     threading.Thread(target=lambda: (agent.run(), done.set()), daemon=True).start()
     assert done.wait(10)
     assert calls == ["heartbeat stopping=True", "stop release", "finish release=True", "leave"]
+
+
+def test_a_job_whose_finish_was_refused_is_not_taken_back_before_its_lease_ran_out():
+    """The server would otherwise offer that attempt again (as a lost claim answer), to end the same way."""
+    from worker.agent import Agent
+    from worker.client import Refused
+    from worker.runner import JobRun, Outcome
+    from worker.settings import WorkerSettings
+
+    asked: list[list[int]] = []
+
+    class Client:
+        def finish(self, job_id, **_):
+            raise Refused("422: failure_reason too long")
+
+        def claim(self, worker_id, **request):
+            asked.append(request["busy_job_ids"])
+
+    agent = Agent(WorkerSettings(name="w"), Client(), gpus=[])
+    agent.worker_id, agent.lease_ttl_s = 7, 0.2
+    agent._finish(JobRun(job_id=5, attempt=1, gpu_ids=[], argv=["trainer"], env={}), Outcome(0, None, None))
+    agent._claim()
+    time.sleep(0.5)
+    agent._next_claim = 0.0
+    agent._claim()
+    assert asked == [[5], []]
