@@ -136,8 +136,13 @@ def _carry_progress(old_out: Path, new_out: Path) -> None:
         except OSError:
             shutil.copy2(src, dst)
 
-    shutil.copytree(source, new_out / "checkpoints", copy_function=link_or_copy, symlinks=False,
-                    ignore=shutil.ignore_patterns(".tmp_*"), dirs_exist_ok=True)
+    for step_dir in sorted(source.glob("step_*")):
+        target = new_out / "checkpoints" / step_dir.name
+        try:
+            shutil.copytree(step_dir, target, copy_function=link_or_copy, dirs_exist_ok=True)
+        except (OSError, shutil.Error):
+            # pruned meanwhile by a node of the original still saving as it exits: not one to resume from
+            shutil.rmtree(target, ignore_errors=True)
 
 
 def delete_job(*, session: Session, job_id: int, settings: Settings) -> None:

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 KEEP_CHECKPOINTS = 2
 STATE_FILE = "trainer_state.json"
+FILES = ("adapter.safetensors", "optimizer.pt", STATE_FILE)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -22,7 +23,8 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     root = checkpoint_root(output_dir)
-    done = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).exists()) if root.exists() else []
+    # complete ones only: a directory being pruned (or copied for a retry while that happened) may lack files
+    done = sorted(p for p in root.glob("step_*") if all((p / f).exists() for f in FILES)) if root.exists() else []
     return done[-1] if done else None
 
 

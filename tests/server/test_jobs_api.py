@@ -383,3 +383,33 @@ def test_a_data_dir_the_server_creates_is_the_owners_alone(tmp_path):
     create_app(Settings(data_dir=tmp_path / "new" / "data"))
     assert stat.S_IMODE((tmp_path / "new" / "data").stat().st_mode) == 0o700
     assert stat.S_IMODE((tmp_path / "new" / "data" / "token").stat().st_mode) == 0o600
+
+
+def test_a_retry_carries_only_whole_checkpoints_and_resumes_from_the_last_whole_one(tmp_path, monkeypatch):
+    """A gang node of the original may still be saving (and pruning) as it exits while the user retries."""
+    import os
+
+    from server.crud import _carry_progress
+    from trainer_core.checkpoint import FILES, STATE_FILE, latest_checkpoint
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for step in (1, 2, 3):
+        whole = old / "checkpoints" / f"step_{step:08d}"
+        whole.mkdir(parents=True)
+        for name in FILES:
+            (whole / name).write_text(name)
+    pruned = old / "checkpoints" / "step_00000003"
+    link = os.link
+
+    def pruned_meanwhile(src, dst, **kw):   # the original's pruning removes each file just before its copy
+        if pruned.name in str(src):
+            os.remove(src)
+        return link(src, dst, **kw)
+
+    monkeypatch.setattr(os, "link", pruned_meanwhile)
+    _carry_progress(old, new)
+    assert sorted(p.name for p in (new / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+    half = new / "checkpoints" / "step_00000004"   # listed after the pruning had taken its weights
+    half.mkdir()
+    (half / STATE_FILE).write_text("{}")
+    assert latest_checkpoint(new) == new / "checkpoints" / "step_00000002"
