@@ -33,6 +33,7 @@ STDERR_TAIL_LINES = 40
 MAX_LOG_LINE_CHARS = 4000   # kept of one output line: the server's default max_log_line_chars
 MAX_FAILURE_REASON_CHARS = 16_000
 METRIC_KEYS = ("step", "loss")
+LEFTOVER_WAIT_S = 10.0   # for SIGKILLed leftovers of a run to be gone before its end is reported
 
 # torchrun does not pass on its ranks' exit codes (it exits 1); its failure summary names them.
 _TORCHRUN_EXITCODE = re.compile(r"exitcode\s*:\s*(-?\d+)")
@@ -208,6 +209,11 @@ class JobRun:
         if code is None:
             return None
         self._signal_all(signal.SIGKILL)  # ranks or data loaders the launcher left behind
+        # and wait for them to be gone (a rank in an NFS write or freeing GPU memory takes a moment): only then
+        # are its GPUs free and may the job's next attempt start on its output dir
+        deadline = time.monotonic() + LEFTOVER_WAIT_S
+        while pids_with_env(RUN_ENV, self.marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
         for pump in self._pumps:
             pump.join(timeout=5)
         return code

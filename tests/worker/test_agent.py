@@ -346,7 +346,8 @@ def test_ranks_that_ignore_sigterm_die_with_their_torchrun(live_server, start_ag
     assert len({p["pgid"] for p in pid_files}) == 2  # (what makes this test necessary)
     live_server.api.post(f"/jobs/{job['id']}/cancel")
     assert live_server.wait_for(job["id"], {"cancelled"}, timeout=30)["state"] == "cancelled"
-    wait_gone([p for info in pid_files for p in (info["pid"], info["child"])], timeout=3)
+    # gone before the job's end was reported (its GPUs free, its output dir no one's)
+    wait_gone([p for info in pid_files for p in (info["pid"], info["child"])], timeout=0)
 
 
 def test_an_unreadable_token_file_is_one_line_and_exit_2(tmp_path):

@@ -1,4 +1,4 @@
-"""Exit-code classification and the torchrun argv, without processes."""
+"""Exit-code classification, the torchrun argv and the end of a run, without real trainers."""
 
 from __future__ import annotations
 
@@ -134,3 +134,19 @@ def test_argv_is_derived_from_the_config():
     assert argv[:5] == ["torchrun", "--standalone", "--nproc_per_node=1", "-m", "trainer_core.train"]
     assert TrainConfig.from_cli(argv[5:]) == config
     assert "--ddp" in trainer_argv(config, nproc=2) and "--ddp" not in argv
+
+
+def test_a_run_ends_only_when_its_sigkilled_leftovers_are_gone(monkeypatch):
+    """A rank in an uninterruptible write outlives its SIGKILL for a moment: until it is gone its GPUs are not
+    free, and the job's next attempt must not start on its output dir."""
+    import subprocess
+
+    import worker.runner as runner
+
+    left = [[4242], [4242], []]   # what each scan finds: the rank, still there once more, then gone
+    monkeypatch.setattr(runner, "pids_with_env", lambda name, value: left.pop(0))
+    run = runner.JobRun(job_id=1, attempt=1, gpu_ids=[0], argv=["trainer"], env={runner.RUN_ENV: "w/1/1"})
+    monkeypatch.setattr(run, "_signal_all", lambda sig: None)
+    run.process = subprocess.Popen(["true"])
+    run.process.wait()
+    assert run.poll() == 0 and left == []
