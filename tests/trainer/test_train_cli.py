@@ -302,3 +302,22 @@ def test_weight_decay_clipping_alpha_and_log_interval_reach_the_training_run(tmp
             assert decayed[key].abs().max() <= moved and plain[key].abs().max() <= moved, key
     for key in lora_a:
         torch.testing.assert_close(decayed[key], plain[key] * shrink, rtol=0, atol=2 * moved)
+
+
+def test_compile_trains_the_same_losses_as_eager(tmp_path, tiny_model_dir, demo_data_path):
+    """--compile (each decoder layer through torch.compile, dynamic shapes: packed rows change length) on
+    the real command line: it must change the speed only. About 45 s of compiling on 2 CPU cores."""
+    import os
+
+    def train(out: Path, *extra: str) -> tuple[list[float], bool]:
+        proc = subprocess.run([PYTHON, "-m", "trainer_core.train", *guide_args(tiny_model_dir, demo_data_path, out),
+                               "--max_steps", "3", *extra], capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "TORCH_LOGS": "guards"})   # printed for each compiled frame
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (out / "adapter" / "adapter_config.json").exists()
+        return [r["loss"] for r in json_lines(proc.stdout) if "loss" in r], "GUARDS" in proc.stderr + proc.stdout
+
+    eager, eager_compiled = train(tmp_path / "eager")
+    assert len(eager) == 3 and not eager_compiled
+    compiled, did_compile = train(tmp_path / "compiled", "--compile")
+    assert did_compile and compiled == pytest.approx(eager, rel=1e-4)
