@@ -346,6 +346,12 @@ def _reserve_node(session: Session, job: Job, worker: Worker, gpu_ids: list[int]
         return None
     where = f" GPUs {gpu_ids}" if gpu_ids else " (CPU)"
     missing = job.nodes - len(taken) - 1
+    if missing == 0 and session.exec(select(func.count()).select_from(JobNode).where(
+            JobNode.job_id == job.id, col(JobNode.lease_expires_at) < now)).one():
+        # a reserving worker went silent (the reaper frees such gangs each second): a gang started with it
+        # would wait for that node, then be lost, costing an attempt
+        _release_reservations(session, job, "a reserving worker went silent")
+        return None
     if missing > 0:
         server_log(session, job, f"node {node.node} reserved on worker {worker.name}{where}; "
                                   f"waiting for {missing} more worker{'s' if missing > 1 else ''}")

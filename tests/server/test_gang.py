@@ -394,3 +394,20 @@ def test_a_gang_nodes_launch_whose_answer_was_lost_is_offered_again(client, work
         "rdzv_address": "a.lan", "rdzv_port": 29001, "busy_job_ids": [job["id"]]})
     assert r.status_code == 204
     assert _integrity(client) == []
+
+
+def test_a_gang_does_not_start_with_a_reservation_whose_worker_went_silent(settings, job_body):
+    """Between two reaper passes: the claim that would complete the gang finds a node's lease run out."""
+    client = TestClient(create_app(settings))   # no lifespan, so no reaper: the claim meets the stale node itself
+    client.headers["Authorization"] = f"Bearer {client.app.state.tokens.user}"
+    worker_headers = {"Authorization": f"Bearer {client.app.state.tokens.worker}"}
+    job = _gang_job(client, job_body)
+    a, b = Box(client, worker_headers, "a", 29001), Box(client, worker_headers, "b", 29002)
+    assert a.claim() is None
+    time.sleep(settings.lease_ttl_s + 0.2)   # a says nothing more
+    Box(client, worker_headers, "c", 29003)  # another worker online: two are, so the gang can form
+    got = b.claim()
+    print("GOT", got, _lines(client, job["id"]))
+    assert got is None
+    assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "queued"
+    assert any("reserving worker went silent" in line for line in _lines(client, job["id"]))
