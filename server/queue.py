@@ -385,9 +385,7 @@ def _unanswered_launch(session: Session, worker: Worker, request: ClaimRequest,
         if node.launched and not node.finished and job.state == JobState.running and job.id not in busy:
             server_log(session, job, f"node {node.node}'s launch offered again to worker {worker.name}, which "
                                      "had not received it")
-            head = session.get(JobNode, (job.id, 0))
-            assert head is not None
-            return Launch(job, node.gpu_ids, _rendezvous(job, node, head))
+            return _node_launch(session, job, node)
     held = session.exec(select(Job).where(Job.worker_id == worker.id, Job.state == JobState.running,
                                           Job.nodes == 1).order_by(col(Job.id))).all()
     free = set(request.free_gpu_indices)
@@ -410,6 +408,10 @@ def _pending_launch(session: Session, nodes: list[tuple[JobNode, Job]], settings
     session.add(node)
     session.flush()
     _refresh_gang_lease(session, job)
+    return _node_launch(session, job, node)
+
+
+def _node_launch(session: Session, job: Job, node: JobNode) -> Launch:
     head = session.get(JobNode, (job.id, 0))
     assert head is not None
     return Launch(job, node.gpu_ids, _rendezvous(job, node, head))
