@@ -27,7 +27,7 @@ from server.models import (
 from server.paths import confine_field, is_dir, is_file
 from server.queue import get_job, log_if_no_worker_fits, stored_config
 from server.settings import Settings
-from trainer_core.config import MAX_ATTEMPTS, TrainConfig
+from trainer_core.config import MAX_ATTEMPTS, TrainConfig, job_config
 
 
 def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str) -> TrainConfig:
@@ -45,8 +45,8 @@ def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str
         raise FieldError(("body", "config", "base_model"),
                          f"{config.base_model!r}: not a HuggingFace model directory (it has no config.json)")
     output_dir = settings.jobs_dir / str(job_id) / "out"
-    return config.model_copy(update={"data_path": str(data_path), "base_model": str(base_model),
-                                     "output_dir": str(output_dir), "resume": True})   # see stored_config
+    return job_config({**config.model_dump(), "data_path": str(data_path), "base_model": str(base_model),
+                       "output_dir": str(output_dir)})   # stored as it runs: resuming (see stored_config)
 
 
 def create_job(*, session: Session, job_create: JobCreate, settings: Settings, retry_of: int | None = None) -> Job:
