@@ -56,9 +56,14 @@ def all_reduce_sum(env: DistEnv, value: float) -> float:
     return float(t.item())
 
 
-def any_rank(env: DistEnv, flag: bool) -> bool:
-    """True on every rank if it is true on any: all ranks agree on when to stop, so none hangs."""
-    return all_reduce_sum(env, float(flag)) > 0
+def any_rank(env: DistEnv, *flags: bool) -> tuple[bool, ...]:
+    """Each flag, true on every rank if it is true on any (one collective for them all): all ranks agree on
+    when to stop, so none hangs."""
+    if not env.ddp:
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([float(f) for f in flags], dtype=torch.float64, device=env.device)
+    dist.all_reduce(t)
+    return tuple(bool(v > 0) for v in t.tolist())
 
 
 def broadcast_object(env: DistEnv, obj):

@@ -28,7 +28,7 @@ from pydantic import ValidationError
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer_core import checkpoint as ckpt
-from trainer_core import exit_codes
+from trainer_core import exit_codes, owner
 from trainer_core.config import RESUMABLE_CHANGES, TrainConfig, add_cli_arguments, format_validation_error
 from trainer_core.data import (DataError, build_samples, collate_batch, epoch_batches, file_sha256,
                                has_tokenizer_files, local_model_dir, open_tokens, prepare_tokens, rank_batches,
@@ -219,6 +219,9 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                          f"{cfg.batch_size} x accumulation_steps {cfg.accumulation_steps} x {env.world_size} ranks"])
     print0(env, f"data: {ds.num_records} records -> {len(samples)} samples; {total_steps} optimiser steps "
                 f"on {env.world_size} rank(s), device {env.device}")
+    # From here this run is the output dir's writer: a run still training on it stops at its next step
+    # (trainer_core/owner.py). Claimed before the checkpoint to resume is picked, so none is written after.
+    owner_token = owner.claim(out_dir) if env.is_main else ""
     # which checkpoint to resume, decided before the model loads (minutes for a large one)
     identity = resume_identity(cfg, env.world_size, data_sha256)
     last = ckpt.latest_checkpoint(out_dir) if cfg.resume else None
@@ -307,6 +310,12 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
 
             tokens = all_reduce_sum(env, float(sum(m.num_tokens for m in micro)))
             dt = time.time() - t0
+            # before this step writes anything (metrics, a checkpoint, the final outputs)
+            stopping, superseded = any_rank(env, stop.requested, env.is_main and not owner.holds(out_dir, owner_token))
+            if superseded:
+                print0(env, f"{out_dir} was taken over by {owner.describe(owner.read_owner(out_dir))}: this run "
+                            f"stops at step {step} without writing more (one run writes an output dir at a time)")
+                return exit_codes.SUPERSEDED
             step_time_ema = dt if step_time_ema is None else 0.9 * step_time_ema + 0.1 * dt
             if step % cfg.log_interval == 0 or step == total_steps:
                 record = {"step": step, "epoch": epoch + 1, "loss": round(mean_loss, 6), "lr": lr,
@@ -317,7 +326,6 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                 print0(env, f"step {step}/{total_steps} (epoch {epoch + 1}) | loss {mean_loss:.4f} | lr {lr:.2e} | "
                             f"grad {grad_norm:.3f} | {tokens / dt:,.0f} tok/s | eta {_hms(record['eta_s'])}")
 
-            stopping = any_rank(env, stop.requested)
             if stopping or step % cfg.save_interval == 0 or step == total_steps:
                 done_epoch = epoch_step + 1 == steps_this_epoch
                 save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else epoch_step + 1)
@@ -482,7 +490,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_config(cfg: TrainConfig) -> int:
     """Train; the exit code is the process contract of docs/API.md (0, 2 bad input, 3 out of memory,
-    4 diverged, 130 stopped without a new checkpoint)."""
+    4 diverged, 5 another run took over the output dir, 130 stopped without a new checkpoint)."""
     _quiet_libraries()
     stop = StopFlag()
     stop.install()

@@ -26,9 +26,12 @@ from typing import Any
 import psutil
 
 from trainer_core import exit_codes
+from trainer_core.owner import RUN_LABEL_ENV
 
 LAUNCHED_BY_ENV = "PARATRAIN_LAUNCHED_BY"  # marks a worker's process trees, so its successor finds them
-RUN_ENV = "PARATRAIN_RUN"  # marks one run's processes: "<worker name>/<job id>/<attempt>"
+# marks one run's processes, "<worker name>/<job id>/<attempt>"; the trainer also writes it into its output
+# dir's claim, which tells who took a job's output dir over
+RUN_ENV = RUN_LABEL_ENV
 STDERR_TAIL_LINES = 40
 MAX_LOG_LINE_CHARS = 4000   # kept of one output line: the server's default max_log_line_chars
 MAX_FAILURE_REASON_CHARS = 16_000
@@ -329,6 +332,8 @@ def classify_exit(exit_code: int, stderr_lines: list[str]) -> tuple[str | None, 
         return "oom", tail or "out of memory (exit 3)"
     if code == exit_codes.DIVERGED:   # like bad data, the same settings diverge again: a gang is not re-queued
         return "data", tail or "training diverged: a NaN or infinite loss (exit 4)"
+    if code == exit_codes.SUPERSEDED:  # a later attempt started on the output dir: this one is a lost run
+        return "lost", tail or "another run took over the job's output dir (exit 5)"
     if "No space left on device" in tail:
         return "crash", f"disk full (No space left on device), exit code {code}; the last complete checkpoint " \
                         f"is kept: free space and retry to resume\n{tail}"

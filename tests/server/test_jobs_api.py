@@ -188,6 +188,9 @@ def test_artifacts_are_confined_to_the_output_dir(client, settings, job_body):
     out = settings.jobs_dir / str(job["id"]) / "out"
     (out / "adapter").mkdir(parents=True)
     (out / "adapter" / "adapter_config.json").write_text("{}")
+    (out / ".owner.json").write_text("{}")                        # the trainer's claim on the dir
+    (out / "checkpoints" / ".tmp_step_00000004").mkdir(parents=True)   # a checkpoint being written
+    (out / "checkpoints" / ".tmp_step_00000004" / "optimizer.pt").write_text("half")
     (settings.data_dir / "token_copy").write_text("secret")
     listed = client.get(f"/api/jobs/{job['id']}/artifacts").json()["data"]
     assert listed == [{"path": "adapter/adapter_config.json", "size": 2}]

@@ -252,6 +252,37 @@ def test_a_trainer_whose_reader_is_gone_still_saves_on_its_stop_signal(tmp_path,
     assert list((out / "checkpoints").iterdir())
 
 
+def test_a_run_whose_output_dir_another_run_took_over_stops_without_writing(tmp_path, tiny_model_dir,
+                                                                            demo_data_path):
+    """A job's next attempt started elsewhere while a worker cut off from the server still trains the previous
+    one, or the same command started twice: the newer run claims the directory, and the older one stops at its
+    next step, on every rank, before it writes another metric line or checkpoint."""
+    from trainer_core import owner
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "trainer_core.train",
+                             *guide_args(tiny_model_dir, demo_data_path, out, "--ddp", "--max_steps", "400",
+                                         "--save_interval", "2")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith("step 3/"):
+            break
+    assert owner.read_owner(out)["pid"] != proc.pid     # rank 0 claimed it, not the launcher
+    token = owner.claim(out)                             # the newer run
+    logged = len((out / "metrics.jsonl").read_text().splitlines())
+    saved = sorted(p.name for p in (out / "checkpoints").iterdir())
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 1                   # torchrun: a rank exited non-zero ...
+    assert "exitcode  : 5" in rest or "exitcode : 5" in rest, rest[-3000:]   # ... with 5, the trainer's code
+    assert f"{out} was taken over by another run on host" in rest and "without writing more" in rest, rest[-3000:]
+    # at most the step in flight when the claim landed was written
+    assert len((out / "metrics.jsonl").read_text().splitlines()) <= logged + 1
+    assert len(set(p.name for p in (out / "checkpoints").iterdir()) - set(saved)) <= 1
+    assert not list((out / "lora").glob("*_final.pth")) and owner.holds(out, token)
+
+
 def test_a_stop_signal_before_the_first_step_stops_at_once(tmp_path, tiny_model_dir, demo_data_path):
     """Loading a real model takes minutes: Ctrl-C then must not wait for a step to train and save."""
     proc = subprocess.Popen([PYTHON, "-m", "trainer_core.train", *guide_args(tiny_model_dir, demo_data_path,

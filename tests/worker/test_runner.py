@@ -65,6 +65,8 @@ def test_failure_classes_follow_the_trainer_contract():
     assert classify_exit(7, ["boom"]) == ("crash", "exit code 7\nboom")
     assert classify_exit(4, ["paratrain: training diverged at step 3: loss nan"]) == (
         "data", "paratrain: training diverged at step 3: loss nan")
+    # another attempt took over the output dir: this one is a lost run (its finish is refused as stale)
+    assert classify_exit(5, ["out was taken over by run w/3/2 on host b (pid 7) since ..."])[0] == "lost"
 
 
 def test_a_clean_exit_counts_as_success_only_after_the_done_event():
