@@ -294,7 +294,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                      for b in batches[epoch_step * cfg.accumulation_steps:(epoch_step + 1) * cfg.accumulation_steps]]
             mean_loss = accumulate_gradients(lm_ddp, micro, env, scaler,
                                              poison=inject_fault(env, step + 1, "loss", resumed))
-            lr = scheduler.get_last_lr()[0]
+            lr = optimizer.param_groups[0]["lr"]   # this step's
             # DDP: gradients are all-reduced, so every rank sees the same norm and makes the same decision
             grad_norm, applied = optimizer_step(optimizer, scaler, trainable, cfg.max_grad_norm, mean_loss, step + 1)
             # A skipped step used its batch: it counts towards total_steps (the data position stays right), but
@@ -349,7 +349,11 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> tuple
     weights, blob, state = ckpt.load_checkpoint(path)
     load_lora_weights(model, weights, path)
     optimizer.load_state_dict(blob["optimizer"])
-    scheduler.load_state_dict(blob["scheduler"])
+    scheduler.load_state_dict(blob["scheduler"])   # the number of steps applied
+    # The saved learning rates are the saved run's schedule's. A resumed run may be longer or shorter
+    # (--max_steps, --epochs): its rates are this run's schedule at the steps applied so far.
+    for group, base_lr, rate in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * rate(scheduler.last_epoch)
     if blob.get("scaler"):   # a float16 run's loss scale; empty or absent (older checkpoints): start afresh
         scaler.load_state_dict(blob["scaler"])
     torch.set_rng_state(blob["rng_cpu"])

@@ -283,6 +283,25 @@ def test_a_run_whose_output_dir_another_run_took_over_stops_without_writing(tmp_
     assert not list((out / "lora").glob("*_final.pth")) and owner.holds(out, token)
 
 
+def test_a_resumed_run_made_longer_follows_the_longer_schedule(tmp_path, tiny_model_dir, demo_data_path):
+    """4 steps, then the same command with --max_steps 6: steps 5 and 6 take the 6-step schedule's rates (the
+    checkpoint's optimiser state holds the 4-step one's, which had decayed to 0 at step 4)."""
+    from trainer_core.train import lr_lambda
+
+    peak = 1e-3
+
+    def run(steps: int) -> dict[int, float]:
+        proc = subprocess.run([PYTHON, "-m", "trainer_core.train",
+                               *guide_args(tiny_model_dir, demo_data_path, tmp_path / "out"), "--max_steps", str(steps),
+                               "--learning_rate", str(peak), "--warmup_ratio", "0"],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return {r["step"]: r["lr"] for r in json_lines(proc.stdout) if "loss" in r}
+
+    assert run(4) == pytest.approx({s: peak * lr_lambda(4, 0)(s - 1) for s in range(1, 5)})
+    assert run(6) == pytest.approx({s: peak * lr_lambda(6, 0)(s - 1) for s in (5, 6)})
+
+
 def test_a_stop_signal_before_the_first_step_stops_at_once(tmp_path, tiny_model_dir, demo_data_path):
     """Loading a real model takes minutes: Ctrl-C then must not wait for a step to train and save."""
     proc = subprocess.Popen([PYTHON, "-m", "trainer_core.train", *guide_args(tiny_model_dir, demo_data_path,
