@@ -57,8 +57,8 @@ def inject_fault(env: DistEnv, step: int, where: str, resumed: bool) -> bool:
     kind = match.group(1)
     if kind == "nan_loss" and where == "loss":
         return True
-    if kind == "oom" and where == "step":
-        raise torch.OutOfMemoryError(f"{FAULT_ENV}: simulated CUDA out of memory at step {step}")
+    if kind == "oom" and where == "step":   # a real allocation, too large for any device: its own error type
+        torch.empty(2**62, dtype=torch.uint8, device=env.device)
     if match.group(2) is not None and where == "step" and env.rank == int(match.group(2)):
         os.kill(os.getpid(), signal.SIGKILL)
     if kind == "enospc_on_checkpoint" and where == "checkpoint":
@@ -492,6 +492,12 @@ def run(args: argparse.Namespace) -> int:
     return run_config(cfg)
 
 
+def out_of_memory(e: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the plain RuntimeError of an allocation that failed on the CPU."""
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError)
+                                                     and "DefaultCPUAllocator: can't allocate memory" in str(e))
+
+
 def run_config(cfg: TrainConfig) -> int:
     """Train; the exit code is the process contract of docs/API.md (0, 2 bad input, 3 out of memory,
     4 diverged, 5 another run took over the output dir, 130 stopped without a new checkpoint)."""
@@ -514,7 +520,9 @@ def run_config(cfg: TrainConfig) -> int:
                     + (", --dtype bfloat16 instead of float16" if cfg.dtype == "float16" else "")
                     + " or a smaller --lora_alpha.")
         return exit_codes.DIVERGED
-    except torch.OutOfMemoryError as e:
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
         print(f"paratrain: out of memory on rank {env.rank}: {str(e).splitlines()[0]}\n"
               f"Try {as_flags('; '.join(memory_levers(cfg)))}.", file=sys.stderr, flush=True)
         return exit_codes.OUT_OF_MEMORY
