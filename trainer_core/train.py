@@ -202,7 +202,12 @@ def prepare_data(cfg: TrainConfig, env: DistEnv):
     if status == "error":
         raise DataError(payload.splitlines())
     prepared = json.loads(payload)
-    ds = open_tokens(Path(prepared["tokens_dir"]))
+    tokens_dir = Path(prepared["tokens_dir"])
+    if not (tokens_dir / "index.npz").exists():
+        # rank 0 is on another machine, whose token cache this one does not share: the same file, tokenizer and
+        # max_seq_len give the same tokens here (a rank that finishes second keeps the first one's)
+        tokens_dir = prepare_tokens(cfg.data_path, cfg.base_model, cfg.max_seq_len)
+    ds = open_tokens(tokens_dir)
     samples = build_samples(ds, cfg)
     if len(samples) == 0:
         raise DataError([f"{cfg.data_path}: no sample has any tokens"])

@@ -140,3 +140,22 @@ def test_the_end_of_training_probe_runs_with_sdpa_and_never_costs_the_final_outp
     monkeypatch.setattr(train_module, "hidden_states", out_of_memory)
     assert train_module.probe_logits(model, ds, samples, cfg, ONE_PROCESS) is None
     assert config._attn_implementation == "flex_attention" and model.training
+
+
+def test_a_rank_on_a_machine_without_rank_0s_token_cache_tokenises_the_data_itself(tmp_path, monkeypatch,
+                                                                                 tiny_model_dir, demo_data_path):
+    """A multi-node job: rank 0 tokenised into its own machine's cache, which another machine's ranks do not
+    see (PARATRAIN_CACHE is not a shared folder); they get the same tokens from the same file."""
+    from trainer_core import train as train_module
+    from trainer_core.config import TrainConfig
+    from trainer_core.data import file_sha256
+
+    cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path))
+    rank0_ds, rank0_samples, sha = train_module.prepare_data(cfg, DistEnv(False, 0, 0, 1, torch.device("cpu")))
+    elsewhere = {"tokens_dir": str(tmp_path / "rank-0s-machine" / "cache"), "data_sha256": sha}
+    monkeypatch.setattr(train_module, "broadcast_object", lambda env, obj: ("ok", json.dumps(elsewhere)))
+    monkeypatch.setenv("PARATRAIN_CACHE", str(tmp_path / "this-machines-cache"))
+    ds, samples, rank1_sha = train_module.prepare_data(cfg, DistEnv(True, 1, 0, 2, torch.device("cpu")))
+    assert list((tmp_path / "this-machines-cache").iterdir())           # tokenised here
+    assert rank1_sha == sha == file_sha256(str(demo_data_path)) and len(samples) == len(rank0_samples)
+    assert (ds.tokens == rank0_ds.tokens).all() and (ds.text_offsets == rank0_ds.text_offsets).all()
