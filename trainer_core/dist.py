@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trainer_core import exit_codes
+
 
 @dataclass
 class DistEnv:
@@ -38,7 +40,8 @@ def compute_init(want_ddp: bool) -> DistEnv:
         dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
         return DistEnv(True, rank, local_rank, world, device)
     if under_torchrun and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("paratrain: started by torchrun with several processes but without --ddp; add --ddp")
+        print("paratrain: started by torchrun with several processes but without --ddp; add --ddp", file=sys.stderr)
+        raise SystemExit(exit_codes.BAD_INPUT)
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     return DistEnv(False, 0, 0, 1, device)
 

@@ -302,6 +302,14 @@ def test_a_resumed_run_made_longer_follows_the_longer_schedule(tmp_path, tiny_mo
     assert run(6) == pytest.approx({s: peak * lr_lambda(6, 0)(s - 1) for s in (5, 6)})
 
 
+def test_torchrun_with_several_processes_needs_ddp_and_says_so(tmp_path, tiny_model_dir, demo_data_path):
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "trainer_core.train",
+                           *guide_args(tiny_model_dir, demo_data_path, tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert "started by torchrun with several processes but without --ddp; add --ddp" in proc.stderr
+    assert "exitcode  : 2" in proc.stderr or "exitcode : 2" in proc.stderr, proc.stderr[-2000:]   # bad input
+
+
 def test_a_stop_signal_before_the_first_step_stops_at_once(tmp_path, tiny_model_dir, demo_data_path):
     """Loading a real model takes minutes: Ctrl-C then must not wait for a step to train and save."""
     proc = subprocess.Popen([PYTHON, "-m", "trainer_core.train", *guide_args(tiny_model_dir, demo_data_path,
