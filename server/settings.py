@@ -16,7 +16,8 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="SQLAlchemy URL; empty means SQLite at <data_dir>/paratrain.db.")
     data_root: Path | None = Field(None, description="Datasets and models must lie under it; default data_dir.")
     extra_roots: list[Path] = Field(default_factory=list,
-                                    description="More directories jobs may read from (absolute paths only).")
+                                    description="More directories jobs may read from (a relative one is taken from the "
+                                                "server's working directory).")
     mount_ui: bool = Field(True, description="Serve the Gradio UI at /ui when the ui package imports.")
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 exposes the API to the network.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the API and the UI.")

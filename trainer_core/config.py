@@ -95,7 +95,7 @@ class TrainConfig(BaseModel):
     batch_by_samples: bool = _field(False, "batch_size counts samples (otherwise it counts texts/branches).", "data")
     tokens_per_row: int = _field(
         16384, "Samples of a step are packed into rows of at most this many tokens (no padding to the "
-        "longest sample).", "data", ge=16, le=MAX_POSITION)
+        "longest sample; a longer sample gets a row of its own).", "data", ge=16, le=MAX_POSITION)
 
     # --- training ------------------------------------------------------------------------------
     epochs: int = _field(3, "Passes over the data.", "training", ge=1, le=1000)
