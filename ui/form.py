@@ -57,9 +57,9 @@ def component_for(name: str, info: Any, placeholder: str | None = None,
         return gr.Dropdown(choices=list(typing.get_args(kind)), value=default, **common)
     # No minimum/maximum on gr.Number: Gradio would refuse an out-of-range value itself, with a toast that
     # names no field; `validate` names it ("batch_size: Input should be greater than or equal to 1").
-    if kind is int:
-        return gr.Number(value=default, precision=0, **common)
-    if kind is float:
+    # No precision=0 for an int either: Gradio would round 2.5 to 2 before `validate` sees it, and run a
+    # setting the form does not show; a whole float becomes an int in schema_kwargs, 2.5 is refused by name.
+    if kind in (int, float):
         return gr.Number(value=default, **common)
     placeholder = placeholder or ("required" if info.is_required() else None)
     return gr.Textbox(value=default or "", placeholder=placeholder, max_lines=1, **common)
@@ -156,8 +156,21 @@ def _parse_number(text: str, kind: type) -> Any:
     return int(number) if kind is int and number.is_integer() else number
 
 
+def emptied(schema: type[BaseModel], values: dict[str, Any]) -> list[str]:
+    """'field: ...' for each input of a field with a default that was emptied: schema_kwargs leaves it out, and
+    the default would run while the form shows nothing."""
+    return [f"{name}: empty; enter a value (the default is {info.default})"
+            for name, info in schema.model_fields.items()
+            if name in values and name not in JOB_SET_FIELDS and not info.is_required()
+            and not _base_type(info.annotation)[1]
+            and (values[name] is None or (isinstance(values[name], str) and not values[name].strip()))]
+
+
 def validate(values: dict[str, Any], with_job: bool = False) -> tuple[TrainConfig | None, str]:
     """(config, "") or (None, 'field: message; ...'); `with_job`: the Resources fields must be valid too."""
+    empty = emptied(TrainConfig, values) + (emptied(JobResources, values) if with_job else [])
+    if empty:
+        return None, "; ".join(empty)
     try:
         config = TrainConfig(**config_dict(values))
         if with_job:

@@ -73,6 +73,17 @@ def test_form_validation_names_the_field():
     config, error = validate({"base_model": "m", "data_path": "d", "nodes": 0.0}, with_job=True)
     assert config is None and error == "nodes: Input should be greater than or equal to 1"
     assert from_yaml("lora_rank: 4\n")["lora_rank"] == 4      # base_model/data_path may be left out
+    # the form never runs a value it does not show: 2.5 for an int is refused, not rounded; an emptied input
+    # is named, not silently replaced by the default
+    from ui.form import component_for
+
+    assert component_for("lora_rank", TrainConfig.model_fields["lora_rank"]).preprocess(2.5) == 2.5
+    config, error = validate({"base_model": "m", "data_path": "d", "lora_rank": 2.5})
+    assert config is None and error == "lora_rank: Input should be a valid integer, got a number with a fractional part"
+    config, error = validate({"base_model": "m", "data_path": "d", "learning_rate": None, "epochs": 2, "gpus": ""},
+                             with_job=True)
+    assert config is None and error == ("learning_rate: empty; enter a value (the default is 0.0001); "
+                                        "gpus: empty; enter a value (the default is 1)")
 
 
 def test_api_client_against_real_server(live_server):
