@@ -20,6 +20,7 @@ from server.models import (
     JobCreate,
     JobEvent,
     JobNode,
+    JobPublic,
     JobState,
     LogLine,
     Metric,
@@ -79,6 +80,14 @@ def list_jobs(*, session: Session, state: JobState | None, limit: int, offset: i
         count_stmt = count_stmt.where(Job.state == state)
     jobs = session.exec(stmt.order_by(col(Job.id).desc()).offset(offset).limit(limit)).all()
     return list(jobs), session.exec(count_stmt).one()
+
+
+def public_jobs(*, session: Session, jobs: list[Job]) -> list[JobPublic]:
+    """The jobs as clients see them, with the job that retries each (one query for them all)."""
+    ids = [job.id for job in jobs]
+    retried_as = dict(session.exec(select(Job.retry_of, Job.id).where(col(Job.retry_of).in_(ids))).all()) if ids else {}
+    return [JobPublic.model_validate(job, from_attributes=True).model_copy(update={"retried_as": retried_as.get(job.id)})
+            for job in jobs]
 
 
 def cancel_job(*, session: Session, job_id: int) -> Job:

@@ -138,6 +138,7 @@ class JobPublic(JobBase):
     model_config = ConfigDict(json_schema_serialization_defaults_required=True)
 
     id: int
+    retried_as: int | None = Field(None, description="The job that retries this one (a job is retried once).")
 
 
 class JobNode(SQLModel, table=True):

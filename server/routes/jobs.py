@@ -50,12 +50,12 @@ def list_jobs(session: SessionDep, state: JobState | None = None,
               limit: Annotated[int, Query(ge=1, le=1000)] = 50,
               offset: Annotated[int, Query(ge=0, le=MAX_DB_INT)] = 0) -> JobsPublic:
     jobs, count = crud.list_jobs(session=session, state=state, limit=limit, offset=offset)
-    return JobsPublic(data=[JobPublic.model_validate(j, from_attributes=True) for j in jobs], count=count)
+    return JobsPublic(data=crud.public_jobs(session=session, jobs=jobs), count=count)
 
 
 @router.get("/{job_id}", response_model=JobPublic)
-def get_job(job_id: JobIdPath, session: SessionDep) -> Job:
-    return crud.get_job(session=session, job_id=job_id)
+def get_job(job_id: JobIdPath, session: SessionDep) -> JobPublic:
+    return crud.public_jobs(session=session, jobs=[crud.get_job(session=session, job_id=job_id)])[0]
 
 
 @router.post("/{job_id}/cancel", response_model=JobPublic)

@@ -101,6 +101,10 @@ def test_cancel_retry_delete(client, settings, job_body):
     assert retry["retry_of"] == job["id"] and retry["state"] == "queued"
     again = client.post(f"/api/jobs/{job['id']}/retry")     # would train the same steps a second time
     assert again.status_code == 409 and f"already retried as job {retry['id']}" in again.json()["detail"]
+    # what a client shows before offering a retry: the job says it was retried, and by which job
+    assert client.get(f"/api/jobs/{job['id']}").json()["retried_as"] == retry["id"]
+    listed = {j["id"]: j["retried_as"] for j in client.get("/api/jobs").json()["data"]}
+    assert listed == {job["id"]: retry["id"], retry["id"]: None}
     assert retry["config"]["output_dir"] != job["config"]["output_dir"]
     assert {k: v for k, v in retry["config"].items() if k != "output_dir"} == \
            {k: v for k, v in job["config"].items() if k != "output_dir"}

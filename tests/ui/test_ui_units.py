@@ -353,6 +353,7 @@ def test_job_actions_follow_the_jobs_state():
     assert job_actions({"state": "succeeded"}) == (False, False, True)  # cancelling it was a 409
     assert job_actions({"state": "failed"}) == (False, True, False)
     assert job_actions({"state": "cancelled"}) == (False, True, False)
+    assert job_actions({"state": "failed", "retried_as": 7}) == (False, False, False)   # the server would 409
     assert [u["interactive"] for u in action_updates(None)] == [False, False, False]
 
 

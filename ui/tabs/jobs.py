@@ -93,7 +93,9 @@ def job_summary(job: dict[str, Any]) -> str:
              f"**attempt** {job.get('attempt', 1)}/{job.get('max_attempts') or '?'}",
              f"model {cfg.get('base_model', '')} · data {cfg.get('data_path', '')}"]
     if job.get("retry_of"):
-        lines.append(f"retry of job #{job['retry_of']}: resumes from its last checkpoint")
+        lines.append(f"retry of job #{job['retry_of']}: resumes from its last checkpoint, if it saved one")
+    if job.get("retried_as"):
+        lines.append(f"retried as job #{job['retried_as']}")
     if job["state"] == "cancelled":
         lines.append(f"**stopped** {job.get('failure_reason') or 'cancelled'}")
     elif job.get("failure_reason") or job.get("failure_class"):
@@ -122,11 +124,11 @@ def code_block(text: str) -> str:
 
 def job_actions(job: dict[str, Any] | None) -> tuple[bool, bool, bool]:
     """Whether Cancel, Retry and Download adapter can do anything for the job: cancel a job that has not
-    ended (and is not being cancelled), retry one that failed or was cancelled, download the adapter a
-    job writes when it succeeds."""
+    ended (and is not being cancelled), retry one that failed or was cancelled and not yet retried (the
+    server retries a job once), download the adapter a job writes when it succeeds."""
     state = (job or {}).get("state")
     can_cancel = state == "queued" or (state == "running" and not job.get("cancel_requested"))
-    return can_cancel, state in ("failed", "cancelled"), state == "succeeded"
+    return can_cancel, state in ("failed", "cancelled") and not job.get("retried_as"), state == "succeeded"
 
 
 def action_updates(job: dict[str, Any] | None) -> list[dict[str, Any]]:
