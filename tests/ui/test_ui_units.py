@@ -406,3 +406,20 @@ def test_job_summary_names_a_retry_and_a_cancel_is_not_a_failure_and_the_log_tai
     tail = log_html(['{"step": 1, "loss": 7.3}', "step 1/10 | loss 7.3000", '[node 1] {"event": "done"}', "done"])
     assert "step 1/10 | loss 7.3000" in tail and "done" in tail and "&quot;step&quot;" not in tail
     assert "event" not in tail
+
+
+def test_a_yaml_the_form_cannot_load_is_named_in_a_toast_that_keeps_the_parsers_words(tmp_path):
+    """Toasts render HTML: the YAML parser's "<stream end>" was swallowed as a tag, cutting the message."""
+    import warnings
+
+    from ui.app import build_ui
+
+    ui = build_ui("http://127.0.0.1:9")
+    (load,) = [b.fn for b in ui.blocks.fns.values() if getattr(b.fn, "__name__", "") == "load"]
+    bad = tmp_path / "badsyntax.yaml"
+    bad.write_text("base_model: m\ndata_path: [datasets/demo.jsonl\n")
+    with warnings.catch_warnings(record=True) as shown:   # gr.Warning outside a request is a Python warning
+        warnings.simplefilter("always")
+        load(str(bad))
+    assert [str(w.message) for w in shown] == [
+        "Cannot load badsyntax.yaml: not valid YAML at line 3, column 1: expected ',' or ']', but got '&lt;stream end&gt;'"]

@@ -325,7 +325,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         try:
             job = ctx.client(session).cancel_job(_selected_id(selected))
         except (ApiError, TypeError, KeyError) as e:
-            gr.Warning(f"Cancel failed: {e}")
+            gr.Warning(html.escape(f"Cancel failed: {e}", quote=False))
             return (gr.skip(),) * 4
         gr.Info(f"Job #{job['id']}: cancel {'requested' if job['state'] == 'running' else 'done'}.")
         return job_summary(job), *action_updates(job)
@@ -334,7 +334,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         try:
             job = ctx.client(session).retry_job(_selected_id(selected))
         except (ApiError, TypeError, KeyError) as e:
-            gr.Warning(f"Retry failed: {e}")
+            gr.Warning(html.escape(f"Retry failed: {e}", quote=False))
             return gr.skip()
         gr.Info(f"Job #{job['id']} queued as a retry of #{job['retry_of']}.")
         return picker_update(ctx.client(session), job["id"])
@@ -351,7 +351,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
                 for path in files:
                     z.writestr(path, client.download_artifact(job_id, path))
         except (ApiError, TypeError, KeyError) as e:
-            gr.Warning(f"Download failed: {e}")
+            gr.Warning(html.escape(f"Download failed: {e}", quote=False))
             return gr.update(visible=False)
         return gr.update(value=target, visible=True)
 

@@ -4,6 +4,7 @@ estimate of the current form (POST /api/estimate), corrected by the peaks of job
 
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,7 +144,7 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
                     raise ApiError(422, "Enter base_model in the form, or pick a model size.")
             plist = client.presets(float(gpu_mem_gb or DEFAULT_GPU_MEM_GB), target)
         except ApiError as e:
-            gr.Warning(str(e))
+            gr.Warning(html.escape(str(e), quote=False))
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         names = [p["name"] for p in plist]
         return (plist, gr.update(value=presets_frame(plist), visible=True),

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import re
 import shlex
@@ -110,7 +111,8 @@ def create_submit_tab(ctx: UiContext) -> SubmitTab:
             with open(path, encoding="utf-8") as f:
                 values = from_yaml(f.read())
         except (OSError, ValueError, TypeError) as e:
-            gr.Warning(f"Cannot load that file: {e}")
+            # a toast renders HTML: a parser's "<stream end>" would vanish
+            gr.Warning(html.escape(f"Cannot load {os.path.basename(str(path))}: {e}", quote=False))
             return form.updates({})
         gr.Info(f"Loaded {os.path.basename(path)}.")
         return form.updates(values)
