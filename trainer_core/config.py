@@ -231,6 +231,55 @@ def closest_name(name: str, known: Iterable[str]) -> str | None:
     return close[0] if close else None
 
 
+def _load_mapping(text: str) -> Any:
+    """A job file's JSON or YAML; a key given twice is an error (both readers would keep the last one silently,
+    and train something the file's first line does not say)."""
+    import json
+
+    import yaml
+
+    def unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        keys = [k for k, _ in pairs]
+        if dupes := sorted({k for k in keys if keys.count(k) > 1}):
+            raise ValueError(f"duplicate key {dupes[0]!r}")   # json names no line here
+        return dict(pairs)
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            first_line: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if isinstance(key, (str, int, float, bool)) and key in first_line:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first at line {first_line[key] + 1})", key_node.start_mark)
+                if isinstance(key, (str, int, float, bool)):
+                    first_line[key] = key_node.start_mark.line
+            return super().construct_mapping(node, deep)
+
+    # JSON first: YAML 1.1 refuses some valid JSON (tab indentation)
+    if text.lstrip().startswith("{"):
+        return json.loads(text, object_pairs_hook=unique_pairs)
+    return yaml.load(text, Loader=UniqueKeyLoader) or {}
+
+
+def _check_plain(value: Any, where: str = "") -> None:
+    """What YAML holds beyond JSON (NaN, infinity, dates, binary, sets) cannot be sent or stored: ValueError
+    naming the key."""
+    import math
+
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for item in value:
+            _check_plain(item, where)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where}: {value} is not a value a job can hold (give a finite number)")
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        raise ValueError(f"{where}: a {type(value).__name__} value; give plain text, a number, true/false or a "
+                         "list of them")
+
+
 def parse_job_file(text: str, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
     """A saved job (the UI's *Save as YAML*, `paratrain submit`'s input): TrainConfig fields at the top
     level, JobResources fields under `job:`; a bare TrainConfig YAML or JSON is one too. `overrides` are
@@ -243,8 +292,7 @@ def parse_job_file(text: str, overrides: Sequence[str] = ()) -> tuple[dict[str, 
     import yaml
 
     try:
-        # JSON first: YAML 1.1 refuses some valid JSON (tab indentation)
-        data = json.loads(text) if text.lstrip().startswith("{") else (yaml.safe_load(text) or {})
+        data = _load_mapping(text)
     except json.JSONDecodeError as e:
         raise ValueError(f"not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
     except yaml.YAMLError as e:
@@ -269,10 +317,7 @@ def parse_job_file(text: str, overrides: Sequence[str] = ()) -> tuple[dict[str, 
                 data["job"][name] = parsed
         else:
             data[key.strip()] = parsed
-    try:   # what YAML holds beyond JSON (binary, dates, sets) cannot be sent or stored
-        json.dumps(data, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"a value that is not plain text, a number, true/false or a list of them ({e})") from None
+    _check_plain(data)
     job = data.pop("job", None)
     job = {} if job is None else job   # `job: 0` is a mistake to name, not "no job section"
     if not isinstance(job, dict):

@@ -76,7 +76,13 @@ def test_submit_follow_prints_the_progress_and_exits_by_the_final_state(live_ser
     ("data_path: demo.jsonl\n", "job.yaml: missing base_model"),
     ("base_model: models/tiny\ndata_path: /etc/passwd\n", "the server refused the job: 422: config.data_path"),
     ("base_model: models/tiny\ndata_path: demo.jsonl\njob: 0\n", "'job' must be a mapping"),
-    ("base_model: models/tiny\ndata_path: demo.jsonl\nname: !!binary cGFyYQ==\n", "not plain text"),
+    ("base_model: models/tiny\ndata_path: demo.jsonl\nname: !!binary cGFyYQ==\n", "name: a bytes value; give plain text"),
+    ("base_model: models/tiny\ndata_path: demo.jsonl\nmax_steps: .nan\n", "max_steps: nan is not a value a job can hold"),
+    ("base_model: models/tiny\ndata_path: demo.jsonl\njob: {gpus: .inf}\n", "job.gpus: inf is not a value"),
+    # the last of two would win silently, and train what the first line does not say
+    ("base_model: models/tiny\ndata_path: demo.jsonl\nbase_model: models/other\n",
+     "not valid YAML at line 3, column 1: duplicate key 'base_model' (first at line 1)"),
+    ('{"base_model": "models/tiny", "data_path": "demo.jsonl", "base_model": "x"}', "duplicate key 'base_model'"),
     ('{\n\t"base_model": "models/tiny",\n\t"data_path": [1,\n}', "not valid JSON at line 4"),
 ])
 def test_a_bad_job_file_is_one_line_naming_the_line_key_or_field_and_exit_2(live_server, tmp_path, token_file,
@@ -99,7 +105,8 @@ def test_a_wrong_token_or_no_server_is_said_plainly(live_server, tmp_path, capsy
     assert "did not accept the token" in capsys.readouterr().err
     nowhere = f"http://127.0.0.1:{free_port()}"
     assert main(["submit", str(job_file), "--server", nowhere, "--token-file", str(wrong)]) == 1
-    assert f"The server at {nowhere} could not be reached" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"The server at {nowhere} could not be reached" in err and "Give its address with --server URL" in err
 
 
 def test_json_with_tabs_is_a_job_file_too(live_server, tmp_path, token_file, capsys):
