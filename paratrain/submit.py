@@ -87,7 +87,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"paratrain submit: no answer within {SUBMIT_TIMEOUT_S:.0f} s; {maybe_queued}", file=sys.stderr)
             return EXIT_FAILED
         if e.status == 0 or e.status >= 500:
-            print(f"paratrain submit: {e}", file=sys.stderr)
+            # nothing listens there: most often a server started with another --port
+            hint = (" Is `paratrain serve` running there? Give its address with --server URL."
+                    if isinstance(e.__cause__, httpx.ConnectError) else "")
+            print(f"paratrain submit: {e}{hint}", file=sys.stderr)
             return EXIT_FAILED
         if e.status == 401:
             return _fail(f"the server at {args.server} did not accept the token (give --token-file, or set "
