@@ -125,6 +125,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
+    overrides = {k: getattr(args, k) for k in SAMPLE_SHAPING_FIELDS if getattr(args, k) is not None}
+    try:   # the flags are checked with or without a tokenizer: a bad one is never "valid"
+        cfg = TrainConfig(base_model=args.tokenizer or "none", data_path=args.file, **overrides)
+    except ValidationError as e:
+        print(f"paratrain data check: {format_validation_error(e)}", file=sys.stderr)
+        return 2
     if args.tokenizer is None:
         warnings: list[str] = []
         try:
@@ -136,12 +142,6 @@ def run(args: argparse.Namespace) -> int:
               "\n".join([f"{args.file}: {records:,} valid records (give --tokenizer for samples, token lengths "
                          "and packing)", *[f"  warning: {w}" for w in warnings]]))
         return 0
-    overrides = {k: getattr(args, k) for k in SAMPLE_SHAPING_FIELDS if getattr(args, k) is not None}
-    try:
-        cfg = TrainConfig(base_model=args.tokenizer, data_path=args.file, **overrides)
-    except ValidationError as e:
-        print(f"paratrain data check: {format_validation_error(e)}", file=sys.stderr)
-        return 2
     if not has_tokenizer_files(local_model_dir(args.tokenizer)):
         print(f"--tokenizer {args.tokenizer}: not a model directory with tokenizer files, nor such a model in the "
               "local HuggingFace cache", file=sys.stderr)

@@ -84,7 +84,8 @@ def test_data_check_without_a_tokenizer_checks_the_lines(tmp_path, demo_data_pat
 
 def test_data_check_names_a_bad_tokenizer_or_flag_without_a_traceback(tmp_path, demo_data_path):
     for extra, message in [(["--tokenizer", str(tmp_path / "nope")], f"--tokenizer {tmp_path / 'nope'}: not a model"),
-                           (["--tokenizer", str(tmp_path), "--max_seq_len", "0"], "max_seq_len: Input should be")]:
+                           (["--tokenizer", str(tmp_path), "--max_seq_len", "0"], "max_seq_len: Input should be"),
+                           (["--max_seq_len", "-5"], "max_seq_len: Input should be")]:   # also without a tokenizer
         proc = subprocess.run([PARATRAIN, "data", "check", str(demo_data_path), *extra],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
