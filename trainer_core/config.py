@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal, get_args, get_origin
 
@@ -43,6 +44,7 @@ def _field(default: Any, help: str, group: str, **kw: Any) -> Any:
 # length), how steps are computed, where and how often it writes, and where the data file lies (the data
 # count by content). Any other field defines the run, so a checkpoint saved under another value belongs to
 # another run (trainer_core.train.resume_identity).
+NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "gradient_checkpointing", "compile", "ddp", "tokens_per_row",
                                "output_dir", "name", "log_interval", "save_interval", "resume", "data_path"})
 
@@ -120,8 +122,10 @@ class TrainConfig(BaseModel):
     # --- output --------------------------------------------------------------------------------
     output_dir: str = _field("out", "Where lora/, adapter/, checkpoints/ and metrics.jsonl go.", "output",
                              min_length=1)
-    name: str = _field("paratrain", "Run name used in <output_dir>/lora/{name}_{model}.pth.", "output",
-                       min_length=1, max_length=100, pattern=r"^[A-Za-z0-9._-]+$")
+    # the pattern is in the schema for clients, and checked by _name_is_part_of_a_file_name, whose message
+    # a person reads (pydantic's own would quote the regex)
+    name: str = Field("paratrain", description="Run name used in <output_dir>/lora/{name}_{model}.pth.",
+                      json_schema_extra={"group": "output", "pattern": NAME_PATTERN}, min_length=1, max_length=100)
     log_interval: int = _field(1, "Log metrics every N optimiser steps.", "output", ge=1, le=MAX_STEPS)
     save_interval: int = _field(50, "Save a resumable checkpoint every N optimiser steps.", "output", ge=1,
                                 le=MAX_STEPS)
@@ -133,6 +137,14 @@ class TrainConfig(BaseModel):
         # a NUL byte cannot be a path or a flag, and PostgreSQL text columns refuse it
         if isinstance(value, str) and "\x00" in value:
             raise ValueError("must not contain NUL characters")
+        return value
+
+    @field_validator("name", mode="after")
+    @classmethod
+    def _name_is_part_of_a_file_name(cls, value: str) -> str:
+        if not re.fullmatch(NAME_PATTERN, value):
+            raise ValueError("letters, digits, '.', '_' and '-' only, no spaces (it is part of the output file "
+                             "names), e.g. my-first-run")
         return value
 
     @model_validator(mode="after")
