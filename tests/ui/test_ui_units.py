@@ -411,6 +411,23 @@ def test_job_summary_names_a_retry_and_a_cancel_is_not_a_failure_and_the_log_tai
     assert "event" not in tail
 
 
+def test_a_queued_job_no_online_worker_can_take_says_why_in_its_summary():
+    """On the CPU-only `paratrain serve`, a job of the API's default gpus: 1 waits for ever: the summary says so
+    (before, only the job's log did)."""
+    from ui.tabs.jobs import job_summary, wait_reason
+
+    class CpuOnlyCluster:
+        def workers(self):
+            return [{"online": True, "stopping": False, "gpus": []}]
+
+    job = {"id": 6, "state": "queued", "config": {}, "gpus": 1, "nodes": 1}
+    reason = wait_reason(CpuOnlyCluster(), job)
+    assert reason == "No online worker has 1 GPU (the most is 0): the job waits until a worker with that many joins."
+    assert f"**waits** {reason}" in job_summary(job, reason)
+    assert wait_reason(CpuOnlyCluster(), {**job, "gpus": 0}) is None                 # it only waits its turn
+    assert wait_reason(CpuOnlyCluster(), {**job, "state": "running"}) is None
+
+
 def test_a_yaml_the_form_cannot_load_is_named_in_a_toast_that_keeps_the_parsers_words(tmp_path):
     """Toasts render HTML: the YAML parser's "<stream end>" was swallowed as a tag, cutting the message."""
     import warnings

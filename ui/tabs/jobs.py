@@ -20,6 +20,7 @@ import pandas as pd
 
 from ui.api import ApiClient, ApiError
 from ui.context import UiContext, fmt_duration, fmt_number, scratch_file
+from ui.workers import capacity_warning, known_workers
 
 TABLE_COLUMNS = ["id", "name", "state", "progress", "ETA", "tokens/s", "GPU", "attempt", "loss", "peak GB"]
 LOG_TAIL_LINES = 200
@@ -84,7 +85,16 @@ def table_rows(jobs: list[dict[str, Any]]) -> list[list[Any]]:
              fmt_number(j.get("last_loss"), 4), fmt_number(j.get("peak_mem_gb"), 1)] for j in jobs]
 
 
-def job_summary(job: dict[str, Any]) -> str:
+def wait_reason(client: ApiClient, job: dict[str, Any]) -> str | None:
+    """Why a queued job cannot start on the workers online now; None when it only waits its turn (or is not
+    queued). The job's log says the same, but the summary is what a user reads."""
+    if job.get("state") != "queued":
+        return None
+    workers = known_workers(client)
+    return capacity_warning(workers, job.get("gpus", 1), job.get("nodes", 1)) if workers is not None else None
+
+
+def job_summary(job: dict[str, Any], waits: str | None = None) -> str:
     cfg = job.get("config", {})
     lines = [f"### Job #{job['id']} · {job.get('name') or cfg.get('name', '')} · {STATE_ICONS.get(job['state'], '')} "
              f"{job['state']}{' (cancel requested)' if job.get('cancel_requested') and job['state'] == 'running' else ''}",
@@ -96,6 +106,8 @@ def job_summary(job: dict[str, Any]) -> str:
         lines.append(f"retry of job #{job['retry_of']}: resumes from its last checkpoint, if it saved one")
     if job.get("retried_as"):
         lines.append(f"retried as job #{job['retried_as']}")
+    if waits:
+        lines.append(f"**waits** {waits}")
     if job["state"] == "cancelled":
         lines.append(f"**stopped** {job.get('failure_reason') or 'cancelled'}")
     elif job.get("failure_reason") or job.get("failure_class"):
@@ -283,7 +295,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         except ApiError as e:
             return (fresh, f"Cannot load job #{job_id}: {e}", "", gr.skip(), gr.skip(), "", gr.update(visible=False),
                     *action_updates(None))
-        return (fresh, job_summary(job), curve_text(fresh), curve_frame(fresh["points"], "loss"),
+        return (fresh, job_summary(job, wait_reason(client, job)), curve_text(fresh), curve_frame(fresh["points"], "loss"),
                 curve_frame(fresh["points"], "lr"), log_html(fresh["log_lines"]), gr.update(visible=False),
                 *action_updates(job))
 
@@ -309,7 +321,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         if superseded():
             return skip
         current["final"] = job["state"] in FINAL_STATES
-        return (current, job_summary(job),
+        return (current, job_summary(job, wait_reason(client, job)),
                 curve_text(current) if new_points else gr.skip(),
                 curve_frame(current["points"], "loss") if new_points else gr.skip(),
                 curve_frame(current["points"], "lr") if new_points else gr.skip(),
