@@ -29,6 +29,23 @@ from server.paths import confine_field, is_dir, is_file
 from server.queue import get_job, log_if_no_worker_fits, stored_config
 from server.settings import Settings
 from trainer_core.config import MAX_ATTEMPTS, TrainConfig, job_config
+from trainer_core.data import DataError, validate_file
+
+
+SUBMIT_CHECK_LINES = 1000   # milliseconds to read; the trainer checks every line before it loads a model
+
+
+def check_first_lines(data_path: Path, as_given: str) -> None:
+    """A file in the wrong format (another JSONL schema, not JSON at all) is refused when the job is submitted,
+    not when a worker reaches it: a 422 naming the first bad lines. A bad line further on fails the job
+    when its trainer starts (failure_class data), as before."""
+    try:
+        validate_file(data_path, max_errors=3, max_lines=SUBMIT_CHECK_LINES)
+    except DataError as e:
+        lines = [line.replace(str(data_path), as_given, 1) for line in e.lines]
+        raise FieldError(("body", "config", "data_path"), "; ".join(lines)) from None
+    except OSError as e:
+        raise FieldError(("body", "config", "data_path"), f"{as_given!r}: cannot be read ({e.strerror or e})") from None
 
 
 def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str) -> TrainConfig:
@@ -38,6 +55,7 @@ def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str
         raise FieldError(("body", "config", "data_path"), f"{config.data_path!r} is a directory: give its JSONL file")
     if not is_file(data_path):
         raise FieldError(("body", "config", "data_path"), f"{config.data_path!r}: no such file under the data root")
+    check_first_lines(data_path, config.data_path)
     base_model = confine_field(config.base_model, ("body", "config", "base_model"), settings)
     if not is_dir(base_model):
         raise FieldError(("body", "config", "base_model"),

@@ -132,10 +132,10 @@ def iter_records(path: str | os.PathLike) -> Iterator[Record]:
 
 
 def validate_file(path: str | os.PathLike, max_errors: int = MAX_REPORTED_ERRORS,
-                  warnings: list[str] | None = None) -> int:
-    """Check every line; return the record count or raise DataError listing `FILE:LINE: ...` problems.
-    `warnings` gets a line about valid records with keys paratrain ignores (a typo'd key would otherwise
-    go unnoticed)."""
+                  warnings: list[str] | None = None, max_lines: int | None = None) -> int:
+    """Check every line (the first `max_lines` only, if given); return the record count or raise DataError
+    listing `FILE:LINE: ...` problems. `warnings` gets a line about valid records with keys paratrain ignores
+    (a typo'd key would otherwise go unnoticed)."""
     p = Path(path)
     if not p.exists():
         raise DataError([f"{path}: file not found"])
@@ -147,6 +147,8 @@ def validate_file(path: str | os.PathLike, max_errors: int = MAX_REPORTED_ERRORS
     ignored: set[str] = set()
     ignoring_records = first_ignoring = 0
     for lineno, raw in iter_raw_lines(p):
+        if max_lines is not None and lineno > max_lines:
+            break
         rec = parse_line(raw)
         if isinstance(rec, str):
             n_errors += 1

@@ -74,6 +74,21 @@ def test_a_misspelt_query_parameter_is_a_422_naming_it_not_a_silently_different_
     assert client.get("/api/jobs", params={"state": "queued", "limit": 5}).json()["count"] == 1
 
 
+def test_a_dataset_in_the_wrong_format_is_refused_at_submit_naming_its_lines(client, settings, job_body):
+    """Not queued with a check mark to fail when a worker reaches it: the first 1,000 lines are read at once."""
+    (settings.data_dir / "datasets" / "chat.jsonl").write_text(
+        '{"main": "m", "branches": ["a"]}\n{"messages": [{"role": "user", "content": "hi"}]}\n[1, 2]\n')
+    r = client.post("/api/jobs", json=job_body(data_path="datasets/chat.jsonl"))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "data_path"], r.text
+    message = r.json()["detail"][0]["msg"]
+    assert message.startswith("datasets/chat.jsonl:2: ") and "; datasets/chat.jsonl:3: " in message, message
+    assert client.get("/api/jobs").json()["count"] == 0
+    # a bad line past the first 1,000 is the trainer's to find (it reads every line before loading a model)
+    good = '{"text": "t"}\n' * 1000
+    (settings.data_dir / "datasets" / "late.jsonl").write_text(good + "not json\n")
+    assert client.post("/api/jobs", json=job_body(data_path="datasets/late.jsonl")).status_code == 201
+
+
 def test_paths_outside_the_data_root_are_refused(client, settings, tmp_path_factory, job_body):
     outside = tmp_path_factory.mktemp("outside")
     (outside / "secret.jsonl").write_text('{"text": "x"}\n')
