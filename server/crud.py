@@ -59,7 +59,8 @@ def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str
     base_model = confine_field(config.base_model, ("body", "config", "base_model"), settings)
     if not is_dir(base_model):
         raise FieldError(("body", "config", "base_model"),
-                         f"{config.base_model!r}: no such model directory under the data root")
+                         f"{config.base_model!r}: no such model directory under the data root ({settings.data_root}); "
+                         "a job reads a model directory (a hub id works only from the command line, from its cache)")
     if not is_file(base_model / "config.json"):
         raise FieldError(("body", "config", "base_model"),
                          f"{config.base_model!r}: not a HuggingFace model directory (it has no config.json)")

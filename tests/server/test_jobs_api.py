@@ -89,6 +89,14 @@ def test_a_dataset_in_the_wrong_format_is_refused_at_submit_naming_its_lines(cli
     assert client.post("/api/jobs", json=job_body(data_path="datasets/late.jsonl")).status_code == 201
 
 
+def test_a_hub_id_as_a_jobs_model_is_told_apart_from_a_typo(client, settings, job_body):
+    """The flag's help (shared with the CLI) mentions hub ids; a job reads model directories only."""
+    r = client.post("/api/jobs", json=job_body(base_model="Qwen/Qwen2.5-0.5B-Instruct"))
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "base_model"]
+    assert f"no such model directory under the data root ({settings.data_root})" in r.json()["detail"][0]["msg"]
+    assert "a hub id works only from the command line" in r.json()["detail"][0]["msg"]
+
+
 def test_paths_outside_the_data_root_are_refused(client, settings, tmp_path_factory, job_body):
     outside = tmp_path_factory.mktemp("outside")
     (outside / "secret.jsonl").write_text('{"text": "x"}\n')
