@@ -60,6 +60,7 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         choose(page, "preset-model", "0.5B")
         page.locator("#get-presets").click()
         expect(page.locator("#presets-table")).to_contain_text("many short branches")
+        expect(page.locator("#presets-table")).to_contain_text("Presets for 0.5B on a 24 GB GPU")
         page.locator("#preset-choice").get_by_text("many short branches").click()
         page.locator("#apply-preset").click()
         expect(field(page, "cfg-rope_2d_ratio")).to_have_value("0.65")

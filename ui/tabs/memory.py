@@ -48,7 +48,8 @@ def gpu_mem_update(workers: list[dict[str, Any]] | None) -> dict[str, Any]:
     if size is not None:
         return gr.update(value=size, info=GPU_MEM_INFO)
     why = "No worker reports a GPU" if workers else "No worker is registered"
-    return gr.update(value=DEFAULT_GPU_MEM_GB, info=f"{why}: {DEFAULT_GPU_MEM_GB:g} GB assumed; set yours.")
+    return gr.update(value=DEFAULT_GPU_MEM_GB, info=f"{why}: enter your GPU's memory ({DEFAULT_GPU_MEM_GB:g} GB until "
+                                                    "you do).")
 
 
 def measured_peaks(client: ApiClient) -> list[dict[str, Any]]:
@@ -147,7 +148,9 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
             gr.Warning(html.escape(str(e), quote=False))
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         names = [p["name"] for p in plist]
-        return (plist, gr.update(value=presets_frame(plist), visible=True),
+        # the presets are for the model picked above, which may not be the form's: the caption says which
+        caption = f"Presets for {target} on a {float(gpu_mem_gb or DEFAULT_GPU_MEM_GB):g} GB GPU"
+        return (plist, gr.update(value=presets_frame(plist), visible=True, label=caption, show_label=True),
                 gr.update(choices=names, value=names[0] if names else None, visible=True), gr.update(visible=True))
 
     presets_button.click(get_presets, [ctx.session, gpu_mem, model, *form.inputs],
