@@ -167,6 +167,7 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         assert scripted_worker.claim()["id"] == third["id"]
         scripted_worker.report(third["id"], range(1, 6), total_steps=5)
         tab(page, "Compare")
+        expect(page.locator("#compare-info")).to_contain_text("Pick jobs above")   # not an empty frame alone
         choose(page, "compare-picker", "#1")
         expect(page.locator("#compare-plot")).to_contain_text("#1 paratrain")
         choose(page, "compare-picker", "#3")

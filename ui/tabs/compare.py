@@ -22,6 +22,9 @@ class CompareTab:
     info: gr.Markdown
 
 
+COMPARE_HINT = "Pick jobs above: their loss curves are drawn on one plot, a colour each."
+
+
 def create_compare_tab(ctx: UiContext) -> CompareTab:
     with gr.Row():
         picker = gr.Dropdown(choices=[], value=[], multiselect=True, label="Jobs to compare", scale=4,
@@ -29,7 +32,7 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
         refresh_button = gr.Button("Refresh curves", size="sm", scale=1, elem_id="compare-refresh")
     plot = gr.LinePlot(x="step", y="loss", color="job", title="Loss", height=420, x_axis_format="d",
                        elem_id="compare-plot")
-    info = gr.Markdown(elem_id="compare-info")
+    info = gr.Markdown(COMPARE_HINT, elem_id="compare-info")
 
     def compare(session, job_ids):
         rows, notes = [], []
@@ -45,7 +48,7 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
             return gr.skip(), f"Cannot compare: {e}", gr.skip()
         frame = pd.DataFrame(rows, columns=["step", "loss", "job"]).astype({"step": "int64", "loss": "float64",
                                                                              "job": "string"})
-        return frame, " · ".join(notes), list(dict.fromkeys(frame["job"]))
+        return frame, " · ".join(notes) or COMPARE_HINT, list(dict.fromkeys(frame["job"]))
 
     def restyle(labels):
         """Gradio draws a plot's colours and legend anew only when a setting changes, not its data: without a

@@ -85,6 +85,9 @@ def table_rows(jobs: list[dict[str, Any]]) -> list[list[Any]]:
              fmt_number(j.get("last_loss"), 4), fmt_number(j.get("peak_mem_gb"), 1)] for j in jobs]
 
 
+PICK_HINT = "Pick a job in the table or the list above: its progress, loss and learning-rate curves and log show here."
+
+
 def wait_reason(client: ApiClient, job: dict[str, Any]) -> str | None:
     """Why a queued job cannot start on the workers online now; None when it only waits its turn (or is not
     queued). The job's log says the same, but the summary is what a user reads."""
@@ -246,7 +249,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
     with gr.Row(equal_height=False):
         with gr.Column(scale=2, min_width=380):
             picker = gr.Dropdown(choices=[], value=None, label="Selected job", elem_id="job-picker")
-            summary = gr.Markdown(elem_id="job-summary")
+            summary = gr.Markdown(PICK_HINT, elem_id="job-summary")
             with gr.Row():
                 cancel_button = gr.Button("Cancel", variant="stop", size="sm", interactive=False, elem_id="cancel-job")
                 retry_button = gr.Button("Retry", size="sm", interactive=False, elem_id="retry-job")
@@ -285,7 +288,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         while len(selected_by_page) > MAX_PAGES_REMEMBERED:
             selected_by_page.pop(next(iter(selected_by_page)))
         if job_id is None or not (session or {}).get("token"):
-            return (fresh, "", "", curve_frame([], "loss"), curve_frame([], "lr"), "", gr.update(visible=False),
+            return (fresh, PICK_HINT, "", curve_frame([], "loss"), curve_frame([], "lr"), "", gr.update(visible=False),
                     *action_updates(None))
         fresh["job_id"] = job_id
         try:
