@@ -300,6 +300,7 @@ def estimate(config: TrainConfig | Mapping[str, Any], gpu_mem_gb: float,
     fits = peak <= gpu_mem_gb
     return {
         "model": {"name": shape.name, "source": shape.source, "params_b": round(shape.n_params / 1e9, 3),
+                  "params": shape.n_params,
                   "hidden_size": shape.hidden_size, "layers": shape.num_hidden_layers,
                   "intermediate_size": shape.intermediate_size, "vocab_size": shape.vocab_size,
                   "size_class": shape.size_class,

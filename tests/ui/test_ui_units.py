@@ -163,8 +163,16 @@ def test_estimate_markdown_shows_breakdown_and_warning():
 
     text = estimate_markdown(vram.estimate(TrainConfig(base_model="0.5B", data_path="d", batch_size=64), 24))
     assert "does not fit" in text and "model weights" in text and "⚠" in text
+    assert "(0.49B params" in text
     rows = vram.preset_rows(vram.presets(24, "1.5B"))
     assert len(rows) == 3 and all(r[-1] == "yes" for r in rows)
+
+
+def test_the_estimate_of_a_tiny_model_counts_its_parameters_in_millions(tiny_model_dir):
+    from ui.tabs.memory import estimate_markdown
+
+    est = vram.estimate(TrainConfig(base_model=str(tiny_model_dir), data_path="d"), 24)
+    assert f"({est['model']['params'] / 1e6:.1f}M params, from config.json)" in estimate_markdown(est)   # not 0.0B
 
 
 def test_dataset_tab_renders_the_real_check_summary(tiny_model_dir, demo_data_path):

@@ -58,6 +58,13 @@ def measured_peaks(client: ApiClient) -> list[dict[str, Any]]:
             if j.get("peak_mem_gb") and (j.get("gpus") or 0) > 0]
 
 
+def param_count(n: int | None) -> str:
+    """0.49B, 2.4M: a tiny test model is not '0.0B'."""
+    if n is None:
+        return "?"
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
+
+
 def presets_frame(plist: list[dict[str, Any]]) -> pd.DataFrame:
     """The presets as columns (headed by their names), vram.PRESET_COLUMNS' settings as rows."""
     settings = list(vram.PRESET_COLUMNS[1:])
@@ -100,7 +107,7 @@ def estimate_markdown(est: dict[str, Any], gpu_worker_online: bool = True) -> st
               "logits": "logits (loss chunk)", "overhead": "CUDA context + allocator slack"}
     lines += [f"| {labels.get(k, k)} | {v:.2f} |" for k, v in parts.items()]
     model = est.get("model", {})
-    lines += ["", f"{model.get('name', '')} ({model.get('params_b', '?')}B params, from {model.get('source', '?')}); "
+    lines += ["", f"{model.get('name', '')} ({param_count(model.get('params'))} params, from {model.get('source', '?')}); "
               f"{est['tokens_per_micro_batch']:,} tokens per micro-batch "
               f"({est['tokens_per_text']} per text)."]
     corr = est.get("correction")
