@@ -135,9 +135,10 @@ class JobRun:
             if len(line) > MAX_LOG_LINE_CHARS:   # e.g. a printed tensor: the server keeps less anyway
                 line = line[:MAX_LOG_LINE_CHARS] + f" [... {len(line) - MAX_LOG_LINE_CHARS} characters cut]"
             with self._lock:
-                self.pending_logs.append(line)
-                if metric is not None:
+                if metric is not None:   # a point, not a log line: the human progress line says it on stderr
                     self.pending_metrics.append(metric)
+                else:
+                    self.pending_logs.append(line)
                 if not is_stdout:
                     self.stderr_tail.append(line)
                     del self.stderr_tail[:-200]

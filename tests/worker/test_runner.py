@@ -86,6 +86,22 @@ def test_a_clean_exit_counts_as_success_only_after_the_done_event():
     assert cancelled.failure_class == "cancelled" and cancelled.release is False
 
 
+def test_a_metric_line_is_a_point_and_not_also_a_log_line():
+    """The trainer prints each step twice: a JSON point on stdout, a progress line on stderr. Stored as logs
+    both, they doubled the log for nothing."""
+    import io
+
+    from worker.runner import JobRun
+
+    run = JobRun(job_id=1, attempt=1, gpu_ids=[], argv=["trainer"], env={})
+    stdout = ['{"event": "start", "total_steps": 2}', '{"step": 1, "epoch": 1, "loss": 7.1, "lr": 0.001, '
+              '"grad_norm": 1.0, "tokens_per_s": 10.0, "gpu_mem_gb": null, "eta_s": 1.0}', "a plain line"]
+    run._pump(io.BytesIO("\n".join(stdout).encode() + b"\n"), is_stdout=True)
+    run._pump(io.BytesIO(b"step 1/2 (epoch 1) | loss 7.1000\n"), is_stdout=False)
+    assert [m["step"] for m in run.pending_metrics] == [1]
+    assert run.pending_logs == [stdout[0], "a plain line", "step 1/2 (epoch 1) | loss 7.1000"]
+
+
 def test_backfilled_points_keep_their_values_but_not_the_old_runs_eta(tmp_path):
     from worker.runner import JobRun
 
