@@ -26,7 +26,7 @@ from server.models import (
     MetricBase,
     MetricsPublic,
 )
-from server.paths import safe_child
+from server.paths import is_dir, safe_child
 from trainer_core.command import trainer_argv
 
 router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
@@ -112,6 +112,7 @@ def list_artifacts(job_id: JobIdPath, session: SessionDep) -> ArtifactsPublic:
             responses={200: {"content": {"application/octet-stream": {}}}})
 def download_artifact(job_id: JobIdPath, path: str, session: SessionDep) -> FileResponse:
     root = _output_dir(crud.get_job(session=session, job_id=job_id))
+    target = None
     try:
         target = safe_child(root, path)
         found = target.is_file()
@@ -120,7 +121,11 @@ def download_artifact(job_id: JobIdPath, path: str, session: SessionDep) -> File
     except OSError:  # e.g. a name too long for the file system
         found = False
     if not found:
+        if target is not None and is_dir(target):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"{path!r} is a directory: GET /api/jobs/{job_id}/artifacts "
+                                                           "lists its files, each downloadable")
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no artifact {path!r}")
+    assert target is not None
     return FileResponse(target, filename=target.name)
 
 

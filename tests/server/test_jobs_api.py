@@ -223,6 +223,8 @@ def test_artifacts_are_confined_to_the_output_dir(client, settings, job_body):
     assert listed == [{"path": "adapter/adapter_config.json", "size": 2}]
     assert client.get(f"/api/jobs/{job['id']}/artifacts/adapter/adapter_config.json").content == b"{}"
     assert client.get(f"/api/jobs/{job['id']}/artifacts/nope").status_code == 404
+    r = client.get(f"/api/jobs/{job['id']}/artifacts/adapter")
+    assert r.status_code == 404 and "'adapter' is a directory" in r.json()["detail"]
     r = client.get(f"/api/jobs/{job['id']}/artifacts/..%2F..%2F..%2Ftoken_copy")
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["path", "path"], r.text
 
