@@ -105,8 +105,8 @@ def public_jobs(*, session: Session, jobs: list[Job]) -> list[JobPublic]:
     """The jobs as clients see them, with the job that retries each (one query for them all)."""
     ids = [job.id for job in jobs]
     retried_as = dict(session.exec(select(Job.retry_of, Job.id).where(col(Job.retry_of).in_(ids))).all()) if ids else {}
-    return [JobPublic.model_validate(job, from_attributes=True).model_copy(update={"retried_as": retried_as.get(job.id)})
-            for job in jobs]
+    public = [JobPublic.model_validate(job, from_attributes=True) for job in jobs]
+    return [job.model_copy(update={"retried_as": retried_as.get(job.id)}) for job in public]
 
 
 def cancel_job(*, session: Session, job_id: int) -> Job:

@@ -61,4 +61,5 @@ def describe(record: dict | None) -> str:
     if record is None:
         return "another run"
     who = f"run {record['run']}" if record.get("run") else "another run"
-    return f"{who} on host {record.get('host', '?')} (pid {record.get('pid', '?')}) since {record.get('claimed_at', '?')}"
+    return (f"{who} on host {record.get('host', '?')} (pid {record.get('pid', '?')}) "
+            f"since {record.get('claimed_at', '?')}")

@@ -450,4 +450,5 @@ def test_a_yaml_the_form_cannot_load_is_named_in_a_toast_that_keeps_the_parsers_
         warnings.simplefilter("always")
         load(str(bad))
     assert [str(w.message) for w in shown] == [
-        "Cannot load badsyntax.yaml: not valid YAML at line 3, column 1: expected ',' or ']', but got '&lt;stream end&gt;'"]
+        "Cannot load badsyntax.yaml: not valid YAML at line 3, column 1: expected ',' or ']', "
+        "but got '&lt;stream end&gt;'"]

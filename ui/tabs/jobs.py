@@ -298,7 +298,8 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         except ApiError as e:
             return (fresh, f"Cannot load job #{job_id}: {e}", "", gr.skip(), gr.skip(), "", gr.update(visible=False),
                     *action_updates(None))
-        return (fresh, job_summary(job, wait_reason(client, job)), curve_text(fresh), curve_frame(fresh["points"], "loss"),
+        return (fresh, job_summary(job, wait_reason(client, job)), curve_text(fresh),
+                curve_frame(fresh["points"], "loss"),
                 curve_frame(fresh["points"], "lr"), log_html(fresh["log_lines"]), gr.update(visible=False),
                 *action_updates(job))
 

@@ -107,7 +107,8 @@ def estimate_markdown(est: dict[str, Any], gpu_worker_online: bool = True) -> st
               "logits": "logits (loss chunk)", "overhead": "CUDA context + allocator slack"}
     lines += [f"| {labels.get(k, k)} | {v:.2f} |" for k, v in parts.items()]
     model = est.get("model", {})
-    lines += ["", f"{model.get('name', '')} ({param_count(model.get('params'))} params, from {model.get('source', '?')}); "
+    lines += ["", f"{model.get('name', '')} ({param_count(model.get('params'))} params, "
+                  f"from {model.get('source', '?')}); "
               f"{est['tokens_per_micro_batch']:,} tokens per micro-batch "
               f"({est['tokens_per_text']} per text)."]
     corr = est.get("correction")
