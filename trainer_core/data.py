@@ -74,6 +74,15 @@ def iter_raw_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
                 yield lineno, raw
 
 
+JSON_TYPE_NAMES = {dict: "an object", list: "a list", str: "a string", int: "a number", float: "a number",
+                   bool: "true/false", type(None): "null"}
+
+
+def json_type(value: object) -> str:
+    """What a JSON value is, in JSON's words ("a number", "null"), not Python's ("int", "NoneType")."""
+    return JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
 def parse_line(raw: bytes) -> Record | str:
     """A Record, or a message saying what is wrong with the line."""
     try:
@@ -83,23 +92,23 @@ def parse_line(raw: bytes) -> Record | str:
     except json.JSONDecodeError as e:
         return f"not valid JSON ({e.msg} at column {e.colno})"
     if not isinstance(obj, dict):
-        return f"expected a JSON object, got {type(obj).__name__}"
+        return f"expected a JSON object, got {json_type(obj)}"
     if "branches" in obj or "main" in obj:
         if "text" in obj:
             return "has both 'text' and 'branches'/'main'; use one shape per line"
         main = obj.get("main", "")
         branches = obj.get("branches")
         if not isinstance(main, str):
-            return f"'main' must be a string, got {type(main).__name__}"
+            return f"'main' must be a string, got {json_type(main)}"
         if branches is None:
             return "'main' without 'branches'; add a 'branches' list (or use {\"text\": ...})"
         if not isinstance(branches, list):
-            return f"'branches' must be a list of strings, got {type(branches).__name__}"
+            return f"'branches' must be a list of strings, got {json_type(branches)}"
         if not branches:
             return "'branches' is empty"
         for i, b in enumerate(branches):
             if not isinstance(b, str):
-                return f"branches[{i}] must be a string, got {type(b).__name__}"
+                return f"branches[{i}] must be a string, got {json_type(b)}"
         # An empty branch would silently vanish from training (it has no tokens); one of whitespace only
         # is no text either, as for a text record.
         if not any(b.strip() for b in branches):
@@ -113,7 +122,7 @@ def parse_line(raw: bytes) -> Record | str:
     if "text" in obj:
         text = obj["text"]
         if not isinstance(text, str):
-            return f"'text' must be a string, got {type(text).__name__}"
+            return f"'text' must be a string, got {json_type(text)}"
         if not text.strip():
             return "'text' is empty"
         return Record(line=0, text=text, ignored_keys=frozenset(obj) - TEXT_KEYS)

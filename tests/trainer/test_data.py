@@ -22,10 +22,11 @@ def write(path, lines):
     ("{not json", "not valid JSON"),
     ('{"branches": []}', "'branches' is empty"),
     ('{"branches": ["ok", 3]}', "branches[1] must be a string"),
-    ('{"main": 1, "branches": ["x"]}', "'main' must be a string"),
+    ('{"main": 1, "branches": ["x"]}', "'main' must be a string, got a number"),   # JSON's words, not Python's
+    ('{"text": null}', "'text' must be a string, got null"),
     ('{"text": ""}', "'text' is empty"),
     ('{"label": "x"}', "no 'main'/'branches' or 'text' key"),
-    ('["a"]', "expected a JSON object"),
+    ('["a"]', "expected a JSON object, got a list"),
     ('{"main": "", "branches": ["", " "]}', "no text at all"),
     ('{"main": "x", "branches": ["", ""]}', "branches are all empty"),
     ('{"main": "x", "branches": ["a", ""]}', "branch 2 is empty"),
