@@ -44,6 +44,11 @@ def save_checkpoint(output_dir: str | Path, *, step: int, lora_weights: dict[str
     (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    # A later step than this one was saved by a run this one took the directory over from (trainer_core/owner.py),
+    # while it picked its checkpoint: it is not this run's history, and it must not outlive this run's own.
+    for stale in root.glob("step_*"):
+        if stale.name > final.name:
+            shutil.rmtree(stale, ignore_errors=True)
     for old in sorted(root.glob("step_*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final

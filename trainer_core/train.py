@@ -184,6 +184,23 @@ def check_resume_identity(checkpoint: Path, saved: dict | None, current: dict) -
                          "in this one (its old checkpoints are deleted)."])
 
 
+def tokenize_here(cfg: TrainConfig, env: DistEnv, rank0_sha256: str) -> Path:
+    """Rank 0 is on another machine, whose token cache this one does not share (PARATRAIN_CACHE on a local
+    disk): the same file, tokenizer and max_seq_len give the same tokens here. Each rank of this machine
+    tokenises; the first to finish writes the cache (data.prepare_tokens). A different copy of the file would
+    give the ranks different steps: refused. The error is this rank's own, so it says it here."""
+    try:
+        if not Path(cfg.data_path).is_file():
+            raise DataError([f"{cfg.data_path}: not found on this machine (global rank 0's has it)"])
+        if file_sha256(cfg.data_path) != rank0_sha256:
+            raise DataError([f"{cfg.data_path}: this machine's copy differs from global rank 0's (another sha256): "
+                             "every node must read the same file"])
+        return prepare_tokens(cfg.data_path, cfg.base_model, cfg.max_seq_len)
+    except DataError as e:
+        print("\n".join(f"[rank {env.rank}] {line}" for line in e.lines), file=sys.stderr, flush=True)
+        raise
+
+
 def prepare_data(cfg: TrainConfig, env: DistEnv):
     """Rank 0 validates and tokenises (before any model is loaded); the others read its cache."""
     result: tuple[str, str] = ("", "")
@@ -204,14 +221,30 @@ def prepare_data(cfg: TrainConfig, env: DistEnv):
     prepared = json.loads(payload)
     tokens_dir = Path(prepared["tokens_dir"])
     if not (tokens_dir / "index.npz").exists():
-        # rank 0 is on another machine, whose token cache this one does not share: the same file, tokenizer and
-        # max_seq_len give the same tokens here (a rank that finishes second keeps the first one's)
-        tokens_dir = prepare_tokens(cfg.data_path, cfg.base_model, cfg.max_seq_len)
+        tokens_dir = tokenize_here(cfg, env, prepared["data_sha256"])
     ds = open_tokens(tokens_dir)
     samples = build_samples(ds, cfg)
     if len(samples) == 0:
         raise DataError([f"{cfg.data_path}: no sample has any tokens"])
     return ds, samples, prepared["data_sha256"]
+
+
+def choose_checkpoint(cfg: TrainConfig, env: DistEnv, out_dir: Path, identity: dict) -> Path | None:
+    """The checkpoint to resume (None: start afresh), picked by rank 0 for every rank (a save landing meanwhile
+    must not give two ranks two checkpoints); DataError when it was saved by a run of other settings."""
+    result: tuple[str, str | None] = ("ok", None)
+    if env.is_main and cfg.resume:
+        try:
+            last = ckpt.latest_checkpoint(out_dir)
+            if last is not None:
+                check_resume_identity(last, ckpt.read_state(last).get("run"), identity)
+            result = ("ok", str(last) if last is not None else None)
+        except DataError as e:
+            result = ("error", "\n".join(e.lines))
+    status, payload = broadcast_object(env, result)
+    if status == "error":
+        raise DataError(payload.splitlines())
+    return Path(payload) if payload else None
 
 
 def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
@@ -224,14 +257,25 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                          f"{cfg.batch_size} x accumulation_steps {cfg.accumulation_steps} x {env.world_size} ranks"])
     print0(env, f"data: {ds.num_records} records -> {len(samples)} samples; {total_steps} optimiser steps "
                 f"on {env.world_size} rank(s), device {env.device}")
-    # From here this run is the output dir's writer: a run still training on it stops at its next step
-    # (trainer_core/owner.py). Claimed before the checkpoint to resume is picked, so none is written after.
-    owner_token = owner.claim(out_dir) if env.is_main else ""
-    # which checkpoint to resume, decided before the model loads (minutes for a large one)
+    # which checkpoint to resume, decided before the model loads (minutes for a large one). A run the
+    # checkpoint refuses (other settings) stops here, before it claims the directory from the run training there.
     identity = resume_identity(cfg, env.world_size, data_sha256)
-    last = ckpt.latest_checkpoint(out_dir) if cfg.resume else None
-    if last is not None:
-        check_resume_identity(last, ckpt.read_state(last).get("run"), identity)
+    choose_checkpoint(cfg, env, out_dir, identity)
+    # From here this run is the output dir's writer: a run still training on it stops at its next step
+    # (trainer_core/owner.py). The checkpoint is picked again after the claim, so none is written after the pick.
+    owner_token = owner.claim(out_dir) if env.is_main else ""
+    last = choose_checkpoint(cfg, env, out_dir, identity)
+
+    def superseded() -> bool:
+        """Whether a newer run has claimed the output dir since (every rank gets rank 0's answer); asked before
+        each write, and in the training loop with the stop flag, in the step's one collective."""
+        return any_rank(env, env.is_main and not owner.holds(out_dir, owner_token))[0]
+
+    def stop_superseded() -> int:
+        print0(env, f"{out_dir} was taken over by {owner.describe(owner.read_owner(out_dir))}: this run "
+                    f"stops at step {step} without writing more (one run writes an output dir at a time)")
+        return exit_codes.SUPERSEDED
+
     if not cfg.resume and env.is_main and ckpt.checkpoint_root(out_dir).exists():
         print0(env, f"--no-resume: deleting the checkpoints of an earlier run in {ckpt.checkpoint_root(out_dir)}")
         ckpt.delete_checkpoints(out_dir)
@@ -261,6 +305,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             print0(env, f"resuming from {last} (step {step}/{total_steps}, epoch {start_epoch + 1}, "
                         f"epoch step {start_epoch_step})")
     metrics_file = out_dir / "metrics.jsonl"
+    if superseded():   # while the model loaded
+        return stop_superseded()
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_file, after_step=step)
@@ -316,11 +362,9 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             tokens = all_reduce_sum(env, float(sum(m.num_tokens for m in micro)))
             dt = time.time() - t0
             # before this step writes anything (metrics, a checkpoint, the final outputs)
-            stopping, superseded = any_rank(env, stop.requested, env.is_main and not owner.holds(out_dir, owner_token))
-            if superseded:
-                print0(env, f"{out_dir} was taken over by {owner.describe(owner.read_owner(out_dir))}: this run "
-                            f"stops at step {step} without writing more (one run writes an output dir at a time)")
-                return exit_codes.SUPERSEDED
+            stopping, taken_over = any_rank(env, stop.requested, env.is_main and not owner.holds(out_dir, owner_token))
+            if taken_over:
+                return stop_superseded()
             step_time_ema = dt if step_time_ema is None else 0.9 * step_time_ema + 0.1 * dt
             if step % cfg.log_interval == 0 or step == total_steps:
                 record = {"step": step, "epoch": epoch + 1, "loss": round(mean_loss, 6), "lr": lr,
@@ -343,6 +387,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                 break
         epoch += 1
 
+    if superseded():
+        return stop_superseded()
     write_final_outputs(model, cfg, env, step=step, elapsed_s=time.time() - t_start,
                         probe=probe_logits(model, ds, samples, cfg, env))
     return 0
@@ -430,7 +476,9 @@ def probe_logits(model, ds, samples, cfg: TrainConfig, env: DistEnv) -> list[flo
         last = int((batch.sample_ids[0] >= 0).sum()) - 1
         logits = model.get_base_model().get_output_embeddings()(hidden[0, last])   # one position, not [T, V]
         return [round(float(x), 5) for x in logits[:8]]
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
         print0(env, "out of memory computing the probe logits of the first sample; the final outputs are "
                     "written without them")
         return None

@@ -262,14 +262,22 @@ def test_a_run_whose_output_dir_another_run_took_over_stops_without_writing(tmp_
     out = tmp_path / "out"
     proc = subprocess.Popen([str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "trainer_core.train",
                              *guide_args(tiny_model_dir, demo_data_path, out, "--ddp", "--max_steps", "400",
-                                         "--save_interval", "2")],
+                                         "--epochs", "50", "--save_interval", "2")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    lines = []
     for line in proc.stderr:
-        lines.append(line)
         if line.startswith("step 3/"):
             break
-    assert owner.read_owner(out)["pid"] != proc.pid     # rank 0 claimed it, not the launcher
+    first = owner.read_owner(out)
+    assert first["pid"] != proc.pid                      # rank 0 claimed it, not the launcher
+    # a second run that the checkpoint refuses (other settings) leaves the first one training
+    refused = subprocess.run([PYTHON, "-m", "trainer_core.train", *guide_args(tiny_model_dir, demo_data_path, out),
+                              "--max_steps", "400", "--learning_rate", "5e-4"], capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and "saved by a run with other settings" in refused.stderr, refused.stderr[-2000:]
+    assert owner.read_owner(out) == first
+    for line in proc.stderr:
+        if line.startswith("step 8/"):                   # still training, past the refused run
+            break
     token = owner.claim(out)                             # the newer run
     logged = len((out / "metrics.jsonl").read_text().splitlines())
     saved = sorted(p.name for p in (out / "checkpoints").iterdir())

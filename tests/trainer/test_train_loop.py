@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
 import torch
 
 from tests.trainer.conftest import tiny_lora_model
 from trainer_core import checkpoint as ckpt
+from trainer_core.data import DataError
 from trainer_core.dist import DistEnv
 from trainer_core.layout import build_sample_layout, collate_packed
 from trainer_core.model import ParallelBranchLM
@@ -79,6 +81,11 @@ def test_only_the_latest_checkpoints_are_kept(tmp_path):
     kept = sorted(p.name for p in ckpt.checkpoint_root(tmp_path).iterdir())
     assert kept == ["step_00000008", "step_00000012"] and ckpt.KEEP_CHECKPOINTS == 2
     assert ckpt.latest_checkpoint(tmp_path).name == "step_00000012"
+    # A run that resumed from step 8 while the run it took the directory over from was saving step 12: its
+    # own step 10 replaces that later one, which is another history (and would be resumed next otherwise).
+    ckpt.save_checkpoint(tmp_path, step=10, lora_weights={"w": param.detach()}, optimizer=optimizer,
+                         scheduler=scheduler, scaler=scaler, state={})
+    assert sorted(p.name for p in ckpt.checkpoint_root(tmp_path).iterdir()) == ["step_00000008", "step_00000010"]
 
 
 def test_a_loaded_model_trains_in_train_mode_so_checkpointing_and_dropout_take_effect(tiny_model_dir):
@@ -159,3 +166,33 @@ def test_a_rank_on_a_machine_without_rank_0s_token_cache_tokenises_the_data_itse
     assert list((tmp_path / "this-machines-cache").iterdir())           # tokenised here
     assert rank1_sha == sha == file_sha256(str(demo_data_path)) and len(samples) == len(rank0_samples)
     assert (ds.tokens == rank0_ds.tokens).all() and (ds.text_offsets == rank0_ds.text_offsets).all()
+    # another copy of the file would give this machine's ranks other steps than rank 0's: they would hang
+    elsewhere["data_sha256"] = "0" * 64
+    with pytest.raises(DataError, match="this machine's copy differs from global rank 0's"):
+        train_module.prepare_data(cfg, DistEnv(True, 1, 0, 2, torch.device("cpu")))
+
+
+def test_a_run_whose_directory_is_claimed_while_its_model_loads_writes_nothing(tmp_path, monkeypatch, tiny_model_dir,
+                                                                             demo_data_path):
+    """The model load can take minutes: a newer run that claimed the directory meanwhile may have resumed and
+    logged steps already. This one must not truncate its metrics.jsonl (nor write anything else)."""
+    from trainer_core import exit_codes, owner
+    from trainer_core import train as train_module
+    from trainer_core.config import TrainConfig
+
+    out = tmp_path / "out"
+    out.mkdir()
+    theirs = "".join(json.dumps({"step": s, "loss": 7.0}) + "\n" for s in (1, 2, 3))
+    (out / "metrics.jsonl").write_text(theirs)
+    load = train_module.build_lora_model
+
+    def load_while_a_newer_run_starts(*args, **kwargs):
+        owner.claim(out)
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "build_lora_model", load_while_a_newer_run_starts)
+    cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path), output_dir=str(out),
+                      max_steps=2, batch_size=2, batch_by_samples=True)
+    assert train_module.train(cfg, ONE_PROCESS, train_module.StopFlag()) == exit_codes.SUPERSEDED
+    assert (out / "metrics.jsonl").read_text() == theirs
+    assert sorted(p.name for p in out.iterdir()) == [owner.OWNER_FILE, "metrics.jsonl"]
