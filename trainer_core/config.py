@@ -44,7 +44,7 @@ def _field(default: Any, help: str, group: str, **kw: Any) -> Any:
 # length), how steps are computed, where and how often it writes, and where the data file lies (the data
 # count by content). Any other field defines the run, so a checkpoint saved under another value belongs to
 # another run (trainer_core.train.resume_identity).
-NAME_PATTERN = r"^[A-Za-z0-9._-]+$"
+NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$"   # no leading '.': lora/.{name}_*.pth would be a hidden file
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "gradient_checkpointing", "compile", "ddp", "tokens_per_row",
                                "output_dir", "name", "log_interval", "save_interval", "resume", "data_path"})
 
@@ -143,8 +143,8 @@ class TrainConfig(BaseModel):
     @classmethod
     def _name_is_part_of_a_file_name(cls, value: str) -> str:
         if not re.fullmatch(NAME_PATTERN, value):
-            raise ValueError("letters, digits, '.', '_' and '-' only, no spaces (it is part of the output file "
-                             "names), e.g. my-first-run")
+            raise ValueError("letters, digits, '.', '_' and '-' only, no spaces, not starting with '.' (it is part "
+                             "of the output file names), e.g. my-first-run")
         return value
 
     @model_validator(mode="after")
@@ -260,6 +260,8 @@ def _load_mapping(text: str) -> Any:
         def construct_mapping(self, node, deep=False):
             first_line: dict[Any, int] = {}
             for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":   # `<<: *defaults`: its keys may be overridden
+                    continue
                 key = self.construct_object(key_node, deep=deep)
                 if isinstance(key, (str, int, float, bool)) and key in first_line:
                     raise yaml.constructor.ConstructorError(

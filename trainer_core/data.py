@@ -155,8 +155,10 @@ def validate_file(path: str | os.PathLike, max_errors: int = MAX_REPORTED_ERRORS
     records = 0
     ignored: set[str] = set()
     ignoring_records = first_ignoring = 0
+    read_all = True
     for lineno, raw in iter_raw_lines(p):
         if max_lines is not None and lineno > max_lines:
+            read_all = False
             break
         rec = parse_line(raw)
         if isinstance(rec, str):
@@ -171,7 +173,7 @@ def validate_file(path: str | os.PathLike, max_errors: int = MAX_REPORTED_ERRORS
                 first_ignoring = first_ignoring or lineno
     if n_errors > len(errors):
         errors.append(f"{path}: ... and {n_errors - len(errors)} more bad lines")
-    if not errors and records == 0:
+    if not errors and records == 0 and read_all:
         errors.append(f"{path}:1: empty file (no records)")
     if errors:
         raise DataError(errors)

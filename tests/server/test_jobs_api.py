@@ -87,6 +87,8 @@ def test_a_dataset_in_the_wrong_format_is_refused_at_submit_naming_its_lines(cli
     good = '{"text": "t"}\n' * 1000
     (settings.data_dir / "datasets" / "late.jsonl").write_text(good + "not json\n")
     assert client.post("/api/jobs", json=job_body(data_path="datasets/late.jsonl")).status_code == 201
+    (settings.data_dir / "datasets" / "blank_start.jsonl").write_text("\n" * 1000 + '{"text": "t"}\n')
+    assert client.post("/api/jobs", json=job_body(data_path="datasets/blank_start.jsonl")).status_code == 201
 
 
 def test_a_hub_id_as_a_jobs_model_is_told_apart_from_a_typo(client, settings, job_body):

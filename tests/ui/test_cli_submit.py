@@ -83,6 +83,9 @@ def test_submit_follow_prints_the_progress_and_exits_by_the_final_state(live_ser
     ("base_model: models/tiny\ndata_path: demo.jsonl\nbase_model: models/other\n",
      "not valid YAML at line 3, column 1: duplicate key 'base_model' (first at line 1)"),
     ('{"base_model": "models/tiny", "data_path": "demo.jsonl", "base_model": "x"}', "duplicate key 'base_model'"),
+    # a YAML merge (`<<: *defaults`) is not a duplicate: its keys may be overridden; here it brings a bad value
+    ("defaults: &d {gpus: 1}\nbase_model: models/tiny\ndata_path: demo.jsonl\n<<: {lora_rank: 0}\n",
+     "unknown config keys: defaults"),
     ('{\n\t"base_model": "models/tiny",\n\t"data_path": [1,\n}', "not valid JSON at line 4"),
 ])
 def test_a_bad_job_file_is_one_line_naming_the_line_key_or_field_and_exit_2(live_server, tmp_path, token_file,

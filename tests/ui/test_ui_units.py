@@ -85,8 +85,10 @@ def test_form_validation_names_the_field():
     assert config is None and error == ("learning_rate: empty; enter a value (the default is 0.0001); "
                                         "gpus: empty; enter a value (the default is 1)")
     config, error = validate({"base_model": "m", "data_path": "d", "name": "my first run"})   # in words, not a regex
-    assert error == ("name: letters, digits, '.', '_' and '-' only, no spaces (it is part of the output file names), "
-                     "e.g. my-first-run")
+    assert error == ("name: letters, digits, '.', '_' and '-' only, no spaces, not starting with '.' (it is part of "
+                     "the output file names), e.g. my-first-run")
+    assert validate({"base_model": "m", "data_path": "d", "name": ".hidden"})[0] is None   # lora/.hidden_*.pth
+    assert validate({"base_model": "m", "data_path": "d", "name": "run.2"})[0].name == "run.2"
 
 
 def test_api_client_against_real_server(live_server):
