@@ -29,6 +29,12 @@ def _stopping(event: threading.Event):
         event.set()
 
 
+def load_yaml_input(page):
+    """Load YAML's file input: Gradio puts it beside the button, not inside #load-yaml, and a Dataframe has a
+    hidden CSV upload of its own."""
+    return page.locator("input[type=file][accept*='.yaml']")
+
+
 def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
     require_chromium()
     from playwright.sync_api import expect, sync_playwright
@@ -85,14 +91,14 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         assert saved.status == 200 and "rope_2d_ratio: 0.65" in saved.text(), (link, saved.status)
         broken = shots / "broken.yaml"
         broken.write_text("batch_size: lots\n")
-        page.locator("#load-yaml input[type=file], input[type=file]").first.set_input_files(str(broken))
+        load_yaml_input(page).set_input_files(str(broken))
         expect(page.get_by_text("batch_size: Input should be a valid integer").first).to_be_visible()
         expect(field(page, "cfg-batch_size")).to_have_value("16")
         other = shots / "other.yaml"
         other.write_text("base_model: models/tiny\ndata_path: demo.jsonl\nlora_rank: 4\nmax_steps: 40\n"
                          "rope_2d_ratio: 0.65\nmax_branches_per_sample: 16\nmax_seq_len: 256\n"
                          "batch_by_samples: true\nbatch_size: 1\naccumulation_steps: 4\njob: {gpus: 1}\n")
-        page.locator("#load-yaml input[type=file], input[type=file]").first.set_input_files(str(other))
+        load_yaml_input(page).set_input_files(str(other))
         expect(field(page, "cfg-lora_rank")).to_have_value("4")
         expect(field(page, "cfg-max_steps")).to_have_value("40")
 
@@ -195,7 +201,9 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         expect(page.locator("#dataset-summary")).to_contain_text("records")
         page.screenshot(path=shots / "07-dataset.png", full_page=True)
 
-        # the workers: the scripted one, online, with its GPU and the job it runs
+        # the workers: the scripted one, online, with its GPU and the job it runs (a fresh heartbeat: on busy
+        # cores the steps above can outlast the lease TTL since the last one)
+        scripted_worker.heartbeat([1])
         tab(page, "Workers")
         expect(page.locator("#workers-table")).to_contain_text("scripted")
         expect(page.locator("#workers-table")).to_contain_text("1 × Fake GPU")

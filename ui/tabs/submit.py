@@ -53,17 +53,18 @@ def create_submit_tab(ctx: UiContext) -> SubmitTab:
     with gr.Row(equal_height=False):
         with gr.Column(scale=3, min_width=480):
             form = build_config_form(placeholders=PLACEHOLDERS)
-            with gr.Row():
-                load_button = gr.UploadButton("Load YAML", file_types=[".yaml", ".yml", ".json"], size="sm",
-                                              elem_id="load-yaml")
-                save_button = gr.Button("Save as YAML", size="sm", elem_id="save-yaml")
-            saved_file = gr.File(label="Saved config", visible=False, interactive=False, elem_id="saved-yaml")
         with gr.Column(scale=2, min_width=360):
             memory = create_memory_panel(ctx, form)
             gr.Markdown("#### Launch")
             with gr.Row():
                 preview_button = gr.Button("Preview command", size="sm", elem_id="preview-command")
                 submit_button = gr.Button("Submit job", variant="primary", elem_id="submit-job")
+            # beside Submit, not under a form two screens tall: a saved job is what `paratrain submit` queues
+            with gr.Row():
+                load_button = gr.UploadButton("Load YAML", file_types=[".yaml", ".yml", ".json"], size="sm",
+                                              elem_id="load-yaml")
+                save_button = gr.Button("Save as YAML", size="sm", elem_id="save-yaml")
+            saved_file = gr.File(label="Saved config", visible=False, interactive=False, elem_id="saved-yaml")
             status = gr.Markdown(elem_id="submit-status")
             command = gr.Code(label="torchrun command (as the worker runs it)", language="shell",
                               interactive=False, elem_id="command-preview")
