@@ -91,8 +91,9 @@ def banner(url: str, token: str, ui: bool, hidden: tuple[str, str] | None = None
     """`hidden` = (where the token is, a shell expression for it): used when stdout is not a terminal (a log
     file, a journal), so that no log ever holds the token."""
     shown = token if hidden is None else hidden[1]
+    # -w '\n': the answer is one JSON line without a newline, which would leave the shell prompt after it
     curl = (f"curl -X POST {url}/api/jobs -H \"Authorization: Bearer {shown}\" -H 'Content-Type: application/json' "
-            f"-d '{json.dumps(demo_job())}'")
+            f"-d '{json.dumps(demo_job())}' -w '\\n'")
     lines = ["", "paratrain is running",
              f"  API token: {token}" if hidden is None else f"  API token: {hidden[0]} (not printed to a log)",
              f"  API docs:  {url}/docs"]

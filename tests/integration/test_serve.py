@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -76,6 +77,13 @@ def test_serve_trains_the_demo_and_hands_jobs_back_on_exit(data_dir, tmp_path):
         api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api", headers={"Authorization": f"Bearer {token}"},
                            timeout=30)
         assert httpx.get(f"http://127.0.0.1:{port}/api/jobs").status_code == 401
+        # the banner's curl line, run as printed, queues the demo job (cancelled: the steps below need the worker)
+        [curl_line] = [line.strip() for line in banner.splitlines() if line.strip().startswith("curl -X POST")]
+        queued = subprocess.run(["bash", "-c", curl_line], capture_output=True, text=True, timeout=60)
+        assert queued.returncode == 0 and queued.stdout.endswith("}\n"), queued.stdout + queued.stderr
+        demo = json.loads(queued.stdout)
+        assert demo["state"] == "queued" and demo["config"]["base_model"].endswith("models/tiny-qwen2")
+        api.post(f"/jobs/{demo['id']}/cancel")
         # a saved job file, queued and followed to its end by `paratrain submit` (token from the data dir)
         job_file = tmp_path / "job.yaml"
         job_file.write_text(yaml.safe_dump({**TINY_CONFIG, "max_steps": 4, "job": {"gpus": 0}}))
