@@ -276,6 +276,11 @@ def test_dataset_check_with_a_tokenizer_returns_the_full_summary(client, setting
         assert mistyped.status_code == 422 and mistyped.json()["detail"][0]["loc"] == ["body", field], mistyped.text
     missing = client.post("/api/datasets/check", json={**form, "base_model": "models/nope"})
     assert missing.status_code == 422 and "no such model directory" in missing.json()["detail"][0]["msg"]
+    # a path that is no file is a 422, as for a job (it was a 200 with an error that scripts missed)
+    for data_path, message in (("datasets/nope.jsonl", "no such file"), ("datasets", "is a directory")):
+        r = client.post("/api/datasets/check", json={**form, "data_path": data_path})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "data_path"], r.text
+        assert message in r.json()["detail"][0]["msg"]
     (settings.data_dir / "datasets" / "broken.jsonl").write_text('{"text": "a"}\n{"text": 3}\n')
     broken = client.post("/api/datasets/check", json={**form, "data_path": "datasets/broken.jsonl"})
     assert broken.status_code == 200
