@@ -10,7 +10,8 @@ The estimate, per GPU (the batch is per device, so DDP does not change it), in G
                                                                            (4 * bytes(dtype) with --adapter_dtype model)
     activations  = tokens * L * ACT_BYTES_PER_UNIT_MIXED * (hidden + intermediate) * dtype_scale
                    with gradient checkpointing:
-                 = tokens * (L * dtype_bytes * hidden + ACT_BYTES_PER_UNIT_MIXED * (hidden + intermediate) * dtype_scale)
+                 = tokens * (L * dtype_bytes * hidden
+                             + ACT_BYTES_PER_UNIT_MIXED * (hidden + intermediate) * dtype_scale)
                    (each layer keeps its input; one layer is recomputed at a time)
     logits       = (4 + bytes(dtype)) * vocab * min(tokens, CE_CHUNK_TOKENS)   one CE chunk's float32 logits
                    and their gradient (trainer_core.model.LinearCrossEntropy)

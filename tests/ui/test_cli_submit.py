@@ -76,8 +76,10 @@ def test_submit_follow_prints_the_progress_and_exits_by_the_final_state(live_ser
     ("data_path: demo.jsonl\n", "job.yaml: missing base_model"),
     ("base_model: models/tiny\ndata_path: /etc/passwd\n", "the server refused the job: 422: config.data_path"),
     ("base_model: models/tiny\ndata_path: demo.jsonl\njob: 0\n", "'job' must be a mapping"),
-    ("base_model: models/tiny\ndata_path: demo.jsonl\nname: !!binary cGFyYQ==\n", "name: a bytes value; give plain text"),
-    ("base_model: models/tiny\ndata_path: demo.jsonl\nmax_steps: .nan\n", "max_steps: nan is not a value a job can hold"),
+    ("base_model: models/tiny\ndata_path: demo.jsonl\nname: !!binary cGFyYQ==\n",
+     "name: a bytes value; give plain text"),
+    ("base_model: models/tiny\ndata_path: demo.jsonl\nmax_steps: .nan\n",
+     "max_steps: nan is not a value a job can hold"),
     ("base_model: models/tiny\ndata_path: demo.jsonl\njob: {gpus: .inf}\n", "job.gpus: inf is not a value"),
     # the last of two would win silently, and train what the first line does not say
     ("base_model: models/tiny\ndata_path: demo.jsonl\nbase_model: models/other\n",
