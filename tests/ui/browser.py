@@ -54,20 +54,22 @@ def tab(page, name: str) -> None:
 def login(page, base_url: str, token: str) -> None:
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
-    page.goto(f"{base_url}/ui/")
-    field(page, "login-token").fill(token)
     main_panel = page.locator("#main-panel")
-    for _ in range(2):
+    messages = []
+    for attempt in range(2):
+        page.goto(f"{base_url}/ui/")
+        field(page, "login-token").fill(token)
         page.locator("#login-button").click()
         try:
-            main_panel.wait_for(state="visible", timeout=20_000)
+            main_panel.wait_for(state="visible", timeout=30_000)
             return
         except PlaywrightTimeout:
-            # Once in a CI run on 2 busy cores the first click did nothing (no message either): a click before
-            # Gradio's page has wired its events (hydration) is lost, as for a very fast user, who would click
-            # again. A second miss is a failure, with what the page showed.
-            message = page.locator("#login-message").inner_text()
-    raise AssertionError(f"not logged in after two clicks; the login message read {message!r}")
+            # Twice in CI runs on 2 busy cores (never locally) the login event stayed pending: its elapsed-time
+            # counter ("40.1s") was all the message showed, and clicking again does nothing while an event is
+            # pending. Not understood yet; a user would reload the page, so the test does, once. A second miss
+            # is a failure, with what the page showed both times.
+            messages.append(page.locator("#login-message").inner_text())
+    raise AssertionError(f"not logged in after two page loads; the login message read {messages!r}")
 
 
 def curve_state(page) -> tuple[int, int]:
