@@ -25,7 +25,7 @@ from server.models import (
     LogLine,
     Metric,
 )
-from server.paths import confine_field, is_dir, is_file
+from server.paths import confine_data_file, confine_field, is_dir, is_file
 from server.queue import get_job, log_if_no_worker_fits, stored_config
 from server.settings import Settings
 from trainer_core.config import MAX_ATTEMPTS, TrainConfig, job_config
@@ -50,11 +50,7 @@ def check_first_lines(data_path: Path, as_given: str) -> None:
 
 def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str) -> TrainConfig:
     """Paths made absolute and confined to the roots; output_dir is the server's choice (jobs/ID/out)."""
-    data_path = confine_field(config.data_path, ("body", "config", "data_path"), settings)
-    if is_dir(data_path):
-        raise FieldError(("body", "config", "data_path"), f"{config.data_path!r} is a directory: give its JSONL file")
-    if not is_file(data_path):
-        raise FieldError(("body", "config", "data_path"), f"{config.data_path!r}: no such file under the data root")
+    data_path = confine_data_file(config.data_path, ("body", "config", "data_path"), settings)
     check_first_lines(data_path, config.data_path)
     base_model = confine_field(config.base_model, ("body", "config", "base_model"), settings)
     if not is_dir(base_model):

@@ -53,6 +53,17 @@ def is_dir(path: Path) -> bool:
         return False
 
 
+def confine_data_file(value: str, loc: tuple[str, ...], settings: Settings) -> Path:
+    """confine_field() of a dataset path that must be a file: a directory or a missing file is the request's
+    mistake, a 422 naming the field (the file's lines are checked by whoever reads it)."""
+    path = confine_field(value, loc, settings)
+    if is_dir(path):
+        raise FieldError(loc, f"{value!r} is a directory: give its JSONL file")
+    if not is_file(path):
+        raise FieldError(loc, f"{value!r}: no such file under the data root")
+    return path
+
+
 def safe_child(root: Path, relative: str) -> Path:
     """`root/relative`, refusing anything that resolves outside `root` (artifact downloads)."""
     target = (root / relative).resolve()

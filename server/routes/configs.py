@@ -12,7 +12,7 @@ from server import crud
 from server.deps import SettingsDep, UserAuth
 from server.errors import FieldError
 from server.models import CommandPublic, JobCreate
-from server.paths import confine_field, is_dir, is_file
+from server.paths import confine_data_file, confine_field, is_dir
 from server.settings import Settings
 from trainer_core.command import placeholder_rendezvous, trainer_argv
 from trainer_core.config import SAMPLE_SHAPING_FIELDS, TrainConfig, closest_name
@@ -63,12 +63,8 @@ def check_dataset(body: DatasetCheck, settings: SettingsDep) -> DatasetCheckResu
     from trainer_core.data import DataError, has_tokenizer_files, validate_file  # numpy etc.: only when asked
 
     check_extra_fields(body)
-    path = confine_field(body.data_path, ("body", "data_path"), settings)
-    # a path that is no file is the request's mistake (422, as for a job); a file's bad lines are the answer
-    if is_dir(path):
-        raise FieldError(("body", "data_path"), f"{body.data_path!r} is a directory: give its JSONL file")
-    if not is_file(path):
-        raise FieldError(("body", "data_path"), f"{body.data_path!r}: no such file under the data root")
+    # a path that is no file is a 422, as for a job; a file's bad lines are the answer
+    path = confine_data_file(body.data_path, ("body", "data_path"), settings)
     model = None if body.base_model is None else model_dir(body.base_model, settings)
     if model is None or not has_tokenizer_files(model):
         note = None if model is None else f"{body.base_model} has no tokenizer: only the lines were checked"
