@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import shutil
 import tempfile
@@ -32,6 +33,12 @@ class UiContext:
 
 
 SCRATCH_MAX_AGE_S = 3600
+
+
+def warn(message: str) -> None:
+    """A warning toast showing `message` as text: toasts render HTML, so an error's "<stream end>" (a YAML
+    parser's) or "<frozen runpy>" would vanish as a tag."""
+    gr.Warning(html.escape(message, quote=False))
 
 
 def scratch_file(name: str) -> str:

@@ -19,7 +19,7 @@ import gradio as gr
 import pandas as pd
 
 from ui.api import ApiClient, ApiError
-from ui.context import UiContext, fmt_duration, fmt_number, scratch_file
+from ui.context import UiContext, fmt_duration, fmt_number, scratch_file, warn
 from ui.workers import capacity_warning, known_workers
 
 TABLE_COLUMNS = ["id", "name", "state", "progress", "ETA", "tokens/s", "GPU", "attempt", "loss", "peak GB"]
@@ -341,7 +341,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         try:
             job = ctx.client(session).cancel_job(_selected_id(selected))
         except (ApiError, TypeError, KeyError) as e:
-            gr.Warning(html.escape(f"Cancel failed: {e}", quote=False))
+            warn(f"Cancel failed: {e}")
             return (gr.skip(),) * 4
         gr.Info(f"Job #{job['id']}: cancel {'requested' if job['state'] == 'running' else 'done'}.")
         return job_summary(job), *action_updates(job)
@@ -350,7 +350,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         try:
             job = ctx.client(session).retry_job(_selected_id(selected))
         except (ApiError, TypeError, KeyError) as e:
-            gr.Warning(html.escape(f"Retry failed: {e}", quote=False))
+            warn(f"Retry failed: {e}")
             return gr.skip()
         gr.Info(f"Job #{job['id']} queued as a retry of #{job['retry_of']}.")
         return picker_update(ctx.client(session), job["id"])
@@ -367,7 +367,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
                 for path in files:
                     z.writestr(path, client.download_artifact(job_id, path))
         except (ApiError, TypeError, KeyError) as e:
-            gr.Warning(html.escape(f"Download failed: {e}", quote=False))
+            warn(f"Download failed: {e}")
             return gr.update(visible=False)
         return gr.update(value=target, visible=True)
 

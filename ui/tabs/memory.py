@@ -4,7 +4,6 @@ estimate of the current form (POST /api/estimate), corrected by the peaks of job
 
 from __future__ import annotations
 
-import html
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +13,7 @@ import pandas as pd
 from trainer_core import vram
 from trainer_core.config import TrainConfig
 from ui.api import ApiClient, ApiError
-from ui.context import UiContext
+from ui.context import UiContext, warn
 from ui.form import ConfigForm, validate
 from ui.workers import gpu_worker_online, known_workers, largest_gpu_gb
 
@@ -153,7 +152,7 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
                     raise ApiError(422, "Enter base_model in the form, or pick a model size.")
             plist = client.presets(float(gpu_mem_gb or DEFAULT_GPU_MEM_GB), target)
         except ApiError as e:
-            gr.Warning(html.escape(str(e), quote=False))
+            warn(str(e))
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         names = [p["name"] for p in plist]
         # the presets are for the model picked above, which may not be the form's: the caption says which

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import html
 import os
 import re
 import shlex
@@ -13,7 +12,7 @@ import gradio as gr
 
 from trainer_core.demo import DEMO_DATA, DEMO_MODEL
 from ui.api import ApiError
-from ui.context import UiContext, scratch_file
+from ui.context import UiContext, scratch_file, warn
 from ui.form import ConfigForm, build_config_form, from_yaml, job_body, to_yaml, validate
 from ui.tabs.memory import MemoryPanel, create_memory_panel
 from ui.workers import capacity_warning, known_workers
@@ -112,8 +111,7 @@ def create_submit_tab(ctx: UiContext) -> SubmitTab:
             with open(path, encoding="utf-8") as f:
                 values = from_yaml(f.read())
         except (OSError, ValueError, TypeError) as e:
-            # a toast renders HTML: a parser's "<stream end>" would vanish
-            gr.Warning(html.escape(f"Cannot load {os.path.basename(str(path))}: {e}", quote=False))
+            warn(f"Cannot load {os.path.basename(str(path))}: {e}")
             return form.updates({})
         gr.Info(f"Loaded {os.path.basename(path)}.")
         return form.updates(values)
