@@ -134,7 +134,7 @@ def schema_kwargs(schema: type[BaseModel], values: dict[str, Any]) -> dict[str, 
         if name not in values:
             continue
         value = values[name]
-        if value is None or (isinstance(value, str) and value.strip() == ""):
+        if _is_empty(value):
             continue
         kind, _ = _base_type(info.annotation)
         if isinstance(value, str):
@@ -145,6 +145,11 @@ def schema_kwargs(schema: type[BaseModel], values: dict[str, Any]) -> dict[str, 
             value = int(value)
         out[name] = value
     return out
+
+
+def _is_empty(value: Any) -> bool:
+    """An input left empty: a cleared gr.Number (None) or a blank textbox."""
+    return value is None or (isinstance(value, str) and not value.strip())
 
 
 def _parse_number(text: str, kind: type) -> Any:
@@ -162,8 +167,7 @@ def emptied(schema: type[BaseModel], values: dict[str, Any]) -> list[str]:
     return [f"{name}: empty; enter a value (the default is {info.default})"
             for name, info in schema.model_fields.items()
             if name in values and name not in JOB_SET_FIELDS and not info.is_required()
-            and not _base_type(info.annotation)[1]
-            and (values[name] is None or (isinstance(values[name], str) and not values[name].strip()))]
+            and not _base_type(info.annotation)[1] and _is_empty(values[name])]
 
 
 def validate(values: dict[str, Any], with_job: bool = False) -> tuple[TrainConfig | None, str]:
