@@ -266,10 +266,14 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     owner_token = owner.claim(out_dir) if env.is_main else ""
     last = choose_checkpoint(cfg, env, out_dir, identity)
 
+    def claim_lost_here() -> bool:
+        """Whether a newer run has claimed the output dir since (rank 0's answer; the others do not look)."""
+        return env.is_main and not owner.holds(out_dir, owner_token)
+
     def superseded() -> bool:
-        """Whether a newer run has claimed the output dir since (every rank gets rank 0's answer); asked before
-        each write, and in the training loop with the stop flag, in the step's one collective."""
-        return any_rank(env, env.is_main and not owner.holds(out_dir, owner_token))[0]
+        """claim_lost_here() on every rank, asked before each write; the training loop asks it with the stop
+        flag, in the step's one collective."""
+        return any_rank(env, claim_lost_here())[0]
 
     def stop_superseded() -> int:
         print0(env, f"{out_dir} was taken over by {owner.describe(owner.read_owner(out_dir))}: this run "
@@ -362,7 +366,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             tokens = all_reduce_sum(env, float(sum(m.num_tokens for m in micro)))
             dt = time.time() - t0
             # before this step writes anything (metrics, a checkpoint, the final outputs)
-            stopping, taken_over = any_rank(env, stop.requested, env.is_main and not owner.holds(out_dir, owner_token))
+            stopping, taken_over = any_rank(env, stop.requested, claim_lost_here())
             if taken_over:
                 return stop_superseded()
             step_time_ema = dt if step_time_ema is None else 0.9 * step_time_ema + 0.1 * dt
