@@ -32,6 +32,8 @@ from ui.workers import cpu_only, known_workers  # noqa: E402
 UI_PATH = "/ui"
 BROWSER_KEY = "paratrain-ui"
 MAX_UPLOAD = "1mb"
+# threads for UI callbacks, apart from the API's (mount_ui); they mostly wait on the API, so they are cheap
+UI_THREADS = 64
 # Laptop screens: use the full width, tighten Gradio's generous spacing.
 CSS = """
 .gradio-container { max-width: 100% !important; padding: 8px 16px !important; }
@@ -182,6 +184,11 @@ def mount_ui(app: FastAPI, api_base_url: str, path: str = UI_PATH) -> FastAPI:
     """Mount the UI at `path` of the server's FastAPI app; `api_base_url` is where the UI reaches the REST API
     (normally the server itself, e.g. http://127.0.0.1:8000). The server redirects `/` here."""
     ui = build_ui(api_base_url)
+    # Left at 40, Gradio runs callbacks on Starlette's shared pool of 40 threads, the one the API's own handlers
+    # run on. Every UI callback waits on an API call: with 40 of them waiting (a dozen open tabs when the
+    # server is slow), the API, worker heartbeats included, could answer nobody until the UI's calls timed out.
+    # Any other number gives the UI a pool of its own (set before queue(), which sizes the queue from it).
+    ui.blocks.max_threads = UI_THREADS
     ui.blocks.queue(default_concurrency_limit=16)  # one slow call of one user must not block the others
     # the only upload is a job's YAML: Gradio's upload route (open before login) takes nothing bigger
     return gr.mount_gradio_app(app, ui.blocks, path=path, theme=gr.themes.Soft(), css=CSS, footer_links=[],

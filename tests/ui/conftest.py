@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -34,6 +35,7 @@ class LiveServer:
     base_url: str
     data_dir: Path
     token: str = USER_TOKEN
+    app: Any = None  # the FastAPI app, running in this process
 
     def api(self, token: str | None = None) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, headers={"Authorization": f"Bearer {token or self.token}"},
@@ -124,7 +126,7 @@ def live_server(tmp_path) -> LiveServer:
             time.sleep(0.1)
     else:
         raise RuntimeError("server did not start")
-    yield LiveServer(base, data_dir)
+    yield LiveServer(base, data_dir, app=app)
     server.should_exit = True
     thread.join(timeout=10)
 

@@ -60,3 +60,25 @@ def test_gradio_upload_route_refuses_big_files(live_server):
     small = httpx.post(f"{live_server.base_url}/ui/gradio_api/upload", files={"files": ("c.yaml", b"a: 1\n")},
                        timeout=30)
     assert small.status_code == 200, small.text[:500]
+
+
+
+def test_ui_callbacks_waiting_on_the_api_leave_the_api_its_threads(live_server):
+    """Every UI callback waits on an HTTP call to the API in this same process. Sharing Starlette's one pool of
+    threads with the API's handlers, as many waiting callbacks as the pool has threads (40; a dozen open tabs at
+    a slow moment) would hold every thread their calls need, and the API, worker heartbeats included, would
+    answer nobody until those calls timed out. Here the pool is cut to 4 threads and 12 logins run at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import anyio.to_thread
+
+    async def shrink_pool() -> None:
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 4
+
+    live_server.app.add_api_route("/test-shrink-pool", shrink_pool)
+    assert httpx.get(f"{live_server.base_url}/test-shrink-pool", timeout=10).status_code == 200
+    with ThreadPoolExecutor(12) as pool:
+        outs = list(pool.map(lambda _: _call(live_server.base_url, "/login",
+                                             [live_server.token, {"token": None, "job_id": None}]), range(12)))
+    failed = [out for out in outs if "could not be reached" in out or "Wrong token" in out or "error" in out[:200]]
+    assert not failed, f"{len(failed)} of 12 logins failed, e.g. {failed[0][:500]}"
