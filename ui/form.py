@@ -8,6 +8,7 @@ config — preview, submit, estimate — goes through the REST API.
 
 from __future__ import annotations
 
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,10 +60,20 @@ def component_for(name: str, info: Any, placeholder: str | None = None,
     # names no field; `validate` names it ("batch_size: Input should be greater than or equal to 1").
     # No precision=0 for an int either: Gradio would round 2.5 to 2 before `validate` sees it, and run a
     # setting the form does not show; a whole float becomes an int in schema_kwargs, 2.5 is refused by name.
-    if kind in (int, float):
+    if kind is float:
+        return gr.Number(value=default, step=float_step(default), **common)
+    if kind is int:
         return gr.Number(value=default, **common)
     placeholder = placeholder or ("required" if info.is_required() else None)
     return gr.Textbox(value=default or "", placeholder=placeholder, max_lines=1, **common)
+
+
+def float_step(default: float | None) -> float:
+    """The spinner step of a float input: a tenth of its default's order of magnitude (1e-4 moves by 1e-5,
+    0.5 by 0.01), so that the arrows nudge a value instead of adding 1 to a learning rate."""
+    if not default:
+        return 0.01
+    return 10.0 ** (math.floor(math.log10(abs(default))) - 1)
 
 
 @dataclass

@@ -91,6 +91,20 @@ def test_form_validation_names_the_field():
     assert validate({"base_model": "m", "data_path": "d", "name": "run.2"})[0].name == "run.2"
 
 
+def test_float_inputs_step_by_a_tenth_of_their_default():
+    """The spinner arrows nudge a float: a learning rate of 1e-4 moves by 1e-5, not by Gradio's default 1."""
+    from ui.form import component_for
+
+    def step(name):
+        return component_for(name, TrainConfig.model_fields[name]).step
+
+    assert step("learning_rate") == pytest.approx(1e-5)
+    assert step("rope_2d_ratio") == pytest.approx(0.01)     # default 0.5
+    assert step("max_grad_norm") == pytest.approx(0.1)      # default 1.0
+    assert step("lora_dropout") == pytest.approx(0.01)      # default 0: the step of a share
+    assert step("lora_rank") == 1                           # ints keep whole steps
+
+
 def test_api_client_against_real_server(live_server):
     with pytest.raises(ApiError) as wrong:
         ApiClient(live_server.base_url, "not-the-token").check_token()
