@@ -31,10 +31,19 @@ def attention_backend(device: torch.device) -> str:
 
 
 def load_base_model(model_dir: str, device: torch.device, dtype: torch.dtype, attn_implementation: str):
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(local_model_dir(model_dir), dtype=dtype,
-                                                 attn_implementation=attn_implementation)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(local_model_dir(model_dir), dtype=dtype,
+                                                     attn_implementation=attn_implementation)
+    except (OSError, ValueError, SafetensorError) as e:
+        # A weights file cut short by a copy or download, missing, or of a model type this transformers does not
+        # know: the user's to fix, so a message naming the directory (exit 2), not a traceback.
+        reason = (str(e).strip().splitlines() or [""])[0]
+        hint = "" if isinstance(e, ValueError) else "; are its files complete?"
+        raise DataError([f"--base_model {model_dir}: the model does not load ({type(e).__name__}: {reason}){hint}"]
+                        ) from e
     return model.to(device)
 
 

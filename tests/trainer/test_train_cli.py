@@ -154,6 +154,23 @@ def test_paratrain_train_is_the_trainer_in_one_process(tmp_path, tiny_model_dir,
     assert bad.returncode == 2 and "seed:" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_a_model_whose_weights_file_is_cut_short_is_a_clear_error(tmp_path, tiny_model_dir, demo_data_path):
+    """A copy or download that stopped half-way: exit 2 (the worker does not retry) and a message naming the
+    directory, not transformers' traceback."""
+    import shutil
+
+    model = tmp_path / "half-copied"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    proc = subprocess.run([PYTHON, "-m", "trainer_core.train", "--base_model", str(model), "--data_path",
+                           str(demo_data_path), "--max_steps", "1", "--output_dir", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"--base_model {model}: the model does not load (SafetensorError" in proc.stderr, proc.stderr[-2000:]
+    assert "are its files complete?" in proc.stderr
+
+
 def test_a_module_name_the_model_lacks_is_a_clear_error(tmp_path, tiny_model_dir, demo_data_path):
     proc = subprocess.run([PYTHON, "-m", "trainer_core.train", "--base_model", str(tiny_model_dir),
                            "--data_path", str(demo_data_path), "--lora_target_modules", "nonexistent_proj",
