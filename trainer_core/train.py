@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from trainer_core import checkpoint as ckpt
 from trainer_core import exit_codes, owner
@@ -531,6 +532,9 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+# Under torchrun, `record` writes an unexpected exception to the file torchrun names, so that torchrun's
+# closing failure report, the last lines of a job's log, shows the error instead of a link to these docs.
+@record
 def main(argv: list[str] | None = None) -> int:
     return run_config(TrainConfig.from_cli(argv, prog="python -m trainer_core.train"))
 
