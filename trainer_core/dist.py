@@ -5,11 +5,21 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from trainer_core import exit_codes
+
+# How long a rank waits in one collective of training for the others before it fails, so that a hung rank
+# becomes an error. Unset: torch's own, 10 minutes on NCCL and 30 on gloo.
+COLLECTIVE_TIMEOUT_ENV = "PARATRAIN_COLLECTIVE_TIMEOUT_S"
+# The one wait that is long by design: while rank 0 tokenises a dataset (a gigabyte takes about ten minutes on
+# one core) the other ranks wait for it, and on boxes that do not share its token cache each rank tokenises
+# for itself. Those waits go through a gloo group of their own with this timeout, not the training's.
+PREPARE_TIMEOUT = timedelta(hours=24)
 
 
 @dataclass
@@ -19,6 +29,7 @@ class DistEnv:
     local_rank: int
     world_size: int
     device: torch.device
+    prepare_group: Any = None  # the process group of the waits before training (PREPARE_TIMEOUT)
 
     @property
     def is_main(self) -> bool:
@@ -37,13 +48,30 @@ def compute_init(want_ddp: bool) -> DistEnv:
             device = torch.device("cuda", local_rank)
         else:
             device = torch.device("cpu")
-        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
-        return DistEnv(True, rank, local_rank, world, device)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=collective_timeout())
+        prepare_group = dist.new_group(backend="gloo", timeout=PREPARE_TIMEOUT)
+        return DistEnv(True, rank, local_rank, world, device, prepare_group)
     if under_torchrun and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         print("paratrain: started by torchrun with several processes but without --ddp; add --ddp", file=sys.stderr)
         raise SystemExit(exit_codes.BAD_INPUT)
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     return DistEnv(False, 0, 0, 1, device)
+
+
+def collective_timeout() -> timedelta | None:
+    """$PARATRAIN_COLLECTIVE_TIMEOUT_S as a timedelta; None (torch's default) when unset."""
+    value = os.environ.get(COLLECTIVE_TIMEOUT_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+        if not 0 < seconds < float("inf"):
+            raise ValueError
+    except ValueError:
+        print(f"paratrain: {COLLECTIVE_TIMEOUT_ENV}={value!r}: expected a number of seconds > 0", file=sys.stderr)
+        raise SystemExit(exit_codes.BAD_INPUT) from None
+    return timedelta(seconds=seconds)
 
 
 def compute_cleanup(env: DistEnv) -> None:
@@ -69,11 +97,11 @@ def any_rank(env: DistEnv, *flags: bool) -> tuple[bool, ...]:
     return tuple(bool(v > 0) for v in t.tolist())
 
 
-def broadcast_object(env: DistEnv, obj):
+def broadcast_object(env: DistEnv, obj, group=None):
     if not env.ddp:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
@@ -85,9 +113,9 @@ def gather_objects(env: DistEnv, obj) -> list:
     return out
 
 
-def barrier(env: DistEnv) -> None:
+def barrier(env: DistEnv, group=None) -> None:
     if env.ddp:
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def print0(env: DistEnv, text: str) -> None:

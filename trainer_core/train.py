@@ -43,8 +43,9 @@ from trainer_core.vram import memory_levers
 
 # Test-only fault injection, off unless set (tests/reliability): `oom_at_step:N`, `crash_rank:R_at_step:N`
 # (SIGKILL of rank R), `enospc_on_checkpoint:N` (OSError ENOSPC when saving step N), `nan_loss_at_step:N`
-# (inject_fault answers True after the forward: the caller makes the loss NaN). A run that resumed
-# from a checkpoint injects nothing, so a retry shows the recovery.
+# (inject_fault answers True after the forward: the caller makes the loss NaN), `slow_tokenize:S` (rank 0's
+# data preparation takes S seconds longer). A run that resumed from a checkpoint injects nothing, so a retry
+# shows the recovery.
 FAULT_ENV = "PARATRAIN_FAULT"
 
 
@@ -52,6 +53,11 @@ def inject_fault(env: DistEnv, step: int, where: str, resumed: bool) -> bool:
     import re
 
     spec = os.environ.get(FAULT_ENV, "")
+    slow = re.fullmatch(r"slow_tokenize:(\d+)", spec)
+    if slow is not None:
+        if where == "tokenize":
+            time.sleep(int(slow.group(1)))
+        return False
     match = re.fullmatch(r"(oom|crash_rank:(\d+)|enospc_on_checkpoint|nan_loss)(?:_at_step)?:(\d+)", spec)
     if match is None or resumed or int(match.group(3)) != step:
         return False
@@ -208,6 +214,7 @@ def prepare_data(cfg: TrainConfig, env: DistEnv):
     if env.is_main:
         try:
             check_base_model(cfg.base_model)
+            inject_fault(env, 0, "tokenize", False)
             warnings: list[str] = []
             tokens_dir = prepare_tokens(cfg.data_path, cfg.base_model, cfg.max_seq_len, log=lambda m: print0(env, m),
                                         warnings=warnings)
@@ -216,13 +223,16 @@ def prepare_data(cfg: TrainConfig, env: DistEnv):
             result = ("ok", json.dumps({"tokens_dir": str(tokens_dir), "data_sha256": file_sha256(cfg.data_path)}))
         except DataError as e:
             result = ("error", str(e))
-    status, payload = broadcast_object(env, result)
+    # the other ranks wait for rank 0 here, and the ranks with their tokens for those that tokenise for
+    # themselves below: waits as long as the tokenising, on the group of PREPARE_TIMEOUT (trainer_core/dist.py)
+    status, payload = broadcast_object(env, result, group=env.prepare_group)
     if status == "error":
         raise DataError(payload.splitlines())
     prepared = json.loads(payload)
     tokens_dir = Path(prepared["tokens_dir"])
     if not (tokens_dir / "index.npz").exists():
         tokens_dir = tokenize_here(cfg, env, prepared["data_sha256"])
+    barrier(env, group=env.prepare_group)
     ds = open_tokens(tokens_dir)
     samples = build_samples(ds, cfg)
     if len(samples) == 0:

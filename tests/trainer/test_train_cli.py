@@ -327,6 +327,33 @@ def test_a_resumed_run_made_longer_follows_the_longer_schedule(tmp_path, tiny_mo
     assert run(6) == pytest.approx({s: peak * lr_lambda(6, 0)(s - 1) for s in (5, 6)})
 
 
+def test_ranks_wait_for_rank_0_tokenising_longer_than_the_collective_timeout(tmp_path, tiny_model_dir,
+                                                                             demo_data_path):
+    """A big dataset keeps rank 0 tokenising for many minutes while the other ranks wait, far longer than a
+    step's collectives may (NCCL: 10 minutes). Here the training's timeout is 4 s and rank 0's data
+    preparation takes 10 s longer: the job still trains."""
+    import os
+
+    env = {**os.environ, "PARATRAIN_COLLECTIVE_TIMEOUT_S": "4", "PARATRAIN_FAULT": "slow_tokenize:10"}
+    proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "trainer_core.train",
+                           *guide_args(tiny_model_dir, demo_data_path, tmp_path / "out", "--ddp", "--max_steps", "2")],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json_lines(proc.stdout)[-1]["event"] == "done"
+
+
+def test_a_collective_timeout_that_is_no_number_of_seconds_is_refused(monkeypatch, capsys):
+    from trainer_core.dist import collective_timeout
+
+    monkeypatch.setenv("PARATRAIN_COLLECTIVE_TIMEOUT_S", "10m")
+    with pytest.raises(SystemExit) as stopped:
+        collective_timeout()
+    assert stopped.value.code == 2
+    assert "PARATRAIN_COLLECTIVE_TIMEOUT_S='10m': expected a number of seconds > 0" in capsys.readouterr().err
+    monkeypatch.setenv("PARATRAIN_COLLECTIVE_TIMEOUT_S", "90")
+    assert collective_timeout().total_seconds() == 90
+
+
 def test_torchrun_with_several_processes_needs_ddp_and_says_so(tmp_path, tiny_model_dir, demo_data_path):
     proc = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "trainer_core.train",
                            *guide_args(tiny_model_dir, demo_data_path, tmp_path / "out")],
