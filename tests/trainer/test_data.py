@@ -133,6 +133,18 @@ def test_truncation_and_token_cache_reuse(tmp_path, tiny_model_dir, monkeypatch)
         load_or_tokenize(str(f), str(tiny_model_dir), max_seq_len=16)
 
 
+def test_tokenising_a_large_file_reports_its_progress(tmp_path, tiny_model_dir, monkeypatch):
+    """A gigabyte tokenises for about ten minutes: the log says how far it is and how long is left."""
+    f = write(tmp_path / "d.jsonl", [{"main": f"m {i}", "branches": ["a", "b"]} for i in range(1500)])
+    monkeypatch.setattr(data, "PROGRESS_EVERY_S", 0.0)
+    lines: list[str] = []
+    load_or_tokenize(str(f), str(tiny_model_dir), max_seq_len=16, cache_dir=tmp_path / "cache", log=lines.append)
+    assert lines[0].startswith(f"tokenising {f} (cache: ")
+    # 3 texts a record, a chunk of TOKENIZE_CHUNK texts at a time: 342 records after the first chunk
+    assert lines[1].startswith("tokenising: 342 of 1,500 records (22%), 0:00:0"), lines
+    assert "left" in lines[1] and all("records" in ln for ln in lines[1:]), lines
+
+
 def test_ranks_get_disjoint_equal_shards(tmp_path, tiny_model_dir):
     f = write(tmp_path / "d.jsonl", [{"text": f"t {i}"} for i in range(41)])
     c = cfg(tiny_model_dir, f, branches_per_sample=1, batch_size=2, batch_by_samples=True)
