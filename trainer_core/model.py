@@ -126,7 +126,10 @@ def prepare_for_training(base: nn.Module, cfg: TrainConfig):
 
 
 def _target_modules_error(base: nn.Module, cfg: TrainConfig, problem: str) -> DataError:
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in base.named_modules() if isinstance(m, nn.Linear)})
+    # Called after PEFT wrapped the modules it matched: a wrapped q_proj is no nn.Linear itself but holds one
+    # (q_proj.base_layer) and the adapter's own (q_proj.lora_A.default); the user's name is q_proj.
+    linear = sorted({n.removesuffix(".base_layer").rsplit(".", 1)[-1] for n, m in base.named_modules()
+                     if isinstance(m, nn.Linear) and ".lora_" not in n})
     return DataError([f"--lora_target_modules {cfg.lora_target_modules}: {problem} "
                       f"(linear layers of this model: {', '.join(linear)}, or 'all-linear')"])
 

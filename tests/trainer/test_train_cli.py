@@ -177,6 +177,27 @@ def test_a_module_name_the_model_lacks_is_a_clear_error(tmp_path, tiny_model_dir
                            "--output_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "--lora_target_modules nonexistent_proj" in proc.stderr and "q_proj" in proc.stderr
+    # one good name and one bad: the list names the model's layers, not the pieces of PEFT's wrappers
+    from trainer_core.data import DataError
+    from trainer_core.model import build_lora_model
+
+    cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path),
+                      lora_target_modules="q_proj,nonexistent_proj")
+    with pytest.raises(DataError) as refused:
+        build_lora_model(cfg, torch.device("cpu"))
+    message = str(refused.value)
+    assert message.startswith("--lora_target_modules q_proj,nonexistent_proj: no module named nonexistent_proj")
+    assert "q_proj" in message.split("linear layers of this model:")[1], message
+    assert "base_layer" not in message and "default" not in message, message
+
+
+def test_an_output_dir_that_is_a_file_is_a_clear_error(tmp_path, tiny_model_dir, demo_data_path):
+    (tmp_path / "taken").write_text("a file\n")
+    proc = subprocess.run([PYTHON, "-m", "trainer_core.train", "--base_model", str(tiny_model_dir),
+                           "--data_path", str(demo_data_path), "--output_dir", str(tmp_path / "taken")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"--output_dir {tmp_path / 'taken'}: is a file, not a directory" in proc.stderr
 
 
 def run_until_step(cmd, step: int) -> tuple[int, list[dict]]:
