@@ -171,6 +171,20 @@ def check_base_model(path: str) -> None:
                          f"(missing {', '.join(missing) or 'tokenizer files'})"])
 
 
+def check_output_dir(path: str) -> None:
+    """--output_dir exists (made if missing) and takes files: a file of that name or a place this user cannot
+    write is the user's to fix, said before a model loads."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise DataError([f"--output_dir {path}: is a file, not a directory"]) from None
+    except OSError as e:
+        raise DataError([f"--output_dir {path}: cannot be created ({e.strerror})"]) from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise DataError([f"--output_dir {path}: not writable by this user"])
+
+
 def resume_identity(cfg: TrainConfig, world_size: int, data_sha256: str) -> dict:
     """What a checkpoint must share with the run that resumes it. Every config field counts except those
     in RESUMABLE_CHANGES; the data count by content, the model by its resolved path."""
@@ -214,6 +228,7 @@ def prepare_data(cfg: TrainConfig, env: DistEnv):
     if env.is_main:
         try:
             check_base_model(cfg.base_model)
+            check_output_dir(cfg.output_dir)
             inject_fault(env, 0, "tokenize", False)
             warnings: list[str] = []
             tokens_dir = prepare_tokens(cfg.data_path, cfg.base_model, cfg.max_seq_len, log=lambda m: print0(env, m),
