@@ -18,6 +18,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
                                    "its progress to the end."),
     "train": ("trainer_core.train", "Train in this process with the guide's flags (several processes: "
                                     "torchrun --nproc_per_node N -m trainer_core.train ... --ddp)."),
+    "generate": ("trainer_core.generate", "Continue the branches of a main text with a trained adapter."),
     "data": ("trainer_core.data_cli", "Check a Parallel JSONL dataset: errors with FILE:LINE, or a summary."),
     "make-tiny-model": ("trainer_core.demo", "Build a tiny random Qwen2 model + locally trained tokenizer."),
     "make-demo-data": ("trainer_core.demo", "Write a demo Parallel JSONL made from Python's module docs."),

@@ -24,6 +24,18 @@ ROPE_SETTINGS_FILE = "rope2d.json"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+def quiet_libraries() -> None:
+    """Keep stderr for our progress lines: no per-load progress bars or library deprecation chatter."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 def attention_backend(device: torch.device) -> str:
     """FlexAttention (block-sparse, compiled) on CUDA; SDPA with a dense bool mask on CPU, where flex
     has no backward."""
@@ -286,8 +298,11 @@ Trained by paratrain on `{base_model}` (LoRA rank {rank}) with 2D rotary positio
 
 ```python
 from trainer_core.model import load_adapter_dir
-model = load_adapter_dir("{base_model}", "path/to/this/adapter")   # generate() works on it
+model = load_adapter_dir("{base_model}", "path/to/this/adapter")   # generate() works on plain text
 ```
+
+and generate branches with `paratrain generate --adapter path/to/this/adapter --main "..." --branch "First,"
+--branch "Second,"` (or `trainer_core.generate.generate_branches`).
 
 Plain `PeftModel.from_pretrained` / `AutoPeftModelForCausalLM` load the weights without the patch: with a
 `rope_2d_ratio` above 0 that model computes something else than the one that was trained.
@@ -296,7 +311,8 @@ Plain `PeftModel.from_pretrained` / `AutoPeftModelForCausalLM` load the weights 
 
 def load_adapter_dir(base_model: str, adapter_dir: str | Path, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32):
-    """Base model + saved adapter + the same 2D RoPE patch, for inference (`generate()` works on it)."""
+    """Base model + saved adapter + the same 2D RoPE patch, for inference (`generate()` works on it for plain
+    text; branches: trainer_core.generate)."""
     from peft import PeftModel
 
     settings = json.loads((Path(adapter_dir) / ROPE_SETTINGS_FILE).read_text())

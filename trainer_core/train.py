@@ -38,7 +38,8 @@ from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broad
                                compute_init, gather_objects, print0, write_line)
 from trainer_core.layout import PackedBatch
 from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, hidden_states,
-                               load_lora_weights, lora_state_dict, save_adapter_dir, training_dtype)
+                               load_lora_weights, lora_state_dict, quiet_libraries, save_adapter_dir,
+                               training_dtype)
 from trainer_core.vram import memory_levers
 
 # Test-only fault injection, off unless set (tests/reliability): `oom_at_step:N`, `crash_rank:R_at_step:N`
@@ -545,18 +546,6 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-def _quiet_libraries() -> None:
-    """Keep stderr for our progress lines: no per-load progress bars or library deprecation chatter."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
-
-
 # Under torchrun, `record` writes an unexpected exception to the file torchrun names, so that torchrun's
 # closing failure report, the last lines of a job's log, shows the error instead of a link to these docs.
 @record
@@ -587,7 +576,7 @@ def out_of_memory(e: BaseException) -> bool:
 def run_config(cfg: TrainConfig) -> int:
     """Train; the exit code is the process contract of docs/API.md (0, 2 bad input, 3 out of memory,
     4 diverged, 5 another run took over the output dir, 130 stopped without a new checkpoint)."""
-    _quiet_libraries()
+    quiet_libraries()
     stop = StopFlag()
     stop.install()
     env = compute_init(cfg.ddp)

@@ -1,0 +1,111 @@
+"""Generating with a trained adapter: branches continued as training laid them out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from trainer_core.config import TrainConfig
+from trainer_core.generate import generate_branch_ids, generate_branches, load_generator
+from trainer_core.layout import build_sample_layout
+from trainer_core.model import build_lora_model, parallel_logits, save_adapter_dir
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_model_dir, demo_data_path):
+    """The tiny model's adapter at rope_2d_ratio 0.5, with LoRA B given weight (a trained adapter's is not 0)."""
+    cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path), rope_2d_ratio=0.5)
+    model = build_lora_model(cfg, torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    out = tmp_path_factory.mktemp("run") / "adapter"
+    save_adapter_dir(model, out, cfg)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gen(adapter_dir):
+    return load_generator(adapter_dir)
+
+
+def until_eos(ids: list[int], eos: int | None) -> list[int]:
+    return ids[:ids.index(eos) + 1] if eos in ids else ids
+
+
+def test_one_branch_without_a_main_generates_what_generate_does(gen):
+    """One branch and no main is ordinary text: the same tokens as transformers' own greedy generate()."""
+    start = gen.tokenizer("The module", add_special_tokens=False)["input_ids"]
+    ours = generate_branch_ids(gen, [], [start], max_new_tokens=8)[0]
+    theirs = gen.model.generate(input_ids=torch.tensor([start]), attention_mask=torch.ones(1, len(start), dtype=torch.long),
+                                max_new_tokens=8, do_sample=False, pad_token_id=0)[0, len(start):].tolist()
+    eos = gen.tokenizer.eos_token_id
+    assert until_eos(ours, eos) == until_eos(theirs, eos)
+
+
+def sample_logits(gen, main: list[int], branches: list[list[int]]):
+    layout = build_sample_layout(main, branches, gen.branch_stride)
+    logits = parallel_logits(gen.model, *(t[None] for t in (layout.input_ids, layout.pos1d, layout.branch_pos,
+                                                            layout.time_ids)), torch.zeros(1, len(layout),
+                                                                                           dtype=torch.long))[0]
+
+    def at(k: int, time: int) -> torch.Tensor:
+        """The logits at branch k's token of that time."""
+        return logits[((layout.branch_pos == (k + 1) * gen.branch_stride) & (layout.time_ids == time)).nonzero().item()]
+    return at
+
+
+def test_each_new_token_is_what_the_finished_sample_predicts_there(gen):
+    """Branches grow one token a step, a column at a time. Laid out as training lays it out, the finished
+    sample predicts every generated token at the token before it: a token sees only earlier columns and
+    itself, so nothing generated later changes what it predicted."""
+    encode = lambda text: gen.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    main = encode("Parallel branches share a main text.")
+    starts = [encode(text)[:2] for text in ("First of all", "A longer start here", "x y z")]
+    new = generate_branch_ids(gen, main, starts, max_new_tokens=6)
+    assert all(len(ids) >= 1 for ids in new)
+    at = sample_logits(gen, main, [s + n for s, n in zip(starts, new)])
+    for k, added in enumerate(new):
+        for j, token in enumerate(added):
+            assert at(k, len(main) + 2 + j - 1).argmax().item() == token, (k, j)
+    # sampling follows its seed
+    assert generate_branch_ids(gen, main, starts, 4, temperature=1.0, seed=3) == \
+        generate_branch_ids(gen, main, starts, 4, temperature=1.0, seed=3)
+
+
+def test_branches_of_different_lengths_continue_from_their_own_last_token(gen):
+    """Starts of 1, 2 and 4 tokens: each branch's first new token is what the prompt predicts at that
+    branch's last token. (Later ones are not the finished sample's predictions: a shorter branch's new tokens
+    come before the longer branch's in column-major order, which moves the longer one's 1D positions.)"""
+    encode = lambda text: gen.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    main = encode("Parallel branches share a main text.")
+    starts = [encode(text)[:n] for text, n in (("First of all", 1), ("A longer start here", 4), ("x y z", 2))]
+    assert [len(s) for s in starts] == [1, 4, 2]
+    first = [ids[0] for ids in generate_branch_ids(gen, main, starts, max_new_tokens=1)]
+    at = sample_logits(gen, main, starts)
+    assert first == [at(k, len(main) + len(start) - 1).argmax().item() for k, start in enumerate(starts)]
+
+
+def test_a_branch_without_a_start_is_refused(gen):
+    with pytest.raises(ValueError, match="branch 2: give it a start of at least one token"):
+        generate_branches(gen, "main", ["a", ""], max_new_tokens=2)
+
+
+def test_paratrain_generate_prints_each_branch(adapter_dir, tmp_path):
+    paratrain = [sys.executable, "-m", "paratrain", "generate"]
+    proc = subprocess.run([*paratrain, "--adapter", str(adapter_dir), "--main", "Two answers:", "--branch", "One",
+                           "--branch", "Two", "--max_new_tokens", "3", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    branches = json.loads(proc.stdout)["branches"]
+    assert len(branches) == 2 and branches[0].startswith("One") and branches[1].startswith("Two")
+    assert "Loading weights" not in proc.stderr and "Warning" not in proc.stderr, proc.stderr  # no library chatter
+    missing = subprocess.run([*paratrain, "--adapter", str(tmp_path), "--branch", "a"],
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and f"{tmp_path}: not a paratrain adapter directory" in missing.stderr
+    assert "Traceback" not in missing.stderr

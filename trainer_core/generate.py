@@ -1,0 +1,145 @@
+"""Generate with a trained adapter: a shared main text and several branches, each continued one token per
+step, all laid out as training laid them out (trainer_core/layout.py).
+
+Each step runs the whole sample again (no KV cache): a token's 1D position is its index in column-major
+order, which moves when branches of different lengths grow, so a cache would give the model positions it
+never trained on. This is exact, and quick enough for evaluating an adapter; the cost of a step grows with
+the length of the sample.
+
+A branch needs at least one token to start from: training predicts a branch's second token from its first,
+never its first from the main (labels stay within a branch, DESIGN.md).
+
+    from trainer_core.generate import load_generator, generate_branches
+    gen = load_generator("out/adapter")                        # the base model named in rope2d.json
+    generate_branches(gen, "Question: ...", ["Answer A:", "Answer B:"], max_new_tokens=32)
+
+or `paratrain generate --adapter out/adapter --main "..." --branch "Answer A:" --branch "Answer B:"`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from trainer_core import exit_codes
+from trainer_core.data import DataError, load_tokenizer
+from trainer_core.layout import build_sample_layout
+from trainer_core.model import ROPE_SETTINGS_FILE, load_adapter_dir, parallel_logits, quiet_libraries
+
+
+@dataclass
+class Generator:
+    model: nn.Module          # base model + adapter + the 2D RoPE patch (load_adapter_dir)
+    tokenizer: Any
+    branch_stride: int        # the training's branch coordinate per branch (rope2d.json)
+
+
+def load_generator(adapter_dir: str | Path, base_model: str | None = None, device: str = "cpu",
+                   dtype: torch.dtype = torch.float32) -> Generator:
+    """The adapter of a paratrain run (`<output_dir>/adapter`) on its base model: the one it was trained on
+    (recorded in rope2d.json) unless `base_model` names another copy of it."""
+    settings_file = Path(adapter_dir) / ROPE_SETTINGS_FILE
+    try:
+        settings = json.loads(settings_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError([f"{adapter_dir}: not a paratrain adapter directory (no {ROPE_SETTINGS_FILE}; it is "
+                         "<output_dir>/adapter after training)"]) from None
+    base_model = base_model or settings["base_model"]
+    if not Path(base_model).is_dir():
+        raise DataError([f"--base_model {base_model}: no such directory (the adapter was trained on "
+                         f"{settings['base_model']})"])
+    model = load_adapter_dir(base_model, adapter_dir, device=device, dtype=dtype)
+    return Generator(model, load_tokenizer(base_model), int(settings["branch_stride"]))
+
+
+@torch.no_grad()
+def generate_branch_ids(gen: Generator, main_ids: list[int], branch_ids: list[list[int]], max_new_tokens: int,
+                        temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+    """Each branch's new token ids: greedy (temperature 0) or sampled, until the tokenizer's end-of-sequence
+    token (kept) or `max_new_tokens`."""
+    if not branch_ids or any(len(b) == 0 for b in branch_ids):
+        raise ValueError("every branch needs at least one token to start from")
+    device = next(gen.model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    eos = gen.tokenizer.eos_token_id
+    branches = [list(b) for b in branch_ids]
+    new: list[list[int]] = [[] for _ in branches]
+    first_branch = 1 if main_ids else 0        # the layout's sequence index of branch 0 (the main is 0)
+    for _ in range(max_new_tokens):
+        active = [k for k in range(len(branches)) if not (new[k] and new[k][-1] == eos)]
+        if not active:
+            break
+        layout = build_sample_layout(main_ids, branches, gen.branch_stride)
+        logits = parallel_logits(gen.model, *(t[None].to(device) for t in (layout.input_ids, layout.pos1d,
+                                                                           layout.branch_pos, layout.time_ids)),
+                                 torch.zeros(1, len(layout), dtype=torch.long, device=device))[0]
+        last_time = len(main_ids) + torch.tensor([len(branches[k]) for k in active]) - 1
+        branch_pos = (first_branch + torch.tensor(active)) * gen.branch_stride
+        # the position of each active branch's last token: its (branch, time) is unique in the layout
+        at = ((layout.branch_pos[None, :] == branch_pos[:, None])
+              & (layout.time_ids[None, :] == last_time[:, None])).float().argmax(dim=1)
+        next_logits = logits[at.to(device)].float().cpu()
+        if temperature > 0:
+            next_ids = torch.multinomial(torch.softmax(next_logits / temperature, dim=-1), 1, generator=generator)[:, 0]
+        else:
+            next_ids = next_logits.argmax(dim=-1)
+        for k, token in zip(active, next_ids.tolist()):
+            branches[k].append(token)
+            new[k].append(token)
+    return new
+
+
+def generate_branches(gen: Generator, main: str, branch_starts: list[str], max_new_tokens: int = 64,
+                      temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """Each branch's continuation as text (its start not repeated)."""
+    encode = lambda text: gen.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    empty = [i for i, start in enumerate(branch_starts) if not encode(start)]
+    if empty:
+        raise ValueError(f"branch {empty[0] + 1}: give it a start of at least one token (training never predicts "
+                         "a branch's first token from the main)")
+    new = generate_branch_ids(gen, encode(main) if main else [], [encode(s) for s in branch_starts],
+                              max_new_tokens, temperature, seed)
+    return [gen.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+
+
+# --- `paratrain generate` -----------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--adapter", required=True, help="A trained adapter directory (<output_dir>/adapter).")
+    parser.add_argument("--base_model", help="The base model's directory (default: the one in rope2d.json).")
+    parser.add_argument("--main", default="", help="The shared main text (may be empty).")
+    parser.add_argument("--branch", action="append", required=True, metavar="START",
+                        help="A branch's first words; once per branch.")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled.")
+    parser.add_argument("--seed", type=int, default=0, help="Of the sampling.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", action="store_true", help="One JSON object: {\"branches\": [...]}.")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.max_new_tokens < 1 or args.temperature < 0:
+        print("paratrain generate: --max_new_tokens must be >= 1 and --temperature >= 0", file=sys.stderr)
+        return exit_codes.BAD_INPUT
+    quiet_libraries()
+    try:
+        gen = load_generator(args.adapter, args.base_model, device=args.device)
+        texts = generate_branches(gen, args.main, args.branch, args.max_new_tokens, args.temperature, args.seed)
+    except DataError as e:
+        print("\n".join(e.lines), file=sys.stderr)
+        return exit_codes.BAD_INPUT
+    except ValueError as e:
+        print(f"paratrain generate: {e}", file=sys.stderr)
+        return exit_codes.BAD_INPUT
+    if args.json:
+        print(json.dumps({"branches": [start + text for start, text in zip(args.branch, texts)]}))
+    else:
+        for i, (start, text) in enumerate(zip(args.branch, texts), start=1):
+            print(f"[branch {i}] {start}{text}")
+    return exit_codes.OK
