@@ -68,6 +68,13 @@ class Rope2DRotaryEmbedding(nn.Module):
         return cos.to(x.dtype), sin.to(x.dtype)
 
 
+def rope_2d_pairs(model: nn.Module) -> tuple[int, int]:
+    """(2D pairs, all pairs) of a patched model's rotary modules: a small ratio may round to no 2D pair."""
+    rotary = next(child for _, _, child in _rotary_parents(model))
+    pairs = rotary.inv_freq.shape[0]
+    return num_2d_pairs(pairs, getattr(rotary, "ratio", 0.0)), pairs
+
+
 def rescales_with_length(rotary: nn.Module) -> bool:
     rope_type = str(getattr(rotary, "rope_type", "default"))
     return "dynamic" in rope_type or rope_type == "longrope"

@@ -40,6 +40,7 @@ from trainer_core.layout import PackedBatch
 from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, hidden_states,
                                load_lora_weights, lora_state_dict, quiet_libraries, save_adapter_dir,
                                training_dtype)
+from trainer_core.rope2d import rope_2d_pairs
 from trainer_core.vram import memory_levers
 
 # Test-only fault injection, off unless set (tests/reliability): `oom_at_step:N`, `crash_rank:R_at_step:N`
@@ -115,6 +116,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.requested = False
         self.training = False
+        self.announce = True   # rank 0 says it heard the signal: a step can take minutes
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -123,8 +125,11 @@ class StopFlag:
     def _handle(self, signum, frame) -> None:
         if not self.training or self.requested:
             raise StopNow("before the first training step: nothing to save" if not self.training else
-                          "a second stop signal: exiting without a new checkpoint")
+                          "by a second stop signal: exiting without a new checkpoint")
         self.requested = True
+        if self.announce:
+            write_line("stop requested: a checkpoint is saved when this step ends (a second signal exits without "
+                       "one)", sys.stderr)
 
 
 def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
@@ -170,6 +175,10 @@ def check_base_model(path: str) -> None:
     if missing or not has_tokenizer_files(model_dir):
         raise DataError([f"--base_model {path}: not a HuggingFace model directory with a tokenizer "
                          f"(missing {', '.join(missing) or 'tokenizer files'})"])
+
+
+def describe_rope_2d(pairs_2d: int, pairs: int) -> str:
+    return f"{pairs_2d} of {pairs} rotary frequency pairs 2D" + ("; the stock model's positions" if not pairs_2d else "")
 
 
 def check_output_dir(path: str) -> None:
@@ -284,6 +293,13 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                          f"{cfg.batch_size} x accumulation_steps {cfg.accumulation_steps} x {env.world_size} ranks"])
     print0(env, f"data: {ds.num_records} records -> {len(samples)} samples; {total_steps} optimiser steps "
                 f"on {env.world_size} rank(s), device {env.device}")
+    cut = int(ds.text_truncated.sum())
+    if cut:
+        print0(env, f"warning: {cut:,} of {len(ds.text_truncated):,} texts are longer than --max_seq_len "
+                    f"{cfg.max_seq_len} and are cut to it (`paratrain data check` counts them)")
+    if cfg.max_steps is not None and total_steps < cfg.max_steps:
+        print0(env, f"note: --epochs {cfg.epochs} make {total_steps} steps, fewer than --max_steps {cfg.max_steps}: "
+                    "training stops after the epochs (raise --epochs to train longer)")
     # which checkpoint to resume, decided before the model loads (minutes for a large one). A run the
     # checkpoint refuses (other settings) stops here, before it claims the directory from the run training there.
     identity = resume_identity(cfg, env.world_size, data_sha256)
@@ -315,7 +331,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     model = build_lora_model(cfg, env.device)
     trainable = [p for p in model.parameters() if p.requires_grad]
     print0(env, f"model: {cfg.base_model}, LoRA r={cfg.lora_rank} on {cfg.lora_target_modules}, "
-                f"{sum(p.numel() for p in trainable):,} trainable parameters, rope_2d_ratio {cfg.rope_2d_ratio}")
+                f"{sum(p.numel() for p in trainable):,} trainable parameters, rope_2d_ratio {cfg.rope_2d_ratio} "
+                f"({describe_rope_2d(*rope_2d_pairs(model))})")
     if cfg.compile:
         print0(env, "--compile: the decoder layers compile during the first steps (a minute or two)")
     optimizer = torch.optim.AdamW(trainable, lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
@@ -580,6 +597,10 @@ def run_config(cfg: TrainConfig) -> int:
     stop = StopFlag()
     stop.install()
     env = compute_init(cfg.ddp)
+    stop.announce = env.is_main
+    if cfg.ddp and not env.ddp:
+        print0(env, "note: --ddp without torchrun trains in this one process (several: torchrun --nproc_per_node N "
+                    "-m trainer_core.train ... --ddp)")
     try:
         return train(cfg, env, stop)
     except DataError as e:

@@ -140,10 +140,13 @@ def test_paratrain_train_is_the_trainer_in_one_process(tmp_path, tiny_model_dir,
     out = tmp_path / "out"
     relative_model = tiny_model_dir.name     # as users type it, from the model's parent directory
     proc = subprocess.run([str(BIN / "paratrain"), "train", *guide_args(relative_model, demo_data_path, out),
-                           "--max_steps", "2"], capture_output=True, text=True, timeout=300,
+                           "--max_steps", "2", "--max_seq_len", "32"], capture_output=True, text=True, timeout=300,
                           cwd=tiny_model_dir.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r["step"] for r in json_lines(proc.stdout) if "loss" in r] == [1, 2]
+    # what the run does to the data and the positions is said, not silent
+    assert "texts are longer than --max_seq_len 32 and are cut to it" in proc.stderr
+    assert "rope_2d_ratio 0.5 (4 of 8 rotary frequency pairs 2D)" in proc.stderr, proc.stderr
     # the adapter names its base model so that it resolves from anywhere, and says how to load it
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
@@ -200,16 +203,17 @@ def test_an_output_dir_that_is_a_file_is_a_clear_error(tmp_path, tiny_model_dir,
     assert f"--output_dir {tmp_path / 'taken'}: is a file, not a directory" in proc.stderr
 
 
-def run_until_step(cmd, step: int) -> tuple[int, list[dict]]:
+def run_until_step(cmd, step: int, stderr_path: Path) -> tuple[int, list[dict]]:
     """Start the trainer, SIGTERM it once it has logged `step`, return (exit code, JSON lines)."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    records = []
-    for line in proc.stdout:
-        if line.startswith("{"):
-            records.append(json.loads(line))
-            if records[-1].get("step") == step and "loss" in records[-1]:
-                proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=120), records
+    with open(stderr_path, "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        records = []
+        for line in proc.stdout:
+            if line.startswith("{"):
+                records.append(json.loads(line))
+                if records[-1].get("step") == step and "loss" in records[-1]:
+                    proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=120), records
 
 
 def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, tiny_model_dir, demo_data_path):
@@ -222,8 +226,10 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, tiny_model
     assert full.returncode == 0, full.stderr[-2000:]
     full_losses = {r["step"]: r["loss"] for r in json_lines(full.stdout) if "loss" in r}
 
-    code, first = run_until_step(cmd(tmp_path / "cut"), step=6)
+    code, first = run_until_step(cmd(tmp_path / "cut"), step=6, stderr_path=tmp_path / "cut.stderr")
     assert code == 0                                          # SIGTERM: saved and exited cleanly
+    # heard at once, though the checkpoint waits for the step's end
+    assert "stop requested: a checkpoint is saved when this step ends" in (tmp_path / "cut.stderr").read_text()
     saved = [r for r in first if r.get("event") == "checkpoint"][-1]["step"]
     assert 6 <= saved < 14
     second = subprocess.run(cmd(tmp_path / "cut"), capture_output=True, text=True, timeout=300)
