@@ -36,6 +36,10 @@ MAX_LOGS_PER_REPORT = 2000
 MAX_REPORT_LOG_BYTES = 4 * 1024 * 1024   # well under the server's default 16 MB body limit, in any script
 # paratrain's own secrets never reach the job's processes (what a job runs is not trusted with them)
 SECRET_ENV = ("PARATRAIN_WORKER_TOKEN", "PARATRAIN_USER_TOKEN")
+# Once registered, a call that fails for these is retried while the jobs train on. A token refused mid-job is
+# one the server changed (or another server on the URL): training on loses nothing, stopping loses the steps
+# since the last checkpoint, and the operator fixes the token.
+RETRIED = (*Unreachable, Unauthorized)
 
 
 def free_port() -> int:
@@ -63,7 +67,13 @@ class OutageLog:
     def failed(self, what: str, error: Exception) -> None:
         now = time.monotonic()
         with self._lock:
-            if isinstance(error, httpx.HTTPStatusError):
+            if isinstance(error, Unauthorized):
+                if now - self._status_logged.get("token", -self.REMIND_S) >= self.REMIND_S:
+                    self._status_logged["token"] = now
+                    log.error("the server refused this worker's token at %s (was the token changed, or is another "
+                              "server answering?); jobs keep training, and what is not delivered is kept: restart "
+                              "this worker with the server's <data_dir>/worker_token", what)
+            elif isinstance(error, httpx.HTTPStatusError):
                 if now - self._status_logged.get(what, -self.REMIND_S) >= self.REMIND_S:
                     self._status_logged[what] = now
                     log.warning("the server answered %s to %s; retrying, and keeping what is not delivered",
@@ -162,9 +172,13 @@ class Agent:
                 time.sleep(self.settings.report_interval_s)
         finally:
             stopped.set()
-            for run in self.runs.values():  # only reached on an unexpected error: leave nothing behind
-                run.stop(StopReason.release, 0)
-                run.poll()
+            # Only reached on an unexpected error. Leave nothing behind, but let the trainers save a
+            # checkpoint first (SIGTERM, then SIGKILL after the grace): their next attempt resumes from it.
+            for run in self.runs.values():
+                run.stop(StopReason.release, self.settings.kill_grace_s)
+            deadline = time.monotonic() + self.settings.kill_grace_s + 5
+            while time.monotonic() < deadline and any(run.poll() is None for run in list(self.runs.values())):
+                time.sleep(0.2)
             self._leave()
 
     def _leave(self) -> None:
@@ -174,7 +188,7 @@ class Agent:
             return
         try:
             self.client.leave(self.worker_id)
-        except (*Unreachable, JobGone, Superseded, Refused) as e:
+        except (*RETRIED, JobGone, Superseded, Refused) as e:
             log.warning("could not tell the server this worker stopped (%s); it shows offline after the "
                         "lease TTL", e)
             return
@@ -208,7 +222,7 @@ class Agent:
                 self._beat(worker_id)
                 if self.settings.health_file is not None:
                     self.settings.health_file.touch()
-            except Unreachable as e:
+            except RETRIED as e:
                 self.outage.failed("heartbeat", e)
             except Refused as e:
                 log.warning("heartbeat failed: %s", e)
@@ -225,7 +239,7 @@ class Agent:
         assert self.worker_id is not None
         try:
             self._beat(self.worker_id)
-        except (*Unreachable, Refused, JobGone, Superseded):
+        except (*RETRIED, Refused, JobGone, Superseded):
             pass   # the heartbeat thread keeps trying
 
     def _register_again_if_forgotten(self) -> None:
@@ -272,7 +286,7 @@ class Agent:
                                       rdzv_address=self.settings.rdzv_address or None, rdzv_port=free_port(),
                                       busy_job_ids=sorted({*self.runs, *self.finished, *self._abandoned_now()}))
             self.outage.answered()
-        except Unreachable as e:
+        except RETRIED as e:
             self.outage.failed("claim", e)
             claim = None
         except UnreadableClaim as e:   # leased to us now: failed with the reason, not left to lapse and recur
@@ -352,7 +366,7 @@ class Agent:
                                exit_code=outcome.exit_code, failure_class=outcome.failure_class,
                                failure_reason=outcome.failure_reason, release=outcome.release)
             self.outage.answered()
-        except Unreachable as e:
+        except RETRIED as e:
             self.outage.failed(f"job {run.job_id}'s finish", e)
             self.finished[run.job_id] = (run, outcome)
             return
@@ -381,7 +395,7 @@ class Agent:
                 self.client.report(run.job_id, worker_id=self.worker_id, attempt=run.attempt,
                                    metrics=batch.metrics, logs=batch.logs, log_start=batch.log_start)
                 self.outage.answered()
-            except Unreachable as e:
+            except RETRIED as e:
                 self.outage.failed(f"job {run.job_id}'s report", e)
                 return False
             except JobGone:

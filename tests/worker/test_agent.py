@@ -303,6 +303,31 @@ def test_server_down_mid_job_loses_nothing(live_server, start_agent, monkeypatch
     assert sum("reachable again" in m for m in worker_log) == 1, worker_log
 
 
+def test_a_token_refused_mid_job_keeps_the_job_training_until_the_server_takes_it_again(
+        live_server, start_agent, monkeypatch, job_body, make_server, caplog):
+    """A server restarted with another worker token (rotated, or another server on the URL) refuses the
+    running worker's calls. The worker used to exit and kill its trainer at once: every step since the last
+    checkpoint was lost. It now says what is wrong and keeps the job training and its reports waiting."""
+    caplog.set_level(logging.INFO, logger="paratrain.worker")
+    monkeypatch.setenv("FAKE_STEP_S", "0.2")
+    job = live_server.api.post("/jobs", json=job_body(max_steps=20)).json()
+    agent = start_agent()
+    wait_for_step(live_server, job["id"], 2)
+    live_server.stop()
+    other = make_server(live_server.settings.model_copy(update={"worker_token": "another-token"}))
+    time.sleep(1.5)   # several refused heartbeats and reports
+    other.stop()
+    assert agent.thread.is_alive(), "the worker stopped on a refused token"
+    worker_log = [r.getMessage() for r in caplog.records if r.name == "paratrain.worker"]
+    refused = [m for m in worker_log if "refused this worker's token" in m]
+    assert len(refused) == 1 and "restart this worker with the server's <data_dir>/worker_token" in refused[0]
+    again = make_server(live_server.settings)   # the token the worker has
+    done = again.wait_for(job["id"], {"succeeded", "failed"})
+    assert done["state"] == "succeeded" and done["attempt"] == 1
+    metrics = again.api.get(f"/jobs/{job['id']}/metrics").json()["data"]
+    assert [m["step"] for m in metrics] == list(range(1, 21))
+
+
 @pytest.mark.slow
 def test_under_torchrun_the_trainers_exit_code_is_recovered(live_server, start_agent, job_body):
     """torchrun exits 1 whatever its ranks did; the worker reads the root cause's exit code."""
