@@ -54,11 +54,15 @@ def ensure_demo_assets(data_dir: Path) -> None:
 
 
 def start_local_worker(url: str, settings, gpus: str) -> subprocess.Popen[bytes]:
+    from server.auth import ensure_tokens
+
     # worker.launch: the worker dies with this process, even when it is killed -9 (see there why)
     argv = [sys.executable, "-m", "worker.launch", "--death-signal", "KILL", str(os.getpid()),
-            sys.executable, "-m", "worker", "--server", url, "--token-file", str(settings.data_dir / "worker_token"),
-            "--name", f"{socket.gethostname()}-local", "--gpus", gpus]
-    env = {**os.environ, "PARATRAIN_CACHE": os.environ.get("PARATRAIN_CACHE", str(settings.data_dir / "cache"))}
+            sys.executable, "-m", "worker", "--server", url, "--name", f"{socket.gethostname()}-local", "--gpus", gpus]
+    # The token by environment (a command line shows in `ps`), and the server's own: a token set by
+    # PARATRAIN_WORKER_TOKEN is in no file, and an older <data_dir>/worker_token may hold another.
+    env = {**os.environ, "PARATRAIN_CACHE": os.environ.get("PARATRAIN_CACHE", str(settings.data_dir / "cache")),
+           "PARATRAIN_WORKER_TOKEN": ensure_tokens(settings).worker}
     # Its own session: a terminal's Ctrl-C reaches only us, and we stop the worker in order (below).
     return subprocess.Popen(argv, env=env, start_new_session=True)
 

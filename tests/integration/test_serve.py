@@ -18,9 +18,9 @@ from process_utils import FAST_LEASES, REPO, TINY_CONFIG, alive, free_port, pids
 pytestmark = pytest.mark.slow
 
 
-def _start_serve(data_dir, port, log_path):
+def _start_serve(data_dir, port, log_path, **extra_env):
     env = {**os.environ, **FAST_LEASES, "PARATRAIN_WORKER_CLAIM_INTERVAL_S": "0.2",
-           "PARATRAIN_WORKER_REPORT_INTERVAL_S": "0.2"}
+           "PARATRAIN_WORKER_REPORT_INTERVAL_S": "0.2", **extra_env}
     log = open(log_path, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "server", "--data-dir", str(data_dir), "--port", str(port)],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -183,3 +183,22 @@ def test_serve_refuses_bad_settings_and_a_busy_port_before_starting_anything(tmp
     assert "paratrain is running" not in taken.stdout and not (tmp_path / "d" / "worker_token").exists()
     for proc in (bad_port, bad_env, taken):
         assert "Traceback" not in proc.stderr
+
+
+def test_serve_with_tokens_from_the_environment_starts_its_local_worker(data_dir, tmp_path):
+    """Tokens set by environment (as docker-compose sets them) are in no file: the local worker used to be
+    started with --token-file <data_dir>/worker_token, exit 2 and be restarted every 2 s, forever."""
+    port, log_path = free_port(), tmp_path / "serve.log"
+    (data_dir / "worker_token").write_text("an-older-token\n")   # and an old file must not win over the env
+    proc = _start_serve(data_dir, port, log_path, PARATRAIN_WORKER_TOKEN="worker-token-from-env",
+                        PARATRAIN_USER_TOKEN="user-token-from-env")
+    try:
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api", timeout=10,
+                           headers={"Authorization": "Bearer user-token-from-env"})
+        deadline = time.time() + 60
+        while not [w for w in api.get("/workers").json()["data"] if w["online"]]:
+            assert time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.3)
+        assert "starting it again" not in log_path.read_text()
+    finally:
+        _stop_serve(proc)
