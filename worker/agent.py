@@ -205,6 +205,10 @@ class Agent:
             except (Unauthorized, Refused) as e:
                 log.error("%s", e)
                 return False
+            except JobGone as e:   # 404: something answers at that URL, but no paratrain API under /api
+                log.error("no paratrain server at %s (%s): is --server the server's root URL (e.g. "
+                          "http://host:8000, without /api or /ui)?", self.settings.server_url, e)
+                return False
             self.outage.answered()
             self.worker_id = reply.worker_id
             self.heartbeat_interval_s = reply.heartbeat_interval_s

@@ -62,8 +62,13 @@ def run(args: argparse.Namespace) -> int:
     if not settings.token:
         print("paratrain worker: a token is needed (--token, --token-file or PARATRAIN_WORKER_TOKEN)", file=sys.stderr)
         return 2
+    try:
+        gpus = detect_gpus(settings.gpus)
+    except ValueError as e:
+        print(f"paratrain worker: {e}", file=sys.stderr)
+        return 2
     client = ServerClient(settings.server_url, settings.token, settings.request_timeout_s)
-    agent = Agent(settings, client, detect_gpus(settings.gpus))
+    agent = Agent(settings, client, gpus)
     agent.install_signal_handlers()
     try:
         return agent.run()

@@ -17,6 +17,13 @@ def detect_gpus(spec: str = "auto") -> list[dict]:
         return found
     wanted = [int(part) for part in spec.split(",") if part.strip()]
     by_index = {g["index"]: g for g in found}
+    if found and set(wanted) - set(by_index):
+        raise ValueError(f"--gpus {spec}: this machine has GPU(s) {sorted(by_index)} only")
+    if not found:
+        # Taken on trust (a driver NVML cannot reach); on a machine with no GPU at all, the jobs given these
+        # "GPUs" would train on the CPU, so say so where the operator looks.
+        log.warning("no GPU found through NVML: --gpus %s is taken on trust; jobs asking for GPUs run here "
+                    "and train on the CPU if this machine has none (use --gpus none for a CPU worker)", spec)
     return [by_index.get(i, {"index": i, "name": "GPU", "memory_gb": 0.0}) for i in wanted]
 
 

@@ -409,6 +409,29 @@ def test_a_wrong_token_stops_the_worker_with_an_error(start_agent):
     assert not running.thread.is_alive() and running.exit_code == 1
 
 
+def test_a_server_url_with_a_path_stops_the_worker_with_a_hint(live_server, start_agent, caplog):
+    caplog.set_level(logging.INFO, logger="paratrain.worker")
+    running = start_agent(server_url=live_server.url + "/api")    # the API's URL, not the server's
+    running.thread.join(10)
+    assert not running.thread.is_alive() and running.exit_code == 1
+    assert any(f"no paratrain server at {live_server.url}/api" in r.getMessage() and "root URL" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_gpu_indices_are_checked_against_the_machines(monkeypatch, caplog):
+    import worker.gpus as gpus
+
+    monkeypatch.setattr(gpus, "_nvml_gpus", lambda: [{"index": 0, "name": "H100", "memory_gb": 79.6}])
+    assert gpus.detect_gpus("0") == [{"index": 0, "name": "H100", "memory_gb": 79.6}]
+    with pytest.raises(ValueError, match=r"--gpus 0,3: this machine has GPU\(s\) \[0\] only"):
+        gpus.detect_gpus("0,3")
+    # no NVML at all (no driver, or one it cannot reach): taken on trust, with a warning an operator sees
+    monkeypatch.setattr(gpus, "_nvml_gpus", lambda: [])
+    caplog.set_level(logging.INFO, logger="paratrain.worker")
+    assert [g["index"] for g in gpus.detect_gpus("0")] == [0]
+    assert any(r.levelno == logging.WARNING and "train on the CPU" in r.getMessage() for r in caplog.records)
+
+
 def test_a_worker_registers_again_when_the_server_forgot_it(live_server, start_agent):
     from sqlmodel import Session, delete
 
