@@ -357,8 +357,9 @@ class Agent:
             code = run.poll()
             if code is not None:
                 del self.runs[job_id]
-                self.finished[job_id] = (run, run.outcome(code))
-                log.info("job %s exited with %s", job_id, code)
+                outcome = run.outcome(code)
+                self.finished[job_id] = (run, outcome)
+                log.info("%s", describe_outcome(run, outcome))
         for job_id, (run, outcome) in list(self.finished.items()):
             if self._send_report(run, final=True):
                 self._finish(run, outcome)
@@ -414,6 +415,19 @@ class Agent:
             run.ack(batch)
             if not final:
                 return True
+
+
+def describe_outcome(run: JobRun, outcome: Outcome) -> str:
+    """One log line for an operator: which attempt, how it ended, and why (a reason's first and last lines:
+    the worker's headline and a traceback's cause)."""
+    what = f"job {run.job_id} attempt {run.attempt}"
+    if outcome.release:
+        return f"{what} handed back to the queue (exit {outcome.exit_code})"
+    if outcome.failure_class is None:
+        return f"{what} succeeded"
+    lines = [ln for ln in (outcome.failure_reason or "").splitlines() if ln.strip()]
+    why = lines[0] + (f" ... {lines[-1].strip()}" if len(lines) > 1 else "") if lines else ""
+    return f"{what} ended: {outcome.failure_class}, exit {outcome.exit_code}" + (f": {why}" if why else "")
 
 
 def _within_bytes(lines: list[str], limit: int) -> list[str]:

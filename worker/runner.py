@@ -242,7 +242,7 @@ class JobRun:
             return Outcome(exit_code, "lost", "the trainer was stopped before its last step by a signal the "
                            "worker did not send; it saved a checkpoint")
         failure_class, reason = classify_exit(exit_code, self.stderr_tail)
-        return Outcome(exit_code, failure_class, reason)
+        return Outcome(trainer_code, failure_class, reason)   # the contract's code, not torchrun's 1
 
 
 def _json_record(line: str) -> dict[str, Any] | None:

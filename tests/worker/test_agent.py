@@ -60,7 +60,8 @@ def test_job_runs_to_success_with_metrics_and_logs(live_server, start_agent, job
     assert retry.status_code == 409 and "succeeded" in retry.json()["detail"]
 
 
-def test_failure_classes(live_server, start_agent, job_body):
+def test_failure_classes(live_server, start_agent, job_body, caplog):
+    caplog.set_level(logging.INFO, logger="paratrain.worker")
     ids = {name: live_server.api.post("/jobs", json=job_body(name=name)).json()["id"]
            for name in ("data-error", "oom", "crash")}
     start_agent()
@@ -71,6 +72,12 @@ def test_failure_classes(live_server, start_agent, job_body):
     assert oom["failure_class"] == "oom" and oom["exit_code"] == 3
     crash = live_server.wait_for(ids["crash"], {"succeeded", "failed"})
     assert crash["failure_class"] == "crash" and "RuntimeError: boom" in crash["failure_reason"]
+    # the worker's log says which attempt ended how, and why
+    worker_log = [r.getMessage() for r in caplog.records if r.name == "paratrain.worker"]
+    assert any(m.startswith(f"job {ids['data-error']} attempt 1 ended: data, exit 2: ") and "data.jsonl:3:" in m
+               for m in worker_log), worker_log
+    assert any(m.startswith(f"job {ids['crash']} attempt 1 ended: crash, exit 1: exit code 1 ... RuntimeError: boom")
+               for m in worker_log), worker_log
 
 
 def _store_config(live_server, job_id: int, **changes) -> None:
@@ -335,7 +342,7 @@ def test_under_torchrun_the_trainers_exit_code_is_recovered(live_server, start_a
            for name in ("data-error", "ok")}
     start_agent(use_torchrun=True)
     data = live_server.wait_for(ids["data-error"], {"succeeded", "failed"}, timeout=60)
-    assert data["failure_class"] == "data" and data["exit_code"] == 1, data
+    assert data["failure_class"] == "data" and data["exit_code"] == 2, data   # the rank's, not torchrun's 1
     assert "data.jsonl:3:" in data["failure_reason"] and "Root Cause" not in data["failure_reason"]
     ok = live_server.wait_for(ids["ok"], {"succeeded", "failed"}, timeout=60)
     assert ok["state"] == "succeeded", ok
