@@ -4,6 +4,7 @@ Heavy imports happen in run(), not here."""
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import IO
 
 from paratrain.flags import add_settings_flag, settings_overrides
 from trainer_core.demo import DEMO_DATA, DEMO_MODEL
@@ -22,6 +24,7 @@ log = logging.getLogger("paratrain.serve")
 
 
 SETTINGS_FLAGS = {"--data-dir": "data_dir", "--host": "host", "--port": "port"}   # flag -> Settings field
+LOCK_FILE = "server.lock"   # in the data dir: whose it is (lock_data_dir)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,7 +135,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"paratrain serve: cannot listen on {settings.host}:{settings.port}: {e.strerror or e} "
               f"(another paratrain serve? choose one with --port)", file=sys.stderr)
         return 2
-    settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)   # the owner's alone, as in create_app
+    try:
+        data_dir_lock = lock_data_dir(settings.data_dir)   # held until this process exits, even by kill -9
+    except DataDirError as e:
+        print(f"paratrain serve: {e}", file=sys.stderr)
+        return 2
     if not args.no_demo:
         ensure_demo_assets(settings.data_dir)
     app = create_app(settings)
@@ -159,7 +166,35 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if worker is not None:
             worker.stop()
+        data_dir_lock.close()
     return 0
+
+
+class DataDirError(Exception):
+    """The data dir cannot be this server's: not creatable, not writable, or another server's."""
+
+
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """Make the data dir if missing (the owner's alone, as in create_app) and take its lock file. Two servers
+    on one data dir would both hand out its jobs and reap their leases; the second one is refused."""
+    try:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = open(data_dir / LOCK_FILE, "a+", encoding="utf-8")
+    except OSError as e:
+        raise DataDirError(f"--data-dir {data_dir}: {e.strerror or e}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "a process"
+        lock.close()
+        raise DataDirError(f"--data-dir {data_dir} is in use by another paratrain serve ({holder}): stop it, or "
+                           "give this one another --data-dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    lock.flush()
+    return lock
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

@@ -181,7 +181,24 @@ def test_serve_refuses_bad_settings_and_a_busy_port_before_starting_anything(tmp
         taken = serve("--port", str(busy.getsockname()[1]))     # with its local worker: none may start
     assert taken.returncode == 2 and "Address already in use" in taken.stderr
     assert "paratrain is running" not in taken.stdout and not (tmp_path / "d" / "worker_token").exists()
-    for proc in (bad_port, bad_env, taken):
+    # a data dir another server uses (its lock held here), or one that cannot be made
+    import fcntl
+
+    (tmp_path / "d").mkdir(exist_ok=True)
+    with open(tmp_path / "d" / "server.lock", "w") as held:
+        held.write("pid 4242 on box1\n")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        shared = serve("--no-worker", "--port", str(free_port()))
+    assert shared.returncode == 2, shared.stderr
+    assert f"--data-dir {tmp_path / 'd'} is in use by another paratrain serve (pid 4242 on box1)" in shared.stderr
+    (tmp_path / "a-file").write_text("")
+    unmakeable = subprocess.run([sys.executable, "-m", "server", "--no-demo", "--no-worker", "--port", str(free_port()),
+                                 "--data-dir", str(tmp_path / "a-file" / "data")], cwd=REPO, capture_output=True,
+                                text=True, timeout=60)
+    assert unmakeable.returncode == 2 and f"--data-dir {tmp_path / 'a-file' / 'data'}: Not a directory" in \
+        unmakeable.stderr, unmakeable.stderr
+    for proc in (bad_port, bad_env, taken, shared, unmakeable):
         assert "Traceback" not in proc.stderr
 
 
