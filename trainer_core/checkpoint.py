@@ -4,9 +4,11 @@ the new one."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,6 +17,9 @@ from safetensors.torch import load_file, save_file
 KEEP_CHECKPOINTS = 2
 STATE_FILE = "trainer_state.json"
 FILES = ("adapter.safetensors", "optimizer.pt", STATE_FILE)
+# Free space under which a failed write is taken for a full disk: torch.save reports one as "unexpected pos
+# ..." or "basic_ios::clear: iostream error", not ENOSPC, and the worker and the user look for that word.
+FULL_DISK_BYTES = 16 * 2**20
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -37,11 +42,16 @@ def save_checkpoint(output_dir: str | Path, *, step: int, lora_weights: dict[str
     tmp = root / f".tmp_step_{step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in lora_weights.items()}, str(tmp / "adapter.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state()},
-               tmp / "optimizer.pt")
-    (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+    try:
+        with disk_full_named(root, f"checkpoint step {step}"):
+            save_file({k: v.contiguous() for k, v in lora_weights.items()}, str(tmp / "adapter.safetensors"))
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(), "rng_cpu": torch.get_rng_state()},
+                       tmp / "optimizer.pt")
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)   # the space it took, and no half checkpoint left about
+        raise
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     # A later step than this one was saved by a run this one took the directory over from (trainer_core/owner.py),
@@ -52,6 +62,25 @@ def save_checkpoint(output_dir: str | Path, *, step: int, lora_weights: dict[str
     for old in sorted(root.glob("step_*"))[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@contextmanager
+def disk_full_named(where: Path, what: str):
+    """A write that failed on a (nearly) full disk raises OSError ENOSPC "No space left on device", whatever
+    the library said."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise
+        try:
+            free = shutil.disk_usage(where).free
+        except OSError:
+            raise e from None
+        if free >= FULL_DISK_BYTES:
+            raise
+        raise OSError(errno.ENOSPC, f"No space left on device writing {what} under {where} ({free // 1024} KiB "
+                                    f"free): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
 def delete_checkpoints(output_dir: str | Path) -> None:

@@ -376,7 +376,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             path = ckpt.save_checkpoint(out_dir, step=step, lora_weights=weights, optimizer=optimizer,
                                         scheduler=scheduler, scaler=scaler, state=state)
             latest_pth.parent.mkdir(parents=True, exist_ok=True)
-            torch.save(weights, latest_pth)
+            with ckpt.disk_full_named(latest_pth.parent, latest_pth.name):
+                torch.save(weights, latest_pth)
             emit(env, {"event": "checkpoint", "step": step, "path": str(path)})
         barrier(env)
 
@@ -489,9 +490,10 @@ def write_final_outputs(model, cfg: TrainConfig, env: DistEnv, *, step: int, ela
     hashes = gather_objects(env, weights_digest(weights))
     if env.is_main:
         final_pth.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(weights, final_pth)
-        torch.save(weights, latest_pth)
-        save_adapter_dir(model, adapter_dir, cfg)
+        with ckpt.disk_full_named(final_pth.parent, "the final outputs"):
+            torch.save(weights, final_pth)
+            torch.save(weights, latest_pth)
+            save_adapter_dir(model, adapter_dir, cfg)
         emit(env, {"event": "done", "step": step, "final_path": str(final_pth), "adapter_dir": str(adapter_dir),
                    "elapsed_s": round(elapsed_s, 1), "rank_weight_digests": hashes, "probe_logits": probe})
         print0(env, f"done: {final_pth} and {adapter_dir}/")

@@ -88,6 +88,37 @@ def test_only_the_latest_checkpoints_are_kept(tmp_path):
     assert sorted(p.name for p in ckpt.checkpoint_root(tmp_path).iterdir()) == ["step_00000008", "step_00000010"]
 
 
+def test_a_checkpoint_that_fills_the_disk_is_reported_as_a_full_disk(tmp_path, monkeypatch):
+    """torch.save says "unexpected pos ..." when the disk fills; the worker (and a user) look for "No space
+    left on device". The half-written checkpoint is removed: it holds space and is no checkpoint."""
+    import errno
+    from collections import namedtuple
+
+    param = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.AdamW([param])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def full(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 43392 vs 43284")
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 112 * 1024, 112 * 1024))
+    with pytest.raises(OSError) as raised:
+        ckpt.save_checkpoint(tmp_path, step=60, lora_weights={"w": param.detach()}, optimizer=optimizer,
+                             scheduler=scheduler, scaler=scaler, state={})
+    assert raised.value.errno == errno.ENOSPC
+    assert str(raised.value).startswith("[Errno 28] No space left on device writing checkpoint step 60 under ")
+    assert "(112 KiB free): [enforce fail" in str(raised.value)
+    assert list(ckpt.checkpoint_root(tmp_path).iterdir()) == []
+    # with room on the disk the same error is no full disk: it is passed on as it is
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage(10**12, 10**11, 9 * 10**11))
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        ckpt.save_checkpoint(tmp_path, step=61, lora_weights={"w": param.detach()}, optimizer=optimizer,
+                             scheduler=scheduler, scaler=scaler, state={})
+
+
 def test_a_loaded_model_trains_in_train_mode_so_checkpointing_and_dropout_take_effect(tiny_model_dir):
     """from_pretrained returns a model in eval mode, where transformers skips gradient checkpointing: the
     trainer's --gradient_checkpointing saved nothing until prepare_for_training switched to train mode."""
@@ -160,7 +191,8 @@ def test_a_rank_on_a_machine_without_rank_0s_token_cache_tokenises_the_data_itse
     cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path))
     rank0_ds, rank0_samples, sha = train_module.prepare_data(cfg, DistEnv(False, 0, 0, 1, torch.device("cpu")))
     elsewhere = {"tokens_dir": str(tmp_path / "rank-0s-machine" / "cache"), "data_sha256": sha}
-    monkeypatch.setattr(train_module, "broadcast_object", lambda env, obj: ("ok", json.dumps(elsewhere)))
+    monkeypatch.setattr(train_module, "broadcast_object", lambda env, obj, group=None: ("ok", json.dumps(elsewhere)))
+    monkeypatch.setattr(train_module, "barrier", lambda env, group=None: None)   # no process group here
     monkeypatch.setenv("PARATRAIN_CACHE", str(tmp_path / "this-machines-cache"))
     ds, samples, rank1_sha = train_module.prepare_data(cfg, DistEnv(True, 1, 0, 2, torch.device("cpu")))
     assert list((tmp_path / "this-machines-cache").iterdir())           # tokenised here
