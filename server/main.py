@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -15,6 +17,7 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlmodel import Session
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -29,6 +32,12 @@ from server.routes import admin, configs, estimate, jobs, streams, workers
 from server.settings import Settings, get_settings
 
 log = logging.getLogger("paratrain.server")
+# Under this much free space in the data dir the server says its disk is full (health 503): SQLite refuses
+# writes there already, and a job's checkpoints fail.
+LOW_DISK_BYTES = 16 * 2**20
+# What SQLite says when it cannot write: the operator's to fix (disk, permissions), not a bug of ours.
+STORAGE_ERRORS = ("database or disk is full", "disk I/O error", "attempt to write a readonly database",
+                  "unable to open database file")
 
 
 def reap_once(engine: Engine, settings: Settings) -> list[int]:
@@ -83,6 +92,20 @@ def _add_exception_handlers(app: FastAPI) -> None:
                        "msg": f"not UTF-8 text (byte {exc.__cause__.start}): JSON bodies are UTF-8"}]
             return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
         return await http_exception_handler(request, exc)
+
+    storage_logged = [0.0]
+
+    @app.exception_handler(OperationalError)
+    async def _storage_error(request: Request, exc: OperationalError) -> JSONResponse:
+        cause = next((m for m in STORAGE_ERRORS if m in str(exc.orig)), None)
+        if cause is None:
+            return await _unexpected(request, exc)
+        message = f"the server cannot write its database ({cause}): free space or fix the permissions of " \
+                  f"{app.state.settings.data_dir}; nothing stored was lost"
+        if time.monotonic() - storage_logged[0] > 60:   # one line a minute, not two tracebacks a request
+            storage_logged[0] = time.monotonic()
+            log.error("%s (%s %s)", message, request.method, request.url.path)
+        return JSONResponse({"detail": message}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -146,9 +169,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     api = APIRouter(prefix="/api", dependencies=[Depends(reject_unknown_query_params)])
 
-    @api.get("/health", tags=["health"])
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    @api.get("/health", tags=["health"], responses={503: {"description": "the data dir's disk is full"}})
+    def health() -> JSONResponse:
+        free = shutil.disk_usage(settings.data_dir).free
+        if free < LOW_DISK_BYTES:
+            return JSONResponse({"status": "disk full", "detail": f"{free // 1024} KiB free in {settings.data_dir}"},
+                                status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+        return JSONResponse({"status": "ok"})
 
     for module in (jobs, streams, workers, configs, estimate, admin):
         api.include_router(module.router)

@@ -453,3 +453,36 @@ def test_a_retry_carries_only_whole_checkpoints_and_resumes_from_the_last_whole_
     half.mkdir()
     (half / STATE_FILE).write_text("{}")
     assert latest_checkpoint(new) == new / "checkpoints" / "step_00000002"
+
+
+def test_a_full_disk_is_a_503_that_says_so_and_health_notices(client, settings, job_body, monkeypatch, caplog):
+    """SQLite refusing writes (disk full, a read-only mount) is the operator's to fix: a 503 naming it, one log
+    line a minute instead of two tracebacks a request, and a health check that fails meanwhile."""
+    import logging
+    import sqlite3
+    from collections import namedtuple
+
+    from sqlalchemy.exc import OperationalError
+
+    import server.crud
+    import server.main
+
+    def full(**kwargs):
+        raise OperationalError("INSERT INTO job ...", {}, sqlite3.OperationalError("database or disk is full"))
+
+    before = client.get("/api/jobs").json()["count"]
+    monkeypatch.setattr(server.crud, "create_job", full)
+    caplog.set_level(logging.INFO, logger="paratrain.server")
+    for _ in range(3):
+        r = client.post("/api/jobs", json=job_body())
+        assert r.status_code == 503, r.text
+        assert r.json()["detail"].startswith("the server cannot write its database (database or disk is full): "
+                                             f"free space or fix the permissions of {settings.data_dir}")
+    errors = [rec for rec in caplog.records if rec.name == "paratrain.server" and rec.levelno >= logging.ERROR]
+    assert len(errors) == 1 and errors[0].exc_info is None, [rec.getMessage() for rec in errors]
+    assert client.get("/api/jobs").json()["count"] == before      # reads still answer
+    assert client.get("/api/health").json() == {"status": "ok"}
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(server.main.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 4096, 4096))
+    health = client.get("/api/health")
+    assert health.status_code == 503 and health.json()["status"] == "disk full", health.text
