@@ -12,7 +12,7 @@ from sqlalchemy import delete, func
 from sqlmodel import Session, col, select
 
 from server.errors import Conflict, FieldError
-from server.job_events import emit_state, server_log, set_state
+from server.job_events import emit_state, job_label, note, server_log, set_state
 from server.models import (
     FINAL_STATES,
     FailureClass,
@@ -83,6 +83,8 @@ def create_job(*, session: Session, job_create: JobCreate, settings: Settings, r
     assert job.id is not None
     job.config = resolve_config(job_create.config, settings=settings, job_id=job.id).model_dump()
     emit_state(session, job)
+    note(session, f"{job_label(job)}: queued" + (f" (a retry of job {retry_of})" if retry_of else "")
+         + f", {job.gpus} GPU(s) x {job.nodes} node(s), {job.config['base_model']} on {job.config['data_path']}")
     log_if_no_worker_fits(session, job, settings)
     return job
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated
 
@@ -15,6 +17,8 @@ from server.errors import FieldError
 from server.models import MAX_DB_INT
 from server.settings import Settings
 from trainer_core.config import closest_name
+
+log = logging.getLogger("paratrain.server")
 
 _bearer = HTTPBearer(auto_error=False, description="`paratrain serve` prints the token; it is in <data_dir>/token.")
 
@@ -89,6 +93,13 @@ def require_user(request: Request,
 def require_worker(request: Request,
                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     if not _holds(credentials, _tokens(request).worker):
+        # A worker with the wrong token keeps retrying: the operator should learn of it here, once a minute.
+        now, state = time.monotonic(), request.app.state
+        if now - getattr(state, "refused_worker_logged", -1e9) > 60:
+            state.refused_worker_logged = now
+            log.warning("refused a worker call with %s token from %s (%s %s): give that worker this server's "
+                        "<data_dir>/worker_token", "a wrong" if credentials else "no",
+                        request.client.host if request.client else "?", request.method, request.url.path)
         raise _unauthorized()
 
 

@@ -4,9 +4,11 @@ SSE stream and the tables never disagree. Callers commit."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from sqlalchemy import delete
+from sqlalchemy import delete, event
+from sqlalchemy.orm import Session as OrmSession
 from sqlmodel import Session, col, select
 
 from server.errors import Conflict
@@ -20,11 +22,35 @@ from server.models import (
     JobPublic,
     JobState,
     LogLine,
+    Worker,
     utcnow,
 )
 
 
 SERVER_LOG_ATTEMPT = 0  # log lines written by the server itself (re-queues, releases)
+log = logging.getLogger("paratrain.server")
+
+
+# --- the operator's log: what happened to jobs and workers, written once the change is committed ----------------
+def note(session: Session, message: str) -> None:
+    """A line for the server's log, written if and when this transaction commits (a change rolled back, e.g.
+    a claim that lost a race, did not happen)."""
+    session.info.setdefault("paratrain_notes", []).append(message)
+
+
+@event.listens_for(OrmSession, "after_commit")
+def _write_notes(session: OrmSession) -> None:
+    for message in session.info.pop("paratrain_notes", []):
+        log.info("%s", message)
+
+
+@event.listens_for(OrmSession, "after_rollback")
+def _drop_notes(session: OrmSession) -> None:
+    session.info.pop("paratrain_notes", None)
+
+
+def job_label(job: Job) -> str:
+    return f"job {job.id} ({job.name})" if job.name else f"job {job.id}"
 
 
 def emit(session: Session, job: Job, kind: EventKind, data: dict[str, Any]) -> None:
@@ -46,18 +72,32 @@ def add_log(session: Session, job: Job, line: str, *, attempt: int, idx: int) ->
 
 def server_log(session: Session, job: Job, line: str) -> None:
     add_log(session, job, f"[paratrain] {line}", attempt=SERVER_LOG_ATTEMPT, idx=job.log_count)
+    note(session, f"{job_label(job)}: {line}")
 
 
 def set_state(session: Session, job: Job, state: JobState) -> None:
     if state not in ALLOWED_TRANSITIONS[job.state]:
         raise Conflict(f"job {job.id} is {job.state.value}; it cannot become {state.value}")
-    job.state = state
+    before, job.state = job.state, state
+    note(session, f"{job_label(job)}: {before.value} -> {state.value}" + _state_detail(session, job))
     if state in FINAL_STATES:
         job.finished_at = utcnow()
         job.lease_expires_at = None
     if state == JobState.queued or state in FINAL_STATES:  # a re-queued gang is formed anew
         session.exec(delete(JobNode).where(JobNode.job_id == job.id))  # type: ignore[arg-type]
     emit_state(session, job)
+
+
+def _state_detail(session: Session, job: Job) -> str:
+    if job.state == JobState.running:
+        worker = session.get(Worker, job.worker_id) if job.worker_id is not None else None
+        return (f" (attempt {job.attempt} of {job.max_attempts} on worker {worker.name if worker else '?'}, "
+                f"GPUs {job.gpu_ids or 'none'})")
+    if job.state in (JobState.failed, JobState.cancelled) and job.failure_reason:
+        lines = [ln for ln in job.failure_reason.splitlines() if ln.strip()]
+        return f" ({job.failure_class.value if job.failure_class else '?'}: {lines[0][:200]}" + \
+            (f" ... {lines[-1].strip()[:200]}" if len(lines) > 1 else "") + ")"
+    return ""
 
 
 def list_events(*, session: Session, job_id: int, after: int, limit: int = 500) -> list[JobEvent]:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from sqlmodel import Session, col, select
 
 from server.errors import Conflict, NotFound, StaleConfig, Superseded
-from server.job_events import add_log, emit, emit_state, server_log, set_state
+from server.job_events import add_log, emit, emit_state, note, server_log, set_state
 from server.models import (
     NODE_LOG_STRIDE,
     ClaimRequest,
@@ -133,6 +133,8 @@ def register_worker(*, session: Session, registration: WorkerRegister) -> Worker
     worker.instance = registration.instance
     session.add(worker)
     session.flush()
+    note(session, f"worker {worker.name} (id {worker.id}, {worker.hostname}) registered with GPUs "
+                  f"{[g['index'] for g in worker.gpus] or 'none'}")
     return worker
 
 
@@ -143,6 +145,7 @@ def leave_worker(*, session: Session, worker: Worker) -> None:
     worker.left_at = utcnow()
     session.add(worker)
     session.flush()
+    note(session, f"worker {worker.name} (id {worker.id}) stopped")
 
 
 def worker_online(worker: Worker, settings: Settings, now: datetime) -> bool:

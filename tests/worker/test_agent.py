@@ -62,6 +62,7 @@ def test_job_runs_to_success_with_metrics_and_logs(live_server, start_agent, job
 
 def test_failure_classes(live_server, start_agent, job_body, caplog):
     caplog.set_level(logging.INFO, logger="paratrain.worker")
+    caplog.set_level(logging.INFO, logger="paratrain.server")
     ids = {name: live_server.api.post("/jobs", json=job_body(name=name)).json()["id"]
            for name in ("data-error", "oom", "crash")}
     start_agent()
@@ -78,6 +79,12 @@ def test_failure_classes(live_server, start_agent, job_body, caplog):
                for m in worker_log), worker_log
     assert any(m.startswith(f"job {ids['crash']} attempt 1 ended: crash, exit 1: exit code 1 ... RuntimeError: boom")
                for m in worker_log), worker_log
+    # and the server's log what happened to each job, committed (its transitions, with the reason)
+    server_log = [r.getMessage() for r in caplog.records if r.name == "paratrain.server"]
+    assert any(m.startswith(f"job {ids['oom']} (oom): queued, 0 GPU(s) x 1 node(s)") for m in server_log), server_log
+    assert f"job {ids['oom']} (oom): attempt 1 started on worker test-worker (CPU)" in server_log, server_log
+    assert any(m.startswith(f"job {ids['data-error']} (data-error): running -> failed (data: ") for m in server_log)
+    assert any(m.startswith("worker test-worker (id ") and "registered with GPUs none" in m for m in server_log)
 
 
 def _store_config(live_server, job_id: int, **changes) -> None:
@@ -410,10 +417,13 @@ def test_a_bad_flag_is_one_line_naming_it_and_exit_2(flag, value, message):
     assert proc.returncode == 2 and proc.stderr.strip() == f"paratrain worker: {message}", proc.stderr
 
 
-def test_a_wrong_token_stops_the_worker_with_an_error(start_agent):
+def test_a_wrong_token_stops_the_worker_with_an_error(start_agent, caplog):
+    caplog.set_level(logging.INFO, logger="paratrain.server")
     running = start_agent(token="not-the-worker-token")
     running.thread.join(10)
     assert not running.thread.is_alive() and running.exit_code == 1
+    # the server's operator learns of it too: a worker out there is refused
+    assert any("refused a worker call with a wrong token from 127.0.0.1" in r.getMessage() for r in caplog.records)
 
 
 def test_a_server_url_with_a_path_stops_the_worker_with_a_hint(live_server, start_agent, caplog):
