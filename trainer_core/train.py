@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -323,9 +324,17 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                     f"stops at step {step} without writing more (one run writes an output dir at a time)")
         return exit_codes.SUPERSEDED
 
-    if not cfg.resume and env.is_main and ckpt.checkpoint_root(out_dir).exists():
-        print0(env, f"--no-resume: deleting the checkpoints of an earlier run in {ckpt.checkpoint_root(out_dir)}")
-        ckpt.delete_checkpoints(out_dir)
+    if not cfg.resume and env.is_main:
+        # its final outputs too: left beside this run's checkpoints they would pass for this run's
+        earlier = [p for p in (ckpt.checkpoint_root(out_dir), *output_names(cfg)) if p.exists()]
+        if earlier:
+            print0(env, f"--no-resume: deleting an earlier run's {', '.join(p.name + '/' * p.is_dir() for p in earlier)}"
+                        f" in {out_dir}")
+            for path in earlier:
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
 
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
     model = build_lora_model(cfg, env.device)
