@@ -428,7 +428,9 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                 record = {"step": step, "epoch": epoch + 1, "loss": round(mean_loss, 6), "lr": lr,
                           "grad_norm": round(grad_norm, 6), "tokens_per_s": round(tokens / dt, 1),
                           "gpu_mem_gb": _gpu_mem_gb(env), "eta_s": round(step_time_ema * (total_steps - step), 1),
-                          "total_steps": total_steps}
+                          "total_steps": total_steps,
+                          # to plot against wall-clock time and tokens seen (the step's, all ranks; non-padding)
+                          "time": round(time.time(), 3), "tokens": int(tokens)}
                 emit(env, record, metrics_file)
                 print0(env, f"step {step}/{total_steps} (epoch {epoch + 1}) | loss {mean_loss:.4f} | lr {lr:.2e} | "
                             f"grad {grad_norm:.3f} | {tokens / dt:,.0f} tok/s | eta {_hms(record['eta_s'])}")

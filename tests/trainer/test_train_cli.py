@@ -42,8 +42,11 @@ def test_guide_quick_start_under_torchrun_ddp(tmp_path, tiny_model_dir, demo_dat
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 10
     assert sum(losses[-3:]) / 3 < sum(losses[:2]) / 2 - 0.02, losses     # loss falls
-    assert all(set(r) >= {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "gpu_mem_gb", "eta_s"}
+    assert all(set(r) >= {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "gpu_mem_gb", "eta_s",
+                          "time", "tokens"}
                for r in records if "loss" in r)
+    points = [r for r in records if "loss" in r]   # plottable against wall-clock time and tokens seen
+    assert all(a["time"] <= b["time"] for a, b in zip(points, points[1:])) and all(r["tokens"] > 0 for r in points)
     done = records[-1]
     assert done["event"] == "done"
     digests = done["rank_weight_digests"]
