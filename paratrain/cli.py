@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from trainer_core.config import parse_args_with_hints
+
 # subcommand -> (owner module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("server.cli", "Start server + UI + one local worker (the embedded default)."),
@@ -43,7 +45,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command).parse_args(argv)
+    args = parse_args_with_hints(build_parser(command), argv)
     owner = importlib.import_module(args._module)
     run = getattr(owner, f"run_{args._command.replace('-', '_')}", None) or owner.run
     return int(run(args) or 0)

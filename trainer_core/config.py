@@ -197,9 +197,9 @@ class TrainConfig(BaseModel):
         parser = argparse.ArgumentParser(prog=prog, description=cls.__doc__)
         add_cli_arguments(parser)
         try:
-            return cls.from_namespace(parser.parse_args(argv))
+            return cls.from_namespace(parse_args_with_hints(parser, argv))
         except ValidationError as e:
-            parser.error(format_validation_error(e))
+            parser.error(format_validation_error(e, whole="flags", prefix="--"))
             raise  # unreachable: parser.error exits
 
     @classmethod
@@ -412,11 +412,45 @@ def _cli_type(annotation: Any):
     return str
 
 
-def format_validation_error(e: ValidationError, whole: str = "config") -> str:
-    """'field: message' lines, the field named as the user spelled it (`whole` for a rule over several)."""
+def format_validation_error(e: ValidationError, whole: str = "config", prefix: str = "") -> str:
+    """'field: message' lines, the field named as the user spelled it (`prefix`: '--' on a command line;
+    `whole` for a rule over several)."""
     lines = []
     for err in e.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or whole
-        lines.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
+        loc = ".".join(str(p) for p in err["loc"])
+        lines.append(f"{prefix + loc if loc else whole}: {err['msg'].removeprefix('Value error, ')}")
     return "; ".join(lines)
+
+
+def parse_args_with_hints(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """parser.parse_args, except that a misspelt flag (--lr, --lora-rank) is answered with the flag it most
+    likely meant."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        flags = _long_flags(parser)
+        hints = [f"{given} -> {close}" for given in (u.split("=", 1)[0] for u in unknown if u.startswith("--"))
+                 if (close := _likely_flag(given, flags))]
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}" + (f" (did you mean {', '.join(hints)}?)"
+                                                                       if hints else ""))
+    return args
+
+
+def _long_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """Every --flag of the parser and its subcommands' parsers, but --help."""
+    flags = {f for f in parser._option_string_actions if f.startswith("--") and f != "--help"}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                flags.update(_long_flags(sub))
+    return sorted(flags)
+
+
+def _likely_flag(given: str, flags: list[str]) -> str | None:
+    """--lora-rank -> --lora_rank (dashes for underscores, typos: difflib); --lr -> --learning_rate and --bs ->
+    --batch_size (the initials of the words, as other trainers abbreviate)."""
+    name = given[2:].replace("-", "_")
+    by_initials = [f for f in flags if "_" in f and "".join(w[0] for w in f[2:].split("_")) == name]
+    if by_initials:
+        return " or ".join(by_initials)
+    return closest_name("--" + name, flags)
 

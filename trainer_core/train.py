@@ -592,7 +592,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = TrainConfig.from_namespace(args)
     except ValidationError as e:
-        print(f"paratrain train: {format_validation_error(e)}", file=sys.stderr)
+        print(f"paratrain train: {format_validation_error(e, whole='flags', prefix='--')}", file=sys.stderr)
         return exit_codes.BAD_INPUT
     return run_config(cfg)
 

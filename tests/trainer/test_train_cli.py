@@ -136,7 +136,23 @@ def test_bad_flag_value_names_the_field(tmp_path, tiny_model_dir, demo_data_path
     proc = subprocess.run([PYTHON, "-m", "trainer_core.train", "--base_model", str(tiny_model_dir),
                            "--data_path", str(demo_data_path), "--rope_2d_ratio", "1.5"],
                           capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "rope_2d_ratio" in proc.stderr and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "--rope_2d_ratio: Input should be less than or equal to 1" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_misspelt_flag_is_answered_with_the_flag_it_meant(capsys):
+    """Other trainers' spellings and abbreviations: dashes for underscores, initials (--lr)."""
+    from paratrain.cli import main as paratrain_main
+
+    for argv, hint in ((["--lora-rank", "4"], "--lora-rank -> --lora_rank"),
+                       (["--lr", "1e-3"], "--lr -> --learning_rate or --lora_rank"),
+                       (["--max-steps=3"], "--max-steps -> --max_steps")):
+        with pytest.raises(SystemExit) as refused:
+            TrainConfig.from_cli(["--base_model", "m", "--data_path", "d", *argv])
+        assert refused.value.code == 2 and f"(did you mean {hint}?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as refused:   # the subcommand's flags, too
+        paratrain_main(["train", "--base_model", "m", "--data_path", "d", "--lora-rank", "4"])
+    assert refused.value.code == 2 and "(did you mean --lora-rank -> --lora_rank?)" in capsys.readouterr().err
 
 
 def test_paratrain_train_is_the_trainer_in_one_process(tmp_path, tiny_model_dir, demo_data_path):
