@@ -27,7 +27,8 @@ def confine(path: str, *, roots: list[Path], base: Path) -> Path:
     for root in roots:
         if resolved.is_relative_to(root.resolve()):
             return resolved
-    raise ValueError(f"{path!r} is outside the allowed roots")
+    raise ValueError(f"{path!r} is outside the allowed roots ({', '.join(str(r) for r in roots)}; an operator adds "
+                     "more with PARATRAIN_EXTRA_ROOTS)")
 
 
 def confine_field(value: str, loc: tuple[str, ...], settings: Settings) -> Path:

@@ -96,6 +96,7 @@ def test_huge_jsonl_line_is_reported_not_a_crash(client, settings):
 def test_dataset_path_outside_roots_and_binary_garbage(client, settings, tmp_path):
     r = client.post("/api/datasets/check", json={"data_path": "../../etc/passwd"})
     assert r.status_code == 422 and "outside the allowed roots" in r.text
+    assert str(settings.data_dir.resolve()) in r.text and "PARATRAIN_EXTRA_ROOTS" in r.text   # which, and how to add
     (settings.data_dir / "datasets" / "bin.jsonl").write_bytes(bytes(range(256)) * 10)
     r = client.post("/api/datasets/check", json={"data_path": "datasets/bin.jsonl"})
     assert r.status_code == 200 and r.json()["errors"], r.text
