@@ -94,9 +94,11 @@ def demo_job() -> dict:
                        "max_branches_per_sample": 16, "learning_rate": 0.003, "max_steps": 40}, "gpus": 0}
 
 
-def banner(url: str, token: str, ui: bool, hidden: tuple[str, str] | None = None) -> str:
+def banner(url: str, token: str, ui: bool, hidden: tuple[str, str] | None = None,
+           worker_token_file: Path | None = None) -> str:
     """`hidden` = (where the token is, a shell expression for it): used when stdout is not a terminal (a log
-    file, a journal), so that no log ever holds the token."""
+    file, a journal), so that no log ever holds the token. `worker_token_file`: no local worker, so say how
+    to attach one (None: a local worker runs, or the worker token is set by environment)."""
     shown = token if hidden is None else hidden[1]
     # -w '\n': the answer is one JSON line without a newline, which would leave the shell prompt after it
     curl = (f"curl -X POST {url}/api/jobs -H \"Authorization: Bearer {shown}\" -H 'Content-Type: application/json' "
@@ -106,8 +108,11 @@ def banner(url: str, token: str, ui: bool, hidden: tuple[str, str] | None = None
              f"  API docs:  {url}/docs"]
     if ui:
         lines.append(f"  UI:        {url}/ui  (log in with the token)")
-    lines += ["  Train the demo model on the demo data:", f"    {curl}", ""]
-    return "\n".join(lines)
+    lines += ["  Train the demo model on the demo data:", f"    {curl}"]
+    if worker_token_file is not None:
+        lines += ["  No local worker (--no-worker): jobs wait for one. Attach a worker with",
+                  f"    paratrain worker --server {url} --token-file {worker_token_file} --name <unique name>"]
+    return "\n".join(lines + [""])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -149,7 +154,8 @@ def run(args: argparse.Namespace) -> int:
     if not sys.stdout.isatty():
         hidden = (("in $PARATRAIN_USER_TOKEN", "$PARATRAIN_USER_TOKEN") if settings.user_token else
                   (f"in {settings.data_dir / 'token'}", f"$(cat {settings.data_dir / 'token'})"))
-    print(banner(url, app.state.tokens.user, ui_mounted, hidden), flush=True)
+    attach_with = (settings.data_dir / "worker_token" if args.no_worker and not settings.worker_token else None)
+    print(banner(url, app.state.tokens.user, ui_mounted, hidden, attach_with), flush=True)
 
     worker = None if args.no_worker else LocalWorker(url, settings, args.worker_gpus)
     # keep-alive: longer than a client's pause between pooled requests (uvicorn's default 5 s races with them)

@@ -219,3 +219,12 @@ def test_serve_with_tokens_from_the_environment_starts_its_local_worker(data_dir
         assert "starting it again" not in log_path.read_text()
     finally:
         _stop_serve(proc)
+
+
+def test_the_banner_of_a_server_without_a_local_worker_says_how_to_attach_one(tmp_path):
+    from server.cli import banner
+
+    text = banner("http://127.0.0.1:8000", "tok", ui=True, worker_token_file=tmp_path / "worker_token")
+    assert ("paratrain worker --server http://127.0.0.1:8000 --token-file "
+            f"{tmp_path / 'worker_token'} --name <unique name>") in text
+    assert "Attach a worker" not in banner("http://127.0.0.1:8000", "tok", ui=True)   # a local worker runs
