@@ -188,11 +188,15 @@ def list_workers(*, session: Session, settings: Settings) -> list[WorkerPublic]:
     by_worker: dict[int, list[int]] = {}
     for job_id, worker_id in running:
         by_worker.setdefault(worker_id, []).append(job_id)
-    return [WorkerPublic(id=w.id, name=w.name, hostname=w.hostname, gpus=[GpuInfo(**g) for g in w.gpus],
-                         registered_at=w.registered_at, last_heartbeat_at=w.last_heartbeat_at, left_at=w.left_at,
-                         online=worker_online(w, settings, now), stopping=w.stopping_since is not None,
-                         running_job_ids=sorted(by_worker.get(w.id or -1, [])))
-            for w in workers]
+    result = []
+    for w in workers:
+        online = worker_online(w, settings, now)
+        # stopping describes a worker still there: one that left or went silent has stopped
+        result.append(WorkerPublic(id=w.id, name=w.name, hostname=w.hostname, gpus=[GpuInfo(**g) for g in w.gpus],
+                                   registered_at=w.registered_at, last_heartbeat_at=w.last_heartbeat_at,
+                                   left_at=w.left_at, online=online, stopping=online and w.stopping_since is not None,
+                                   running_job_ids=sorted(by_worker.get(w.id or -1, []))))
+    return result
 
 
 def heartbeat(*, session: Session, worker: Worker, beat: Heartbeat, settings: Settings) -> list[int]:

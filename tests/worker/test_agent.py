@@ -293,7 +293,7 @@ def test_a_warm_stop_shows_the_worker_stopping_until_its_job_ends(live_server, s
     agent.stop()
     assert live_server.api.get(f"/jobs/{job['id']}").json()["state"] == "succeeded"
     [worker] = live_server.api.get("/workers").json()["data"]
-    assert not worker["online"]
+    assert not worker["online"] and not worker["stopping"]   # it has stopped
 
 
 def test_server_down_mid_job_loses_nothing(live_server, start_agent, monkeypatch, job_body, make_server, caplog):
