@@ -333,7 +333,9 @@ def memory_levers(config: TrainConfig) -> list[str]:
 
     batch_lever = (f"a smaller batch_size (now {config.batch_size}, e.g. {config.batch_size // 2}) with more "
                    f"accumulation_steps (e.g. {config.accumulation_steps * 2}) to keep the effective batch")
-    branch_lever = f"fewer branches per sample ({field} now {branches}, e.g. {branches // 2})"
+    # the grouping of {"text"} records: a {"main", "branches"} record keeps all its branches whatever the flags
+    branch_lever = (f"fewer branches per sample ({field} now {branches}, e.g. {branches // 2}; for \"text\" "
+                    "records: a record with \"branches\" keeps all of its own)")
     halves = {"batch_size": config.batch_size // 2, field: branches // 2}
     can_halve_batch, can_halve_branches = config.batch_size > 1, branches > 2
     if can_halve_batch and fewer_texts(batch_size=halves["batch_size"]):

@@ -206,6 +206,7 @@ def test_memory_levers_name_only_what_is_not_pulled_yet_for_the_estimate_and_the
         "a smaller batch_size", "fewer branches per sample", "dtype bfloat16", "gradient_checkpointing",
         "a smaller max_seq_len"]
     assert "now 8, e.g. 4" in levers[0] and "max_branches_per_sample now 16, e.g. 8" in levers[1]
+    assert 'a record with "branches" keeps all of its own' in levers[1]   # the flags group "text" records only
     tight = _cfg(batch_size=1, branches_per_sample=2, gradient_checkpointing=True)
     assert vram.memory_levers(tight) == [f"a smaller max_seq_len (now {tight.max_seq_len}; longer texts are cut)"]
     # Text batches never split a sample (8 texts per group by default): a lever is offered only where it
