@@ -31,7 +31,7 @@ from torch import nn
 from trainer_core import exit_codes
 from trainer_core.data import DataError, load_tokenizer
 from trainer_core.layout import build_sample_layout
-from trainer_core.model import ROPE_SETTINGS_FILE, load_adapter_dir, parallel_logits, quiet_libraries
+from trainer_core.model import DTYPES, ROPE_SETTINGS_FILE, load_adapter_dir, parallel_logits, quiet_libraries
 
 
 @dataclass
@@ -120,6 +120,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled.")
     parser.add_argument("--seed", type=int, default=0, help="Of the sampling.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                        help="The model's weights: auto is bfloat16 on a GPU, float32 on the CPU.")
     parser.add_argument("--json", action="store_true", help="One JSON object: {\"branches\": [...]}.")
 
 
@@ -129,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
         return exit_codes.BAD_INPUT
     quiet_libraries()
     try:
-        gen = load_generator(args.adapter, args.base_model, device=args.device)
+        dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
+            torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+        gen = load_generator(args.adapter, args.base_model, device=args.device, dtype=dtype)
         texts = generate_branches(gen, args.main, args.branch, args.max_new_tokens, args.temperature, args.seed)
     except DataError as e:
         print("\n".join(e.lines), file=sys.stderr)
