@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from trainer_core import exit_codes
-from trainer_core.data import DataError, load_tokenizer
+from trainer_core.data import DataError, load_tokenizer, local_model_dir
 from trainer_core.layout import build_sample_layout
 from trainer_core.model import DTYPES, ROPE_SETTINGS_FILE, load_adapter_dir, parallel_logits, quiet_libraries
 
@@ -51,7 +51,7 @@ def load_generator(adapter_dir: str | Path, base_model: str | None = None, devic
     except FileNotFoundError:
         raise DataError([f"{adapter_dir}: not a paratrain adapter directory (no {ROPE_SETTINGS_FILE}; it is "
                          "<output_dir>/adapter after training)"]) from None
-    base_model = base_model or settings["base_model"]
+    base_model = local_model_dir(base_model or settings["base_model"])   # a hub id in the local cache too
     if not Path(base_model).is_dir():
         raise DataError([f"--base_model {base_model}: no such directory (the adapter was trained on "
                          f"{settings['base_model']})"])
@@ -61,39 +61,48 @@ def load_generator(adapter_dir: str | Path, base_model: str | None = None, devic
 
 @torch.no_grad()
 def generate_branch_ids(gen: Generator, main_ids: list[int], branch_ids: list[list[int]], max_new_tokens: int,
-                        temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
-    """Each branch's new token ids: greedy (temperature 0) or sampled, until the tokenizer's end-of-sequence
-    token (kept) or `max_new_tokens`."""
+                        temperature: float = 0.0, seed: int = 0, eos_token_id: int | None = None) -> list[list[int]]:
+    """Each branch's new token ids (at most `max_new_tokens`): greedy (temperature 0) or sampled, until the end
+    token (`eos_token_id`, default the tokenizer's; returned, but never part of the sample: training has none).
+
+    The columns fill in order: each step continues only the branches that end earliest, so a token is always
+    predicted from complete earlier columns, as in training. (Starts of different lengths: the shorter ones
+    catch up first.)"""
     if not branch_ids or any(len(b) == 0 for b in branch_ids):
         raise ValueError("every branch needs at least one token to start from")
     device = next(gen.model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
-    eos = gen.tokenizer.eos_token_id
+    eos = gen.tokenizer.eos_token_id if eos_token_id is None else eos_token_id
     branches = [list(b) for b in branch_ids]
     new: list[list[int]] = [[] for _ in branches]
+    ended = [False] * len(branches)
     first_branch = 1 if main_ids else 0        # the layout's sequence index of branch 0 (the main is 0)
-    for _ in range(max_new_tokens):
-        active = [k for k in range(len(branches)) if not (new[k] and new[k][-1] == eos)]
-        if not active:
-            break
+    while True:
+        growing = [k for k in range(len(branches)) if not ended[k] and len(new[k]) < max_new_tokens]
+        if not growing:
+            return new
+        frontier = min(len(branches[k]) for k in growing)
+        active = [k for k in growing if len(branches[k]) == frontier]
         layout = build_sample_layout(main_ids, branches, gen.branch_stride)
         logits = parallel_logits(gen.model, *(t[None].to(device) for t in (layout.input_ids, layout.pos1d,
                                                                            layout.branch_pos, layout.time_ids)),
                                  torch.zeros(1, len(layout), dtype=torch.long, device=device))[0]
-        last_time = len(main_ids) + torch.tensor([len(branches[k]) for k in active]) - 1
+        # each active branch's last token: its (branch coordinate, time) is unique in the layout
+        last_time = len(main_ids) + frontier - 1
         branch_pos = (first_branch + torch.tensor(active)) * gen.branch_stride
-        # the position of each active branch's last token: its (branch, time) is unique in the layout
         at = ((layout.branch_pos[None, :] == branch_pos[:, None])
-              & (layout.time_ids[None, :] == last_time[:, None])).float().argmax(dim=1)
+              & (layout.time_ids[None, :] == last_time)).float().argmax(dim=1)
         next_logits = logits[at.to(device)].float().cpu()
         if temperature > 0:
             next_ids = torch.multinomial(torch.softmax(next_logits / temperature, dim=-1), 1, generator=generator)[:, 0]
         else:
             next_ids = next_logits.argmax(dim=-1)
         for k, token in zip(active, next_ids.tolist()):
-            branches[k].append(token)
             new[k].append(token)
-    return new
+            if token == eos:
+                ended[k] = True
+            else:
+                branches[k].append(token)
 
 
 def generate_branches(gen: Generator, main: str, branch_starts: list[str], max_new_tokens: int = 64,
@@ -104,9 +113,11 @@ def generate_branches(gen: Generator, main: str, branch_starts: list[str], max_n
     if empty:
         raise ValueError(f"branch {empty[0] + 1}: give it a start of at least one token (training never predicts "
                          "a branch's first token from the main)")
-    new = generate_branch_ids(gen, encode(main) if main else [], [encode(s) for s in branch_starts],
-                              max_new_tokens, temperature, seed)
-    return [gen.tokenizer.decode(ids, skip_special_tokens=True) for ids in new]
+    starts = [encode(s) for s in branch_starts]
+    new = generate_branch_ids(gen, encode(main) if main else [], starts, max_new_tokens, temperature, seed)
+    # the whole branch decoded, less its start: decoding the new ids alone can drop the space before them
+    decode = lambda ids: gen.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    return [decode(start + ids)[len(decode(start)):] for start, ids in zip(starts, new)]
 
 
 # --- `paratrain generate` -----------------------------------------------------------------------------------

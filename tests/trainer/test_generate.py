@@ -55,40 +55,50 @@ def sample_logits(gen, main: list[int], branches: list[list[int]]):
                                                                                            dtype=torch.long))[0]
 
     def at(k: int, time: int) -> torch.Tensor:
-        """The logits at branch k's token of that time."""
-        return logits[((layout.branch_pos == (k + 1) * gen.branch_stride) & (layout.time_ids == time)).nonzero().item()]
+        """The logits at branch k's token of that time (the main, when there is one, is sequence 0)."""
+        branch_pos = (k + (1 if main else 0)) * gen.branch_stride
+        return logits[((layout.branch_pos == branch_pos) & (layout.time_ids == time)).nonzero().item()]
     return at
 
 
-def test_each_new_token_is_what_the_finished_sample_predicts_there(gen):
-    """Branches grow one token a step, a column at a time. Laid out as training lays it out, the finished
-    sample predicts every generated token at the token before it: a token sees only earlier columns and
+def assert_finished_sample_predicts_every_new_token(gen, main, starts, new, eos=None):
+    eos = gen.tokenizer.eos_token_id if eos is None else eos
+    at = sample_logits(gen, main, [s + [t for t in n if t != eos] for s, n in zip(starts, new)])
+    for k, (start, added) in enumerate(zip(starts, new)):
+        for j, token in enumerate(added):
+            assert at(k, len(main) + len(start) + j - 1).argmax().item() == token, (k, j)
+
+
+@pytest.mark.parametrize("lengths", [(2, 2, 2), (1, 4, 2)], ids=["equal starts", "starts of 1, 4 and 2 tokens"])
+def test_each_new_token_is_what_the_finished_sample_predicts_there(gen, lengths):
+    """Laid out as training lays it out, the finished sample predicts every generated token at the token before
+    it: the columns fill in order (shorter starts catch up first), and a token sees only earlier columns and
     itself, so nothing generated later changes what it predicted."""
     encode = lambda text: gen.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     main = encode("Parallel branches share a main text.")
-    starts = [encode(text)[:2] for text in ("First of all", "A longer start here", "x y z")]
+    starts = [encode(text)[:n] for text, n in zip(("First of all", "A longer start here", "x y z"), lengths)]
+    assert [len(s) for s in starts] == list(lengths)
     new = generate_branch_ids(gen, main, starts, max_new_tokens=6)
-    assert all(len(ids) >= 1 for ids in new)
-    at = sample_logits(gen, main, [s + n for s, n in zip(starts, new)])
-    for k, added in enumerate(new):
-        for j, token in enumerate(added):
-            assert at(k, len(main) + 2 + j - 1).argmax().item() == token, (k, j)
-    # sampling follows its seed
+    assert [len(ids) for ids in new] == [6, 6, 6]
+    assert_finished_sample_predicts_every_new_token(gen, main, starts, new)
+    # without a main, too; and sampling follows its seed
+    no_main = generate_branch_ids(gen, [], starts, max_new_tokens=3)
+    assert_finished_sample_predicts_every_new_token(gen, [], starts, no_main)
     assert generate_branch_ids(gen, main, starts, 4, temperature=1.0, seed=3) == \
         generate_branch_ids(gen, main, starts, 4, temperature=1.0, seed=3)
 
 
-def test_branches_of_different_lengths_continue_from_their_own_last_token(gen):
-    """Starts of 1, 2 and 4 tokens: each branch's first new token is what the prompt predicts at that
-    branch's last token. (Later ones are not the finished sample's predictions: a shorter branch's new tokens
-    come before the longer branch's in column-major order, which moves the longer one's 1D positions.)"""
+def test_a_branch_ends_at_the_end_of_sequence_token_which_stays_out_of_the_sample(gen):
+    """Training has no end-of-sequence token in a sample: one generated ends its branch and is not laid out,
+    while the other branches go on."""
     encode = lambda text: gen.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    main = encode("Parallel branches share a main text.")
-    starts = [encode(text)[:n] for text, n in (("First of all", 1), ("A longer start here", 4), ("x y z", 2))]
-    assert [len(s) for s in starts] == [1, 4, 2]
-    first = [ids[0] for ids in generate_branch_ids(gen, main, starts, max_new_tokens=1)]
-    at = sample_logits(gen, main, starts)
-    assert first == [at(k, len(main) + len(start) - 1).argmax().item() for k, start in enumerate(starts)]
+    main, starts = encode("Two branches."), [encode("First"), encode("Second")]
+    free = generate_branch_ids(gen, main, starts, max_new_tokens=5)
+    eos = free[0][1]     # take branch 1's second new token for the end token: it stops there
+    new = generate_branch_ids(gen, main, starts, max_new_tokens=5, eos_token_id=eos)
+    assert new[0] == free[0][:2]                               # ended by the token, which is returned
+    assert len(new[1]) == 5 or new[1][-1] == eos               # the other branch went on to its own end
+    assert_finished_sample_predicts_every_new_token(gen, main, starts, new, eos)
 
 
 def test_a_branch_without_a_start_is_refused(gen):
