@@ -237,6 +237,9 @@ class LocalWorker:
                 if self.process.returncode == EXIT_SUPERSEDED:   # restarted, it would push the other one out
                     log.error("the local worker stopped: another worker registered under its name")
                     return
+                if self.process.returncode == 2:   # bad settings (--worker-gpus...): it would fail the same way
+                    log.error("the local worker refused its settings (above); not starting it again")
+                    return
                 log.warning("the local worker exited with %s; starting it again", self.process.returncode)
                 self.process = start_local_worker(self.url, self.settings, self.gpus)
         # The kernel sends the parent-death signal (SIGKILL) when the *thread* that started the worker ends:

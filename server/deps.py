@@ -98,7 +98,8 @@ def require_worker(request: Request,
         if now - getattr(state, "refused_worker_logged", -1e9) > 60:
             state.refused_worker_logged = now
             log.warning("refused a worker call with %s token from %s (%s %s): give that worker this server's "
-                        "<data_dir>/worker_token", "a wrong" if credentials else "no",
+                        "worker token (<data_dir>/worker_token, or PARATRAIN_WORKER_TOKEN where that is set)",
+                        "a wrong" if credentials else "no",
                         request.client.host if request.client else "?", request.method, request.url.path)
         raise _unauthorized()
 

@@ -59,6 +59,7 @@ class OutageLog:
     REMIND_S = 60.0
 
     def __init__(self) -> None:
+        self.token_refused = False   # the last answer refused the worker token (cleared by the next good one)
         self._since: float | None = None
         self._reminded = 0.0
         self._status_logged: dict[str, float] = {}
@@ -68,11 +69,13 @@ class OutageLog:
         now = time.monotonic()
         with self._lock:
             if isinstance(error, Unauthorized):
+                self.token_refused = True
                 if now - self._status_logged.get("token", -self.REMIND_S) >= self.REMIND_S:
                     self._status_logged["token"] = now
                     log.error("the server refused this worker's token at %s (was the token changed, or is another "
-                              "server answering?); jobs keep training, and what is not delivered is kept: restart "
-                              "this worker with the server's <data_dir>/worker_token", what)
+                              "server answering?); its jobs train on and what is not delivered is kept, but after "
+                              "the lease TTL the server re-queues them: restart this worker with the server's "
+                              "worker token", what)
             elif isinstance(error, httpx.HTTPStatusError):
                 if now - self._status_logged.get(what, -self.REMIND_S) >= self.REMIND_S:
                     self._status_logged[what] = now
@@ -87,6 +90,7 @@ class OutageLog:
 
     def answered(self) -> None:
         with self._lock:
+            self.token_refused = False
             if self._since is not None:
                 log.info("server reachable again after %.0f s", time.monotonic() - self._since)
                 self._since = None
@@ -169,16 +173,22 @@ class Agent:
                     self._claim()
                 elif not self.runs and not self.finished:
                     return 0 if self.superseded is None else EXIT_SUPERSEDED
+                elif not self.runs and self.outage.token_refused:
+                    # stopping, and the server refuses what is left to deliver: waiting would never end
+                    log.error("stopping without delivering the end of job(s) %s: the server refuses this worker's "
+                              "token (their leases run out and the server re-queues them)", sorted(self.finished))
+                    return 1
                 time.sleep(self.settings.report_interval_s)
         finally:
-            stopped.set()
-            # Only reached on an unexpected error. Leave nothing behind, but let the trainers save a
-            # checkpoint first (SIGTERM, then SIGKILL after the grace): their next attempt resumes from it.
+            # Runs left here mean an unexpected error. Leave nothing behind, but let the trainers save a
+            # checkpoint first (SIGTERM, then SIGKILL after the grace), heartbeats still renewing their leases
+            # meanwhile: the job's next attempt resumes from that checkpoint, and starts only once it is saved.
             for run in self.runs.values():
                 run.stop(StopReason.release, self.settings.kill_grace_s)
             deadline = time.monotonic() + self.settings.kill_grace_s + 5
             while time.monotonic() < deadline and any(run.poll() is None for run in list(self.runs.values())):
                 time.sleep(0.2)
+            stopped.set()
             self._leave()
 
     def _leave(self) -> None:

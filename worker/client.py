@@ -46,7 +46,8 @@ class UnreadableClaim(Refused):
 
 
 class Unauthorized(Exception):
-    """401: the token is not the server's worker token. Retrying will not help."""
+    """401: the token is not the server's worker token. At registration the worker stops; once registered,
+    it keeps its jobs and retries (the server's token may have changed under it: worker/agent.py RETRIED)."""
 
 
 class Superseded(Exception):

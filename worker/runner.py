@@ -231,15 +231,18 @@ class JobRun:
             with self._lock:
                 self.pending_logs.append(f"[paratrain] stopped as asked, before its first step or by a second "
                                          f"signal: no new checkpoint, exit {exit_codes.STOPPED_UNSAVED}{launcher}")
+        # trainer_code, the contract's, not torchrun's 1, in every outcome
         if self.stop_reason == StopReason.release:
-            return Outcome(exit_code, None, "worker stopping", release=True)
-        if self.stop_reason in (StopReason.cancel, StopReason.lost):
-            return Outcome(exit_code, "cancelled", "cancelled by request")
+            return Outcome(trainer_code, None, "worker stopping", release=True)
+        if self.stop_reason == StopReason.cancel:
+            return Outcome(trainer_code, "cancelled", "cancelled by request")
+        if self.stop_reason == StopReason.lost:
+            return Outcome(trainer_code, "cancelled", "no longer this worker's (the server re-queued it)")
         if exit_code == 0 and self.training_started and not self.training_done:
             # exit 0 without the done event: a stop signal from outside the worker (an operator's kill,
             # another worker process under this name). It saved a checkpoint: the job is re-queued like a
             # lost one, up to its max_attempts
-            return Outcome(exit_code, "lost", "the trainer was stopped before its last step by a signal the "
+            return Outcome(trainer_code, "lost", "the trainer was stopped before its last step by a signal the "
                            "worker did not send; it saved a checkpoint")
         failure_class, reason = classify_exit(exit_code, self.stderr_tail)
         return Outcome(trainer_code, failure_class, reason)   # the contract's code, not torchrun's 1

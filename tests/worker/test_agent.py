@@ -334,12 +334,29 @@ def test_a_token_refused_mid_job_keeps_the_job_training_until_the_server_takes_i
     assert agent.thread.is_alive(), "the worker stopped on a refused token"
     worker_log = [r.getMessage() for r in caplog.records if r.name == "paratrain.worker"]
     refused = [m for m in worker_log if "refused this worker's token" in m]
-    assert len(refused) == 1 and "restart this worker with the server's <data_dir>/worker_token" in refused[0]
+    assert len(refused) == 1 and "after the lease TTL the server re-queues them: restart this worker" in refused[0]
     again = make_server(live_server.settings)   # the token the worker has
     done = again.wait_for(job["id"], {"succeeded", "failed"})
     assert done["state"] == "succeeded" and done["attempt"] == 1
     metrics = again.api.get(f"/jobs/{job['id']}/metrics").json()["data"]
     assert [m["step"] for m in metrics] == list(range(1, 21))
+
+
+def test_a_worker_whose_token_is_refused_still_stops_when_told(live_server, start_agent, monkeypatch, job_body,
+                                                                make_server, caplog):
+    """What it keeps for delivery would wait forever for a server that refuses its token: stopping, it gives
+    that up once its jobs have exited, and says so."""
+    caplog.set_level(logging.INFO, logger="paratrain.worker")
+    monkeypatch.setenv("FAKE_STEP_S", "0.2")
+    job = live_server.api.post("/jobs", json=job_body(max_steps=50)).json()
+    agent = start_agent()
+    wait_for_step(live_server, job["id"], 2)
+    live_server.stop()
+    make_server(live_server.settings.model_copy(update={"worker_token": "another-token"}))
+    time.sleep(0.5)
+    agent.stop(cold=True, timeout=20)      # two signals: hand the job back, then exit
+    assert agent.exit_code == 1
+    assert any("stopping without delivering the end of job(s) [1]" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.slow
