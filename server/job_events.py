@@ -22,7 +22,6 @@ from server.models import (
     JobPublic,
     JobState,
     LogLine,
-    Worker,
     utcnow,
 )
 
@@ -79,7 +78,7 @@ def set_state(session: Session, job: Job, state: JobState) -> None:
     if state not in ALLOWED_TRANSITIONS[job.state]:
         raise Conflict(f"job {job.id} is {job.state.value}; it cannot become {state.value}")
     before, job.state = job.state, state
-    note(session, f"{job_label(job)}: {before.value} -> {state.value}" + _state_detail(session, job))
+    note(session, f"{job_label(job)}: {before.value} -> {state.value}" + _state_detail(job))
     if state in FINAL_STATES:
         job.finished_at = utcnow()
         job.lease_expires_at = None
@@ -88,11 +87,8 @@ def set_state(session: Session, job: Job, state: JobState) -> None:
     emit_state(session, job)
 
 
-def _state_detail(session: Session, job: Job) -> str:
-    if job.state == JobState.running:
-        worker = session.get(Worker, job.worker_id) if job.worker_id is not None else None
-        return (f" (attempt {job.attempt} of {job.max_attempts} on worker {worker.name if worker else '?'}, "
-                f"GPUs {job.gpu_ids or 'none'})")
+def _state_detail(job: Job) -> str:
+    # (a job starts running in the claim's UPDATE, whose own server_log line says where)
     if job.state in (JobState.failed, JobState.cancelled) and job.failure_reason:
         lines = [ln for ln in job.failure_reason.splitlines() if ln.strip()]
         return f" ({job.failure_class.value if job.failure_class else '?'}: {lines[0][:200]}" + \

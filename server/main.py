@@ -173,8 +173,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def health() -> JSONResponse:
         free = shutil.disk_usage(settings.data_dir).free
         if free < LOW_DISK_BYTES:
-            return JSONResponse({"status": "disk full", "detail": f"{free // 1024} KiB free in {settings.data_dir}"},
-                                status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
+            # no path or size in the answer: /api/health needs no token
+            log.error("the data dir's disk is full: %d KiB free in %s", free // 1024, settings.data_dir)
+            return JSONResponse({"status": "disk full"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
         return JSONResponse({"status": "ok"})
 
     for module in (jobs, streams, workers, configs, estimate, admin):

@@ -64,6 +64,17 @@ def save_checkpoint(output_dir: str | Path, *, step: int, lora_weights: dict[str
     return final
 
 
+def save_replacing(obj, path: Path) -> None:
+    """torch.save to a temporary file, then into place: a write that fails (a full disk) leaves the previous
+    file whole instead of a truncated one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def disk_full_named(where: Path, what: str):
     """A write that failed on a (nearly) full disk raises OSError ENOSPC "No space left on device", whatever

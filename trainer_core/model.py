@@ -50,6 +50,8 @@ def load_base_model(model_dir: str, device: torch.device, dtype: torch.dtype, at
         model = AutoModelForCausalLM.from_pretrained(local_model_dir(model_dir), dtype=dtype,
                                                      attn_implementation=attn_implementation)
     except (OSError, ValueError, SafetensorError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise   # an I/O error of the file system (EIO, ESTALE on NFS...): maybe passing, a crash to retry
         # A weights file cut short by a copy or download, missing, or of a model type this transformers does not
         # know: the user's to fix, so a message naming the directory (exit 2), not a traceback.
         reason = (str(e).strip().splitlines() or [""])[0]

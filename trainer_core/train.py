@@ -128,9 +128,12 @@ class StopFlag:
             raise StopNow("before the first training step: nothing to save" if not self.training else
                           "by a second stop signal: exiting without a new checkpoint")
         self.requested = True
-        if self.announce:
-            write_line("stop requested: a checkpoint is saved when this step ends (a second signal exits without "
-                       "one)", sys.stderr)
+        if self.announce:   # os.write: a print here could interrupt one of the loop's own (a reentrant write)
+            try:
+                os.write(2, b"stop requested: a checkpoint is saved when this step ends (a second signal exits "
+                            b"without one)\n")
+            except OSError:
+                pass
 
 
 def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
@@ -386,7 +389,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                                         scheduler=scheduler, scaler=scaler, state=state)
             latest_pth.parent.mkdir(parents=True, exist_ok=True)
             with ckpt.disk_full_named(latest_pth.parent, latest_pth.name):
-                torch.save(weights, latest_pth)
+                ckpt.save_replacing(weights, latest_pth)
             emit(env, {"event": "checkpoint", "step": step, "path": str(path)})
         barrier(env)
 
@@ -502,8 +505,8 @@ def write_final_outputs(model, cfg: TrainConfig, env: DistEnv, *, step: int, ela
     if env.is_main:
         final_pth.parent.mkdir(parents=True, exist_ok=True)
         with ckpt.disk_full_named(final_pth.parent, "the final outputs"):
-            torch.save(weights, final_pth)
-            torch.save(weights, latest_pth)
+            ckpt.save_replacing(weights, final_pth)
+            ckpt.save_replacing(weights, latest_pth)
             save_adapter_dir(model, adapter_dir, cfg)
         emit(env, {"event": "done", "step": step, "final_path": str(final_pth), "adapter_dir": str(adapter_dir),
                    "elapsed_s": round(elapsed_s, 1), "rank_weight_digests": hashes, "probe_logits": probe})

@@ -112,6 +112,14 @@ def test_a_checkpoint_that_fills_the_disk_is_reported_as_a_full_disk(tmp_path, m
     assert str(raised.value).startswith("[Errno 28] No space left on device writing checkpoint step 60 under ")
     assert "(112 KiB free): [enforce fail" in str(raised.value)
     assert list(ckpt.checkpoint_root(tmp_path).iterdir()) == []
+    # a .pth written over fails the same way, and the previous file stays whole (no truncated copy)
+    pth = tmp_path / "latest.pth"
+    pth.write_bytes(b"the previous weights")
+    with pytest.raises(OSError, match="No space left on device writing latest.pth"):
+        with ckpt.disk_full_named(tmp_path, "latest.pth"):
+            ckpt.save_replacing({"w": param.detach()}, pth)
+    assert pth.read_bytes() == b"the previous weights" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoints", "latest.pth"]
     # with room on the disk the same error is no full disk: it is passed on as it is
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: usage(10**12, 10**11, 9 * 10**11))
     with pytest.raises(RuntimeError, match="unexpected pos"):
