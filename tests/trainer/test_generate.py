@@ -94,9 +94,9 @@ def test_a_branch_ends_at_the_end_of_sequence_token_which_stays_out_of_the_sampl
     encode = lambda text: gen.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     main, starts = encode("Two branches."), [encode("First"), encode("Second")]
     free = generate_branch_ids(gen, main, starts, max_new_tokens=5)
-    eos = free[0][1]     # take branch 1's second new token for the end token: it stops there
+    eos = free[0][1]     # take branch 1's second new token for the end token: it stops at its first one
     new = generate_branch_ids(gen, main, starts, max_new_tokens=5, eos_token_id=eos)
-    assert new[0] == free[0][:2]                               # ended by the token, which is returned
+    assert new[0] == free[0][:free[0].index(eos) + 1]          # ended by the token, which is returned
     assert len(new[1]) == 5 or new[1][-1] == eos               # the other branch went on to its own end
     assert_finished_sample_predicts_every_new_token(gen, main, starts, new, eos)
 

@@ -241,7 +241,8 @@ def test_max_cpu_jobs_1_runs_cpu_jobs_one_after_the_other(live_server, start_age
 
 def test_cold_stop_hands_jobs_back_and_they_resume(live_server, start_agent, monkeypatch, job_body):
     monkeypatch.setenv("FAKE_STEP_S", "0.2")
-    job = live_server.api.post("/jobs", json=job_body(max_steps=12)).json()
+    # long enough (4 s after step 3) that a busy CI machine cannot finish it before the stop reaches it
+    job = live_server.api.post("/jobs", json=job_body(max_steps=24)).json()
     agent = start_agent()
     wait_for_step(live_server, job["id"], 3)
     agent.stop(cold=True)
@@ -253,7 +254,7 @@ def test_cold_stop_hands_jobs_back_and_they_resume(live_server, start_agent, mon
     done = live_server.wait_for(job["id"], {"succeeded", "failed"})
     assert done["state"] == "succeeded"
     metrics = live_server.api.get(f"/jobs/{job['id']}/metrics").json()["data"]
-    assert [m["step"] for m in metrics] == list(range(1, 13))
+    assert [m["step"] for m in metrics] == list(range(1, 25))
     lines = [x["line"] for x in live_server.api.get(f"/jobs/{job['id']}/logs").json()["data"]]
     starts = [x for x in lines if '"start"' in x]
     assert json.loads(starts[-1])["resumed_from_step"] >= 3  # the second run continued from its checkpoint
