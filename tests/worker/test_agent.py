@@ -318,18 +318,25 @@ def test_server_down_mid_job_loses_nothing(live_server, start_agent, monkeypatch
     assert sum("reachable again" in m for m in worker_log) == 1, worker_log
 
 
+def _a_job_then_a_server_refusing_the_token(live_server, start_agent, monkeypatch, job_body, make_server, caplog,
+                                           max_steps: int):
+    """A job training at step 2, then its server restarted with another worker token: (job, agent, server)."""
+    caplog.set_level(logging.INFO, logger="paratrain.worker")
+    monkeypatch.setenv("FAKE_STEP_S", "0.2")
+    job = live_server.api.post("/jobs", json=job_body(max_steps=max_steps)).json()
+    agent = start_agent()
+    wait_for_step(live_server, job["id"], 2)
+    live_server.stop()
+    return job, agent, make_server(live_server.settings.model_copy(update={"worker_token": "another-token"}))
+
+
 def test_a_token_refused_mid_job_keeps_the_job_training_until_the_server_takes_it_again(
         live_server, start_agent, monkeypatch, job_body, make_server, caplog):
     """A server restarted with another worker token (rotated, or another server on the URL) refuses the
     running worker's calls. The worker used to exit and kill its trainer at once: every step since the last
     checkpoint was lost. It now says what is wrong and keeps the job training and its reports waiting."""
-    caplog.set_level(logging.INFO, logger="paratrain.worker")
-    monkeypatch.setenv("FAKE_STEP_S", "0.2")
-    job = live_server.api.post("/jobs", json=job_body(max_steps=20)).json()
-    agent = start_agent()
-    wait_for_step(live_server, job["id"], 2)
-    live_server.stop()
-    other = make_server(live_server.settings.model_copy(update={"worker_token": "another-token"}))
+    job, agent, other = _a_job_then_a_server_refusing_the_token(live_server, start_agent, monkeypatch, job_body,
+                                                                 make_server, caplog, max_steps=20)
     time.sleep(1.5)   # several refused heartbeats and reports
     other.stop()
     assert agent.thread.is_alive(), "the worker stopped on a refused token"
@@ -347,13 +354,8 @@ def test_a_worker_whose_token_is_refused_still_stops_when_told(live_server, star
                                                                 make_server, caplog):
     """What it keeps for delivery would wait forever for a server that refuses its token: stopping, it gives
     that up once its jobs have exited, and says so."""
-    caplog.set_level(logging.INFO, logger="paratrain.worker")
-    monkeypatch.setenv("FAKE_STEP_S", "0.2")
-    job = live_server.api.post("/jobs", json=job_body(max_steps=50)).json()
-    agent = start_agent()
-    wait_for_step(live_server, job["id"], 2)
-    live_server.stop()
-    make_server(live_server.settings.model_copy(update={"worker_token": "another-token"}))
+    _, agent, _ = _a_job_then_a_server_refusing_the_token(live_server, start_agent, monkeypatch, job_body,
+                                                           make_server, caplog, max_steps=50)
     time.sleep(0.5)
     agent.stop(cold=True, timeout=20)      # two signals: hand the job back, then exit
     assert agent.exit_code == 1
