@@ -109,11 +109,11 @@ def generate_branches(gen: Generator, main: str, branch_starts: list[str], max_n
                       temperature: float = 0.0, seed: int = 0) -> list[str]:
     """Each branch's continuation as text (its start not repeated)."""
     encode = lambda text: gen.tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
-    empty = [i for i, start in enumerate(branch_starts) if not encode(start)]
+    starts = [encode(s) for s in branch_starts]
+    empty = [i for i, start in enumerate(starts) if not start]
     if empty:
         raise ValueError(f"branch {empty[0] + 1}: give it a start of at least one token (training never predicts "
                          "a branch's first token from the main)")
-    starts = [encode(s) for s in branch_starts]
     new = generate_branch_ids(gen, encode(main) if main else [], starts, max_new_tokens, temperature, seed)
     # the whole branch decoded, less its start: decoding the new ids alone can drop the space before them
     decode = lambda ids: gen.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
