@@ -94,10 +94,6 @@ def disk_full_named(where: Path, what: str):
                                     f"free): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
 
 
-def delete_checkpoints(output_dir: str | Path) -> None:
-    shutil.rmtree(checkpoint_root(output_dir), ignore_errors=True)
-
-
 def read_state(path: Path) -> dict:
     """The trainer state of a checkpoint: step, epoch position, and the settings of its run."""
     return json.loads((path / STATE_FILE).read_text())
