@@ -22,6 +22,7 @@ from server.models import (
     JobPublic,
     JobState,
     LogLine,
+    reason_in_one_line,
     utcnow,
 )
 
@@ -89,10 +90,9 @@ def set_state(session: Session, job: Job, state: JobState) -> None:
 
 def _state_detail(job: Job) -> str:
     # (a job starts running in the claim's UPDATE, whose own server_log line says where)
-    if job.state in (JobState.failed, JobState.cancelled) and job.failure_reason:
-        lines = [ln for ln in job.failure_reason.splitlines() if ln.strip()]
-        return f" ({job.failure_class.value if job.failure_class else '?'}: {lines[0][:200]}" + \
-            (f" ... {lines[-1].strip()[:200]}" if len(lines) > 1 else "") + ")"
+    why = reason_in_one_line(job.failure_reason, limit=200)
+    if job.state in (JobState.failed, JobState.cancelled) and why:
+        return f" ({job.failure_class.value if job.failure_class else '?'}: {why})"
     return ""
 
 

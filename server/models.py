@@ -348,6 +348,16 @@ class Report(BaseModel):
     logs: list[Printed] = Field(default_factory=list)
 
 
+def reason_in_one_line(reason: str | None, limit: int | None = None) -> str:
+    """A failure reason for one log line: its first non-empty line (the headline) and, when there are more,
+    " ... " and its last (a traceback's cause); each cut to `limit` characters."""
+    lines = [ln for ln in (reason or "").splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    first, last = lines[0][:limit], lines[-1].strip()[:limit]
+    return first if len(lines) == 1 else f"{first} ... {last}"
+
+
 class Finish(BaseModel):
     worker_id: DbInt
     attempt: int = Field(ge=1, le=MAX_DB_INT)

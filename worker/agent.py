@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 from pydantic import ValidationError
 
-from server.models import Claim
+from server.models import Claim, reason_in_one_line
 from trainer_core import exit_codes
 from trainer_core.command import trainer_argv
 from trainer_core.config import format_validation_error, job_config
@@ -435,8 +435,7 @@ def describe_outcome(run: JobRun, outcome: Outcome) -> str:
         return f"{what} handed back to the queue (exit {outcome.exit_code})"
     if outcome.failure_class is None:
         return f"{what} succeeded"
-    lines = [ln for ln in (outcome.failure_reason or "").splitlines() if ln.strip()]
-    why = lines[0] + (f" ... {lines[-1].strip()}" if len(lines) > 1 else "") if lines else ""
+    why = reason_in_one_line(outcome.failure_reason)
     return f"{what} ended: {outcome.failure_class}, exit {outcome.exit_code}" + (f": {why}" if why else "")
 
 
