@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -90,13 +90,21 @@ def require_user(request: Request,
         raise _unauthorized()
 
 
+def once_a_minute(app_state: Any, key: str) -> bool:
+    """Whether a log line of kind `key` may be written now: at most one a minute per app, for errors a client
+    repeats in a loop (a worker retrying, every request on a full disk)."""
+    now, last = time.monotonic(), getattr(app_state, key, None)
+    if last is not None and now - last <= 60:
+        return False
+    setattr(app_state, key, now)
+    return True
+
+
 def require_worker(request: Request,
                    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
     if not _holds(credentials, _tokens(request).worker):
         # A worker with the wrong token keeps retrying: the operator should learn of it here, once a minute.
-        now, state = time.monotonic(), request.app.state
-        if now - getattr(state, "refused_worker_logged", -1e9) > 60:
-            state.refused_worker_logged = now
+        if once_a_minute(request.app.state, "refused_worker_logged"):
             log.warning("refused a worker call with %s token from %s (%s %s): give that worker this server's "
                         "worker token (<data_dir>/worker_token, or PARATRAIN_WORKER_TOKEN where that is set)",
                         "a wrong" if credentials else "no",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import math
 import shutil
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -24,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from server import queue
 from server.auth import ensure_tokens
 from server.db import init_db, make_engine, write_engine
-from server.deps import reject_unknown_query_params
+from server.deps import once_a_minute, reject_unknown_query_params
 from server.errors import Conflict, FieldError, NotFound, Superseded
 from server.limits import BodySizeLimit
 from server.models import utcnow
@@ -93,8 +92,6 @@ def _add_exception_handlers(app: FastAPI) -> None:
             return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
         return await http_exception_handler(request, exc)
 
-    storage_logged = [0.0]
-
     @app.exception_handler(OperationalError)
     async def _storage_error(request: Request, exc: OperationalError) -> JSONResponse:
         cause = next((m for m in STORAGE_ERRORS if m in str(exc.orig)), None)
@@ -102,8 +99,7 @@ def _add_exception_handlers(app: FastAPI) -> None:
             return await _unexpected(request, exc)
         message = f"the server cannot write its database ({cause}): free space or fix the permissions of " \
                   f"{app.state.settings.data_dir}; nothing stored was lost"
-        if time.monotonic() - storage_logged[0] > 60:   # one line a minute, not two tracebacks a request
-            storage_logged[0] = time.monotonic()
+        if once_a_minute(app.state, "storage_error_logged"):   # not two tracebacks a request
             log.error("%s (%s %s)", message, request.method, request.url.path)
         return JSONResponse({"detail": message}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
 
