@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from pydantic import ValidationError
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.distributed.elastic.multiprocessing.errors import record
 
 from trainer_core import checkpoint as ckpt
 from trainer_core import exit_codes, owner
@@ -579,9 +578,9 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
-# Under torchrun, `record` writes an unexpected exception to the file torchrun names, so that torchrun's
-# closing failure report, the last lines of a job's log, shows the error instead of a link to these docs.
-@record
+# No torch.distributed.elastic `record` here: a rank it records (a peer's "Connection closed" after another
+# rank was SIGKILLed) carries an earlier timestamp than the killed rank, and torchrun then reports the
+# consequence as the root cause, whose exit code the worker reads (tests/reliability: crash_rank).
 def main(argv: list[str] | None = None) -> int:
     return run_config(TrainConfig.from_cli(argv, prog="python -m trainer_core.train"))
 
