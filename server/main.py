@@ -29,11 +29,9 @@ from server.limits import BodySizeLimit
 from server.models import utcnow
 from server.routes import admin, configs, estimate, jobs, streams, workers
 from server.settings import Settings, get_settings
+from trainer_core.checkpoint import FULL_DISK_BYTES
 
 log = logging.getLogger("paratrain.server")
-# Under this much free space in the data dir the server says its disk is full (health 503): SQLite refuses
-# writes there already, and a job's checkpoints fail.
-LOW_DISK_BYTES = 16 * 2**20
 # What SQLite says when it cannot write: the operator's to fix (disk, permissions), not a bug of ours.
 STORAGE_ERRORS = ("database or disk is full", "disk I/O error", "attempt to write a readonly database",
                   "unable to open database file")
@@ -168,9 +166,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @api.get("/health", tags=["health"], responses={503: {"description": "the data dir's disk is full"}})
     def health() -> JSONResponse:
         free = shutil.disk_usage(settings.data_dir).free
-        if free < LOW_DISK_BYTES:
-            # no path or size in the answer: /api/health needs no token
-            log.error("the data dir's disk is full: %d KiB free in %s", free // 1024, settings.data_dir)
+        # The trainer's threshold: under it SQLite refuses writes already, and checkpoints fail.
+        if free < FULL_DISK_BYTES:
+            # no path or size in the answer: /api/health needs no token; the log says it once a minute,
+            # not once per poll of a load balancer
+            if once_a_minute(app.state, "full_disk_logged"):
+                log.error("the data dir's disk is full: %d KiB free in %s", free // 1024, settings.data_dir)
             return JSONResponse({"status": "disk full"}, status_code=status.HTTP_503_SERVICE_UNAVAILABLE)
         return JSONResponse({"status": "ok"})
 
