@@ -31,7 +31,7 @@ from torch import nn
 from trainer_core import exit_codes
 from trainer_core.data import DataError, load_tokenizer, local_model_dir
 from trainer_core.layout import build_sample_layout
-from trainer_core.model import DTYPES, ROPE_SETTINGS_FILE, load_adapter_dir, parallel_logits, quiet_libraries
+from trainer_core.model import DTYPES, load_adapter_dir, parallel_logits, quiet_libraries, read_adapter_settings
 
 
 @dataclass
@@ -45,12 +45,7 @@ def load_generator(adapter_dir: str | Path, base_model: str | None = None, devic
                    dtype: torch.dtype = torch.float32) -> Generator:
     """The adapter of a paratrain run (`<output_dir>/adapter`) on its base model: the one it was trained on
     (recorded in rope2d.json) unless `base_model` names another copy of it."""
-    settings_file = Path(adapter_dir) / ROPE_SETTINGS_FILE
-    try:
-        settings = json.loads(settings_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError([f"{adapter_dir}: not a paratrain adapter directory (no {ROPE_SETTINGS_FILE}; it is "
-                         "<output_dir>/adapter after training)"]) from None
+    settings = read_adapter_settings(adapter_dir)
     base_model = local_model_dir(base_model or settings["base_model"])   # a hub id in the local cache too
     if not Path(base_model).is_dir():
         raise DataError([f"--base_model {base_model}: no such directory (the adapter was trained on "

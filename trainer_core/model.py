@@ -280,8 +280,10 @@ def lora_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
 
 def save_adapter_dir(peft_model: nn.Module, out_dir: Path, cfg: TrainConfig) -> None:
     """PEFT adapter directory plus the 2D RoPE settings needed to use it, and a README that says how.
-    The base model is recorded by absolute path: a relative one only resolves from the training's cwd."""
-    base_model = str(Path(local_model_dir(cfg.base_model)).resolve())
+    The base model is recorded by absolute path (a relative one only resolves from the training's cwd), or
+    by hub id when it was named by one: the cache's snapshot path exists on this machine only."""
+    base_model = cfg.base_model if local_model_dir(cfg.base_model) != cfg.base_model \
+        else str(Path(cfg.base_model).resolve())
     for adapter_config in peft_model.peft_config.values():
         adapter_config.base_model_name_or_path = base_model
     peft_model.save_pretrained(out_dir)
@@ -311,13 +313,22 @@ Plain `PeftModel.from_pretrained` / `AutoPeftModelForCausalLM` load the weights 
 """
 
 
+def read_adapter_settings(adapter_dir: str | Path) -> dict:
+    """rope2d.json of a paratrain adapter: rope_2d_ratio, branch_stride and the base model (path or hub id)."""
+    try:
+        return json.loads((Path(adapter_dir) / ROPE_SETTINGS_FILE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DataError([f"{adapter_dir}: not a paratrain adapter directory (no {ROPE_SETTINGS_FILE}; it is "
+                         "<output_dir>/adapter after training)"]) from None
+
+
 def load_adapter_dir(base_model: str, adapter_dir: str | Path, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32):
     """Base model + saved adapter + the same 2D RoPE patch, for inference (`generate()` works on it for plain
     text; branches: trainer_core.generate)."""
     from peft import PeftModel
 
-    settings = json.loads((Path(adapter_dir) / ROPE_SETTINGS_FILE).read_text())
+    settings = read_adapter_settings(adapter_dir)
     base = load_base_model(base_model, torch.device(device), dtype, "sdpa")
     patch_rope_2d(base, settings["rope_2d_ratio"])
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()

@@ -122,8 +122,14 @@ def test_a_hub_id_in_the_local_huggingface_cache_trains_offline(tmp_path, tiny_m
                            "--max_steps", "1"], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "lora" / "paratrain_tiny-lm_final.pth").exists()     # named after the model, not the snapshot
+    # the adapter names the hub id, which resolves on another machine too; the snapshot path would not
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
-    assert adapter_config["base_model_name_or_path"] == str(snapshot.resolve())
+    assert adapter_config["base_model_name_or_path"] == "acme/tiny-lm"
+    assert json.loads((out / "adapter" / "rope2d.json").read_text())["base_model"] == "acme/tiny-lm"
+    generated = subprocess.run([str(BIN / "paratrain"), "generate", "--adapter", str(out / "adapter"), "--main", "a",
+                                "--branch", "b", "--max_new_tokens", "2", "--json"],
+                               capture_output=True, text=True, timeout=300, env=env)
+    assert generated.returncode == 0, generated.stderr[-2000:]
 
     missing = subprocess.run([PYTHON, "-m", "trainer_core.train", "--base_model", "acme/other-lm",
                               "--data_path", str(demo_data_path), "--output_dir", str(out)],
