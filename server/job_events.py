@@ -70,9 +70,12 @@ def add_log(session: Session, job: Job, line: str, *, attempt: int, idx: int) ->
     emit(session, job, EventKind.log, {"seq": seq, "line": line})
 
 
-def server_log(session: Session, job: Job, line: str) -> None:
+def server_log(session: Session, job: Job, line: str, *, operator_log: bool = True) -> None:
+    """A line of the server's in the job's log, and in the operator's log unless the state change that
+    follows says it there already."""
     add_log(session, job, f"[paratrain] {line}", attempt=SERVER_LOG_ATTEMPT, idx=job.log_count)
-    note(session, f"{job_label(job)}: {line}")
+    if operator_log:
+        note(session, f"{job_label(job)}: {line}")
 
 
 def set_state(session: Session, job: Job, state: JobState) -> None:

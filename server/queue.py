@@ -105,7 +105,7 @@ def _lose_job(session: Session, job: Job, reason: str) -> None:
     else:
         job.failure_class = FailureClass.lost
         job.failure_reason = f"{reason}; gave up after {job.attempt} attempts"
-        server_log(session, job, job.failure_reason)
+        server_log(session, job, job.failure_reason, operator_log=False)   # set_state's line has the reason
         set_state(session, job, JobState.failed)
 
 

@@ -82,7 +82,10 @@ def test_a_launch_whose_answer_was_lost_is_offered_again_as_it_was(client, worke
     assert any("offered again to worker w" in x["line"] for x in client.get(f"/api/jobs/{job_id}/logs").json()["data"])
 
 
-def test_lost_lease_requeues_then_fails_with_reason(client, worker_headers, job_body):
+def test_lost_lease_requeues_then_fails_with_reason(client, worker_headers, job_body, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="paratrain.server")
     job = client.post("/api/jobs", json=job_body()).json()  # max_attempts 2 (settings)
     wid = _register(client, worker_headers)
     assert client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers).json()["job"]["id"] == job["id"]
@@ -105,13 +108,17 @@ def test_lost_lease_requeues_then_fails_with_reason(client, worker_headers, job_
                         headers=worker_headers).json()
     assert reply == {"cancel_job_ids": [job["id"]]}
     client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers)
-    deadline = time.time() + 5
     deadline = time.time() + 10
     while client.get(f"/api/jobs/{job['id']}").json()["state"] != "failed":
         assert time.time() < deadline
         time.sleep(0.1)
     failed = client.get(f"/api/jobs/{job['id']}").json()
     assert failed["failure_class"] == "lost" and "2 attempts" in failed["failure_reason"]
+    # the job's log says why; the operator's log says it once, in the transition's line
+    logs = client.get(f"/api/jobs/{job['id']}/logs").json()
+    assert any("gave up after 2 attempts" in line["line"] for line in logs["data"]), logs
+    said = [r.getMessage() for r in caplog.records if "gave up after" in r.getMessage()]
+    assert len(said) == 1 and "running -> failed (lost: " in said[0], said
 
 
 def test_reports_alone_keep_the_lease_like_heartbeats(settings, client, worker_headers, job_body):
