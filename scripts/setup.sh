@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Idempotent setup: a virtualenv in .venv with the pinned CPU torch first (an unpinned torch, or peft
-# before torch, pulls a multi-GB CUDA build), then paratrain itself. `--test` adds the test tools,
+# Idempotent setup: a virtualenv in .venv with the pinned torch first, then paratrain itself. torch goes
+# first and pinned because peft, or an unpinned torch, would pull whatever build pip picks. On Linux, PyPI's
+# torch==2.13.0 is the CUDA build (what a GPU box wants; it also runs on a CPU, at a few GB); for PyTorch's
+# CPU-only build set PARATRAIN_TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu". `--test` adds the test tools,
 # Debian's chromium for the browser tests and PostgreSQL for the server tests. Safe to run again: it only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,14 +13,20 @@ want_test=0
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "setup: creating $VENV" >&2
-  python3 -m venv "$VENV"
+  if ! python3 -m venv "$VENV" 2>/dev/null; then   # Debian/Ubuntu ship venv's pip separately
+    echo "setup: python3 -m venv failed; installing Debian's python3-venv" >&2
+    SUDO=""; [ "$(id -u)" != 0 ] && SUDO="sudo"
+    $SUDO apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
+    python3 -m venv "$VENV"
+  fi
 fi
 PY="$VENV/bin/python"
 pipq() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "setup: installing $TORCH_SPEC (once)" >&2
-  pipq "$TORCH_SPEC"
+  pipq $TORCH_SPEC   # unquoted: PARATRAIN_TORCH may add pip options (an index URL)
 fi
 stamp="$VENV/.paratrain-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ $want_test = 1 ] && ! grep -q test "$stamp"; }; then
