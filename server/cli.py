@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
@@ -33,7 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag, field in SETTINGS_FLAGS.items():
         add_settings_flag(parser, flag, Settings, field, type=int if field == "port" else str)
     parser.add_argument("--no-worker", action="store_true", help="Do not start the local worker.")
-    parser.add_argument("--worker-gpus", default="auto", help="GPUs of the local worker: auto, none, or 0,1.")
+    parser.add_argument("--worker-gpus", default=None,
+                        help="GPUs of the local worker: auto, none, or 0,1 (default: PARATRAIN_WORKER_GPUS, else auto).")
     parser.add_argument("--no-demo", action="store_true", help="Do not create the demo model and dataset.")
 
 
@@ -56,12 +58,23 @@ def ensure_demo_assets(data_dir: Path) -> None:
         tmp.rename(model_dir)  # a half-written model dir never looks finished
 
 
-def start_local_worker(url: str, settings, gpus: str) -> subprocess.Popen[bytes]:
-    from server.auth import ensure_tokens
-
+def local_worker_command(url: str, gpus: str | None, environ: Mapping[str, str]) -> list[str]:
+    """`paratrain worker` for this server. Its other settings come from PARATRAIN_WORKER_* as for any worker;
+    its name is `<host>-local` unless PARATRAIN_WORKER_NAME says otherwise."""
     # worker.launch: the worker dies with this process, even when it is killed -9 (see there why)
     argv = [sys.executable, "-m", "worker.launch", "--death-signal", "KILL", str(os.getpid()),
-            sys.executable, "-m", "worker", "--server", url, "--name", f"{socket.gethostname()}-local", "--gpus", gpus]
+            sys.executable, "-m", "worker", "--server", url]
+    if not environ.get("PARATRAIN_WORKER_NAME"):
+        argv += ["--name", f"{socket.gethostname()}-local"]
+    if gpus is not None:
+        argv += ["--gpus", gpus]
+    return argv
+
+
+def start_local_worker(url: str, settings, gpus: str | None) -> subprocess.Popen[bytes]:
+    from server.auth import ensure_tokens
+
+    argv = local_worker_command(url, gpus, os.environ)
     # The token by environment (a command line shows in `ps`), and the server's own: a token set by
     # PARATRAIN_WORKER_TOKEN is in no file, and an older <data_dir>/worker_token may hold another.
     env = {**os.environ, "PARATRAIN_CACHE": os.environ.get("PARATRAIN_CACHE", str(settings.data_dir / "cache")),
@@ -220,7 +233,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
 class LocalWorker:
     """The embedded worker subprocess, restarted if it dies (its new registration re-queues its jobs)."""
 
-    def __init__(self, url: str, settings, gpus: str) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, url: str, settings, gpus: str | None) -> None:  # type: ignore[no-untyped-def]
         self.url, self.settings, self.gpus = url, settings, gpus
         self.process: subprocess.Popen[bytes] | None = None
         self.stopping = threading.Event()

@@ -228,3 +228,17 @@ def test_the_banner_of_a_server_without_a_local_worker_says_how_to_attach_one(tm
     assert ("paratrain worker --server http://127.0.0.1:8000 --token-file "
             f"{tmp_path / 'worker_token'} --name <unique name>") in text
     assert "Attach a worker" not in banner("http://127.0.0.1:8000", "tok", ui=True)   # a local worker runs
+
+
+def test_the_local_worker_takes_its_name_and_gpus_from_the_worker_settings_unless_serve_names_them():
+    """PARATRAIN_WORKER_* apply to serve's worker as to any other: serve names only its own URL, and the
+    name and GPUs when nothing else does."""
+    from server.cli import local_worker_command
+
+    def flags(gpus, **environ):
+        argv = local_worker_command("http://127.0.0.1:8000", gpus, environ)
+        worker = argv[argv.index("worker"):]
+        return {flag: worker[i + 1] for i, flag in enumerate(worker) if flag.startswith("--")}
+
+    assert flags(None) == {"--server": "http://127.0.0.1:8000", "--name": f"{os.uname().nodename}-local"}
+    assert flags("none", PARATRAIN_WORKER_NAME="box-3") == {"--server": "http://127.0.0.1:8000", "--gpus": "none"}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -490,3 +491,14 @@ def test_a_full_disk_is_a_503_that_says_so_and_health_notices(client, settings, 
         assert health.status_code == 503 and health.json()["status"] == "disk full", health.text
     errors = [rec.getMessage() for rec in caplog.records if rec.levelno >= logging.ERROR]
     assert len(errors) == 1 and "disk is full: 4 KiB free" in errors[0], errors
+
+
+def test_every_server_and_worker_setting_is_in_the_deploy_guide():
+    """An environment variable nobody can find is a setting nobody can use (docs/DEPLOY.md)."""
+    from server.settings import Settings
+    from worker.settings import WorkerSettings
+
+    guide = (Path(__file__).parents[2] / "docs" / "DEPLOY.md").read_text()
+    names = [f"PARATRAIN_{field.upper()}" for field in Settings.model_fields] + \
+            [f"PARATRAIN_WORKER_{field.upper()}" for field in WorkerSettings.model_fields]
+    assert [name for name in names if f"`{name}`" not in guide] == []
