@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(5.0, gt=0)
     lease_ttl_s: float = Field(30.0, gt=0, description="A running job whose lease is this old is re-queued.")
     reaper_interval_s: float = Field(1.0, gt=0)
-    max_attempts: int = Field(3, ge=1, description="Lost-lease re-queues before a job fails with 'lost'.")
+    max_attempts: int = Field(3, ge=1, description="Runs of a job (the first and its re-queues) before it fails with 'lost'.")
     gang_wait_s: float = Field(300.0, gt=0, description="A multi-node job's reservations are released when its "
                                "gang is not complete after this long (two half-formed gangs never wait forever).")
     sse_poll_s: float = Field(0.25, gt=0, description="How often an SSE stream looks for new events.")

@@ -215,7 +215,7 @@ def check_resume_identity(checkpoint: Path, saved: dict | None, current: dict) -
     if diffs:
         raise DataError([f"{checkpoint}: saved by a run with other settings ({'; '.join(diffs)}).",
                          "Resuming it would mix two runs: use another --output_dir, or --no-resume to start over "
-                         "in this one (its old checkpoints are deleted)."])
+                         "in this one (its old checkpoints, lora/*.pth and adapter/ are deleted)."])
 
 
 def tokenize_here(cfg: TrainConfig, env: DistEnv, rank0_sha256: str) -> Path:

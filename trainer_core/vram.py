@@ -471,8 +471,8 @@ def presets(gpu_mem_gb: float, model: str, measured: list | None = None) -> list
 
 # --- `paratrain presets` -----------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gpu-mem", type=_gpu_gb, nargs="+", default=[24.0, 80.0], metavar="GB",
-                        help="GPU memory sizes in GB (default: 24 80)")
+    parser.add_argument("--gpu-mem", type=_gpu_gb, nargs="+", default=[24.0, 80.0], metavar="GIB",
+                        help="GPU memory sizes in GiB, as nvidia-smi's MiB / 1024 (80 for an H100; default: 24 80)")
     parser.add_argument("--model", nargs="+", default=None,
                         help="models for the preset table: sizes (0.5B 1.5B 3B 7B), HF names or local dirs "
                              "(default: the guide's 0.5B 1.5B 7B)")
@@ -487,7 +487,7 @@ def _gpu_gb(text: str) -> float:
     except ValueError:
         value = float("nan")
     if not 0 < value <= 4096:   # NaN fails this too
-        raise argparse.ArgumentTypeError(f"{text!r} is not a GPU size in GB (0 < GB <= 4096)")
+        raise argparse.ArgumentTypeError(f"{text!r} is not a GPU size in GiB (0 < size <= 4096)")
     return value
 
 

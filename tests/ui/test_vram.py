@@ -196,7 +196,7 @@ def test_cli_names_a_bad_model_or_gpu_size(capsys):
     for bad in ("-3", "nan", "big"):
         with pytest.raises(SystemExit):
             parser.parse_args(["--gpu-mem", bad])
-        assert "not a GPU size in GB" in capsys.readouterr().err
+        assert "not a GPU size in GiB" in capsys.readouterr().err
 
 
 def test_memory_levers_name_only_what_is_not_pulled_yet_for_the_estimate_and_the_trainers_oom_message():
