@@ -368,7 +368,7 @@ def advice(config: TrainConfig, shape: ModelShape, peak: float, gpu_mem_gb: floa
         out.append("float32 doubles weight and activation memory; the guide recommends bfloat16 on GPUs.")
     low, high = RANK_RANGES[shape.size_class]
     if not low <= config.lora_rank <= high:
-        out.append(f"The guide suggests LoRA rank {low}-{high} for a model of {shape.n_params / 1e9:.1f}B "
+        out.append(f"The guide suggests LoRA rank {low}-{high} for a model of {param_count(shape.n_params)} "
                    f"parameters (got {config.lora_rank}).")
     branches = texts_per_sample(config)
     if branches >= 12 and config.max_seq_len <= 512 and config.rope_2d_ratio < 0.6:
@@ -380,6 +380,13 @@ def advice(config: TrainConfig, shape: ModelShape, peak: float, gpu_mem_gb: floa
     return out
 
 
+def param_count(n: int | None) -> str:
+    """0.49B, 2.4M: a tiny test model is not '0.0B'."""
+    if n is None:
+        return "?"
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
+
+
 # --- presets ---------------------------------------------------------------------------------------
 def _preset_templates(shape: ModelShape, key: str | None) -> list[tuple[str, str, dict[str, Any]]]:
     low, high = RANK_RANGES[shape.size_class]
@@ -388,9 +395,14 @@ def _preset_templates(shape: ModelShape, key: str | None) -> list[tuple[str, str
                                                                           "accumulation_steps")}
     guide["lora_rank"] = min(max(guide["lora_rank"], low), high)
     effective = guide["batch_size"] * guide.get("accumulation_steps", 1)
+    # Each preset sets every field its table row shows: applied over another one, it must not keep that
+    # one's seq len or branch counts.
+    defaults = TrainConfig.model_fields
     return [
         ("guide", f"The guide's {guide_key} configuration (batch counts texts)",
-         {**guide, "batch_by_samples": False, "dtype": "bfloat16", "rope_2d_ratio": 0.5}),
+         {**guide, "batch_by_samples": False, "dtype": "bfloat16", "rope_2d_ratio": 0.5,
+          "max_seq_len": defaults["max_seq_len"].default, "branches_per_sample": defaults["branches_per_sample"].default,
+          "max_branches_per_sample": None, "min_branches_per_sample": 1}),
         ("many short branches", "Samples of up to 16 short branches (<= 256 tokens); 2D RoPE 0.65",
          {"lora_rank": high, "batch_by_samples": True, "max_branches_per_sample": 16,
           "min_branches_per_sample": 1, "max_seq_len": 256, "batch_size": max(1, effective // 2),
@@ -557,7 +569,7 @@ def preset_rows(plist: list[dict[str, Any]]) -> list[list[Any]]:
         c = p["config"]
         rows.append([p["name"], c.get("lora_rank"), c.get("batch_size"), c.get("accumulation_steps", 1),
                      "yes" if c.get("batch_by_samples") else "no", _branches_text(c),
-                     c.get("max_seq_len", 1024), "on" if c.get("gradient_checkpointing") else "off",
+                     c["max_seq_len"], "on" if c.get("gradient_checkpointing") else "off",
                      c.get("rope_2d_ratio"), round(p["estimate"]["peak_gb"], 2), "yes" if p["fits"] else "NO"])
     return rows
 

@@ -55,6 +55,7 @@ def test_param_counts_match_published_sizes():
     assert vram.SHAPES["1.5B"].n_params == pytest.approx(1.54e9, rel=0.01)
     assert vram.SHAPES["3B"].n_params == pytest.approx(3.09e9, rel=0.01)
     assert vram.SHAPES["7B"].n_params == pytest.approx(7.62e9, rel=0.01)
+    assert [vram.param_count(n) for n in (2_400_000, 494_000_000, None)] == ["2.4M", "0.49B", "?"]   # not 0.0B
 
 
 def test_estimate_breakdown_sums_and_fits_flag():
@@ -153,6 +154,19 @@ def test_presets_fit_and_follow_guide_ranks(gpu, model):
     by_name = {p["name"]: p for p in plist}
     assert by_name["many short branches"]["config"]["rope_2d_ratio"] == pytest.approx(0.65)
     assert by_name["few long branches"]["config"]["rope_2d_ratio"] == pytest.approx(0.35)
+
+
+@pytest.mark.parametrize("model", ["0.5B", "7B"])
+def test_a_preset_applied_over_another_trains_what_its_row_shows(model):
+    """The UI applies a preset's config over the form: whatever preset came before, the form must then hold
+    the row the table showed (the guide's used to keep the previous preset's seq len and branches)."""
+    plist = vram.presets(24, model)
+    for before in plist:
+        for chosen in plist:
+            form = TrainConfig(base_model=model, data_path="d", **before["config"]).model_dump()
+            applied = TrainConfig(**{**form, **chosen["config"]}).model_dump()
+            assert vram.preset_rows([{**chosen, "config": applied}]) == vram.preset_rows([chosen]), \
+                (before["name"], chosen["name"])
 
 
 def test_presets_keep_effective_batch_when_shrinking():

@@ -11,7 +11,6 @@ import gradio as gr
 import pandas as pd
 
 from trainer_core import vram
-from trainer_core.config import TrainConfig
 from ui.api import ApiClient, ApiError
 from ui.context import UiContext, warn
 from ui.form import ConfigForm, validate
@@ -57,13 +56,6 @@ def measured_peaks(client: ApiClient) -> list[dict[str, Any]]:
             if j.get("peak_mem_gb") and (j.get("gpus") or 0) > 0]
 
 
-def param_count(n: int | None) -> str:
-    """0.49B, 2.4M: a tiny test model is not '0.0B'."""
-    if n is None:
-        return "?"
-    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.1f}M"
-
-
 def presets_frame(plist: list[dict[str, Any]]) -> pd.DataFrame:
     """The presets as columns (headed by their names), vram.PRESET_COLUMNS' settings as rows."""
     settings = list(vram.PRESET_COLUMNS[1:])
@@ -106,7 +98,7 @@ def estimate_markdown(est: dict[str, Any], gpu_worker_online: bool = True) -> st
               "logits": "logits (loss chunk)", "overhead": "CUDA context + allocator slack"}
     lines += [f"| {labels.get(k, k)} | {v:.2f} |" for k, v in parts.items()]
     model = est.get("model", {})
-    lines += ["", f"{model.get('name', '')} ({param_count(model.get('params'))} params, "
+    lines += ["", f"{model.get('name', '')} ({vram.param_count(model.get('params'))} params, "
                   f"from {model.get('source', '?')}); "
               f"{est['tokens_per_micro_batch']:,} tokens per micro-batch "
               f"({est['tokens_per_text']} per text)."]
@@ -168,12 +160,8 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
         if chosen is None:
             gr.Warning("Pick a preset first.")
             return form.updates({})
-        values = dict(chosen["config"])
-        if not values.get("batch_by_samples"):   # fixed groups, as the preset was estimated with
-            values.setdefault("max_branches_per_sample", None)
-            values.setdefault("branches_per_sample", TrainConfig.model_fields["branches_per_sample"].default)
         gr.Info(f"Applied preset '{choice}'.")
-        return form.updates(values)
+        return form.updates(dict(chosen["config"]))   # every field of its table row
 
     def run_estimate(session, gpu_mem_gb, tokens, *form_args):
         config, error = validate(form.values(form_args))
