@@ -61,7 +61,8 @@ def confine_data_file(value: str, loc: tuple[str, ...], settings: Settings) -> P
     if is_dir(path):
         raise FieldError(loc, f"{value!r} is a directory: give its JSONL file")
     if not is_file(path):
-        raise FieldError(loc, f"{value!r}: no such file under the data root")
+        raise FieldError(loc, f"{value!r}: no such file (looked for {path}; relative paths start at the data root "
+                              f"{settings.data_root})")
     return path
 
 

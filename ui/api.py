@@ -31,9 +31,9 @@ def _detail(response: httpx.Response) -> str:
         detail = response.json().get("detail", response.text)
     except ValueError:
         detail = response.text
-    if isinstance(detail, list):  # FastAPI validation errors: [{loc, msg}, ...]
-        detail = "; ".join(
-            f"{'.'.join(str(p) for p in d.get('loc', []) if p not in ('body',))}: {d.get('msg', d)}"
+    if isinstance(detail, list):  # FastAPI validation errors: [{loc, msg}, ...], named as the form and a job
+        detail = "; ".join(      # file name them: data_path, not body.config.data_path
+            f"{'.'.join(str(p) for p in d.get('loc', []) if p not in ('body', 'config'))}: {d.get('msg', d)}"
             if isinstance(d, dict) else str(d) for d in detail)
     return str(detail) or response.reason_phrase
 
@@ -59,8 +59,10 @@ class ApiClient:
             raise ApiError(0, f"The server at {self.base_url} could not be reached ({type(e).__name__}).") from e
         if response.status_code == 401:
             raise ApiError(401, "The token was not accepted: check it and log in again.")
-        if response.status_code >= 400:
-            raise ApiError(response.status_code, f"{response.status_code}: {_detail(response)}")
+        if response.status_code >= 500:
+            raise ApiError(response.status_code, f"server error {response.status_code}: {_detail(response)}")
+        if response.status_code >= 400:   # the request's fault, and the detail says which part
+            raise ApiError(response.status_code, _detail(response))
         return response
 
     def _json(self, method: str, path: str, **kw: Any) -> Any:

@@ -41,13 +41,15 @@ def test_create_get_list(client, job_body):
     assert client.get("/api/jobs/999").status_code == 404
 
 
-def test_bad_input_is_422_naming_the_field(client, job_body):
+def test_bad_input_is_422_naming_the_field(client, job_body, settings):
     r = client.post("/api/jobs", json=job_body(lora_rank=0))
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "lora_rank"]
     r = client.post("/api/jobs", json=job_body(no_such_flag=1))
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "no_such_flag"
     r = client.post("/api/jobs", json=job_body(data_path="datasets/missing.jsonl"))
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "data_path"]
+    # where it looked, so a user who got the root wrong sees it
+    assert f"looked for {settings.data_root.resolve() / 'datasets' / 'missing.jsonl'}" in r.json()["detail"][0]["msg"]
     r = client.post("/api/jobs", json=job_body(data_path="datasets"))
     assert r.status_code == 422 and "is a directory" in r.json()["detail"][0]["msg"]
     r = client.post("/api/jobs", json=job_body(base_model="datasets"))

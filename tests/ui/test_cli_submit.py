@@ -74,7 +74,7 @@ def test_submit_follow_prints_the_progress_and_exits_by_the_final_state(live_ser
      "unknown config keys: lora_rnk (did you mean lora_rank?)"),
     ("base_model: models/tiny\ndata_path: demo.jsonl\njob:\n  gpus: '2'\n", "job.gpus"),
     ("data_path: demo.jsonl\n", "job.yaml: missing base_model"),
-    ("base_model: models/tiny\ndata_path: /etc/passwd\n", "the server refused the job: 422: config.data_path"),
+    ("base_model: models/tiny\ndata_path: /etc/passwd\n", "the server refused the job: data_path"),
     ("base_model: models/tiny\ndata_path: demo.jsonl\njob: 0\n", "'job' must be a mapping"),
     ("base_model: models/tiny\ndata_path: demo.jsonl\nname: !!binary cGFyYQ==\n",
      "name: a bytes value; give plain text"),

@@ -279,6 +279,26 @@ def test_ui_api_calls_do_not_flood_the_server_log(caplog):
     assert not [r for r in caplog.records if r.name.startswith("httpx")]
 
 
+def test_a_refused_request_reads_as_the_form_names_its_fields():
+    """'data_path: ...', not '422: config.data_path: ...'; a server error still says it is one."""
+    from ui.api import ApiError
+
+    answers = {"/api/jobs": httpx.Response(422, json={"detail": [
+                   {"loc": ["body", "config", "data_path"], "msg": "no such file under the data root"},
+                   {"loc": ["body", "gpus"], "msg": "Input should be >= 0"}]}),
+               "/api/jobs/7/cancel": httpx.Response(409, json={"detail": "job 7 is succeeded"}),
+               "/api/jobs/7/retry": httpx.Response(503, json={"detail": "the disk is full"})}
+    api = ApiClient("http://paratrain.test", "token",
+                    transport=httpx.MockTransport(lambda request: answers[request.url.path]))
+    messages = []
+    for call in (lambda: api.submit_job({}), lambda: api.cancel_job(7), lambda: api.retry_job(7)):
+        with pytest.raises(ApiError) as refused:
+            call()
+        messages.append(str(refused.value))
+    assert messages == ["data_path: no such file under the data root; gpus: Input should be >= 0",
+                        "job 7 is succeeded", "server error 503: the disk is full"]
+
+
 def test_branches_histogram_is_in_numeric_order():
     from ui.tabs.dataset import histogram_update
 
