@@ -296,7 +296,8 @@ def _check_plain(value: Any, where: str = "") -> None:
 
 def parse_job_file(text: str, overrides: Sequence[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
     """A saved job (the UI's *Save as YAML*, `paratrain submit`'s input): TrainConfig fields at the top
-    level, JobResources fields under `job:`; a bare TrainConfig YAML or JSON is one too. `overrides` are
+    level, JobResources fields under `job:`; a bare TrainConfig YAML or JSON is one too, and so is the API's
+    request body (`{"config": {...}, "gpus": ...}`). `overrides` are
     `key=value` (`job.key=value` for a job field; the value read as YAML: 3e-4, true, [q_proj, v_proj]),
     applied over the file. Returns (the config fields that are set, the job fields that are set), checked
     against both schemas (required config fields may be missing). ValueError naming the line, the key or
@@ -315,6 +316,9 @@ def parse_job_file(text: str, overrides: Sequence[str] = ()) -> tuple[dict[str, 
         raise ValueError(f"not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(data, dict):
         raise ValueError("the file does not hold a mapping of field: value")
+    if isinstance(data.get("config"), dict):   # the API's JobCreate body: {"config": {...}, "gpus": 1, ...}
+        resources = {k: v for k, v in data.items() if k != "config"}
+        data = {**data["config"], **({"job": resources} if resources else {})}
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or not key.strip():

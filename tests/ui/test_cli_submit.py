@@ -121,6 +121,19 @@ def test_json_with_tabs_is_a_job_file_too(live_server, tmp_path, token_file, cap
     assert "queued" in capsys.readouterr().out
 
 
+def test_the_apis_request_body_is_a_job_file_too():
+    """What docs/API.md's curl lines send ({"config": {...}, "gpus": 0}) loads as the same job."""
+    from trainer_core.config import parse_job_file
+
+    body = '{"config": {"base_model": "models/tiny", "data_path": "demo.jsonl", "lora_rank": 4}, "gpus": 0}'
+    assert parse_job_file(body) == ({"base_model": "models/tiny", "data_path": "demo.jsonl", "lora_rank": 4},
+                                    {"gpus": 0})
+    assert parse_job_file('{"config": {"base_model": "m", "data_path": "d"}}') == (
+        {"base_model": "m", "data_path": "d"}, {})
+    with pytest.raises(ValueError, match=r"unknown config keys: job.gpu \(did you mean job.gpus\?\)"):
+        parse_job_file('{"config": {"base_model": "m", "data_path": "d"}, "gpu": 0}')
+
+
 @pytest.mark.parametrize("argv_tail,message", [
     (["--server", "http://127.0.0.1:notaport"], "not a URL"),
     (["--server", "127.0.0.1:8000"], "not an http(s) URL"),
