@@ -20,7 +20,8 @@ import gradio as gr  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 
 from ui.api import ApiClient, ApiError  # noqa: E402
-from ui.context import UiContext  # noqa: E402
+from ui.context import UiContext, warn  # noqa: E402
+from ui.form import job_values  # noqa: E402
 from ui.tabs.compare import CompareTab, create_compare_tab  # noqa: E402
 from ui.tabs.dataset import DatasetTab, create_dataset_tab  # noqa: E402
 from ui.tabs.jobs import JobsTab, create_jobs_tab, parse_job_id, picker_update  # noqa: E402
@@ -164,6 +165,17 @@ def build_ui(api_base_url: str) -> ParatrainUI:
                 return gr.skip(), gr.skip()
             return update, gr.Tabs(selected="jobs")
 
+        def edit_job(session_value, selected):
+            """The selected job's settings into the New job form, to change and submit as a new job."""
+            job_id = parse_job_id(selected)
+            try:
+                values = job_values(ctx.client(session_value).get_job(job_id))
+            except (ApiError, ValueError, TypeError) as e:
+                warn(f"Cannot open job #{job_id}'s settings: {e}")
+                return [*form.updates({}), gr.skip()]
+            gr.Info(f"Job #{job_id}'s settings are in the form: change them and submit.")
+            return [*form.updates(values), gr.Tabs(selected="submit")]
+
         # the job table is filled at once after logging in, not at the next timer tick
         refresh_jobs = (jobs.refresh_fn, session, [jobs.table, jobs.table_ids, jobs.picker])
         login_button.click(login, [token, remembered], logged_in_outputs).then(*refresh_jobs)
@@ -173,6 +185,7 @@ def build_ui(api_base_url: str) -> ParatrainUI:
         workers_tab.select(workers.refresh_fn, session, [workers.table, workers.info], show_progress="hidden")
         jobs.picker.change(remember_job, [jobs.picker, remembered], remembered, queue=False)
         submit.submitted_job_id.change(open_submitted, [session, submit.submitted_job_id], [jobs.picker, tabs])
+        jobs.edit_button.click(edit_job, [session, jobs.picker], [*form.inputs, tabs])   # queued: its toast shows
         # the form as last previewed or submitted survives a reload
         for button in (submit.submit_button, submit.preview_button):
             button.click(remember_form, [remembered, *form.inputs], remembered, queue=False)

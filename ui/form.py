@@ -8,6 +8,7 @@ config — preview, submit, estimate — goes through the REST API.
 
 from __future__ import annotations
 
+import json
 import math
 import typing
 from dataclasses import dataclass, field
@@ -207,6 +208,14 @@ def to_yaml(values: dict[str, Any]) -> str:
     if job:
         data["job"] = job
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def job_values(job: dict[str, Any]) -> dict[str, Any]:
+    """Form values that submit `job` (an API JobPublic) again: its config, without what the server set for
+    it (its output dir), and its resources. ValueError as from_yaml (a config from an older schema)."""
+    config = {k: v for k, v in job["config"].items() if k not in JOB_SET_FIELDS}
+    resources = {k: job[k] for k in JobResources.model_fields if job.get(k) is not None}
+    return from_yaml(json.dumps({"config": config, **resources}))
 
 
 def from_yaml(text: str) -> dict[str, Any]:

@@ -195,6 +195,18 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         expect(page.locator("#download-adapter")).to_be_disabled()
         page.screenshot(path=shots / "06-failed-job.png", full_page=True)
 
+        # its settings are shown, and Edit as new job puts them back into the form, whatever it held since
+        tab(page, "New job")
+        set_field(page, "cfg-lora_rank", "12")
+        tab(page, "Jobs")
+        page.locator("#job-settings-box button.label-wrap").click()
+        expect(page.locator("#job-settings")).to_contain_text("lora_rank: 4")
+        page.screenshot(path=shots / "06b-job-settings.png", full_page=True)
+        page.locator("#edit-job").click()
+        expect(field(page, "cfg-lora_rank")).to_be_visible()    # the New job tab, refilled
+        expect(field(page, "cfg-lora_rank")).to_have_value("4")
+        expect(field(page, "cfg-max_seq_len")).to_have_value("256")
+
         # dataset check of the form's data
         tab(page, "Dataset")
         page.locator("#check-dataset").click()

@@ -263,8 +263,18 @@ def test_failure_summary_shows_the_cause_at_the_end_of_a_traceback():
     fence_start = text.index("```")
     assert fence_start < text.index("ValueError") < text.rindex("```")
     assert "ETA** -" in job_summary({**job, "eta_s": 104.0})  # the last report's ETA of a job that ended
-    short = job_summary({**job, "failure_reason": "exit code 2\n\nbad config"})
+    short = job_summary({**job, "failure_reason": "exit code 2\n\nbad config", "failure_class": "data"})
     assert "exit code 2\nbad config" in short and "not shown" not in short
+    assert "**Failed: bad data or settings: the same job fails the same way;" in short   # what to do next
+
+
+def test_job_summary_says_when_it_was_queued_started_and_how_long_it_ran():
+    from ui.tabs.jobs import job_summary
+
+    job = {"id": 3, "name": "x", "state": "succeeded", "config": {}, "created_at": "2026-11-29T10:02:11.5",
+           "started_at": "2026-11-29T10:02:15", "finished_at": "2026-11-29T11:03:20Z"}
+    assert "queued 2026-11-29 10:02:11 UTC · started 10:02:15 · ended 11:03:20 · ran 1:01:05" in job_summary(job)
+    assert "started" not in job_summary({**job, "started_at": None, "finished_at": None, "state": "queued"})
 
 
 def test_ui_api_calls_do_not_flood_the_server_log(caplog):
@@ -449,7 +459,7 @@ def test_job_summary_names_a_retry_and_a_cancel_is_not_a_failure_and_the_log_tai
     job = {"id": 3, "name": "r", "state": "cancelled", "config": {}, "retry_of": 2, "attempt": 1, "max_attempts": 3,
            "failure_class": "cancelled", "failure_reason": "cancelled by request"}
     text = job_summary(job)
-    assert "retry of job #2" in text and "**stopped** cancelled by request" in text and "**failure**" not in text
+    assert "retry of job #2" in text and "**Cancelled by request.**" in text and "Failed" not in text
     tail = log_html(['{"step": 1, "loss": 7.3}', "step 1/10 | loss 7.3000", '[node 1] {"event": "done"}', "done"])
     assert "step 1/10 | loss 7.3000" in tail and "done" in tail and "&quot;step&quot;" not in tail
     assert "event" not in tail

@@ -13,6 +13,7 @@ import html
 import re
 import zipfile
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any, Callable
 
 import gradio as gr
@@ -20,6 +21,7 @@ import pandas as pd
 
 from ui.api import ApiClient, ApiError
 from ui.context import UiContext, fmt_duration, fmt_number, scratch_file, warn
+from ui.form import job_values, to_yaml
 from ui.workers import capacity_warning, known_workers
 
 TABLE_COLUMNS = ["id", "name", "state", "progress", "ETA", "tokens/s", "GPU", "attempt", "loss", "peak GB"]
@@ -49,6 +51,8 @@ class JobsTab:
     cancel_button: gr.Button
     retry_button: gr.Button
     download_button: gr.Button
+    edit_button: gr.Button   # app.py wires it to the New job form
+    settings: gr.Code
     adapter_file: gr.File
     watch: gr.State  # {"job_id", "points": [Metric], "last_step", "log_offset", "log_lines", "final"}
     refresh_fn: Callable[..., tuple] | None = None  # (session) -> (table, table_ids, picker): for app wiring
@@ -97,6 +101,38 @@ def wait_reason(client: ApiClient, job: dict[str, Any]) -> str | None:
     return capacity_warning(workers, job.get("gpus", 1), job.get("nodes", 1)) if workers is not None else None
 
 
+# What each failure class means for the user's next step (server/models.py FailureClass).
+FAILURE_ADVICE = {
+    "data": "bad data or settings: the same job fails the same way; fix the data file and *Retry*, or change "
+            "the settings with *Edit as new job*",
+    "oom": "out of memory: *Edit as new job* with a smaller batch_size or max_seq_len, or gradient_checkpointing on",
+    "crash": "the trainer crashed (its reason below); *Retry* resumes from the last checkpoint",
+    "lost": "its worker stopped answering too often; *Retry* resumes from the last checkpoint",
+}
+
+
+def when_text(job: dict[str, Any]) -> str:
+    """'queued 2026-11-29 10:02:11 UTC · started 10:02:15 · ran 1:05' from the API's UTC timestamps."""
+    def parse(key: str) -> datetime | None:
+        try:
+            at = datetime.fromisoformat(str(job[key]).replace("Z", "+00:00")) if job.get(key) else None
+        except ValueError:
+            return None
+        return at.replace(tzinfo=timezone.utc) if at is not None and at.tzinfo is None else at
+
+    created, started, finished = parse("created_at"), parse("started_at"), parse("finished_at")
+    if created is None:
+        return ""
+    parts = [f"queued {created:%Y-%m-%d %H:%M:%S} UTC"]
+    if started is not None:
+        parts.append(f"started {started:%H:%M:%S}")
+    if finished is not None:
+        parts.append(f"ended {finished:%H:%M:%S}")
+        if started is not None:
+            parts.append(f"ran {fmt_duration((finished - started).total_seconds())}")
+    return " · ".join(parts)
+
+
 def job_summary(job: dict[str, Any], waits: str | None = None) -> str:
     cfg = job.get("config", {})
     lines = [f"### Job #{job['id']} · {job.get('name') or cfg.get('name', '')} · {STATE_ICONS.get(job['state'], '')} "
@@ -105,6 +141,8 @@ def job_summary(job: dict[str, Any], waits: str | None = None) -> str:
              f"**tokens/s** {fmt_number(job.get('tokens_per_s')) or '-'} · **GPU** {gpu_text(job)} · "
              f"**attempt** {job.get('attempt', 1)}/{job.get('max_attempts') or '?'}",
              f"model {cfg.get('base_model', '')} · data {cfg.get('data_path', '')}"]
+    if when_text(job):
+        lines.append(when_text(job))
     if job.get("retry_of"):
         lines.append(f"retry of job #{job['retry_of']}: resumes from its last checkpoint, if it saved one")
     if job.get("retried_as"):
@@ -112,9 +150,11 @@ def job_summary(job: dict[str, Any], waits: str | None = None) -> str:
     if waits:
         lines.append(f"**waits** {waits}")
     if job["state"] == "cancelled":
-        lines.append(f"**stopped** {job.get('failure_reason') or 'cancelled'}")
+        reason = job.get("failure_reason") or "cancelled"
+        lines.append(f"**{reason[0].upper()}{reason[1:]}.**")
     elif job.get("failure_reason") or job.get("failure_class"):
-        lines.append(f"**failure** {job.get('failure_class') or ''}")
+        failure = job.get("failure_class") or ""
+        lines.append(f"**Failed: {FAILURE_ADVICE.get(failure, failure)}.**")
         if job.get("failure_reason"):
             lines.append(code_block(failure_text(job["failure_reason"])))
     return "\n\n".join(lines)
@@ -147,8 +187,17 @@ def job_actions(job: dict[str, Any] | None) -> tuple[bool, bool, bool]:
 
 
 def action_updates(job: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The three buttons enabled as `job_actions` says (all off when no job is selected)."""
-    return [gr.update(interactive=enabled) for enabled in job_actions(job)]
+    """Cancel, Retry and Download enabled as `job_actions` says, and Edit as new job for any job (all off
+    when no job is selected)."""
+    return [gr.update(interactive=enabled) for enabled in (*job_actions(job), job is not None)]
+
+
+def settings_yaml(job: dict[str, Any]) -> str:
+    """The job's settings as *Save as YAML* writes them (what `paratrain submit` takes)."""
+    try:
+        return to_yaml(job_values(job))
+    except ValueError as e:   # a config of an older schema: shown as stored
+        return f"# not loadable in this version's form: {e}\n" + to_yaml(job.get("config", {}))
 
 
 def _selected_id(value: Any) -> int:
@@ -255,7 +304,10 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
                 retry_button = gr.Button("Retry", size="sm", interactive=False, elem_id="retry-job")
                 download_button = gr.Button("Download adapter", size="sm", interactive=False,
                                             elem_id="download-adapter")
+                edit_button = gr.Button("Edit as new job", size="sm", interactive=False, elem_id="edit-job")
             adapter_file = gr.File(label="Adapter", visible=False, interactive=False, elem_id="adapter-file")
+            with gr.Accordion("Settings", open=False, elem_id="job-settings-box"):
+                settings = gr.Code(language="yaml", interactive=False, show_label=False, elem_id="job-settings")
             log_tail = gr.HTML(label="Log tail", elem_id="log-tail")
         with gr.Column(scale=3, min_width=420):
             curve_info = gr.Markdown(elem_id="curve-info")
@@ -289,7 +341,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             selected_by_page.pop(next(iter(selected_by_page)))
         if job_id is None or not (session or {}).get("token"):
             return (fresh, PICK_HINT, "", curve_frame([], "loss"), curve_frame([], "lr"), "", gr.update(visible=False),
-                    *action_updates(None))
+                    "", *action_updates(None))
         fresh["job_id"] = job_id
         try:
             client = ctx.client(session)
@@ -297,14 +349,14 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             fetch_new(client, fresh)
         except ApiError as e:
             return (fresh, f"Cannot load job #{job_id}: {e}", "", gr.skip(), gr.skip(), "", gr.update(visible=False),
-                    *action_updates(None))
+                    "", *action_updates(None))
         return (fresh, job_summary(job, wait_reason(client, job)), curve_text(fresh),
                 curve_frame(fresh["points"], "loss"),
                 curve_frame(fresh["points"], "lr"), log_html(fresh["log_lines"]), gr.update(visible=False),
-                *action_updates(job))
+                settings_yaml(job), *action_updates(job))
 
     def poll(session, current, selected, request: gr.Request):
-        skip = (gr.skip(),) * 9
+        skip = (gr.skip(),) * 10
         if not current or current.get("job_id") is None or not (session or {}).get("token"):
             return skip
 
@@ -342,7 +394,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             job = ctx.client(session).cancel_job(_selected_id(selected))
         except (ApiError, TypeError, KeyError) as e:
             warn(f"Cancel failed: {e}")
-            return (gr.skip(),) * 4
+            return (gr.skip(),) * 5
         gr.Info(f"Job #{job['id']}: cancel {'requested' if job['state'] == 'running' else 'done'}.")
         return job_summary(job), *action_updates(job)
 
@@ -376,17 +428,18 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         return (gr.update(title=curve_title(points, "loss", "Loss")),
                 gr.update(title=curve_title(points, "lr", "Learning rate")))
 
-    actions = [cancel_button, retry_button, download_button]
+    actions = [cancel_button, retry_button, download_button, edit_button]
     view = [watch, summary, curve_info, loss_plot, lr_plot, log_tail]
     refresh_timer.tick(refresh, ctx.session, [table, table_ids, picker], queue=False, show_progress="hidden")
     plots = [loss_plot, lr_plot]
     poll_timer.tick(poll, [ctx.session, watch, picker], view + actions, queue=False, show_progress="hidden") \
         .then(relayout, watch, plots, queue=False, show_progress="hidden")
-    picker.change(select, [ctx.session, picker], view + [adapter_file] + actions, show_progress="hidden") \
+    picker.change(select, [ctx.session, picker], view + [adapter_file, settings] + actions, show_progress="hidden") \
         .then(relayout, watch, plots, queue=False, show_progress="hidden")
     table.select(pick_row, table_ids, picker, queue=False)
     cancel_button.click(cancel, [ctx.session, picker], [summary] + actions)
     retry_button.click(retry, [ctx.session, picker], picker)
     download_button.click(download, [ctx.session, picker], adapter_file)
     return JobsTab(table, table_ids, picker, refresh_timer, poll_timer, summary, curve_info, loss_plot, lr_plot,
-                   log_tail, cancel_button, retry_button, download_button, adapter_file, watch, refresh)
+                   log_tail, cancel_button, retry_button, download_button, edit_button, settings, adapter_file, watch,
+                   refresh)
