@@ -411,7 +411,9 @@ def test_job_actions_follow_the_jobs_state():
     assert job_actions({"state": "failed"}) == (False, True, False)
     assert job_actions({"state": "cancelled"}) == (False, True, False)
     assert job_actions({"state": "failed", "retried_as": 7}) == (False, False, False)   # the server would 409
-    assert [u["interactive"] for u in action_updates(None)] == [False, False, False]
+    # + Edit as new job, for any job
+    assert [u["interactive"] for u in action_updates(None)] == [False, False, False, False]
+    assert [u["interactive"] for u in action_updates({"state": "running"})] == [True, False, False, True]
 
 
 def test_jobs_table_shows_about_ten_jobs_before_it_scrolls():
