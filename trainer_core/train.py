@@ -111,10 +111,16 @@ class StopNow(BaseException):
 
 class StopFlag:
     """SIGTERM/SIGINT during training set a flag the loop checks at step boundaries: it saves and exits.
-    Before training starts there is nothing to save, so they stop at once; so does a second signal."""
+    Before training starts there is nothing to save, so they stop at once; so does a second signal, unless
+    it comes within SAME_STOP_S of the first: one stop can arrive twice. A worker killed -9 hands its
+    launcher's parent-death SIGTERM to torchrun once per exiting thread, and torchrun forwards each to every
+    rank; taken for a second signal, the repeat lost the checkpoint the first one asked for."""
+
+    SAME_STOP_S = 1.0
 
     def __init__(self) -> None:
         self.requested = False
+        self.requested_at = 0.0
         self.training = False
         self.announce = True   # rank 0 says it heard the signal: a step can take minutes
 
@@ -123,14 +129,16 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.requested and time.monotonic() - self.requested_at < self.SAME_STOP_S:
+            return   # the same stop, delivered again
         if not self.training or self.requested:
             raise StopNow("before the first training step: nothing to save" if not self.training else
                           "by a second stop signal: exiting without a new checkpoint")
-        self.requested = True
+        self.requested, self.requested_at = True, time.monotonic()
         if self.announce:   # os.write: a print here could interrupt one of the loop's own (a reentrant write)
             try:
-                os.write(2, b"stop requested: a checkpoint is saved when this step ends (a second signal exits "
-                            b"without one)\n")
+                os.write(2, b"stop requested: a checkpoint is saved when this step ends (a second signal, a "
+                            b"second or more later, exits without one)\n")
             except OSError:
                 pass
 

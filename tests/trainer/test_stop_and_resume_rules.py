@@ -16,11 +16,19 @@ def test_before_training_a_signal_stops_at_once():
         flag._handle(signal.SIGINT, None)
 
 
-def test_during_training_the_first_signal_asks_for_a_checkpoint_and_the_second_stops_now():
+def test_during_training_the_first_signal_asks_for_a_checkpoint_and_the_second_stops_now(monkeypatch):
+    import trainer_core.train
+
+    now = [100.0]
+    monkeypatch.setattr(trainer_core.train.time, "monotonic", lambda: now[0])
     flag = StopFlag()
     flag.training = True
     flag._handle(signal.SIGTERM, None)
     assert flag.requested
+    # the same stop delivered again (torchrun forwards each parent-death SIGTERM it gets): still a checkpoint
+    now[0] += 0.03
+    flag._handle(signal.SIGTERM, None)
+    now[0] += StopFlag.SAME_STOP_S
     with pytest.raises(StopNow, match="second stop signal"):
         flag._handle(signal.SIGTERM, None)
 

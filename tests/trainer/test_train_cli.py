@@ -324,6 +324,27 @@ def test_a_trainer_whose_reader_is_gone_still_saves_on_its_stop_signal(tmp_path,
     assert list((out / "checkpoints").iterdir())
 
 
+def test_one_stop_that_reaches_torchrun_twice_still_saves_a_checkpoint(tmp_path, tiny_model_dir, demo_data_path):
+    """A worker killed -9 hands torchrun its parent-death SIGTERM once per exiting thread, and torchrun
+    forwards each to the ranks: ~25 ms apart, that is one stop, not a second signal that exits unsaved."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "1", "-m", "trainer_core.train",
+                             *guide_args(tiny_model_dir, demo_data_path, out, "--max_steps", "200", "--epochs", "50",
+                                         "--save_interval", "100")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "step 3/" in line:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.03)
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert "stopped by a second stop signal" not in rest, rest[-3000:]
+    assert "stop requested: checkpoint saved at step" in rest, rest[-3000:]
+    assert [p.name for p in (out / "checkpoints").iterdir()]
+
+
 def test_a_run_whose_output_dir_another_run_took_over_stops_without_writing(tmp_path, tiny_model_dir,
                                                                             demo_data_path):
     """A job's next attempt started elsewhere while a worker cut off from the server still trains the previous
