@@ -32,6 +32,7 @@ from ui.workers import cpu_only, known_workers  # noqa: E402
 
 UI_PATH = "/ui"
 BROWSER_KEY = "paratrain-ui"
+FORM_SAVE_S = 3.0   # how often an edited form is saved to the browser (a reload keeps it)
 MAX_UPLOAD = "1mb"
 # threads for UI callbacks, apart from the API's (mount_ui); they mostly wait on the API, so they are cheap
 UI_THREADS = 64
@@ -146,15 +147,20 @@ def build_ui(api_base_url: str) -> ParatrainUI:
                     return only("Your saved token is no longer valid: log in again.", forget=True)
                 return only(f"✖ {e}")
 
-        def logout():
-            return ({"token": None}, {"token": None, "job_id": None}, gr.update(visible=True),
-                    gr.update(visible=False), gr.update(visible=False), "Logged out.")
+        def logout(remembered_value):
+            """Forget the token (and the open job); the form stays as it was, for the next login."""
+            return ({"token": None}, {**(remembered_value or {}), "token": None, "job_id": None},
+                    gr.update(visible=True), gr.update(visible=False), gr.update(visible=False), "Logged out.")
 
         def remember_job(job_id, remembered_value):
             return {**(remembered_value or {}), "job_id": parse_job_id(job_id)}
 
         def remember_form(remembered_value, *form_args):
-            return {**(remembered_value or {}), "form": form.values(form_args)}
+            remembered_value = remembered_value or {}
+            values = form.values(form_args)
+            if not remembered_value.get("token") or remembered_value.get("form") == values:
+                return gr.skip()
+            return {**remembered_value, "form": values}
 
         def open_submitted(session_value, job_id):
             if job_id is None:
@@ -180,15 +186,16 @@ def build_ui(api_base_url: str) -> ParatrainUI:
         refresh_jobs = (jobs.refresh_fn, session, [jobs.table, jobs.table_ids, jobs.picker])
         login_button.click(login, [token, remembered], logged_in_outputs).then(*refresh_jobs)
         token.submit(login, [token, remembered], logged_in_outputs).then(*refresh_jobs)
-        logout_button.click(logout, None, logged_in_outputs[:6], queue=False)
+        logout_button.click(logout, remembered, logged_in_outputs[:6], queue=False)
         blocks.load(restore, remembered, logged_in_outputs).then(*refresh_jobs)
         workers_tab.select(workers.refresh_fn, session, [workers.table, workers.info], show_progress="hidden")
         jobs.picker.change(remember_job, [jobs.picker, remembered], remembered, queue=False)
         submit.submitted_job_id.change(open_submitted, [session, submit.submitted_job_id], [jobs.picker, tabs])
         jobs.edit_button.click(edit_job, [session, jobs.picker], [*form.inputs, tabs])   # queued: its toast shows
-        # the form as last previewed or submitted survives a reload
-        for button in (submit.submit_button, submit.preview_button):
-            button.click(remember_form, [remembered, *form.inputs], remembered, queue=False)
+        # The form as last edited survives a reload: saved every few seconds when it changed. A save on every
+        # change event would be one request per input each time a preset or a file fills the form (~40).
+        form_saver = gr.Timer(FORM_SAVE_S)
+        form_saver.tick(remember_form, [remembered, *form.inputs], remembered, queue=False, show_progress="hidden")
     return ParatrainUI(blocks, login_panel, main_panel, token, login_button, login_message, logout_button, tabs,
                        submit, dataset, jobs, compare, workers)
 

@@ -138,7 +138,12 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         expect(page.locator("#log-tail")).to_contain_text(re.compile(r"step \d+ loss"))
         page.screenshot(path=shots / "03-jobs-live-curve.png", full_page=True)
 
-        # reload: logged back in, the same job reopened, the whole curve fetched again
+        # reload: logged back in, the same job reopened, the whole curve fetched again, and a form edit that
+        # was neither previewed nor submitted is still there
+        tab(page, "New job")
+        set_field(page, "cfg-warmup_ratio", "0.07")
+        page.wait_for_timeout(4000)   # the form is saved to the browser every 3 s (ui.app.FORM_SAVE_S)
+        tab(page, "Jobs")
         before = curve_points(page)
         page.reload()
         page.locator("#main-panel").wait_for(state="visible")
@@ -152,6 +157,7 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         # while queued; the form came back as it was submitted
         tab(page, "New job")
         expect(field(page, "cfg-data_path")).to_have_value("demo.jsonl")
+        expect(field(page, "cfg-warmup_ratio")).to_have_value("0.07")
         expect(field(page, "cfg-rope_2d_ratio")).to_have_value("0.65")
         page.locator("#group-output button.label-wrap").click()
         set_field(page, "cfg-name", "second")
