@@ -500,3 +500,11 @@ def test_a_yaml_the_form_cannot_load_is_named_in_a_toast_that_keeps_the_parsers_
     assert [str(w.message) for w in shown] == [
         "Cannot load badsyntax.yaml: not valid YAML at line 3, column 1: expected ',' or ']', "
         "but got '&lt;stream end&gt;'"]
+
+
+def test_a_short_curve_gets_whole_step_ticks():
+    """Over steps 1..3 the plot ticks every half step, which the whole-step format labels '1 2 2 3 3'."""
+    from ui.tabs.jobs import SHORT_CURVE_STEPS, step_axis
+
+    assert step_axis([{"step": 1}, {"step": 3}]) == [1, SHORT_CURVE_STEPS] == step_axis([])
+    assert step_axis([{"step": s} for s in range(1, SHORT_CURVE_STEPS + 1)]) is None

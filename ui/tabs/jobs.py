@@ -241,6 +241,16 @@ def curve_title(points: list[dict[str, Any]], y: str, name: str) -> str:
     return f"{name} (step {last['step']}: {last[y]:.4g})" if last else name
 
 
+SHORT_CURVE_STEPS = 10
+
+
+def step_axis(points: list[dict[str, Any]]) -> list[int] | None:
+    """The step axis of a short curve spans SHORT_CURVE_STEPS steps: over 1..3 the plot puts ticks at halves,
+    and the whole-step format labels them '1 2 2 3 3'. A longer curve takes its own range (None)."""
+    last = points[-1]["step"] if points else 0
+    return [1, SHORT_CURVE_STEPS] if last < SHORT_CURVE_STEPS else None
+
+
 def empty_watch() -> dict[str, Any]:
     return {"job_id": None, "points": [], "last_step": 0, "log_offset": 0, "log_lines": [], "final": False}
 
@@ -425,8 +435,9 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
 
     def relayout(current):
         points = (current or {}).get("points") or []
-        return (gr.update(title=curve_title(points, "loss", "Loss")),
-                gr.update(title=curve_title(points, "lr", "Learning rate")))
+        x_lim = step_axis(points)
+        return (gr.update(title=curve_title(points, "loss", "Loss"), x_lim=x_lim),
+                gr.update(title=curve_title(points, "lr", "Learning rate"), x_lim=x_lim))
 
     actions = [cancel_button, retry_button, download_button, edit_button]
     view = [watch, summary, curve_info, loss_plot, lr_plot, log_tail]
