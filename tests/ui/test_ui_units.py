@@ -199,6 +199,9 @@ def test_dataset_tab_renders_the_real_check_summary(tiny_model_dir, demo_data_pa
                                     max_branches_per_sample=6))
     text = summary_markdown(summary)
     assert "The data is valid" in text and "padding share" in text and "p50 / p90" in text and "⚠" not in text
+    checked = {"data_path": "datasets/d.jsonl", "base_model": "models/m", "max_branches_per_sample": 6}
+    assert "`datasets/d.jsonl`, tokenized by `models/m` (max_branches_per_sample 6)" in summary_markdown(summary,
+                                                                                                          checked)
     warned = summary_markdown({**summary, "warnings": ["d.jsonl: 1 record has keys paratrain ignores: lable"]})
     assert "⚠ d.jsonl: 1 record has keys paratrain ignores: lable" in warned
     frame = histogram_frame(summary)

@@ -152,7 +152,15 @@ def layout_svg(layout: dict[str, Any] | None) -> str:
             f'<p style="font-size:12px">{caption}{note}</p></div>')
 
 
-def summary_markdown(s: dict[str, Any]) -> str:
+def checked_text(body: dict[str, Any]) -> str:
+    """What was checked, as the New job form set it: 'datasets/demo.jsonl, tokenized by models/tiny-qwen2
+    (max_seq_len 1024, 1-16 texts per sample)'."""
+    shaping = ", ".join(f"{k} {v}" for k, v in body.items() if k not in ("data_path", "base_model"))
+    return (f"`{body.get('data_path')}`, tokenized by `{body.get('base_model')}`" + (f" ({shaping})" if shaping else "")
+            + "; from the New job form")
+
+
+def summary_markdown(s: dict[str, Any], body: dict[str, Any] | None = None) -> str:
     pct = s.get("token_length_percentiles") or {}
     errors = s.get("errors") or []
     head = "✖ The data has errors: a job with it would not start." if errors else "✔ The data is valid."
@@ -161,7 +169,7 @@ def summary_markdown(s: dict[str, Any]) -> str:
             ("padding share after packing", f"{s['padding_share']:.1%}" if s.get("padding_share") is not None else None),
             ("text length p50 / p90 / p99 / max (tokens)",
              " / ".join(str(pct.get(k, "?")) for k in ("p50", "p90", "p99", "max")) if pct else None)]
-    lines = [f"### {head}", ""]
+    lines = [f"### {head}", ""] + ([checked_text(body), ""] if body else [])
     lines += [f"⚠ {w}" + "  " for w in s.get("warnings") or []]   # two spaces: a Markdown line break
     shown = [(k, v) for k, v in rows if v is not None]
     if shown:   # a file that could not be read has errors only: no empty table
@@ -215,11 +223,11 @@ def create_dataset_tab(ctx: UiContext, form: ConfigForm, tokens_per_text: gr.Tex
             return f"✖ Check failed: {e}", gr.update(visible=False), gr.skip(), gr.skip(), gr.skip(), gr.skip()
         errors_text = "\n".join(str(e) for e in s.get("errors") or [])
         if s.get("records") is None:  # only errors: the file could not be read as Parallel JSONL
-            return (summary_markdown(s), gr.update(value=errors_text, visible=True), gr.update(visible=False), "",
+            return (summary_markdown(s, body), gr.update(value=errors_text, visible=True), gr.update(visible=False), "",
                     gr.skip(), gr.update(visible=False))
         p90 = (s.get("token_length_percentiles") or {}).get("p90")
         has_histogram = bool(s.get("branches_histogram"))
-        return (summary_markdown(s), gr.update(value=errors_text, visible=bool(errors_text)),
+        return (summary_markdown(s, body), gr.update(value=errors_text, visible=bool(errors_text)),
                 histogram_update(s) if has_histogram else gr.update(visible=False),
                 layout_svg(s.get("example_layout")), str(int(p90)) if p90 else gr.skip(),
                 gr.update(visible=bool(s.get("example_layout"))))
