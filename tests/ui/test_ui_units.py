@@ -511,3 +511,18 @@ def test_a_short_curve_gets_whole_step_ticks():
 
     assert step_axis([{"step": 1}, {"step": 3}]) == [1, SHORT_CURVE_STEPS] == step_axis([])
     assert step_axis([{"step": s} for s in range(1, SHORT_CURVE_STEPS + 1)]) is None
+
+
+def test_a_gpu_size_or_text_length_that_is_no_number_is_named_not_replaced_by_a_default():
+    """An emptied GPU memory once estimated for 80 GB while the form showed nothing; -10 got a toast naming no
+    input, and the estimate above stayed."""
+    from ui.tabs.memory import gpu_mem_gib, tokens_per_text_value
+
+    assert gpu_mem_gib(24) == 24.0 and gpu_mem_gib("80") == 80.0
+    for bad in (None, 0, -10, "lots", float("nan")):
+        with pytest.raises(ValueError, match="GPU memory: .* is no GPU size"):
+            gpu_mem_gib(bad)
+    assert tokens_per_text_value("") is None and tokens_per_text_value(" 300 ") == 300
+    for bad in ("abc", "-5", "0", "2.5"):
+        with pytest.raises(ValueError, match="typical tokens per text: .* is not a positive whole number"):
+            tokens_per_text_value(bad)

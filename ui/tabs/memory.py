@@ -67,12 +67,31 @@ def presets_frame(plist: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(table)
 
 
-def _positive_int(text: Any) -> int | None:
+def gpu_mem_gib(value: Any) -> float:
+    """The GPU memory input as GiB; ValueError naming the input (an emptied one, 0 or -10 must not
+    estimate for another size than the one shown)."""
     try:
-        value = int(float(str(text).strip()))
-    except ValueError:
+        gib = float(value)
+    except (TypeError, ValueError):
+        gib = float("nan")
+    if not 0 < gib <= 4096:   # NaN fails this too
+        raise ValueError(f"GPU memory: {value!r} is no GPU size; enter its GiB, e.g. 80 for an H100")
+    return gib
+
+
+def tokens_per_text_value(text: Any) -> int | None:
+    """The 'typical tokens per text' input: None when empty (max_seq_len, the worst case); ValueError naming
+    the input for anything but a positive whole number."""
+    if text is None or not str(text).strip():
         return None
-    return value if value > 0 else None
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        value = 0
+    if value < 1 or not value.is_integer():
+        raise ValueError(f"typical tokens per text: {str(text).strip()!r} is not a positive whole number "
+                         "(empty: max_seq_len)")
+    return int(value)
 
 
 def estimate_headline(est: dict[str, Any], gpu_worker_online: bool = True) -> list[str]:
@@ -116,8 +135,8 @@ def estimate_markdown(est: dict[str, Any], gpu_worker_online: bool = True) -> st
 def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
     gr.Markdown("#### GPU memory")
     with gr.Row():
-        gpu_mem = gr.Number(value=DEFAULT_GPU_MEM_GB, label="GPU memory (GB)", minimum=1, elem_id="gpu-mem",
-                            info=GPU_MEM_INFO)
+        # no `minimum`: Gradio's own refusal is a toast that names no input, and the estimate stayed as it was
+        gpu_mem = gr.Number(value=DEFAULT_GPU_MEM_GB, label="GPU memory (GB)", elem_id="gpu-mem", info=GPU_MEM_INFO)
         model = gr.Dropdown(choices=[FORM_MODEL] + SIZES, value=FORM_MODEL, label="Model for presets",
                             allow_custom_value=True, elem_id="preset-model")
     tokens_per_text = gr.Textbox(value="", label="typical tokens per text", max_lines=1,
@@ -142,13 +161,14 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
                 target = (form.values(form_args).get("base_model") or "").strip()
                 if not target:
                     raise ApiError(422, "Enter base_model in the form, or pick a model size.")
-            plist = client.presets(float(gpu_mem_gb or DEFAULT_GPU_MEM_GB), target)
-        except ApiError as e:
+            gib = gpu_mem_gib(gpu_mem_gb)
+            plist = client.presets(gib, target)
+        except (ApiError, ValueError) as e:
             warn(str(e))
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         names = [p["name"] for p in plist]
         # the presets are for the model picked above, which may not be the form's: the caption says which
-        caption = f"Presets for {target} on a {float(gpu_mem_gb or DEFAULT_GPU_MEM_GB):g} GB GPU"
+        caption = f"Presets for {target} on a {gib:g} GB GPU"
         return (plist, gr.update(value=presets_frame(plist), visible=True, label=caption, show_label=True),
                 gr.update(choices=names, value=names[0] if names else None, visible=True), gr.update(visible=True))
 
@@ -168,10 +188,10 @@ def create_memory_panel(ctx: UiContext, form: ConfigForm) -> MemoryPanel:
         if config is None:
             return f"Cannot estimate: {error}"
         try:
+            gib, typical = gpu_mem_gib(gpu_mem_gb), tokens_per_text_value(tokens)
             client = ctx.client(session)
-            est = client.estimate(config.model_dump(mode="json"), float(gpu_mem_gb or DEFAULT_GPU_MEM_GB),
-                                  measured_peaks(client), _positive_int(tokens))
-        except ApiError as e:
+            est = client.estimate(config.model_dump(mode="json"), gib, measured_peaks(client), typical)
+        except (ApiError, ValueError) as e:
             return f"Cannot estimate: {e}"
         workers = known_workers(client)
         return estimate_markdown(est, gpu_worker_online=workers is None or gpu_worker_online(workers))
