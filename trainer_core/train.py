@@ -120,7 +120,8 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
-        self.requested_at = 0.0
+        self.exiting = False           # StopNow was raised: later signals would only interrupt the way out
+        self.last_signal_at = -math.inf
         self.training = False
         self.announce = True   # rank 0 says it heard the signal: a step can take minutes
 
@@ -129,12 +130,15 @@ class StopFlag:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        if self.requested and time.monotonic() - self.requested_at < self.SAME_STOP_S:
-            return   # the same stop, delivered again
+        now = time.monotonic()
+        if self.exiting or now - self.last_signal_at < self.SAME_STOP_S:
+            return   # on the way out already, or the same stop delivered again
+        self.last_signal_at = now
         if not self.training or self.requested:
+            self.exiting = True
             raise StopNow("before the first training step: nothing to save" if not self.training else
                           "by a second stop signal: exiting without a new checkpoint")
-        self.requested, self.requested_at = True, time.monotonic()
+        self.requested = True
         if self.announce:   # os.write: a print here could interrupt one of the loop's own (a reentrant write)
             try:
                 os.write(2, b"stop requested: a checkpoint is saved when this step ends (a second signal, a "

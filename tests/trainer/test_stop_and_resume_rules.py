@@ -14,6 +14,7 @@ def test_before_training_a_signal_stops_at_once():
     flag = StopFlag()
     with pytest.raises(StopNow, match="nothing to save"):
         flag._handle(signal.SIGINT, None)
+    flag._handle(signal.SIGINT, None)   # its repeat does not interrupt the way out (a traceback, exit 1)
 
 
 def test_during_training_the_first_signal_asks_for_a_checkpoint_and_the_second_stops_now(monkeypatch):
@@ -31,6 +32,8 @@ def test_during_training_the_first_signal_asks_for_a_checkpoint_and_the_second_s
     now[0] += StopFlag.SAME_STOP_S
     with pytest.raises(StopNow, match="second stop signal"):
         flag._handle(signal.SIGTERM, None)
+    now[0] += 5
+    flag._handle(signal.SIGTERM, None)   # exiting already: a third one changes nothing
 
 
 def test_a_checkpoint_of_other_settings_is_refused_naming_them_and_new_fields_do_not_count():
