@@ -317,9 +317,11 @@ def read_adapter_settings(adapter_dir: str | Path) -> dict:
     """rope2d.json of a paratrain adapter: rope_2d_ratio, branch_stride and the base model (path or hub id)."""
     try:
         return json.loads((Path(adapter_dir) / ROPE_SETTINGS_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):   # a missing dir, or a file such as lora/*_final.pth
         raise DataError([f"{adapter_dir}: not a paratrain adapter directory (no {ROPE_SETTINGS_FILE}; it is "
                          "<output_dir>/adapter after training)"]) from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError([f"{Path(adapter_dir) / ROPE_SETTINGS_FILE}: not readable as JSON ({e})"]) from None
 
 
 def load_adapter_dir(base_model: str, adapter_dir: str | Path, device: str | torch.device = "cpu",

@@ -119,3 +119,20 @@ def test_paratrain_generate_prints_each_branch(adapter_dir, tmp_path):
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode == 2 and f"{tmp_path}: not a paratrain adapter directory" in missing.stderr
     assert "Traceback" not in missing.stderr
+
+
+def test_a_file_or_a_broken_rope2d_json_is_no_adapter_named_in_one_line(tmp_path):
+    """`--adapter out/lora/x_final.pth` (a file, not the adapter dir) or a cut-short rope2d.json: a DataError
+    naming it, not a NotADirectoryError or JSONDecodeError traceback."""
+    from trainer_core.data import DataError
+    from trainer_core.model import read_adapter_settings
+
+    pth = tmp_path / "x_final.pth"
+    pth.write_bytes(b"\0")
+    broken = tmp_path / "adapter"
+    broken.mkdir()
+    (broken / "rope2d.json").write_text('{"rope_2d_ratio": 0.5,')
+    for path, message in ((pth, "not a paratrain adapter directory"), (broken, "rope2d.json: not readable as JSON")):
+        with pytest.raises(DataError) as refused:
+            read_adapter_settings(path)
+        assert message in refused.value.lines[0], refused.value.lines
