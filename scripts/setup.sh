@@ -11,22 +11,25 @@ TORCH_SPEC=${PARATRAIN_TORCH:-torch==2.13.0}
 want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
-if [ ! -x "$VENV/bin/python" ]; then
+PY="$VENV/bin/python"
+if ! "$PY" -m pip --version >/dev/null 2>&1; then   # none yet, or one a failed attempt left without pip
   echo "setup: creating $VENV" >&2
-  if ! python3 -m venv "$VENV" 2>/dev/null; then   # Debian/Ubuntu ship venv's pip separately
-    echo "setup: python3 -m venv failed; installing Debian's python3-venv" >&2
+  if ! python3 -m venv --clear "$VENV"; then
+    # Debian/Ubuntu ship venv's pip apart, in python3-venv
+    command -v apt-get >/dev/null || { echo "setup: python3 -m venv failed (above)" >&2; exit 1; }
+    echo "setup: installing Debian's python3-venv" >&2
     SUDO=""; [ "$(id -u)" != 0 ] && SUDO="sudo"
     $SUDO apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv >/dev/null
-    python3 -m venv "$VENV"
+    python3 -m venv --clear "$VENV"
   fi
 fi
-PY="$VENV/bin/python"
 pipq() { "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "setup: installing $TORCH_SPEC (once)" >&2
-  pipq $TORCH_SPEC   # unquoted: PARATRAIN_TORCH may add pip options (an index URL)
+  read -ra torch_args <<< "$TORCH_SPEC"   # PARATRAIN_TORCH may add pip options (an index URL)
+  pipq "${torch_args[@]}"
 fi
 stamp="$VENV/.paratrain-installed"
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || { [ $want_test = 1 ] && ! grep -q test "$stamp"; }; then
