@@ -28,7 +28,7 @@ from server.models import (
 from server.paths import confine_data_file, confine_field, is_dir, is_file
 from server.queue import get_job, log_if_no_worker_fits, stored_config
 from server.settings import Settings
-from trainer_core.config import MAX_ATTEMPTS, TrainConfig, job_config
+from trainer_core.config import JobResources, TrainConfig, job_config
 from trainer_core.data import DataError, validate_file
 
 
@@ -134,11 +134,7 @@ def retry_job(*, session: Session, job_id: int, settings: Settings) -> Job:
     earlier = session.exec(select(Job.id).where(Job.retry_of == old.id)).first()
     if earlier is not None:
         raise Conflict(f"job {job_id} was already retried as job {earlier}; retry that one if it failed")
-    config = stored_config(old)
-    # hand-backs grew the original's max_attempts (queue.finish_job): within JobCreate's bound for the retry
-    max_attempts = min(old.max_attempts, MAX_ATTEMPTS)
-    job_create = JobCreate(config=config, gpus=old.gpus, nproc=old.nproc if old.gpus == 0 else None,
-                           nodes=old.nodes, priority=old.priority, max_attempts=max_attempts)
+    job_create = JobCreate(config=stored_config(old), **JobResources.of_stored_job(old).model_dump())
     job = create_job(session=session, job_create=job_create, settings=settings, retry_of=old.id)
     _carry_progress(Path(old.config["output_dir"]), Path(job.config["output_dir"]))
     return job

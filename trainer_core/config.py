@@ -236,6 +236,15 @@ class JobResources(BaseModel):
     def procs_per_node(self) -> int:
         return self.gpus if self.gpus > 0 else (self.nproc or 1)
 
+    @classmethod
+    def of_stored_job(cls, job: Any) -> JobResources:
+        """The resources that submit a stored job (the table row or its API record) again: its `nproc` only
+        for a CPU job (a GPU job's is its GPU count, set by the server), its `max_attempts` within the
+        bound (hand-backs grew it)."""
+        get = job.get if isinstance(job, dict) else lambda name: getattr(job, name)
+        return cls(gpus=get("gpus"), nproc=get("nproc") if get("gpus") == 0 else None, nodes=get("nodes"),
+                   priority=get("priority"), max_attempts=min(get("max_attempts") or MAX_ATTEMPTS, MAX_ATTEMPTS))
+
 
 def closest_name(name: str, known: Iterable[str]) -> str | None:
     """The known name a misspelt one most likely meant (difflib's closest match), or None."""
@@ -318,6 +327,12 @@ def parse_job_file(text: str, overrides: Sequence[str] = ()) -> tuple[dict[str, 
         raise ValueError("the file does not hold a mapping of field: value")
     if isinstance(data.get("config"), dict):   # the API's JobCreate body: {"config": {...}, "gpus": 1, ...}
         resources = {k: v for k, v in data.items() if k != "config"}
+        beside = sorted(map(str, set(resources) - set(JobResources.model_fields)))
+        if beside:
+            named = [f"{key} (did you mean {close}?)" if (close := closest_name(key, JobResources.model_fields))
+                     else key for key in beside]
+            raise ValueError(f"next to 'config' (the API's request body) only {'/'.join(JobResources.model_fields)} "
+                             f"may stand, not {', '.join(named)}")
         data = {**data["config"], **({"job": resources} if resources else {})}
     for override in overrides:
         key, sep, value = override.partition("=")

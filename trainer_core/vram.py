@@ -568,13 +568,13 @@ def preset_rows(plist: list[dict[str, Any]]) -> list[list[Any]]:
     for p in plist:
         c = p["config"]
         rows.append([p["name"], c.get("lora_rank"), c.get("batch_size"), c.get("accumulation_steps", 1),
-                     "yes" if c.get("batch_by_samples") else "no", _branches_text(c),
+                     "yes" if c.get("batch_by_samples") else "no", branches_text(c),
                      c["max_seq_len"], "on" if c.get("gradient_checkpointing") else "off",
                      c.get("rope_2d_ratio"), round(p["estimate"]["peak_gb"], 2), "yes" if p["fits"] else "NO"])
     return rows
 
 
-def _branches_text(config: dict[str, Any]) -> str:
+def branches_text(config: dict[str, Any]) -> str:
     """Texts per sample: '1-16' (random, batch_by_samples) or '8' (fixed groups of text records)."""
     if config.get("max_branches_per_sample"):
         return f"{config.get('min_branches_per_sample', 1)}-{config['max_branches_per_sample']}"

@@ -33,9 +33,14 @@ def _detail(response: httpx.Response) -> str:
         detail = response.text
     if isinstance(detail, list):  # FastAPI validation errors: [{loc, msg}, ...], named as the form and a job
         detail = "; ".join(      # file name them: data_path, not body.config.data_path
-            f"{'.'.join(str(p) for p in d.get('loc', []) if p not in ('body', 'config'))}: {d.get('msg', d)}"
-            if isinstance(d, dict) else str(d) for d in detail)
-    return str(detail) or response.reason_phrase
+            f"{_field_name(d.get('loc', []))}: {d.get('msg', d)}" if isinstance(d, dict) else str(d) for d in detail)
+    if not str(detail) or str(detail) == response.reason_phrase:   # no detail of ours: a proxy, a wrong URL
+        return f"{response.status_code} {response.reason_phrase}"
+    return str(detail)
+
+
+def _field_name(loc: list) -> str:
+    return ".".join(str(p) for p in loc if p not in ("body", "config")) or "config"
 
 
 class ApiClient:

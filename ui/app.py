@@ -32,6 +32,7 @@ from ui.workers import cpu_only, known_workers  # noqa: E402
 
 UI_PATH = "/ui"
 BROWSER_KEY = "paratrain-ui"
+BROWSER_FORM_KEY = "paratrain-ui-form"
 FORM_SAVE_S = 3.0   # how often an edited form is saved to the browser (a reload keeps it)
 MAX_UPLOAD = "1mb"
 # threads for UI callbacks, apart from the API's (mount_ui); they mostly wait on the API, so they are cheap
@@ -77,6 +78,8 @@ def build_ui(api_base_url: str) -> ParatrainUI:
     with gr.Blocks(title="paratrain", delete_cache=(3600, 86400)) as blocks:
         session = gr.State({"token": None})
         remembered = gr.BrowserState({"token": None, "job_id": None}, storage_key=BROWSER_KEY)
+        # the form apart: its periodic save must never write back a token or job that changed meanwhile
+        remembered_form = gr.BrowserState({}, storage_key=BROWSER_FORM_KEY)
         ctx = UiContext(api_base_url, session)
         with gr.Row(elem_id="header"):
             gr.Markdown("## paratrain · parallel-branch LoRA fine-tuning")
@@ -113,11 +116,11 @@ def build_ui(api_base_url: str) -> ParatrainUI:
                 out[1] = {"token": None, "job_id": None}
             return out
 
-        def enter(token_value: str, saved: dict[str, Any]) -> list[Any]:
+        def enter(token_value: str, saved: dict[str, Any], saved_form: Any) -> list[Any]:
             client = ApiClient(api_base_url, token_value)
             client.check_token()  # raises ApiError
             job_id = parse_job_id(saved.get("job_id"))
-            saved_form = saved.get("form") if isinstance(saved.get("form"), dict) else {}
+            saved_form = saved_form if isinstance(saved_form, dict) else {}
             workers = known_workers(client)
             # on a CPU-only setup a job asking for a GPU would wait forever; a saved form keeps its own gpus
             defaults = {"gpus": 0} if workers is not None and cpu_only(workers) else {}
@@ -125,42 +128,43 @@ def build_ui(api_base_url: str) -> ParatrainUI:
                     gr.update(visible=False), gr.update(visible=True), gr.update(visible=True), "",
                     gpu_mem_update(workers), picker_update(client, job_id), *form.updates({**defaults, **saved_form})]
 
-        def login(token_value, remembered_value):
+        def login(token_value, remembered_value, form_value):
             token_value = (token_value or "").strip()
             if not token_value:
                 return only("Enter the token first.")
             try:
-                return enter(token_value, {**(remembered_value or {}), "job_id": None})
+                return enter(token_value, {**(remembered_value or {}), "job_id": None}, form_value)
             except ApiError as e:
                 return only("✖ Wrong token: the server did not accept it." if e.status == 401 else f"✖ {e}")
 
-        def restore(remembered_value):
-            """Page (re)load: log back in with the remembered token, refill the form as it was last used and
+        def restore(remembered_value, form_value):
+            """Page (re)load: log back in with the remembered token, refill the form as it was last edited and
             reopen the job that was open."""
             saved = remembered_value or {}
             if not saved.get("token"):
                 return only()
             try:
-                return enter(saved["token"], saved)
+                return enter(saved["token"], saved, form_value)
             except ApiError as e:
                 if e.status == 401:  # the token changed: forget it
                     return only("Your saved token is no longer valid: log in again.", forget=True)
                 return only(f"✖ {e}")
 
-        def logout(remembered_value):
-            """Forget the token (and the open job); the form stays as it was, for the next login."""
-            return ({"token": None}, {**(remembered_value or {}), "token": None, "job_id": None},
-                    gr.update(visible=True), gr.update(visible=False), gr.update(visible=False), "Logged out.")
+        def logout():
+            """Forget the token and the open job; the form (its own BrowserState) stays for the next login."""
+            return ({"token": None}, {"token": None, "job_id": None}, gr.update(visible=True),
+                    gr.update(visible=False), gr.update(visible=False), "Logged out.")
 
         def remember_job(job_id, remembered_value):
             return {**(remembered_value or {}), "job_id": parse_job_id(job_id)}
 
-        def remember_form(remembered_value, *form_args):
-            remembered_value = remembered_value or {}
+        def remember_form(session_value, form_value, *form_args):
+            """Save the form if it changed, once a login filled it: before that (logged out, or a reload whose
+            login failed) it holds the defaults, not the user's work."""
             values = form.values(form_args)
-            if not remembered_value.get("token") or remembered_value.get("form") == values:
+            if not (session_value or {}).get("token") or form_value == values:
                 return gr.skip()
-            return {**remembered_value, "form": values}
+            return values
 
         def open_submitted(session_value, job_id):
             if job_id is None:
@@ -184,10 +188,10 @@ def build_ui(api_base_url: str) -> ParatrainUI:
 
         # the job table is filled at once after logging in, not at the next timer tick
         refresh_jobs = (jobs.refresh_fn, session, [jobs.table, jobs.table_ids, jobs.picker])
-        login_button.click(login, [token, remembered], logged_in_outputs).then(*refresh_jobs)
-        token.submit(login, [token, remembered], logged_in_outputs).then(*refresh_jobs)
-        logout_button.click(logout, remembered, logged_in_outputs[:6], queue=False)
-        blocks.load(restore, remembered, logged_in_outputs).then(*refresh_jobs)
+        login_button.click(login, [token, remembered, remembered_form], logged_in_outputs).then(*refresh_jobs)
+        token.submit(login, [token, remembered, remembered_form], logged_in_outputs).then(*refresh_jobs)
+        logout_button.click(logout, None, logged_in_outputs[:6], queue=False)
+        blocks.load(restore, [remembered, remembered_form], logged_in_outputs).then(*refresh_jobs)
         workers_tab.select(workers.refresh_fn, session, [workers.table, workers.info], show_progress="hidden")
         jobs.picker.change(remember_job, [jobs.picker, remembered], remembered, queue=False)
         submit.submitted_job_id.change(open_submitted, [session, submit.submitted_job_id], [jobs.picker, tabs])
@@ -195,7 +199,8 @@ def build_ui(api_base_url: str) -> ParatrainUI:
         # The form as last edited survives a reload: saved every few seconds when it changed. A save on every
         # change event would be one request per input each time a preset or a file fills the form (~40).
         form_saver = gr.Timer(FORM_SAVE_S)
-        form_saver.tick(remember_form, [remembered, *form.inputs], remembered, queue=False, show_progress="hidden")
+        form_saver.tick(remember_form, [session, remembered_form, *form.inputs], remembered_form, queue=False,
+                        show_progress="hidden")
     return ParatrainUI(blocks, login_panel, main_panel, token, login_button, login_message, logout_button, tabs,
                        submit, dataset, jobs, compare, workers)
 

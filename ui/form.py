@@ -214,7 +214,7 @@ def job_values(job: dict[str, Any]) -> dict[str, Any]:
     """Form values that submit `job` (an API JobPublic) again: its config, without what the server set for
     it (its output dir), and its resources. ValueError as from_yaml (a config from an older schema)."""
     config = {k: v for k, v in job["config"].items() if k not in JOB_SET_FIELDS}
-    resources = {k: job[k] for k in JobResources.model_fields if job.get(k) is not None}
+    resources = JobResources.of_stored_job(job).model_dump(exclude_none=True)
     return from_yaml(json.dumps({"config": config, **resources}))
 
 

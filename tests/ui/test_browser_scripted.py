@@ -154,7 +154,7 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         page.screenshot(path=shots / "04-after-reload.png", full_page=True)
 
         # a second job, for more GPUs than any worker has: submitted with a warning, cancelled from the UI
-        # while queued; the form came back as it was submitted
+        # while queued; the form came back as it was last edited
         tab(page, "New job")
         expect(field(page, "cfg-data_path")).to_have_value("demo.jsonl")
         expect(field(page, "cfg-warmup_ratio")).to_have_value("0.07")

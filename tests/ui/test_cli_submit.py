@@ -130,8 +130,10 @@ def test_the_apis_request_body_is_a_job_file_too():
                                     {"gpus": 0})
     assert parse_job_file('{"config": {"base_model": "m", "data_path": "d"}}') == (
         {"base_model": "m", "data_path": "d"}, {})
-    with pytest.raises(ValueError, match=r"unknown config keys: job.gpu \(did you mean job.gpus\?\)"):
+    with pytest.raises(ValueError, match=r"next to 'config' .* may stand, not gpu \(did you mean gpus\?\)"):
         parse_job_file('{"config": {"base_model": "m", "data_path": "d"}, "gpu": 0}')
+    with pytest.raises(ValueError, match=r"may stand, not job, lora_rank$"):   # two shapes mixed
+        parse_job_file('{"config": {"base_model": "m", "data_path": "d"}, "lora_rank": 4, "job": {"gpus": 0}}')
 
 
 @pytest.mark.parametrize("argv_tail,message", [

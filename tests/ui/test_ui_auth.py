@@ -41,11 +41,11 @@ def test_gradio_endpoints_without_login_return_no_data(live_server, scripted_wor
         assert "secret-job-name" not in out, (name, out[:2000])
         assert live_server.token not in out
     # the handlers that take a token: a wrong one is refused with a clear message, a right one works
-    out = _call(base, "/login", ["wrong-token", {"token": None, "job_id": None}])
+    out = _call(base, "/login", ["wrong-token", {"token": None, "job_id": None}, {}])
     assert "Wrong token" in out and "secret-job-name" not in out, out[:2000]
-    out = _call(base, "/restore", [{"token": "wrong-token", "job_id": None}])
+    out = _call(base, "/restore", [{"token": "wrong-token", "job_id": None}, {}])
     assert "no longer valid" in out and "secret-job-name" not in out, out[:2000]
-    out = _call(base, "/login", [live_server.token, {"token": None, "job_id": None}])
+    out = _call(base, "/login", [live_server.token, {"token": None, "job_id": None}, {}])
     assert "secret-job-name" in out, out[:2000]  # the same call with the token does answer with data
     with live_server.api() as api:
         assert api.get("/api/jobs").json()["count"] == jobs_before  # nothing was submitted either
@@ -79,6 +79,6 @@ def test_ui_callbacks_waiting_on_the_api_leave_the_api_its_threads(live_server):
     assert httpx.get(f"{live_server.base_url}/test-shrink-pool", timeout=10).status_code == 200
     with ThreadPoolExecutor(12) as pool:
         outs = list(pool.map(lambda _: _call(live_server.base_url, "/login",
-                                             [live_server.token, {"token": None, "job_id": None}]), range(12)))
+                                             [live_server.token, {"token": None, "job_id": None}, {}]), range(12)))
     failed = [out for out in outs if "could not be reached" in out or "Wrong token" in out or "error" in out[:200]]
     assert not failed, f"{len(failed)} of 12 logins failed, e.g. {failed[0][:500]}"

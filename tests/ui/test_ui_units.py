@@ -200,8 +200,8 @@ def test_dataset_tab_renders_the_real_check_summary(tiny_model_dir, demo_data_pa
     text = summary_markdown(summary)
     assert "The data is valid" in text and "padding share" in text and "p50 / p90" in text and "⚠" not in text
     checked = {"data_path": "datasets/d.jsonl", "base_model": "models/m", "max_branches_per_sample": 6}
-    assert "`datasets/d.jsonl`, tokenized by `models/m` (max_branches_per_sample 6)" in summary_markdown(summary,
-                                                                                                          checked)
+    assert "`datasets/d.jsonl`, tokenized by `models/m` (max_seq_len 1024, 1-6 texts per sample)" in \
+        summary_markdown(summary, {**checked, "seed": 3})
     warned = summary_markdown({**summary, "warnings": ["d.jsonl: 1 record has keys paratrain ignores: lable"]})
     assert "⚠ d.jsonl: 1 record has keys paratrain ignores: lable" in warned
     frame = histogram_frame(summary)
@@ -277,6 +277,9 @@ def test_job_summary_says_when_it_was_queued_started_and_how_long_it_ran():
     job = {"id": 3, "name": "x", "state": "succeeded", "config": {}, "created_at": "2026-11-29T10:02:11.5",
            "started_at": "2026-11-29T10:02:15", "finished_at": "2026-11-29T11:03:20Z"}
     assert "queued 2026-11-29 10:02:11 UTC · started 10:02:15 · ended 11:03:20 · ran 1:01:05" in job_summary(job)
+    overnight = job_summary({**job, "finished_at": "2026-11-30T01:00:00"})
+    assert "ended 2026-11-30 01:00:00 · ran 14:57:45" in overnight
+    assert "**Failed.**" in job_summary({**job, "state": "failed", "failure_reason": "exit code 1"})
     assert "started" not in job_summary({**job, "started_at": None, "finished_at": None, "state": "queued"})
 
 
@@ -300,16 +303,22 @@ def test_a_refused_request_reads_as_the_form_names_its_fields():
                    {"loc": ["body", "config", "data_path"], "msg": "no such file under the data root"},
                    {"loc": ["body", "gpus"], "msg": "Input should be >= 0"}]}),
                "/api/jobs/7/cancel": httpx.Response(409, json={"detail": "job 7 is succeeded"}),
-               "/api/jobs/7/retry": httpx.Response(503, json={"detail": "the disk is full"})}
+               "/api/jobs/7/retry": httpx.Response(503, json={"detail": "the disk is full"}),
+               "/api/jobs/7": httpx.Response(404, text="Not Found"),
+               "/api/command-preview": httpx.Response(422, json={"detail": [{"loc": ["body", "config"],
+                                                                             "msg": "Field required"}]})}
     api = ApiClient("http://paratrain.test", "token",
                     transport=httpx.MockTransport(lambda request: answers[request.url.path]))
     messages = []
-    for call in (lambda: api.submit_job({}), lambda: api.cancel_job(7), lambda: api.retry_job(7)):
+    for call in (lambda: api.submit_job({}), lambda: api.cancel_job(7), lambda: api.retry_job(7),
+                 lambda: api.get_job(7), lambda: api.command_preview({})):
         with pytest.raises(ApiError) as refused:
             call()
         messages.append(str(refused.value))
     assert messages == ["data_path: no such file under the data root; gpus: Input should be >= 0",
-                        "job 7 is succeeded", "server error 503: the disk is full"]
+                        "job 7 is succeeded", "server error 503: the disk is full",
+                        "404 Not Found",   # no detail of the server's: the status says what happened
+                        "config: Field required"]
 
 
 def test_branches_histogram_is_in_numeric_order():
@@ -526,3 +535,26 @@ def test_a_gpu_size_or_text_length_that_is_no_number_is_named_not_replaced_by_a_
     for bad in ("abc", "-5", "0", "2.5"):
         with pytest.raises(ValueError, match="typical tokens per text: .* is not a positive whole number"):
             tokens_per_text_value(bad)
+
+
+def test_edit_as_new_job_takes_what_the_job_asked_for_not_what_the_server_derived():
+    """A 2-GPU job is stored with nproc 2 (one process per GPU) and a max_attempts that hand-backs grew: a
+    form holding those would be refused as soon as the user changed the GPU count."""
+    from ui.form import job_body, job_values, validate
+
+    job = {"id": 4, "state": "failed", "gpus": 2, "nproc": 2, "nodes": 1, "priority": 5, "max_attempts": 140,
+           "config": {"base_model": "models/m", "data_path": "d.jsonl", "lora_rank": 4, "output_dir": "/srv/jobs/4/out",
+                      "resume": True}}
+    values = job_values(job)
+    assert (values["gpus"], values.get("nproc"), values["priority"], values["max_attempts"]) == (2, None, 5, 100)
+    assert values["output_dir"] != "/srv/jobs/4/out" and values["lora_rank"] == 4
+    from ui.tabs.jobs import settings_yaml
+
+    shown = settings_yaml(job)   # what the job asked for, not the form's default output_dir
+    assert "lora_rank: 4" in shown and "output_dir" not in shown and "resume" not in shown and "nproc" not in shown
+    assert "not loadable" in settings_yaml({**job, "config": {**job["config"], "old_key": 1}})
+    values["gpus"] = 4
+    config, error = validate(values, with_job=True)
+    assert error == "" and job_body(values, config)["gpus"] == 4 and "nproc" not in job_body(values, config)
+    cpu = job_values({**job, "gpus": 0, "nproc": 3})
+    assert (cpu["gpus"], cpu["nproc"]) == (0, 3)

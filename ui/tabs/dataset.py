@@ -11,7 +11,8 @@ from typing import Any
 import gradio as gr
 import pandas as pd
 
-from trainer_core.config import SAMPLE_SHAPING_FIELDS
+from trainer_core import vram
+from trainer_core.config import SAMPLE_SHAPING_FIELDS, TrainConfig
 from trainer_core.demo import DEMO_DATA, DEMO_MODEL
 from ui.api import ApiError
 from ui.context import UiContext
@@ -153,11 +154,11 @@ def layout_svg(layout: dict[str, Any] | None) -> str:
 
 
 def checked_text(body: dict[str, Any]) -> str:
-    """What was checked, as the New job form set it: 'datasets/demo.jsonl, tokenized by models/tiny-qwen2
+    """What was checked, as the New job form set it: '`datasets/demo.jsonl`, tokenized by `models/tiny-qwen2`
     (max_seq_len 1024, 1-16 texts per sample)'."""
-    shaping = ", ".join(f"{k} {v}" for k, v in body.items() if k not in ("data_path", "base_model"))
-    return (f"`{body.get('data_path')}`, tokenized by `{body.get('base_model')}`" + (f" ({shaping})" if shaping else "")
-            + "; from the New job form")
+    max_seq_len = body.get("max_seq_len", TrainConfig.model_fields["max_seq_len"].default)
+    return (f"`{body.get('data_path')}`, tokenized by `{body.get('base_model')}` (max_seq_len {max_seq_len}, "
+            f"{vram.branches_text(body)} texts per sample); from the New job form")
 
 
 def summary_markdown(s: dict[str, Any], body: dict[str, Any] | None = None) -> str:

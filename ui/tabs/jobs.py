@@ -18,7 +18,9 @@ from typing import Any, Callable
 
 import gradio as gr
 import pandas as pd
+import yaml
 
+from trainer_core.config import JOB_SET_FIELDS
 from ui.api import ApiClient, ApiError
 from ui.context import UiContext, fmt_duration, fmt_number, scratch_file, warn
 from ui.form import job_values, to_yaml
@@ -123,11 +125,14 @@ def when_text(job: dict[str, Any]) -> str:
     created, started, finished = parse("created_at"), parse("started_at"), parse("finished_at")
     if created is None:
         return ""
+    def at(moment: datetime) -> str:   # the date again only when it is another day than the queueing's
+        return f"{moment:%H:%M:%S}" if moment.date() == created.date() else f"{moment:%Y-%m-%d %H:%M:%S}"
+
     parts = [f"queued {created:%Y-%m-%d %H:%M:%S} UTC"]
     if started is not None:
-        parts.append(f"started {started:%H:%M:%S}")
+        parts.append(f"started {at(started)}")
     if finished is not None:
-        parts.append(f"ended {finished:%H:%M:%S}")
+        parts.append(f"ended {at(finished)}")
         if started is not None:
             parts.append(f"ran {fmt_duration((finished - started).total_seconds())}")
     return " · ".join(parts)
@@ -153,8 +158,8 @@ def job_summary(job: dict[str, Any], waits: str | None = None) -> str:
         reason = job.get("failure_reason") or "cancelled"
         lines.append(f"**{reason[0].upper()}{reason[1:]}.**")
     elif job.get("failure_reason") or job.get("failure_class"):
-        failure = job.get("failure_class") or ""
-        lines.append(f"**Failed: {FAILURE_ADVICE.get(failure, failure)}.**")
+        failure = job.get("failure_class")
+        lines.append(f"**Failed: {FAILURE_ADVICE.get(failure, failure)}.**" if failure else "**Failed.**")
         if job.get("failure_reason"):
             lines.append(code_block(failure_text(job["failure_reason"])))
     return "\n\n".join(lines)
@@ -193,11 +198,13 @@ def action_updates(job: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 
 def settings_yaml(job: dict[str, Any]) -> str:
-    """The job's settings as *Save as YAML* writes them (what `paratrain submit` takes)."""
+    """The job's settings as *Save as YAML* writes them (what `paratrain submit` takes), without what the
+    server set for it (its output dir)."""
     try:
-        return to_yaml(job_values(job))
+        values = job_values(job)
     except ValueError as e:   # a config of an older schema: shown as stored
-        return f"# not loadable in this version's form: {e}\n" + to_yaml(job.get("config", {}))
+        return f"# not loadable in this version's form: {e}\n" + yaml.safe_dump(job.get("config", {}), sort_keys=False)
+    return to_yaml({k: v for k, v in values.items() if k not in JOB_SET_FIELDS})
 
 
 def _selected_id(value: Any) -> int:
