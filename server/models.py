@@ -317,6 +317,10 @@ class HeartbeatReply(BaseModel):
     cancel_job_ids: list[int]
 
 
+class ReportReply(BaseModel):
+    cancel_requested: bool = Field(description="The job was cancelled: stop it now, not at the next heartbeat.")
+
+
 class ClaimRequest(BaseModel):
     free_gpu_indices: list[Annotated[int, Field(ge=0, le=1_000_000)]] = Field(default_factory=list, max_length=4096)
     accept_cpu_jobs: bool = Field(True, description="False when the worker's CPU job slots are full.")

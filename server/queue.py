@@ -472,7 +472,9 @@ def _held_job(session: Session, job_id: int, worker_id: int, attempt: int) -> tu
     raise Conflict(f"job {job_id} attempt {attempt} is not running on worker {worker_id}")
 
 
-def record_report(*, session: Session, job_id: int, report: Report, settings: Settings) -> None:
+def record_report(*, session: Session, job_id: int, report: Report, settings: Settings) -> bool:
+    """Stores the attempt's metrics and log lines and renews its lease; True when the job was cancelled (the
+    worker reports every half second while the job prints: sooner than its next heartbeat)."""
     job, node = _held_job(session, job_id, report.worker_id, report.attempt)
     lease = utcnow() + timedelta(seconds=settings.lease_ttl_s)  # a report is proof of life
     if node is None:
@@ -513,6 +515,7 @@ def record_report(*, session: Session, job_id: int, report: Report, settings: Se
                 add_log(session, job, (prefix + line)[:settings.max_log_line_chars], attempt=report.attempt,
                          idx=base + idx)
     session.add(job)
+    return job.cancel_requested
 
 
 def finish_job(*, session: Session, job_id: int, finish: Finish) -> Job:

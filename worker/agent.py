@@ -407,9 +407,12 @@ class Agent:
             if not batch.metrics and not batch.logs:
                 return True
             try:
-                self.client.report(run.job_id, worker_id=self.worker_id, attempt=run.attempt,
-                                   metrics=batch.metrics, logs=batch.logs, log_start=batch.log_start)
+                cancelled = self.client.report(run.job_id, worker_id=self.worker_id, attempt=run.attempt,
+                                               metrics=batch.metrics, logs=batch.logs, log_start=batch.log_start)
                 self.outage.answered()
+                if cancelled:   # applied with the heartbeat's, by the main loop
+                    with self._cancel_lock:
+                        self._stops.add((run.job_id, run.attempt))
             except RETRIED as e:
                 self.outage.failed(f"job {run.job_id}'s report", e)
                 return False

@@ -15,6 +15,7 @@ from server.models import (
     Heartbeat,
     HeartbeatReply,
     Report,
+    ReportReply,
     WorkerLeave,
     WorkerRegister,
     WorkerRegistered,
@@ -129,9 +130,12 @@ class ServerClient:
             raise UnreadableClaim(str(e), job_id, attempt) from None
 
     def report(self, job_id: int, *, worker_id: int, attempt: int, metrics: list[dict], logs: list[str],
-               log_start: int) -> None:
-        self._post(f"/jobs/{job_id}/report", Report, worker_id=worker_id, attempt=attempt, metrics=metrics,
-                   logs=logs, log_start=log_start)
+               log_start: int) -> bool:
+        """Sends the batch; True when the job was cancelled meanwhile (a server before 2026-11-29 answers 204:
+        the next heartbeat says it)."""
+        response = self._post(f"/jobs/{job_id}/report", Report, worker_id=worker_id, attempt=attempt,
+                              metrics=metrics, logs=logs, log_start=log_start)
+        return response.status_code != 204 and self._reply(response, ReportReply).cancel_requested
 
     def finish(self, job_id: int, *, worker_id: int, attempt: int, exit_code: int, failure_class: str | None,
                failure_reason: str | None, release: bool) -> None:

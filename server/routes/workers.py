@@ -15,6 +15,7 @@ from server.models import (
     Job,
     JobPublic,
     Report,
+    ReportReply,
     WorkerLeave,
     WorkerRegister,
     WorkerRegistered,
@@ -72,11 +73,11 @@ def claim(worker_id: WorkerIdPath, request: ClaimRequest, session: WriteSessionD
                  argv=launch.argv, rendezvous=launch.rendezvous)
 
 
-@agent_router.post("/jobs/{job_id}/report", status_code=status.HTTP_204_NO_CONTENT)
-def report(job_id: JobIdPath, body: Report, session: WriteSessionDep, settings: SettingsDep) -> Response:
-    queue.record_report(session=session, job_id=job_id, report=body, settings=settings)
+@agent_router.post("/jobs/{job_id}/report", response_model=ReportReply)
+def report(job_id: JobIdPath, body: Report, session: WriteSessionDep, settings: SettingsDep) -> ReportReply:
+    cancel = queue.record_report(session=session, job_id=job_id, report=body, settings=settings)
     session.commit()
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return ReportReply(cancel_requested=cancel)
 
 
 @agent_router.post("/jobs/{job_id}/finish", response_model=JobPublic)

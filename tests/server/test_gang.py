@@ -208,8 +208,8 @@ def test_cancel_reaches_every_node(client, worker_headers, job_body):
 def test_each_nodes_log_lines_are_kept_apart(client, worker_headers, job_body):
     job, a, b = _start_gang(client, worker_headers, job_body)
     for _ in range(2):  # the second send is a retry: stored once
-        assert a.report(job["id"], 1, ["loss 1"]).status_code == 204
-        assert b.report(job["id"], 1, ["gloo ready"]).status_code == 204
+        assert a.report(job["id"], 1, ["loss 1"]).json() == {"cancel_requested": False}
+        assert b.report(job["id"], 1, ["gloo ready"]).json() == {"cancel_requested": False}
     b.report(job["id"], 1, ["gloo ready", "done"])
     worker_lines = [line for line in _lines(client, job["id"]) if not line.startswith("[paratrain]")]
     assert worker_lines == ["[node 0] loss 1", "[node 1] gloo ready", "[node 1] done"]

@@ -133,7 +133,7 @@ def test_reports_alone_keep_the_lease_like_heartbeats(settings, client, worker_h
         step += 1
         r = client.post(f"/api/jobs/{job_id}/report", headers=worker_headers,
                         json={"worker_id": wid, "attempt": attempt, "metrics": [{"step": step, "loss": 1.0}]})
-        assert r.status_code == 204, r.text   # 409 once the reaper took the job away
+        assert r.status_code == 200, r.text   # 409 once the reaper took the job away
         time.sleep(0.2)
     job = client.get(f"/api/jobs/{job_id}").json()
     assert job["state"] == "running" and job["attempt"] == 1 and job["step"] == step
@@ -217,10 +217,10 @@ def test_reports_are_idempotent_and_a_rerun_step_replaces(client, worker_headers
     for _ in range(2):  # the answer to the first one was "lost": the worker sends it again
         r = client.post(f"/api/jobs/{job_id}/report", content=json.dumps(body),
                         headers={**worker_headers, "Content-Type": "application/json"})
-        assert r.status_code == 204, r.text
+        assert r.status_code == 200, r.text
     body = {"worker_id": wid, "attempt": attempt, "log_start": 1, "logs": ["b", "c"],
             "metrics": [{"step": 2, "loss": 1.5}]}
-    assert client.post(f"/api/jobs/{job_id}/report", json=body, headers=worker_headers).status_code == 204
+    assert client.post(f"/api/jobs/{job_id}/report", json=body, headers=worker_headers).status_code == 200
     metrics = client.get(f"/api/jobs/{job_id}/metrics").json()["data"]
     assert [(m["step"], m["loss"]) for m in metrics] == [(1, 2.0), (2, 1.5)]
     later = client.get(f"/api/jobs/{job_id}/metrics", params={"since_step": 1}).json()["data"]
@@ -236,9 +236,9 @@ def test_reports_are_idempotent_and_a_rerun_step_replaces(client, worker_headers
     # the job keeps its ETA
     body = {"worker_id": wid, "attempt": attempt, "log_start": 3, "logs": [], "metrics": [
         {"step": 3, "loss": 1.2, "eta_s": 4.0}]}
-    assert client.post(f"/api/jobs/{job_id}/report", json=body, headers=worker_headers).status_code == 204
+    assert client.post(f"/api/jobs/{job_id}/report", json=body, headers=worker_headers).status_code == 200
     body["metrics"] = [{"step": 3, "loss": 1.2, "eta_s": None}]
-    assert client.post(f"/api/jobs/{job_id}/report", json=body, headers=worker_headers).status_code == 204
+    assert client.post(f"/api/jobs/{job_id}/report", json=body, headers=worker_headers).status_code == 200
     job = client.get(f"/api/jobs/{job_id}").json()
     assert job["step"] == 3 and job["eta_s"] == 4.0
     # another worker (or a stale attempt) cannot report
@@ -289,8 +289,14 @@ def test_cancel_running_goes_through_the_worker(client, worker_headers, job_body
     client.post("/api/jobs", json=job_body())
     wid = _register(client, worker_headers)
     job_id, attempt = _run_one(client, worker_headers, wid)
+    report = {"worker_id": wid, "attempt": attempt, "log_start": 0, "metrics": [], "logs": ["step 1"]}
+    r = client.post(f"/api/jobs/{job_id}/report", json=report, headers=worker_headers)
+    assert r.json() == {"cancel_requested": False}
     job = client.post(f"/api/jobs/{job_id}/cancel").json()
     assert job["state"] == "running" and job["cancel_requested"]
+    # the worker learns it from its next report (every half second while the job prints) or heartbeat
+    r = client.post(f"/api/jobs/{job_id}/report", json={**report, "log_start": 1}, headers=worker_headers)
+    assert r.json() == {"cancel_requested": True}
     reply = client.post(f"/api/workers/{wid}/heartbeat", json={"running_job_ids": [job_id]},
                         headers=worker_headers).json()
     assert reply == {"cancel_job_ids": [job_id]}

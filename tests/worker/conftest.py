@@ -67,9 +67,9 @@ def server_settings(tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
     (tmp_path / "datasets" / "demo.jsonl").write_text('{"text": "x"}\n')
     (tmp_path / "models" / "tiny").mkdir(parents=True)
     (tmp_path / "models" / "tiny" / "config.json").write_text("{}")   # what the server checks
-    return Settings(data_dir=tmp_path, port=free_port(), heartbeat_interval_s=0.2, lease_ttl_s=3.0,
-                    reaper_interval_s=0.1, mount_ui=False, max_attempts=3, sse_poll_s=0.05,
-                    **getattr(request, "param", {}))
+    return Settings(**{"data_dir": tmp_path, "port": free_port(), "heartbeat_interval_s": 0.2, "lease_ttl_s": 3.0,
+                       "reaper_interval_s": 0.1, "mount_ui": False, "max_attempts": 3, "sse_poll_s": 0.05,
+                       **getattr(request, "param", {})})
 
 
 @pytest.fixture

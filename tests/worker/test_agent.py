@@ -746,3 +746,21 @@ def test_a_job_whose_finish_was_refused_is_not_taken_back_before_its_lease_ran_o
     agent._next_claim = 0.0
     agent._claim()
     assert asked == [[5], []]
+
+
+@pytest.mark.parametrize("server_settings", [{"heartbeat_interval_s": 30.0, "lease_ttl_s": 60.0}], indirect=True)
+def test_a_cancel_reaches_a_printing_job_with_its_next_report_not_its_next_heartbeat(live_server, start_agent,
+                                                                                     job_body, monkeypatch):
+    """Heartbeats come every few seconds; a job that prints is reported every half second, and the report's
+    answer carries the cancel."""
+    monkeypatch.setenv("FAKE_STEP_S", "0.2")
+    job = live_server.api.post("/jobs", json=job_body(max_steps=500)).json()
+    start_agent()
+    deadline = time.time() + 20
+    while live_server.api.get(f"/jobs/{job['id']}").json()["step"] < 2:
+        assert time.time() < deadline, "the job did not start"
+        time.sleep(0.05)
+    asked = time.time()
+    live_server.api.post(f"/jobs/{job['id']}/cancel")
+    done = live_server.wait_for(job["id"], {"cancelled", "succeeded", "failed"}, timeout=15)
+    assert done["state"] == "cancelled" and time.time() - asked < 8, (done, time.time() - asked)
