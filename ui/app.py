@@ -33,6 +33,7 @@ from ui.workers import cpu_only, known_workers  # noqa: E402
 UI_PATH = "/ui"
 BROWSER_KEY = "paratrain-ui"
 BROWSER_FORM_KEY = "paratrain-ui-form"
+BROWSER_TAB_KEY = "paratrain-ui-tab"
 FORM_SAVE_S = 3.0   # how often an edited form is saved to the browser (a reload keeps it)
 MAX_UPLOAD = "1mb"
 # threads for UI callbacks, apart from the API's (mount_ui); they mostly wait on the API, so they are cheap
@@ -80,6 +81,7 @@ def build_ui(api_base_url: str) -> ParatrainUI:
         remembered = gr.BrowserState({"token": None, "job_id": None}, storage_key=BROWSER_KEY)
         # the form apart: its periodic save must never write back a token or job that changed meanwhile
         remembered_form = gr.BrowserState({}, storage_key=BROWSER_FORM_KEY)
+        remembered_tab = gr.BrowserState("submit", storage_key=BROWSER_TAB_KEY)   # a reload reopens it
         ctx = UiContext(api_base_url, session)
         with gr.Row(elem_id="header"):
             gr.Markdown("## paratrain · parallel-branch LoRA fine-tuning")
@@ -92,20 +94,21 @@ def build_ui(api_base_url: str) -> ParatrainUI:
             login_message = gr.Markdown(elem_id="login-message")
         with gr.Column(visible=False, elem_id="main-panel") as main_panel:
             with gr.Tabs(elem_id="tabs") as tabs:
-                with gr.Tab("New job", id="submit", elem_id="tab-submit"):
+                with gr.Tab("New job", id="submit", elem_id="tab-submit") as submit_tab:
                     submit = create_submit_tab(ctx)
-                with gr.Tab("Dataset", id="dataset", elem_id="tab-dataset"):
+                with gr.Tab("Dataset", id="dataset", elem_id="tab-dataset") as dataset_tab:
                     dataset = create_dataset_tab(ctx, submit.form, submit.memory.tokens_per_text)
-                with gr.Tab("Jobs", id="jobs", elem_id="tab-jobs"):
+                with gr.Tab("Jobs", id="jobs", elem_id="tab-jobs") as jobs_tab:
                     jobs = create_jobs_tab(ctx)
-                with gr.Tab("Compare", id="compare", elem_id="tab-compare"):
+                with gr.Tab("Compare", id="compare", elem_id="tab-compare") as compare_tab:
                     compare = create_compare_tab(ctx)
                 with gr.Tab("Workers", id="workers", elem_id="tab-workers") as workers_tab:
                     workers = create_workers_tab(ctx)
+        tab_ids = {tab: tab.id for tab in (submit_tab, dataset_tab, jobs_tab, compare_tab, workers_tab)}
 
         form = submit.form
         logged_in_outputs = [session, remembered, login_panel, main_panel, logout_button, login_message,
-                             submit.memory.gpu_mem, jobs.picker, *form.inputs]
+                             submit.memory.gpu_mem, tabs, jobs.picker, *form.inputs]
         message_at = logged_in_outputs.index(login_message)
 
         def only(message: str | None = None, forget: bool = False) -> list[Any]:
@@ -116,7 +119,7 @@ def build_ui(api_base_url: str) -> ParatrainUI:
                 out[1] = {"token": None, "job_id": None}
             return out
 
-        def enter(token_value: str, saved: dict[str, Any], saved_form: Any) -> list[Any]:
+        def enter(token_value: str, saved: dict[str, Any], saved_form: Any, tab: Any = None) -> list[Any]:
             client = ApiClient(api_base_url, token_value)
             client.check_token()  # raises ApiError
             job_id = parse_job_id(saved.get("job_id"))
@@ -126,7 +129,8 @@ def build_ui(api_base_url: str) -> ParatrainUI:
             defaults = {"gpus": 0} if workers is not None and cpu_only(workers) else {}
             return [{"token": token_value}, {**saved, "token": token_value, "job_id": job_id},
                     gr.update(visible=False), gr.update(visible=True), gr.update(visible=True), "",
-                    gpu_mem_update(workers), picker_update(client, job_id), *form.updates({**defaults, **saved_form})]
+                    gpu_mem_update(workers), gr.Tabs(selected=tab) if tab in tab_ids.values() else gr.skip(),
+                    picker_update(client, job_id), *form.updates({**defaults, **saved_form})]
 
         def login(token_value, remembered_value, form_value):
             token_value = (token_value or "").strip()
@@ -137,14 +141,14 @@ def build_ui(api_base_url: str) -> ParatrainUI:
             except ApiError as e:
                 return only("✖ Wrong token: the server did not accept it." if e.status == 401 else f"✖ {e}")
 
-        def restore(remembered_value, form_value):
+        def restore(remembered_value, form_value, tab_value):
             """Page (re)load: log back in with the remembered token, refill the form as it was last edited and
-            reopen the job that was open."""
+            reopen the tab and the job that were open."""
             saved = remembered_value or {}
             if not saved.get("token"):
                 return only()
             try:
-                return enter(saved["token"], saved, form_value)
+                return enter(saved["token"], saved, form_value, tab_value)
             except ApiError as e:
                 if e.status == 401:  # the token changed: forget it
                     return only("Your saved token is no longer valid: log in again.", forget=True)
@@ -168,12 +172,12 @@ def build_ui(api_base_url: str) -> ParatrainUI:
 
         def open_submitted(session_value, job_id):
             if job_id is None:
-                return gr.skip(), gr.skip()
+                return gr.skip(), gr.skip(), gr.skip()
             try:
                 update = picker_update(ctx.client(session_value), int(job_id))
             except ApiError:
-                return gr.skip(), gr.skip()
-            return update, gr.Tabs(selected="jobs")
+                return gr.skip(), gr.skip(), gr.skip()
+            return update, gr.Tabs(selected="jobs"), "jobs"
 
         def edit_job(session_value, selected):
             """The selected job's settings into the New job form, to change and submit as a new job."""
@@ -182,20 +186,23 @@ def build_ui(api_base_url: str) -> ParatrainUI:
                 values = job_values(ctx.client(session_value).get_job(job_id))
             except (ApiError, ValueError, TypeError) as e:
                 warn(f"Cannot open job #{job_id}'s settings: {e}")
-                return [*form.updates({}), gr.skip()]
+                return [*form.updates({}), gr.skip(), gr.skip()]
             gr.Info(f"Job #{job_id}'s settings are in the form: change them and submit.")
-            return [*form.updates(values), gr.Tabs(selected="submit")]
+            return [*form.updates(values), gr.Tabs(selected="submit"), "submit"]
 
         # the job table is filled at once after logging in, not at the next timer tick
         refresh_jobs = (jobs.refresh_fn, session, [jobs.table, jobs.table_ids, jobs.picker])
         login_button.click(login, [token, remembered, remembered_form], logged_in_outputs).then(*refresh_jobs)
         token.submit(login, [token, remembered, remembered_form], logged_in_outputs).then(*refresh_jobs)
         logout_button.click(logout, None, logged_in_outputs[:6], queue=False)
-        blocks.load(restore, [remembered, remembered_form], logged_in_outputs).then(*refresh_jobs)
+        blocks.load(restore, [remembered, remembered_form, remembered_tab], logged_in_outputs).then(*refresh_jobs)
+        for tab, tab_id in tab_ids.items():   # (a tab chosen by the code below is remembered there)
+            tab.select(lambda tab_id=tab_id: tab_id, None, remembered_tab, queue=False)
         workers_tab.select(workers.refresh_fn, session, [workers.table, workers.info], show_progress="hidden")
         jobs.picker.change(remember_job, [jobs.picker, remembered], remembered, queue=False)
-        submit.submitted_job_id.change(open_submitted, [session, submit.submitted_job_id], [jobs.picker, tabs])
-        jobs.edit_button.click(edit_job, [session, jobs.picker], [*form.inputs, tabs])   # queued: its toast shows
+        submit.submitted_job_id.change(open_submitted, [session, submit.submitted_job_id],
+                                       [jobs.picker, tabs, remembered_tab])
+        jobs.edit_button.click(edit_job, [session, jobs.picker], [*form.inputs, tabs, remembered_tab])   # queued: toast
         # The form as last edited survives a reload: saved every few seconds when it changed. A save on every
         # change event would be one request per input each time a preset or a file fills the form (~40).
         form_saver = gr.Timer(FORM_SAVE_S)

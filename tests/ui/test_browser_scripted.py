@@ -147,7 +147,7 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         before = curve_points(page)
         page.reload()
         page.locator("#main-panel").wait_for(state="visible")
-        tab(page, "Jobs")
+        expect(page.locator("#job-summary")).to_be_visible()   # the Jobs tab, open before the reload
         after = wait_for(lambda: (n := curve_points(page)) >= before and n)
         assert after >= before
         expect(page.locator("#jobs-table")).to_contain_text("running")

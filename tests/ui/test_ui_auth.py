@@ -43,7 +43,7 @@ def test_gradio_endpoints_without_login_return_no_data(live_server, scripted_wor
     # the handlers that take a token: a wrong one is refused with a clear message, a right one works
     out = _call(base, "/login", ["wrong-token", {"token": None, "job_id": None}, {}])
     assert "Wrong token" in out and "secret-job-name" not in out, out[:2000]
-    out = _call(base, "/restore", [{"token": "wrong-token", "job_id": None}, {}])
+    out = _call(base, "/restore", [{"token": "wrong-token", "job_id": None}, {}, "jobs"])
     assert "no longer valid" in out and "secret-job-name" not in out, out[:2000]
     out = _call(base, "/login", [live_server.token, {"token": None, "job_id": None}, {}])
     assert "secret-job-name" in out, out[:2000]  # the same call with the token does answer with data
