@@ -46,6 +46,9 @@ CSS = """
 #job-summary p, #estimate-md p { margin: 2px 0; }
 /* failure reasons and errors wrap instead of running off the right edge */
 #job-summary pre, #job-summary code, #submit-status { white-space: pre-wrap !important; overflow-wrap: anywhere; }
+/* narrow windows: the jobs table scrolls sideways instead of breaking its headers mid-word ("atte mpt") */
+#jobs-table th, #jobs-table th * { white-space: nowrap !important; word-break: keep-all !important;
+                                   overflow-wrap: normal !important; }
 footer { display: none !important; }
 """
 
