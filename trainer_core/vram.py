@@ -493,12 +493,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
 
-def _gpu_gb(text: str) -> float:
+def gpu_size_gib(value: Any) -> float | None:
+    """`value` (a number or its text) as a GPU memory size in GiB, or None when it is none (0 < size <= 4096)."""
     try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value <= 4096:   # NaN fails this too
+        gib = float(value)
+    except (TypeError, ValueError):
+        return None
+    return gib if 0 < gib <= 4096 else None   # NaN fails the bound too
+
+
+def _gpu_gb(text: str) -> float:
+    value = gpu_size_gib(text)
+    if value is None:
         raise argparse.ArgumentTypeError(f"{text!r} is not a GPU size in GiB (0 < size <= 4096)")
     return value
 

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import gradio as gr
@@ -56,6 +57,14 @@ def scratch_file(name: str) -> str:
         except FileNotFoundError:  # another session pruned it first
             pass
     return os.path.join(tempfile.mkdtemp(dir=root), name)
+
+
+def parse_api_time(timestamp: str | None) -> datetime | None:
+    """A timestamp of the API (UTC, ISO 8601, with or without its offset) as an aware datetime."""
+    if not timestamp:
+        return None
+    at = datetime.fromisoformat(str(timestamp).replace("Z", "+00:00"))
+    return at if at.tzinfo is not None else at.replace(tzinfo=timezone.utc)
 
 
 def fmt_duration(seconds: float | None) -> str:

@@ -13,7 +13,7 @@ import html
 import re
 import zipfile
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Callable
 
 import gradio as gr
@@ -22,7 +22,7 @@ import yaml
 
 from trainer_core.config import JOB_SET_FIELDS
 from ui.api import ApiClient, ApiError
-from ui.context import UiContext, fmt_duration, fmt_number, scratch_file, warn
+from ui.context import UiContext, fmt_duration, fmt_number, parse_api_time, scratch_file, warn
 from ui.form import job_values, to_yaml
 from ui.workers import capacity_warning, known_workers
 
@@ -117,10 +117,9 @@ def when_text(job: dict[str, Any]) -> str:
     """'queued 2026-11-29 10:02:11 UTC · started 10:02:15 · ran 1:05' from the API's UTC timestamps."""
     def parse(key: str) -> datetime | None:
         try:
-            at = datetime.fromisoformat(str(job[key]).replace("Z", "+00:00")) if job.get(key) else None
+            return parse_api_time(job.get(key))
         except ValueError:
             return None
-        return at.replace(tzinfo=timezone.utc) if at is not None and at.tzinfo is None else at
 
     created, started, finished = parse("created_at"), parse("started_at"), parse("finished_at")
     if created is None:
@@ -146,8 +145,9 @@ def job_summary(job: dict[str, Any], waits: str | None = None) -> str:
              f"**tokens/s** {fmt_number(job.get('tokens_per_s')) or '-'} · **GPU** {gpu_text(job)} · "
              f"**attempt** {job.get('attempt', 1)}/{job.get('max_attempts') or '?'}",
              f"model {cfg.get('base_model', '')} · data {cfg.get('data_path', '')}"]
-    if when_text(job):
-        lines.append(when_text(job))
+    when = when_text(job)
+    if when:
+        lines.append(when)
     if job.get("retry_of"):
         lines.append(f"retry of job #{job['retry_of']}: resumes from its last checkpoint, if it saved one")
     if job.get("retried_as"):

@@ -70,11 +70,8 @@ def presets_frame(plist: list[dict[str, Any]]) -> pd.DataFrame:
 def gpu_mem_gib(value: Any) -> float:
     """The GPU memory input as GiB; ValueError naming the input (an emptied one, 0 or -10 must not
     estimate for another size than the one shown)."""
-    try:
-        gib = float(value)
-    except (TypeError, ValueError):
-        gib = float("nan")
-    if not 0 < gib <= 4096:   # NaN fails this too
+    gib = vram.gpu_size_gib(value)
+    if gib is None:
         raise ValueError(f"GPU memory: {value!r} is no GPU size; enter its GiB, e.g. 80 for an H100")
     return gib
 

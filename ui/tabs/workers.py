@@ -10,7 +10,7 @@ from typing import Any
 import gradio as gr
 
 from ui.api import ApiError
-from ui.context import UiContext, fmt_duration
+from ui.context import UiContext, fmt_duration, parse_api_time
 from ui.workers import Worker
 
 COLUMNS = ["worker", "host", "state", "GPUs", "running jobs", "last heartbeat"]
@@ -42,12 +42,8 @@ def gpus_text(worker: Worker) -> str:
 
 
 def seconds_ago(timestamp: str | None, now: datetime) -> float | None:
-    if not timestamp:
-        return None
-    then = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    if then.tzinfo is None:
-        then = then.replace(tzinfo=timezone.utc)
-    return (now - then).total_seconds()
+    then = parse_api_time(timestamp)
+    return None if then is None else (now - then).total_seconds()
 
 
 def table_rows(workers: list[Worker], now: datetime) -> list[list[Any]]:
