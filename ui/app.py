@@ -110,7 +110,12 @@ def build_ui(api_base_url: str) -> ParatrainUI:
         tab_ids = {tab: tab.id for tab in (submit_tab, dataset_tab, jobs_tab, compare_tab, workers_tab)}
 
         form = submit.form
-        logged_in_outputs = [session, remembered, login_panel, main_panel, logout_button, login_message,
+        # The form as last edited survives a reload: saved every few seconds when it changed (a save on every
+        # change event would be one request per input each time a preset or a file fills the form, ~40). The
+        # login starts the timer in the answer that fills the form: a tick before it would save the defaults,
+        # which a reload then restored over the login's own (gpus 0 on a CPU-only setup).
+        form_saver = gr.Timer(FORM_SAVE_S, active=False)
+        logged_in_outputs = [session, remembered, login_panel, main_panel, logout_button, login_message, form_saver,
                              submit.memory.gpu_mem, tabs, jobs.picker, *form.inputs]
         message_at = logged_in_outputs.index(login_message)
 
@@ -132,7 +137,7 @@ def build_ui(api_base_url: str) -> ParatrainUI:
             defaults = {"gpus": 0} if workers is not None and cpu_only(workers) else {}
             return [{"token": token_value}, {**saved, "token": token_value, "job_id": job_id},
                     gr.update(visible=False), gr.update(visible=True), gr.update(visible=True), "",
-                    gpu_mem_update(workers), gr.Tabs(selected=tab) if tab in tab_ids.values() else gr.skip(),
+                    gr.Timer(active=True), gpu_mem_update(workers), gr.Tabs(selected=tab) if tab in tab_ids.values() else gr.skip(),
                     picker_update(client, job_id), *form.updates({**defaults, **saved_form})]
 
         def login(token_value, remembered_value, form_value):
@@ -160,7 +165,7 @@ def build_ui(api_base_url: str) -> ParatrainUI:
         def logout():
             """Forget the token and the open job; the form (its own BrowserState) stays for the next login."""
             return ({"token": None}, {"token": None, "job_id": None}, gr.update(visible=True),
-                    gr.update(visible=False), gr.update(visible=False), "Logged out.")
+                    gr.update(visible=False), gr.update(visible=False), "Logged out.", gr.Timer(active=False))
 
         def remember_job(job_id, remembered_value):
             return {**(remembered_value or {}), "job_id": parse_job_id(job_id)}
@@ -197,7 +202,7 @@ def build_ui(api_base_url: str) -> ParatrainUI:
         refresh_jobs = (jobs.refresh_fn, session, [jobs.table, jobs.table_ids, jobs.picker])
         login_button.click(login, [token, remembered, remembered_form], logged_in_outputs).then(*refresh_jobs)
         token.submit(login, [token, remembered, remembered_form], logged_in_outputs).then(*refresh_jobs)
-        logout_button.click(logout, None, logged_in_outputs[:6], queue=False)
+        logout_button.click(logout, None, logged_in_outputs[:7], queue=False)
         blocks.load(restore, [remembered, remembered_form, remembered_tab], logged_in_outputs).then(*refresh_jobs)
         for tab, tab_id in tab_ids.items():   # (a tab chosen by the code below is remembered there)
             tab.select(lambda tab_id=tab_id: tab_id, None, remembered_tab, queue=False)
@@ -206,9 +211,6 @@ def build_ui(api_base_url: str) -> ParatrainUI:
         submit.submitted_job_id.change(open_submitted, [session, submit.submitted_job_id],
                                        [jobs.picker, tabs, remembered_tab])
         jobs.edit_button.click(edit_job, [session, jobs.picker], [*form.inputs, tabs, remembered_tab])   # queued: toast
-        # The form as last edited survives a reload: saved every few seconds when it changed. A save on every
-        # change event would be one request per input each time a preset or a file fills the form (~40).
-        form_saver = gr.Timer(FORM_SAVE_S)
         form_saver.tick(remember_form, [session, remembered_form, *form.inputs], remembered_form, queue=False,
                         show_progress="hidden")
     return ParatrainUI(blocks, login_panel, main_panel, token, login_button, login_message, logout_button, tabs,
