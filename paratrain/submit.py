@@ -157,18 +157,18 @@ def follow(api: ApiClient, token: str, job_id: int) -> int:
     from ui.api import ApiError
 
     state, total_steps = None, None
-    printed: dict[int, Any] = {}   # step -> loss: a resumed attempt re-sends the steps it brings back
+    printed: dict[int, Any] = {}   # step -> losses: a resumed attempt re-sends the steps it brings back
     for event, data in sse_events(api.base_url, token, job_id):
         if event == "state" and data["state"] != state and data["state"] not in FINAL_STATES:
             state = data["state"]
             print(f"{state} (attempt {data['attempt']})", flush=True)
-        elif event == "metric" and printed.get(data["step"], object()) != data.get("loss"):
+        elif event == "metric" and printed.get(data["step"]) != (data.get("loss"), data.get("val_loss")):
             if total_steps is None:   # the job's total is known once the trainer's start event has come
                 try:
                     total_steps = api.get_job(job_id).get("total_steps")
                 except ApiError:
                     pass
-            printed[data["step"]] = data.get("loss")
+            printed[data["step"]] = (data.get("loss"), data.get("val_loss"))
             print(metric_line(data, total_steps), flush=True)
         elif event == "end":
             return _final(api, job_id, data["state"])
@@ -179,6 +179,8 @@ def metric_line(m: dict[str, Any], total_steps: int | None) -> str:
     parts = [f"step {m['step']}" + (f"/{total_steps}" if total_steps else "")]
     if m.get("loss") is not None:
         parts.append(f"loss {m['loss']:.4f}")
+    if m.get("val_loss") is not None:
+        parts.append(f"val loss {m['val_loss']:.4f}")
     if m.get("lr") is not None:
         parts.append(f"lr {m['lr']:.2e}")
     if m.get("tokens_per_s"):

@@ -102,9 +102,11 @@ def stop_local_worker(worker: subprocess.Popen[bytes], grace_s: float = 60) -> N
 
 def demo_job() -> dict:
     """The demo job the banner's curl submits: the guide's batch shape, a learning rate that shows the tiny
-    random model's loss falling within a minute on a CPU."""
+    random model's loss falling within a minute on a CPU, and a tenth of the samples held out for a
+    validation curve."""
     return {"config": {"base_model": DEMO_MODEL, "data_path": DEMO_DATA, "batch_size": 4, "batch_by_samples": True,
-                       "max_branches_per_sample": 16, "learning_rate": 0.003, "max_steps": 40}, "gpus": 0}
+                       "max_branches_per_sample": 16, "learning_rate": 0.003, "max_steps": 40, "val_ratio": 0.1,
+                       "eval_interval": 10}, "gpus": 0}
 
 
 def banner(url: str, token: str, ui: bool, hidden: tuple[str, str] | None = None,

@@ -35,7 +35,7 @@ from trainer_core.data import DataError, validate_file
 SUBMIT_CHECK_LINES = 1000   # milliseconds to read; the trainer checks every line before it loads a model
 
 
-def check_first_lines(data_path: Path, as_given: str) -> None:
+def check_first_lines(data_path: Path, as_given: str, field: str) -> None:
     """A file in the wrong format (another JSONL schema, not JSON at all) is refused when the job is submitted,
     not when a worker reaches it: a 422 naming the first bad lines. A bad line further on fails the job
     when its trainer starts (failure_class data), as before."""
@@ -43,15 +43,23 @@ def check_first_lines(data_path: Path, as_given: str) -> None:
         validate_file(data_path, max_errors=3, max_lines=SUBMIT_CHECK_LINES)
     except DataError as e:
         lines = [line.replace(str(data_path), as_given, 1) for line in e.lines]
-        raise FieldError(("body", "config", "data_path"), "; ".join(lines)) from None
+        raise FieldError(("body", "config", field), "; ".join(lines)) from None
     except OSError as e:
-        raise FieldError(("body", "config", "data_path"), f"{as_given!r}: cannot be read ({e.strerror or e})") from None
+        raise FieldError(("body", "config", field), f"{as_given!r}: cannot be read ({e.strerror or e})") from None
+
+
+def resolve_data_file(config: TrainConfig, field: str, settings: Settings) -> Path:
+    """The dataset file of `field` (data_path, val_data_path), confined to the data root and its first lines
+    checked."""
+    path = confine_data_file(getattr(config, field), ("body", "config", field), settings)
+    check_first_lines(path, getattr(config, field), field)
+    return path
 
 
 def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str) -> TrainConfig:
     """Paths made absolute and confined to the roots; output_dir is the server's choice (jobs/ID/out)."""
-    data_path = confine_data_file(config.data_path, ("body", "config", "data_path"), settings)
-    check_first_lines(data_path, config.data_path)
+    data_path = resolve_data_file(config, "data_path", settings)
+    val_data_path = resolve_data_file(config, "val_data_path", settings) if config.val_data_path else None
     base_model = confine_field(config.base_model, ("body", "config", "base_model"), settings)
     if not is_dir(base_model):
         raise FieldError(("body", "config", "base_model"),
@@ -62,6 +70,7 @@ def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str
                          f"{config.base_model!r}: not a HuggingFace model directory (it has no config.json)")
     output_dir = settings.jobs_dir / str(job_id) / "out"
     return job_config({**config.model_dump(), "data_path": str(data_path), "base_model": str(base_model),
+                       "val_data_path": str(val_data_path) if val_data_path else None,
                        "output_dir": str(output_dir)})   # stored as it runs: resuming (see stored_config)
 
 

@@ -116,6 +116,7 @@ class JobBase(SQLModel):
     step: int = Field(0, sa_type=BigInt)
     total_steps: int | None = Field(None, sa_type=BigInt)
     last_loss: float | None = None
+    last_val_loss: float | None = None
     tokens_per_s: float | None = None
     eta_s: float | None = None
     peak_mem_gb: float | None = None
@@ -173,6 +174,7 @@ class MetricBase(SQLModel):
     step: int = Field(ge=0, le=MAX_DB_INT)
     epoch: float | None = None
     loss: float | None = None
+    val_loss: float | None = None   # at the steps the validation set was evaluated (step 0: before training)
     lr: float | None = None
     grad_norm: float | None = None
     tokens_per_s: float | None = None
@@ -183,7 +185,7 @@ class MetricBase(SQLModel):
 class MetricIn(MetricBase):
     total_steps: int | None = Field(default=None, ge=0, le=MAX_DB_INT)
 
-    @field_validator("epoch", "loss", "lr", "grad_norm", "tokens_per_s", "gpu_mem_gb", "eta_s", mode="after")
+    @field_validator("epoch", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "gpu_mem_gb", "eta_s", mode="after")
     @classmethod
     def _finite_or_none(cls, value: float | None) -> float | None:
         # NaN/inf are not JSON; a diverged loss shows up in the log lines instead.

@@ -497,6 +497,7 @@ def record_report(*, session: Session, job_id: int, report: Report, settings: Se
         emit(session, job, EventKind.metric, values)
         job.step = point.step
         job.last_loss = point.loss if point.loss is not None else job.last_loss
+        job.last_val_loss = point.val_loss if point.val_loss is not None else job.last_val_loss
         job.tokens_per_s = point.tokens_per_s
         job.eta_s = point.eta_s
         if point.total_steps is not None:

@@ -41,12 +41,13 @@ def _field(default: Any, help: str, group: str, **kw: Any) -> Any:
 
 
 # What a run may change when it resumes a checkpoint: how long it runs (the LR schedule follows the new
-# length), how steps are computed, where and how often it writes, and where the data file lies (the data
-# count by content). Any other field defines the run, so a checkpoint saved under another value belongs to
+# length), how steps are computed, where and how often it writes or validates, and where the data file lies (the
+# data count by content; a validation file does not change what is trained). Any other field defines the run, so a checkpoint saved under another value belongs to
 # another run (trainer_core.train.resume_identity).
 NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$"   # no leading '.': lora/.{name}_*.pth would be a hidden file
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "gradient_checkpointing", "compile", "ddp", "tokens_per_row",
-                               "output_dir", "name", "log_interval", "save_interval", "resume", "data_path"})
+                               "output_dir", "name", "log_interval", "save_interval", "resume", "data_path",
+                               "eval_interval", "val_data_path"})
 
 
 class TrainConfig(BaseModel):
@@ -98,6 +99,11 @@ class TrainConfig(BaseModel):
     tokens_per_row: int = _field(
         16384, "Samples of a step are packed into rows of at most this many tokens (no padding to the "
         "longest sample; a longer sample gets a row of its own).", "data", ge=16, le=MAX_POSITION)
+    val_ratio: float = _field(
+        0.0, "Share of data_path's samples held out for a validation loss (chosen with the seed; they are not "
+        "trained on). 0: none.", "data", ge=0.0, lt=1.0)
+    val_data_path: str | None = _field(
+        None, "A separate Parallel JSONL for the validation loss (instead of val_ratio).", "data", min_length=1)
 
     # --- training ------------------------------------------------------------------------------
     epochs: int = _field(3, "Passes over the data.", "training", ge=1, le=1000)
@@ -129,6 +135,9 @@ class TrainConfig(BaseModel):
     log_interval: int = _field(1, "Log metrics every N optimiser steps.", "output", ge=1, le=MAX_STEPS)
     save_interval: int = _field(50, "Save a resumable checkpoint every N optimiser steps.", "output", ge=1,
                                 le=MAX_STEPS)
+    eval_interval: int = _field(50, "With a validation set (val_ratio or val_data_path): its loss every N "
+                                "optimiser steps, before the first and after the last.", "output", ge=1,
+                                le=MAX_STEPS)
     resume: bool = _field(True, "Continue from the newest checkpoint in output_dir when there is one.", "output")
 
     @field_validator("*", mode="after")
@@ -155,6 +164,16 @@ class TrainConfig(BaseModel):
             raise ValueError("min_branches_per_sample applies to dynamic grouping only: set max_branches_per_sample "
                              "too (or use branches_per_sample for a fixed count)")
         return self
+
+    @model_validator(mode="after")
+    def _check_one_validation_set(self) -> "TrainConfig":
+        if self.val_ratio > 0 and self.val_data_path is not None:
+            raise ValueError("val_ratio and val_data_path both choose the validation set: give one of them")
+        return self
+
+    @property
+    def has_validation(self) -> bool:
+        return self.val_ratio > 0 or self.val_data_path is not None
 
     @model_validator(mode="after")
     def _check_float16_adapters(self) -> "TrainConfig":

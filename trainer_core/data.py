@@ -32,6 +32,8 @@ from trainer_core.layout import PackedBatch, SampleLayout, build_sample_layout, 
 MAX_REPORTED_ERRORS = 50
 TOKENIZE_CHUNK = 1024
 PROGRESS_EVERY_S = 10.0  # a progress line while tokenising a large file (about ten minutes per GB)
+# the validation split's random stream: derived from the seed, apart from its other uses (grouping, order)
+VAL_SPLIT_STREAM = 7919
 CACHE_VERSION = "2"  # 2: index.npz holds `text_truncated`
 # A text is tokenised from a prefix of PREFIX_CHARS_PER_TOKEN * max_seq_len characters, doubled while it
 # gives too few tokens: tokenising a 20 MB line whole took 4 GB only to keep its first max_seq_len tokens.
@@ -425,6 +427,29 @@ class SampleIndex:
 
     def num_branches(self, s: int) -> int:
         return int(self.ptr[s + 1] - self.ptr[s])
+
+    def take(self, which: np.ndarray) -> SampleIndex:
+        """The samples `which` (indices, in that order) as an index of their own."""
+        counts = np.diff(self.ptr)[which]
+        ptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        # branch j of the new index is branch (j - ptr[k]) of old sample which[k]
+        starts = np.repeat(self.ptr[which] - ptr[:-1], counts)
+        return SampleIndex(main=self.main[which], ptr=ptr,
+                           branch_texts=self.branch_texts[starts + np.arange(int(ptr[-1]), dtype=np.int64)])
+
+
+def split_validation(samples: SampleIndex, val_ratio: float, seed: int) -> tuple[SampleIndex, SampleIndex]:
+    """(training samples, held-out validation samples): round(val_ratio x samples), at least one, chosen at
+    random with the seed (the same on every rank and every resume), each kept in file order. DataError when
+    nothing would be left to train on."""
+    n = len(samples)
+    n_val = max(1, round(val_ratio * n))
+    if n_val >= n:
+        raise DataError([f"--val_ratio {val_ratio:g} holds out {n_val} of {n} samples: none is left to train on "
+                         "(lower it, or give a separate --val_data_path)"])
+    held_out = np.zeros(n, dtype=bool)
+    held_out[np.random.default_rng([seed, VAL_SPLIT_STREAM]).choice(n, size=n_val, replace=False)] = True
+    return samples.take(np.flatnonzero(~held_out)), samples.take(np.flatnonzero(held_out))
 
 
 def build_samples(ds: TokenizedDataset, cfg: TrainConfig) -> SampleIndex:

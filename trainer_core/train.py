@@ -31,9 +31,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from trainer_core import checkpoint as ckpt
 from trainer_core import exit_codes, owner
 from trainer_core.config import RESUMABLE_CHANGES, TrainConfig, add_cli_arguments, format_validation_error
-from trainer_core.data import (DataError, build_samples, collate_batch, epoch_batches, file_sha256,
-                               has_tokenizer_files, local_model_dir, open_tokens, prepare_tokens, rank_batches,
-                               total_optimizer_steps)
+from trainer_core.data import (DataError, SampleIndex, TokenizedDataset, build_samples, collate_batch,
+                               epoch_batches, file_sha256, has_tokenizer_files, local_model_dir, open_tokens,
+                               prepare_tokens, rank_batches, split_validation, total_optimizer_steps)
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
                                compute_init, gather_objects, print0, write_line)
 from trainer_core.layout import PackedBatch
@@ -153,6 +153,12 @@ def warmup_steps(warmup_ratio: float, total_steps: int) -> int:
     return max(2, round(warmup_ratio * total_steps)) if warmup_ratio > 0 else 0
 
 
+def evaluations_left(step: int, total_steps: int, eval_interval: int) -> int:
+    """Validations after `step`: at every multiple of eval_interval up to total_steps, and at total_steps."""
+    multiples = total_steps // eval_interval - step // eval_interval
+    return multiples + (1 if total_steps % eval_interval and step < total_steps else 0)
+
+
 def lr_lambda(total_steps: int, warmup_steps: int):
     """Linear warmup to the peak, then cosine decay to zero."""
     def f(step: int) -> float:
@@ -230,37 +236,45 @@ def check_resume_identity(checkpoint: Path, saved: dict | None, current: dict) -
                          "in this one (its old checkpoints, lora/*.pth and adapter/ are deleted)."])
 
 
-def tokenize_here(cfg: TrainConfig, env: DistEnv, rank0_sha256: str) -> Path:
+def tokenize_here(path: str, cfg: TrainConfig, env: DistEnv, rank0_sha256: str) -> Path:
     """Rank 0 is on another machine, whose token cache this one does not share (PARATRAIN_CACHE on a local
     disk): the same file, tokenizer and max_seq_len give the same tokens here. Each rank of this machine
     tokenises; the first to finish writes the cache (data.prepare_tokens). A different copy of the file would
     give the ranks different steps: refused. The error is this rank's own, so it says it here."""
     try:
-        if not Path(cfg.data_path).is_file():
-            raise DataError([f"{cfg.data_path}: not found on this machine (global rank 0's has it)"])
-        if file_sha256(cfg.data_path) != rank0_sha256:
-            raise DataError([f"{cfg.data_path}: this machine's copy differs from global rank 0's (another sha256): "
+        if not Path(path).is_file():
+            raise DataError([f"{path}: not found on this machine (global rank 0's has it)"])
+        if file_sha256(path) != rank0_sha256:
+            raise DataError([f"{path}: this machine's copy differs from global rank 0's (another sha256): "
                              "every node must read the same file"])
-        return prepare_tokens(cfg.data_path, cfg.base_model, cfg.max_seq_len)
+        return prepare_tokens(path, cfg.base_model, cfg.max_seq_len)
     except DataError as e:
         print("\n".join(f"[rank {env.rank}] {line}" for line in e.lines), file=sys.stderr, flush=True)
         raise
 
 
-def prepare_data(cfg: TrainConfig, env: DistEnv):
-    """Rank 0 validates and tokenises (before any model is loaded); the others read its cache."""
+Split = tuple[TokenizedDataset, SampleIndex]   # the tokens, and the samples made of them
+
+
+def prepare_data(cfg: TrainConfig, env: DistEnv) -> tuple[Split, Split | None, str]:
+    """(training split, validation split or None, the data file's sha256). Rank 0 validates and tokenises
+    the data file and the validation file (before any model is loaded); the others read its cache."""
+    paths = [cfg.data_path, *([cfg.val_data_path] if cfg.val_data_path else [])]
     result: tuple[str, str] = ("", "")
     if env.is_main:
         try:
             check_base_model(cfg.base_model)
             check_output_dir(cfg.output_dir)
             inject_fault(env, 0, "tokenize", False)
-            warnings: list[str] = []
-            tokens_dir = prepare_tokens(cfg.data_path, cfg.base_model, cfg.max_seq_len, log=lambda m: print0(env, m),
-                                        warnings=warnings)
-            for warning in warnings:
-                print0(env, f"warning: {warning}")
-            result = ("ok", json.dumps({"tokens_dir": str(tokens_dir), "data_sha256": file_sha256(cfg.data_path)}))
+            prepared = []
+            for path in paths:
+                warnings: list[str] = []
+                tokens_dir = prepare_tokens(path, cfg.base_model, cfg.max_seq_len, log=lambda m: print0(env, m),
+                                            warnings=warnings)
+                for warning in warnings:
+                    print0(env, f"warning: {warning}")
+                prepared.append({"tokens_dir": str(tokens_dir), "sha256": file_sha256(path)})
+            result = ("ok", json.dumps(prepared))
         except DataError as e:
             result = ("error", str(e))
     # the other ranks wait for rank 0 here, and the ranks with their tokens for those that tokenise for
@@ -269,15 +283,24 @@ def prepare_data(cfg: TrainConfig, env: DistEnv):
     if status == "error":
         raise DataError(payload.splitlines())
     prepared = json.loads(payload)
-    tokens_dir = Path(prepared["tokens_dir"])
-    if not (tokens_dir / "index.npz").exists():
-        tokens_dir = tokenize_here(cfg, env, prepared["data_sha256"])
+    tokens_dirs = [Path(p["tokens_dir"]) for p in prepared]
+    for i, (path, tokens_dir) in enumerate(zip(paths, tokens_dirs)):
+        if not (tokens_dir / "index.npz").exists():
+            tokens_dirs[i] = tokenize_here(path, cfg, env, prepared[i]["sha256"])
     barrier(env, group=env.prepare_group)
-    ds = open_tokens(tokens_dir)
-    samples = build_samples(ds, cfg)
-    if len(samples) == 0:
-        raise DataError([f"{cfg.data_path}: no sample has any tokens"])
-    return ds, samples, prepared["data_sha256"]
+    splits = []
+    for path, tokens_dir in zip(paths, tokens_dirs):
+        ds = open_tokens(tokens_dir)
+        samples = build_samples(ds, cfg)
+        if len(samples) == 0:
+            raise DataError([f"{path}: no sample has any tokens"])
+        splits.append((ds, samples))
+    train_split, val_split = splits[0], splits[1] if len(splits) > 1 else None
+    if cfg.val_ratio > 0:
+        ds, samples = train_split
+        kept, held_out = split_validation(samples, cfg.val_ratio, cfg.seed)
+        train_split, val_split = (ds, kept), (ds, held_out)
+    return train_split, val_split, prepared[0]["sha256"]
 
 
 def choose_checkpoint(cfg: TrainConfig, env: DistEnv, out_dir: Path, identity: dict) -> Path | None:
@@ -301,13 +324,17 @@ def choose_checkpoint(cfg: TrainConfig, env: DistEnv, out_dir: Path, identity: d
 def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     t_start = time.time()
     out_dir = Path(cfg.output_dir)
-    ds, samples, data_sha256 = prepare_data(cfg, env)
+    (ds, samples), val, data_sha256 = prepare_data(cfg, env)
     total_steps = total_optimizer_steps(samples, cfg, env.world_size)
     if total_steps == 0:
         raise DataError([f"{cfg.data_path}: {len(samples)} samples make no full optimiser step with batch_size "
                          f"{cfg.batch_size} x accumulation_steps {cfg.accumulation_steps} x {env.world_size} ranks"])
     print0(env, f"data: {ds.num_records} records -> {len(samples)} samples; {total_steps} optimiser steps "
                 f"on {env.world_size} rank(s), device {env.device}")
+    if val is not None:
+        print0(env, f"validation: {len(val[1])} samples " + (f"held out of {cfg.data_path} (--val_ratio {cfg.val_ratio:g})"
+                                                             if cfg.val_ratio > 0 else f"of {cfg.val_data_path}")
+               + f", their loss every {cfg.eval_interval} steps")
     cut = int(ds.text_truncated.sum())
     if cut:
         print0(env, f"warning: {cut:,} of {len(ds.text_truncated):,} texts are longer than --max_seq_len "
@@ -382,7 +409,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         out_dir.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics_file, after_step=step)
     emit(env, {"event": "start", "total_steps": total_steps, "resumed_from_step": step,
-               "world_size": env.world_size, "samples": len(samples)})
+               "world_size": env.world_size, "samples": len(samples), "val_samples": len(val[1]) if val else 0})
 
     lm = ParallelBranchLM(model)
     lm_ddp = DDP(lm, device_ids=[env.local_rank] if env.device.type == "cuda" else None) if env.ddp else lm
@@ -403,6 +430,15 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                 ckpt.save_replacing(weights, latest_pth)
             emit(env, {"event": "checkpoint", "step": step, "path": str(path)})
         barrier(env)
+
+    eval_s = 0.0   # how long the last validation took: the ETA counts the ones still to come
+    if val is not None and last is None:   # the base model's (LoRA starts at zero): where the curve starts
+        t0 = time.time()
+        val_loss = validation_loss(lm, val, cfg, env, dense_attention)
+        eval_s = time.time() - t0
+        emit(env, {"step": 0, "epoch": 0, "loss": None, "val_loss": round(val_loss, 6), "total_steps": total_steps,
+                   "time": round(time.time(), 3), "tokens": 0}, metrics_file)
+        print0(env, f"step 0/{total_steps} | val loss {val_loss:.4f} (before training)")
 
     step_time_ema = None
     epoch = start_epoch
@@ -438,16 +474,27 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             if taken_over:
                 return stop_superseded()
             step_time_ema = dt if step_time_ema is None else 0.9 * step_time_ema + 0.1 * dt
-            if step % cfg.log_interval == 0 or step == total_steps:
+            val_loss = None
+            # not while stopping: the stop's checkpoint comes first
+            if val is not None and not stopping and (step % cfg.eval_interval == 0 or step == total_steps):
+                t0 = time.time()
+                val_loss = validation_loss(lm, val, cfg, env, dense_attention)
+                eval_s = time.time() - t0
+            if step % cfg.log_interval == 0 or step == total_steps or val_loss is not None:
+                eta_s = step_time_ema * (total_steps - step) + (
+                    eval_s * evaluations_left(step, total_steps, cfg.eval_interval) if val is not None else 0.0)
                 record = {"step": step, "epoch": epoch + 1, "loss": round(mean_loss, 6), "lr": lr,
                           "grad_norm": round(grad_norm, 6), "tokens_per_s": round(tokens / dt, 1),
-                          "gpu_mem_gb": _gpu_mem_gb(env), "eta_s": round(step_time_ema * (total_steps - step), 1),
+                          "gpu_mem_gb": _gpu_mem_gb(env), "eta_s": round(eta_s, 1),
                           "total_steps": total_steps,
                           # to plot against wall-clock time and tokens seen (the step's, all ranks; non-padding)
-                          "time": round(time.time(), 3), "tokens": int(tokens)}
+                          "time": round(time.time(), 3), "tokens": int(tokens),
+                          **({"val_loss": round(val_loss, 6)} if val_loss is not None else {})}
                 emit(env, record, metrics_file)
-                print0(env, f"step {step}/{total_steps} (epoch {epoch + 1}) | loss {mean_loss:.4f} | lr {lr:.2e} | "
-                            f"grad {grad_norm:.3f} | {tokens / dt:,.0f} tok/s | eta {_hms(record['eta_s'])}")
+                print0(env, f"step {step}/{total_steps} (epoch {epoch + 1}) | loss {mean_loss:.4f} | "
+                            + (f"val loss {val_loss:.4f} | " if val_loss is not None else "")
+                            + f"lr {lr:.2e} | grad {grad_norm:.3f} | {tokens / dt:,.0f} tok/s | "
+                              f"eta {_hms(record['eta_s'])}")
 
             if stopping or step % cfg.save_interval == 0 or step == total_steps:
                 done_epoch = epoch_step + 1 == steps_this_epoch
@@ -504,6 +551,26 @@ def accumulate_gradients(lm: torch.nn.Module, micro: list[PackedBatch], env: Dis
             scaler.scale(loss * env.world_size / label_tokens).backward()
         loss_sum += loss.detach()
     return all_reduce_sum(env, float(loss_sum)) / label_tokens
+
+
+@torch.no_grad()
+def validation_loss(lm: ParallelBranchLM, val: Split, cfg: TrainConfig, env: DistEnv, dense_attention: bool) -> float:
+    """Mean loss per label token over every validation sample, the batches shared out over the ranks (each
+    sample counted once), in eval mode (no LoRA dropout). Called on every rank."""
+    ds, samples = val
+    batches = epoch_batches(samples, cfg, epoch=0)[env.rank::env.world_size]
+    model = lm.peft_model
+    was_training = model.training
+    model.eval()
+    loss_sum, label_tokens = 0.0, 0
+    try:
+        for batch in batches:
+            mb = collate_batch(ds, samples, batch, cfg, dense_attention)
+            loss_sum += float(lm(**vars(mb.to(env.device))))
+            label_tokens += mb.num_label_tokens
+    finally:
+        model.train(was_training)
+    return all_reduce_sum(env, loss_sum) / max(1.0, all_reduce_sum(env, float(label_tokens)))
 
 
 def write_final_outputs(model, cfg: TrainConfig, env: DistEnv, *, step: int, elapsed_s: float,

@@ -101,7 +101,7 @@ class ApiClient:
     def retry_job(self, job_id: int) -> dict[str, Any]:
         return self._json("POST", f"/api/jobs/{job_id}/retry")
 
-    def metrics(self, job_id: int, since_step: int = 0) -> list[dict[str, Any]]:
+    def metrics(self, job_id: int, since_step: int = -1) -> list[dict[str, Any]]:
         return self._json("GET", f"/api/jobs/{job_id}/metrics", params={"since_step": since_step})["data"]
 
     def logs(self, job_id: int, offset: int = 0, limit: int = 1000) -> dict[str, Any]:

@@ -81,7 +81,8 @@ def delete_job(job_id: JobIdPath, session: WriteSessionDep, settings: SettingsDe
 
 @router.get("/{job_id}/metrics", response_model=MetricsPublic)
 def list_metrics(job_id: JobIdPath, session: SessionDep,
-                 since_step: Annotated[int, Query(ge=-1, le=MAX_DB_INT)] = 0) -> MetricsPublic:
+                 since_step: Annotated[int, Query(ge=-1, le=MAX_DB_INT)] = -1) -> MetricsPublic:
+    """The points after `since_step`; by default all of them (step 0: the validation loss before training)."""
     rows = crud.list_metrics(session=session, job_id=job_id, since_step=since_step)
     return MetricsPublic(data=[MetricBase.model_validate(r, from_attributes=True) for r in rows])
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -86,13 +87,20 @@ def test_serve_trains_the_demo_and_hands_jobs_back_on_exit(data_dir, tmp_path):
         api.post(f"/jobs/{demo['id']}/cancel")
         # a saved job file, queued and followed to its end by `paratrain submit` (token from the data dir)
         job_file = tmp_path / "job.yaml"
-        job_file.write_text(yaml.safe_dump({**TINY_CONFIG, "max_steps": 4, "job": {"gpus": 0}}))
+        job_file.write_text(yaml.safe_dump({**TINY_CONFIG, "max_steps": 4, "val_ratio": 0.2, "eval_interval": 2,
+                                            "job": {"gpus": 0}}))
         submit = subprocess.run([sys.executable, "-m", "paratrain", "submit", str(job_file),
                                  "--server", f"http://127.0.0.1:{port}", "--follow"],
                                 cwd=REPO, env={**os.environ, "PARATRAIN_DATA_DIR": str(data_dir)},
                                 capture_output=True, text=True, timeout=150)
         assert submit.returncode == 0, submit.stdout + submit.stderr + log_path.read_text()[-5000:]
         assert "step 4/4  loss" in submit.stdout and "succeeded; outputs in" in submit.stdout, submit.stdout
+        # the validation loss, from the trainer through the worker and the server to the API and the follower
+        assert re.search(r"step 2/4  loss \S+  val loss \d", submit.stdout), submit.stdout
+        [followed] = api.get("/jobs", params={"limit": 1}).json()["data"]
+        points = api.get(f"/jobs/{followed['id']}/metrics").json()["data"]
+        assert [p["step"] for p in points if p["val_loss"] is not None] == [0, 2, 4], points
+        assert followed["last_val_loss"] == points[-1]["val_loss"]
         deadline = time.time() + 120
 
         long_job = api.post("/jobs", json={"config": {**TINY_CONFIG, "max_steps": 500}, "gpus": 0}).json()

@@ -94,6 +94,28 @@ def test_a_dataset_in_the_wrong_format_is_refused_at_submit_naming_its_lines(cli
     assert client.post("/api/jobs", json=job_body(data_path="datasets/blank_start.jsonl")).status_code == 201
 
 
+def test_a_validation_file_is_checked_and_confined_as_the_data_file_is(client, settings, tmp_path_factory, job_body):
+    """val_data_path is read by the trainer like data_path: resolved under the data root, its first lines
+    checked at submit, every mistake a 422 naming val_data_path."""
+    (settings.data_dir / "datasets" / "chat.jsonl").write_text('{"messages": []}\n')
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret.jsonl").write_text('{"text": "x"}\n')
+    for val_data_path, message in [("datasets/missing.jsonl", "no such file"), ("datasets", "is a directory"),
+                                   ("datasets/chat.jsonl", "datasets/chat.jsonl:1: "),
+                                   (str(outside / "secret.jsonl"), "outside"), ("../secret.jsonl", "outside")]:
+        r = client.post("/api/jobs", json=job_body(val_data_path=val_data_path))
+        assert r.status_code == 422, (val_data_path, r.text)
+        assert r.json()["detail"][0]["loc"] == ["body", "config", "val_data_path"], r.text
+        assert message in r.json()["detail"][0]["msg"], r.text
+    r = client.post("/api/jobs", json=job_body(val_data_path="datasets/demo.jsonl", val_ratio=0.1))
+    assert r.status_code == 422 and "give one of them" in r.json()["detail"][0]["msg"]
+    assert client.get("/api/jobs").json()["count"] == 0
+    job = client.post("/api/jobs", json=job_body(val_data_path="datasets/demo.jsonl")).json()
+    assert job["config"]["val_data_path"] == str((settings.data_root / "datasets" / "demo.jsonl").resolve())
+    assert job["config"]["val_data_path"] == job["config"]["data_path"]   # resolved as the data file is
+    assert client.post("/api/jobs", json=job_body(val_ratio=0.1)).json()["config"]["val_data_path"] is None
+
+
 def test_a_hub_id_as_a_jobs_model_is_told_apart_from_a_typo(client, settings, job_body):
     """The flag's help (shared with the CLI) mentions hub ids; a job reads model directories only."""
     r = client.post("/api/jobs", json=job_body(base_model="Qwen/Qwen2.5-0.5B-Instruct"))

@@ -246,6 +246,25 @@ def test_reports_are_idempotent_and_a_rerun_step_replaces(client, worker_headers
     assert client.post(f"/api/jobs/{job_id}/report", json=bad, headers=worker_headers).status_code == 409
 
 
+def test_the_validation_loss_is_stored_with_its_step_and_step_0_is_served_by_default(client, worker_headers,
+                                                                                     job_body):
+    client.post("/api/jobs", json=job_body(val_ratio=0.1))
+    wid = _register(client, worker_headers)
+    job_id, attempt = _run_one(client, worker_headers, wid)
+    points = [{"step": 0, "loss": None, "val_loss": 7.2, "total_steps": 4}, {"step": 1, "loss": 7.1},
+              {"step": 2, "loss": 6.9, "val_loss": 7.0}, {"step": 3, "loss": 6.8, "val_loss": float("inf")}]
+    body = {"worker_id": wid, "attempt": attempt, "log_start": 0, "logs": [], "metrics": points}
+    assert client.post(f"/api/jobs/{job_id}/report", content=json.dumps(body),
+                       headers={**worker_headers, "Content-Type": "application/json"}).status_code == 200
+    metrics = client.get(f"/api/jobs/{job_id}/metrics").json()["data"]
+    assert [(m["step"], m["loss"], m["val_loss"]) for m in metrics] == [
+        (0, None, 7.2), (1, 7.1, None), (2, 6.9, 7.0), (3, 6.8, None)]   # infinity is no JSON: missing
+    assert [m["step"] for m in client.get(f"/api/jobs/{job_id}/metrics", params={"since_step": 0}).json()["data"]] \
+        == [1, 2, 3]
+    job = client.get(f"/api/jobs/{job_id}").json()
+    assert (job["last_loss"], job["last_val_loss"], job["step"]) == (6.8, 7.0, 3)
+
+
 def test_finish_classes(client, worker_headers, job_body):
     wid = _register(client, worker_headers)
     outcomes = {}

@@ -6,6 +6,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 import trainer_core.data as data
@@ -235,3 +237,57 @@ def test_min_branches_per_sample_without_max_is_refused_not_ignored():
         TrainConfig(base_model="m", data_path="d", min_branches_per_sample=4)
     TrainConfig(base_model="m", data_path="d", min_branches_per_sample=4, max_branches_per_sample=8)
     TrainConfig(base_model="m", data_path="d", min_branches_per_sample=1)   # the worker's argv passes the default
+
+
+
+def sample_index(shape: list[tuple[int, bool]]) -> data.SampleIndex:
+    """Samples of (branch count, has a main), text ids consecutive: sample s's texts are numbered after
+    sample s-1's, so a sample's first text id tells its place in the file."""
+    main, ptr, branches, next_id = [], [0], [], 0
+    for count, has_main in shape:
+        main.append(next_id if has_main else -1)
+        next_id += has_main
+        branches += range(next_id, next_id + count)
+        next_id += count
+        ptr.append(len(branches))
+    return data.SampleIndex(np.array(main, dtype=np.int64), np.array(ptr, dtype=np.int64),
+                            np.array(branches, dtype=np.int64))
+
+
+def texts_of(samples: data.SampleIndex, s: int) -> tuple[int, ...]:
+    main = [int(samples.main[s])] if samples.main[s] >= 0 else []
+    return tuple(main + [int(t) for t in samples.branch_texts[samples.ptr[s]:samples.ptr[s + 1]]])
+
+
+# a sample has at least one text (build_samples drops the others)
+samples_shapes = st.lists(st.tuples(st.integers(0, 5), st.booleans()).filter(lambda c: c[0] > 0 or c[1]),
+                          min_size=2, max_size=60)
+
+
+@given(samples_shapes, st.floats(0.001, 0.9), st.integers(0, 2**32 - 1))
+@settings(max_examples=200, deadline=None)
+def test_the_validation_split_holds_out_whole_samples_once_each_and_the_same_every_time(shape, ratio, seed):
+    samples = sample_index(shape)
+    n = len(samples)
+    n_val = max(1, round(ratio * n))
+    if n_val >= n:   # nothing would be left to train on: said, not trained
+        with pytest.raises(DataError, match="none is left to train on"):
+            data.split_validation(samples, ratio, seed)
+        return
+    kept, held_out = data.split_validation(samples, ratio, seed)
+    assert (len(kept), len(held_out)) == (n - n_val, n_val)
+    parts = [[texts_of(part, s) for s in range(len(part))] for part in (kept, held_out)]
+    # every sample lands in exactly one part, whole (its main and all its branches) ...
+    assert sorted(parts[0] + parts[1]) == [texts_of(samples, s) for s in range(n)]
+    # ... and each part keeps the file's order
+    assert all(texts == sorted(texts) for texts in parts)
+    # the same split on every rank and every resume
+    again = data.split_validation(samples, ratio, seed)[1]
+    assert [texts_of(again, s) for s in range(len(again))] == parts[1]
+
+
+def test_the_validation_split_follows_the_seed_and_takes_at_least_one_sample():
+    samples = sample_index([(1, False)] * 100)
+    held = {seed: data.split_validation(samples, 0.1, seed)[1].branch_texts.tolist() for seed in (0, 1)}
+    assert len(held[0]) == 10 and held[0] != held[1]
+    assert len(data.split_validation(samples, 0.001, 0)[1]) == 1   # a ratio that rounds to none still holds out one

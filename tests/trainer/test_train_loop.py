@@ -15,7 +15,7 @@ from trainer_core.data import DataError
 from trainer_core.dist import DistEnv
 from trainer_core.layout import build_sample_layout, collate_packed
 from trainer_core.model import ParallelBranchLM
-from trainer_core.train import _truncate_metrics, accumulate_gradients, lr_lambda, warmup_steps
+from trainer_core.train import _truncate_metrics, accumulate_gradients, evaluations_left, lr_lambda, warmup_steps
 
 ONE_PROCESS = DistEnv(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -60,6 +60,17 @@ def test_learning_rate_warms_up_linearly_then_decays_to_zero_along_a_cosine():
     # the default ratio 0.05 of a 20-step run rounds to 1 step, which would start at the peak: no warmup at all
     assert warmup_steps(0.05, 20) == 2 and lr_lambda(20, warmup_steps(0.05, 20))(0) == 0.5
     assert warmup_steps(0.05, 1000) == 50 and warmup_steps(0.0, 1000) == 0
+
+
+def test_the_eta_counts_the_validations_still_to_come():
+    # every 3 steps of 7, and after the last: steps 3, 6 and 7
+    assert [evaluations_left(step, 7, 3) for step in range(8)] == [3, 3, 3, 2, 2, 2, 1, 0]
+    assert [evaluations_left(step, 6, 3) for step in (0, 5, 6)] == [2, 1, 0]   # the last is a multiple: once
+    # checked against counting them one by one
+    for total, interval in [(1, 1), (10, 4), (50, 50), (49, 50), (120, 7)]:
+        for step in range(total + 1):
+            due = [s for s in range(step + 1, total + 1) if s % interval == 0 or s == total]
+            assert evaluations_left(step, total, interval) == len(due), (step, total, interval)
 
 
 def test_resuming_drops_the_metrics_of_steps_that_will_be_trained_again(tmp_path):
@@ -197,17 +208,18 @@ def test_a_rank_on_a_machine_without_rank_0s_token_cache_tokenises_the_data_itse
     from trainer_core.data import file_sha256
 
     cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path))
-    rank0_ds, rank0_samples, sha = train_module.prepare_data(cfg, DistEnv(False, 0, 0, 1, torch.device("cpu")))
-    elsewhere = {"tokens_dir": str(tmp_path / "rank-0s-machine" / "cache"), "data_sha256": sha}
-    monkeypatch.setattr(train_module, "broadcast_object", lambda env, obj, group=None: ("ok", json.dumps(elsewhere)))
+    (rank0_ds, rank0_samples), _, sha = train_module.prepare_data(cfg, DistEnv(False, 0, 0, 1, torch.device("cpu")))
+    elsewhere = {"tokens_dir": str(tmp_path / "rank-0s-machine" / "cache"), "sha256": sha}
+    monkeypatch.setattr(train_module, "broadcast_object",
+                        lambda env, obj, group=None: ("ok", json.dumps([elsewhere])))
     monkeypatch.setattr(train_module, "barrier", lambda env, group=None: None)   # no process group here
     monkeypatch.setenv("PARATRAIN_CACHE", str(tmp_path / "this-machines-cache"))
-    ds, samples, rank1_sha = train_module.prepare_data(cfg, DistEnv(True, 1, 0, 2, torch.device("cpu")))
+    (ds, samples), _, rank1_sha = train_module.prepare_data(cfg, DistEnv(True, 1, 0, 2, torch.device("cpu")))
     assert list((tmp_path / "this-machines-cache").iterdir())           # tokenised here
     assert rank1_sha == sha == file_sha256(str(demo_data_path)) and len(samples) == len(rank0_samples)
     assert (ds.tokens == rank0_ds.tokens).all() and (ds.text_offsets == rank0_ds.text_offsets).all()
     # another copy of the file would give this machine's ranks other steps than rank 0's: they would hang
-    elsewhere["data_sha256"] = "0" * 64
+    elsewhere["sha256"] = "0" * 64
     with pytest.raises(DataError, match="this machine's copy differs from global rank 0's"):
         train_module.prepare_data(cfg, DistEnv(True, 1, 0, 2, torch.device("cpu")))
 

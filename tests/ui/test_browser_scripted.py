@@ -118,7 +118,7 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
             step = 0
             while not (stop.is_set() or pause.is_set()) and step < 60:
                 step += 1
-                scripted_worker.report(1, range(step, step + 1), total_steps=60)
+                scripted_worker.report(1, range(step, step + 1), total_steps=60, val_every=3)
                 reported.append(step)
                 time.sleep(0.4)
 
@@ -136,6 +136,11 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         wait_for(lambda: curve_points(page) == last + 1, timeout=5, interval=0.05)
         assert time.time() - reported_at < 2.0
         expect(page.locator("#log-tail")).to_contain_text(re.compile(r"step \d+ loss"))
+        # the validation loss is a curve of its own, named in the legend and the title
+        expect(page.locator("#loss-plot")).to_contain_text("validation")
+        expect(page.locator("#loss-plot")).to_contain_text("training")
+        expect(page.locator("#loss-plot")).to_contain_text(re.compile(r"validation at step \d*[0369]: "))
+        expect(page.locator("#job-summary")).to_contain_text("validation loss")
         page.screenshot(path=shots / "03-jobs-live-curve.png", full_page=True)
 
         # reload: logged back in, the same job reopened, the whole curve fetched again, and a form edit that
@@ -188,6 +193,11 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         expect(page.locator("#compare-plot")).to_contain_text("#3 third")
         expect(page.locator("#compare-plot")).to_contain_text("#1 paratrain")
         page.screenshot(path=shots / "05-compare.png", full_page=True)
+        # the validation losses: job #1 has them, the third job none, which its note says
+        page.locator("#compare-curve").get_by_text("Validation loss", exact=True).click()
+        expect(page.locator("#compare-info")).to_contain_text("#3 third: 0 points, running (no validation set)")
+        expect(page.locator("#compare-plot")).to_contain_text("Validation loss of 1 job")   # the one drawn
+        page.screenshot(path=shots / "05b-compare-validation.png", full_page=True)
 
         # the first job crashes: its summary shows the traceback's cause, and it can be retried, not cancelled
         scripted_worker.finish(1, exit_code=1, failure_class="crash", failure_reason=CRASH)

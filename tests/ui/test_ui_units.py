@@ -467,6 +467,26 @@ def test_live_plot_titles_carry_the_last_point():
     assert curve_title([], "loss", "Loss") == "Loss"
 
 
+def test_the_loss_plot_draws_the_validation_loss_beside_the_training_loss():
+    from ui.tabs.jobs import job_summary, loss_frame, loss_title, step_axis
+
+    points = [{"step": 0, "loss": None, "val_loss": 7.4}, {"step": 1, "loss": 7.3}, {"step": 2, "loss": 7.25},
+              {"step": 3, "loss": 7.1, "val_loss": 7.2}, {"step": 4, "loss": 7.0}]
+    frame = loss_frame(points)
+    by_curve = {curve: list(zip(part["step"], part["loss"])) for curve, part in frame.groupby("curve")}
+    assert by_curve == {"training": [(1, 7.3), (2, 7.25), (3, 7.1), (4, 7.0)], "validation": [(0, 7.4), (3, 7.2)]}
+    assert str(frame["step"].dtype) == "int64" and str(frame["loss"].dtype) == "float64"
+    assert loss_title(points) == "Loss (step 4: 7; validation at step 3: 7.2)"
+    assert loss_title(points[:1]) == "Loss (validation at step 0: 7.4)"
+    assert loss_title(points[1:3]) == "Loss (step 2: 7.25)"
+    assert step_axis(points)[0] == 0 and step_axis(points[1:])[0] == 1   # step 0 is on the axis when drawn
+    job = {"id": 3, "state": "running", "config": {"val_ratio": 0.05}, "last_loss": 7.0, "last_val_loss": 7.2}
+    assert "validation 5% held out" in job_summary(job) and "**validation loss** 7.2000" in job_summary(job)
+    job["config"] = {"val_data_path": "/data/val.jsonl"}
+    assert "validation /data/val.jsonl" in job_summary(job)
+    assert "validation" not in job_summary({"id": 4, "state": "queued", "config": {}})
+
+
 def test_job_summary_names_a_retry_and_a_cancel_is_not_a_failure_and_the_log_tail_is_for_people():
     from ui.tabs.jobs import job_summary, log_html
 

@@ -137,6 +137,15 @@ def when_text(job: dict[str, Any]) -> str:
     return " · ".join(parts)
 
 
+def validation_text(cfg: dict[str, Any]) -> str:
+    """' · validation 5% held out' or ' · validation FILE', or '' without a validation set."""
+    if cfg.get("val_data_path"):
+        return f" · validation {cfg['val_data_path']}"
+    if cfg.get("val_ratio"):
+        return f" · validation {cfg['val_ratio'] * 100:.3g}% held out"
+    return ""
+
+
 def job_summary(job: dict[str, Any], waits: str | None = None) -> str:
     cfg = job.get("config", {})
     lines = [f"### Job #{job['id']} · {job.get('name') or cfg.get('name', '')} · {STATE_ICONS.get(job['state'], '')} "
@@ -144,7 +153,10 @@ def job_summary(job: dict[str, Any], waits: str | None = None) -> str:
              f"**progress** {progress_text(job) or '-'} · **ETA** {eta_text(job) or '-'} · "
              f"**tokens/s** {fmt_number(job.get('tokens_per_s')) or '-'} · **GPU** {gpu_text(job)} · "
              f"**attempt** {job.get('attempt', 1)}/{job.get('max_attempts') or '?'}",
-             f"model {cfg.get('base_model', '')} · data {cfg.get('data_path', '')}"]
+             f"model {cfg.get('base_model', '')} · data {cfg.get('data_path', '')}" + validation_text(cfg)]
+    if job.get("last_val_loss") is not None:
+        lines.append(f"**validation loss** {fmt_number(job['last_val_loss'], 4)} · **training loss** "
+                     f"{fmt_number(job.get('last_loss'), 4) or '-'}")
     when = when_text(job)
     if when:
         lines.append(when)
@@ -239,6 +251,18 @@ def curve_frame(points: list[dict[str, Any]], y: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", y]).astype({"step": "int64", y: "float64"})
 
 
+# The loss plot's two curves: the training loss of each logged step, the validation loss where it was evaluated
+LOSS_CURVES = {"loss": "training", "val_loss": "validation"}
+LOSS_COLOURS = {"training": "#4f46e5", "validation": "#e11d48"}
+
+
+def loss_frame(points: list[dict[str, Any]]) -> pd.DataFrame:
+    """Both loss curves in one frame (a `curve` column tells them apart)."""
+    rows = [(p["step"], p[key], curve) for key, curve in LOSS_CURVES.items() for p in points if p.get(key) is not None]
+    return pd.DataFrame(rows, columns=["step", "loss", "curve"]).astype({"step": "int64", "loss": "float64",
+                                                                         "curve": "string"})
+
+
 def curve_title(points: list[dict[str, Any]], y: str, name: str) -> str:
     """'Loss (step 8: 2.778)'. Setting the title after new data makes Gradio lay the plot out again: with
     new data alone it keeps its first layout's axis width, which clipped longer tick labels (0.0030 drawn
@@ -248,18 +272,32 @@ def curve_title(points: list[dict[str, Any]], y: str, name: str) -> str:
     return f"{name} (step {last['step']}: {last[y]:.4g})" if last else name
 
 
+def loss_title(points: list[dict[str, Any]]) -> str:
+    """curve_title of the training loss, and the last validation loss when there is one:
+    'Loss (step 8: 2.778; validation at step 5: 2.9)'."""
+    title = curve_title(points, "loss", "Loss")
+    last = next((p for p in reversed(points) if p.get("val_loss") is not None), None)
+    if last is None:
+        return title
+    val = f"validation at step {last['step']}: {last['val_loss']:.4g}"
+    return f"{title[:-1]}; {val})" if title.endswith(")") else f"{title} ({val})"
+
+
 SHORT_CURVE_STEPS = 10
 
 
 def step_axis(points: list[dict[str, Any]]) -> list[int] | None:
     """The step axis of a short curve spans SHORT_CURVE_STEPS steps: over 1..3 the plot puts ticks at halves,
-    and the whole-step format labels them '1 2 2 3 3'. A longer curve takes its own range (None)."""
+    and the whole-step format labels them '1 2 2 3 3'. It starts at 0 when the curve does (the validation
+    loss before training). A longer curve takes its own range (None)."""
     last = points[-1]["step"] if points else 0
-    return [1, SHORT_CURVE_STEPS] if last < SHORT_CURVE_STEPS else None
+    first = min(1, points[0]["step"]) if points else 1
+    return [first, SHORT_CURVE_STEPS] if last < SHORT_CURVE_STEPS else None
 
 
 def empty_watch() -> dict[str, Any]:
-    return {"job_id": None, "points": [], "last_step": 0, "log_offset": 0, "log_lines": [], "final": False}
+    # last_step -1: the first fetch takes step 0 too (a validation loss before training)
+    return {"job_id": None, "points": [], "last_step": -1, "log_offset": 0, "log_lines": [], "final": False}
 
 
 def fetch_new(client: ApiClient, watch: dict[str, Any]) -> tuple[bool, bool]:
@@ -303,7 +341,7 @@ def log_html(lines: list[str]) -> str:
 
 
 def curve_text(watch: dict[str, Any]) -> str:
-    n = len(watch["points"])
+    n = sum(p.get("loss") is not None for p in watch["points"])   # training steps (step 0 has a validation loss only)
     return f"Loss curve: {n} point{'s' if n != 1 else ''}" + (f", last step {watch['last_step']}" if n else "")
 
 
@@ -329,8 +367,8 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         with gr.Column(scale=3, min_width=420):
             curve_info = gr.Markdown(elem_id="curve-info")
             # x_axis_format "d": whole steps (1, 2, 3), not 1.0, 1.5, 2.0 on a short curve
-            loss_plot = gr.LinePlot(x="step", y="loss", title="Loss", height=240, x_axis_format="d",
-                                    elem_id="loss-plot")
+            loss_plot = gr.LinePlot(x="step", y="loss", color="curve", color_map=LOSS_COLOURS, title="Loss",
+                                    height=240, x_axis_format="d", elem_id="loss-plot")
             lr_plot = gr.LinePlot(x="step", y="lr", title="Learning rate", height=170, x_axis_format="d",
                                   elem_id="lr-plot")
     refresh_timer = gr.Timer(2.0)
@@ -357,7 +395,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         while len(selected_by_page) > MAX_PAGES_REMEMBERED:
             selected_by_page.pop(next(iter(selected_by_page)))
         if job_id is None or not (session or {}).get("token"):
-            return (fresh, PICK_HINT, "", curve_frame([], "loss"), curve_frame([], "lr"), "", gr.update(visible=False),
+            return (fresh, PICK_HINT, "", loss_frame([]), curve_frame([], "lr"), "", gr.update(visible=False),
                     "", *action_updates(None))
         fresh["job_id"] = job_id
         try:
@@ -368,7 +406,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             return (fresh, f"Cannot load job #{job_id}: {e}", "", gr.skip(), gr.skip(), "", gr.update(visible=False),
                     "", *action_updates(None))
         return (fresh, job_summary(job, wait_reason(client, job)), curve_text(fresh),
-                curve_frame(fresh["points"], "loss"),
+                loss_frame(fresh["points"]),
                 curve_frame(fresh["points"], "lr"), log_html(fresh["log_lines"]), gr.update(visible=False),
                 settings_yaml(job), *action_updates(job))
 
@@ -396,7 +434,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         current["final"] = job["state"] in FINAL_STATES
         return (current, job_summary(job, wait_reason(client, job)),
                 curve_text(current) if new_points else gr.skip(),
-                curve_frame(current["points"], "loss") if new_points else gr.skip(),
+                loss_frame(current["points"]) if new_points else gr.skip(),
                 curve_frame(current["points"], "lr") if new_points else gr.skip(),
                 log_html(current["log_lines"]) if new_lines else gr.skip(), *action_updates(job))
 
@@ -443,7 +481,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
     def relayout(current):
         points = (current or {}).get("points") or []
         x_lim = step_axis(points)
-        return (gr.update(title=curve_title(points, "loss", "Loss"), x_lim=x_lim),
+        return (gr.update(title=loss_title(points), x_lim=x_lim),
                 gr.update(title=curve_title(points, "lr", "Learning rate"), x_lim=x_lim))
 
     actions = [cancel_button, retry_button, download_button, edit_button]
