@@ -414,7 +414,7 @@ def job_config(stored: dict[str, Any]) -> TrainConfig:
 # The fields that change what a dataset check reports (samples, batches, packed rows, the example layout):
 # `paratrain data check` takes them as flags, and the UI's check sends them from its form.
 SAMPLE_SHAPING_FIELDS = ("max_seq_len", "branches_per_sample", "min_branches_per_sample", "max_branches_per_sample",
-                         "batch_by_samples", "batch_size", "tokens_per_row", "branch_stride", "seed")
+                         "batch_by_samples", "batch_size", "tokens_per_row", "branch_stride", "seed", "val_ratio")
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser, only: Sequence[str] | None = None) -> None:

@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from trainer_core.config import SAMPLE_SHAPING_FIELDS, TrainConfig, add_cli_arguments, format_validation_error
 from trainer_core.data import (DataError, build_samples, epoch_batches, has_tokenizer_files, load_or_tokenize,
-                               load_tokenizer, local_model_dir, sample_lengths, sample_token_ids, validate_file)
+                               load_tokenizer, local_model_dir, sample_lengths, sample_token_ids, split_validation,
+                               validate_file)
 from trainer_core.layout import FLEX_BLOCK_TOKENS, round_up, row_plan
 
 EXAMPLE_MAX_COLUMNS = 48
@@ -26,6 +27,13 @@ def summarize(cfg: TrainConfig, with_example: bool = True) -> dict:
     except DataError as e:
         return {"errors": e.lines}
     samples = build_samples(ds, cfg)
+    held_out = 0
+    if cfg.val_ratio > 0:   # the rest describes the samples trained on
+        try:
+            samples, validation = split_validation(samples, cfg.val_ratio, cfg.seed)
+        except DataError as e:
+            return {"errors": e.lines}
+        held_out = len(validation)
     lengths = sample_lengths(ds, samples)
     # The main is not counted, so the histogram is on the scale of --max_branches_per_sample.
     branches = np.diff(samples.ptr)
@@ -45,6 +53,7 @@ def summarize(cfg: TrainConfig, with_example: bool = True) -> dict:
         "data_path": cfg.data_path,
         "records": ds.num_records,
         "samples": len(samples),
+        "validation_samples": held_out,
         "texts": int(branches.sum() + (samples.main >= 0).sum()),
         "branches_histogram": hist,
         "token_length_percentiles": _percentiles(text_lens),
@@ -99,7 +108,8 @@ def format_summary(s: dict) -> str:
     return "\n".join([
         f"{s['data_path']}: OK",
         *[f"  warning: {w}" for w in s["warnings"]],
-        f"  records {s['records']:,} -> samples {s['samples']:,} ({s['texts']:,} texts incl. mains)",
+        f"  records {s['records']:,} -> samples {s['samples']:,} ({s['texts']:,} texts incl. mains)"
+        + (f"; {s['validation_samples']:,} more held out for validation" if s.get("validation_samples") else ""),
         f"  branches per sample, main not counted (branches:samples): {hist}",
         f"  tokens per text   p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  max {t['max']}"
         f"  ({s['truncated_texts']} truncated)",

@@ -51,6 +51,24 @@ def test_the_checks_packing_numbers_are_the_gpu_trainers_rows(tiny_model_dir, de
         assert s["tokens"] == sum(r.num_tokens for r in rows), fields
 
 
+def test_data_check_describes_the_samples_trained_on_and_counts_those_held_out(tiny_model_dir, demo_data_path):
+    from trainer_core.data import build_samples, load_or_tokenize, sample_lengths, split_validation
+    from trainer_core.data_cli import format_summary, summarize
+
+    cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path), max_seq_len=128)
+    whole = summarize(cfg, with_example=False)
+    held = summarize(cfg.model_copy(update={"val_ratio": 0.2}), with_example=False)
+    assert whole["validation_samples"] == 0 and held["validation_samples"] == round(0.2 * whole["samples"])
+    assert held["samples"] + held["validation_samples"] == whole["samples"]
+    ds = load_or_tokenize(cfg.data_path, cfg.base_model, cfg.max_seq_len)
+    kept, _ = split_validation(build_samples(ds, cfg), 0.2, cfg.seed)
+    assert held["tokens"] == int(sample_lengths(ds, kept).sum()) < whole["tokens"]   # the training part's
+    assert f"; {held['validation_samples']} more held out for validation" in format_summary(held)
+    assert "held out" not in format_summary(whole)
+    too_many = summarize(cfg.model_copy(update={"val_ratio": 0.999}), with_example=False)
+    assert "none is left to train on" in too_many["errors"][0]
+
+
 def test_data_check_takes_every_flag_that_shapes_samples(tiny_model_dir, demo_data_path):
     from trainer_core.config import SAMPLE_SHAPING_FIELDS
 

@@ -166,6 +166,7 @@ def summary_markdown(s: dict[str, Any], body: dict[str, Any] | None = None) -> s
     errors = s.get("errors") or []
     head = "✖ The data has errors: a job with it would not start." if errors else "✔ The data is valid."
     rows = [("records", s.get("records")), ("samples", s.get("samples")),
+            ("samples held out for validation (val_ratio)", s.get("validation_samples") or None),
             ("tokens after packing", s.get("tokens_after_packing")),
             ("padding share after packing", f"{s['padding_share']:.1%}" if s.get("padding_share") is not None else None),
             ("text length p50 / p90 / p99 / max (tokens)",
