@@ -61,7 +61,8 @@ def on_sigterm(signum, frame) -> None:
 
 def summarize(records: list[dict], shape: str, cuda: bool, flags: list[str], exit_code, wall: float,
               timed_out: bool) -> dict:
-    metrics = [r for r in records if "event" not in r]
+    # training steps: not the events, nor the validation before the first step (with --val_ratio)
+    metrics = [r for r in records if "event" not in r and r.get("loss") is not None]
     timed = metrics[3:] or metrics  # the first steps compile kernels
     return {
         "shape": shape, "device": torch.cuda.get_device_name() if cuda else "cpu", "flags": flags,

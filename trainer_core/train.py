@@ -33,7 +33,8 @@ from trainer_core import exit_codes, owner
 from trainer_core.config import RESUMABLE_CHANGES, TrainConfig, add_cli_arguments, format_validation_error
 from trainer_core.data import (DataError, SampleIndex, TokenizedDataset, build_samples, collate_batch,
                                epoch_batches, file_sha256, has_tokenizer_files, local_model_dir, open_tokens,
-                               prepare_tokens, rank_batches, split_validation, total_optimizer_steps)
+                               prepare_tokens, rank_batches, sample_lengths, split_validation,
+                               total_optimizer_steps)
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
                                compute_init, gather_objects, print0, write_line)
 from trainer_core.layout import PackedBatch
@@ -228,7 +229,10 @@ def resume_identity(cfg: TrainConfig, world_size: int, data_sha256: str) -> dict
 def check_resume_identity(checkpoint: Path, saved: dict | None, current: dict) -> None:
     if saved is None:   # saved by a paratrain that did not record it
         return
-    # a field added to TrainConfig since the checkpoint was written is not a difference
+    # a TrainConfig field added since the checkpoint was written had its default there (val_ratio 0: no
+    # sample was held out); other keys it lacks are not compared
+    fields = TrainConfig.model_fields
+    saved = {**{k: fields[k].default for k in current if k in fields and k not in saved}, **saved}
     diffs = [f"{k} {saved[k]!r} -> {v!r}" for k, v in current.items() if k in saved and saved[k] != v]
     if diffs:
         raise DataError([f"{checkpoint}: saved by a run with other settings ({'; '.join(diffs)}).",
@@ -274,6 +278,9 @@ def prepare_data(cfg: TrainConfig, env: DistEnv) -> tuple[Split, Split | None, s
                 for warning in warnings:
                     print0(env, f"warning: {warning}")
                 prepared.append({"tokens_dir": str(tokens_dir), "sha256": file_sha256(path)})
+            if len(prepared) == 2 and prepared[0]["sha256"] == prepared[1]["sha256"]:
+                print0(env, f"warning: --val_data_path {cfg.val_data_path} holds the same as --data_path: its loss "
+                            "measures the samples trained on, not how the model does on others")
             result = ("ok", json.dumps(prepared))
         except DataError as e:
             result = ("error", str(e))
@@ -335,10 +342,11 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         print0(env, f"validation: {len(val[1])} samples " + (f"held out of {cfg.data_path} (--val_ratio {cfg.val_ratio:g})"
                                                              if cfg.val_ratio > 0 else f"of {cfg.val_data_path}")
                + f", their loss every {cfg.eval_interval} steps")
-    cut = int(ds.text_truncated.sum())
-    if cut:
-        print0(env, f"warning: {cut:,} of {len(ds.text_truncated):,} texts are longer than --max_seq_len "
-                    f"{cfg.max_seq_len} and are cut to it (`paratrain data check` counts them)")
+    for path, tokens in [(cfg.data_path, ds), *([(cfg.val_data_path, val[0])] if cfg.val_data_path else [])]:
+        cut = int(tokens.text_truncated.sum())
+        if cut:
+            print0(env, f"warning: {cut:,} of {len(tokens.text_truncated):,} texts of {path} are longer than "
+                        f"--max_seq_len {cfg.max_seq_len} and are cut to it (`paratrain data check` counts them)")
     if cfg.max_steps is not None and total_steps < cfg.max_steps:
         print0(env, f"note: --epochs {cfg.epochs} make {total_steps} steps, fewer than --max_steps {cfg.max_steps}: "
                     "training stops after the epochs (raise --epochs to train longer)")
@@ -407,7 +415,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         return stop_superseded()
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics_file, after_step=step)
+        # a run starting afresh keeps no line of an earlier one, step 0's (a validation) included
+        _truncate_metrics(metrics_file, after_step=step if last is not None else -1)
     emit(env, {"event": "start", "total_steps": total_steps, "resumed_from_step": step,
                "world_size": env.world_size, "samples": len(samples), "val_samples": len(val[1]) if val else 0})
 
@@ -431,14 +440,18 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             emit(env, {"event": "checkpoint", "step": step, "path": str(path)})
         barrier(env)
 
-    eval_s = 0.0   # how long the last validation took: the ETA counts the ones still to come
     if val is not None and last is None:   # the base model's (LoRA starts at zero): where the curve starts
-        t0 = time.time()
-        val_loss = validation_loss(lm, val, cfg, env, dense_attention)
-        eval_s = time.time() - t0
-        emit(env, {"step": 0, "epoch": 0, "loss": None, "val_loss": round(val_loss, 6), "total_steps": total_steps,
-                   "time": round(time.time(), 3), "tokens": 0}, metrics_file)
-        print0(env, f"step 0/{total_steps} | val loss {val_loss:.4f} (before training)")
+        measured = validation_loss(lm, val, cfg, env, dense_attention)
+        if superseded():   # while it ran
+            return stop_superseded()
+        if measured is not None:
+            emit(env, {"step": 0, "epoch": 0, "loss": None, **val_fields(measured), "total_steps": total_steps,
+                       "time": round(time.time(), 3), "tokens": 0}, metrics_file)
+            print0(env, f"step 0/{total_steps} | val loss {measured[0]:.4f} (before training)")
+    # The ETA counts the validations still to come: a third of a training step's time per token (forward only)
+    # until one has been timed in the loop (the one before training includes the first compiles)
+    val_tokens = int(sample_lengths(*val).sum()) if val is not None else 0
+    eval_s: float | None = None
 
     step_time_ema = None
     epoch = start_epoch
@@ -474,25 +487,30 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             if taken_over:
                 return stop_superseded()
             step_time_ema = dt if step_time_ema is None else 0.9 * step_time_ema + 0.1 * dt
-            val_loss = None
+            measured = None
             # not while stopping: the stop's checkpoint comes first
             if val is not None and not stopping and (step % cfg.eval_interval == 0 or step == total_steps):
-                t0 = time.time()
-                val_loss = validation_loss(lm, val, cfg, env, dense_attention)
-                eval_s = time.time() - t0
-            if step % cfg.log_interval == 0 or step == total_steps or val_loss is not None:
-                eta_s = step_time_ema * (total_steps - step) + (
-                    eval_s * evaluations_left(step, total_steps, cfg.eval_interval) if val is not None else 0.0)
+                t_val = time.time()
+                measured = validation_loss(lm, val, cfg, env, dense_attention)
+                eval_s = time.time() - t_val
+                # it may have taken minutes: a stop or a takeover meanwhile counts before this step writes
+                stopping, taken_over = any_rank(env, stop.requested, claim_lost_here())
+                if taken_over:
+                    return stop_superseded()
+            if step % cfg.log_interval == 0 or step == total_steps or measured is not None:
+                evals_to_come = evaluations_left(step, total_steps, cfg.eval_interval) if val is not None else 0
+                eta_s = step_time_ema * (total_steps - step) + evals_to_come * (
+                    eval_s if eval_s is not None else val_tokens * dt / max(tokens, 1.0) / 3)
                 record = {"step": step, "epoch": epoch + 1, "loss": round(mean_loss, 6), "lr": lr,
                           "grad_norm": round(grad_norm, 6), "tokens_per_s": round(tokens / dt, 1),
                           "gpu_mem_gb": _gpu_mem_gb(env), "eta_s": round(eta_s, 1),
                           "total_steps": total_steps,
                           # to plot against wall-clock time and tokens seen (the step's, all ranks; non-padding)
                           "time": round(time.time(), 3), "tokens": int(tokens),
-                          **({"val_loss": round(val_loss, 6)} if val_loss is not None else {})}
+                          **(val_fields(measured) if measured is not None else {})}
                 emit(env, record, metrics_file)
                 print0(env, f"step {step}/{total_steps} (epoch {epoch + 1}) | loss {mean_loss:.4f} | "
-                            + (f"val loss {val_loss:.4f} | " if val_loss is not None else "")
+                            + (f"val loss {measured[0]:.4f} | " if measured is not None else "")
                             + f"lr {lr:.2e} | grad {grad_norm:.3f} | {tokens / dt:,.0f} tok/s | "
                               f"eta {_hms(record['eta_s'])}")
 
@@ -554,23 +572,42 @@ def accumulate_gradients(lm: torch.nn.Module, micro: list[PackedBatch], env: Dis
 
 
 @torch.no_grad()
-def validation_loss(lm: ParallelBranchLM, val: Split, cfg: TrainConfig, env: DistEnv, dense_attention: bool) -> float:
-    """Mean loss per label token over every validation sample, the batches shared out over the ranks (each
-    sample counted once), in eval mode (no LoRA dropout). Called on every rank."""
+def validation_loss(lm: ParallelBranchLM, val: Split, cfg: TrainConfig, env: DistEnv,
+                    dense_attention: bool) -> tuple[float, int] | None:
+    """(mean loss per label token, label tokens) over every validation sample, the batches shared out over the
+    ranks (each sample counted once), in eval mode (no LoRA dropout). Called on every rank. None when a rank
+    ran out of memory: the validation is skipped, said once, and training goes on (a validation batch is a
+    training batch without gradients: it fits where training fits, unless --val_data_path holds longer
+    samples)."""
     ds, samples = val
     batches = epoch_batches(samples, cfg, epoch=0)[env.rank::env.world_size]
     model = lm.peft_model
     was_training = model.training
     model.eval()
-    loss_sum, label_tokens = 0.0, 0
+    loss_sum, label_tokens, ran_out = 0.0, 0, False
     try:
         for batch in batches:
             mb = collate_batch(ds, samples, batch, cfg, dense_attention)
             loss_sum += float(lm(**vars(mb.to(env.device))))
             label_tokens += mb.num_label_tokens
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not out_of_memory(e):
+            raise
+        ran_out = True
     finally:
         model.train(was_training)
-    return all_reduce_sum(env, loss_sum) / max(1.0, all_reduce_sum(env, float(label_tokens)))
+    if any_rank(env, ran_out)[0]:
+        print0(env, "warning: the validation ran out of memory and is skipped (training goes on); its batches "
+                    "are --batch_size samples as in training: a --val_data_path with longer samples needs a lower "
+                    "--max_seq_len")
+        return None
+    total_tokens = all_reduce_sum(env, float(label_tokens))
+    return all_reduce_sum(env, loss_sum) / max(1.0, total_tokens), int(total_tokens)
+
+
+def val_fields(measured: tuple[float, int]) -> dict:
+    """A metric record's validation fields."""
+    return {"val_loss": round(measured[0], 6), "val_tokens": measured[1]}
 
 
 def write_final_outputs(model, cfg: TrainConfig, env: DistEnv, *, step: int, elapsed_s: float,

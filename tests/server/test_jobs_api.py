@@ -110,9 +110,9 @@ def test_a_validation_file_is_checked_and_confined_as_the_data_file_is(client, s
     r = client.post("/api/jobs", json=job_body(val_data_path="datasets/demo.jsonl", val_ratio=0.1))
     assert r.status_code == 422 and "give one of them" in r.json()["detail"][0]["msg"]
     assert client.get("/api/jobs").json()["count"] == 0
-    job = client.post("/api/jobs", json=job_body(val_data_path="datasets/demo.jsonl")).json()
-    assert job["config"]["val_data_path"] == str((settings.data_root / "datasets" / "demo.jsonl").resolve())
-    assert job["config"]["val_data_path"] == job["config"]["data_path"]   # resolved as the data file is
+    (settings.data_dir / "datasets" / "val.jsonl").write_text('{"text": "held out"}\n')
+    job = client.post("/api/jobs", json=job_body(val_data_path="datasets/val.jsonl")).json()
+    assert job["config"]["val_data_path"] == str((settings.data_root / "datasets" / "val.jsonl").resolve())
     assert client.post("/api/jobs", json=job_body(val_ratio=0.1)).json()["config"]["val_data_path"] is None
 
 

@@ -170,7 +170,7 @@ def test_paratrain_train_is_the_trainer_in_one_process(tmp_path, tiny_model_dir,
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r["step"] for r in json_lines(proc.stdout) if "loss" in r] == [1, 2]
     # what the run does to the data and the positions is said, not silent
-    assert "texts are longer than --max_seq_len 32 and are cut to it" in proc.stderr
+    assert f"texts of {demo_data_path} are longer than --max_seq_len 32 and are cut to it" in proc.stderr
     assert "rope_2d_ratio 0.5 (4 of 8 rotary frequency pairs 2D)" in proc.stderr, proc.stderr
     # the adapter names its base model so that it resolves from anywhere, and says how to load it
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())

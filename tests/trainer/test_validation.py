@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,7 +72,8 @@ def test_a_validation_file_changes_nothing_in_training_and_ranks_share_its_sampl
                                                                                    demo_data_path):
     val_file = tmp_path / "val.jsonl"
     val_file.write_text("".join(line for i, line in enumerate(demo_data_path.read_text().splitlines(True)) if i % 7 == 0))
-    common = ("--max_steps", "4", "--eval_interval", "2")
+    # with LoRA dropout, training left in eval mode after a validation would train other losses
+    common = ("--max_steps", "4", "--eval_interval", "2", "--lora_dropout", "0.1")
     plain = train(tmp_path / "plain", tiny_model_dir, demo_data_path, *common)
     validated = train(tmp_path / "val", tiny_model_dir, demo_data_path, *common, "--val_data_path", str(val_file))
     trained = [r for r in validated if r["step"] > 0]
@@ -79,12 +81,122 @@ def test_a_validation_file_changes_nothing_in_training_and_ranks_share_its_sampl
         assert [r[key] for r in trained] == [r[key] for r in plain], key
     assert [r["step"] for r in validated if r.get("val_loss") is not None] == [0, 2, 4]
 
-    # two ranks evaluate a share each: the same loss as one process, so every sample counts once
-    ddp = subprocess.run([str(sys.executable.rsplit("/", 1)[0] + "/torchrun"), "--nproc_per_node", "2",
+    # two ranks evaluate a share each: the same loss and label tokens as one process, so every sample counts once
+    ddp = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
                           "-m", "trainer_core.train", "--base_model", str(tiny_model_dir), "--data_path",
                           str(demo_data_path), "--batch_size", "4", "--batch_by_samples", "--max_branches_per_sample",
                           "8", "--output_dir", str(tmp_path / "ddp"), "--max_steps", "1", "--val_data_path",
                           str(val_file), "--ddp"], capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     step0 = next(json.loads(line) for line in ddp.stdout.splitlines() if line.startswith('{"step": 0'))
+    assert step0["val_tokens"] == validated[0]["val_tokens"] > 0
     assert step0["val_loss"] == pytest.approx(validated[0]["val_loss"], abs=1e-5)
+
+
+def test_a_resumed_run_validates_on_and_a_fresh_start_keeps_no_earlier_line(tmp_path, tiny_model_dir,
+                                                                          demo_data_path):
+    out = tmp_path / "out"
+    train(out, tiny_model_dir, demo_data_path, "--val_ratio", "0.2", "--max_steps", "2", "--eval_interval", "2")
+    longer = train(out, tiny_model_dir, demo_data_path, "--val_ratio", "0.2", "--max_steps", "4",
+                   "--eval_interval", "3")   # how often it validates may change on resume; no second step 0
+    assert [r["step"] for r in longer] == [3, 4] and all("val_loss" in r for r in longer)
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1, 2, 3, 4]
+    assert [r["step"] for r in lines if "val_loss" in r] == [0, 2, 3, 4]
+    # which samples are held out defines the run: another ratio is another run's checkpoint
+    refused = subprocess.run([sys.executable, "-m", "trainer_core.train", "--base_model", str(tiny_model_dir),
+                              "--data_path", str(demo_data_path), "--batch_size", "4", "--batch_by_samples",
+                              "--max_branches_per_sample", "8", "--learning_rate", "2e-2", "--output_dir", str(out),
+                              "--val_ratio", "0.3", "--max_steps", "6"], capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "val_ratio 0.2 -> 0.3" in refused.stderr, refused.stderr[-2000:]
+    # starting afresh, without a validation set: no line of the earlier run stays, step 0's included
+    train(out, tiny_model_dir, demo_data_path, "--max_steps", "2", "--no-resume")
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
+def test_a_checkpoint_saved_before_validation_existed_held_nothing_out():
+    """Its run identity has no val_ratio: it trained on every sample, so it resumes only without one."""
+    from trainer_core.data import DataError
+    from trainer_core.train import check_resume_identity
+
+    saved = {"lora_rank": 8, "seed": 42}
+    check_resume_identity(Path("ckpt"), saved, {"lora_rank": 8, "seed": 42, "val_ratio": 0.0})
+    with pytest.raises(DataError, match=r"val_ratio 0.0 -> 0.2"):
+        check_resume_identity(Path("ckpt"), saved, {"lora_rank": 8, "seed": 42, "val_ratio": 0.2})
+    check_resume_identity(Path("ckpt"), saved, {"lora_rank": 8, "seed": 42, "world_size": 2})   # not a field
+
+
+def test_a_run_taken_over_or_stopped_while_it_validates_writes_nothing_of_that_step(tmp_path, monkeypatch,
+                                                                                   tiny_model_dir, demo_data_path):
+    """A validation can take minutes; a newer run claiming the directory meanwhile must get it untouched."""
+    from trainer_core import exit_codes, owner
+    from trainer_core import train as train_module
+    from trainer_core.dist import DistEnv
+
+    one_process = DistEnv(False, 0, 0, 1, torch.device("cpu"))
+    validate = train_module.validation_loss
+
+    def cfg(out):
+        return TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path), output_dir=str(out),
+                           max_steps=4, batch_size=2, batch_by_samples=True, val_ratio=0.1, eval_interval=2,
+                           save_interval=2)
+
+    def at_step_2(action):
+        calls = []
+
+        def validation_loss(*args):
+            calls.append(1)
+            if len(calls) == 2:   # the validations are before step 1, then at step 2
+                action()
+            return validate(*args)
+        monkeypatch.setattr(train_module, "validation_loss", validation_loss)
+
+    out = tmp_path / "taken"
+    at_step_2(lambda: owner.claim(out))
+    assert train_module.train(cfg(out), one_process, train_module.StopFlag()) == exit_codes.SUPERSEDED
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert not (out / "checkpoints").exists()
+    # a stop during it: the step's checkpoint at once, not a step later
+    out = tmp_path / "stopped"
+    stop = train_module.StopFlag()
+    at_step_2(lambda: setattr(stop, "requested", True))
+    assert train_module.train(cfg(out), one_process, stop) == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
+
+
+def test_a_validation_out_of_memory_is_skipped_and_training_goes_on(tmp_path, monkeypatch, capsys, tiny_model_dir,
+                                                                     demo_data_path):
+    from trainer_core import model as model_module
+    from trainer_core import train as train_module
+    from trainer_core.dist import DistEnv
+
+    forward = model_module.ParallelBranchLM.forward
+
+    def forward_without_room_to_validate(self, *args, **kwargs):
+        if not self.peft_model.training:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(model_module.ParallelBranchLM, "forward", forward_without_room_to_validate)
+    out = tmp_path / "out"
+    cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path), output_dir=str(out),
+                      max_steps=3, batch_size=2, batch_by_samples=True, val_ratio=0.1, eval_interval=2)
+    assert train_module.train(cfg, DistEnv(False, 0, 0, 1, torch.device("cpu")), train_module.StopFlag()) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [1, 2, 3] and not any("val_loss" in r for r in lines)
+    assert capsys.readouterr().err.count("the validation ran out of memory and is skipped") == 3   # steps 0, 2, 3
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_a_validation_file_that_is_the_training_data_is_warned_about(tmp_path, capsys, tiny_model_dir,
+                                                                     demo_data_path):
+    from trainer_core import train as train_module
+    from trainer_core.dist import DistEnv
+
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(demo_data_path.read_bytes())   # by content, not by name
+    cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path), val_data_path=str(copy),
+                      output_dir=str(tmp_path / "out"))
+    (_, samples), (_, val_samples), _ = train_module.prepare_data(cfg, DistEnv(False, 0, 0, 1, torch.device("cpu")))
+    assert len(val_samples) == len(samples)
+    assert f"--val_data_path {copy} holds the same as --data_path" in capsys.readouterr().err
