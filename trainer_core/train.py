@@ -170,10 +170,12 @@ def lr_lambda(total_steps: int, warmup_steps: int):
     return f
 
 
-def output_names(cfg: TrainConfig) -> tuple[Path, Path, Path]:
+def output_names(cfg: TrainConfig) -> tuple[Path, Path, Path, Path]:
+    """The latest .pth, the final .pth, the adapter directory and the best one (lowest validation loss)."""
     lora_dir = Path(cfg.output_dir) / "lora"
     stem = f"{cfg.name}_{cfg.model_short_name}"
-    return lora_dir / f"{stem}.pth", lora_dir / f"{stem}_final.pth", Path(cfg.output_dir) / "adapter"
+    return (lora_dir / f"{stem}.pth", lora_dir / f"{stem}_final.pth", Path(cfg.output_dir) / "adapter",
+            Path(cfg.output_dir) / "adapter_best")
 
 
 def emit(env: DistEnv, record: dict, metrics_file: Path | None = None) -> None:
@@ -237,7 +239,7 @@ def check_resume_identity(checkpoint: Path, saved: dict | None, current: dict) -
     if diffs:
         raise DataError([f"{checkpoint}: saved by a run with other settings ({'; '.join(diffs)}).",
                          "Resuming it would mix two runs: use another --output_dir, or --no-resume to start over "
-                         "in this one (its old checkpoints, lora/*.pth and adapter/ are deleted)."])
+                         "in this one (its old checkpoints, lora/*.pth, adapter/ and adapter_best/ are deleted)."])
 
 
 def tokenize_here(path: str, cfg: TrainConfig, env: DistEnv, rank0_sha256: str) -> Path:
@@ -339,9 +341,9 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     print0(env, f"data: {ds.num_records} records -> {len(samples)} samples; {total_steps} optimiser steps "
                 f"on {env.world_size} rank(s), device {env.device}")
     if val is not None:
-        print0(env, f"validation: {len(val[1])} samples " + (f"held out of {cfg.data_path} (--val_ratio {cfg.val_ratio:g})"
-                                                             if cfg.val_ratio > 0 else f"of {cfg.val_data_path}")
-               + f", their loss every {cfg.eval_interval} steps")
+        source = (f"held out of {cfg.data_path} (--val_ratio {cfg.val_ratio:g})" if cfg.val_ratio > 0
+                  else f"of {cfg.val_data_path}")
+        print0(env, f"validation: {len(val[1])} samples {source}, their loss every {cfg.eval_interval} steps")
     for path, tokens in [(cfg.data_path, ds), *([(cfg.val_data_path, val[0])] if cfg.val_data_path else [])]:
         cut = int(tokens.text_truncated.sum())
         if cut:
@@ -440,11 +442,23 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             emit(env, {"event": "checkpoint", "step": step, "path": str(path)})
         barrier(env)
 
+    best_dir = output_names(cfg)[3]
+    # (validation loss, step) of adapter_best/, rank 0's: a resumed run goes on from its record, unless that
+    # is of a step after the checkpoint (saved before a crash lost those steps: they are trained again)
+    best = read_best(best_dir, up_to_step=step) if env.is_main and last is not None and val is not None else None
+
+    def keep_if_best(val_loss: float) -> None:
+        nonlocal best
+        if env.is_main and (best is None or val_loss < best[0]):
+            best = (val_loss, step)
+            save_best_adapter(model, best_dir, cfg, step=step, val_loss=val_loss)
+
     if val is not None and last is None:   # the base model's (LoRA starts at zero): where the curve starts
         measured = validation_loss(lm, val, cfg, env, dense_attention)
         if superseded():   # while it ran
             return stop_superseded()
         if measured is not None:
+            keep_if_best(measured[0])
             emit(env, {"step": 0, "epoch": 0, "loss": None, **val_fields(measured), "total_steps": total_steps,
                        "time": round(time.time(), 3), "tokens": 0}, metrics_file)
             print0(env, f"step 0/{total_steps} | val loss {measured[0]:.4f} (before training)")
@@ -497,6 +511,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                 stopping, taken_over = any_rank(env, stop.requested, claim_lost_here())
                 if taken_over:
                     return stop_superseded()
+                if measured is not None:
+                    keep_if_best(measured[0])
             if step % cfg.log_interval == 0 or step == total_steps or measured is not None:
                 evals_to_come = evaluations_left(step, total_steps, cfg.eval_interval) if val is not None else 0
                 eta_s = step_time_ema * (total_steps - step) + evals_to_come * (
@@ -529,7 +545,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     if superseded():
         return stop_superseded()
     write_final_outputs(model, cfg, env, step=step, elapsed_s=time.time() - t_start,
-                        probe=probe_logits(model, ds, samples, cfg, env))
+                        probe=probe_logits(model, ds, samples, cfg, env),
+                        best=(best or read_best(best_dir, up_to_step=step)) if env.is_main and val else None)
     return 0
 
 
@@ -611,10 +628,11 @@ def val_fields(measured: tuple[float, int]) -> dict:
 
 
 def write_final_outputs(model, cfg: TrainConfig, env: DistEnv, *, step: int, elapsed_s: float,
-                        probe: list[float] | None) -> None:
-    """The final .pth, the latest .pth and the PEFT adapter directory, then the `done` event. Every rank
-    reports a digest of its weights first: DDP must leave them all the same."""
-    latest_pth, final_pth, adapter_dir = output_names(cfg)
+                        probe: list[float] | None, best: tuple[float, int] | None = None) -> None:
+    """The final .pth, the latest .pth and the PEFT adapter directory, then the `done` event (with `best`, the
+    validation loss and step of adapter_best/, when there is one). Every rank reports a digest of its weights
+    first: DDP must leave them all the same."""
+    latest_pth, final_pth, adapter_dir, best_dir = output_names(cfg)
     weights = lora_state_dict(model)
     hashes = gather_objects(env, weights_digest(weights))
     if env.is_main:
@@ -623,10 +641,43 @@ def write_final_outputs(model, cfg: TrainConfig, env: DistEnv, *, step: int, ela
             ckpt.save_replacing(weights, final_pth)
             ckpt.save_replacing(weights, latest_pth)
             save_adapter_dir(model, adapter_dir, cfg)
+        best_fields = ({"best_adapter_dir": str(best_dir), "best_val_loss": round(best[0], 6), "best_step": best[1]}
+                       if best else {})
         emit(env, {"event": "done", "step": step, "final_path": str(final_pth), "adapter_dir": str(adapter_dir),
-                   "elapsed_s": round(elapsed_s, 1), "rank_weight_digests": hashes, "probe_logits": probe})
-        print0(env, f"done: {final_pth} and {adapter_dir}/")
+                   **best_fields, "elapsed_s": round(elapsed_s, 1), "rank_weight_digests": hashes,
+                   "probe_logits": probe})
+        print0(env, f"done: {final_pth} and {adapter_dir}/" + (
+            f"; the lowest validation loss, {best[0]:.4f}, was at step {best[1]}: {best_dir}/" if best else ""))
     barrier(env)
+
+
+BEST_FILE = "validation.json"   # in adapter_best/: {"step", "val_loss"} of the adapter saved there
+
+
+def save_best_adapter(model, best_dir: Path, cfg: TrainConfig, *, step: int, val_loss: float) -> None:
+    """The adapter as it is now into `best_dir`, with its step and validation loss: written beside it first,
+    then put in its place, so a kill leaves the previous best whole (or, for an instant, none)."""
+    tmp = best_dir.with_name(f".{best_dir.name}.tmp")   # a dot name: not listed as a job's artifact
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        with ckpt.disk_full_named(best_dir.parent, best_dir.name):
+            save_adapter_dir(model, tmp, cfg)
+            (tmp / BEST_FILE).write_text(json.dumps({"step": step, "val_loss": val_loss}))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(best_dir, ignore_errors=True)
+    os.replace(tmp, best_dir)
+
+
+def read_best(best_dir: Path, up_to_step: int) -> tuple[float, int] | None:
+    """(validation loss, step) recorded in `best_dir`, or None: none there, or one of a later step."""
+    try:
+        record = json.loads((best_dir / BEST_FILE).read_text())
+        best = (float(record["val_loss"]), int(record["step"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return best if best[1] <= up_to_step else None
 
 
 def weights_digest(weights: dict[str, torch.Tensor]) -> str:

@@ -71,7 +71,8 @@ def test_held_out_samples_give_the_saved_adapters_loss_before_during_and_after_t
 def test_a_validation_file_changes_nothing_in_training_and_ranks_share_its_samples(tmp_path, tiny_model_dir,
                                                                                    demo_data_path):
     val_file = tmp_path / "val.jsonl"
-    val_file.write_text("".join(line for i, line in enumerate(demo_data_path.read_text().splitlines(True)) if i % 7 == 0))
+    lines = demo_data_path.read_text().splitlines(True)
+    val_file.write_text("".join(line for i, line in enumerate(lines) if i % 7 == 0))
     # with LoRA dropout, training left in eval mode after a validation would train other losses
     common = ("--max_steps", "4", "--eval_interval", "2", "--lora_dropout", "0.1")
     plain = train(tmp_path / "plain", tiny_model_dir, demo_data_path, *common)
@@ -200,3 +201,49 @@ def test_a_validation_file_that_is_the_training_data_is_warned_about(tmp_path, c
     (_, samples), (_, val_samples), _ = train_module.prepare_data(cfg, DistEnv(False, 0, 0, 1, torch.device("cpu")))
     assert len(val_samples) == len(samples)
     assert f"--val_data_path {copy} holds the same as --data_path" in capsys.readouterr().err
+
+
+def test_the_adapter_with_the_lowest_validation_loss_is_kept_across_a_resume(tmp_path, monkeypatch, capsys,
+                                                                             tiny_model_dir, demo_data_path):
+    """adapter_best/ holds the weights of the step whose validation loss was lowest (here scripted: 7.0 before
+    training, 6.0 at step 2, then worse), also when the run resumes past it."""
+    from safetensors.torch import load_file
+
+    from trainer_core import train as train_module
+    from trainer_core.dist import DistEnv
+
+    losses = iter([7.0, 6.0, 6.5, 6.2])   # before training, steps 2 and 4, then step 6 after the resume
+    monkeypatch.setattr(train_module, "validation_loss", lambda *args: (next(losses), 100))
+    out = tmp_path / "out"
+
+    def run(max_steps: int) -> dict:
+        cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path), output_dir=str(out),
+                          max_steps=max_steps, batch_size=2, batch_by_samples=True, val_ratio=0.1, eval_interval=2,
+                          save_interval=2, learning_rate=2e-2)
+        capsys.readouterr()
+        assert train_module.train(cfg, DistEnv(False, 0, 0, 1, torch.device("cpu")), train_module.StopFlag()) == 0
+        return next(r for r in map(json.loads, capsys.readouterr().out.splitlines()) if r.get("event") == "done")
+
+    done = run(4)
+    assert (done["best_step"], done["best_val_loss"], done["best_adapter_dir"]) == (2, 6.0, str(out / "adapter_best"))
+    best = load_file(out / "adapter_best" / "adapter_model.safetensors")
+    at_step_2 = load_file(out / "checkpoints" / "step_00000002" / "adapter.safetensors")
+    assert best.keys() == at_step_2.keys() and all(torch.equal(best[k], at_step_2[k]) for k in best)
+    assert not all(torch.equal(best[k], v) for k, v in load_file(out / "checkpoints" / "step_00000004" /
+                                                                  "adapter.safetensors").items())
+    assert json.loads((out / "adapter_best" / "validation.json").read_text()) == {"step": 2, "val_loss": 6.0}
+    assert json.loads((out / "adapter_best" / "rope2d.json").read_text())["rope_2d_ratio"] == 0.5   # loadable
+    done = run(6)   # resumed at step 4: step 6's 6.2 is no better than step 2's 6.0
+    assert (done["best_step"], done["best_val_loss"]) == (2, 6.0)
+    assert json.loads((out / "adapter_best" / "validation.json").read_text())["step"] == 2
+
+
+def test_a_best_adapter_of_a_step_the_resume_trains_again_is_not_the_best(tmp_path):
+    """Saved after the checkpoint a resume starts from (a crash lost those steps): its record does not count."""
+    from trainer_core.train import BEST_FILE, read_best
+
+    (tmp_path / BEST_FILE).write_text(json.dumps({"step": 6, "val_loss": 5.5}))
+    assert read_best(tmp_path, up_to_step=6) == (5.5, 6) and read_best(tmp_path, up_to_step=5) is None
+    assert read_best(tmp_path / "missing", up_to_step=9) is None
+    (tmp_path / BEST_FILE).write_text("{not json")
+    assert read_best(tmp_path, up_to_step=9) is None

@@ -5,11 +5,14 @@ Screenshots go to test-output/ui/test_serve_end_to_end/."""
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import shutil
 import signal
 import subprocess
 import time
+import zipfile
 from pathlib import Path
 
 import httpx
@@ -97,8 +100,10 @@ def test_serve_end_to_end(serve):
         expect(page.locator("#estimate-md")).to_contain_text("Estimated peak")
         expect(page.locator("#estimate-md")).to_contain_text("No GPU worker online")
         for elem_id, value in (("cfg-max_seq_len", 64), ("cfg-batch_size", 2), ("cfg-accumulation_steps", 1),
-                               ("cfg-max_steps", 30), ("job-gpus", 0)):
+                               ("cfg-max_steps", 30), ("job-gpus", 0), ("cfg-val_ratio", 0.1)):
             set_field(page, elem_id, value)
+        page.locator("#group-output button.label-wrap").click()
+        set_field(page, "cfg-eval_interval", 10)
         page.locator("#preview-command").click()
         expect(page.locator("#command-preview")).to_contain_text("--rope_2d_ratio 0.35")
         # the estimate follows the form: 2 samples x 4 branches x 64 tokens
@@ -120,16 +125,19 @@ def test_serve_end_to_end(serve):
         tab(page, "Jobs")
         expect(page.locator("#job-summary")).to_contain_text("Job #1")
         after = wait_for(lambda: (n := curve_points(page)) >= later and n)
-        # complete: one point per logged step from step 1 (log_interval 1), as the server has them
+        # complete: one point per logged step from step 1 (log_interval 1), as the server has them, and the
+        # validation loss before training (step 0)
         points, last_step = curve_state(page)
         assert points == last_step >= after
-        steps = [m["step"] for m in api.get("/api/jobs/1/metrics").json()["data"]]
-        assert steps[: after] == list(range(1, after + 1))
+        metrics = api.get("/api/jobs/1/metrics").json()["data"]
+        assert [m["step"] for m in metrics if m["loss"] is not None][: after] == list(range(1, after + 1))
+        assert metrics[0]["step"] == 0 and metrics[0]["val_loss"] > 0
+        expect(page.locator("#loss-plot")).to_contain_text("validation")
         page.screenshot(path=shots / "04-after-reload.png", full_page=True)
 
         # a second job waits behind the first (one CPU slot); cancel it from the UI
         tab(page, "New job")
-        page.locator("#group-output button.label-wrap").click()
+        page.locator("#group-output button.label-wrap").click()   # closed again by the reload
         set_field(page, "cfg-name", "to-cancel")
         page.locator("#submit-job").click()
         expect(page.locator("#job-summary")).to_contain_text("Job #2")
@@ -158,8 +166,15 @@ def test_serve_end_to_end(serve):
         tab(page, "Jobs")
         choose(page, "job-picker", "#1")
         expect(page.locator("#job-summary")).to_contain_text("succeeded")
+        expect(page.locator("#job-summary")).to_contain_text(re.compile(r"lowest \d+\.\d+ at step \d+"))
         page.locator("#download-adapter").click()
         expect(page.locator("#adapter-file")).to_contain_text("job1-adapter")
+        link = page.locator("#adapter-file a").first.get_attribute("href")
+        download = page.request.get(link if link.startswith("http") else f"{base}{link}")
+        assert download.status == 200, link
+        names = zipfile.ZipFile(io.BytesIO(download.body())).namelist()
+        # the final adapter, and the one of the lowest validation loss (the job held out a tenth)
+        assert {"adapter/adapter_model.safetensors", "adapter_best/validation.json"} <= set(names), names
         page.screenshot(path=shots / "07-succeeded-adapter.png", full_page=True)
         browser.close()
     # minutes of an open page polling the API, and not one line of it in the server's log

@@ -468,7 +468,7 @@ def test_live_plot_titles_carry_the_last_point():
 
 
 def test_the_loss_plot_draws_the_validation_loss_beside_the_training_loss():
-    from ui.tabs.jobs import job_summary, loss_frame, loss_title, step_axis
+    from ui.tabs.jobs import job_summary, loss_frame, loss_title, lowest_validation, step_axis
 
     points = [{"step": 0, "loss": None, "val_loss": 7.4}, {"step": 1, "loss": 7.3}, {"step": 2, "loss": 7.25},
               {"step": 3, "loss": 7.1, "val_loss": 7.2}, {"step": 4, "loss": 7.0}]
@@ -481,7 +481,10 @@ def test_the_loss_plot_draws_the_validation_loss_beside_the_training_loss():
     assert loss_title(points[1:3]) == "Loss (step 2: 7.25)"
     assert step_axis(points)[0] == 0 and step_axis(points[1:])[0] == 1   # step 0 is on the axis when drawn
     job = {"id": 3, "state": "running", "config": {"val_ratio": 0.05}, "last_loss": 7.0, "last_val_loss": 7.2}
-    assert "validation 5% held out" in job_summary(job) and "**validation loss** 7.2000" in job_summary(job)
+    assert "validation 5% held out" in job_summary(job) and "**validation loss** 7.2000 ·" in job_summary(job)
+    assert lowest_validation(points) == (3, 7.2) and lowest_validation(points[1:3]) is None
+    assert lowest_validation([{"step": 2, "val_loss": 6.0}, {"step": 4, "val_loss": 6.0}]) == (2, 6.0)  # the first
+    assert "**validation loss** 7.2000 (lowest 7.2000 at step 3: `adapter_best/`)" in job_summary(job, best=(3, 7.2))
     job["config"] = {"val_data_path": "/data/val.jsonl"}
     assert "validation /data/val.jsonl" in job_summary(job)
     assert "validation" not in job_summary({"id": 4, "state": "queued", "config": {}})
@@ -539,7 +542,9 @@ def test_a_short_curve_gets_whole_step_ticks():
     from ui.tabs.jobs import SHORT_CURVE_STEPS, step_axis
 
     assert step_axis([{"step": 1}, {"step": 3}]) == [1, SHORT_CURVE_STEPS] == step_axis([])
-    assert step_axis([{"step": s} for s in range(1, SHORT_CURVE_STEPS + 1)]) is None
+    # a longer curve gets its own range, set explicitly (None would keep the range drawn before)
+    assert step_axis([{"step": s} for s in range(1, 31)]) == [1, 30]
+    assert step_axis([{"step": s} for s in range(0, 31)]) == [0, 30]
 
 
 def test_a_gpu_size_or_text_length_that_is_no_number_is_named_not_replaced_by_a_default():

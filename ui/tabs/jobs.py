@@ -146,7 +146,15 @@ def validation_text(cfg: dict[str, Any]) -> str:
     return ""
 
 
-def job_summary(job: dict[str, Any], waits: str | None = None) -> str:
+def lowest_validation(points: list[dict[str, Any]]) -> tuple[int, float] | None:
+    """(step, validation loss) of the lowest validation loss, the first of equal ones (as the trainer keeps
+    adapter_best/), or None."""
+    measured = [(p["val_loss"], p["step"]) for p in points if p.get("val_loss") is not None]
+    return (min(measured)[1], min(measured)[0]) if measured else None
+
+
+def job_summary(job: dict[str, Any], waits: str | None = None, best: tuple[int, float] | None = None) -> str:
+    """The job's Markdown summary; `best`: (step, loss) of its lowest validation loss (lowest_validation)."""
     cfg = job.get("config", {})
     lines = [f"### Job #{job['id']} · {job.get('name') or cfg.get('name', '')} · {STATE_ICONS.get(job['state'], '')} "
              f"{job['state']}{' (cancel requested)' if job.get('cancel_requested') and job['state'] == 'running' else ''}",
@@ -155,7 +163,8 @@ def job_summary(job: dict[str, Any], waits: str | None = None) -> str:
              f"**attempt** {job.get('attempt', 1)}/{job.get('max_attempts') or '?'}",
              f"model {cfg.get('base_model', '')} · data {cfg.get('data_path', '')}" + validation_text(cfg)]
     if job.get("last_val_loss") is not None:
-        lines.append(f"**validation loss** {fmt_number(job['last_val_loss'], 4)} · **training loss** "
+        lowest = f" (lowest {best[1]:.4f} at step {best[0]}: `adapter_best/`)" if best else ""
+        lines.append(f"**validation loss** {fmt_number(job['last_val_loss'], 4)}{lowest} · **training loss** "
                      f"{fmt_number(job.get('last_loss'), 4) or '-'}")
     when = when_text(job)
     if when:
@@ -251,6 +260,8 @@ def curve_frame(points: list[dict[str, Any]], y: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", y]).astype({"step": "int64", y: "float64"})
 
 
+ADAPTER_DIRS = ("adapter/", "adapter_best/")   # what *Download adapter* zips, of a job's outputs
+
 # The loss plot's two curves: the training loss of each logged step, the validation loss where it was evaluated
 LOSS_CURVES = {"loss": "training", "val_loss": "validation"}
 LOSS_COLOURS = {"training": "#4f46e5", "validation": "#e11d48"}
@@ -286,13 +297,14 @@ def loss_title(points: list[dict[str, Any]]) -> str:
 SHORT_CURVE_STEPS = 10
 
 
-def step_axis(points: list[dict[str, Any]]) -> list[int] | None:
-    """The step axis of a short curve spans SHORT_CURVE_STEPS steps: over 1..3 the plot puts ticks at halves,
-    and the whole-step format labels them '1 2 2 3 3'. It starts at 0 when the curve does (the validation
-    loss before training). A longer curve takes its own range (None)."""
+def step_axis(points: list[dict[str, Any]]) -> list[int]:
+    """The step axis: from the first step (0 when the curve starts with the validation loss before training,
+    else 1) to the last, at least SHORT_CURVE_STEPS steps: over 1..3 the plot puts ticks at halves, and the
+    whole-step format labels them '1 2 2 3 3'. Always a range: `x_lim=None` does not undo an earlier one (a
+    job opened after a short curve was drawn on steps 1..10 whatever its length)."""
     last = points[-1]["step"] if points else 0
     first = min(1, points[0]["step"]) if points else 1
-    return [first, SHORT_CURVE_STEPS] if last < SHORT_CURVE_STEPS else None
+    return [first, max(last, SHORT_CURVE_STEPS)]
 
 
 def empty_watch() -> dict[str, Any]:
@@ -405,7 +417,8 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         except ApiError as e:
             return (fresh, f"Cannot load job #{job_id}: {e}", "", gr.skip(), gr.skip(), "", gr.update(visible=False),
                     "", *action_updates(None))
-        return (fresh, job_summary(job, wait_reason(client, job)), curve_text(fresh),
+        return (fresh, job_summary(job, wait_reason(client, job), lowest_validation(fresh["points"])),
+                curve_text(fresh),
                 loss_frame(fresh["points"]),
                 curve_frame(fresh["points"], "lr"), log_html(fresh["log_lines"]), gr.update(visible=False),
                 settings_yaml(job), *action_updates(job))
@@ -432,7 +445,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         if superseded():
             return skip
         current["final"] = job["state"] in FINAL_STATES
-        return (current, job_summary(job, wait_reason(client, job)),
+        return (current, job_summary(job, wait_reason(client, job), lowest_validation(current["points"])),
                 curve_text(current) if new_points else gr.skip(),
                 loss_frame(current["points"]) if new_points else gr.skip(),
                 curve_frame(current["points"], "lr") if new_points else gr.skip(),
@@ -466,7 +479,8 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         try:
             client = ctx.client(session)
             job_id = _selected_id(selected)
-            files = [a["path"] for a in client.artifacts(job_id) if a["path"].startswith("adapter/")]
+            # the final adapter, and the one of the lowest validation loss when the job had a validation set
+            files = [a["path"] for a in client.artifacts(job_id) if a["path"].startswith(ADAPTER_DIRS)]
             if not files:
                 raise ApiError(404, f"job #{job_id} has no adapter yet (it is written when training ends)")
             target = scratch_file(f"job{job_id}-adapter.zip")
