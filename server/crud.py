@@ -28,7 +28,7 @@ from server.models import (
 from server.paths import confine_data_file, confine_field, is_dir, is_file
 from server.queue import get_job, log_if_no_worker_fits, stored_config
 from server.settings import Settings
-from trainer_core.config import JobResources, TrainConfig, job_config
+from trainer_core.config import BEST_ADAPTER_DIR, JobResources, TrainConfig, job_config
 from trainer_core.data import DataError, validate_file
 
 
@@ -150,10 +150,11 @@ def retry_job(*, session: Session, job_id: int, settings: Settings) -> Job:
 
 
 def _carry_progress(old_out: Path, new_out: Path) -> None:
-    """A retry resumes where its original stopped: the original's checkpoints are linked (or copied) into
-    the new job's output dir (checkpoint files are never changed in place, so sharing their inodes is safe),
-    and its metrics.jsonl is copied (the trainer rewrites that one), so the retry's worker reports the
-    loss curve from step 1, not from the checkpoint on."""
+    """A retry resumes where its original stopped: the original's checkpoints and its adapter of the lowest
+    validation loss (the retry compares its own with that one) are linked (or copied) into the new job's
+    output dir (the trainer never changes their files in place, so sharing their inodes is safe), and its
+    metrics.jsonl is copied (the trainer rewrites that one), so the retry's worker reports the loss curve
+    from step 1, not from the checkpoint on."""
     source = old_out / "checkpoints"
     if not is_dir(source):
         return
@@ -167,12 +168,14 @@ def _carry_progress(old_out: Path, new_out: Path) -> None:
         except OSError:
             shutil.copy2(src, dst)
 
-    for step_dir in sorted(source.glob("step_*")):
-        target = new_out / "checkpoints" / step_dir.name
+    # a checkpoint pruned meanwhile by a node of the original still saving as it exits is not one to resume
+    # from, nor is an adapter_best/ replaced meanwhile one to keep (the retry measures its own)
+    best = old_out / BEST_ADAPTER_DIR
+    for src in [*sorted(source.glob("step_*")), *([best] if is_dir(best) else [])]:
+        target = new_out / src.relative_to(old_out)
         try:
-            shutil.copytree(step_dir, target, copy_function=link_or_copy, dirs_exist_ok=True)
+            shutil.copytree(src, target, copy_function=link_or_copy, dirs_exist_ok=True)
         except (OSError, shutil.Error):
-            # pruned meanwhile by a node of the original still saving as it exits: not one to resume from
             shutil.rmtree(target, ignore_errors=True)
 
 

@@ -406,6 +406,11 @@ JOB_SET_FIELDS = {"output_dir": "set by the server for a job: <data_dir>/jobs/<i
                   "resume": "always on for a job: a re-queued attempt resumes its own checkpoints"}
 
 
+# Where the trainer keeps the adapter of the lowest validation loss, in the output dir (a job's retry carries
+# it over with the checkpoints; the UI downloads it with adapter/)
+BEST_ADAPTER_DIR = "adapter_best"
+
+
 def job_config(stored: dict[str, Any]) -> TrainConfig:
     """A queued job's stored config as its trainer runs it, on the server (its command) and on the worker
     (which derives its own): always resuming, also for a job stored before the server set that."""

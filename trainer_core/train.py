@@ -30,7 +30,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer_core import checkpoint as ckpt
 from trainer_core import exit_codes, owner
-from trainer_core.config import RESUMABLE_CHANGES, TrainConfig, add_cli_arguments, format_validation_error
+from trainer_core.config import (BEST_ADAPTER_DIR, RESUMABLE_CHANGES, TrainConfig, add_cli_arguments,
+                                 format_validation_error)
 from trainer_core.data import (DataError, SampleIndex, TokenizedDataset, build_samples, collate_batch,
                                epoch_batches, file_sha256, has_tokenizer_files, local_model_dir, open_tokens,
                                prepare_tokens, rank_batches, sample_lengths, split_validation,
@@ -175,7 +176,7 @@ def output_names(cfg: TrainConfig) -> tuple[Path, Path, Path, Path]:
     lora_dir = Path(cfg.output_dir) / "lora"
     stem = f"{cfg.name}_{cfg.model_short_name}"
     return (lora_dir / f"{stem}.pth", lora_dir / f"{stem}_final.pth", Path(cfg.output_dir) / "adapter",
-            Path(cfg.output_dir) / "adapter_best")
+            Path(cfg.output_dir) / BEST_ADAPTER_DIR)
 
 
 def emit(env: DistEnv, record: dict, metrics_file: Path | None = None) -> None:
@@ -234,7 +235,8 @@ def check_resume_identity(checkpoint: Path, saved: dict | None, current: dict) -
     # a TrainConfig field added since the checkpoint was written had its default there (val_ratio 0: no
     # sample was held out); other keys it lacks are not compared
     fields = TrainConfig.model_fields
-    saved = {**{k: fields[k].default for k in current if k in fields and k not in saved}, **saved}
+    saved = {**{k: fields[k].get_default(call_default_factory=True) for k in current
+                if k in fields and k not in saved and not fields[k].is_required()}, **saved}
     diffs = [f"{k} {saved[k]!r} -> {v!r}" for k, v in current.items() if k in saved and saved[k] != v]
     if diffs:
         raise DataError([f"{checkpoint}: saved by a run with other settings ({'; '.join(diffs)}).",
@@ -443,15 +445,19 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         barrier(env)
 
     best_dir = output_names(cfg)[3]
-    # (validation loss, step) of adapter_best/, rank 0's: a resumed run goes on from its record, unless that
-    # is of a step after the checkpoint (saved before a crash lost those steps: they are trained again)
-    best = read_best(best_dir, up_to_step=step) if env.is_main and last is not None and val is not None else None
+    # (validation loss, step) of adapter_best/, rank 0's. A resumed run goes on from its record, unless that
+    # is of a step after the checkpoint (saved before a crash lost those steps: they are trained again) or
+    # of another validation set (--val_data_path may change on resume); a run starting afresh from none.
+    val_set = validation_set_id(cfg, data_sha256) if env.is_main and val is not None else None
+    best = read_best(best_dir, up_to_step=step, val_set=val_set) if val_set and last is not None else None
+    if env.is_main and last is None:
+        remove_best_adapter(best_dir)
 
     def keep_if_best(val_loss: float) -> None:
         nonlocal best
         if env.is_main and (best is None or val_loss < best[0]):
             best = (val_loss, step)
-            save_best_adapter(model, best_dir, cfg, step=step, val_loss=val_loss)
+            save_best_adapter(model, best_dir, cfg, step=step, val_loss=val_loss, val_set=val_set)
 
     if val is not None and last is None:   # the base model's (LoRA starts at zero): where the curve starts
         measured = validation_loss(lm, val, cfg, env, dense_attention)
@@ -506,7 +512,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             if val is not None and not stopping and (step % cfg.eval_interval == 0 or step == total_steps):
                 t_val = time.time()
                 measured = validation_loss(lm, val, cfg, env, dense_attention)
-                eval_s = time.time() - t_val
+                if measured is not None:   # one that ran out of memory ended early: no measure of the next
+                    eval_s = time.time() - t_val
                 # it may have taken minutes: a stop or a takeover meanwhile counts before this step writes
                 stopping, taken_over = any_rank(env, stop.requested, claim_lost_here())
                 if taken_over:
@@ -546,7 +553,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         return stop_superseded()
     write_final_outputs(model, cfg, env, step=step, elapsed_s=time.time() - t_start,
                         probe=probe_logits(model, ds, samples, cfg, env),
-                        best=(best or read_best(best_dir, up_to_step=step)) if env.is_main and val else None)
+                        best=best)
     return 0
 
 
@@ -651,33 +658,53 @@ def write_final_outputs(model, cfg: TrainConfig, env: DistEnv, *, step: int, ela
     barrier(env)
 
 
-BEST_FILE = "validation.json"   # in adapter_best/: {"step", "val_loss"} of the adapter saved there
+BEST_FILE = "validation.json"   # in adapter_best/: {"step", "val_loss", "val_set"} of the adapter saved there
 
 
-def save_best_adapter(model, best_dir: Path, cfg: TrainConfig, *, step: int, val_loss: float) -> None:
-    """The adapter as it is now into `best_dir`, with its step and validation loss: written beside it first,
-    then put in its place, so a kill leaves the previous best whole (or, for an instant, none)."""
-    tmp = best_dir.with_name(f".{best_dir.name}.tmp")   # a dot name: not listed as a job's artifact
+def validation_set_id(cfg: TrainConfig, data_sha256: str) -> str:
+    """Which samples a validation loss averages: losses of two sets are not compared."""
+    if cfg.val_data_path:
+        return f"file sha256 {file_sha256(cfg.val_data_path)}"
+    return f"held out of sha256 {data_sha256}: val_ratio {cfg.val_ratio}, seed {cfg.seed}"
+
+
+def save_best_adapter(model, best_dir: Path, cfg: TrainConfig, *, step: int, val_loss: float, val_set: str) -> None:
+    """The adapter as it is now into `best_dir`, with its step, validation loss and set. Written beside it
+    (dot names: not listed as a job's artifacts), then the old one moved aside and the new one into place:
+    a kill leaves a whole adapter_best/ (or, between the two renames, none), never a part of one."""
+    tmp, old = (best_dir.with_name(f".{best_dir.name}.{suffix}") for suffix in ("tmp", "old"))
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with ckpt.disk_full_named(best_dir.parent, best_dir.name):
             save_adapter_dir(model, tmp, cfg)
-            (tmp / BEST_FILE).write_text(json.dumps({"step": step, "val_loss": val_loss}))
+            (tmp / BEST_FILE).write_text(json.dumps({"step": step, "val_loss": val_loss, "val_set": val_set}))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    shutil.rmtree(best_dir, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+    if best_dir.exists():
+        os.replace(best_dir, old)
     os.replace(tmp, best_dir)
+    shutil.rmtree(old, ignore_errors=True)
 
 
-def read_best(best_dir: Path, up_to_step: int) -> tuple[float, int] | None:
-    """(validation loss, step) recorded in `best_dir`, or None: none there, or one of a later step."""
+def remove_best_adapter(best_dir: Path) -> None:
+    """An earlier run's adapter_best/ (and what a kill left of one being written): a run starting afresh
+    measures its own."""
+    for path in (best_dir, *(best_dir.with_name(f".{best_dir.name}.{suffix}") for suffix in ("tmp", "old"))):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def read_best(best_dir: Path, up_to_step: int, val_set: str) -> tuple[float, int] | None:
+    """(validation loss, step) recorded in `best_dir`, or None: none there (or no weights), one of a later
+    step, or of another validation set."""
     try:
         record = json.loads((best_dir / BEST_FILE).read_text())
         best = (float(record["val_loss"]), int(record["step"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return best if best[1] <= up_to_step else None
+    complete = (best_dir / "adapter_model.safetensors").is_file()
+    return best if complete and best[1] <= up_to_step and record.get("val_set") == val_set else None
 
 
 def weights_digest(weights: dict[str, torch.Tensor]) -> str:

@@ -471,9 +471,13 @@ def test_a_retry_carries_only_whole_checkpoints_and_resumes_from_the_last_whole_
             os.remove(src)
         return link(src, dst, **kw)
 
+    best = old / "adapter_best"   # the lowest validation loss so far: the retry goes on comparing with it
+    best.mkdir()
+    (best / "validation.json").write_text('{"step": 2, "val_loss": 6.0}')
     monkeypatch.setattr(os, "link", pruned_meanwhile)
     _carry_progress(old, new)
     assert sorted(p.name for p in (new / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+    assert (new / "adapter_best" / "validation.json").read_text() == '{"step": 2, "val_loss": 6.0}'
     half = new / "checkpoints" / "step_00000004"   # listed after the pruning had taken its weights
     half.mkdir()
     (half / STATE_FILE).write_text("{}")

@@ -231,19 +231,52 @@ def test_the_adapter_with_the_lowest_validation_loss_is_kept_across_a_resume(tmp
     assert best.keys() == at_step_2.keys() and all(torch.equal(best[k], at_step_2[k]) for k in best)
     assert not all(torch.equal(best[k], v) for k, v in load_file(out / "checkpoints" / "step_00000004" /
                                                                   "adapter.safetensors").items())
-    assert json.loads((out / "adapter_best" / "validation.json").read_text()) == {"step": 2, "val_loss": 6.0}
+    record = json.loads((out / "adapter_best" / "validation.json").read_text())
+    assert (record["step"], record["val_loss"]) == (2, 6.0) and "val_ratio 0.1, seed 42" in record["val_set"]
     assert json.loads((out / "adapter_best" / "rope2d.json").read_text())["rope_2d_ratio"] == 0.5   # loadable
     done = run(6)   # resumed at step 4: step 6's 6.2 is no better than step 2's 6.0
     assert (done["best_step"], done["best_val_loss"]) == (2, 6.0)
     assert json.loads((out / "adapter_best" / "validation.json").read_text())["step"] == 2
 
 
-def test_a_best_adapter_of_a_step_the_resume_trains_again_is_not_the_best(tmp_path):
-    """Saved after the checkpoint a resume starts from (a crash lost those steps): its record does not count."""
-    from trainer_core.train import BEST_FILE, read_best
+def test_a_best_adapter_counts_only_for_its_validation_set_and_steps_not_trained_again(tmp_path):
+    """Its record is ignored when it was saved after the checkpoint a resume starts from (a crash lost those
+    steps), measured another validation set (--val_data_path changed on resume), or lacks its weights."""
+    from trainer_core.train import BEST_FILE, read_best, validation_set_id
 
-    (tmp_path / BEST_FILE).write_text(json.dumps({"step": 6, "val_loss": 5.5}))
-    assert read_best(tmp_path, up_to_step=6) == (5.5, 6) and read_best(tmp_path, up_to_step=5) is None
-    assert read_best(tmp_path / "missing", up_to_step=9) is None
+    (tmp_path / BEST_FILE).write_text(json.dumps({"step": 6, "val_loss": 5.5, "val_set": "A"}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"weights")
+    assert read_best(tmp_path, up_to_step=6, val_set="A") == (5.5, 6)
+    assert read_best(tmp_path, up_to_step=5, val_set="A") is None
+    assert read_best(tmp_path, up_to_step=9, val_set="B") is None
+    assert read_best(tmp_path / "missing", up_to_step=9, val_set="A") is None
+    (tmp_path / "adapter_model.safetensors").unlink()   # a directory a kill left half deleted
+    assert read_best(tmp_path, up_to_step=9, val_set="A") is None
     (tmp_path / BEST_FILE).write_text("{not json")
-    assert read_best(tmp_path, up_to_step=9) is None
+    assert read_best(tmp_path, up_to_step=9, val_set="A") is None
+    # the set: another file's content, or another held-out share or seed, is another set
+    one, other = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    one.write_text('{"text": "a"}\n')
+    other.write_text('{"text": "b"}\n')
+    ids = {validation_set_id(TrainConfig(base_model="m", data_path="d", **fields), "f00d")
+           for fields in ({"val_data_path": str(one)}, {"val_data_path": str(other)}, {"val_ratio": 0.1},
+                          {"val_ratio": 0.2}, {"val_ratio": 0.1, "seed": 1})}
+    assert len(ids) == 5
+
+
+def test_a_run_starting_afresh_keeps_no_earlier_best_adapter(tmp_path, monkeypatch, capsys, tiny_model_dir,
+                                                              demo_data_path):
+    from trainer_core import train as train_module
+    from trainer_core.dist import DistEnv
+
+    out = tmp_path / "out"
+    for name in ("adapter_best", ".adapter_best.tmp"):   # an earlier run's, and what a kill left of one
+        (out / name).mkdir(parents=True)
+        (out / name / "validation.json").write_text(json.dumps({"step": 1, "val_loss": 1.0, "val_set": "x"}))
+    monkeypatch.setattr(train_module, "validation_loss", lambda *args: None)   # every validation out of memory
+    cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path), output_dir=str(out),
+                      max_steps=2, batch_size=2, batch_by_samples=True, val_ratio=0.1)
+    assert train_module.train(cfg, DistEnv(False, 0, 0, 1, torch.device("cpu")), train_module.StopFlag()) == 0
+    done = next(r for r in map(json.loads, capsys.readouterr().out.splitlines()) if r.get("event") == "done")
+    assert "best_step" not in done
+    assert not (out / "adapter_best").exists() and not (out / ".adapter_best.tmp").exists()

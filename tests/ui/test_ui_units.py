@@ -3,6 +3,7 @@ real server app, incremental metric polling, and the pictures/markdown the tabs 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -158,6 +159,31 @@ def test_metrics_polling_is_incremental_and_complete(live_server, scripted_worke
     assert list(frame.columns) == ["step", "loss"] and len(frame) == 5
     row = table_rows([client.get_job(job["id"])])[0]
     assert row[0] == job["id"] and "running" in row[2] and row[3].startswith("5/100")
+
+
+def test_the_summary_names_the_trainers_best_adapter_not_the_lowest_point(live_server, scripted_worker):
+    """adapter_best/validation.json is the trainer's record: after a resume on another validation file its
+    step is not the lowest point of the curve, so the UI reads it instead of recomputing it."""
+    from pathlib import Path
+
+    from ui.tabs.jobs import empty_watch, fetch_new, job_summary
+
+    client = ApiClient(live_server.base_url, live_server.token)
+    job = client.submit_job({"config": {"base_model": "models/tiny", "data_path": "demo.jsonl", "val_ratio": 0.2},
+                             "gpus": 1})
+    assert scripted_worker.claim()["id"] == job["id"]
+    scripted_worker.report(job["id"], range(1, 5), val_every=2)   # val_loss falls: lowest at step 4
+    watch = empty_watch() | {"job_id": job["id"]}
+    fetch_new(client, watch)
+    assert watch["best"] is None   # no adapter_best/ yet
+    best = Path(job["config"]["output_dir"]) / "adapter_best"
+    best.mkdir(parents=True)
+    (best / "validation.json").write_text(json.dumps({"step": 2, "val_loss": 5.1, "val_set": "x"}))
+    scripted_worker.report(job["id"], range(5, 7), val_every=2)
+    fetch_new(client, watch)
+    assert watch["best"] == (2, 5.1)
+    summary = job_summary(client.get_job(job["id"]), best=watch["best"])
+    assert "(lowest 5.1000 at step 2: `adapter_best/`)" in summary
 
 
 def test_layout_picture_draws_branches_as_rows_and_time_as_columns():
@@ -468,7 +494,7 @@ def test_live_plot_titles_carry_the_last_point():
 
 
 def test_the_loss_plot_draws_the_validation_loss_beside_the_training_loss():
-    from ui.tabs.jobs import job_summary, loss_frame, loss_title, lowest_validation, step_axis
+    from ui.tabs.jobs import job_summary, loss_frame, loss_title, step_axis
 
     points = [{"step": 0, "loss": None, "val_loss": 7.4}, {"step": 1, "loss": 7.3}, {"step": 2, "loss": 7.25},
               {"step": 3, "loss": 7.1, "val_loss": 7.2}, {"step": 4, "loss": 7.0}]
@@ -482,8 +508,6 @@ def test_the_loss_plot_draws_the_validation_loss_beside_the_training_loss():
     assert step_axis(points)[0] == 0 and step_axis(points[1:])[0] == 1   # step 0 is on the axis when drawn
     job = {"id": 3, "state": "running", "config": {"val_ratio": 0.05}, "last_loss": 7.0, "last_val_loss": 7.2}
     assert "validation 5% held out" in job_summary(job) and "**validation loss** 7.2000 ·" in job_summary(job)
-    assert lowest_validation(points) == (3, 7.2) and lowest_validation(points[1:3]) is None
-    assert lowest_validation([{"step": 2, "val_loss": 6.0}, {"step": 4, "val_loss": 6.0}]) == (2, 6.0)  # the first
     assert "**validation loss** 7.2000 (lowest 7.2000 at step 3: `adapter_best/`)" in job_summary(job, best=(3, 7.2))
     job["config"] = {"val_data_path": "/data/val.jsonl"}
     assert "validation /data/val.jsonl" in job_summary(job)

@@ -10,6 +10,7 @@ and training is never touched by the UI.
 from __future__ import annotations
 
 import html
+import json
 import re
 import zipfile
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import gradio as gr
 import pandas as pd
 import yaml
 
-from trainer_core.config import JOB_SET_FIELDS
+from trainer_core.config import BEST_ADAPTER_DIR, JOB_SET_FIELDS
 from ui.api import ApiClient, ApiError
 from ui.context import UiContext, fmt_duration, fmt_number, parse_api_time, scratch_file, warn
 from ui.form import job_values, to_yaml
@@ -56,7 +57,7 @@ class JobsTab:
     edit_button: gr.Button   # app.py wires it to the New job form
     settings: gr.Code
     adapter_file: gr.File
-    watch: gr.State  # {"job_id", "points": [Metric], "last_step", "log_offset", "log_lines", "final"}
+    watch: gr.State  # {"job_id", "points": [Metric], "last_step", "log_offset", "log_lines", "final", "best"}
     refresh_fn: Callable[..., tuple] | None = None  # (session) -> (table, table_ids, picker): for app wiring
 
 
@@ -146,15 +147,18 @@ def validation_text(cfg: dict[str, Any]) -> str:
     return ""
 
 
-def lowest_validation(points: list[dict[str, Any]]) -> tuple[int, float] | None:
-    """(step, validation loss) of the lowest validation loss, the first of equal ones (as the trainer keeps
-    adapter_best/), or None."""
-    measured = [(p["val_loss"], p["step"]) for p in points if p.get("val_loss") is not None]
-    return (min(measured)[1], min(measured)[0]) if measured else None
+def best_adapter(client: ApiClient, job_id: int) -> tuple[int, float] | None:
+    """(step, validation loss) of the job's adapter_best/, as its validation.json says (the trainer's record:
+    it restarts with a new validation set, which the metrics do not tell), or None."""
+    try:
+        record = json.loads(client.download_artifact(job_id, f"{BEST_ADAPTER_DIR}/validation.json"))
+        return int(record["step"]), float(record["val_loss"])
+    except (ApiError, ValueError, KeyError, TypeError):
+        return None
 
 
 def job_summary(job: dict[str, Any], waits: str | None = None, best: tuple[int, float] | None = None) -> str:
-    """The job's Markdown summary; `best`: (step, loss) of its lowest validation loss (lowest_validation)."""
+    """The job's Markdown summary; `best`: (step, loss) of its adapter_best/ (best_adapter)."""
     cfg = job.get("config", {})
     lines = [f"### Job #{job['id']} · {job.get('name') or cfg.get('name', '')} · {STATE_ICONS.get(job['state'], '')} "
              f"{job['state']}{' (cancel requested)' if job.get('cancel_requested') and job['state'] == 'running' else ''}",
@@ -260,7 +264,7 @@ def curve_frame(points: list[dict[str, Any]], y: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", y]).astype({"step": "int64", y: "float64"})
 
 
-ADAPTER_DIRS = ("adapter/", "adapter_best/")   # what *Download adapter* zips, of a job's outputs
+ADAPTER_DIRS = ("adapter/", f"{BEST_ADAPTER_DIR}/")   # what *Download adapter* zips, of a job's outputs
 
 # The loss plot's two curves: the training loss of each logged step, the validation loss where it was evaluated
 LOSS_CURVES = {"loss": "training", "val_loss": "validation"}
@@ -309,7 +313,8 @@ def step_axis(points: list[dict[str, Any]]) -> list[int]:
 
 def empty_watch() -> dict[str, Any]:
     # last_step -1: the first fetch takes step 0 too (a validation loss before training)
-    return {"job_id": None, "points": [], "last_step": -1, "log_offset": 0, "log_lines": [], "final": False}
+    return {"job_id": None, "points": [], "last_step": -1, "log_offset": 0, "log_lines": [], "final": False,
+            "best": None}
 
 
 def fetch_new(client: ApiClient, watch: dict[str, Any]) -> tuple[bool, bool]:
@@ -321,6 +326,8 @@ def fetch_new(client: ApiClient, watch: dict[str, Any]) -> tuple[bool, bool]:
         by_step.update({p["step"]: p for p in metrics})  # a resumed job re-logging a step replaces it
         watch["points"] = [by_step[s] for s in sorted(by_step)]
         watch["last_step"] = watch["points"][-1]["step"]
+        if any(p.get("val_loss") is not None for p in metrics):   # adapter_best/ may have changed with it
+            watch["best"] = best_adapter(client, job_id)
     new_lines = False
     for _ in range(50):  # catch up on a long log a page at a time, bounded per tick
         page = client.logs(job_id, offset=watch["log_offset"], limit=1000)
@@ -417,7 +424,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         except ApiError as e:
             return (fresh, f"Cannot load job #{job_id}: {e}", "", gr.skip(), gr.skip(), "", gr.update(visible=False),
                     "", *action_updates(None))
-        return (fresh, job_summary(job, wait_reason(client, job), lowest_validation(fresh["points"])),
+        return (fresh, job_summary(job, wait_reason(client, job), fresh["best"]),
                 curve_text(fresh),
                 loss_frame(fresh["points"]),
                 curve_frame(fresh["points"], "lr"), log_html(fresh["log_lines"]), gr.update(visible=False),
@@ -445,7 +452,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         if superseded():
             return skip
         current["final"] = job["state"] in FINAL_STATES
-        return (current, job_summary(job, wait_reason(client, job), lowest_validation(current["points"])),
+        return (current, job_summary(job, wait_reason(client, job), current.get("best")),
                 curve_text(current) if new_points else gr.skip(),
                 loss_frame(current["points"]) if new_points else gr.skip(),
                 curve_frame(current["points"], "lr") if new_points else gr.skip(),
