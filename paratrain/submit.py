@@ -267,6 +267,10 @@ def _final(api: ApiClient, job_id: int, state: str) -> int:
     where = job.get("config", {}).get("output_dir", "its output dir")
     print(f"job {job_id} succeeded; outputs in {where} (the server's file system; also "
           f"{api.base_url}/api/jobs/{job_id}/artifacts)", flush=True)
+    if job.get("last_val_loss") is not None:
+        from trainer_core.config import BEST_ADAPTER_DIR
+
+        print(f"the adapter of the lowest validation loss: {where}/{BEST_ADAPTER_DIR}/", flush=True)
     return 0
 
 

@@ -101,6 +101,8 @@ def test_serve_trains_the_demo_and_hands_jobs_back_on_exit(data_dir, tmp_path):
         points = api.get(f"/jobs/{followed['id']}/metrics").json()["data"]
         assert [p["step"] for p in points if p["val_loss"] is not None] == [0, 2, 4], points
         assert followed["last_val_loss"] == points[-1]["val_loss"]
+        assert f"the adapter of the lowest validation loss: {followed['config']['output_dir']}/adapter_best/" \
+            in submit.stdout
         deadline = time.time() + 120
 
         long_job = api.post("/jobs", json={"config": {**TINY_CONFIG, "max_steps": 500}, "gpus": 0}).json()
