@@ -104,6 +104,9 @@ class TrainConfig(BaseModel):
         "trained on). 0: none.", "data", ge=0.0, lt=1.0)
     val_data_path: str | None = _field(
         None, "A separate Parallel JSONL for the validation loss (instead of val_ratio).", "data", min_length=1)
+    eval_interval: int = _field(50, "With a validation set (val_ratio or val_data_path): its loss every N "
+                                "optimiser steps, before the first and after the last.", "data", ge=1,
+                                le=MAX_STEPS)
 
     # --- training ------------------------------------------------------------------------------
     epochs: int = _field(3, "Passes over the data.", "training", ge=1, le=1000)
@@ -134,9 +137,6 @@ class TrainConfig(BaseModel):
                       json_schema_extra={"group": "output", "pattern": NAME_PATTERN}, min_length=1, max_length=100)
     log_interval: int = _field(1, "Log metrics every N optimiser steps.", "output", ge=1, le=MAX_STEPS)
     save_interval: int = _field(50, "Save a resumable checkpoint every N optimiser steps.", "output", ge=1,
-                                le=MAX_STEPS)
-    eval_interval: int = _field(50, "With a validation set (val_ratio or val_data_path): its loss every N "
-                                "optimiser steps, before the first and after the last.", "output", ge=1,
                                 le=MAX_STEPS)
     resume: bool = _field(True, "Continue from the newest checkpoint in output_dir when there is one.", "output")
 

@@ -452,6 +452,9 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     best = read_best(best_dir, up_to_step=step, val_set=val_set) if val_set and last is not None else None
     if env.is_main and last is None:
         remove_best_adapter(best_dir)
+    elif val_set and best is None and (best_dir / BEST_FILE).exists():
+        print0(env, f"note: {best_dir}/ was measured on another validation set (or at a step trained again): "
+                    "this run's validations start a new best, and the validation curve changes its samples here")
 
     def keep_if_best(val_loss: float) -> None:
         nonlocal best

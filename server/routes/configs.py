@@ -42,6 +42,8 @@ class DatasetCheckResult(BaseModel):
     warnings: list[str] = Field(default_factory=list, description="Valid, but maybe not what was meant (keys "
                                                                  "paratrain ignores).")
     note: str | None = None
+    validation_records: int | None = Field(None, description="Records of val_data_path, when it was given and is "
+                                                             "valid (its bad lines are among `errors`).")
 
 
 @router.get("/config-schema")
@@ -65,16 +67,24 @@ def check_dataset(body: DatasetCheck, settings: SettingsDep) -> DatasetCheckResu
     check_extra_fields(body)
     # a path that is no file is a 422, as for a job; a file's bad lines are the answer
     path = confine_data_file(body.data_path, ("body", "data_path"), settings)
+    val_given = (body.model_extra or {}).get("val_data_path")
+    val_path = confine_data_file(str(val_given), ("body", "val_data_path"), settings) if val_given else None
     model = None if body.base_model is None else model_dir(body.base_model, settings)
     if model is None or not has_tokenizer_files(model):
         note = None if model is None else f"{body.base_model} has no tokenizer: only the lines were checked"
-        warnings: list[str] = []
+        result = DatasetCheckResult(data_path=str(path), note=note)
         try:
-            records = validate_file(path, warnings=warnings)
-            return DatasetCheckResult(data_path=str(path), records=records, warnings=warnings, note=note)
+            result.records = validate_file(path, warnings=result.warnings)
         except DataError as e:
-            return DatasetCheckResult(data_path=str(path), errors=e.lines, note=note)
-    return DatasetCheckResult(**summarize_dataset(body, path, model))
+            result.errors = e.lines
+    else:
+        result = DatasetCheckResult(**summarize_dataset(body, path, model))
+    if val_path is not None:   # its lines, as the trainer will read them (its samples are not summarised)
+        try:
+            result.validation_records = validate_file(val_path, warnings=result.warnings)
+        except DataError as e:
+            result.errors = [*result.errors, *e.lines]
+    return result
 
 
 def check_extra_fields(body: DatasetCheck) -> None:

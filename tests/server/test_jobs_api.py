@@ -116,6 +116,20 @@ def test_a_validation_file_is_checked_and_confined_as_the_data_file_is(client, s
     assert client.post("/api/jobs", json=job_body(val_ratio=0.1)).json()["config"]["val_data_path"] is None
 
 
+def test_the_dataset_check_reads_the_validation_file_too(client, settings):
+    (settings.data_dir / "datasets" / "val.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n')
+    (settings.data_dir / "datasets" / "bad_val.jsonl").write_text('{"text": "a"}\n{"messages": []}\n')
+    body = {"data_path": "datasets/demo.jsonl"}
+    good = client.post("/api/datasets/check", json={**body, "val_data_path": "datasets/val.jsonl"}).json()
+    assert good["validation_records"] == 2 and good["errors"] == []
+    bad = client.post("/api/datasets/check", json={**body, "val_data_path": "datasets/bad_val.jsonl"}).json()
+    assert bad["validation_records"] is None and bad["errors"][0].startswith(
+        f"{settings.data_root.resolve() / 'datasets' / 'bad_val.jsonl'}:2: "), bad
+    missing = client.post("/api/datasets/check", json={**body, "val_data_path": "datasets/nope.jsonl"})
+    assert missing.status_code == 422 and missing.json()["detail"][0]["loc"] == ["body", "val_data_path"]
+    assert client.post("/api/datasets/check", json=body).json()["validation_records"] is None
+
+
 def test_a_hub_id_as_a_jobs_model_is_told_apart_from_a_typo(client, settings, job_body):
     """The flag's help (shared with the CLI) mentions hub ids; a job reads model directories only."""
     r = client.post("/api/jobs", json=job_body(base_model="Qwen/Qwen2.5-0.5B-Instruct"))

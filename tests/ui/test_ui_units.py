@@ -449,6 +449,8 @@ def test_job_actions_follow_the_jobs_state():
     assert job_actions({"state": "failed"}) == (False, True, False)
     assert job_actions({"state": "cancelled"}) == (False, True, False)
     assert job_actions({"state": "failed", "retried_as": 7}) == (False, False, False)   # the server would 409
+    # stopped after a validation: its adapter_best/ is there to download
+    assert job_actions({"state": "cancelled", "last_val_loss": 6.8}) == (False, True, True)
     # + Edit as new job, for any job
     assert [u["interactive"] for u in action_updates(None)] == [False, False, False, False]
     assert [u["interactive"] for u in action_updates({"state": "running"})] == [True, False, False, True]
@@ -494,7 +496,7 @@ def test_live_plot_titles_carry_the_last_point():
 
 
 def test_the_loss_plot_draws_the_validation_loss_beside_the_training_loss():
-    from ui.tabs.jobs import job_summary, loss_frame, loss_title, step_axis
+    from ui.tabs.jobs import job_summary, last_validation_step, loss_frame, loss_title, step_axis
 
     points = [{"step": 0, "loss": None, "val_loss": 7.4}, {"step": 1, "loss": 7.3}, {"step": 2, "loss": 7.25},
               {"step": 3, "loss": 7.1, "val_loss": 7.2}, {"step": 4, "loss": 7.0}]
@@ -509,6 +511,7 @@ def test_the_loss_plot_draws_the_validation_loss_beside_the_training_loss():
     job = {"id": 3, "state": "running", "config": {"val_ratio": 0.05}, "last_loss": 7.0, "last_val_loss": 7.2}
     assert "validation 5% held out" in job_summary(job) and "**validation loss** 7.2000 ·" in job_summary(job)
     assert "**validation loss** 7.2000 (lowest 7.2000 at step 3: `adapter_best/`)" in job_summary(job, best=(3, 7.2))
+    assert "**validation loss** 7.2000 at step 3 ·" in job_summary(job, val_step=last_validation_step(points))
     job["config"] = {"val_data_path": "/data/val.jsonl"}
     assert "validation /data/val.jsonl" in job_summary(job)
     assert "validation" not in job_summary({"id": 4, "state": "queued", "config": {}})

@@ -36,9 +36,11 @@ class DatasetTab:
 
 
 def check_body(values: dict[str, Any]) -> dict[str, Any]:
-    """The check's request: data_path, base_model (its tokenizer) and the form's fields that shape samples."""
+    """The check's request: data_path, base_model (its tokenizer), the form's fields that shape samples and
+    val_data_path (its lines are checked too)."""
     config = config_dict(values)
-    return {k: v for k, v in config.items() if k in (*SAMPLE_SHAPING_FIELDS, "data_path", "base_model")}
+    return {k: v for k, v in config.items()
+            if k in (*SAMPLE_SHAPING_FIELDS, "data_path", "base_model", "val_data_path") and v not in (None, "")}
 
 
 def _flat(values: Any) -> list:
@@ -167,6 +169,7 @@ def summary_markdown(s: dict[str, Any], body: dict[str, Any] | None = None) -> s
     head = "✖ The data has errors: a job with it would not start." if errors else "✔ The data is valid."
     rows = [("records", s.get("records")), ("samples", s.get("samples")),
             ("samples held out for validation (val_ratio)", s.get("validation_samples") or None),
+            ("records of val_data_path", s.get("validation_records")),
             ("tokens after packing", s.get("tokens_after_packing")),
             ("padding share after packing", f"{s['padding_share']:.1%}" if s.get("padding_share") is not None else None),
             ("text length p50 / p90 / p99 / max (tokens)",

@@ -147,6 +147,10 @@ def validation_text(cfg: dict[str, Any]) -> str:
     return ""
 
 
+def last_validation_step(points: list[dict[str, Any]]) -> int | None:
+    return next((p["step"] for p in reversed(points) if p.get("val_loss") is not None), None)
+
+
 def best_adapter(client: ApiClient, job_id: int) -> tuple[int, float] | None:
     """(step, validation loss) of the job's adapter_best/, as its validation.json says (the trainer's record:
     it restarts with a new validation set, which the metrics do not tell), or None."""
@@ -157,8 +161,10 @@ def best_adapter(client: ApiClient, job_id: int) -> tuple[int, float] | None:
         return None
 
 
-def job_summary(job: dict[str, Any], waits: str | None = None, best: tuple[int, float] | None = None) -> str:
-    """The job's Markdown summary; `best`: (step, loss) of its adapter_best/ (best_adapter)."""
+def job_summary(job: dict[str, Any], waits: str | None = None, best: tuple[int, float] | None = None,
+                val_step: int | None = None) -> str:
+    """The job's Markdown summary; `best`: (step, loss) of its adapter_best/ (best_adapter); `val_step`: the
+    step of its last validation loss (last_validation_step)."""
     cfg = job.get("config", {})
     lines = [f"### Job #{job['id']} · {job.get('name') or cfg.get('name', '')} · {STATE_ICONS.get(job['state'], '')} "
              f"{job['state']}{' (cancel requested)' if job.get('cancel_requested') and job['state'] == 'running' else ''}",
@@ -167,8 +173,9 @@ def job_summary(job: dict[str, Any], waits: str | None = None, best: tuple[int, 
              f"**attempt** {job.get('attempt', 1)}/{job.get('max_attempts') or '?'}",
              f"model {cfg.get('base_model', '')} · data {cfg.get('data_path', '')}" + validation_text(cfg)]
     if job.get("last_val_loss") is not None:
+        at = f" at step {val_step}" if val_step is not None else ""
         lowest = f" (lowest {best[1]:.4f} at step {best[0]}: `adapter_best/`)" if best else ""
-        lines.append(f"**validation loss** {fmt_number(job['last_val_loss'], 4)}{lowest} · **training loss** "
+        lines.append(f"**validation loss** {fmt_number(job['last_val_loss'], 4)}{at}{lowest} · **training loss** "
                      f"{fmt_number(job.get('last_loss'), 4) or '-'}")
     when = when_text(job)
     if when:
@@ -210,10 +217,14 @@ def code_block(text: str) -> str:
 def job_actions(job: dict[str, Any] | None) -> tuple[bool, bool, bool]:
     """Whether Cancel, Retry and Download adapter can do anything for the job: cancel a job that has not
     ended (and is not being cancelled), retry one that failed or was cancelled and not yet retried (the
-    server retries a job once), download the adapter a job writes when it succeeds."""
+    server retries a job once), download the adapter a job writes when it succeeds, or the best one it
+    kept before it was stopped (a validation loss was measured: stopping once it turns up is why one
+    cancels)."""
     state = (job or {}).get("state")
     can_cancel = state == "queued" or (state == "running" and not job.get("cancel_requested"))
-    return can_cancel, state in ("failed", "cancelled") and not job.get("retried_as"), state == "succeeded"
+    ended = state in ("failed", "cancelled")
+    can_download = state == "succeeded" or (ended and job.get("last_val_loss") is not None)
+    return can_cancel, ended and not job.get("retried_as"), can_download
 
 
 def action_updates(job: dict[str, Any] | None) -> list[dict[str, Any]]:
@@ -424,7 +435,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         except ApiError as e:
             return (fresh, f"Cannot load job #{job_id}: {e}", "", gr.skip(), gr.skip(), "", gr.update(visible=False),
                     "", *action_updates(None))
-        return (fresh, job_summary(job, wait_reason(client, job), fresh["best"]),
+        return (fresh, job_summary(job, wait_reason(client, job), fresh["best"], last_validation_step(fresh["points"])),
                 curve_text(fresh),
                 loss_frame(fresh["points"]),
                 curve_frame(fresh["points"], "lr"), log_html(fresh["log_lines"]), gr.update(visible=False),
@@ -452,7 +463,8 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         if superseded():
             return skip
         current["final"] = job["state"] in FINAL_STATES
-        return (current, job_summary(job, wait_reason(client, job), current.get("best")),
+        return (current, job_summary(job, wait_reason(client, job), current.get("best"),
+                                     last_validation_step(current["points"])),
                 curve_text(current) if new_points else gr.skip(),
                 loss_frame(current["points"]) if new_points else gr.skip(),
                 curve_frame(current["points"], "lr") if new_points else gr.skip(),
@@ -489,7 +501,8 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             # the final adapter, and the one of the lowest validation loss when the job had a validation set
             files = [a["path"] for a in client.artifacts(job_id) if a["path"].startswith(ADAPTER_DIRS)]
             if not files:
-                raise ApiError(404, f"job #{job_id} has no adapter yet (it is written when training ends)")
+                raise ApiError(404, f"job #{job_id} has no adapter (adapter/ is written when training ends, "
+                                    f"{BEST_ADAPTER_DIR}/ at a validation)")
             target = scratch_file(f"job{job_id}-adapter.zip")
             with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as z:
                 for path in files:
