@@ -26,12 +26,16 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 def quiet_libraries() -> None:
     """Keep stderr for our progress lines: no per-load progress bars or library deprecation chatter."""
+    import logging
     import warnings
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    # PEFT's model card update reads the README paratrain writes into an adapter directory, which has no
+    # metadata block: "Repo card metadata block was not found" on every save over an earlier one
+    logging.getLogger("huggingface_hub.repocard").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 

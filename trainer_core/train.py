@@ -346,6 +346,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         source = (f"held out of {cfg.data_path} (--val_ratio {cfg.val_ratio:g})" if cfg.val_ratio > 0
                   else f"of {cfg.val_data_path}")
         print0(env, f"validation: {len(val[1])} samples {source}, their loss every {cfg.eval_interval} steps")
+        if len(val[1]) > len(samples):
+            print0(env, f"warning: the validation set has more samples ({len(val[1])}) than training ({len(samples)})")
     for path, tokens in [(cfg.data_path, ds), *([(cfg.val_data_path, val[0])] if cfg.val_data_path else [])]:
         cut = int(tokens.text_truncated.sum())
         if cut:
@@ -681,6 +683,9 @@ def save_best_adapter(model, best_dir: Path, cfg: TrainConfig, *, step: int, val
         with ckpt.disk_full_named(best_dir.parent, best_dir.name):
             save_adapter_dir(model, tmp, cfg)
             (tmp / BEST_FILE).write_text(json.dumps({"step": step, "val_loss": val_loss, "val_set": val_set}))
+            with open(tmp / "README.md", "a", encoding="utf-8") as readme:
+                readme.write(f"\nThis is the adapter of step {step}, the lowest validation loss of its run: "
+                             f"{val_loss:.4f} ({BEST_FILE}).\n")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -234,6 +234,8 @@ def test_the_adapter_with_the_lowest_validation_loss_is_kept_across_a_resume(tmp
     record = json.loads((out / "adapter_best" / "validation.json").read_text())
     assert (record["step"], record["val_loss"]) == (2, 6.0) and "val_ratio 0.1, seed 42" in record["val_set"]
     assert json.loads((out / "adapter_best" / "rope2d.json").read_text())["rope_2d_ratio"] == 0.5   # loadable
+    readme = (out / "adapter_best" / "README.md").read_text()
+    assert "This is the adapter of step 2, the lowest validation loss" in readme
     done = run(6)   # resumed at step 4: step 6's 6.2 is no better than step 2's 6.0
     assert (done["best_step"], done["best_val_loss"]) == (2, 6.0)
     assert json.loads((out / "adapter_best" / "validation.json").read_text())["step"] == 2
@@ -280,29 +282,3 @@ def test_a_run_starting_afresh_keeps_no_earlier_best_adapter(tmp_path, monkeypat
     done = next(r for r in map(json.loads, capsys.readouterr().out.splitlines()) if r.get("event") == "done")
     assert "best_step" not in done
     assert not (out / "adapter_best").exists() and not (out / ".adapter_best.tmp").exists()
-
-
-def test_the_cuda_paths_validation_loss_is_the_cpu_paths(tiny_model_dir, demo_data_path):
-    """The validation batches as CUDA builds them (long packed rows, FlexAttention BlockMask, run here in
-    forward, which flex does on CPU) give the loss of the CPU path's (rows cut at the longest sample, SDPA)."""
-    from trainer_core.data import build_samples, load_or_tokenize, split_validation
-    from trainer_core.dist import DistEnv
-    from trainer_core.model import ParallelBranchLM, load_base_model, prepare_for_training
-    from trainer_core.train import validation_loss
-
-    cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path), val_ratio=0.1, max_seq_len=48,
-                      max_branches_per_sample=4, batch_size=3, batch_by_samples=True, tokens_per_row=1024)
-    ds = load_or_tokenize(cfg.data_path, cfg.base_model, cfg.max_seq_len)
-    held_out = split_validation(build_samples(ds, cfg), cfg.val_ratio, cfg.seed)[1]
-    cpu = torch.device("cpu")
-    measured = {}
-    for impl, dense_attention in (("flex_attention", False), ("sdpa", True)):
-        torch.manual_seed(0)
-        model = prepare_for_training(load_base_model(str(tiny_model_dir), cpu, torch.float32, impl), cfg)
-        for name, p in model.named_parameters():   # non-zero LoRA so the adapters take part
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(len(name)))
-        measured[impl] = validation_loss(ParallelBranchLM(model), (ds, held_out), cfg, DistEnv(False, 0, 0, 1, cpu),
-                                         dense_attention)
-    assert measured["flex_attention"][1] == measured["sdpa"][1] > 0
-    assert measured["flex_attention"][0] == pytest.approx(measured["sdpa"][0], abs=1e-4), measured
