@@ -677,7 +677,7 @@ def save_best_adapter(model, best_dir: Path, cfg: TrainConfig, *, step: int, val
     """The adapter as it is now into `best_dir`, with its step, validation loss and set. Written beside it
     (dot names: not listed as a job's artifacts), then the old one moved aside and the new one into place:
     a kill leaves a whole adapter_best/ (or, between the two renames, none), never a part of one."""
-    tmp, old = (best_dir.with_name(f".{best_dir.name}.{suffix}") for suffix in ("tmp", "old"))
+    tmp, old = best_aside(best_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         with ckpt.disk_full_named(best_dir.parent, best_dir.name):
@@ -699,8 +699,13 @@ def save_best_adapter(model, best_dir: Path, cfg: TrainConfig, *, step: int, val
 def remove_best_adapter(best_dir: Path) -> None:
     """An earlier run's adapter_best/ (and what a kill left of one being written): a run starting afresh
     measures its own."""
-    for path in (best_dir, *(best_dir.with_name(f".{best_dir.name}.{suffix}") for suffix in ("tmp", "old"))):
+    for path in (best_dir, *best_aside(best_dir)):
         shutil.rmtree(path, ignore_errors=True)
+
+
+def best_aside(best_dir: Path) -> tuple[Path, Path]:
+    """Where save_best_adapter writes the next best, and moves the previous one while it swaps them."""
+    return best_dir.with_name(f".{best_dir.name}.tmp"), best_dir.with_name(f".{best_dir.name}.old")
 
 
 def read_best(best_dir: Path, up_to_step: int, val_set: str) -> tuple[float, int] | None:

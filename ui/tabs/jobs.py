@@ -147,8 +147,14 @@ def validation_text(cfg: dict[str, Any]) -> str:
     return ""
 
 
+def last_point(points: list[dict[str, Any]], key: str) -> dict[str, Any] | None:
+    """The last point that has `key` (a validation loss is at some steps only; a step-0 point has no loss)."""
+    return next((p for p in reversed(points) if p.get(key) is not None), None)
+
+
 def last_validation_step(points: list[dict[str, Any]]) -> int | None:
-    return next((p["step"] for p in reversed(points) if p.get("val_loss") is not None), None)
+    last = last_point(points, "val_loss")
+    return last["step"] if last else None
 
 
 def best_adapter(client: ApiClient, job_id: int) -> tuple[int, float] | None:
@@ -294,7 +300,7 @@ def curve_title(points: list[dict[str, Any]], y: str, name: str) -> str:
     new data alone it keeps its first layout's axis width, which clipped longer tick labels (0.0030 drawn
     as '030') while a job trained. (Set in the same update as the data, the new layout would be drawn
     from the old data: hence a second event, `.then`.)"""
-    last = next((p for p in reversed(points) if p.get(y) is not None), None)
+    last = last_point(points, y)
     return f"{name} (step {last['step']}: {last[y]:.4g})" if last else name
 
 
@@ -302,7 +308,7 @@ def loss_title(points: list[dict[str, Any]]) -> str:
     """curve_title of the training loss, and the last validation loss when there is one:
     'Loss (step 8: 2.778; validation at step 5: 2.9)'."""
     title = curve_title(points, "loss", "Loss")
-    last = next((p for p in reversed(points) if p.get("val_loss") is not None), None)
+    last = last_point(points, "val_loss")
     if last is None:
         return title
     val = f"validation at step {last['step']}: {last['val_loss']:.4g}"
