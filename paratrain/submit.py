@@ -267,6 +267,10 @@ def _final(api: ApiClient, job_id: int, state: str) -> int:
     where = job.get("config", {}).get("output_dir", "its output dir")
     print(f"job {job_id} succeeded; outputs in {where} (the server's file system; also "
           f"{api.base_url}/api/jobs/{job_id}/artifacts)", flush=True)
+    patience = job.get("config", {}).get("early_stop_patience")
+    if patience and (job.get("step") or 0) < (job.get("total_steps") or 0):
+        print(f"stopped early at step {job['step']} of {job['total_steps']}: {patience} validations in a row "
+              "without a lower loss", flush=True)
     if job.get("last_val_loss") is not None:
         from trainer_core.config import BEST_ADAPTER_DIR
 

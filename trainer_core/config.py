@@ -47,7 +47,7 @@ def _field(default: Any, help: str, group: str, **kw: Any) -> Any:
 NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$"   # no leading '.': lora/.{name}_*.pth would be a hidden file
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "gradient_checkpointing", "compile", "ddp", "tokens_per_row",
                                "output_dir", "name", "log_interval", "save_interval", "resume", "data_path",
-                               "eval_interval", "val_data_path"})
+                               "eval_interval", "val_data_path", "early_stop_patience"})
 
 
 class TrainConfig(BaseModel):
@@ -107,6 +107,9 @@ class TrainConfig(BaseModel):
     eval_interval: int = _field(50, "With a validation set (val_ratio or val_data_path): its loss every N "
                                 "optimiser steps, before the first and after the last.", "data", ge=1,
                                 le=MAX_STEPS)
+    early_stop_patience: int = _field(
+        0, "With a validation set: stop once its loss has not improved on the lowest for this many validations "
+        "in a row (adapter_best/ holds the lowest's adapter). 0: train to the end.", "data", ge=0, le=MAX_STEPS)
 
     # --- training ------------------------------------------------------------------------------
     epochs: int = _field(3, "Passes over the data.", "training", ge=1, le=1000)
@@ -169,6 +172,8 @@ class TrainConfig(BaseModel):
     def _check_one_validation_set(self) -> "TrainConfig":
         if self.val_ratio > 0 and self.val_data_path is not None:
             raise ValueError("val_ratio and val_data_path both choose the validation set: give one of them")
+        if self.early_stop_patience and not self.has_validation:
+            raise ValueError("early_stop_patience stops on the validation loss: give val_ratio or val_data_path too")
         return self
 
     @property

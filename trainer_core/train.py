@@ -408,8 +408,10 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     scaler = torch.amp.GradScaler(env.device.type, enabled=training_dtype(cfg, env.device) == torch.float16)
 
     step, start_epoch, start_epoch_step = 0, 0, 0
+    since_best = 0   # validations since the lowest validation loss (rank 0's; the early stop counts them)
     if last is not None:
-        step, start_epoch, start_epoch_step = restore_checkpoint(last, model, optimizer, scheduler, scaler)
+        step, start_epoch, start_epoch_step, since_best = restore_checkpoint(last, model, optimizer, scheduler,
+                                                                             scaler)
         if step >= total_steps:
             print0(env, f"{last} is at step {step}, the end of this run ({total_steps} steps): "
                         "writing the final outputs")
@@ -437,7 +439,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         inject_fault(env, step, "checkpoint", resumed)
         weights = lora_state_dict(model)
         if env.is_main:
-            state = {"epoch": epoch, "epoch_step": epoch_step, "total_steps": total_steps, "run": identity}
+            state = {"epoch": epoch, "epoch_step": epoch_step, "total_steps": total_steps, "run": identity,
+                     "validations_since_best": since_best}
             path = ckpt.save_checkpoint(out_dir, step=step, lora_weights=weights, optimizer=optimizer,
                                         scheduler=scheduler, scaler=scaler, state=state)
             latest_pth.parent.mkdir(parents=True, exist_ok=True)
@@ -457,12 +460,33 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     elif val_set and best is None and (best_dir / BEST_FILE).exists():
         print0(env, f"note: {best_dir}/ was measured on another validation set (or at a step trained again): "
                     "this run's validations start a new best, and the validation curve changes its samples here")
+    if best is None:
+        since_best = 0
 
     def keep_if_best(val_loss: float) -> None:
-        nonlocal best
-        if env.is_main and (best is None or val_loss < best[0]):
-            best = (val_loss, step)
+        nonlocal best, since_best
+        if not env.is_main:
+            return
+        if best is None or val_loss < best[0]:
+            best, since_best = (val_loss, step), 0
             save_best_adapter(model, best_dir, cfg, step=step, val_loss=val_loss, val_set=val_set)
+        else:
+            since_best += 1
+
+    def patience_ran_out() -> bool:
+        """--early_stop_patience validations in a row without a new lowest loss (rank 0 counts; all ranks agree)."""
+        return any_rank(env, env.is_main and 0 < cfg.early_stop_patience <= since_best)[0]
+
+    def early_stop_text() -> str:   # rank 0's (it holds `best`)
+        return (f"the validation loss has not improved on {best[0]:.4f} (step {best[1]}) in {since_best} "
+                f"validations (--early_stop_patience {cfg.early_stop_patience})" if best else "")
+
+    # A run that stopped early and runs again (a retry, or the same command) stops there again: a larger
+    # --early_stop_patience (or 0) trains on.
+    stopped_early = last is not None and step < total_steps and cfg.early_stop_patience > 0 and patience_ran_out()
+    if stopped_early:
+        print0(env, f"{last} stopped early: {early_stop_text()}. Writing the final outputs; a larger "
+                    "--early_stop_patience (or 0) trains on from it")
 
     if val is not None and last is None:   # the base model's (LoRA starts at zero): where the curve starts
         measured = validation_loss(lm, val, cfg, env, dense_attention)
@@ -481,7 +505,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     step_time_ema = None
     epoch = start_epoch
     stop.training = True   # from here a stop signal saves a checkpoint at the next step boundary
-    while step < total_steps and epoch < cfg.epochs:
+    while step < total_steps and epoch < cfg.epochs and not stopped_early:
         batches = rank_batches(epoch_batches(samples, cfg, epoch), env.rank, env.world_size)
         first = start_epoch_step if epoch == start_epoch else 0
         steps_this_epoch = len(batches) // cfg.accumulation_steps   # the same on every rank (rank_batches)
@@ -525,6 +549,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                     return stop_superseded()
                 if measured is not None:
                     keep_if_best(measured[0])
+                    stopped_early = step < total_steps and cfg.early_stop_patience > 0 and patience_ran_out()
             if step % cfg.log_interval == 0 or step == total_steps or measured is not None:
                 evals_to_come = evaluations_left(step, total_steps, cfg.eval_interval) if val is not None else 0
                 eta_s = step_time_ema * (total_steps - step) + evals_to_come * (
@@ -542,7 +567,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                             + f"lr {lr:.2e} | grad {grad_norm:.3f} | {tokens / dt:,.0f} tok/s | "
                               f"eta {_hms(record['eta_s'])}")
 
-            if stopping or step % cfg.save_interval == 0 or step == total_steps:
+            # an early stop's checkpoint keeps its count: the same run started again stops there too
+            if stopping or stopped_early or step % cfg.save_interval == 0 or step == total_steps:
                 done_epoch = epoch_step + 1 == steps_this_epoch
                 save(epoch + 1 if done_epoch else epoch, 0 if done_epoch else epoch_step + 1)
             if stopping:
@@ -550,6 +576,9 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                     "the job resumes from it when it runs again" if os.environ.get("PARATRAIN_JOB_ID") else
                     "rerun the same command to resume"))
                 return 0
+            if stopped_early:
+                print0(env, f"early stop at step {step}/{total_steps}: {early_stop_text()}")
+                break
             if step >= total_steps:
                 break
         epoch += 1
@@ -558,13 +587,14 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         return stop_superseded()
     write_final_outputs(model, cfg, env, step=step, elapsed_s=time.time() - t_start,
                         probe=probe_logits(model, ds, samples, cfg, env),
-                        best=best)
+                        best=best, stopped_early=stopped_early)
     return 0
 
 
-def restore_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, int, int]:
+def restore_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, int, int, int]:
     """Load a checkpoint's adapter weights and optimiser/scheduler/loss-scale/RNG state in place:
-    (optimiser step, epoch, step within that epoch) to continue from."""
+    (optimiser step, epoch, step within that epoch) to continue from, and the validations since the lowest
+    validation loss then."""
     weights, blob, state = ckpt.load_checkpoint(path)
     load_lora_weights(model, weights, path)
     optimizer.load_state_dict(blob["optimizer"])
@@ -576,7 +606,7 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> tuple
     if blob.get("scaler"):   # a float16 run's loss scale; empty or absent (older checkpoints): start afresh
         scaler.load_state_dict(blob["scaler"])
     torch.set_rng_state(blob["rng_cpu"])
-    return state["step"], state["epoch"], state["epoch_step"]
+    return state["step"], state["epoch"], state["epoch_step"], state.get("validations_since_best", 0)
 
 
 def accumulate_gradients(lm: torch.nn.Module, micro: list[PackedBatch], env: DistEnv, scaler: torch.amp.GradScaler,
@@ -640,10 +670,11 @@ def val_fields(measured: tuple[float, int]) -> dict:
 
 
 def write_final_outputs(model, cfg: TrainConfig, env: DistEnv, *, step: int, elapsed_s: float,
-                        probe: list[float] | None, best: tuple[float, int] | None = None) -> None:
+                        probe: list[float] | None, best: tuple[float, int] | None = None,
+                        stopped_early: bool = False) -> None:
     """The final .pth, the latest .pth and the PEFT adapter directory, then the `done` event (with `best`, the
-    validation loss and step of adapter_best/, when there is one). Every rank reports a digest of its weights
-    first: DDP must leave them all the same."""
+    validation loss and step of adapter_best/, when there is one, and whether --early_stop_patience ended the
+    run). Every rank reports a digest of its weights first: DDP must leave them all the same."""
     latest_pth, final_pth, adapter_dir, best_dir = output_names(cfg)
     weights = lora_state_dict(model)
     hashes = gather_objects(env, weights_digest(weights))
@@ -656,9 +687,9 @@ def write_final_outputs(model, cfg: TrainConfig, env: DistEnv, *, step: int, ela
         best_fields = ({"best_adapter_dir": str(best_dir), "best_val_loss": round(best[0], 6), "best_step": best[1]}
                        if best else {})
         emit(env, {"event": "done", "step": step, "final_path": str(final_pth), "adapter_dir": str(adapter_dir),
-                   **best_fields, "elapsed_s": round(elapsed_s, 1), "rank_weight_digests": hashes,
+                   **best_fields, "stopped_early": stopped_early, "elapsed_s": round(elapsed_s, 1), "rank_weight_digests": hashes,
                    "probe_logits": probe})
-        print0(env, f"done: {final_pth} and {adapter_dir}/" + (
+        print0(env, f"done{' (stopped early)' if stopped_early else ''}: {final_pth} and {adapter_dir}/" + (
             f"; the lowest validation loss, {best[0]:.4f}, was at step {best[1]}: {best_dir}/" if best else ""))
     barrier(env)
 

@@ -282,3 +282,44 @@ def test_a_run_starting_afresh_keeps_no_earlier_best_adapter(tmp_path, monkeypat
     done = next(r for r in map(json.loads, capsys.readouterr().out.splitlines()) if r.get("event") == "done")
     assert "best_step" not in done
     assert not (out / "adapter_best").exists() and not (out / ".adapter_best.tmp").exists()
+
+
+def test_early_stopping_ends_the_run_after_the_patience_and_a_rerun_stops_there_too(tmp_path, monkeypatch, capsys,
+                                                                                    tiny_model_dir, demo_data_path):
+    """--early_stop_patience 2 with scripted losses 7.0 (before training), 6.0, 6.5, 6.2: two validations
+    without a new lowest after step 1 end the run at step 3, with its final outputs; the count is in the
+    checkpoint, so the same run started again stops there at once, and a larger patience trains on."""
+    from trainer_core import train as train_module
+    from trainer_core.dist import DistEnv
+
+    out = tmp_path / "out"
+
+    def run(patience: int, losses: list[float]) -> tuple[list[dict], str]:
+        scripted = iter(losses)   # StopIteration (a failed run) on a validation not scripted
+        monkeypatch.setattr(train_module, "validation_loss", lambda *args: (next(scripted), 100))
+        cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path), output_dir=str(out),
+                          max_steps=10, batch_size=2, batch_by_samples=True, val_ratio=0.1, eval_interval=1,
+                          save_interval=100, early_stop_patience=patience)
+        capsys.readouterr()
+        assert train_module.train(cfg, DistEnv(False, 0, 0, 1, torch.device("cpu")), train_module.StopFlag()) == 0
+        assert next(scripted, None) is None   # every scripted validation ran
+        printed = capsys.readouterr()
+        return [json.loads(line) for line in printed.out.splitlines()], printed.err
+
+    records, err = run(2, [7.0, 6.0, 6.5, 6.2])
+    assert [r["step"] for r in records if "val_loss" in r] == [0, 1, 2, 3]
+    done = records[-1]
+    assert (done["event"], done["step"], done["stopped_early"], done["best_step"]) == ("done", 3, True, 1)
+    assert "early stop at step 3/10: the validation loss has not improved on 6.0000 (step 1) in 2 validations" in err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    final = (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+
+    records, err = run(2, [])   # again: no step trained, no validation, the final outputs written again
+    assert records[-1]["event"] == "done" and records[-1]["stopped_early"] and records[-1]["step"] == 3
+    assert "stopped early: the validation loss has not improved on 6.0000 (step 1) in 2 validations" in err
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns > final
+
+    records, err = run(3, [6.3])   # the count goes on from the checkpoint's 2: step 4 is the third
+    assert [r["step"] for r in records if "val_loss" in r] == [4] and records[-1]["step"] == 4
+    assert records[-1]["stopped_early"] and "in 3 validations (--early_stop_patience 3)" in err

@@ -238,6 +238,23 @@ def test_a_resumed_attempt_does_not_print_its_steps_twice(monkeypatch, capsys):
     assert steps == ["step 1/3", "step 2/3", "step 2/3", "step 3/3"]
 
 
+def test_a_job_that_stopped_early_says_so_at_its_end(monkeypatch, capsys):
+    from paratrain import submit
+
+    class FakeApi:
+        base_url = "http://server"
+
+        def get_job(self, job_id):
+            return {"step": 14, "total_steps": 30, "last_val_loss": 6.78,
+                    "config": {"output_dir": "/out", "val_ratio": 0.1, "early_stop_patience": 2}}
+
+    monkeypatch.setattr(submit, "sse_events", lambda *args: iter([("end", {"state": "succeeded"})]))
+    assert submit.follow(FakeApi(), "token", 1) == 0
+    out = capsys.readouterr().out
+    assert "stopped early at step 14 of 30: 2 validations in a row without a lower loss" in out
+    assert "the adapter of the lowest validation loss: /out/adapter_best/" in out
+
+
 def test_set_changes_fields_of_the_file_for_a_sweep(live_server, tmp_path, token_file, capsys):
     job_file = tmp_path / "job.yaml"
     job_file.write_text(JOB_FILE)

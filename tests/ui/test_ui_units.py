@@ -309,6 +309,21 @@ def test_job_summary_says_when_it_was_queued_started_and_how_long_it_ran():
     assert "started" not in job_summary({**job, "started_at": None, "finished_at": None, "state": "queued"})
 
 
+def test_a_job_that_stopped_early_says_so_in_its_summary_and_progress():
+    from ui.tabs.jobs import job_summary, progress_text
+
+    job = {"id": 4, "name": "x", "state": "succeeded", "step": 14, "total_steps": 30, "last_val_loss": 6.78,
+           "config": {"val_ratio": 0.1, "early_stop_patience": 2}}
+    assert progress_text(job) == "14/30 (stopped early)"
+    text = job_summary(job, best=(12, 6.7804))
+    assert "validation 10% held out, early stop after 2 without a lower loss" in text
+    assert "**Stopped early** at step 14 of 30: 2 validations in a row without a lower loss" in text
+    # still running at step 14, or ended at its last step, or without a patience: not stopped early
+    for other in ({"state": "running"}, {"step": 30}, {"config": {"val_ratio": 0.1}}):
+        assert "Stopped early" not in job_summary({**job, **other})
+        assert "stopped early" not in progress_text({**job, **other})
+
+
 def test_ui_api_calls_do_not_flood_the_server_log(caplog):
     import logging
 

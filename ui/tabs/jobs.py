@@ -73,10 +73,16 @@ def gpu_text(job: dict[str, Any]) -> str:
     return (f"{','.join(str(i) for i in ids)}{where}" if ids else f"{job['gpus']} wanted")
 
 
+def stopped_early(job: dict[str, Any]) -> bool:
+    """A job that succeeded before its last step: --early_stop_patience ended it."""
+    return (job["state"] == "succeeded" and bool(job.get("config", {}).get("early_stop_patience"))
+            and (job.get("step") or 0) < (job.get("total_steps") or 0))
+
+
 def progress_text(job: dict[str, Any]) -> str:
     step, total = job.get("step") or 0, job.get("total_steps")
     if total:
-        return f"{step}/{total} ({step / total:.0%})"
+        return f"{step}/{total} ({'stopped early' if stopped_early(job) else f'{step / total:.0%}'})"
     return str(step) if step else ""
 
 
@@ -139,11 +145,13 @@ def when_text(job: dict[str, Any]) -> str:
 
 
 def validation_text(cfg: dict[str, Any]) -> str:
-    """' · validation 5% held out' or ' · validation FILE', or '' without a validation set."""
+    """' · validation 5% held out' or ' · validation FILE' (and its early stop), or '' without a validation set."""
+    patience = cfg.get("early_stop_patience")
+    stop = f", early stop after {patience} without a lower loss" if patience else ""
     if cfg.get("val_data_path"):
-        return f" · validation {cfg['val_data_path']}"
+        return f" · validation {cfg['val_data_path']}{stop}"
     if cfg.get("val_ratio"):
-        return f" · validation {cfg['val_ratio'] * 100:.3g}% held out"
+        return f" · validation {cfg['val_ratio'] * 100:.3g}% held out{stop}"
     return ""
 
 
@@ -183,6 +191,10 @@ def job_summary(job: dict[str, Any], waits: str | None = None, best: tuple[int, 
         lowest = f" (lowest {best[1]:.4f} at step {best[0]}: `adapter_best/`)" if best else ""
         lines.append(f"**validation loss** {fmt_number(job['last_val_loss'], 4)}{at}{lowest} · **training loss** "
                      f"{fmt_number(job.get('last_loss'), 4) or '-'}")
+    if stopped_early(job):
+        lines.append(f"**Stopped early** at step {job['step']} of {job['total_steps']}: "
+                     f"{cfg['early_stop_patience']} validations in a row without a lower loss "
+                     f"(`adapter/` is step {job['step']}'s, `adapter_best/` the lowest's).")
     when = when_text(job)
     if when:
         lines.append(when)
