@@ -1,5 +1,5 @@
-"""`paratrain data check FILE [--tokenizer DIR]`: the dataset's errors (FILE:LINE) or a summary of what
-training will see: records, samples, branches per sample, token lengths, packing and padding.
+"""`paratrain data check FILE [--tokenizer DIR] [--val_data_path FILE]`: the dataset's errors (FILE:LINE) or a
+summary of what training will see: records, samples, branches per sample, token lengths, packing and padding.
 `summarize()` is also what the server's /api/datasets/check returns."""
 
 from __future__ import annotations
@@ -129,36 +129,54 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--tokenizer", default=None, help="Model directory whose tokenizer to use (without it only "
                        "the lines are checked: no token lengths, samples or packing).")
     check.add_argument("--json", action="store_true", help="Print the summary as JSON.")
-    add_cli_arguments(check, only=SAMPLE_SHAPING_FIELDS)
+    add_cli_arguments(check, only=CHECK_FIELDS)
+
+
+CHECK_FIELDS = (*SAMPLE_SHAPING_FIELDS, "val_data_path")   # a validation file's lines are checked too
 
 
 def run(args: argparse.Namespace) -> int:
     import json
 
-    overrides = {k: getattr(args, k) for k in SAMPLE_SHAPING_FIELDS if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in CHECK_FIELDS if getattr(args, k) is not None}
     try:   # the flags are checked with or without a tokenizer: a bad one is never "valid"
         cfg = TrainConfig(base_model=args.tokenizer or "none", data_path=args.file, **overrides)
     except ValidationError as e:
         print(f"paratrain data check: {format_validation_error(e)}", file=sys.stderr)
         return 2
+    # the validation file's lines, as the trainer reads them (its samples are not summarised)
+    val_records, val_errors, val_warnings = None, [], []
+    if cfg.val_data_path:
+        try:
+            val_records = validate_file(cfg.val_data_path, warnings=val_warnings)
+        except DataError as e:
+            val_errors = e.lines
+    val_line = [f"  validation file {cfg.val_data_path}: {val_records:,} valid records"] if val_records else []
     if args.tokenizer is None:
         warnings: list[str] = []
         try:
             records = validate_file(args.file, warnings=warnings)
         except DataError as e:
-            print("\n".join(e.lines), file=sys.stderr)
+            print("\n".join([*e.lines, *val_errors]), file=sys.stderr)
             return 2
-        print(json.dumps({"data_path": args.file, "records": records, "warnings": warnings}) if args.json else
+        if val_errors:
+            print("\n".join(val_errors), file=sys.stderr)
+            return 2
+        warnings += val_warnings
+        print(json.dumps({"data_path": args.file, "records": records, "validation_records": val_records,
+                          "warnings": warnings}) if args.json else
               "\n".join([f"{args.file}: {records:,} valid records (give --tokenizer for samples, token lengths "
-                         "and packing)", *[f"  warning: {w}" for w in warnings]]))
+                         "and packing)", *[f"  warning: {w}" for w in warnings], *val_line]))
         return 0
     if not has_tokenizer_files(local_model_dir(args.tokenizer)):
         print(f"--tokenizer {args.tokenizer}: not a model directory with tokenizer files, nor such a model in the "
               "local HuggingFace cache", file=sys.stderr)
         return 2
     summary = summarize(cfg, with_example=args.json)
-    if summary["errors"]:
-        print("\n".join(summary["errors"]), file=sys.stderr)
+    if summary["errors"] or val_errors:
+        print("\n".join([*summary["errors"], *val_errors]), file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
+    summary["warnings"] += val_warnings
+    summary["validation_records"] = val_records
+    print(json.dumps(summary, indent=2) if args.json else "\n".join([format_summary(summary), *val_line]))
     return 0

@@ -101,6 +101,23 @@ def test_data_check_without_a_tokenizer_checks_the_lines(tmp_path, demo_data_pat
     assert proc.stderr.strip() == f"{bad}:2: 'branches' must be a list of strings, got a number"
 
 
+def test_data_check_reads_the_validation_files_lines_too(tmp_path, tiny_model_dir, demo_data_path):
+    val = tmp_path / "val.jsonl"
+    val.write_text('{"text": "held out"}\n{"main": "a", "branches": ["b", "c"]}\n')
+    bad = tmp_path / "bad_val.jsonl"
+    bad.write_text('{"text": "ok"}\n{"main": 3}\n')
+    for tokenizer in ([], ["--tokenizer", str(tiny_model_dir)]):
+        check = [PARATRAIN, "data", "check", str(demo_data_path), *tokenizer, "--val_data_path"]
+        proc = subprocess.run([*check, str(val)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0 and f"validation file {val}: 2 valid records" in proc.stdout, proc.stderr
+        proc = subprocess.run([*check, str(val), "--json"], capture_output=True, text=True, timeout=120)
+        assert json.loads(proc.stdout)["validation_records"] == 2
+        proc = subprocess.run([*check, str(bad)], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.strip() == f"{bad}:2: 'main' must be a string, got a number"
+    proc = subprocess.run([*check, str(val), "--val_ratio", "0.1"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "give one of them" in proc.stderr
+
+
 def test_data_check_names_a_bad_tokenizer_or_flag_without_a_traceback(tmp_path, demo_data_path):
     for extra, message in [(["--tokenizer", str(tmp_path / "nope")], f"--tokenizer {tmp_path / 'nope'}: not a model"),
                            (["--tokenizer", str(tmp_path), "--max_seq_len", "0"], "max_seq_len: Input should be"),
