@@ -151,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
             val_records = validate_file(cfg.val_data_path, warnings=val_warnings)
         except DataError as e:
             val_errors = e.lines
-    val_line = [f"  validation file {cfg.val_data_path}: {val_records:,} valid records"] if val_records else []
+    plural = "s" if val_records != 1 else ""
+    val_line = [f"  validation file {cfg.val_data_path}: {val_records:,} valid record{plural}"] if val_records else []
     if args.tokenizer is None:
         warnings: list[str] = []
         try:

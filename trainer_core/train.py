@@ -352,7 +352,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         cut = int(tokens.text_truncated.sum())
         if cut:
             print0(env, f"warning: {cut:,} of {len(tokens.text_truncated):,} texts of {path} are longer than "
-                        f"--max_seq_len {cfg.max_seq_len} and are cut to it (`paratrain data check` counts them)")
+                        f"--max_seq_len {cfg.max_seq_len} and are cut to it (`paratrain data check {path} "
+                        f"--tokenizer {cfg.base_model} --max_seq_len {cfg.max_seq_len}` counts them)")
     if cfg.max_steps is not None and total_steps < cfg.max_steps:
         print0(env, f"note: --epochs {cfg.epochs} make {total_steps} steps, fewer than --max_steps {cfg.max_steps}: "
                     "training stops after the epochs (raise --epochs to train longer)")
@@ -460,14 +461,17 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     elif val_set and best is None and (best_dir / BEST_FILE).exists():
         print0(env, f"note: {best_dir}/ was measured on another validation set (or at a step trained again): "
                     "this run's validations start a new best, and the validation curve changes its samples here")
-    if best is None:
+    if best is None and since_best:
+        print0(env, f"note: the early stop's count ({since_best} validations without a lower loss) starts again: "
+                    f"{best_dir}/ is missing or does not count for this run")
         since_best = 0
 
     def keep_if_best(val_loss: float) -> None:
         nonlocal best, since_best
         if not env.is_main:
             return
-        if best is None or val_loss < best[0]:
+        # a NaN loss is no best (no later loss is below one): it counts as a validation without a lower loss
+        if math.isfinite(val_loss) and (best is None or val_loss < best[0]):
             best, since_best = (val_loss, step), 0
             save_best_adapter(model, best_dir, cfg, step=step, val_loss=val_loss, val_set=val_set)
         else:
@@ -481,11 +485,11 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         return (f"the validation loss has not improved on {best[0]:.4f} (step {best[1]}) in {since_best} "
                 f"validations (--early_stop_patience {cfg.early_stop_patience})" if best else "")
 
-    # A run that stopped early and runs again (a retry, or the same command) stops there again: a larger
-    # --early_stop_patience (or 0) trains on.
+    # A run that stopped early and runs again (a retry, the same command, a larger --max_steps) stops there
+    # again: only a larger --early_stop_patience (or 0) trains on.
     stopped_early = last is not None and step < total_steps and cfg.early_stop_patience > 0 and patience_ran_out()
     if stopped_early:
-        print0(env, f"{last} stopped early: {early_stop_text()}. Writing the final outputs; a larger "
+        print0(env, f"not training on from {last}: {early_stop_text()}. Writing the final outputs; a larger "
                     "--early_stop_patience (or 0) trains on from it")
 
     if val is not None and last is None:   # the base model's (LoRA starts at zero): where the curve starts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,9 +87,13 @@ def test_a_validation_file_changes_nothing_in_training_and_ranks_share_its_sampl
     ddp = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2",
                           "-m", "trainer_core.train", "--base_model", str(tiny_model_dir), "--data_path",
                           str(demo_data_path), "--batch_size", "4", "--batch_by_samples", "--max_branches_per_sample",
-                          "8", "--output_dir", str(tmp_path / "ddp"), "--max_steps", "1", "--val_data_path",
-                          str(val_file), "--ddp"], capture_output=True, text=True, timeout=300)
+                          "8", "--output_dir", str(tmp_path / "ddp"), "--max_steps", "30", "--val_data_path",
+                          str(val_file), "--ddp", "--eval_interval", "1", "--early_stop_patience", "1",
+                          "--learning_rate", "0.5"], capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
+    # rank 0 decides to stop early (it alone holds the lowest loss); both ranks stop there, neither hangs
+    done = json.loads(ddp.stdout.splitlines()[-1])
+    assert done["event"] == "done" and done["stopped_early"] and done["step"] < 30, ddp.stdout[-2000:]
     step0 = next(json.loads(line) for line in ddp.stdout.splitlines() if line.startswith('{"step": 0'))
     assert step0["val_tokens"] == validated[0]["val_tokens"] > 0
     assert step0["val_loss"] == pytest.approx(validated[0]["val_loss"], abs=1e-5)
@@ -317,9 +322,28 @@ def test_early_stopping_ends_the_run_after_the_patience_and_a_rerun_stops_there_
 
     records, err = run(2, [])   # again: no step trained, no validation, the final outputs written again
     assert records[-1]["event"] == "done" and records[-1]["stopped_early"] and records[-1]["step"] == 3
-    assert "stopped early: the validation loss has not improved on 6.0000 (step 1) in 2 validations" in err
+    assert "not training on from" in err and "has not improved on 6.0000 (step 1) in 2 validations" in err
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns > final
 
     records, err = run(3, [6.3])   # the count goes on from the checkpoint's 2: step 4 is the third
     assert [r["step"] for r in records if "val_loss" in r] == [4] and records[-1]["step"] == 4
     assert records[-1]["stopped_early"] and "in 3 validations (--early_stop_patience 3)" in err
+
+    shutil.rmtree(out / "adapter_best")   # no lowest to compare with: the count starts again, and says so
+    records, err = run(3, [6.3, 6.4, 6.5, 6.6])
+    assert "the early stop's count (3 validations without a lower loss) starts again" in err
+    assert records[-1]["step"] == 8 and records[-1]["best_step"] == 5
+
+
+def test_a_nan_validation_loss_is_never_the_lowest(tmp_path, monkeypatch, capsys, tiny_model_dir, demo_data_path):
+    from trainer_core import train as train_module
+    from trainer_core.dist import DistEnv
+
+    losses = iter([float("nan"), 6.0, 5.0, 5.5, 5.6])   # before training (NaN), then steps 1 to 4
+    monkeypatch.setattr(train_module, "validation_loss", lambda *args: (next(losses), 100))
+    cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path), output_dir=str(tmp_path),
+                      max_steps=10, batch_size=2, batch_by_samples=True, val_ratio=0.1, eval_interval=1,
+                      early_stop_patience=2)
+    assert train_module.train(cfg, DistEnv(False, 0, 0, 1, torch.device("cpu")), train_module.StopFlag()) == 0
+    done = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert (done["step"], done["best_step"], done["best_val_loss"]) == (4, 2, 5.0)

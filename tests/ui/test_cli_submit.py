@@ -253,6 +253,9 @@ def test_a_job_that_stopped_early_says_so_at_its_end(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "stopped early at step 14 of 30: 2 validations in a row without a lower loss" in out
     assert "the adapter of the lowest validation loss: /out/adapter_best/" in out
+    FakeApi.get_job = lambda self, job_id: {"step": 30, "total_steps": 30, "config": {"early_stop_patience": 2}}
+    assert submit.follow(FakeApi(), "token", 1) == 0
+    assert "stopped early" not in capsys.readouterr().out   # it trained to its last step
 
 
 def test_set_changes_fields_of_the_file_for_a_sweep(live_server, tmp_path, token_file, capsys):

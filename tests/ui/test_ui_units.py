@@ -316,7 +316,7 @@ def test_a_job_that_stopped_early_says_so_in_its_summary_and_progress():
            "config": {"val_ratio": 0.1, "early_stop_patience": 2}}
     assert progress_text(job) == "14/30 (stopped early)"
     text = job_summary(job, best=(12, 6.7804))
-    assert "validation 10% held out, early stop after 2 without a lower loss" in text
+    assert "validation 10% held out, early stop after 2 validations without a lower loss" in text
     assert "**Stopped early** at step 14 of 30: 2 validations in a row without a lower loss" in text
     # still running at step 14, or ended at its last step, or without a patience: not stopped early
     for other in ({"state": "running"}, {"step": 30}, {"config": {"val_ratio": 0.1}}):

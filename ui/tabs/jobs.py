@@ -147,7 +147,7 @@ def when_text(job: dict[str, Any]) -> str:
 def validation_text(cfg: dict[str, Any]) -> str:
     """' · validation 5% held out' or ' · validation FILE' (and its early stop), or '' without a validation set."""
     patience = cfg.get("early_stop_patience")
-    stop = f", early stop after {patience} without a lower loss" if patience else ""
+    stop = f", early stop after {patience} validations without a lower loss" if patience else ""
     if cfg.get("val_data_path"):
         return f" · validation {cfg['val_data_path']}{stop}"
     if cfg.get("val_ratio"):
