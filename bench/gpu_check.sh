@@ -74,14 +74,15 @@ run_step "3 train_cli_smoke" "$limit" "$OUT/train_cli_${CARD}.txt" \
 run_step "4 cross_entropy" 60 "$OUT/cross_entropy_${CARD}.txt" \
   python3 bench/cross_entropy.py --json "$OUT/cross_entropy_${CARD}.json"
 # 4b) --dtype float16 (GPUs without bfloat16): the trainer's loss scaling on CUDA, a few steps, appended to
-# step 3's text (its summary JSON stays in /tmp: 8 files at most come back)
+# step 3's text (its summary JSON stays in /tmp: 8 files at most come back); with a validation set, so the
+# validation loss (eval mode, no_grad, flex BlockMask) runs on CUDA too: "val loss" in its step lines
 # float16 kernels compile cold (step 3 cached bf16 ones); one row per step (tokens_per_row 65536) saves the
 # second compile for a changing row count
 limit=$(left 110)
 echo "--- float16 (loss scaling) ---" >>"$OUT/train_cli_${CARD}.txt"
 run_step "4b train_cli_smoke float16" "$limit" "$OUT/train_cli_${CARD}.txt" \
   python3 bench/train_cli_smoke.py --steps 6 --timeout $((limit - 15)) --json /tmp/train_cli_fp16.json -- \
-  --dtype float16 --tokens_per_row 65536
+  --dtype float16 --tokens_per_row 65536 --val_ratio 0.1 --eval_interval 3
 # 5) the rest of the training bench with what time is left: (b') bf16 adapters, (b'') --compile, the sweep
 run_step "5 train_gpu options + sweep" 600 "$OUT/train_gpu_${CARD}.txt" \
   python3 bench/train_gpu.py --variants options,sweep --append --json "$OUT/train_gpu_${CARD}.json"

@@ -71,6 +71,8 @@ def summarize(records: list[dict], shape: str, cuda: bool, flags: list[str], exi
         "peak_gpu_mem_gb": max((m["gpu_mem_gb"] or 0 for m in metrics), default=None) if cuda else None,
         "first_loss": metrics[0]["loss"] if metrics else None, "last_loss": metrics[-1]["loss"] if metrics else None,
         "done": any(r.get("event") == "done" for r in records),
+        # with --val_ratio: [step, validation loss] (step 0: before training), to check validation on the device
+        "val_losses": [[r["step"], r["val_loss"]] for r in records if r.get("val_loss") is not None],
     }
 
 
@@ -134,7 +136,8 @@ def main() -> None:
     def on_record(record: dict) -> None:
         records.append(record)
         if "event" not in record:   # one line per step in the log, and the JSON as it stands
-            print(f"step {record.get('step')}: loss {record.get('loss')}, {record.get('tokens_per_s')} tokens/s, "
+            val = f", val loss {record['val_loss']}" if record.get("val_loss") is not None else ""
+            print(f"step {record.get('step')}: loss {record.get('loss')}{val}, {record.get('tokens_per_s')} tokens/s, "
                   f"peak {record.get('gpu_mem_gb')} GiB", flush=True)
             write()
 
