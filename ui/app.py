@@ -50,6 +50,9 @@ CSS = """
 #jobs-table th, #jobs-table th * { white-space: nowrap !important; word-break: keep-all !important;
                                    overflow-wrap: normal !important; }
 footer { display: none !important; }
+/* the loss charts (ui/charts.py): the width of their box, their text in the theme's font and colour */
+.curve-chart .vega-embed { width: 100%; }
+.curve-chart .vega-embed text { font-family: var(--font); fill: var(--body-text-color); }
 """
 
 

@@ -74,14 +74,17 @@ class ScriptedWorker:
 
     def report(self, job_id: int, steps: range, total_steps: int = 100, logs: list[str] | None = None,
                val_every: int | None = None) -> None:
-        """Metric points of `steps`, with a validation loss every `val_every` steps."""
+        """Metric points of `steps`, with a validation loss every `val_every` steps. Step 0 is the trainer's
+        validation before training: a validation loss alone."""
         metrics = [{"step": s, "epoch": 0, "loss": 5.0 / (1 + 0.1 * s), "lr": 1e-4 * min(1.0, s / 5),
                     "grad_norm": 1.0, "tokens_per_s": 1234.0, "gpu_mem_gb": 3.5, "eta_s": (total_steps - s) * 2.0,
-                    "total_steps": total_steps} for s in steps]
+                    "total_steps": total_steps} if s else {"step": 0, "epoch": 0, "loss": None,
+                                                           "total_steps": total_steps} for s in steps]
         for m in metrics:
             if val_every and m["step"] % val_every == 0:
                 m["val_loss"] = 5.5 / (1 + 0.08 * m["step"])
-        logs = logs if logs is not None else [f"step {s} loss {m['loss']:.3f}" for s, m in zip(steps, metrics)]
+        logs = logs if logs is not None else [f"step {s} loss {m['loss']:.3f}" if s else "step 0 (validation)"
+                                              for s, m in zip(steps, metrics)]
         start = self.log_counts.get(job_id, 0)
         with self._client() as c:
             r = c.post(f"/api/jobs/{job_id}/report", json={

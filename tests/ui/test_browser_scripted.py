@@ -113,6 +113,15 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         expect(page.locator("#download-adapter")).to_be_disabled()
         job = scripted_worker.claim()
         assert job and job["id"] == 1
+        # the validation loss before training (step 0) is a single point: drawn as a dot, before any line is.
+        # Vega-Lite names each point it draws (aria-label); the training curve's are transparent hover targets.
+        scripted_worker.report(1, range(0, 1), total_steps=60, val_every=3)
+        validation_dots = page.locator('#loss-plot path[aria-roledescription="point"][aria-label*="curve: validation"]')
+        expect(validation_dots).to_have_count(1)
+        expect(validation_dots).to_have_attribute("opacity", "1")
+        assert validation_dots.bounding_box()["width"] >= 5
+        expect(page.locator("#loss-plot")).to_contain_text("Loss (validation at step 0: ")
+        page.screenshot(path=shots / "03a-jobs-validation-before-training.png", full_page=True)
 
         def train() -> None:  # one metric point every 0.4 s, like a worker forwarding the trainer's lines
             step = 0
@@ -140,6 +149,7 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         expect(page.locator("#loss-plot")).to_contain_text("validation")
         expect(page.locator("#loss-plot")).to_contain_text("training")
         expect(page.locator("#loss-plot")).to_contain_text(re.compile(r"validation at step \d*[0369]: "))
+        expect(validation_dots).to_have_count(1 + last // 3)   # step 0 and every third step, each a dot
         expect(page.locator("#job-summary")).to_contain_text("validation loss")
         page.screenshot(path=shots / "03-jobs-live-curve.png", full_page=True)
 
@@ -192,11 +202,14 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         # both are drawn, each with its legend entry (Gradio once kept only the first job's)
         expect(page.locator("#compare-plot")).to_contain_text("#3 third")
         expect(page.locator("#compare-plot")).to_contain_text("#1 paratrain")
+        dots = page.locator('#compare-plot path[aria-roledescription="point"][opacity="1"]')
+        expect(dots).to_have_count(0)   # training losses are lines
         page.screenshot(path=shots / "05-compare.png", full_page=True)
         # the validation losses: job #1 has them, the third job none, which its note says
         page.locator("#compare-curve").get_by_text("Validation loss", exact=True).click()
         expect(page.locator("#compare-info")).to_contain_text("#3 third: 0 points, running (no validation set)")
         expect(page.locator("#compare-plot")).to_contain_text("Validation loss of 1 job")   # the one drawn
+        expect(dots).to_have_count(1 + last // 3)   # job #1's validation losses, a dot each
         page.screenshot(path=shots / "05b-compare-validation.png", full_page=True)
 
         # the first job crashes: its summary shows the traceback's cause, and it can be retried, not cancelled

@@ -532,6 +532,54 @@ def test_the_loss_plot_draws_the_validation_loss_beside_the_training_loss():
     assert "validation" not in job_summary({"id": 4, "state": "queued", "config": {}})
 
 
+def _layers_by_series(chart) -> dict[str, dict]:
+    """{series name: the mark of the Vega-Lite layer that draws it} of a ui.charts.curve_chart."""
+    spec = json.loads(chart.plot)
+    return {name: layer["mark"] for layer in spec["layer"] for name in layer["transform"][0]["filter"]["oneOf"]}
+
+
+def test_validation_losses_are_dots_from_the_first_one_on_and_the_training_loss_a_line():
+    """gr.LinePlot drew no validation loss while it had one point (step 0, before training): a line needs two."""
+    from ui.tabs.jobs import loss_chart, loss_title, step_axis
+
+    before_training = [{"step": 0, "loss": None, "val_loss": 7.4}]
+    chart = loss_chart(before_training)
+    spec = json.loads(chart.plot)
+    assert chart.type == "altair"   # what gr.Plot's frontend draws with vega-embed
+    assert spec["data"]["values"] == [{"step": 0, "loss": 7.4, "curve": "validation"}]
+    dot = _layers_by_series(chart)["validation"]["point"]
+    assert dot["filled"] and dot["size"] >= 30 and dot["opacity"] == 1
+    assert spec["encoding"]["color"]["scale"] == {"domain": ["validation"], "range": ["#e11d48"]}  # legend: drawn only
+    assert spec["title"] == loss_title(before_training) == "Loss (validation at step 0: 7.4)"
+    assert spec["encoding"]["x"]["scale"]["domain"] == step_axis(before_training) == [0, 10]
+
+    points = before_training + [{"step": s, "loss": 7.3 - 0.1 * s} for s in range(1, 13)] + [
+        {"step": 13, "loss": 6.0, "val_loss": 7.0}]
+    spec = json.loads(loss_chart(points).plot)
+    marks = _layers_by_series(loss_chart(points))
+    assert marks["training"] == {"type": "line", "point": "transparent"}   # a line; its dots only for the tooltip
+    assert marks["validation"]["type"] == "line" and marks["validation"]["point"]["opacity"] == 1
+    assert spec["encoding"]["color"]["scale"]["domain"] == ["training", "validation"]
+    assert spec["encoding"]["x"]["scale"]["domain"] == step_axis(points) == [0, 13]
+    assert len(spec["data"]["values"]) == 13 + 2
+    assert json.loads(loss_chart([]).plot)["data"]["values"] == []   # no job: an empty chart, not an error
+
+
+def test_the_compare_chart_dots_validation_losses_only():
+    import pandas as pd
+
+    from ui.tabs.compare import PALETTE, compare_chart
+
+    frame = pd.DataFrame([(0, 7.4, "#1 a"), (0, 7.1, "#2 b"), (10, 6.9, "#2 b")], columns=["step", "loss", "job"])
+    chart = compare_chart(frame, "val_loss")
+    spec = json.loads(chart.plot)
+    assert spec["title"] == "Validation loss of 2 jobs"
+    assert spec["encoding"]["color"]["scale"] == {"domain": ["#1 a", "#2 b"], "range": PALETTE[:2]}
+    assert all(mark["point"]["opacity"] == 1 for mark in _layers_by_series(chart).values())   # #1's one point too
+    assert all(mark["point"] == "transparent" for mark in _layers_by_series(compare_chart(frame, "loss")).values())
+    assert "x" in spec["encoding"] and "domain" not in spec["encoding"]["x"]["scale"]   # the data's steps
+
+
 def test_job_summary_names_a_retry_and_a_cancel_is_not_a_failure_and_the_log_tail_is_for_people():
     from ui.tabs.jobs import job_summary, log_html
 

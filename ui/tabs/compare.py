@@ -9,6 +9,7 @@ import gradio as gr
 import pandas as pd
 
 from ui.api import ApiError
+from ui.charts import PlotData, curve_chart
 from ui.context import UiContext
 
 
@@ -21,11 +22,22 @@ class CompareTab:
     picker: gr.Dropdown
     curve: gr.Radio
     refresh_button: gr.Button
-    plot: gr.LinePlot
+    plot: gr.Plot   # a Vega-Lite chart (ui/charts.py)
     info: gr.Markdown
 
 
 COMPARE_HINT = "Pick jobs above: their loss curves are drawn on one plot, a colour each."
+PLOT_HEIGHT = 420
+
+
+def compare_chart(frame: pd.DataFrame, curve: str) -> PlotData:
+    """The jobs' curves, a colour each (in the order picked); validation losses have a dot at each measurement
+    (a job that measured it once has a dot alone)."""
+    colours = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(dict.fromkeys(frame["job"]))}
+    n = len(colours)
+    return curve_chart(frame, y="loss", series="job", colours=colours, height=PLOT_HEIGHT,
+                       title=f"{CURVES.get(curve, 'Loss')} of {n} job{'s' if n != 1 else ''}",
+                       dotted=colours if curve == "val_loss" else ())
 
 
 def create_compare_tab(ctx: UiContext) -> CompareTab:
@@ -36,8 +48,7 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
     curve = gr.Radio([(title, key) for key, title in CURVES.items()], value="loss", label="Curve",
                      info="The validation loss is there for jobs with val_ratio or val_data_path.",
                      elem_id="compare-curve")
-    plot = gr.LinePlot(x="step", y="loss", color="job", title="Loss", height=420, x_axis_format="d",
-                       elem_id="compare-plot")
+    plot = gr.Plot(show_label=False, elem_id="compare-plot", elem_classes="curve-chart")
     info = gr.Markdown(COMPARE_HINT, elem_id="compare-info")
 
     def compare(session, job_ids, curve):
@@ -53,18 +64,10 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
                 notes.append(f"{label}: {len(drawn)} points, {job['state']}"
                              + (" (no validation set)" if curve == "val_loss" and not drawn and points else ""))
         except ApiError as e:
-            return gr.skip(), f"Cannot compare: {e}", gr.skip()
+            return gr.skip(), f"Cannot compare: {e}"
         frame = pd.DataFrame(rows, columns=["step", "loss", "job"]).astype({"step": "int64", "loss": "float64",
                                                                              "job": "string"})
-        return frame, " · ".join(notes) or COMPARE_HINT, list(dict.fromkeys(frame["job"]))
-
-    def restyle(labels, curve):
-        """Gradio draws a plot's colours and legend anew only when a setting changes, not its data: without a
-        new color_map and title, a job added after the first was left out of the picture. This runs after
-        the data is in place (in the same update, the new drawing would use the old data)."""
-        colours = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(labels or [])}
-        n = len(colours)
-        return gr.update(color_map=colours, title=f"{CURVES.get(curve, 'Loss')} of {n} job{'s' if n != 1 else ''}")
+        return compare_chart(frame, curve), " · ".join(notes) or COMPARE_HINT
 
     def choices(session):
         try:
@@ -75,8 +78,6 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
                                    j["id"]) for j in jobs])
 
     picker.focus(choices, ctx.session, picker, queue=False, show_progress="hidden")  # the list is current when opened
-    labels = gr.State([])
     for trigger in (picker.change, curve.change, refresh_button.click):
-        trigger(compare, [ctx.session, picker, curve], [plot, info, labels], show_progress="hidden") \
-            .then(restyle, [labels, curve], plot, queue=False, show_progress="hidden")
+        trigger(compare, [ctx.session, picker, curve], [plot, info], show_progress="hidden")
     return CompareTab(picker, curve, refresh_button, plot, info)

@@ -23,6 +23,7 @@ import yaml
 
 from trainer_core.config import BEST_ADAPTER_DIR, JOB_SET_FIELDS
 from ui.api import ApiClient, ApiError
+from ui.charts import PlotData, curve_chart
 from ui.context import UiContext, fmt_duration, fmt_number, parse_api_time, scratch_file, warn
 from ui.form import job_values, to_yaml
 from ui.workers import capacity_warning, known_workers
@@ -48,7 +49,7 @@ class JobsTab:
     poll_timer: gr.Timer
     summary: gr.Markdown
     curve_info: gr.Markdown
-    loss_plot: gr.LinePlot
+    loss_plot: gr.Plot   # a Vega-Lite chart (ui/charts.py): the validation loss' points are dots
     lr_plot: gr.LinePlot
     log_tail: gr.HTML
     cancel_button: gr.Button
@@ -298,6 +299,7 @@ ADAPTER_DIRS = ("adapter/", f"{BEST_ADAPTER_DIR}/")   # what *Download adapter* 
 # The loss plot's two curves: the training loss of each logged step, the validation loss where it was evaluated
 LOSS_CURVES = {"loss": "training", "val_loss": "validation"}
 LOSS_COLOURS = {"training": "#4f46e5", "validation": "#e11d48"}
+LOSS_PLOT_HEIGHT = 240
 
 
 def loss_frame(points: list[dict[str, Any]]) -> pd.DataFrame:
@@ -308,10 +310,10 @@ def loss_frame(points: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def curve_title(points: list[dict[str, Any]], y: str, name: str) -> str:
-    """'Loss (step 8: 2.778)'. Setting the title after new data makes Gradio lay the plot out again: with
-    new data alone it keeps its first layout's axis width, which clipped longer tick labels (0.0030 drawn
-    as '030') while a job trained. (Set in the same update as the data, the new layout would be drawn
-    from the old data: hence a second event, `.then`.)"""
+    """'Loss (step 8: 2.778)'. For the learning-rate gr.LinePlot, setting the title after new data makes
+    Gradio lay the plot out again: with new data alone it keeps its first layout's axis width, which clipped
+    longer tick labels (0.0030 drawn as '030') while a job trained. (Set in the same update as the data, the
+    new layout would be drawn from the old data: hence a second event, `.then`.)"""
     last = last_point(points, y)
     return f"{name} (step {last['step']}: {last[y]:.4g})" if last else name
 
@@ -325,6 +327,13 @@ def loss_title(points: list[dict[str, Any]]) -> str:
         return title
     val = f"validation at step {last['step']}: {last['val_loss']:.4g}"
     return f"{title[:-1]}; {val})" if title.endswith(")") else f"{title} ({val})"
+
+
+def loss_chart(points: list[dict[str, Any]]) -> PlotData:
+    """Both loss curves, the validation loss with a dot at each measurement (the first, at step 0, is a dot
+    alone), titled and on the step axis of the learning-rate plot."""
+    return curve_chart(loss_frame(points), y="loss", series="curve", colours=LOSS_COLOURS, title=loss_title(points),
+                       height=LOSS_PLOT_HEIGHT, x_domain=step_axis(points), dotted=["validation"])
 
 
 SHORT_CURVE_STEPS = 10
@@ -414,9 +423,8 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             log_tail = gr.HTML(label="Log tail", elem_id="log-tail")
         with gr.Column(scale=3, min_width=420):
             curve_info = gr.Markdown(elem_id="curve-info")
+            loss_plot = gr.Plot(loss_chart([]), show_label=False, elem_id="loss-plot", elem_classes="curve-chart")
             # x_axis_format "d": whole steps (1, 2, 3), not 1.0, 1.5, 2.0 on a short curve
-            loss_plot = gr.LinePlot(x="step", y="loss", color="curve", color_map=LOSS_COLOURS, title="Loss",
-                                    height=240, x_axis_format="d", elem_id="loss-plot")
             lr_plot = gr.LinePlot(x="step", y="lr", title="Learning rate", height=170, x_axis_format="d",
                                   elem_id="lr-plot")
     refresh_timer = gr.Timer(2.0)
@@ -443,7 +451,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         while len(selected_by_page) > MAX_PAGES_REMEMBERED:
             selected_by_page.pop(next(iter(selected_by_page)))
         if job_id is None or not (session or {}).get("token"):
-            return (fresh, PICK_HINT, "", loss_frame([]), curve_frame([], "lr"), "", gr.update(visible=False),
+            return (fresh, PICK_HINT, "", loss_chart([]), curve_frame([], "lr"), "", gr.update(visible=False),
                     "", *action_updates(None))
         fresh["job_id"] = job_id
         try:
@@ -455,7 +463,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
                     "", *action_updates(None))
         return (fresh, job_summary(job, wait_reason(client, job), fresh["best"], last_validation_step(fresh["points"])),
                 curve_text(fresh),
-                loss_frame(fresh["points"]),
+                loss_chart(fresh["points"]),
                 curve_frame(fresh["points"], "lr"), log_html(fresh["log_lines"]), gr.update(visible=False),
                 settings_yaml(job), *action_updates(job))
 
@@ -484,7 +492,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         return (current, job_summary(job, wait_reason(client, job), current.get("best"),
                                      last_validation_step(current["points"])),
                 curve_text(current) if new_points else gr.skip(),
-                loss_frame(current["points"]) if new_points else gr.skip(),
+                loss_chart(current["points"]) if new_points else gr.skip(),
                 curve_frame(current["points"], "lr") if new_points else gr.skip(),
                 log_html(current["log_lines"]) if new_lines else gr.skip(), *action_updates(job))
 
@@ -531,19 +539,17 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         return gr.update(value=target, visible=True)
 
     def relayout(current):
+        """The learning-rate plot's title and step axis (the loss chart comes with its own)."""
         points = (current or {}).get("points") or []
-        x_lim = step_axis(points)
-        return (gr.update(title=loss_title(points), x_lim=x_lim),
-                gr.update(title=curve_title(points, "lr", "Learning rate"), x_lim=x_lim))
+        return gr.update(title=curve_title(points, "lr", "Learning rate"), x_lim=step_axis(points))
 
     actions = [cancel_button, retry_button, download_button, edit_button]
     view = [watch, summary, curve_info, loss_plot, lr_plot, log_tail]
     refresh_timer.tick(refresh, ctx.session, [table, table_ids, picker], queue=False, show_progress="hidden")
-    plots = [loss_plot, lr_plot]
     poll_timer.tick(poll, [ctx.session, watch, picker], view + actions, queue=False, show_progress="hidden") \
-        .then(relayout, watch, plots, queue=False, show_progress="hidden")
+        .then(relayout, watch, lr_plot, queue=False, show_progress="hidden")
     picker.change(select, [ctx.session, picker], view + [adapter_file, settings] + actions, show_progress="hidden") \
-        .then(relayout, watch, plots, queue=False, show_progress="hidden")
+        .then(relayout, watch, lr_plot, queue=False, show_progress="hidden")
     table.select(pick_row, table_ids, picker, queue=False)
     cancel_button.click(cancel, [ctx.session, picker], [summary] + actions)
     retry_button.click(retry, [ctx.session, picker], picker)

@@ -1,0 +1,62 @@
+"""Loss curves as Vega-Lite charts, shown by a gr.Plot.
+
+gr.LinePlot draws lines only: a validation loss, measured at step 0 and then every eval_interval steps, was
+invisible while it had one point (a line needs two) and hard to make out after. Gradio's frontend draws a
+Vega-Lite spec itself (with vega-embed, as for Altair charts), so a spec written here adds no dependency and
+can put a dot on each measured point. Every update sends the whole chart (data, title, axis range) at once.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+
+import pandas as pd
+from gradio.components.plot import PlotData
+
+# Readable on the light and the dark theme; the text takes the theme's font and colour (.curve-chart in ui/app.py).
+GRID_COLOUR = "rgba(128, 128, 128, 0.25)"
+POINT_SIZE = 45   # the area of a measured point's dot, in square pixels (the lines are 2 px wide)
+
+
+def curve_chart(frame: pd.DataFrame, *, y: str, series: str, colours: dict[str, str], title: str, height: int,
+                x_domain: list[int] | None = None, dotted: Iterable[str] = ()) -> PlotData:
+    """A line per `series` value of `frame` (columns step, `y`, `series`) in its colour of `colours`; the series in
+    `dotted` also have a dot on each point (a single point is a dot alone). The others get invisible dots, which
+    give the hover tooltip of the point nearest to the mouse. `x_domain`: the step axis' range (None: the data's)."""
+    present = set(frame[series])
+    shown = [name for name in colours if name in present]   # the legend names only the curves drawn
+    dotted = [name for name in shown if name in set(dotted)]
+
+    def layer(names: list[str], point: dict | str) -> dict:
+        return {"transform": [{"filter": {"field": series, "oneOf": names}}],
+                "mark": {"type": "line", "point": point}}
+
+    spec = {
+        "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
+        # svg: the text is in the page, where the app's CSS styles it (and tests read it); no export menu
+        "usermeta": {"embedOptions": {"renderer": "svg", "actions": False}},
+        "title": title,
+        "width": "container",
+        "height": height,
+        "autosize": {"type": "fit", "contains": "padding"},
+        "background": "transparent",
+        "config": {"axis": {"gridColor": GRID_COLOUR, "tickColor": GRID_COLOUR, "domain": False,
+                            "titleFontWeight": "normal"},
+                   "view": {"stroke": GRID_COLOUR}},
+        "data": {"values": frame.to_dict(orient="records")},
+        "encoding": {
+            "x": {"field": "step", "type": "quantitative", "title": "step",
+                  "axis": {"format": "d", "tickMinStep": 1},   # whole steps, also on a short curve
+                  "scale": {"zero": False, **({"domain": x_domain} if x_domain else {})}},
+            "y": {"field": y, "type": "quantitative", "title": y, "scale": {"zero": False},
+                  "axis": {"format": "~g"}},   # 5.5, not 5.500000 on a one-point curve's axis
+            "color": {"field": series, "type": "nominal", "title": None, "legend": {"orient": "bottom"},
+                      "scale": {"domain": shown, "range": [colours[name] for name in shown]}},
+            "tooltip": [{"field": series, "type": "nominal"}, {"field": "step", "type": "quantitative"},
+                        {"field": y, "type": "quantitative", "format": ".4g"}],
+        },
+        "layer": [layer([name for name in shown if name not in dotted], "transparent"),
+                  layer(dotted, {"filled": True, "size": POINT_SIZE, "opacity": 1})],
+    }
+    return PlotData(type="altair", plot=json.dumps(spec))
