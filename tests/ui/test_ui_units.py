@@ -673,3 +673,17 @@ def test_edit_as_new_job_takes_what_the_job_asked_for_not_what_the_server_derive
     assert error == "" and job_body(values, config)["gpus"] == 4 and "nproc" not in job_body(values, config)
     cpu = job_values({**job, "gpus": 0, "nproc": 3})
     assert (cpu["gpus"], cpu["nproc"]) == (0, 3)
+
+
+def test_compare_says_when_the_validation_losses_average_other_samples():
+    from ui.tabs.compare import validation_set_differences
+
+    held_out = {"data_path": "/d/demo.jsonl", "val_ratio": 0.1, "seed": 42, "max_seq_len": 1024}
+    assert validation_set_differences([held_out, {**held_out, "learning_rate": 1e-3}]) == []   # a sweep: comparable
+    assert validation_set_differences([held_out, {**held_out, "seed": 1}]) == ["seed"]
+    assert validation_set_differences([held_out, {**held_out, "max_seq_len": 256}]) == ["max_seq_len"]
+    # (an unset field is its default: max_seq_len 1024 is the same)
+    assert validation_set_differences([held_out, {"val_data_path": "/d/val.jsonl"}]) == [
+        "data_path", "val_ratio", "seed", "val_data_path"]
+    from_file = {"val_data_path": "/d/val.jsonl", "data_path": "/d/a.jsonl"}
+    assert validation_set_differences([from_file, {**from_file, "data_path": "/d/b.jsonl"}]) == []

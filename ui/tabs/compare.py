@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import gradio as gr
 import pandas as pd
 
+from trainer_core.config import TrainConfig
 from ui.api import ApiError
 from ui.charts import PlotData, curve_chart
 from ui.context import UiContext
@@ -40,6 +41,24 @@ def compare_chart(frame: pd.DataFrame, curve: str) -> PlotData:
                        dotted=colours if curve == "val_loss" else ())
 
 
+# What decides the samples a validation loss averages: its file, or the share held out of the data (and the
+# seed choosing it); and how samples are cut from records
+SAMPLE_FIELDS = ("max_seq_len", "branches_per_sample", "min_branches_per_sample", "max_branches_per_sample")
+
+
+def validation_set_key(cfg: dict) -> dict:
+    source = ("val_data_path",) if cfg.get("val_data_path") else ("data_path", "val_ratio", "seed")
+    return {k: cfg.get(k, TrainConfig.model_fields[k].default) for k in (*source, *SAMPLE_FIELDS)}
+
+
+def validation_set_differences(configs: list[dict]) -> list[str]:
+    """The settings in which these jobs' validation samples differ ([]: the same samples, as far as the settings
+    tell): their losses then do not compare one to one."""
+    keys = [validation_set_key(cfg) for cfg in configs]
+    fields = dict.fromkeys(field for key in keys for field in key)
+    return [f for f in fields if len({repr(key.get(f)) for key in keys}) > 1]
+
+
 def create_compare_tab(ctx: UiContext) -> CompareTab:
     with gr.Row():
         picker = gr.Dropdown(choices=[], value=[], multiselect=True, label="Jobs to compare", scale=4,
@@ -52,7 +71,7 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
     info = gr.Markdown(COMPARE_HINT, elem_id="compare-info")
 
     def compare(session, job_ids, curve):
-        rows, notes = [], []
+        rows, notes, validated = [], [], []
         try:
             client = ctx.client(session)
             for job_id in job_ids or []:
@@ -61,12 +80,18 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
                 label = f"#{job['id']} {job.get('name') or job['config'].get('name', '')}"
                 drawn = [(p["step"], p[curve], label) for p in points if p.get(curve) is not None]
                 rows += drawn
+                if drawn and curve == "val_loss":
+                    validated.append(job["config"])
                 notes.append(f"{label}: {len(drawn)} points, {job['state']}"
                              + (" (no validation set)" if curve == "val_loss" and not drawn and points else ""))
         except ApiError as e:
             return gr.skip(), f"Cannot compare: {e}"
         frame = pd.DataFrame(rows, columns=["step", "loss", "job"]).astype({"step": "int64", "loss": "float64",
                                                                              "job": "string"})
+        differ = validation_set_differences(validated)
+        if differ:
+            notes.append(f"⚠ their validation samples differ ({', '.join(differ)}): the losses do not compare one "
+                         "to one")
         return compare_chart(frame, curve), " · ".join(notes) or COMPARE_HINT
 
     def choices(session):
