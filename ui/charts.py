@@ -16,14 +16,17 @@ from gradio.components.plot import PlotData
 
 # Readable on the light and the dark theme; the text takes the theme's font and colour (.curve-chart in ui/app.py).
 GRID_COLOUR = "rgba(128, 128, 128, 0.25)"
+# the y axis' labels take at least this width: the loss and learning-rate charts, one above the other, start
+# their steps at the same x (0.0001 is wider than 7.25)
+Y_LABELS_PX = 56
 POINT_SIZE = 45   # the area of a measured point's dot, in square pixels (the lines are 2 px wide)
 
 
 def curve_chart(frame: pd.DataFrame, *, y: str, series: str, colours: dict[str, str], title: str, height: int,
-                x_domain: list[int] | None = None, dotted: Iterable[str] = ()) -> PlotData:
+                x_domain: list[int] | None = None, dotted: Iterable[str] = (), legend: bool = True) -> PlotData:
     """A line per `series` value of `frame` (columns step, `y`, `series`) in its colour of `colours`; the series in
     `dotted` also have a dot on each point (a single point is a dot alone). The others get invisible dots, which
-    give the hover tooltip of the point nearest to the mouse. `x_domain`: the step axis' range (None: the data's)."""
+    give the hover tooltip of the point nearest to the mouse. `x_domain`: the step axis' range (None: the data's); `legend`: False for a single curve the title names."""
     present = set(frame[series])
     shown = [name for name in colours if name in present]   # the legend names only the curves drawn
     dotted = [name for name in shown if name in set(dotted)]
@@ -49,9 +52,11 @@ def curve_chart(frame: pd.DataFrame, *, y: str, series: str, colours: dict[str, 
             "x": {"field": "step", "type": "quantitative", "title": "step",
                   "axis": {"format": "d", "tickMinStep": 1},   # whole steps, also on a short curve
                   "scale": {"zero": False, **({"domain": x_domain} if x_domain else {})}},
-            "y": {"field": y, "type": "quantitative", "title": y, "scale": {"zero": False},
-                  "axis": {"format": "~g"}},   # 5.5, not 5.500000 on a one-point curve's axis
-            "color": {"field": series, "type": "nominal", "title": None, "legend": {"orient": "bottom"},
+            # no axis title: the chart's title names the quantity (and the page's font, wider than the one Vega
+            # lays out with, pushed a title into the tick labels)
+            "y": {"field": y, "type": "quantitative", "title": None, "scale": {"zero": False},
+                  "axis": {"format": "~g", "minExtent": Y_LABELS_PX}},   # 5.5, not 5.500000 on a one-point curve's axis
+            "color": {"field": series, "type": "nominal", "title": None, "legend": {"orient": "bottom"} if legend else None,
                       "scale": {"domain": shown, "range": [colours[name] for name in shown]}},
             "tooltip": [{"field": series, "type": "nominal"}, {"field": "step", "type": "quantitative"},
                         {"field": y, "type": "quantitative", "format": ".4g"}],

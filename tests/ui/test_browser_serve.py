@@ -5,7 +5,6 @@ Screenshots go to test-output/ui/test_serve_end_to_end/."""
 
 from __future__ import annotations
 
-import io
 import os
 import re
 import shutil
@@ -167,12 +166,13 @@ def test_serve_end_to_end(serve):
         choose(page, "job-picker", "#1")
         expect(page.locator("#job-summary")).to_contain_text("succeeded")
         expect(page.locator("#job-summary")).to_contain_text(re.compile(r"lowest \d+\.\d+ at step \d+"))
-        page.locator("#download-adapter").click()
-        expect(page.locator("#adapter-file")).to_contain_text("job1-adapter")
+        with page.expect_download(timeout=30_000) as saved:   # one click: the browser saves the zip
+            page.locator("#download-adapter").click()
+        assert saved.value.suggested_filename == "job1-adapter.zip"
+        names = zipfile.ZipFile(saved.value.path()).namelist()
+        expect(page.locator("#adapter-file")).to_contain_text("job1-adapter")   # and its link stays there
         link = page.locator("#adapter-file a").first.get_attribute("href")
-        download = page.request.get(link if link.startswith("http") else f"{base}{link}")
-        assert download.status == 200, link
-        names = zipfile.ZipFile(io.BytesIO(download.body())).namelist()
+        assert page.request.get(link if link.startswith("http") else f"{base}{link}").status == 200, link
         # the final adapter, and the one of the lowest validation loss (the job held out a tenth)
         assert {"adapter/adapter_model.safetensors", "adapter_best/validation.json"} <= set(names), names
         page.screenshot(path=shots / "07-succeeded-adapter.png", full_page=True)

@@ -565,6 +565,17 @@ def test_validation_losses_are_dots_from_the_first_one_on_and_the_training_loss_
     assert json.loads(loss_chart([]).plot)["data"]["values"] == []   # no job: an empty chart, not an error
 
 
+def test_the_learning_rate_chart_shares_the_loss_charts_step_axis_and_has_no_legend():
+    from ui.tabs.jobs import loss_chart, lr_chart
+
+    points = [{"step": 0, "loss": None, "val_loss": 7.4}] + [{"step": s, "loss": 7.0, "lr": 1e-4 * s} for s in (1, 2)]
+    spec, loss_spec = json.loads(lr_chart(points).plot), json.loads(loss_chart(points).plot)
+    assert spec["title"] == "Learning rate (step 2: 0.0002)"
+    assert [v["lr"] for v in spec["data"]["values"]] == [1e-4, 2e-4]   # step 0 has no learning rate
+    assert spec["encoding"]["x"]["scale"]["domain"] == loss_spec["encoding"]["x"]["scale"]["domain"] == [0, 10]
+    assert spec["encoding"]["color"]["legend"] is None and loss_spec["encoding"]["color"]["legend"]
+
+
 def test_the_compare_chart_dots_validation_losses_only():
     import pandas as pd
 

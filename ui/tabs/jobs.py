@@ -50,7 +50,7 @@ class JobsTab:
     summary: gr.Markdown
     curve_info: gr.Markdown
     loss_plot: gr.Plot   # a Vega-Lite chart (ui/charts.py): the validation loss' points are dots
-    lr_plot: gr.LinePlot
+    lr_plot: gr.Plot   # as loss_plot
     log_tail: gr.HTML
     cancel_button: gr.Button
     retry_button: gr.Button
@@ -290,7 +290,7 @@ def picker_update(client: ApiClient, job_id: int | None = None) -> dict[str, Any
 
 def curve_frame(points: list[dict[str, Any]], y: str) -> pd.DataFrame:
     rows = [(p["step"], p[y]) for p in points if p.get(y) is not None]
-    # explicit dtypes: an empty or object column would make Gradio draw a categorical axis
+    # explicit dtypes: an empty or object column would make the chart's axis categorical
     return pd.DataFrame(rows, columns=["step", y]).astype({"step": "int64", y: "float64"})
 
 
@@ -300,6 +300,7 @@ ADAPTER_DIRS = ("adapter/", f"{BEST_ADAPTER_DIR}/")   # what *Download adapter* 
 LOSS_CURVES = {"loss": "training", "val_loss": "validation"}
 LOSS_COLOURS = {"training": "#4f46e5", "validation": "#e11d48"}
 LOSS_PLOT_HEIGHT = 240
+LR_PLOT_HEIGHT = 150
 
 
 def loss_frame(points: list[dict[str, Any]]) -> pd.DataFrame:
@@ -310,10 +311,7 @@ def loss_frame(points: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def curve_title(points: list[dict[str, Any]], y: str, name: str) -> str:
-    """'Loss (step 8: 2.778)'. For the learning-rate gr.LinePlot, setting the title after new data makes
-    Gradio lay the plot out again: with new data alone it keeps its first layout's axis width, which clipped
-    longer tick labels (0.0030 drawn as '030') while a job trained. (Set in the same update as the data, the
-    new layout would be drawn from the old data: hence a second event, `.then`.)"""
+    """'Loss (step 8: 2.778)': the last value, in the chart's title."""
     last = last_point(points, y)
     return f"{name} (step {last['step']}: {last[y]:.4g})" if last else name
 
@@ -334,6 +332,14 @@ def loss_chart(points: list[dict[str, Any]]) -> PlotData:
     alone), titled and on the step axis of the learning-rate plot."""
     return curve_chart(loss_frame(points), y="loss", series="curve", colours=LOSS_COLOURS, title=loss_title(points),
                        height=LOSS_PLOT_HEIGHT, x_domain=step_axis(points), dotted=["validation"])
+
+
+def lr_chart(points: list[dict[str, Any]]) -> PlotData:
+    """The learning rate of each logged step, on the loss chart's step axis."""
+    frame = curve_frame(points, "lr").assign(curve="learning rate")
+    return curve_chart(frame, y="lr", series="curve", colours={"learning rate": LOSS_COLOURS["training"]},
+                       title=curve_title(points, "lr", "Learning rate"), height=LR_PLOT_HEIGHT,
+                       x_domain=step_axis(points), legend=False)
 
 
 SHORT_CURVE_STEPS = 10
@@ -402,6 +408,23 @@ def curve_text(watch: dict[str, Any]) -> str:
     return f"Loss curve: {n} point{'s' if n != 1 else ''}" + (f", last step {watch['last_step']}" if n else "")
 
 
+def no_adapter_file() -> dict:
+    """Hidden and empty: a failed download must not leave an earlier job's zip there for SAVE_FILE_JS to save."""
+    return gr.update(value=None, visible=False)
+
+# The browser saves a gr.File's file (its value: {url, orig_name, ...}) as if its link were clicked.
+SAVE_FILE_JS = """(file) => {
+  if (file && file.url) {
+    const link = document.createElement("a");
+    link.href = file.url;
+    link.download = file.orig_name || "";
+    document.body.appendChild(link);
+    link.click();
+    link.remove();
+  }
+}"""
+
+
 def create_jobs_tab(ctx: UiContext) -> JobsTab:
     table_ids = gr.State([])
     watch = gr.State(empty_watch())
@@ -424,9 +447,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         with gr.Column(scale=3, min_width=420):
             curve_info = gr.Markdown(elem_id="curve-info")
             loss_plot = gr.Plot(loss_chart([]), show_label=False, elem_id="loss-plot", elem_classes="curve-chart")
-            # x_axis_format "d": whole steps (1, 2, 3), not 1.0, 1.5, 2.0 on a short curve
-            lr_plot = gr.LinePlot(x="step", y="lr", title="Learning rate", height=170, x_axis_format="d",
-                                  elem_id="lr-plot")
+            lr_plot = gr.Plot(lr_chart([]), show_label=False, elem_id="lr-plot", elem_classes="curve-chart")
     refresh_timer = gr.Timer(2.0)
     poll_timer = gr.Timer(1.0)
     # The job each page (session) selected last. Polls run unqueued, beside a new selection's load: a poll
@@ -451,7 +472,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         while len(selected_by_page) > MAX_PAGES_REMEMBERED:
             selected_by_page.pop(next(iter(selected_by_page)))
         if job_id is None or not (session or {}).get("token"):
-            return (fresh, PICK_HINT, "", loss_chart([]), curve_frame([], "lr"), "", gr.update(visible=False),
+            return (fresh, PICK_HINT, "", loss_chart([]), lr_chart([]), "", no_adapter_file(),
                     "", *action_updates(None))
         fresh["job_id"] = job_id
         try:
@@ -459,12 +480,12 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             job = client.get_job(fresh["job_id"])
             fetch_new(client, fresh)
         except ApiError as e:
-            return (fresh, f"Cannot load job #{job_id}: {e}", "", gr.skip(), gr.skip(), "", gr.update(visible=False),
+            return (fresh, f"Cannot load job #{job_id}: {e}", "", gr.skip(), gr.skip(), "", no_adapter_file(),
                     "", *action_updates(None))
         return (fresh, job_summary(job, wait_reason(client, job), fresh["best"], last_validation_step(fresh["points"])),
                 curve_text(fresh),
                 loss_chart(fresh["points"]),
-                curve_frame(fresh["points"], "lr"), log_html(fresh["log_lines"]), gr.update(visible=False),
+                lr_chart(fresh["points"]), log_html(fresh["log_lines"]), no_adapter_file(),
                 settings_yaml(job), *action_updates(job))
 
     def poll(session, current, selected, request: gr.Request):
@@ -493,7 +514,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
                                      last_validation_step(current["points"])),
                 curve_text(current) if new_points else gr.skip(),
                 loss_chart(current["points"]) if new_points else gr.skip(),
-                curve_frame(current["points"], "lr") if new_points else gr.skip(),
+                lr_chart(current["points"]) if new_points else gr.skip(),
                 log_html(current["log_lines"]) if new_lines else gr.skip(), *action_updates(job))
 
     def pick_row(ids, evt: gr.SelectData):
@@ -535,25 +556,20 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
                     z.writestr(path, client.download_artifact(job_id, path))
         except (ApiError, TypeError, KeyError) as e:
             warn(f"Download failed: {e}")
-            return gr.update(visible=False)
+            return no_adapter_file()
         return gr.update(value=target, visible=True)
-
-    def relayout(current):
-        """The learning-rate plot's title and step axis (the loss chart comes with its own)."""
-        points = (current or {}).get("points") or []
-        return gr.update(title=curve_title(points, "lr", "Learning rate"), x_lim=step_axis(points))
 
     actions = [cancel_button, retry_button, download_button, edit_button]
     view = [watch, summary, curve_info, loss_plot, lr_plot, log_tail]
     refresh_timer.tick(refresh, ctx.session, [table, table_ids, picker], queue=False, show_progress="hidden")
-    poll_timer.tick(poll, [ctx.session, watch, picker], view + actions, queue=False, show_progress="hidden") \
-        .then(relayout, watch, lr_plot, queue=False, show_progress="hidden")
-    picker.change(select, [ctx.session, picker], view + [adapter_file, settings] + actions, show_progress="hidden") \
-        .then(relayout, watch, lr_plot, queue=False, show_progress="hidden")
+    poll_timer.tick(poll, [ctx.session, watch, picker], view + actions, queue=False, show_progress="hidden")
+    picker.change(select, [ctx.session, picker], view + [adapter_file, settings] + actions, show_progress="hidden")
     table.select(pick_row, table_ids, picker, queue=False)
     cancel_button.click(cancel, [ctx.session, picker], [summary] + actions)
     retry_button.click(retry, [ctx.session, picker], picker)
-    download_button.click(download, [ctx.session, picker], adapter_file)
+    # one click: the zip, once built, is saved as a link's click would (the file box stays as a second way)
+    download_button.click(download, [ctx.session, picker], adapter_file) \
+        .then(None, adapter_file, None, js=SAVE_FILE_JS)
     return JobsTab(table, table_ids, picker, refresh_timer, poll_timer, summary, curve_info, loss_plot, lr_plot,
                    log_tail, cancel_button, retry_button, download_button, edit_button, settings, adapter_file, watch,
                    refresh)
