@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -409,7 +410,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     scaler = torch.amp.GradScaler(env.device.type, enabled=training_dtype(cfg, env.device) == torch.float16)
 
     step, start_epoch, start_epoch_step = 0, 0, 0
-    since_best = 0   # validations since the lowest validation loss (rank 0's; the early stop counts them)
+    since_best = 0   # the checkpoint's LowestLoss.since_best
     if last is not None:
         step, start_epoch, start_epoch_step, since_best = restore_checkpoint(last, model, optimizer, scheduler,
                                                                              scaler)
@@ -441,7 +442,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         weights = lora_state_dict(model)
         if env.is_main:
             state = {"epoch": epoch, "epoch_step": epoch_step, "total_steps": total_steps, "run": identity,
-                     "validations_since_best": since_best}
+                     "validations_since_best": lowest.since_best}
             path = ckpt.save_checkpoint(out_dir, step=step, lora_weights=weights, optimizer=optimizer,
                                         scheduler=scheduler, scaler=scaler, state=state)
             latest_pth.parent.mkdir(parents=True, exist_ok=True)
@@ -451,46 +452,35 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         barrier(env)
 
     best_dir = output_names(cfg)[3]
-    # (validation loss, step) of adapter_best/, rank 0's. A resumed run goes on from its record, unless that
-    # is of a step after the checkpoint (saved before a crash lost those steps: they are trained again) or
-    # of another validation set (--val_data_path may change on resume); a run starting afresh from none.
+    # The lowest validation loss so far, rank 0's: adapter_best/'s. A resumed run goes on from its record,
+    # unless that is of a step after the checkpoint (saved before a crash lost those steps: they are trained
+    # again) or of another validation set (--val_data_path may change on resume); a run starting afresh from none.
     val_set = validation_set_id(cfg, data_sha256) if env.is_main and val is not None else None
-    best = read_best(best_dir, up_to_step=step, val_set=val_set) if val_set and last is not None else None
+    lowest = LowestLoss(read_best(best_dir, up_to_step=step, val_set=val_set) if val_set and last is not None
+                        else None, since_best)
     if env.is_main and last is None:
         remove_best_adapter(best_dir)
-    elif val_set and best is None and (best_dir / BEST_FILE).exists():
+    elif val_set and lowest.best is None and (best_dir / BEST_FILE).exists():
         print0(env, f"note: {best_dir}/ was measured on another validation set (or at a step trained again): "
                     "this run's validations start a new best, and the validation curve changes its samples here")
-    if best is None and since_best:
-        print0(env, f"note: the early stop's count ({since_best} validations without a lower loss) starts again: "
-                    f"{best_dir}/ is missing or does not count for this run")
-        since_best = 0
+    if lowest.best is None and lowest.since_best:
+        print0(env, f"note: the early stop's count ({lowest.since_best} validations without a lower loss) starts "
+                    f"again: {best_dir}/ is missing or does not count for this run")
+        lowest.since_best = 0
 
     def keep_if_best(val_loss: float) -> None:
-        nonlocal best, since_best
-        if not env.is_main:
-            return
-        # a NaN loss is no best (no later loss is below one): it counts as a validation without a lower loss
-        if math.isfinite(val_loss) and (best is None or val_loss < best[0]):
-            best, since_best = (val_loss, step), 0
+        if env.is_main and lowest.add(val_loss, step):
             save_best_adapter(model, best_dir, cfg, step=step, val_loss=val_loss, val_set=val_set)
-        else:
-            since_best += 1
 
-    def patience_ran_out() -> bool:
-        """--early_stop_patience validations in a row without a new lowest loss (rank 0 counts; all ranks agree)."""
-        return any_rank(env, env.is_main and 0 < cfg.early_stop_patience <= since_best)[0]
-
-    def early_stop_text() -> str:   # rank 0's (it holds `best`)
-        return (f"the validation loss has not improved on {best[0]:.4f} (step {best[1]}) in {since_best} "
-                f"validations (--early_stop_patience {cfg.early_stop_patience})" if best else "")
+    def patience_ran_out() -> bool:   # rank 0 counts; all ranks agree
+        return any_rank(env, env.is_main and lowest.out_of(cfg.early_stop_patience))[0]
 
     # A run that stopped early and runs again (a retry, the same command, a larger --max_steps) stops there
     # again: only a larger --early_stop_patience (or 0) trains on.
     stopped_early = last is not None and step < total_steps and cfg.early_stop_patience > 0 and patience_ran_out()
     if stopped_early:
-        print0(env, f"not training on from {last}: {early_stop_text()}. Writing the final outputs; a larger "
-                    "--early_stop_patience (or 0) trains on from it")
+        print0(env, f"not training on from {last}: {lowest.describe(cfg.early_stop_patience)}. Writing the final "
+                    "outputs; a larger --early_stop_patience (or 0) trains on from it")
 
     if val is not None and last is None:   # the base model's (LoRA starts at zero): where the curve starts
         measured = validation_loss(lm, val, cfg, env, dense_attention)
@@ -581,7 +571,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                     "rerun the same command to resume"))
                 return 0
             if stopped_early:
-                print0(env, f"early stop at step {step}/{total_steps}: {early_stop_text()}")
+                print0(env, f"early stop at step {step}/{total_steps}: {lowest.describe(cfg.early_stop_patience)}")
                 break
             if step >= total_steps:
                 break
@@ -591,8 +581,33 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         return stop_superseded()
     write_final_outputs(model, cfg, env, step=step, elapsed_s=time.time() - t_start,
                         probe=probe_logits(model, ds, samples, cfg, env),
-                        best=best, stopped_early=stopped_early)
+                        best=lowest.best, stopped_early=stopped_early)
     return 0
+
+
+@dataclass
+class LowestLoss:
+    """The lowest validation loss so far, (loss, step), and the validations since it: what adapter_best/ holds
+    and what --early_stop_patience counts."""
+
+    best: tuple[float, int] | None = None
+    since_best: int = 0
+
+    def add(self, val_loss: float, step: int) -> bool:
+        """Count a validation: True when it is the new lowest. A NaN never is (no later loss is below one)."""
+        if math.isfinite(val_loss) and (self.best is None or val_loss < self.best[0]):
+            self.best, self.since_best = (val_loss, step), 0
+            return True
+        self.since_best += 1
+        return False
+
+    def out_of(self, patience: int) -> bool:
+        """`patience` validations in a row without a lower loss (0: never)."""
+        return 0 < patience <= self.since_best
+
+    def describe(self, patience: int) -> str:
+        return (f"the validation loss has not improved on {self.best[0]:.4f} (step {self.best[1]}) in "
+                f"{self.since_best} validations (--early_stop_patience {patience})" if self.best else "")
 
 
 def restore_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, int, int, int]:

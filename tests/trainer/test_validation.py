@@ -335,6 +335,16 @@ def test_early_stopping_ends_the_run_after_the_patience_and_a_rerun_stops_there_
     assert records[-1]["step"] == 8 and records[-1]["best_step"] == 5
 
 
+def test_the_lowest_loss_record_counts_validations_since_it():
+    from trainer_core.train import LowestLoss
+
+    lowest = LowestLoss()
+    assert [lowest.add(loss, step) for step, loss in enumerate([7.0, 7.0, 6.5, float("nan"), 6.6])] == [
+        True, False, True, False, False]   # equal is no lower; a NaN counts as no lower
+    assert lowest.best == (6.5, 2) and lowest.since_best == 2
+    assert lowest.out_of(2) and not lowest.out_of(3) and not lowest.out_of(0)   # 0: no early stop
+
+
 def test_a_nan_validation_loss_is_never_the_lowest(tmp_path, monkeypatch, capsys, tiny_model_dir, demo_data_path):
     from trainer_core import train as train_module
     from trainer_core.dist import DistEnv
