@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from server.settings import SERVER_URL_FILE
+
 if TYPE_CHECKING:
     from ui.api import ApiClient
 
@@ -49,8 +51,10 @@ def server_url(text: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="The job: YAML or JSON of TrainConfig fields, JobResources "
                                                 "fields under `job:` (the UI's Save as YAML writes one).")
-    parser.add_argument("--server", type=server_url, default=DEFAULT_SERVER,
-                        help=f"The server's URL (default: {DEFAULT_SERVER}).")
+    parser.add_argument("--server", type=server_url, default=None,
+                        help=f"The server's URL (default: $PARATRAIN_SERVER, else the URL `paratrain serve` wrote in "
+                             f"$PARATRAIN_DATA_DIR/{SERVER_URL_FILE} (else .paratrain/{SERVER_URL_FILE}), else "
+                             f"{DEFAULT_SERVER}).")
     parser.add_argument("--token-file", type=Path, default=None,
                         help="File holding the user token (default: $PARATRAIN_USER_TOKEN, else "
                              "$PARATRAIN_DATA_DIR/token, else .paratrain/token: what `paratrain serve` creates).")
@@ -73,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         return _fail(f"{args.file}: {e}")
     try:
         token = read_token(args.token_file)
+        args.server = args.server or default_server()
     except (OSError, ValueError) as e:
         return _fail(str(e))
     api = ApiClient(args.server, token, timeout_s=SUBMIT_TIMEOUT_S)
@@ -128,6 +133,25 @@ def job_body(text: str, overrides: list[str] | None = None) -> dict[str, Any]:
     if missing:
         raise ValueError(f"missing {' and '.join(missing)}")
     return {"config": config, **job}
+
+
+def default_server() -> str:
+    """$PARATRAIN_SERVER, else the URL `paratrain serve` wrote in the data dir (as the token: a serve on another
+    --port is found), else serve's default."""
+    if os.environ.get("PARATRAIN_SERVER"):
+        return _checked_url(os.environ["PARATRAIN_SERVER"], "PARATRAIN_SERVER")
+    written = Path(os.environ.get("PARATRAIN_DATA_DIR", ".paratrain")) / SERVER_URL_FILE
+    try:
+        return _checked_url(written.read_text(encoding="utf-8").strip(), str(written))
+    except FileNotFoundError:
+        return DEFAULT_SERVER
+
+
+def _checked_url(text: str, where: str) -> str:
+    try:
+        return server_url(text)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def read_token(token_file: Path | None) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO
 
 from paratrain.flags import add_settings_flag, settings_overrides
-from trainer_core.demo import DEMO_DATA, DEMO_MODEL
+from trainer_core.demo import DEMO_DATA, DEMO_MODEL, demo_job
 
 log = logging.getLogger("paratrain.serve")
 
@@ -100,15 +100,6 @@ def stop_local_worker(worker: subprocess.Popen[bytes], grace_s: float = 60) -> N
         worker.wait()
 
 
-def demo_job() -> dict:
-    """The demo job the banner's curl submits: the guide's batch shape, a learning rate that shows the tiny
-    random model's loss falling within a minute on a CPU, and a tenth of the samples held out for a
-    validation curve."""
-    return {"config": {"base_model": DEMO_MODEL, "data_path": DEMO_DATA, "batch_size": 4, "batch_by_samples": True,
-                       "max_branches_per_sample": 16, "learning_rate": 0.003, "max_steps": 40, "val_ratio": 0.1,
-                       "eval_interval": 10}, "gpus": 0}
-
-
 def banner(url: str, token: str, ui: bool, hidden: tuple[str, str] | None = None,
            worker_token_file: Path | None = None) -> str:
     """`hidden` = (where the token is, a shell expression for it): used when stdout is not a terminal (a log
@@ -136,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
     from pydantic_settings import SettingsError
 
     from server.main import create_app
-    from server.settings import Settings
+    from server.settings import SERVER_URL_FILE, Settings
     from trainer_core.config import format_validation_error
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -164,6 +155,8 @@ def run(args: argparse.Namespace) -> int:
         ensure_demo_assets(settings.data_dir)
     app = create_app(settings)
     url = settings.local_url
+    # `paratrain submit` finds the server here, as it finds the token (serve may run on another --port)
+    (settings.data_dir / SERVER_URL_FILE).write_text(url + "\n", encoding="utf-8")
     ui_mounted = any(getattr(route, "path", "") == "/ui" for route in app.routes)
     hidden = None
     if not sys.stdout.isatty():

@@ -9,6 +9,9 @@ from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+SERVER_URL_FILE = "server_url"   # in the data dir: serve's local URL, where `paratrain submit` looks for it
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="PARATRAIN_", env_file=".env", extra="ignore")
 

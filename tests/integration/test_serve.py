@@ -89,8 +89,8 @@ def test_serve_trains_the_demo_and_hands_jobs_back_on_exit(data_dir, tmp_path):
         job_file = tmp_path / "job.yaml"
         job_file.write_text(yaml.safe_dump({**TINY_CONFIG, "max_steps": 4, "val_ratio": 0.2, "eval_interval": 2,
                                             "job": {"gpus": 0}}))
-        submit = subprocess.run([sys.executable, "-m", "paratrain", "submit", str(job_file),
-                                 "--server", f"http://127.0.0.1:{port}", "--follow"],
+        # no --server: serve wrote its URL in the data dir, where submit looks as it does for the token
+        submit = subprocess.run([sys.executable, "-m", "paratrain", "submit", str(job_file), "--follow"],
                                 cwd=REPO, env={**os.environ, "PARATRAIN_DATA_DIR": str(data_dir)},
                                 capture_output=True, text=True, timeout=150)
         assert submit.returncode == 0, submit.stdout + submit.stderr + log_path.read_text()[-5000:]

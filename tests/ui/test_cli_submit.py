@@ -271,3 +271,18 @@ def test_set_changes_fields_of_the_file_for_a_sweep(live_server, tmp_path, token
     assert {(j["priority"], j["gpus"], j["config"]["lora_target_modules"]) for j in jobs} == {(5, 1, "q_proj,v_proj")}
     assert main([*argv, "--set", "lerning_rate=1e-4"]) == 2
     assert "lerning_rate (did you mean learning_rate?)" in capsys.readouterr().err
+
+
+def test_submit_finds_the_server_serve_wrote_in_the_data_dir(tmp_path, monkeypatch):
+    from paratrain.submit import DEFAULT_SERVER, default_server
+
+    monkeypatch.delenv("PARATRAIN_SERVER", raising=False)
+    monkeypatch.setenv("PARATRAIN_DATA_DIR", str(tmp_path))
+    assert default_server() == DEFAULT_SERVER   # no serve wrote one
+    (tmp_path / "server_url").write_text("http://127.0.0.1:8917\n")
+    assert default_server() == "http://127.0.0.1:8917"
+    monkeypatch.setenv("PARATRAIN_SERVER", "https://paratrain.lab:443/")
+    assert default_server() == "https://paratrain.lab:443"
+    monkeypatch.setenv("PARATRAIN_SERVER", "ftp://x")
+    with pytest.raises(ValueError, match="PARATRAIN_SERVER: not an http"):
+        default_server()
