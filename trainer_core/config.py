@@ -32,8 +32,8 @@ MAX_BRANCHES = 1024          # texts per sample
 MAX_COUNT = 1 << 16          # batch size, accumulation steps
 MAX_STEPS = 1_000_000_000    # optimiser steps, log and save intervals
 
-# Groups as the guide groups its flags ("model", "data", "training") plus where outputs go.
-GROUPS = ("model", "data", "training", "output")
+# Groups as the guide groups its flags ("model", "data", "training"), the validation loss, and where outputs go.
+GROUPS = ("model", "data", "validation", "training", "output")
 
 
 def _field(default: Any, help: str, group: str, **kw: Any) -> Any:
@@ -101,15 +101,17 @@ class TrainConfig(BaseModel):
         "longest sample; a longer sample gets a row of its own).", "data", ge=16, le=MAX_POSITION)
     val_ratio: float = _field(
         0.0, "Share of data_path's samples held out for a validation loss (chosen with the seed; they are not "
-        "trained on). 0: none.", "data", ge=0.0, lt=1.0)
+        "trained on), at most half. 0: none.", "validation", ge=0.0, le=0.5)
     val_data_path: str | None = _field(
-        None, "A separate Parallel JSONL for the validation loss (instead of val_ratio).", "data", min_length=1)
+        None, "A separate Parallel JSONL for the validation loss (instead of val_ratio).", "validation",
+        min_length=1)
     eval_interval: int = _field(50, "With a validation set (val_ratio or val_data_path): its loss every N "
-                                "optimiser steps, before the first and after the last.", "data", ge=1,
+                                "optimiser steps, before the first and after the last.", "validation", ge=1,
                                 le=MAX_STEPS)
     early_stop_patience: int = _field(
         0, "With a validation set: stop once its loss has not improved on the lowest for this many validations "
-        "in a row (adapter_best/ holds the lowest's adapter). 0: train to the end.", "data", ge=0, le=MAX_STEPS)
+        "in a row (adapter_best/ holds the lowest's adapter). 0: train to the end.", "validation", ge=0,
+        le=MAX_STEPS)
 
     # --- training ------------------------------------------------------------------------------
     epochs: int = _field(3, "Passes over the data.", "training", ge=1, le=1000)

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ValidationError
 from trainer_core.config import (GROUPS, JOB_SET_FIELDS, JobResources, TrainConfig, format_validation_error,
                                  parse_job_file)
 
-GROUP_TITLES = {"model": "Model", "data": "Data", "training": "Training", "output": "Output"}
+GROUP_TITLES = {"model": "Model", "data": "Data", "validation": "Validation", "training": "Training",
+                "output": "Output"}
 JOB_FIELDS = tuple(JobResources.model_fields)   # the job-level fields of JobCreate (docs/API.md)
 FORM_COLUMNS = 3  # fits a laptop screen: the whole form in about two screen heights
 
@@ -101,7 +102,7 @@ class ConfigForm:
         return [gr.update(value=values[n]) if n in values else gr.skip() for n in self.names]
 
 
-def build_config_form(open_groups: tuple[str, ...] = ("model", "data", "training"),
+def build_config_form(open_groups: tuple[str, ...] = ("model", "data", "validation", "training"),
                       placeholders: dict[str, str] | None = None) -> ConfigForm:
     """Render the grouped inputs in the current Blocks context; `placeholders` by field name (text inputs)."""
     placeholders = placeholders or {}

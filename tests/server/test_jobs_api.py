@@ -109,6 +109,8 @@ def test_a_validation_file_is_checked_and_confined_as_the_data_file_is(client, s
         assert message in r.json()["detail"][0]["msg"], r.text
     r = client.post("/api/jobs", json=job_body(val_data_path="datasets/demo.jsonl", val_ratio=0.1))
     assert r.status_code == 422 and "give one of them" in r.json()["detail"][0]["msg"]
+    r = client.post("/api/jobs", json=job_body(val_ratio=0.6))   # more held out than trained on: a slip
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "val_ratio"], r.text
     r = client.post("/api/jobs", json=job_body(early_stop_patience=3))   # stops on a validation loss it lacks
     assert r.status_code == 422 and "give val_ratio or val_data_path too" in r.json()["detail"][0]["msg"], r.text
     assert client.get("/api/jobs").json()["count"] == 0
