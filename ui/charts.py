@@ -56,7 +56,7 @@ def curve_chart(frame: pd.DataFrame, *, y: str, series: str, colours: dict[str, 
             # lays out with, pushed a title into the tick labels)
             "y": {"field": y, "type": "quantitative", "title": None, "scale": {"zero": False},
                   "axis": {"format": "~g", "minExtent": Y_LABELS_PX}},   # 5.5, not 5.500000 on a one-point curve's axis
-            "color": {"field": series, "type": "nominal", "title": None, "legend": {"orient": "bottom"} if legend else None,
+            "color": {"field": series, "type": "nominal", "title": None, "legend": {"orient": "bottom"} if legend and shown else None,
                       "scale": {"domain": shown, "range": [colours[name] for name in shown]}},
             "tooltip": [{"field": series, "type": "nominal"}, {"field": "step", "type": "quantitative"},
                         {"field": y, "type": "quantitative", "format": ".4g"}],

@@ -80,3 +80,16 @@ def fmt_number(value: float | None, digits: int = 0) -> str:
     if value is None:
         return ""
     return f"{value:,.{digits}f}"
+
+
+# The browser saves a gr.File's file (its value: {url, orig_name, ...}) as if its link were clicked.
+SAVE_FILE_JS = """(file) => {
+  if (file && file.url) {
+    const link = document.createElement("a");
+    link.href = file.url;
+    link.download = file.orig_name || "";
+    document.body.appendChild(link);
+    link.click();
+    link.remove();
+  }
+}"""

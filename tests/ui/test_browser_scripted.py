@@ -8,6 +8,7 @@ import contextlib
 import re
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -83,12 +84,13 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         expect(page.locator("#submit-status")).to_contain_text("batch_size: Input should be greater than or equal to 1")
         set_field(page, "cfg-batch_size", "16")
 
-        # save the form as YAML (its link downloads the file), load a broken one (refused by name), then another
-        page.locator("#save-yaml").click()
+        # save the form as YAML (one click saves the file; its link stays), load a broken one (refused by name),
+        # then another
+        with page.expect_download(timeout=30_000) as download:
+            page.locator("#save-yaml").click()
+        assert download.value.suggested_filename == "paratrain.yaml"
+        assert "rope_2d_ratio: 0.65" in Path(download.value.path()).read_text()
         expect(page.locator("#saved-yaml")).to_contain_text("paratrain")
-        link = page.locator("#saved-yaml a").first.get_attribute("href")
-        saved = page.request.get(link if link.startswith("http") else f"{live_server.base_url}{link}")
-        assert saved.status == 200 and "rope_2d_ratio: 0.65" in saved.text(), (link, saved.status)
         broken = shots / "broken.yaml"
         broken.write_text("batch_size: lots\n")
         load_yaml_input(page).set_input_files(str(broken))
@@ -250,6 +252,15 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         expect(page.locator("#workers-table")).to_contain_text("1 × Fake GPU")
         expect(page.locator("#workers-info")).to_contain_text("1 of 1 worker online")
         page.screenshot(path=shots / "08-workers.png", full_page=True)
+
+        # the demo job's settings in one click (the form's defaults are a real run's: minutes of a flat loss on
+        # the tiny model)
+        tab(page, "New job")
+        page.locator("#demo-job").click()
+        expect(field(page, "cfg-learning_rate")).to_have_value("0.003")
+        expect(field(page, "cfg-val_ratio")).to_have_value("0.1")
+        expect(field(page, "cfg-base_model")).to_have_value("models/tiny-qwen2")
+        expect(field(page, "job-gpus")).to_have_value("0")
         stop.set()
         browser.close()
     trainer.join(timeout=5)

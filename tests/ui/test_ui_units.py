@@ -318,6 +318,8 @@ def test_a_job_that_stopped_early_says_so_in_its_summary_and_progress():
     text = job_summary(job, best=(12, 6.7804))
     assert "validation 10% held out, early stop after 2 validations without a lower loss" in text
     assert "**Stopped early** at step 14 of 30: 2 validations in a row without a lower loss" in text
+    assert "**outputs** `/data/jobs/4/out`" in job_summary({**job, "config": {**job["config"],
+                                                                            "output_dir": "/data/jobs/4/out"}})
     # still running at step 14, or ended at its last step, or without a patience: not stopped early
     for other in ({"state": "running"}, {"step": 30}, {"config": {"val_ratio": 0.1}}):
         assert "Stopped early" not in job_summary({**job, **other})
@@ -562,7 +564,9 @@ def test_validation_losses_are_dots_from_the_first_one_on_and_the_training_loss_
     assert spec["encoding"]["color"]["scale"]["domain"] == ["training", "validation"]
     assert spec["encoding"]["x"]["scale"]["domain"] == step_axis(points) == [0, 13]
     assert len(spec["data"]["values"]) == 13 + 2
-    assert json.loads(loss_chart([]).plot)["data"]["values"] == []   # no job: an empty chart, not an error
+    empty = json.loads(loss_chart([]).plot)
+    assert empty["data"]["values"] == []   # no job (or no step yet): an empty chart, not an error
+    assert empty["encoding"]["color"]["legend"] is None   # an empty legend collapsed the chart to a strip
 
 
 def test_the_learning_rate_chart_shares_the_loss_charts_step_axis_and_has_no_legend():

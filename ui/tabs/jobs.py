@@ -24,7 +24,8 @@ import yaml
 from trainer_core.config import BEST_ADAPTER_DIR, JOB_SET_FIELDS
 from ui.api import ApiClient, ApiError
 from ui.charts import PlotData, curve_chart
-from ui.context import UiContext, fmt_duration, fmt_number, parse_api_time, scratch_file, warn
+from ui.context import (SAVE_FILE_JS, UiContext, fmt_duration, fmt_number, parse_api_time, scratch_file,
+                        warn)
 from ui.form import job_values, to_yaml
 from ui.workers import capacity_warning, known_workers
 
@@ -187,6 +188,8 @@ def job_summary(job: dict[str, Any], waits: str | None = None, best: tuple[int, 
              f"**tokens/s** {fmt_number(job.get('tokens_per_s')) or '-'} · **GPU** {gpu_text(job)} · "
              f"**attempt** {job.get('attempt', 1)}/{job.get('max_attempts') or '?'}",
              f"model {cfg.get('base_model', '')} · data {cfg.get('data_path', '')}" + validation_text(cfg)]
+    if cfg.get("output_dir"):   # where adapter/ is, for `paratrain generate --adapter` on the server's machine
+        lines.append(f"**outputs** `{cfg['output_dir']}`")
     if job.get("last_val_loss") is not None:
         at = f" at step {val_step}" if val_step is not None else ""
         lowest = f" (lowest {best[1]:.4f} at step {best[0]}: `adapter_best/`)" if best else ""
@@ -411,19 +414,6 @@ def curve_text(watch: dict[str, Any]) -> str:
 def no_adapter_file() -> dict:
     """Hidden and empty: a failed download must not leave an earlier job's zip there for SAVE_FILE_JS to save."""
     return gr.update(value=None, visible=False)
-
-# The browser saves a gr.File's file (its value: {url, orig_name, ...}) as if its link were clicked.
-SAVE_FILE_JS = """(file) => {
-  if (file && file.url) {
-    const link = document.createElement("a");
-    link.href = file.url;
-    link.download = file.orig_name || "";
-    document.body.appendChild(link);
-    link.click();
-    link.remove();
-  }
-}"""
-
 
 def create_jobs_tab(ctx: UiContext) -> JobsTab:
     table_ids = gr.State([])

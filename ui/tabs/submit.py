@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -10,9 +11,9 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from trainer_core.demo import DEMO_DATA, DEMO_MODEL
+from trainer_core.demo import DEMO_DATA, DEMO_MODEL, demo_job
 from ui.api import ApiError
-from ui.context import UiContext, scratch_file, warn
+from ui.context import SAVE_FILE_JS, UiContext, scratch_file, warn
 from ui.form import ConfigForm, build_config_form, from_yaml, job_body, to_yaml, validate
 from ui.tabs.memory import MemoryPanel, create_memory_panel
 from ui.workers import capacity_warning, known_workers
@@ -63,6 +64,7 @@ def create_submit_tab(ctx: UiContext) -> SubmitTab:
                 load_button = gr.UploadButton("Load YAML", file_types=[".yaml", ".yml", ".json"], size="sm",
                                               elem_id="load-yaml")
                 save_button = gr.Button("Save as YAML", size="sm", elem_id="save-yaml")
+                demo_button = gr.Button("Demo job", size="sm", elem_id="demo-job")
             saved_file = gr.File(label="Saved config", visible=False, interactive=False, elem_id="saved-yaml")
             status = gr.Markdown(elem_id="submit-status")
             command = gr.Code(label="torchrun command (as the worker runs it)", language="shell",
@@ -116,11 +118,19 @@ def create_submit_tab(ctx: UiContext) -> SubmitTab:
         gr.Info(f"Loaded {os.path.basename(path)}.")
         return form.updates(values)
 
+    def fill_in_demo():
+        """The demo job's settings (serve's demo model and data, a learning rate that shows the loss falling
+        within a minute on a CPU, a validation set): the form's defaults are a real run's, which on the tiny
+        random model train for minutes without a visible change."""
+        gr.Info("The demo job is in the form: submit it as it is, or change it first.")
+        return form.updates(from_yaml(json.dumps(demo_job())))
+
     preview_button.click(preview, [ctx.session, *form.inputs], [command, status])
+    demo_button.click(fill_in_demo, None, form.inputs)
     submit_button.click(submit, [ctx.session, *form.inputs], [status, submitted_job_id])
     # queued (not queue=False): only queued events deliver gr.Info/gr.Warning toasts, and a file they
     # return gets a download link under the UI's mount path
-    save_button.click(save, form.inputs, saved_file)
+    save_button.click(save, form.inputs, saved_file).then(None, saved_file, None, js=SAVE_FILE_JS)   # one click
     load_button.upload(load, load_button, form.inputs)
     return SubmitTab(form, memory, preview_button, command, submit_button, status, save_button, load_button,
                      saved_file, submitted_job_id)
