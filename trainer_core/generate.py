@@ -117,15 +117,18 @@ def generate_branches(gen: Generator, main: str, branch_starts: list[str], max_n
 
 # --- `paratrain generate` -----------------------------------------------------------------------------------
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--adapter", required=True, help="A trained adapter directory (<output_dir>/adapter).")
+    parser.add_argument("--adapter", required=True, help="A trained adapter directory (<output_dir>/adapter, or "
+                        "<output_dir>/adapter_best: the lowest validation loss's).")
     parser.add_argument("--base_model", help="The base model's directory (default: the one in rope2d.json).")
     parser.add_argument("--main", default="", help="The shared main text (may be empty).")
     parser.add_argument("--branch", action="append", required=True, metavar="START",
                         help="A branch's first words; once per branch.")
-    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--max_new_tokens", type=int, default=64,
+                        help="The most tokens a branch grows by (default 64; it may end sooner).")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampled.")
     parser.add_argument("--seed", type=int, default=0, help="Of the sampling.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="Where the model runs, e.g. cuda, cuda:1 or cpu (default: cuda when there is a GPU).")
     parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                         help="The model's weights: auto is bfloat16 on a GPU, float32 on the CPU.")
     parser.add_argument("--json", action="store_true", help="One JSON object: {\"branches\": [...]}.")
