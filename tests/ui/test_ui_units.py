@@ -694,11 +694,14 @@ def test_compare_says_when_the_validation_losses_average_other_samples():
     from ui.tabs.compare import validation_set_differences
 
     held_out = {"data_path": "/d/demo.jsonl", "val_ratio": 0.1, "seed": 42, "max_seq_len": 1024}
-    assert validation_set_differences([held_out, {**held_out, "learning_rate": 1e-3}]) == []   # a sweep: comparable
-    assert validation_set_differences([held_out, {**held_out, "seed": 1}]) == ["seed"]
-    assert validation_set_differences([held_out, {**held_out, "max_seq_len": 256}]) == ["max_seq_len"]
+    sweep = {"#1": held_out, "#2": {**held_out, "learning_rate": 1e-3}}
+    assert validation_set_differences(sweep) == []   # a learning-rate sweep: comparable
+    assert validation_set_differences({**sweep, "#3": {**held_out, "seed": 1}}) == ["seed 42 for #1, #2; 1 for #3"]
+    assert validation_set_differences({"#1": held_out, "#4": {**held_out, "max_seq_len": 256}}) == [
+        "max_seq_len 1024 for #1; 256 for #4"]
     # (an unset field is its default: max_seq_len 1024 is the same)
-    assert validation_set_differences([held_out, {"val_data_path": "/d/val.jsonl"}]) == [
-        "data_path", "val_ratio", "seed", "val_data_path"]
+    assert validation_set_differences({"#1": held_out, "#5": {"val_data_path": "/d/val.jsonl"}}) == [
+        "data_path /d/demo.jsonl for #1; none for #5", "val_ratio 0.1 for #1; none for #5",
+        "seed 42 for #1; none for #5", "val_data_path none for #1; /d/val.jsonl for #5"]
     from_file = {"val_data_path": "/d/val.jsonl", "data_path": "/d/a.jsonl"}
-    assert validation_set_differences([from_file, {**from_file, "data_path": "/d/b.jsonl"}]) == []
+    assert validation_set_differences({"#6": from_file, "#7": {**from_file, "data_path": "/d/b.jsonl"}}) == []

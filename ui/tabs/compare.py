@@ -51,12 +51,21 @@ def validation_set_key(cfg: dict) -> dict:
     return {k: cfg.get(k, TrainConfig.model_fields[k].default) for k in (*source, *SAMPLE_FIELDS)}
 
 
-def validation_set_differences(configs: list[dict]) -> list[str]:
-    """The settings in which these jobs' validation samples differ ([]: the same samples, as far as the settings
-    tell): their losses then do not compare one to one."""
-    keys = [validation_set_key(cfg) for cfg in configs]
-    fields = dict.fromkeys(field for key in keys for field in key)
-    return [f for f in fields if len({repr(key.get(f)) for key in keys}) > 1]
+def validation_set_differences(configs: dict[str, dict]) -> list[str]:
+    """How the validation samples of these jobs ({label: config}) differ, a setting each: 'val_ratio 0.1 for #2,
+    #3; 0.2 for #4' ([]: the same samples, as far as the settings tell). Their losses then do not compare one to
+    one."""
+    keys = {label: validation_set_key(cfg) for label, cfg in configs.items()}
+    fields = dict.fromkeys(field for key in keys.values() for field in key)
+    differences = []
+    for field in fields:
+        labels_by_value: dict[str, list[str]] = {}
+        for label, key in keys.items():
+            labels_by_value.setdefault("none" if key.get(field) is None else str(key[field]), []).append(label)
+        if len(labels_by_value) > 1:
+            differences.append(f"{field} " + "; ".join(f"{value} for {', '.join(labels)}"
+                                                       for value, labels in labels_by_value.items()))
+    return differences
 
 
 def create_compare_tab(ctx: UiContext) -> CompareTab:
@@ -71,7 +80,7 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
     info = gr.Markdown(COMPARE_HINT, elem_id="compare-info")
 
     def compare(session, job_ids, curve):
-        rows, notes, validated = [], [], []
+        rows, notes, validated = [], [], {}
         try:
             client = ctx.client(session)
             for job_id in job_ids or []:
@@ -81,18 +90,19 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
                 drawn = [(p["step"], p[curve], label) for p in points if p.get(curve) is not None]
                 rows += drawn
                 if drawn and curve == "val_loss":
-                    validated.append(job["config"])
+                    validated[f"#{job['id']}"] = job["config"]
                 notes.append(f"{label}: {len(drawn)} points, {job['state']}"
                              + (" (no validation set)" if curve == "val_loss" and not drawn and points else ""))
         except ApiError as e:
             return gr.skip(), f"Cannot compare: {e}"
         frame = pd.DataFrame(rows, columns=["step", "loss", "job"]).astype({"step": "int64", "loss": "float64",
                                                                              "job": "string"})
+        info = " · ".join(notes) or COMPARE_HINT
         differ = validation_set_differences(validated)
-        if differ:
-            notes.append(f"⚠ their validation samples differ ({', '.join(differ)}): the losses do not compare one "
-                         "to one")
-        return compare_chart(frame, curve), " · ".join(notes) or COMPARE_HINT
+        if differ:   # a paragraph of its own: easy to miss at the end of the line above
+            info += ("\n\n**⚠ These validation losses average different samples**, so they do not compare one to "
+                     "one: " + " · ".join(f"`{d}`" for d in differ))
+        return compare_chart(frame, curve), info
 
     def choices(session):
         try:
