@@ -73,8 +73,8 @@ def run(args: argparse.Namespace) -> int:
         body = job_body(args.file.read_text(encoding="utf-8"), args.overrides)
     except OSError as e:
         return _fail(f"{args.file}: {e.strerror or e}")
-    except (ValueError, UnicodeDecodeError) as e:
-        return _fail(f"{args.file}: {e}")
+    except (ValueError, UnicodeDecodeError) as e:   # a --set's own mistake is not the file's
+        return _fail(str(e) if str(e).startswith("--set ") else f"{args.file}: {e}")
     try:
         token = read_token(args.token_file)
         args.server = args.server or default_server()

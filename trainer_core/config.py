@@ -14,7 +14,7 @@ import argparse
 import difflib
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -360,6 +360,7 @@ def parse_job_file(text: str, overrides: Sequence[str] = ()) -> tuple[dict[str, 
             raise ValueError(f"next to 'config' (the API's request body) only {'/'.join(JobResources.model_fields)} "
                              f"may stand, not {', '.join(named)}")
         data = {**data["config"], **({"job": resources} if resources else {})}
+    given_by: dict[str, str] = {}   # field -> the --set that gave its value
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or not key.strip():
@@ -374,8 +375,10 @@ def parse_job_file(text: str, overrides: Sequence[str] = ()) -> tuple[dict[str, 
                 data["job"] = {}
             if isinstance(data["job"], dict):   # else the check below names it
                 data["job"][name] = parsed
+                given_by[name] = f"--set {override}"
         else:
             data[key.strip()] = parsed
+            given_by[key.strip()] = f"--set {override}"
     _check_plain(data)
     job = data.pop("job", None)
     job = {} if job is None else job   # `job: 0` is a mistake to name, not "no job section"
@@ -390,11 +393,11 @@ def parse_job_file(text: str, overrides: Sequence[str] = ()) -> tuple[dict[str, 
     try:   # every value as the schema takes it (required fields it may lack are stand-ins here)
         TrainConfig(**{"base_model": "-", "data_path": "-", **data})
     except ValidationError as e:
-        raise ValueError(format_validation_error(e)) from None
+        raise ValueError(format_validation_error(e, given_by=given_by)) from None
     try:
         JobResources.model_validate(job, strict=True)   # YAML gives numbers as numbers: "2" is a mistake
     except ValidationError as e:
-        raise ValueError(f"job.{format_validation_error(e)}") from None
+        raise ValueError(format_validation_error(e, whole="job", prefix="job.", given_by=given_by)) from None
     return data, job
 
 
@@ -462,13 +465,18 @@ def _cli_type(annotation: Any):
     return str
 
 
-def format_validation_error(e: ValidationError, whole: str = "config", prefix: str = "") -> str:
+def format_validation_error(e: ValidationError, whole: str = "config", prefix: str = "",
+                            given_by: Mapping[str, str] | None = None) -> str:
     """'field: message' lines, the field named as the user spelled it (`prefix`: '--' on a command line;
-    `whole` for a rule over several)."""
+    `whole` for a rule over several, '' for none). `given_by`: where a field's value came from, said first
+    ('--set val_ratio=0.9')."""
     lines = []
     for err in e.errors():
         loc = ".".join(str(p) for p in err["loc"])
-        lines.append(f"{prefix + loc if loc else whole}: {err['msg'].removeprefix('Value error, ')}")
+        msg = err["msg"].removeprefix("Value error, ")
+        line = f"{prefix + loc}: {msg}" if loc else (f"{whole}: {msg}" if whole else msg)
+        source = (given_by or {}).get(str(err["loc"][0])) if err["loc"] else None
+        lines.append(f"{source}: {line}" if source else line)
     return "; ".join(lines)
 
 

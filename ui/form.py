@@ -194,7 +194,7 @@ def validate(values: dict[str, Any], with_job: bool = False) -> tuple[TrainConfi
             JobResources(**schema_kwargs(JobResources, values))
         return config, ""
     except ValidationError as e:
-        return None, format_validation_error(e)
+        return None, format_validation_error(e, whole="")   # a rule over several fields names them itself
 
 
 def job_body(values: dict[str, Any], config: TrainConfig) -> dict[str, Any]:

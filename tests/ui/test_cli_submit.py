@@ -271,6 +271,13 @@ def test_set_changes_fields_of_the_file_for_a_sweep(live_server, tmp_path, token
     assert {(j["priority"], j["gpus"], j["config"]["lora_target_modules"]) for j in jobs} == {(5, 1, "q_proj,v_proj")}
     assert main([*argv, "--set", "lerning_rate=1e-4"]) == 2
     assert "lerning_rate (did you mean learning_rate?)" in capsys.readouterr().err
+    # a bad value from --set is the --set's, not the file's
+    assert main([*argv, "--set", "val_ratio=0.9"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "paratrain submit: --set val_ratio=0.9: val_ratio: Input should be less than or equal to 0.5")
+    assert main([*argv, "--set", "job.gpus=-1"]) == 2
+    assert "paratrain submit: --set job.gpus=-1: job.gpus: Input should be greater than or equal to 0" in (
+        capsys.readouterr().err)
 
 
 def test_submit_finds_the_server_serve_wrote_in_the_data_dir(tmp_path, monkeypatch):
