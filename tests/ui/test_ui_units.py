@@ -291,7 +291,9 @@ def test_failure_summary_shows_the_cause_at_the_end_of_a_traceback():
     # verbatim: in a code fence, so `<frozen runpy>` is not taken for an HTML tag that hides the rest
     fence_start = text.index("```")
     assert fence_start < text.index("ValueError") < text.rindex("```")
-    assert "ETA** -" in job_summary({**job, "eta_s": 104.0})  # the last report's ETA of a job that ended
+    assert "ETA**" not in job_summary({**job, "eta_s": 104.0})  # the last report's ETA of a job that ended
+    queued = job_summary({"id": 9, "state": "queued", "config": {}, "gpus": 1, "attempt": 1, "max_attempts": 3})
+    assert "**GPU** 1 wanted · **attempt** 1/3" in queued and "progress" not in queued and " -" not in queued
     short = job_summary({**job, "failure_reason": "exit code 2\n\nbad config", "failure_class": "data"})
     assert "exit code 2\nbad config" in short and "not shown" not in short
     assert "**Failed: bad data or settings: the same job fails the same way;" in short   # what to do next

@@ -184,9 +184,11 @@ def job_summary(job: dict[str, Any], waits: str | None = None, best: tuple[int, 
     cfg = job.get("config", {})
     lines = [f"### Job #{job['id']} · {job.get('name') or cfg.get('name', '')} · {STATE_ICONS.get(job['state'], '')} "
              f"{job['state']}{' (cancel requested)' if job.get('cancel_requested') and job['state'] == 'running' else ''}",
-             f"**progress** {progress_text(job) or '-'} · **ETA** {eta_text(job) or '-'} · "
-             f"**tokens/s** {fmt_number(job.get('tokens_per_s')) or '-'} · **GPU** {gpu_text(job)} · "
-             f"**attempt** {job.get('attempt', 1)}/{job.get('max_attempts') or '?'}",
+             # what is known so far: a queued job has no progress, ETA or speed to show (a row of '-' read badly)
+             " · ".join(f"**{name}** {value}" for name, value in (
+                 ("progress", progress_text(job)), ("ETA", eta_text(job)),
+                 ("tokens/s", fmt_number(job.get("tokens_per_s"))), ("GPU", gpu_text(job)),
+                 ("attempt", f"{job.get('attempt', 1)}/{job.get('max_attempts') or '?'}")) if value),
              f"model {cfg.get('base_model', '')} · data {cfg.get('data_path', '')}" + validation_text(cfg)]
     if cfg.get("output_dir"):   # where adapter/ is, for `paratrain generate --adapter` on the server's machine
         lines.append(f"**outputs** `{cfg['output_dir']}`")
