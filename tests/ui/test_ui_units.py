@@ -312,11 +312,14 @@ def test_job_summary_says_when_it_was_queued_started_and_how_long_it_ran():
 
 
 def test_a_job_that_stopped_early_says_so_in_its_summary_and_progress():
-    from ui.tabs.jobs import job_summary, progress_text
+    from ui.tabs.jobs import eta_text, job_summary, progress_text
 
     job = {"id": 4, "name": "x", "state": "succeeded", "step": 14, "total_steps": 30, "last_val_loss": 6.78,
            "config": {"val_ratio": 0.1, "early_stop_patience": 2}}
     assert progress_text(job) == "14/30 (stopped early)"
+    running = {**job, "state": "running", "eta_s": 100.0}
+    assert eta_text(running) == "≤ 1:40"   # it may stop sooner
+    assert eta_text({**running, "config": {"val_ratio": 0.1}}) == "1:40"
     text = job_summary(job, best=(12, 6.7804))
     assert "validation 10% held out, early stop after 2 validations without a lower loss" in text
     assert "**Stopped early** at step 14 of 30: 2 validations in a row without a lower loss" in text

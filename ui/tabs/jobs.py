@@ -89,8 +89,11 @@ def progress_text(job: dict[str, Any]) -> str:
 
 
 def eta_text(job: dict[str, Any]) -> str:
-    """The last reported ETA, while it means something: a job that ended keeps its last report."""
-    return fmt_duration(job.get("eta_s")) if job["state"] == "running" else ""
+    """The last reported ETA, while it means something: a job that ended keeps its last report. With early
+    stopping it is the time to the last step, at most ('≤ 1:40')."""
+    if job["state"] != "running" or not (eta := fmt_duration(job.get("eta_s"))):
+        return ""
+    return f"≤ {eta}" if job.get("config", {}).get("early_stop_patience") else eta
 
 
 def table_rows(jobs: list[dict[str, Any]]) -> list[list[Any]]:
