@@ -472,12 +472,12 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         if env.is_main and lowest.add(val_loss, step):
             save_best_adapter(model, best_dir, cfg, step=step, val_loss=val_loss, val_set=val_set)
 
-    def patience_ran_out() -> bool:   # rank 0 counts; all ranks agree
-        return any_rank(env, env.is_main and lowest.out_of(cfg.early_stop_patience))[0]
+    def patience_ran_out() -> bool:   # rank 0 counts; all ranks agree (no collective without early stopping)
+        return cfg.early_stop_patience > 0 and any_rank(env, env.is_main and lowest.out_of(cfg.early_stop_patience))[0]
 
     # A run that stopped early and runs again (a retry, the same command, a larger --max_steps) stops there
     # again: only a larger --early_stop_patience (or 0) trains on.
-    stopped_early = last is not None and step < total_steps and cfg.early_stop_patience > 0 and patience_ran_out()
+    stopped_early = last is not None and step < total_steps and patience_ran_out()
     if stopped_early:
         print0(env, f"not training on from {last}: {lowest.describe(cfg.early_stop_patience)}. Writing the final "
                     "outputs; a larger --early_stop_patience (or 0) trains on from it")
@@ -543,7 +543,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                     return stop_superseded()
                 if measured is not None:
                     keep_if_best(measured[0])
-                    stopped_early = step < total_steps and cfg.early_stop_patience > 0 and patience_ran_out()
+                    stopped_early = step < total_steps and patience_ran_out()
             if step % cfg.log_interval == 0 or step == total_steps or measured is not None:
                 evals_to_come = evaluations_left(step, total_steps, cfg.eval_interval) if val is not None else 0
                 eta_s = step_time_ema * (total_steps - step) + evals_to_come * (
@@ -706,8 +706,8 @@ def write_final_outputs(model, cfg: TrainConfig, env: DistEnv, *, step: int, ela
         best_fields = ({"best_adapter_dir": str(best_dir), "best_val_loss": round(best[0], 6), "best_step": best[1]}
                        if best else {})
         emit(env, {"event": "done", "step": step, "final_path": str(final_pth), "adapter_dir": str(adapter_dir),
-                   **best_fields, "stopped_early": stopped_early, "elapsed_s": round(elapsed_s, 1), "rank_weight_digests": hashes,
-                   "probe_logits": probe})
+                   **best_fields, "stopped_early": stopped_early, "elapsed_s": round(elapsed_s, 1),
+                   "rank_weight_digests": hashes, "probe_logits": probe})
         print0(env, f"done{' (stopped early)' if stopped_early else ''}: {final_pth} and {adapter_dir}/" + (
             f"; the lowest validation loss, {best[0]:.4f}, was at step {best[1]}: {best_dir}/" if best else ""))
     barrier(env)

@@ -26,7 +26,8 @@ def curve_chart(frame: pd.DataFrame, *, y: str, series: str, colours: dict[str, 
                 x_domain: list[int] | None = None, dotted: Iterable[str] = (), legend: bool = True) -> PlotData:
     """A line per `series` value of `frame` (columns step, `y`, `series`) in its colour of `colours`; the series in
     `dotted` also have a dot on each point (a single point is a dot alone). The others get invisible dots, which
-    give the hover tooltip of the point nearest to the mouse. `x_domain`: the step axis' range (None: the data's); `legend`: False for a single curve the title names."""
+    give the hover tooltip of the point nearest to the mouse. `x_domain`: the step axis' range (None: the data's);
+    `legend`: False for a single curve the title names."""
     present = set(frame[series])
     shown = [name for name in colours if name in present]   # the legend names only the curves drawn
     dotted = [name for name in shown if name in set(dotted)]
@@ -54,9 +55,11 @@ def curve_chart(frame: pd.DataFrame, *, y: str, series: str, colours: dict[str, 
                   "scale": {"zero": False, **({"domain": x_domain} if x_domain else {})}},
             # no axis title: the chart's title names the quantity (and the page's font, wider than the one Vega
             # lays out with, pushed a title into the tick labels)
+            # format: 5.5, not 5.500000 on a one-point curve's axis
             "y": {"field": y, "type": "quantitative", "title": None, "scale": {"zero": False},
-                  "axis": {"format": "~g", "minExtent": Y_LABELS_PX}},   # 5.5, not 5.500000 on a one-point curve's axis
-            "color": {"field": series, "type": "nominal", "title": None, "legend": {"orient": "bottom"} if legend and shown else None,
+                  "axis": {"format": "~g", "minExtent": Y_LABELS_PX}},
+            "color": {"field": series, "type": "nominal", "title": None,
+                      "legend": {"orient": "bottom"} if legend and shown else None,   # an empty one collapses it
                       "scale": {"domain": shown, "range": [colours[name] for name in shown]}},
             "tooltip": [{"field": series, "type": "nominal"}, {"field": "step", "type": "quantitative"},
                         {"field": y, "type": "quantitative", "format": ".4g"}],
