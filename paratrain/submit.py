@@ -278,7 +278,7 @@ def _parse_sse(lines: Iterator[str]) -> Iterator[tuple[int | None, str, dict[str
 
 
 def _final(api: ApiClient, job_id: int, state: str) -> int:
-    from ui.api import ApiError
+    from ui.api import ApiError, stopped_early
 
     try:
         job = api.get_job(job_id)
@@ -291,10 +291,9 @@ def _final(api: ApiClient, job_id: int, state: str) -> int:
     where = job.get("config", {}).get("output_dir", "its output dir")
     print(f"job {job_id} succeeded; outputs in {where} (the server's file system; also "
           f"{api.base_url}/api/jobs/{job_id}/artifacts)", flush=True)
-    patience = job.get("config", {}).get("early_stop_patience")
-    if patience and (job.get("step") or 0) < (job.get("total_steps") or 0):
-        print(f"stopped early at step {job['step']} of {job['total_steps']}: {patience} validations in a row "
-              "without a lower loss", flush=True)
+    if stopped_early(job):
+        print(f"stopped early at step {job['step']} of {job['total_steps']}: {job['config']['early_stop_patience']} "
+              "validations in a row without a lower loss", flush=True)
     if job.get("last_val_loss") is not None:
         from trainer_core.config import BEST_ADAPTER_DIR
 

@@ -43,6 +43,12 @@ def _field_name(loc: list) -> str:
     return ".".join(str(p) for p in loc if p not in ("body", "config")) or "config"
 
 
+def stopped_early(job: dict[str, Any]) -> bool:
+    """A job (as the API returns it) that succeeded before its last step: --early_stop_patience ended it."""
+    return (job.get("state") == "succeeded" and bool(job.get("config", {}).get("early_stop_patience"))
+            and (job.get("step") or 0) < (job.get("total_steps") or 0))
+
+
 class ApiClient:
     def __init__(self, base_url: str, token: str | None, transport: httpx.BaseTransport | None = None,
                  timeout_s: float = TIMEOUT_S):

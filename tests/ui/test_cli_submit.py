@@ -245,7 +245,7 @@ def test_a_job_that_stopped_early_says_so_at_its_end(monkeypatch, capsys):
         base_url = "http://server"
 
         def get_job(self, job_id):
-            return {"step": 14, "total_steps": 30, "last_val_loss": 6.78,
+            return {"state": "succeeded", "step": 14, "total_steps": 30, "last_val_loss": 6.78,
                     "config": {"output_dir": "/out", "val_ratio": 0.1, "early_stop_patience": 2}}
 
     monkeypatch.setattr(submit, "sse_events", lambda *args: iter([("end", {"state": "succeeded"})]))
@@ -253,7 +253,8 @@ def test_a_job_that_stopped_early_says_so_at_its_end(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "stopped early at step 14 of 30: 2 validations in a row without a lower loss" in out
     assert "the adapter of the lowest validation loss: /out/adapter_best/" in out
-    FakeApi.get_job = lambda self, job_id: {"step": 30, "total_steps": 30, "config": {"early_stop_patience": 2}}
+    FakeApi.get_job = lambda self, job_id: {"state": "succeeded", "step": 30, "total_steps": 30,
+                                            "config": {"early_stop_patience": 2}}
     assert submit.follow(FakeApi(), "token", 1) == 0
     assert "stopped early" not in capsys.readouterr().out   # it trained to its last step
 

@@ -22,7 +22,7 @@ import pandas as pd
 import yaml
 
 from trainer_core.config import BEST_ADAPTER_DIR, JOB_SET_FIELDS
-from ui.api import ApiClient, ApiError
+from ui.api import ApiClient, ApiError, stopped_early
 from ui.charts import PlotData, curve_chart
 from ui.context import (SAVE_FILE_JS, UiContext, fmt_duration, fmt_number, parse_api_time, scratch_file,
                         warn)
@@ -73,12 +73,6 @@ def gpu_text(job: dict[str, Any]) -> str:
     ids = job.get("gpu_ids")
     where = f" on worker {job['worker_id']}" if job.get("worker_id") else ""
     return (f"{','.join(str(i) for i in ids)}{where}" if ids else f"{job['gpus']} wanted")
-
-
-def stopped_early(job: dict[str, Any]) -> bool:
-    """A job that succeeded before its last step: --early_stop_patience ended it."""
-    return (job["state"] == "succeeded" and bool(job.get("config", {}).get("early_stop_patience"))
-            and (job.get("step") or 0) < (job.get("total_steps") or 0))
 
 
 def progress_text(job: dict[str, Any]) -> str:
@@ -419,6 +413,7 @@ def curve_text(watch: dict[str, Any]) -> str:
 def no_adapter_file() -> dict:
     """Hidden and empty: a failed download must not leave an earlier job's zip there for SAVE_FILE_JS to save."""
     return gr.update(value=None, visible=False)
+
 
 def create_jobs_tab(ctx: UiContext) -> JobsTab:
     table_ids = gr.State([])
