@@ -71,6 +71,25 @@ def summarize(cfg: TrainConfig, with_example: bool = True) -> dict:
     return summary
 
 
+def check_lines(path) -> dict:
+    """Without a tokenizer, the lines only: {data_path, records (None for a bad file), errors, warnings}."""
+    found = {"data_path": str(path), "records": None, "errors": [], "warnings": []}
+    try:
+        found["records"] = validate_file(path, warnings=found["warnings"])
+    except DataError as e:
+        found["errors"] = e.lines
+    return found
+
+
+def add_validation_file(found: dict, val_path) -> None:
+    """The validation file's lines, as the trainer reads them, into a check's result (its samples are not
+    summarised): `validation_records`, or its bad lines among `errors`; its warnings among `warnings`."""
+    try:   # (a file summarize() found bad has errors alone)
+        found["validation_records"] = validate_file(val_path, warnings=found.setdefault("warnings", []))
+    except DataError as e:
+        found["errors"] = [*found.get("errors", []), *e.lines]
+
+
 def example_layout(ds, samples, cfg: TrainConfig, sample: int = 0) -> dict:
     """The first time steps of the main and of every branch of one sample (a long main would otherwise
     fill the window and hide the branches): which branch and time each token has, and its text."""
@@ -144,40 +163,28 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as e:
         print(f"paratrain data check: {format_validation_error(e)}", file=sys.stderr)
         return 2
-    # the validation file's lines, as the trainer reads them (its samples are not summarised)
-    val_records, val_errors, val_warnings = None, [], []
-    if cfg.val_data_path:
-        try:
-            val_records = validate_file(cfg.val_data_path, warnings=val_warnings)
-        except DataError as e:
-            val_errors = e.lines
-    plural = "s" if val_records != 1 else ""
-    val_line = [f"  validation file {cfg.val_data_path}: {val_records:,} valid record{plural}"] if val_records else []
     if args.tokenizer is None:
-        warnings: list[str] = []
-        try:
-            records = validate_file(args.file, warnings=warnings)
-        except DataError as e:
-            print("\n".join([*e.lines, *val_errors]), file=sys.stderr)
-            return 2
-        if val_errors:
-            print("\n".join(val_errors), file=sys.stderr)
-            return 2
-        warnings += val_warnings
-        print(json.dumps({"data_path": args.file, "records": records, "validation_records": val_records,
-                          "warnings": warnings}) if args.json else
-              "\n".join([f"{args.file}: {records:,} valid records (give --tokenizer for samples, token lengths "
-                         "and packing)", *[f"  warning: {w}" for w in warnings], *val_line]))
-        return 0
-    if not has_tokenizer_files(local_model_dir(args.tokenizer)):
+        summary = check_lines(args.file)
+    elif not has_tokenizer_files(local_model_dir(args.tokenizer)):
         print(f"--tokenizer {args.tokenizer}: not a model directory with tokenizer files, nor such a model in the "
               "local HuggingFace cache", file=sys.stderr)
         return 2
-    summary = summarize(cfg, with_example=args.json)
-    if summary["errors"] or val_errors:
-        print("\n".join([*summary["errors"], *val_errors]), file=sys.stderr)
+    else:
+        summary = summarize(cfg, with_example=args.json)
+    summary["validation_records"] = None
+    if cfg.val_data_path:
+        add_validation_file(summary, cfg.val_data_path)
+    if summary["errors"]:
+        print("\n".join(summary["errors"]), file=sys.stderr)
         return 2
-    summary["warnings"] += val_warnings
-    summary["validation_records"] = val_records
+    val_records = summary["validation_records"]
+    plural = "s" if val_records != 1 else ""
+    val_line = [f"  validation file {cfg.val_data_path}: {val_records:,} valid record{plural}"] if val_records else []
+    if args.tokenizer is None:
+        print(json.dumps({k: summary[k] for k in ("data_path", "records", "validation_records", "warnings")})
+              if args.json else
+              "\n".join([f"{args.file}: {summary['records']:,} valid records (give --tokenizer for samples, token "
+                         "lengths and packing)", *[f"  warning: {w}" for w in summary["warnings"]], *val_line]))
+        return 0
     print(json.dumps(summary, indent=2) if args.json else "\n".join([format_summary(summary), *val_line]))
     return 0

@@ -62,7 +62,8 @@ def command_preview(job_in: JobCreate, settings: SettingsDep) -> CommandPublic:
 
 @router.post("/datasets/check", response_model=DatasetCheckResult)
 def check_dataset(body: DatasetCheck, settings: SettingsDep) -> DatasetCheckResult:
-    from trainer_core.data import DataError, has_tokenizer_files, validate_file  # numpy etc.: only when asked
+    from trainer_core.data import has_tokenizer_files  # numpy etc.: only when asked
+    from trainer_core.data_cli import add_validation_file, check_lines
 
     check_extra_fields(body)
     # a path that is no file is a 422, as for a job; a file's bad lines are the answer
@@ -72,19 +73,12 @@ def check_dataset(body: DatasetCheck, settings: SettingsDep) -> DatasetCheckResu
     model = None if body.base_model is None else model_dir(body.base_model, settings)
     if model is None or not has_tokenizer_files(model):
         note = None if model is None else f"{body.base_model} has no tokenizer: only the lines were checked"
-        result = DatasetCheckResult(data_path=str(path), note=note)
-        try:
-            result.records = validate_file(path, warnings=result.warnings)
-        except DataError as e:
-            result.errors = e.lines
+        found = {**check_lines(path), "note": note}
     else:
-        result = DatasetCheckResult(**summarize_dataset(body, path, model))
-    if val_path is not None:   # its lines, as the trainer will read them (its samples are not summarised)
-        try:
-            result.validation_records = validate_file(val_path, warnings=result.warnings)
-        except DataError as e:
-            result.errors = [*result.errors, *e.lines]
-    return result
+        found = summarize_dataset(body, path, model)
+    if val_path is not None:
+        add_validation_file(found, val_path)
+    return DatasetCheckResult(**found)
 
 
 def check_extra_fields(body: DatasetCheck) -> None:

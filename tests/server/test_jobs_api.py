@@ -304,6 +304,12 @@ def test_dataset_check_with_a_tokenizer_returns_the_full_summary(client, setting
     s = r.json()
     assert s["errors"] == [] and s["samples"] > 0 and s["branches_histogram"]
     assert 0 <= s["padding_share"] < 1 and s["example_layout"]["tokens"]
+    # a bad data file and a bad validation file, with a tokenizer: both files' bad lines, not a server error
+    (settings.data_dir / "datasets" / "bad.jsonl").write_text('{"text": "a"}\n{"branches": 3}\n')
+    (settings.data_dir / "datasets" / "bad_val.jsonl").write_text('{"main": 3}\n')
+    both = client.post("/api/datasets/check", json={**form, "data_path": "datasets/bad.jsonl",
+                                                    "val_data_path": "datasets/bad_val.jsonl"})
+    assert both.status_code == 200 and [e.split(":")[1] for e in both.json()["errors"]] == ["2", "1"], both.text
     bad = client.post("/api/datasets/check", json={**form, "max_seq_len": 0})
     assert bad.status_code == 422 and "max_seq_len" in bad.text
     no_tok = client.post("/api/datasets/check", json={**form, "base_model": "models/tiny"})
