@@ -180,12 +180,17 @@ class MetricBase(SQLModel):
     tokens_per_s: float | None = None
     gpu_mem_gb: float | None = None
     eta_s: float | None = None
+    # to plot against tokens or time (runs with other batch sizes or speeds): the run's totals at this step,
+    # over all its attempts (None: a trainer, or a checkpoint, from before they were counted)
+    tokens_seen: int | None = Field(default=None, ge=0, le=MAX_DB_INT, sa_type=BigInt)
+    train_s: float | None = None
 
 
 class MetricIn(MetricBase):
     total_steps: int | None = Field(default=None, ge=0, le=MAX_DB_INT)
 
-    @field_validator("epoch", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "gpu_mem_gb", "eta_s", mode="after")
+    @field_validator("epoch", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "gpu_mem_gb", "eta_s", "train_s",
+                     mode="after")
     @classmethod
     def _finite_or_none(cls, value: float | None) -> float | None:
         # NaN/inf are not JSON; a diverged loss shows up in the log lines instead.

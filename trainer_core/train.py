@@ -411,9 +411,12 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
 
     step, start_epoch, start_epoch_step = 0, 0, 0
     since_best = 0   # the checkpoint's LowestLoss.since_best
+    trained = Trained()
     if last is not None:
-        step, start_epoch, start_epoch_step, since_best = restore_checkpoint(last, model, optimizer, scheduler,
-                                                                             scaler)
+        state = restore_checkpoint(last, model, optimizer, scheduler, scaler)
+        step, start_epoch, start_epoch_step = state["step"], state["epoch"], state["epoch_step"]
+        since_best = state.get("validations_since_best", 0)
+        trained = Trained.from_state(state)
         if step >= total_steps:
             print0(env, f"{last} is at step {step}, the end of this run ({total_steps} steps): "
                         "writing the final outputs")
@@ -442,7 +445,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         weights = lora_state_dict(model)
         if env.is_main:
             state = {"epoch": epoch, "epoch_step": epoch_step, "total_steps": total_steps, "run": identity,
-                     "validations_since_best": lowest.since_best}
+                     "validations_since_best": lowest.since_best, **trained.state()}
             path = ckpt.save_checkpoint(out_dir, step=step, lora_weights=weights, optimizer=optimizer,
                                         scheduler=scheduler, scaler=scaler, state=state)
             latest_pth.parent.mkdir(parents=True, exist_ok=True)
@@ -489,7 +492,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         if measured is not None:
             keep_if_best(measured[0])
             emit(env, {"step": 0, "epoch": 0, "loss": None, **val_fields(measured), "total_steps": total_steps,
-                       "time": round(time.time(), 3), "tokens": 0}, metrics_file)
+                       "time": round(time.time(), 3), "tokens": 0, **trained.fields()}, metrics_file)
             print0(env, f"step 0/{total_steps} | val loss {measured[0]:.4f} (before training)")
     # The ETA counts the validations still to come: a third of a training step's time per token (forward only)
     # until one has been timed in the loop (the one before training includes the first compiles)
@@ -498,6 +501,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
 
     step_time_ema = None
     epoch = start_epoch
+    trained.start_clock()
     stop.training = True   # from here a stop signal saves a checkpoint at the next step boundary
     while step < total_steps and epoch < cfg.epochs and not stopped_early:
         batches = rank_batches(epoch_batches(samples, cfg, epoch), env.rank, env.world_size)
@@ -524,6 +528,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             inject_fault(env, step, "step", resumed)
 
             tokens = all_reduce_sum(env, float(sum(m.num_tokens for m in micro)))
+            trained.add_tokens(int(tokens))
             dt = time.time() - t0
             # before this step writes anything (metrics, a checkpoint, the final outputs)
             stopping, taken_over = any_rank(env, stop.requested, claim_lost_here())
@@ -553,7 +558,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                           "gpu_mem_gb": _gpu_mem_gb(env), "eta_s": round(eta_s, 1),
                           "total_steps": total_steps,
                           # to plot against wall-clock time and tokens seen (the step's, all ranks; non-padding)
-                          "time": round(time.time(), 3), "tokens": int(tokens),
+                          "time": round(time.time(), 3), "tokens": int(tokens), **trained.fields(),
                           **(val_fields(measured) if measured is not None else {})}
                 emit(env, record, metrics_file)
                 print0(env, f"step {step}/{total_steps} (epoch {epoch + 1}) | loss {mean_loss:.4f} | "
@@ -610,10 +615,47 @@ class LowestLoss:
                 f"{self.since_best} validations (--early_stop_patience {patience})" if self.best else "")
 
 
-def restore_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> tuple[int, int, int, int]:
-    """Load a checkpoint's adapter weights and optimiser/scheduler/loss-scale/RNG state in place:
-    (optimiser step, epoch, step within that epoch) to continue from, and the validations since the lowest
-    validation loss then."""
+@dataclass
+class Trained:
+    """How much a run has trained over all its attempts, for plotting against other runs: the non-padding
+    tokens of its steps (all ranks) and the seconds its training loops ran (steps, validations and checkpoints;
+    not loading the model, not waiting in a queue or between attempts). Saved in each checkpoint; None for a
+    run resumed from a checkpoint saved before they were counted."""
+
+    tokens_seen: int | None = 0
+    train_s: float | None = 0.0
+    clock_started: float | None = None   # this attempt's loop's start (time.monotonic())
+
+    @classmethod
+    def from_state(cls, state: dict) -> Trained:
+        return cls(state.get("tokens_seen"), state.get("train_s"))
+
+    def start_clock(self) -> None:
+        self.clock_started = time.monotonic()
+
+    def add_tokens(self, tokens: int) -> None:
+        if self.tokens_seen is not None:
+            self.tokens_seen += tokens
+
+    def seconds(self) -> float | None:
+        if self.train_s is None:
+            return None
+        running = time.monotonic() - self.clock_started if self.clock_started is not None else 0.0
+        return round(self.train_s + running, 3)
+
+    def state(self) -> dict:
+        """The checkpoint's fields (trainer_state.json)."""
+        return {"tokens_seen": self.tokens_seen, "train_s": self.seconds()}
+
+    def fields(self) -> dict:
+        """A metric record's fields: none that is not known."""
+        return {k: v for k, v in self.state().items() if v is not None}
+
+
+def restore_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> dict:
+    """Load a checkpoint's adapter weights and optimiser/scheduler/loss-scale/RNG state in place; its state
+    (trainer_state.json): the optimiser step, epoch and step within that epoch to continue from, the
+    validations since the lowest validation loss then, and what Trained counts."""
     weights, blob, state = ckpt.load_checkpoint(path)
     load_lora_weights(model, weights, path)
     optimizer.load_state_dict(blob["optimizer"])
@@ -625,7 +667,7 @@ def restore_checkpoint(path: Path, model, optimizer, scheduler, scaler) -> tuple
     if blob.get("scaler"):   # a float16 run's loss scale; empty or absent (older checkpoints): start afresh
         scaler.load_state_dict(blob["scaler"])
     torch.set_rng_state(blob["rng_cpu"])
-    return state["step"], state["epoch"], state["epoch_step"], state.get("validations_since_best", 0)
+    return state
 
 
 def accumulate_gradients(lm: torch.nn.Module, micro: list[PackedBatch], env: DistEnv, scaler: torch.amp.GradScaler,

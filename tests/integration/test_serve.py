@@ -100,6 +100,8 @@ def test_serve_trains_the_demo_and_hands_jobs_back_on_exit(data_dir, tmp_path):
         [followed] = api.get("/jobs", params={"limit": 1}).json()["data"]
         points = api.get(f"/jobs/{followed['id']}/metrics").json()["data"]
         assert [p["step"] for p in points if p["val_loss"] is not None] == [0, 2, 4], points
+        seen = [p["tokens_seen"] for p in points]   # what Compare plots against, stored as the trainer counted
+        assert seen[0] == 0 and all(a < b for a, b in zip(seen, seen[1:])) and points[-1]["train_s"] > 0, points
         assert followed["last_val_loss"] == points[-1]["val_loss"]
         assert f"the adapter of the lowest validation loss: {followed['config']['output_dir']}/adapter_best/" \
             in submit.stdout

@@ -251,7 +251,8 @@ def test_the_validation_loss_is_stored_with_its_step_and_step_0_is_served_by_def
     client.post("/api/jobs", json=job_body(val_ratio=0.1))
     wid = _register(client, worker_headers)
     job_id, attempt = _run_one(client, worker_headers, wid)
-    points = [{"step": 0, "loss": None, "val_loss": 7.2, "total_steps": 4}, {"step": 1, "loss": 7.1},
+    points = [{"step": 0, "loss": None, "val_loss": 7.2, "total_steps": 4, "tokens_seen": 0, "train_s": 0.0},
+              {"step": 1, "loss": 7.1, "tokens_seen": 3_000_000_000, "train_s": 1.5},
               {"step": 2, "loss": 6.9, "val_loss": 7.0}, {"step": 3, "loss": 6.8, "val_loss": float("inf")}]
     body = {"worker_id": wid, "attempt": attempt, "log_start": 0, "logs": [], "metrics": points}
     assert client.post(f"/api/jobs/{job_id}/report", content=json.dumps(body),
@@ -259,6 +260,9 @@ def test_the_validation_loss_is_stored_with_its_step_and_step_0_is_served_by_def
     metrics = client.get(f"/api/jobs/{job_id}/metrics").json()["data"]
     assert [(m["step"], m["loss"], m["val_loss"]) for m in metrics] == [
         (0, None, 7.2), (1, 7.1, None), (2, 6.9, 7.0), (3, 6.8, None)]   # infinity is no JSON: missing
+    # what the Compare tab plots against; a long run's token count passes 2**31
+    assert [(m["tokens_seen"], m["train_s"]) for m in metrics] == [(0, 0.0), (3_000_000_000, 1.5), (None, None),
+                                                                   (None, None)]
     assert [m["step"] for m in client.get(f"/api/jobs/{job_id}/metrics", params={"since_step": 0}).json()["data"]] \
         == [1, 2, 3]
     job = client.get(f"/api/jobs/{job_id}").json()

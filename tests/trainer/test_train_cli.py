@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import signal
 import subprocess
@@ -250,6 +251,9 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, tiny_model
     full = subprocess.run(cmd(tmp_path / "full"), capture_output=True, text=True, timeout=300)
     assert full.returncode == 0, full.stderr[-2000:]
     full_losses = {r["step"]: r["loss"] for r in json_lines(full.stdout) if "loss" in r}
+    full_seen = {r["step"]: r["tokens_seen"] for r in json_lines(full.stdout) if "loss" in r}
+    assert list(full_seen.values()) == list(itertools.accumulate(r["tokens"] for r in json_lines(full.stdout)
+                                                                 if "loss" in r))
 
     code, first = run_until_step(cmd(tmp_path / "cut"), step=6, stderr_path=tmp_path / "cut.stderr")
     assert code == 0                                          # SIGTERM: saved and exited cleanly
@@ -264,9 +268,11 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, tiny_model
     resumed = {r["step"]: r["loss"] for r in records if "loss" in r}
     assert min(resumed) == saved + 1 and max(resumed) == 14
     assert abs(resumed[14] - full_losses[14]) < 1e-3
-    # metrics.jsonl holds every step exactly once
-    steps = [json.loads(ln)["step"] for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(1, 15))
+    # metrics.jsonl holds every step exactly once; the tokens seen and the training time go on from the checkpoint
+    cut = [json.loads(ln) for ln in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in cut] == list(range(1, 15))
+    assert {r["step"]: r["tokens_seen"] for r in cut} == full_seen
+    assert all(0 < a["train_s"] < b["train_s"] for a, b in zip(cut, cut[1:]))
 
     # The same command again: the run is complete, so it says so and rewrites the final outputs.
     again = subprocess.run(cmd(tmp_path / "cut"), capture_output=True, text=True, timeout=300)

@@ -15,7 +15,8 @@ from trainer_core.data import DataError
 from trainer_core.dist import DistEnv
 from trainer_core.layout import build_sample_layout, collate_packed
 from trainer_core.model import ParallelBranchLM
-from trainer_core.train import _truncate_metrics, accumulate_gradients, evaluations_left, lr_lambda, warmup_steps
+from trainer_core.train import (Trained, _truncate_metrics, accumulate_gradients, evaluations_left, lr_lambda,
+                                 warmup_steps)
 
 ONE_PROCESS = DistEnv(ddp=False, rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
@@ -79,6 +80,19 @@ def test_resuming_drops_the_metrics_of_steps_that_will_be_trained_again(tmp_path
     _truncate_metrics(path, after_step=4)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4]
     _truncate_metrics(tmp_path / "absent.jsonl", after_step=4)   # a first run has none: nothing to do
+
+
+def test_tokens_and_training_time_go_on_from_a_checkpoint_and_are_not_made_up_for_an_older_one(monkeypatch):
+    clock = iter([100.0, 112.5])
+    monkeypatch.setattr("trainer_core.train.time.monotonic", lambda: next(clock))
+    trained = Trained.from_state({"step": 4, "tokens_seen": 900, "train_s": 30.0})
+    assert trained.fields() == {"tokens_seen": 900, "train_s": 30.0}   # before this attempt's loop: the saved
+    trained.start_clock()   # 100.0
+    trained.add_tokens(50)
+    assert trained.state() == {"tokens_seen": 950, "train_s": 42.5}   # + 12.5 s of this attempt's loop
+    older = Trained.from_state({"step": 4})   # saved before they were counted: unknown, not 0
+    older.add_tokens(50)
+    assert older.fields() == {} and older.state() == {"tokens_seen": None, "train_s": None}
 
 
 def test_only_the_latest_checkpoints_are_kept(tmp_path):

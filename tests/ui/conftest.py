@@ -78,8 +78,9 @@ class ScriptedWorker:
         validation before training: a validation loss alone."""
         metrics = [{"step": s, "epoch": 0, "loss": 5.0 / (1 + 0.1 * s), "lr": 1e-4 * min(1.0, s / 5),
                     "grad_norm": 1.0, "tokens_per_s": 1234.0, "gpu_mem_gb": 3.5, "eta_s": (total_steps - s) * 2.0,
-                    "total_steps": total_steps} if s else {"step": 0, "epoch": 0, "loss": None,
-                                                           "total_steps": total_steps} for s in steps]
+                    "total_steps": total_steps, "tokens_seen": 2048 * s, "train_s": 1.5 * s} if s else
+                   {"step": 0, "epoch": 0, "loss": None, "total_steps": total_steps, "tokens_seen": 0, "train_s": 0.0}
+                   for s in steps]
         for m in metrics:
             if val_every and m["step"] % val_every == 0:
                 m["val_loss"] = 5.5 / (1 + 0.08 * m["step"])

@@ -207,12 +207,21 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request):
         dots = page.locator('#compare-plot path[aria-roledescription="point"][opacity="1"]')
         expect(dots).to_have_count(0)   # training losses are lines
         page.screenshot(path=shots / "05-compare.png", full_page=True)
+        # against the tokens each has seen (from here on: the validation losses below too)
+        page.locator("#compare-against").get_by_text("Tokens seen", exact=True).click()
+        expect(page.locator("#compare-plot")).to_contain_text("tokens seen")
+        expect(page.locator("#compare-plot")).to_contain_text("10k")   # 2,048 a step: an SI-formatted axis
+        expect(page.locator("#compare-info")).to_contain_text("#3 third: 5 points")
         # the validation losses: job #1 has them, the third job none, which its note says
         page.locator("#compare-curve").get_by_text("Validation loss", exact=True).click()
         expect(page.locator("#compare-info")).to_contain_text("#3 third: 0 points, running (no validation set)")
         expect(page.locator("#compare-plot")).to_contain_text("Validation loss of 1 job")   # the one drawn
         expect(dots).to_have_count(1 + last // 3)   # job #1's validation losses, a dot each
         page.screenshot(path=shots / "05b-compare-validation.png", full_page=True)
+        page.locator("#compare-against").get_by_text("Training time", exact=True).click()
+        expect(page.locator("#compare-plot")).to_contain_text("training time (minutes)")
+        expect(dots).to_have_count(1 + last // 3)
+        page.screenshot(path=shots / "05c-compare-against-time.png", full_page=True)
 
         # the first job crashes: its summary shows the traceback's cause, and it can be retried, not cancelled
         scripted_worker.finish(1, exit_code=1, failure_class="crash", failure_reason=CRASH)

@@ -600,6 +600,22 @@ def test_the_compare_chart_dots_validation_losses_only():
     assert "x" in spec["encoding"] and "domain" not in spec["encoding"]["x"]["scale"]   # the data's steps
 
 
+def test_compare_plots_against_tokens_seen_or_training_time_and_skips_points_that_lack_them():
+    import pandas as pd
+
+    from ui.tabs.compare import compare_chart, x_value
+
+    point = {"step": 4, "loss": 6.0, "tokens_seen": 8192, "train_s": 90.0}
+    assert [x_value(point, against) for against in ("step", "tokens_seen", "train_min")] == [4, 8192, 1.5]
+    assert x_value({"step": 4, "loss": 6.0}, "train_min") is None   # a trainer from before they were counted
+    frame = pd.DataFrame([(1.5, 6.0, "#1 a")], columns=["train_min", "loss", "job"])
+    spec = json.loads(compare_chart(frame, "loss", "train_min").plot)
+    assert spec["encoding"]["x"]["field"] == "train_min" and spec["encoding"]["x"]["title"] == "training time (minutes)"
+    assert spec["encoding"]["tooltip"][1]["field"] == "train_min"
+    tokens = json.loads(compare_chart(frame.rename(columns={"train_min": "tokens_seen"}), "loss", "tokens_seen").plot)
+    assert tokens["encoding"]["x"]["axis"]["format"] == "~s" and tokens["data"]["values"][0]["tokens_seen"] == 1.5
+
+
 def test_job_summary_names_a_retry_and_a_cancel_is_not_a_failure_and_the_log_tail_is_for_people():
     from ui.tabs.jobs import job_summary, log_html
 

@@ -16,12 +16,15 @@ from ui.context import UiContext
 
 PALETTE = ["#4f46e5", "#e11d48", "#059669", "#d97706", "#0891b2", "#7c3aed", "#65a30d", "#db2777"]
 CURVES = {"loss": "Training loss", "val_loss": "Validation loss"}
+# Against tokens or time, jobs with other batch sizes or speeds compare: {choice: (its label, X_AXES column)}
+AGAINST = {"step": "Step", "tokens_seen": "Tokens seen", "train_min": "Training time"}
 
 
 @dataclass
 class CompareTab:
     picker: gr.Dropdown
     curve: gr.Radio
+    against: gr.Radio
     refresh_button: gr.Button
     plot: gr.Plot   # a Vega-Lite chart (ui/charts.py)
     info: gr.Markdown
@@ -31,12 +34,12 @@ COMPARE_HINT = "Pick jobs above: their loss curves are drawn on one plot, a colo
 PLOT_HEIGHT = 420
 
 
-def compare_chart(frame: pd.DataFrame, curve: str) -> PlotData:
-    """The jobs' curves, a colour each (in the order picked); validation losses have a dot at each measurement
-    (a job that measured it once has a dot alone)."""
+def compare_chart(frame: pd.DataFrame, curve: str, against: str = "step") -> PlotData:
+    """The jobs' curves (frame columns `against`, loss, job), a colour each (in the order picked); validation
+    losses have a dot at each measurement (a job that measured it once has a dot alone)."""
     colours = {label: PALETTE[i % len(PALETTE)] for i, label in enumerate(dict.fromkeys(frame["job"]))}
     n = len(colours)
-    return curve_chart(frame, y="loss", series="job", colours=colours, height=PLOT_HEIGHT,
+    return curve_chart(frame, y="loss", series="job", colours=colours, height=PLOT_HEIGHT, x=against,
                        title=f"{CURVES.get(curve, 'Loss')} of {n} job{'s' if n != 1 else ''}",
                        dotted=colours if curve == "val_loss" else ())
 
@@ -44,6 +47,14 @@ def compare_chart(frame: pd.DataFrame, curve: str) -> PlotData:
 # What decides the samples a validation loss averages: its file, or the share held out of the data (and the
 # seed choosing it); and how samples are cut from records
 SAMPLE_FIELDS = ("max_seq_len", "branches_per_sample", "min_branches_per_sample", "max_branches_per_sample")
+
+
+def x_value(point: dict, against: str) -> float | None:
+    """Where a metric point lies on the X_AXES column `against` (None: not recorded, by a trainer from before
+    tokens and time were counted)."""
+    if against == "train_min":
+        return None if point.get("train_s") is None else point["train_s"] / 60
+    return point.get(against)
 
 
 def validation_set_key(cfg: dict) -> dict:
@@ -73,13 +84,17 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
         picker = gr.Dropdown(choices=[], value=[], multiselect=True, label="Jobs to compare", scale=4,
                              elem_id="compare-picker")
         refresh_button = gr.Button("Refresh curves", size="sm", scale=1, elem_id="compare-refresh")
-    curve = gr.Radio([(title, key) for key, title in CURVES.items()], value="loss", label="Curve",
-                     info="The validation loss is there for jobs with val_ratio or val_data_path.",
-                     elem_id="compare-curve")
+    with gr.Row():
+        curve = gr.Radio([(title, key) for key, title in CURVES.items()], value="loss", label="Curve",
+                         info="The validation loss is there for jobs with val_ratio or val_data_path.",
+                         elem_id="compare-curve")
+        against = gr.Radio([(label, key) for key, label in AGAINST.items()], value="step", label="Against",
+                           info="Tokens seen and training time compare jobs of other batch sizes or speeds.",
+                           elem_id="compare-against")
     plot = gr.Plot(show_label=False, elem_id="compare-plot", elem_classes="curve-chart")
     info = gr.Markdown(COMPARE_HINT, elem_id="compare-info")
 
-    def compare(session, job_ids, curve):
+    def compare(session, job_ids, curve, against):
         rows, notes, validated = [], [], {}
         try:
             client = ctx.client(session)
@@ -87,22 +102,25 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
                 job = client.get_job(int(job_id))
                 points = client.metrics(int(job_id))
                 label = f"#{job['id']} {job.get('name') or job['config'].get('name', '')}"
-                drawn = [(p["step"], p[curve], label) for p in points if p.get(curve) is not None]
+                measured = [p for p in points if p.get(curve) is not None]
+                drawn = [(x_value(p, against), p[curve], label) for p in measured if x_value(p, against) is not None]
                 rows += drawn
                 if drawn and curve == "val_loss":
                     validated[f"#{job['id']}"] = job["config"]
-                notes.append(f"{label}: {len(drawn)} points, {job['state']}"
-                             + (" (no validation set)" if curve == "val_loss" and not drawn and points else ""))
+                unplaced = (f" ({len(measured) - len(drawn)} without {AGAINST[against].lower()}: trained by an "
+                            "older paratrain)" if len(drawn) < len(measured) else "")
+                notes.append(f"{label}: {len(drawn)} points, {job['state']}" + unplaced
+                             + (" (no validation set)" if curve == "val_loss" and not measured and points else ""))
         except ApiError as e:
             return gr.skip(), f"Cannot compare: {e}"
-        frame = pd.DataFrame(rows, columns=["step", "loss", "job"]).astype({"step": "int64", "loss": "float64",
-                                                                             "job": "string"})
+        frame = pd.DataFrame(rows, columns=[against, "loss", "job"]).astype(
+            {against: "int64" if against == "step" else "float64", "loss": "float64", "job": "string"})
         info = " · ".join(notes) or COMPARE_HINT
         differ = validation_set_differences(validated)
         if differ:   # a paragraph of its own: easy to miss at the end of the line above
             info += ("\n\n**⚠ These validation losses average different samples**, so they do not compare one to "
                      "one: " + " · ".join(f"`{d}`" for d in differ))
-        return compare_chart(frame, curve), info
+        return compare_chart(frame, curve, against), info
 
     def choices(session):
         try:
@@ -113,6 +131,6 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
                                    j["id"]) for j in jobs])
 
     picker.focus(choices, ctx.session, picker, queue=False, show_progress="hidden")  # the list is current when opened
-    for trigger in (picker.change, curve.change, refresh_button.click):
-        trigger(compare, [ctx.session, picker, curve], [plot, info], show_progress="hidden")
-    return CompareTab(picker, curve, refresh_button, plot, info)
+    for trigger in (picker.change, curve.change, against.change, refresh_button.click):
+        trigger(compare, [ctx.session, picker, curve, against], [plot, info], show_progress="hidden")
+    return CompareTab(picker, curve, against, refresh_button, plot, info)
