@@ -5,4 +5,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 export GRADIO_ANALYTICS_ENABLED=False HF_HUB_OFFLINE=1
-exec .venv/bin/paratrain serve "$@"
+exec "${PARATRAIN_VENV:-.venv}/bin/paratrain" serve "$@"

@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -22,7 +23,7 @@ from tests.ui.browser import (CHROMIUM, CHROMIUM_ARGS, LAPTOP, REPO, choose, cur
 from tests.ui.conftest import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
-PARATRAIN = Path(os.environ.get("PARATRAIN_BIN", REPO / ".venv" / "bin" / "paratrain"))
+PARATRAIN = Path(sys.executable).parent / "paratrain"   # the environment running the tests (PARATRAIN_VENV)
 
 
 @pytest.fixture
