@@ -359,6 +359,16 @@ class Report(BaseModel):
     logs: list[Printed] = Field(default_factory=list)
 
 
+def cut_log_line(line: str, limit: int) -> str:
+    """At most `limit` characters of a log line, saying how many were cut (a printed tensor can be megabytes).
+    The worker cuts at its cap and the server at PARATRAIN_MAX_LOG_LINE_CHARS: a line the worker cut fits the
+    server's default whole, marker included."""
+    if len(line) <= limit:
+        return line
+    kept = max(0, limit - 40)   # room for the marker, up to " [... 1,000,000,000 characters cut]"
+    return line[:kept] + f" [... {len(line) - kept:,} characters cut]"
+
+
 def reason_in_one_line(reason: str | None, limit: int | None = None) -> str:
     """A failure reason for one log line: its first non-empty line (the headline) and, when there are more,
     " ... " and its last (a traceback's cause); each cut to `limit` characters."""

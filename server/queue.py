@@ -31,6 +31,7 @@ from server.models import (
     Worker,
     WorkerPublic,
     WorkerRegister,
+    cut_log_line,
     utcnow,
 )
 from server.settings import Settings
@@ -513,8 +514,8 @@ def record_report(*, session: Session, job_id: int, report: Report, settings: Se
         next_idx = -1 if stored is None else stored - base
         for idx, line in enumerate(report.logs, start=report.log_start):
             if idx > next_idx:
-                add_log(session, job, (prefix + line)[:settings.max_log_line_chars], attempt=report.attempt,
-                         idx=base + idx)
+                add_log(session, job, cut_log_line(prefix + line, settings.max_log_line_chars),
+                        attempt=report.attempt, idx=base + idx)
     session.add(job)
     return job.cancel_requested
 

@@ -25,6 +25,7 @@ from typing import Any
 
 import psutil
 
+from server.models import cut_log_line
 from trainer_core import exit_codes
 from trainer_core.owner import RUN_LABEL_ENV
 
@@ -33,7 +34,7 @@ LAUNCHED_BY_ENV = "PARATRAIN_LAUNCHED_BY"  # marks a worker's process trees, so 
 # dir's claim, which tells who took a job's output dir over
 RUN_ENV = RUN_LABEL_ENV
 STDERR_TAIL_LINES = 40
-MAX_LOG_LINE_CHARS = 4000   # kept of one output line: the server's default max_log_line_chars
+MAX_LOG_LINE_CHARS = 4000   # sent of one output line: the server's default max_log_line_chars
 MAX_FAILURE_REASON_CHARS = 16_000
 METRIC_KEYS = ("step", "loss")
 LEFTOVER_WAIT_S = 10.0   # for SIGKILLed leftovers of a run to be gone before its end is reported
@@ -132,8 +133,7 @@ class JobRun:
             event = (record or {}).get("event")
             self.training_started |= event == "start"
             self.training_done |= event == "done"
-            if len(line) > MAX_LOG_LINE_CHARS:   # e.g. a printed tensor: the server keeps less anyway
-                line = line[:MAX_LOG_LINE_CHARS] + f" [... {len(line) - MAX_LOG_LINE_CHARS} characters cut]"
+            line = cut_log_line(line, MAX_LOG_LINE_CHARS)   # e.g. a printed tensor
             with self._lock:
                 if metric is not None:   # a point, not a log line: the human progress line says it on stderr
                     self.pending_metrics.append(metric)

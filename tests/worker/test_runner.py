@@ -102,6 +102,26 @@ def test_a_metric_line_is_a_point_and_not_also_a_log_line():
     assert run.pending_logs == [stdout[0], "a plain line", "step 1/2 (epoch 1) | loss 7.1000"]
 
 
+def test_a_huge_output_line_is_cut_to_what_the_server_keeps_with_its_length_named():
+    import io
+
+    from server.models import cut_log_line
+    from server.settings import Settings
+    from worker.runner import MAX_LOG_LINE_CHARS, JobRun
+
+    run = JobRun(job_id=1, attempt=1, gpu_ids=[], argv=["trainer"], env={})
+    run._pump(io.BytesIO(b"tensor([" + b"0.1234, " * 200_000 + b"])\n"), is_stdout=False)
+    [line] = run.pending_logs
+    assert line.startswith("tensor([0.1234, ") and line.endswith(" characters cut]")
+    assert len(line) <= MAX_LOG_LINE_CHARS == Settings().max_log_line_chars
+    kept = len(line) - len(line[line.rindex(" [... "):])
+    assert f"[... {1_600_010 - kept:,} characters cut]" in line   # of the line the trainer printed
+    # the server keeps that line whole, the marker included; at a lower limit it cuts again, saying so
+    assert cut_log_line(line, Settings().max_log_line_chars) == line
+    assert cut_log_line("x" * 100, 50) == "x" * 10 + " [... 90 characters cut]"
+    assert cut_log_line("short", 50) == "short"
+
+
 def test_backfilled_points_keep_their_values_but_not_the_old_runs_eta(tmp_path):
     from worker.runner import JobRun
 
