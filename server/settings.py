@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     def local_url(self) -> str:
         """How a process on this machine reaches the server (a wildcard bind is reached on loopback)."""
         host = "127.0.0.1" if self.host in ("0.0.0.0", "::", "") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"   # IPv6: [::1]
 
     @property
     def jobs_dir(self) -> Path:

@@ -554,3 +554,14 @@ def test_every_server_and_worker_setting_is_in_the_deploy_guide():
     names = [f"PARATRAIN_{field.upper()}" for field in Settings.model_fields] + \
             [f"PARATRAIN_WORKER_{field.upper()}" for field in WorkerSettings.model_fields]
     assert [name for name in names if f"`{name}`" not in guide] == []
+
+
+def test_the_url_a_local_process_reaches_the_server_at_brackets_an_ipv6_address(tmp_path):
+    """serve writes it to <data dir>/server_url, gives it to its local worker and prints it: unbracketed,
+    http://::1:8000 is no URL (httpx: invalid port)."""
+    from server.settings import Settings
+
+    urls = {host: Settings(data_dir=tmp_path, host=host, port=8000).local_url
+            for host in ("127.0.0.1", "0.0.0.0", "::", "::1", "fd00::5")}
+    assert urls == {"127.0.0.1": "http://127.0.0.1:8000", "0.0.0.0": "http://127.0.0.1:8000",
+                    "::": "http://127.0.0.1:8000", "::1": "http://[::1]:8000", "fd00::5": "http://[fd00::5]:8000"}
