@@ -181,10 +181,13 @@ def run(args: argparse.Namespace) -> int:
     plural = "s" if val_records != 1 else ""
     val_line = [f"  validation file {cfg.val_data_path}: {val_records:,} valid record{plural}"] if val_records else []
     if args.tokenizer is None:
+        # the sample flags shape samples, which need tokens: given without a tokenizer, they are named as unused
+        unused = ", ".join(f"--{k}" for k in overrides if k in SAMPLE_SHAPING_FIELDS)
         print(json.dumps({k: summary[k] for k in ("data_path", "records", "validation_records", "warnings")})
               if args.json else
               "\n".join([f"{args.file}: {summary['records']:,} valid records (give --tokenizer for samples, token "
-                         "lengths and packing)", *[f"  warning: {w}" for w in summary["warnings"]], *val_line]))
+                         "lengths and packing" + (f"; {unused} count only with it)" if unused else ")"),
+                         *[f"  warning: {w}" for w in summary["warnings"]], *val_line]))
         return 0
     print(json.dumps(summary, indent=2) if args.json else "\n".join([format_summary(summary), *val_line]))
     return 0
