@@ -125,7 +125,7 @@ class ModelShape:
 
     @property
     def size_class(self) -> str:
-        """The guide's classes: <1B small, 1-3B medium, >3B large."""
+        """The guide's classes: <1B small, 1-3B medium, >3B large ("3B" models reach 3.5B: Qwen2.5-3B has 3.1B)."""
         b = self.n_params / 1e9
         return "small" if b < 1.0 else ("medium" if b <= 3.5 else "large")
 
