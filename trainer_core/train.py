@@ -918,26 +918,34 @@ def run_config(cfg: TrainConfig) -> int:
     try:
         return train(cfg, env, stop)
     except DataError as e:
-        if env.is_main:
-            print("\n".join(e.lines), file=sys.stderr, flush=True)
-        return exit_codes.BAD_INPUT
+        return report_failure(env, exit_codes.BAD_INPUT, "\n".join(e.lines))
     except StopNow as e:
         print0(env, f"stopped {e}")
         return exit_codes.STOPPED_UNSAVED
     except Diverged as e:
-        print0(env, f"paratrain: training diverged at {e}; the step was not applied and the last checkpoint "
-                    f"is intact. Try a lower --learning_rate (now {cfg.learning_rate:g})"
-                    + (", --dtype bfloat16 instead of float16" if cfg.dtype == "float16" else "")
-                    + " or a smaller --lora_alpha.")
-        return exit_codes.DIVERGED
+        return report_failure(env, exit_codes.DIVERGED, (
+            f"paratrain: training diverged at {e}; the step was not applied and the last checkpoint is intact. "
+            f"Try a lower --learning_rate (now {cfg.learning_rate:g})"
+            + (", --dtype bfloat16 instead of float16" if cfg.dtype == "float16" else "") + " or a smaller --lora_alpha."))
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
-        print(f"paratrain: out of memory on rank {env.rank}: {str(e).splitlines()[0]}\n"
-              f"Try {as_flags('; '.join(memory_levers(cfg)))}.", file=sys.stderr, flush=True)
-        return exit_codes.OUT_OF_MEMORY
+        return report_failure(env, exit_codes.OUT_OF_MEMORY, f"paratrain: out of memory on rank {env.rank}: "
+                              f"{str(e).splitlines()[0]}\nTry {as_flags('; '.join(memory_levers(cfg)))}.",
+                              every_rank=True)
     finally:
         compute_cleanup(env)
+
+
+def report_failure(env: DistEnv, code: int, message: str, every_rank: bool = False) -> int:
+    """The trainer's reason to exit with `code`: on stderr for people, and as a `failed` event on stdout, which
+    the worker takes for the job's failure reason (the stderr before it is progress). Rank 0's, or with
+    `every_rank` (out of memory strikes one rank) each failing rank's."""
+    if env.is_main or every_rank:
+        write_line(message, sys.stderr)
+        write_line(json.dumps({"event": "failed", "exit_code": code, "rank": env.rank, "message": message}),
+                   sys.stdout)
+    return code
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ class JobRun:
     # only the node that saw "start" can tell a finished run from one stopped half-way.
     training_started: bool = False
     training_done: bool = False  # the trainer printed its "done" event: the final weights are written
+    failure_message: str | None = None   # the first `failed` event's: why the trainer exits with 2, 3 or 4
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _pumps: list[threading.Thread] = field(default_factory=list)
 
@@ -133,6 +134,8 @@ class JobRun:
             event = (record or {}).get("event")
             self.training_started |= event == "start"
             self.training_done |= event == "done"
+            if event == "failed" and self.failure_message is None and isinstance(record.get("message"), str):
+                self.failure_message = record["message"]
             line = cut_log_line(line, MAX_LOG_LINE_CHARS)   # e.g. a printed tensor
             with self._lock:
                 if metric is not None:   # a point, not a log line: the human progress line says it on stderr
@@ -244,7 +247,7 @@ class JobRun:
             # lost one, up to its max_attempts
             return Outcome(trainer_code, "lost", "the trainer was stopped before its last step by a signal the "
                            "worker did not send; it saved a checkpoint")
-        failure_class, reason = classify_exit(exit_code, self.stderr_tail)
+        failure_class, reason = classify_exit(exit_code, self.stderr_tail, self.failure_message)
         return Outcome(trainer_code, failure_class, reason)   # the contract's code, not torchrun's 1
 
 
@@ -323,11 +326,14 @@ def _trainer_stderr(stderr_lines: list[str]) -> list[str]:
     return stderr_lines[-STDERR_TAIL_LINES:]
 
 
-def classify_exit(exit_code: int, stderr_lines: list[str]) -> tuple[str | None, str | None]:
+def classify_exit(exit_code: int, stderr_lines: list[str], message: str | None = None) -> tuple[str | None, str | None]:
     """(failure_class, failure_reason) by the trainer contract: 0 ok, 2 data, 3 OOM, 4 diverged (data: the
-    settings fail again the same way), signal or else crash."""
+    settings fail again the same way), signal or else crash. `message`: the trainer's own reason (its `failed`
+    event), else its stderr's last lines are the reason."""
     code = trainer_exit_code(exit_code, stderr_lines)
     tail = "\n".join(_trainer_stderr(stderr_lines)).strip()
+    if message and code in (exit_codes.BAD_INPUT, exit_codes.OUT_OF_MEMORY, exit_codes.DIVERGED):
+        tail = message.strip()   # the lines before it are progress: a diverged run's reason began "step 21/100 ..."
     if code == exit_codes.OK:
         return None, None
     if code == exit_codes.BAD_INPUT:

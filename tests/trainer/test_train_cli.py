@@ -310,6 +310,19 @@ def test_a_diverged_step_stops_training_before_it_reaches_the_weights(tmp_path, 
     assert "--learning_rate" in proc.stderr
     assert [r["step"] for r in json_lines(proc.stdout) if "loss" in r] == [1, 2]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002"]
+    # The worker's failure reason is the trainer's `failed` event, not the progress lines before it on stderr
+    import io
+
+    from worker.runner import JobRun
+
+    [event] = [r for r in json_lines(proc.stdout) if r.get("event") == "failed"]
+    assert event["exit_code"] == 4 and event["message"].startswith("paratrain: training diverged at step 3")
+    run = JobRun(job_id=1, attempt=1, gpu_ids=[], argv=["trainer"], env={})
+    run._pump(io.BytesIO(proc.stdout.encode()), is_stdout=True)
+    run._pump(io.BytesIO(proc.stderr.encode()), is_stdout=False)
+    assert "step 2/6" in "\n".join(run.stderr_tail)
+    outcome = run.outcome(4)
+    assert (outcome.failure_class, outcome.failure_reason) == ("data", event["message"])
 
 
 def test_a_trainer_whose_reader_is_gone_still_saves_on_its_stop_signal(tmp_path, tiny_model_dir, demo_data_path):

@@ -65,6 +65,12 @@ def test_failure_classes_follow_the_trainer_contract():
     assert classify_exit(7, ["boom"]) == ("crash", "exit code 7\nboom")
     assert classify_exit(4, ["paratrain: training diverged at step 3: loss nan"]) == (
         "data", "paratrain: training diverged at step 3: loss nan")
+    # the trainer's own reason (its `failed` event) rather than the progress lines before it
+    progress = ["step 21/100 (epoch 1) | loss 7.1", "paratrain: training diverged at step 22: loss nan"]
+    assert classify_exit(4, progress, "paratrain: training diverged at step 22: loss nan") == (
+        "data", "paratrain: training diverged at step 22: loss nan")
+    assert classify_exit(4, progress)[1].startswith("step 21/100")   # an older trainer: its stderr tail
+    assert classify_exit(-9, ["x"], "a message from before the kill")[1] == "killed by SIGKILL\nx"
     # another attempt took over the output dir: this one is a lost run (its finish is refused as stale)
     assert classify_exit(5, ["out was taken over by run w/3/2 on host b (pid 7) since ..."])[0] == "lost"
 
