@@ -296,7 +296,12 @@ def test_failure_summary_shows_the_cause_at_the_end_of_a_traceback():
     assert "**GPU** 1 wanted · **attempt** 1/3" in queued and "progress" not in queued and " -" not in queued
     short = job_summary({**job, "failure_reason": "exit code 2\n\nbad config", "failure_class": "data"})
     assert "exit code 2\nbad config" in short and "not shown" not in short
-    assert "**Failed: bad data or settings: the same job fails the same way;" in short   # what to do next
+    assert "**Failed: bad data or settings (below): the same job fails the same way;" in short   # what to do next
+    # a divergence is of class data too, but Retry keeps the learning rate that diverged
+    diverged = job_summary({**job, "failure_class": "data", "exit_code": 4,
+                            "failure_reason": "paratrain: training diverged at step 3: loss nan"})
+    assert "**Failed: the training diverged (a NaN or infinite loss): *Edit as new job* with a lower learning_rate" \
+        in diverged and "*Retry* would diverge again" in diverged
 
 
 def test_job_summary_says_when_it_was_queued_started_and_how_long_it_ran():
@@ -626,6 +631,43 @@ def test_job_summary_names_a_retry_and_a_cancel_is_not_a_failure_and_the_log_tai
     tail = log_html(['{"step": 1, "loss": 7.3}', "step 1/10 | loss 7.3000", '[node 1] {"event": "done"}', "done"])
     assert "step 1/10 | loss 7.3000" in tail and "done" in tail and "&quot;step&quot;" not in tail
     assert "event" not in tail
+
+
+# what torchrun 2.13 printed after a rank exited 2 (tests/ui: the log tail shows it as one line)
+TORCHRUN_REPORT = """\
+E1129 10:36:14.949000 28243 torch/distributed/elastic/multiprocessing/api.py:1002] failed (exitcode: 2) local_rank: 0 \
+(pid: 28248) of binary: /venv/bin/python
+Traceback (most recent call last):
+  File "/venv/bin/torchrun", line 8, in <module>
+    sys.exit(main())
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError:
+============================================================
+trainer_core.train FAILED
+------------------------------------------------------------
+Failures:
+  <NO_OTHER_FAILURES>
+------------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  rank      : 0 (local_rank: 0)
+  exitcode  : 2 (pid: 28248)
+  traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+============================================================""".splitlines()
+
+
+def test_the_log_tail_ends_with_the_trainers_error_not_torchruns_report_of_it():
+    from ui.tabs.jobs import readable_lines
+
+    error = "/data/bad.jsonl:1101: not valid JSON (Expecting value at column 33)"
+    ended = "[paratrain] attempt 1 ended: data, exit 2: /data/bad.jsonl:1101: not valid JSON"
+    shown = readable_lines(["step 1/10 | loss 7.3", error, *TORCHRUN_REPORT, ended])
+    assert shown == ["step 1/10 | loss 7.3", error, f"[torchrun: local rank 0 exited with code 2; its report of "
+                     f"{len(TORCHRUN_REPORT)} lines is not shown]", ended]
+    # a multi-node job's lines carry their node; a report still arriving is one line already
+    shown = readable_lines([f"[node 1] {line}" for line in [error, *TORCHRUN_REPORT[:4]]])
+    assert shown == [f"[node 1] {error}", "[node 1] [torchrun: local rank 0 exited with code 2; its report of 4 "
+                     "lines is not shown]"]
+    assert readable_lines(["=" * 60, "plain"]) == ["=" * 60, "plain"]   # a fence alone is the trainer's own
 
 
 def test_a_queued_job_no_online_worker_can_take_says_why_in_its_summary():

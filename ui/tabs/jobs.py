@@ -21,6 +21,7 @@ import gradio as gr
 import pandas as pd
 import yaml
 
+from trainer_core import exit_codes
 from trainer_core.config import BEST_ADAPTER_DIR, JOB_SET_FIELDS
 from ui.api import ApiClient, ApiError, stopped_early
 from ui.charts import PlotData, curve_chart
@@ -111,8 +112,11 @@ def wait_reason(client: ApiClient, job: dict[str, Any]) -> str | None:
 
 # What each failure class means for the user's next step (server/models.py FailureClass).
 FAILURE_ADVICE = {
-    "data": "bad data or settings: the same job fails the same way; fix the data file and *Retry*, or change "
-            "the settings with *Edit as new job*",
+    "data": "bad data or settings (below): the same job fails the same way; fix what it names and *Retry*, or "
+            "change the settings with *Edit as new job*",
+    # exit 4, also of class data (the same settings diverge again); Retry keeps the learning rate
+    "diverged": "the training diverged (a NaN or infinite loss): *Edit as new job* with a lower learning_rate or "
+                "the trainer's other advice below; *Retry* would diverge again",
     "oom": "out of memory: *Edit as new job* with a smaller batch_size or max_seq_len, or gradient_checkpointing on",
     "crash": "the trainer crashed (its reason below); *Retry* resumes from the last checkpoint",
     "lost": "its worker stopped answering too often; *Retry* resumes from the last checkpoint",
@@ -211,7 +215,7 @@ def job_summary(job: dict[str, Any], waits: str | None = None, best: tuple[int, 
         reason = job.get("failure_reason") or "cancelled"
         lines.append(f"**{reason[0].upper()}{reason[1:]}.**")
     elif job.get("failure_reason") or job.get("failure_class"):
-        failure = job.get("failure_class")
+        failure = "diverged" if job.get("exit_code") == exit_codes.DIVERGED else job.get("failure_class")
         lines.append(f"**Failed: {FAILURE_ADVICE.get(failure, failure)}.**" if failure else "**Failed.**")
         if job.get("failure_reason"):
             lines.append(code_block(failure_text(job["failure_reason"])))
@@ -389,10 +393,36 @@ def fetch_new(client: ApiClient, watch: dict[str, Any]) -> tuple[bool, bool]:
     return bool(metrics), new_lines
 
 
+# torchrun's report of a failed rank: its own traceback and a summary between two ===== lines, some 30 lines
+# that followed the trainer's error and pushed it out of the log box
+TORCHRUN_FAILED = re.compile(r"torch/distributed/elastic/\S+\] failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
+REPORT_FENCE = "=" * 20
+
+
 def readable_lines(lines: list[str]) -> list[str]:
     """The log without the trainer's JSON lines (metrics and events, `[node K] ` prefixed or not): the curves
-    show those, and each step also has its human line."""
-    return [line for line in lines if not re.sub(r"^\[node \d+\] ", "", line).startswith("{")]
+    show those, and each step also has its human line. torchrun's failure report is one line here (the API's
+    log keeps it whole)."""
+    shown: list[str] = []
+    report: dict[str, Any] | None = None   # the torchrun report being passed over
+    for line in lines:
+        prefix, text = re.match(r"(\[node \d+\] )?(.*)", line, re.S).groups()
+        if text.startswith("{"):
+            continue
+        failed = TORCHRUN_FAILED.search(text) if report is None else None
+        if failed:
+            report = {"at": len(shown), "lines": 0, "fences": 0,
+                      "says": f"{prefix or ''}[torchrun: local rank {failed[2]} exited with code {failed[1]}"}
+            shown.append("")
+        if report is not None:
+            report["lines"] += 1
+            report["fences"] += text.startswith(REPORT_FENCE)
+            shown[report["at"]] = f"{report['says']}; its report of {report['lines']} lines is not shown]"
+            if report["fences"] == 2:   # the summary's closing fence
+                report = None
+            continue
+        shown.append(line)
+    return shown
 
 
 def log_html(lines: list[str]) -> str:
