@@ -73,12 +73,13 @@ def local_worker_command(url: str, gpus: str | None, environ: Mapping[str, str])
 
 def start_local_worker(url: str, settings, gpus: str | None) -> subprocess.Popen[bytes]:
     from server.auth import ensure_tokens
+    from worker.runner import SAFE_PATH_ENV
 
     argv = local_worker_command(url, gpus, os.environ)
     # The token by environment (a command line shows in `ps`), and the server's own: a token set by
     # PARATRAIN_WORKER_TOKEN is in no file, and an older <data_dir>/worker_token may hold another.
     env = {**os.environ, "PARATRAIN_CACHE": os.environ.get("PARATRAIN_CACHE", str(settings.data_dir / "cache")),
-           "PARATRAIN_WORKER_TOKEN": ensure_tokens(settings).worker}
+           "PARATRAIN_WORKER_TOKEN": ensure_tokens(settings).worker, **SAFE_PATH_ENV}
     # Its own session: a terminal's Ctrl-C reaches only us, and we stop the worker in order (below).
     return subprocess.Popen(argv, env=env, start_new_session=True)
 

@@ -24,8 +24,8 @@ from trainer_core import exit_codes
 from trainer_core.command import trainer_argv
 from trainer_core.config import format_validation_error, job_config
 from worker.client import JobGone, Refused, ServerClient, Superseded, Unauthorized, Unreachable, UnreadableClaim
-from worker.runner import (DEATH_SIGNAL_DELIVERED, LAUNCHED_BY_ENV, RUN_ENV, JobRun, Outcome, StopReason, find_orphans,
-                           kill_groups)
+from worker.runner import (DEATH_SIGNAL_DELIVERED, LAUNCHED_BY_ENV, RUN_ENV, SAFE_PATH_ENV, JobRun, Outcome, StopReason,
+                           find_orphans, kill_groups)
 from worker.settings import WorkerSettings
 
 log = logging.getLogger("paratrain.worker")
@@ -329,7 +329,8 @@ class Agent:
             config = job_config(job.config)
         except ValidationError as e:  # stored by a server whose schema differs from ours: that job fails, not the worker
             self._fail_unstarted(job.id, job.attempt,
-                                 f"this worker cannot run the stored config: {format_validation_error(e)}")
+                                 "this worker cannot run the stored config (is its paratrain the server's version?): "
+                                 f"{format_validation_error(e)}")
             return
         # Derived here, not taken from claim.argv: this machine's trainer program and schema are the ones
         # that run. For a standard worker it is the same command (trainer_core.command.trainer_argv on both sides).
@@ -339,6 +340,7 @@ class Agent:
         env.update({
             "CUDA_VISIBLE_DEVICES": ",".join(map(str, gpu_ids)),  # empty for a CPU job: no GPU at all
             "PYTHONUNBUFFERED": "1",
+            **SAFE_PATH_ENV,
             "PARATRAIN_JOB_ID": str(job.id),
             LAUNCHED_BY_ENV: self.settings.identity,
             RUN_ENV: f"{self.settings.identity}/{job.id}/{job.attempt}",

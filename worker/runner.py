@@ -37,6 +37,10 @@ STDERR_TAIL_LINES = 40
 MAX_LOG_LINE_CHARS = 4000   # sent of one output line: the server's default max_log_line_chars
 MAX_FAILURE_REASON_CHARS = 16_000
 METRIC_KEYS = ("step", "loss")
+# `python -m` puts the working directory first on sys.path: started from another checkout of paratrain, the
+# worker, its launcher and the trainer ran that checkout's code (an older one failed every job with "cannot
+# run the stored config"). With this set (Python 3.11+) they do not; their children inherit it.
+SAFE_PATH_ENV = {"PYTHONSAFEPATH": "1"}
 LEFTOVER_WAIT_S = 10.0   # for SIGKILLed leftovers of a run to be gone before its end is reported
 
 # torchrun does not pass on its ranks' exit codes (it exits 1); its failure summary names them.

@@ -254,3 +254,33 @@ def test_the_local_worker_takes_its_name_and_gpus_from_the_worker_settings_unles
 
     assert flags(None) == {"--server": "http://127.0.0.1:8000", "--name": f"{os.uname().nodename}-local"}
     assert flags("none", PARATRAIN_WORKER_NAME="box-3") == {"--server": "http://127.0.0.1:8000", "--gpus": "none"}
+
+
+def test_serve_started_in_another_checkout_runs_its_own_worker_and_trainer(data_dir, tmp_path):
+    """`python -m` puts the working directory first on sys.path: serve started inside an older clone of
+    paratrain ran that clone's worker, which failed every job ("cannot run the stored config")."""
+    stale = tmp_path / "old-clone"
+    for package in ("worker", "trainer_core"):
+        (stale / package).mkdir(parents=True)
+        (stale / package / "__init__.py").write_text("raise SystemExit('the old clone ran: ' + __name__)\n")
+    port, log_path = free_port(), tmp_path / "serve.log"
+    paratrain = os.path.join(os.path.dirname(sys.executable), "paratrain")   # the console script, as users run it
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen([paratrain, "serve", "--no-demo", "--data-dir", str(data_dir), "--port", str(port)],
+                                cwd=stale, env={**os.environ, **FAST_LEASES}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        token = data_dir / "token"
+        deadline = time.time() + 90
+        while not token.exists() or httpx.get(f"http://127.0.0.1:{port}/api/health").status_code != 200:
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.3)
+        api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api", timeout=10,
+                           headers={"Authorization": f"Bearer {token.read_text().strip()}"})
+        job = api.post("/jobs", json={"config": {**TINY_CONFIG, "max_steps": 2}, "gpus": 0}).json()
+        while (state := api.get(f"/jobs/{job['id']}").json())["state"] not in ("succeeded", "failed"):
+            assert time.time() < deadline + 90, log_path.read_text()[-3000:]
+            time.sleep(0.3)
+        assert state["state"] == "succeeded", (state, log_path.read_text()[-3000:])
+        assert "the old clone ran" not in log_path.read_text()
+    finally:
+        _stop_serve(proc)
