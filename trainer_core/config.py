@@ -388,8 +388,13 @@ def parse_job_file(text: str, overrides: Sequence[str] = ()) -> tuple[dict[str, 
                + sorted(f"job.{k}" for k in set(job) - set(JobResources.model_fields)))
     if unknown:
         known = [*TrainConfig.model_fields, *(f"job.{k}" for k in JobResources.model_fields)]
-        named = [f"{key} (did you mean {close}?)" if (close := closest_name(key, known)) else key for key in unknown]
-        raise ValueError(f"unknown config keys: {', '.join(named)}")
+        named = {key: f"{key} (did you mean {close}?)" if (close := closest_name(key, known)) else key
+                 for key in unknown}
+        # a --set's own mistake is named as the --set's; the caller names the file before the others
+        in_file = [named[key] for key in unknown if key.removeprefix("job.") not in given_by]
+        by_set = [f"{given_by[key.removeprefix('job.')]}: unknown config key {named[key]}" for key in unknown
+                  if key.removeprefix("job.") in given_by]
+        raise ValueError("; ".join(([f"unknown config keys: {', '.join(in_file)}"] if in_file else []) + by_set))
     try:   # every value as the schema takes it (required fields it may lack are stand-ins here)
         TrainConfig(**{"base_model": "-", "data_path": "-", **data})
     except ValidationError as e:

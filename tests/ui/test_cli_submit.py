@@ -270,9 +270,12 @@ def test_set_changes_fields_of_the_file_for_a_sweep(live_server, tmp_path, token
         jobs = api.get("/api/jobs").json()["data"]
     assert sorted(j["config"]["learning_rate"] for j in jobs) == [1e-4, 3e-4]
     assert {(j["priority"], j["gpus"], j["config"]["lora_target_modules"]) for j in jobs} == {(5, 1, "q_proj,v_proj")}
-    assert main([*argv, "--set", "lerning_rate=1e-4"]) == 2
-    assert "lerning_rate (did you mean learning_rate?)" in capsys.readouterr().err
-    # a bad value from --set is the --set's, not the file's
+    # a mistyped key or a bad value from --set is the --set's, not the file's
+    capsys.readouterr()
+    assert main([*argv, "--set", "lerning_rate=1e-4", "--set", "job.gpu=2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "paratrain submit: --set lerning_rate=1e-4: unknown config key lerning_rate (did you mean learning_rate?); "
+        "--set job.gpu=2: unknown config key job.gpu (did you mean job.gpus?)")
     assert main([*argv, "--set", "val_ratio=0.9"]) == 2
     assert capsys.readouterr().err.strip() == (
         "paratrain submit: --set val_ratio=0.9: val_ratio: Input should be less than or equal to 0.5")
