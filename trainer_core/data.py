@@ -95,7 +95,8 @@ def parse_line(raw: bytes) -> Record | str:
     except UnicodeDecodeError as e:
         return f"not UTF-8 ({e.reason} at byte {e.start})"
     except json.JSONDecodeError as e:
-        return f"not valid JSON ({e.msg} at column {e.colno})"
+        # json's own message may end in "at" ("Unterminated string starting at")
+        return f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})"
     if not isinstance(obj, dict):
         return f"expected a JSON object, got {json_type(obj)}"
     if "branches" in obj or "main" in obj:

@@ -35,6 +35,7 @@ def write(path, lines):
     ('{"main": "x", "branches": ["a", "b", " "]}', "branch 3 is only whitespace"),
     # the column is where the line ends, not past its newline (column 1 of the next line)
     ('{"main": "x", "branches": ["a"]', "not valid JSON (Expecting ',' delimiter at column 32)"),
+    ('{"main": "x", "branches": ["a', "not valid JSON (Unterminated string starting at column 28)"),   # not "at at"
 ])
 def test_bad_line_is_reported_with_file_and_line(tmp_path, bad_line, message):
     f = write(tmp_path / "d.jsonl", [{"text": "fine"}, {"main": "m", "branches": ["b"]}, bad_line, {"text": "ok"}])
