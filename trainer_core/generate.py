@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from trainer_core import exit_codes
@@ -46,11 +47,16 @@ def load_generator(adapter_dir: str | Path, base_model: str | None = None, devic
     """The adapter of a paratrain run (`<output_dir>/adapter`) on its base model: the one it was trained on
     (recorded in rope2d.json) unless `base_model` names another copy of it."""
     settings = read_adapter_settings(adapter_dir)
+    given = base_model is not None
     base_model = local_model_dir(base_model or settings["base_model"])   # a hub id in the local cache too
     if not Path(base_model).is_dir():
-        raise DataError([f"--base_model {base_model}: no such directory (the adapter was trained on "
-                         f"{settings['base_model']})"])
-    model = load_adapter_dir(base_model, adapter_dir, device=device, dtype=dtype)
+        raise DataError([f"--base_model {base_model}: no such directory" if given else
+                         f"{base_model}: no such directory: the base model the adapter was trained on (its "
+                         f"rope2d.json) has moved or is on another machine; give its copy with --base_model"])
+    try:
+        model = load_adapter_dir(base_model, adapter_dir, device=device, dtype=dtype)
+    except SafetensorError as e:   # a copy cut short, or another file under that name
+        raise DataError([f"{Path(adapter_dir) / 'adapter_model.safetensors'}: not readable ({e})"]) from None
     return Generator(model, load_tokenizer(base_model), int(settings["branch_stride"]))
 
 

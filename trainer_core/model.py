@@ -319,9 +319,15 @@ Plain `PeftModel.from_pretrained` / `AutoPeftModelForCausalLM` load the weights 
 
 def read_adapter_settings(adapter_dir: str | Path) -> dict:
     """rope2d.json of a paratrain adapter: rope_2d_ratio, branch_stride and the base model (path or hub id)."""
+    path = Path(adapter_dir)
+    if not path.exists():
+        raise DataError([f"{adapter_dir}: no such directory (a run writes <output_dir>/adapter when it ends, and "
+                         "adapter_best/ as it validates)"])
     try:
-        return json.loads((Path(adapter_dir) / ROPE_SETTINGS_FILE).read_text(encoding="utf-8"))
-    except (FileNotFoundError, NotADirectoryError):   # a missing dir, or a file such as lora/*_final.pth
+        return json.loads((path / ROPE_SETTINGS_FILE).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):   # a directory of something else, or a file such as *_final.pth
+        if (path / "adapter").is_dir():
+            raise DataError([f"{adapter_dir}: a run's output directory; its adapter is {path / 'adapter'}"]) from None
         raise DataError([f"{adapter_dir}: not a paratrain adapter directory (no {ROPE_SETTINGS_FILE}; it is "
                          "<output_dir>/adapter after training)"]) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -136,3 +136,31 @@ def test_a_file_or_a_broken_rope2d_json_is_no_adapter_named_in_one_line(tmp_path
         with pytest.raises(DataError) as refused:
             read_adapter_settings(path)
         assert message in refused.value.lines[0], refused.value.lines
+
+
+def test_a_missing_adapter_an_output_dir_a_cut_short_adapter_or_a_moved_base_model_is_one_line(adapter_dir,
+                                                                                            tmp_path):
+    """What a walkthrough met: an adapter that is not there said "no rope2d.json"; a run's output dir did not
+    say where its adapter is; a cut-short adapter_model.safetensors was a SafetensorError traceback; a base model
+    that moved blamed a --base_model never given."""
+    import shutil
+
+    from trainer_core.data import DataError
+
+    out = tmp_path / "out"
+    shutil.copytree(adapter_dir, out / "adapter")
+    (out / "adapter" / "adapter_model.safetensors").write_bytes(b"\xff" * 16)
+    moved = tmp_path / "moved"
+    shutil.copytree(adapter_dir, moved)
+    settings = json.loads((moved / "rope2d.json").read_text())
+    (moved / "rope2d.json").write_text(json.dumps({**settings, "base_model": str(tmp_path / "gone-model")}))
+    for path, message in [(tmp_path / "cancelled" / "adapter", "cancelled/adapter: no such directory (a run writes"),
+                          (out, f"out: a run's output directory; its adapter is {out / 'adapter'}"),
+                          (out / "adapter", "adapter_model.safetensors: not readable ("),
+                          (moved, "gone-model: no such directory: the base model the adapter was trained on")]:
+        with pytest.raises(DataError) as refused:
+            load_generator(path)
+        assert message in refused.value.lines[0], refused.value.lines
+    assert "give its copy with --base_model" in refused.value.lines[0]
+    with pytest.raises(DataError, match=f"--base_model {tmp_path / 'nope'}: no such directory$"):
+        load_generator(moved, base_model=str(tmp_path / "nope"))
