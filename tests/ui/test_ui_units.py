@@ -280,7 +280,7 @@ ValueError: data_path: line 7 has no "text" or "main"
 
 
 def test_failure_summary_shows_the_cause_at_the_end_of_a_traceback():
-    from ui.tabs.jobs import job_summary
+    from ui.tabs.jobs import job_summary, state_text
 
     job = {"id": 3, "name": "x", "state": "failed", "config": {}, "failure_class": "crash",
            "failure_reason": TRACEBACK}
@@ -302,6 +302,10 @@ def test_failure_summary_shows_the_cause_at_the_end_of_a_traceback():
                             "failure_reason": "paratrain: training diverged at step 3: loss nan"})
     assert "**Failed: the training diverged (a NaN or infinite loss): *Edit as new job* with a lower learning_rate" \
         in diverged and "*Retry* would diverge again" in diverged
+    # the jobs table's state column says why a job failed
+    assert state_text({**job, "state": "failed", "failure_class": "data", "exit_code": 4}) == "✖ failed (diverged)"
+    assert state_text({**job, "state": "failed", "failure_class": "oom", "exit_code": 3}) == "✖ failed (oom)"
+    assert state_text({**job, "state": "cancelled"}) == "■ cancelled"   # its failure_class says cancelled again
 
 
 def test_job_summary_says_when_it_was_queued_started_and_how_long_it_ran():

@@ -91,8 +91,20 @@ def eta_text(job: dict[str, Any]) -> str:
     return f"≤ {eta}" if job.get("config", {}).get("early_stop_patience") else eta
 
 
+def failure_kind(job: dict[str, Any]) -> str | None:
+    """The failure class, or 'diverged' for a divergence (exit 4), which the server classes as data."""
+    return "diverged" if job.get("exit_code") == exit_codes.DIVERGED else job.get("failure_class")
+
+
+def state_text(job: dict[str, Any]) -> str:
+    """'✖ failed (oom)': a failed row says why at a glance (data, oom, diverged, crash, lost)."""
+    why = failure_kind(job)
+    return f"{STATE_ICONS.get(job['state'], '')} {job['state']}" + (f" ({why})" if job["state"] == "failed" and why
+                                                                    else "")
+
+
 def table_rows(jobs: list[dict[str, Any]]) -> list[list[Any]]:
-    return [[j["id"], j.get("name") or j["config"].get("name", ""), f"{STATE_ICONS.get(j['state'], '')} {j['state']}",
+    return [[j["id"], j.get("name") or j["config"].get("name", ""), state_text(j),
              progress_text(j), eta_text(j),
              fmt_number(j.get("tokens_per_s")), gpu_text(j), f"{j.get('attempt', 1)}/{j.get('max_attempts') or '?'}",
              fmt_number(j.get("last_loss"), 4), fmt_number(j.get("peak_mem_gb"), 1)] for j in jobs]
@@ -215,7 +227,7 @@ def job_summary(job: dict[str, Any], waits: str | None = None, best: tuple[int, 
         reason = job.get("failure_reason") or "cancelled"
         lines.append(f"**{reason[0].upper()}{reason[1:]}.**")
     elif job.get("failure_reason") or job.get("failure_class"):
-        failure = "diverged" if job.get("exit_code") == exit_codes.DIVERGED else job.get("failure_class")
+        failure = failure_kind(job)
         lines.append(f"**Failed: {FAILURE_ADVICE.get(failure, failure)}.**" if failure else "**Failed.**")
         if job.get("failure_reason"):
             lines.append(code_block(failure_text(job["failure_reason"])))
