@@ -25,11 +25,12 @@ from server.models import (
     LogLine,
     Metric,
 )
-from server.paths import confine_data_file, confine_field, is_dir, is_file
+from server.paths import confine, confine_data_file, confine_field, is_dir, is_file
 from server.queue import get_job, log_if_no_worker_fits, stored_config
 from server.settings import Settings
 from trainer_core.config import BEST_ADAPTER_DIR, JobResources, TrainConfig, job_config
 from trainer_core.data import DataError, validate_file
+from trainer_core.model import check_init_adapter
 
 
 SUBMIT_CHECK_LINES = 1000   # milliseconds to read; the trainer checks every line before it loads a model
@@ -56,10 +57,26 @@ def resolve_data_file(config: TrainConfig, field: str, settings: Settings) -> Pa
     return path
 
 
+def resolve_init_adapter(config: TrainConfig, settings: Settings) -> Path:
+    """The adapter a job starts from, confined to the read roots or to the jobs' outputs (where an earlier job
+    wrote it), and checked against the job's settings now rather than when a worker starts it."""
+    loc = ("body", "config", "init_adapter")
+    try:
+        path = confine(config.init_adapter, roots=[*settings.read_roots, settings.jobs_dir], base=settings.data_root)
+    except ValueError as e:
+        raise FieldError(loc, str(e)) from None
+    try:
+        check_init_adapter(config.model_copy(update={"init_adapter": str(path)}))
+    except DataError as e:
+        raise FieldError(loc, "; ".join(e.lines).replace(str(path), config.init_adapter)) from None
+    return path
+
+
 def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str) -> TrainConfig:
     """Paths made absolute and confined to the roots; output_dir is the server's choice (jobs/ID/out)."""
     data_path = resolve_data_file(config, "data_path", settings)
     val_data_path = resolve_data_file(config, "val_data_path", settings) if config.val_data_path else None
+    init_adapter = resolve_init_adapter(config, settings) if config.init_adapter else None
     base_model = confine_field(config.base_model, ("body", "config", "base_model"), settings)
     if not is_dir(base_model):
         raise FieldError(("body", "config", "base_model"),
@@ -71,6 +88,7 @@ def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str
     output_dir = settings.jobs_dir / str(job_id) / "out"
     return job_config({**config.model_dump(), "data_path": str(data_path), "base_model": str(base_model),
                        "val_data_path": str(val_data_path) if val_data_path else None,
+                       "init_adapter": str(init_adapter) if init_adapter else None,
                        "output_dir": str(output_dir)})   # stored as it runs: resuming (see stored_config)
 
 

@@ -80,6 +80,10 @@ class TrainConfig(BaseModel):
         "float32", "LoRA weights and optimiser state in float32, computed in the model's dtype (mixed precision), "
         "or stored in the model's dtype too (bf16 on CUDA: a little less memory; small updates can round away).",
         "model")
+    init_adapter: str | None = _field(
+        None, "Start LoRA from this paratrain adapter (a run's <output_dir>/adapter or adapter_best/) instead of "
+        "zero, e.g. to train on with other data. Its lora_rank, lora_alpha, lora_target_modules, rope_2d_ratio and "
+        "branch_stride must be this run's.", "model", min_length=1)
 
     # --- data ----------------------------------------------------------------------------------
     data_path: str = _field(..., "Parallel JSONL file: {\"main\", \"branches\"} or {\"text\"} per line.", "data",

@@ -334,6 +334,38 @@ def read_adapter_settings(adapter_dir: str | Path) -> dict:
         raise DataError([f"{Path(adapter_dir) / ROPE_SETTINGS_FILE}: not readable as JSON ({e})"]) from None
 
 
+def check_init_adapter(cfg: TrainConfig) -> None:
+    """DataError unless --init_adapter holds a paratrain adapter this run can start from: its 2D positions
+    (rope_2d_ratio, branch_stride) and its scale (lora_rank, lora_alpha) must be this run's, or its weights
+    compute something else than what was trained. Cheap: checked before the model loads (the target modules
+    are checked as the weights load)."""
+    settings = read_adapter_settings(cfg.init_adapter)
+    try:
+        peft_settings = json.loads((Path(cfg.init_adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError([f"{cfg.init_adapter}: its adapter_config.json is not readable ({e})"]) from None
+    theirs = {"rope_2d_ratio": settings.get("rope_2d_ratio"), "branch_stride": settings.get("branch_stride"),
+              "lora_rank": peft_settings.get("r"), "lora_alpha": peft_settings.get("lora_alpha")}
+    ours = {"rope_2d_ratio": cfg.rope_2d_ratio, "branch_stride": cfg.branch_stride, "lora_rank": cfg.lora_rank,
+            "lora_alpha": cfg.resolved_lora_alpha}
+    differ = [f"{k} {theirs[k]} (this run: {ours[k]:g})" for k in ours if theirs[k] != ours[k]]
+    if differ:
+        raise DataError([f"{cfg.init_adapter}: an adapter trained with {', '.join(differ)}; give its values"])
+
+
+def load_init_adapter(peft_model: nn.Module, adapter_dir: str | Path) -> None:
+    """The LoRA weights of a saved adapter (check_init_adapter) into a freshly built model."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(adapter_dir) / "adapter_model.safetensors"   # read here: PEFT's loader would try the hub for it
+    try:
+        weights = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError) as e:   # cut short, or not there
+        raise DataError([f"{path}: not readable ({e})"]) from None
+    load_lora_weights(peft_model, weights, adapter_dir)
+
+
 def load_adapter_dir(base_model: str, adapter_dir: str | Path, device: str | torch.device = "cpu",
                      dtype: torch.dtype = torch.float32):
     """Base model + saved adapter + the same 2D RoPE patch, for inference (`generate()` works on it for plain

@@ -40,9 +40,9 @@ from trainer_core.data import (DataError, SampleIndex, TokenizedDataset, build_s
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
                                compute_init, gather_objects, print0, write_line)
 from trainer_core.layout import PackedBatch
-from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, hidden_states,
-                               load_lora_weights, lora_state_dict, quiet_libraries, save_adapter_dir,
-                               training_dtype)
+from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, check_init_adapter,
+                               hidden_states, load_init_adapter, load_lora_weights, lora_state_dict, quiet_libraries,
+                               save_adapter_dir, training_dtype)
 from trainer_core.rope2d import rope_2d_pairs
 from trainer_core.vram import memory_levers
 
@@ -315,6 +315,19 @@ def prepare_data(cfg: TrainConfig, env: DistEnv) -> tuple[Split, Split | None, s
     return train_split, val_split, prepared[0]["sha256"]
 
 
+def checked_on_main(env: DistEnv, check) -> None:
+    """`check()` on rank 0; its DataError is raised on every rank (the others would wait in a collective)."""
+    error = None
+    if env.is_main:
+        try:
+            check()
+        except DataError as e:
+            error = e.lines
+    error = broadcast_object(env, error)
+    if error:
+        raise DataError(error)
+
+
 def choose_checkpoint(cfg: TrainConfig, env: DistEnv, out_dir: Path, identity: dict) -> Path | None:
     """The checkpoint to resume (None: start afresh), picked by rank 0 for every rank (a save landing meanwhile
     must not give two ranks two checkpoints); DataError when it was saved by a run of other settings."""
@@ -361,11 +374,13 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     # which checkpoint to resume, decided before the model loads (minutes for a large one). A run the
     # checkpoint refuses (other settings) stops here, before it claims the directory from the run training there.
     identity = resume_identity(cfg, env.world_size, data_sha256)
-    choose_checkpoint(cfg, env, out_dir, identity)
+    if choose_checkpoint(cfg, env, out_dir, identity) is None and cfg.init_adapter:
+        checked_on_main(env, lambda: check_init_adapter(cfg))   # before the claim and the model load
     # From here this run is the output dir's writer: a run still training on it stops at its next step
     # (trainer_core/owner.py). The checkpoint is picked again after the claim, so none is written after the pick.
     owner_token = owner.claim(out_dir) if env.is_main else ""
     last = choose_checkpoint(cfg, env, out_dir, identity)
+    init_adapter = cfg.init_adapter if last is None else None   # a resumed run has its weights in the checkpoint
 
     def claim_lost_here() -> bool:
         """Whether a newer run has claimed the output dir since (rank 0's answer; the others do not look)."""
@@ -395,6 +410,9 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
 
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
     model = build_lora_model(cfg, env.device)
+    if init_adapter:
+        load_init_adapter(model, init_adapter)
+        print0(env, f"LoRA starts from {init_adapter}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     print0(env, f"model: {cfg.base_model}, LoRA r={cfg.lora_rank} on {cfg.lora_target_modules}, "
                 f"{sum(p.numel() for p in trainable):,} trainable parameters, rope_2d_ratio {cfg.rope_2d_ratio} "
@@ -485,7 +503,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         print0(env, f"not training on from {last}: {lowest.describe(cfg.early_stop_patience)}. Writing the final "
                     "outputs; a larger --early_stop_patience (or 0) trains on from it")
 
-    if val is not None and last is None:   # the base model's (LoRA starts at zero): where the curve starts
+    if val is not None and last is None:   # before training (LoRA at zero, or --init_adapter's): where the curve starts
         measured = validation_loss(lm, val, cfg, env, dense_attention)
         if superseded():   # while it ran
             return stop_superseded()

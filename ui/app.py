@@ -24,7 +24,7 @@ from ui.context import UiContext, warn  # noqa: E402
 from ui.form import job_values  # noqa: E402
 from ui.tabs.compare import CompareTab, create_compare_tab  # noqa: E402
 from ui.tabs.dataset import DatasetTab, create_dataset_tab  # noqa: E402
-from ui.tabs.jobs import JobsTab, create_jobs_tab, parse_job_id, picker_update  # noqa: E402
+from ui.tabs.jobs import JobsTab, create_jobs_tab, parse_job_id, picker_update, train_on_values  # noqa: E402
 from ui.tabs.memory import gpu_mem_update  # noqa: E402
 from ui.tabs.submit import SubmitTab, create_submit_tab  # noqa: E402
 from ui.tabs.workers import WorkersTab, create_workers_tab  # noqa: E402
@@ -201,6 +201,18 @@ def build_ui(api_base_url: str) -> ParatrainUI:
             gr.Info(f"Job #{job_id}'s settings are in the form: change them and submit.")
             return [*form.updates(values), gr.Tabs(selected="submit"), "submit"]
 
+        def train_on_job(session_value, selected):
+            """A new job in the New job form that starts from the selected job's adapter, with its settings."""
+            job_id = parse_job_id(selected)
+            try:
+                values, which = train_on_values(ctx.client(session_value).get_job(job_id))
+            except (ApiError, ValueError, TypeError, KeyError) as e:
+                warn(f"Cannot start from job #{job_id}'s adapter: {e}")
+                return [*form.updates({}), gr.skip(), gr.skip()]
+            gr.Info(f"A new job starting from job #{job_id}'s {which}/ (init_adapter) is in the form, with its "
+                    "settings: change data_path and what else, and submit.")
+            return [*form.updates(values), gr.Tabs(selected="submit"), "submit"]
+
         # the job table is filled at once after logging in, not at the next timer tick
         refresh_jobs = (jobs.refresh_fn, session, [jobs.table, jobs.table_ids, jobs.picker])
         login_button.click(login, [token, remembered, remembered_form], logged_in_outputs).then(*refresh_jobs)
@@ -214,6 +226,7 @@ def build_ui(api_base_url: str) -> ParatrainUI:
         submit.submitted_job_id.change(open_submitted, [session, submit.submitted_job_id],
                                        [jobs.picker, tabs, remembered_tab])
         jobs.edit_button.click(edit_job, [session, jobs.picker], [*form.inputs, tabs, remembered_tab])   # queued: toast
+        jobs.train_on_button.click(train_on_job, [session, jobs.picker], [*form.inputs, tabs, remembered_tab])
         form_saver.tick(remember_form, [session, remembered_form, *form.inputs], remembered_form, queue=False,
                         show_progress="hidden")
     return ParatrainUI(blocks, login_panel, main_panel, token, login_button, login_message, logout_button, tabs,

@@ -565,3 +565,29 @@ def test_the_url_a_local_process_reaches_the_server_at_brackets_an_ipv6_address(
             for host in ("127.0.0.1", "0.0.0.0", "::", "::1", "fd00::5")}
     assert urls == {"127.0.0.1": "http://127.0.0.1:8000", "0.0.0.0": "http://127.0.0.1:8000",
                     "::": "http://127.0.0.1:8000", "::1": "http://[::1]:8000", "fd00::5": "http://[fd00::5]:8000"}
+
+
+def test_a_job_starts_from_an_earlier_jobs_adapter_checked_against_its_settings_at_submit(client, job_body, settings):
+    """config.init_adapter: an adapter under the data root or in the jobs' outputs; one of other settings is a
+    422 at once, not a failure when a worker starts the job."""
+    adapter = settings.jobs_dir / "7" / "out" / "adapter_best"
+    adapter.mkdir(parents=True)
+    (adapter / "rope2d.json").write_text(json.dumps({"rope_2d_ratio": 0.5, "branch_stride": 128, "base_model": "m"}))
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    r = client.post("/api/jobs", json=job_body(init_adapter=str(adapter)))
+    assert r.status_code == 201, r.text
+    assert r.json()["config"]["init_adapter"] == str(adapter)
+    for value, message in [("jobs/7/out/adapter_best", None),   # relative: from the data root
+                           ("jobs/7/out/adapter", "jobs/7/out/adapter: no such directory"),
+                           ("/etc", "outside"),
+                           ("datasets", "datasets: not a paratrain adapter directory (no rope2d.json")]:
+        r = client.post("/api/jobs", json=job_body(init_adapter=value))
+        if message is None:
+            assert r.status_code == 201, r.text
+            continue
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "init_adapter"], r.text
+        assert message in r.json()["detail"][0]["msg"], r.text
+    r = client.post("/api/jobs", json=job_body(init_adapter="jobs/7/out/adapter_best", lora_rank=16))
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["msg"] == ("jobs/7/out/adapter_best: an adapter trained with lora_rank 8 (this run: "
+                                            "16), lora_alpha 16 (this run: 32); give its values")

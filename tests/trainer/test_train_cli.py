@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -526,3 +527,37 @@ def test_compile_trains_the_same_losses_as_eager(tmp_path, tiny_model_dir, demo_
     assert len(eager) == 3 and not eager_compiled
     compiled, did_compile = train(tmp_path / "compiled", "--compile")
     assert did_compile and compiled == pytest.approx(eager, rel=1e-4)
+
+
+def test_a_run_starts_from_another_runs_adapter_and_refuses_one_of_other_settings(tmp_path, tiny_model_dir,
+                                                                                  demo_data_path):
+    """--init_adapter: to train on from a finished run with other data. The new run's loss before its first
+    step is the adapter's own, measured on the same validation samples when the first run ended."""
+    def train(out, *extra):
+        return subprocess.run([PYTHON, "-m", "trainer_core.train", *guide_args(
+            tiny_model_dir, demo_data_path, out, "--max_steps", "3", "--learning_rate", "2e-2", "--val_ratio", "0.1",
+            "--eval_interval", "3", *extra)], capture_output=True, text=True, timeout=300)
+
+    first = train(tmp_path / "first")
+    assert first.returncode == 0, first.stderr[-2000:]
+    first_end = [r for r in json_lines(first.stdout) if r.get("step") == 3][0]["val_loss"]
+    first_start = [r for r in json_lines(first.stdout) if r.get("step") == 0][0]["val_loss"]
+    adapter = tmp_path / "first" / "adapter"
+    second = train(tmp_path / "second", "--init_adapter", str(adapter))
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert f"LoRA starts from {adapter}" in second.stderr
+    second_start = [r for r in json_lines(second.stdout) if r.get("step") == 0][0]["val_loss"]
+    assert abs(second_start - first_end) < 1e-4 and abs(second_start - first_start) > 1e-3, (second_start, first_end)
+
+    # other settings are refused before the model loads, naming each; so are a missing or a cut-short adapter
+    broken = tmp_path / "broken"
+    shutil.copytree(adapter, broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"\xff" * 8)
+    for extra, message in [(["--lora_rank", "4"], "adapter: an adapter trained with lora_rank 8 (this run: 4), lora_alpha 16"),
+                           (["--rope_2d_ratio", "0.65"], "rope_2d_ratio 0.5 (this run: 0.65)"),
+                           (["--lora_target_modules", "q_proj,v_proj"], "LoRA weights for other modules"),
+                           (["--init_adapter", str(tmp_path / "none")], "none: no such directory"),
+                           (["--init_adapter", str(broken)], "adapter_model.safetensors: not readable")]:
+        refused = train(tmp_path / f"other{len(extra[1])}", "--init_adapter", str(adapter), *extra)
+        assert refused.returncode == 2 and message in refused.stderr and "Traceback" not in refused.stderr, (
+            extra, refused.stderr[-2000:])

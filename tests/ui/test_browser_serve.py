@@ -177,6 +177,23 @@ def test_serve_end_to_end(serve):
         # the final adapter, and the one of the lowest validation loss (the job held out a tenth)
         assert {"adapter/adapter_model.safetensors", "adapter_best/validation.json"} <= set(names), names
         page.screenshot(path=shots / "07-succeeded-adapter.png", full_page=True)
+
+        # a new job trains on from that adapter (the lowest validation loss's), with job #1's settings
+        page.locator("#train-on").click()
+        best = f"{api.get('/api/jobs/1').json()['config']['output_dir']}/adapter_best"
+        expect(field(page, "cfg-init_adapter")).to_have_value(best)
+        expect(field(page, "cfg-rope_2d_ratio")).to_have_value("0.35")
+        set_field(page, "cfg-max_steps", 2)
+        page.screenshot(path=shots / "08-train-on.png", full_page=True)
+        page.locator("#submit-job").click()
+        expect(page.locator("#job-summary")).to_contain_text("Job #3")
+        wait_for(lambda: api.get("/api/jobs/3").json()["state"] in ("succeeded", "failed"), timeout=120)
+        assert api.get("/api/jobs/3").json()["state"] == "succeeded", api.get("/api/jobs/3/logs").json()
+        # it starts where job #1's best adapter was: the same validation samples, the same loss
+        start = api.get("/api/jobs/3/metrics").json()["data"][0]
+        assert start["step"] == 0
+        lowest = min(m["val_loss"] for m in api.get("/api/jobs/1/metrics").json()["data"] if m["val_loss"] is not None)
+        assert abs(start["val_loss"] - lowest) < 1e-4, (start, lowest)
         browser.close()
     # minutes of an open page polling the API, and not one line of it in the server's log
     assert "HTTP Request" not in (shots / "serve.log").read_text(errors="replace")

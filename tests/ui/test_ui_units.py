@@ -482,9 +482,24 @@ def test_job_actions_follow_the_jobs_state():
     assert job_actions({"state": "failed", "retried_as": 7}) == (False, False, False)   # the server would 409
     # stopped after a validation: its adapter_best/ is there to download
     assert job_actions({"state": "cancelled", "last_val_loss": 6.8}) == (False, True, True)
-    # + Edit as new job, for any job
-    assert [u["interactive"] for u in action_updates(None)] == [False, False, False, False]
-    assert [u["interactive"] for u in action_updates({"state": "running"})] == [True, False, False, True]
+    # + Edit as new job, for any job, and Train on from adapter, for a job with an adapter
+    assert [u["interactive"] for u in action_updates(None)] == [False, False, False, False, False]
+    assert [u["interactive"] for u in action_updates({"state": "running"})] == [True, False, False, True, False]
+    assert [u["interactive"] for u in action_updates({"state": "succeeded"})] == [False, False, True, True, True]
+
+
+def test_train_on_starts_from_the_adapter_of_the_lowest_validation_loss_when_there_is_one():
+    from ui.tabs.jobs import train_on_values
+
+    job = {"id": 3, "state": "succeeded", "gpus": 0, "nodes": 1, "priority": 0, "max_attempts": 3,
+           "config": {"base_model": "/d/models/tiny", "data_path": "/d/a.jsonl", "output_dir": "/d/jobs/3/out",
+                      "lora_rank": 16}}
+    values, which = train_on_values(job)
+    assert (values["init_adapter"], which) == ("/d/jobs/3/out/adapter", "adapter")
+    assert values["lora_rank"] == 16 and values["data_path"] == "/d/a.jsonl"   # the settings the adapter needs
+    assert values["output_dir"] != "/d/jobs/3/out"   # the server chooses the new job's
+    values, which = train_on_values({**job, "last_val_loss": 6.1})
+    assert (values["init_adapter"], which) == ("/d/jobs/3/out/adapter_best", "adapter_best")
 
 
 def test_jobs_table_shows_about_ten_jobs_before_it_scrolls():

@@ -15,6 +15,7 @@ import re
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Callable
 
 import gradio as gr
@@ -57,7 +58,8 @@ class JobsTab:
     cancel_button: gr.Button
     retry_button: gr.Button
     download_button: gr.Button
-    edit_button: gr.Button   # app.py wires it to the New job form
+    edit_button: gr.Button   # app.py wires it and train_on_button to the New job form
+    train_on_button: gr.Button
     settings: gr.Code
     adapter_file: gr.File
     watch: gr.State  # {"job_id", "points": [Metric], "last_step", "log_offset", "log_lines", "final", "best"}
@@ -265,9 +267,21 @@ def job_actions(job: dict[str, Any] | None) -> tuple[bool, bool, bool]:
 
 
 def action_updates(job: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Cancel, Retry and Download enabled as `job_actions` says, and Edit as new job for any job (all off
-    when no job is selected)."""
-    return [gr.update(interactive=enabled) for enabled in (*job_actions(job), job is not None)]
+    """Cancel, Retry and Download enabled as `job_actions` says, Edit as new job for any job, and Train on from
+    adapter for a job with an adapter to download (all off when no job is selected)."""
+    can_cancel, can_retry, has_adapter = job_actions(job)
+    return [gr.update(interactive=enabled) for enabled in (can_cancel, can_retry, has_adapter, job is not None,
+                                                           has_adapter)]
+
+
+def train_on_values(job: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Form values of a new job that starts from `job`'s adapter (init_adapter): its settings, which the
+    adapter needs, and the adapter of its lowest validation loss when it measured one, else its final one;
+    and which of the two that is."""
+    values = job_values(job)
+    which = BEST_ADAPTER_DIR if job.get("last_val_loss") is not None else "adapter"
+    values["init_adapter"] = str(Path(job["config"]["output_dir"]) / which)
+    return values, which
 
 
 def settings_yaml(job: dict[str, Any]) -> str:
@@ -472,6 +486,8 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
                 download_button = gr.Button("Download adapter", size="sm", interactive=False,
                                             elem_id="download-adapter")
                 edit_button = gr.Button("Edit as new job", size="sm", interactive=False, elem_id="edit-job")
+                train_on_button = gr.Button("Train on from adapter", size="sm", interactive=False,
+                                            elem_id="train-on")
             adapter_file = gr.File(label="Adapter", visible=False, interactive=False, elem_id="adapter-file")
             with gr.Accordion("Settings", open=False, elem_id="job-settings-box"):
                 settings = gr.Code(language="yaml", interactive=False, show_label=False, elem_id="job-settings")
@@ -591,7 +607,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             return no_adapter_file()
         return gr.update(value=target, visible=True)
 
-    actions = [cancel_button, retry_button, download_button, edit_button]
+    actions = [cancel_button, retry_button, download_button, edit_button, train_on_button]
     view = [watch, summary, curve_info, loss_plot, lr_plot, log_tail]
     refresh_timer.tick(refresh, ctx.session, [table, table_ids, picker], queue=False, show_progress="hidden")
     poll_timer.tick(poll, [ctx.session, watch, picker], view + actions, queue=False, show_progress="hidden")
@@ -603,5 +619,6 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
     download_button.click(download, [ctx.session, picker], adapter_file) \
         .then(None, adapter_file, None, js=SAVE_FILE_JS)
     return JobsTab(table, table_ids, picker, refresh_timer, poll_timer, summary, curve_info, loss_plot, lr_plot,
-                   log_tail, cancel_button, retry_button, download_button, edit_button, settings, adapter_file, watch,
+                   log_tail, cancel_button, retry_button, download_button, edit_button, train_on_button, settings,
+                   adapter_file, watch,
                    refresh)
