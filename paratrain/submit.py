@@ -278,7 +278,7 @@ def _parse_sse(lines: Iterator[str]) -> Iterator[tuple[int | None, str, dict[str
 
 
 def _final(api: ApiClient, job_id: int, state: str) -> int:
-    from ui.api import ApiError, stopped_early
+    from ui.api import ApiError, improvement_text, stopped_early
 
     try:
         job = api.get_job(job_id)
@@ -293,7 +293,7 @@ def _final(api: ApiClient, job_id: int, state: str) -> int:
           f"{api.base_url}/api/jobs/{job_id}/artifacts)", flush=True)
     if stopped_early(job):
         print(f"stopped early at step {job['step']} of {job['total_steps']}: {job['config']['early_stop_patience']} "
-              "validations in a row without a lower loss", flush=True)
+              f"validations in a row without {improvement_text(job['config'])}", flush=True)
     if job.get("last_val_loss") is not None:
         from trainer_core.config import BEST_ADAPTER_DIR
 

@@ -47,7 +47,8 @@ def _field(default: Any, help: str, group: str, **kw: Any) -> Any:
 NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$"   # no leading '.': lora/.{name}_*.pth would be a hidden file
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "gradient_checkpointing", "compile", "ddp", "tokens_per_row",
                                "output_dir", "name", "log_interval", "save_interval", "resume", "data_path",
-                               "eval_interval", "val_data_path", "early_stop_patience"})
+                               "eval_interval", "val_data_path", "early_stop_patience",
+                               "early_stop_min_delta"})
 
 
 class TrainConfig(BaseModel):
@@ -116,6 +117,10 @@ class TrainConfig(BaseModel):
         0, "With a validation set: stop once its loss has not improved on the lowest for this many validations "
         "in a row (adapter_best/ holds the lowest's adapter). 0: train to the end.", "validation", ge=0,
         le=MAX_STEPS)
+    early_stop_min_delta: float = _field(
+        0.0, "With early_stop_patience: a validation loss counts as an improvement only when it is below the lowest "
+        "so far by more than this (a noisy curve that creeps down stops too). adapter_best/ still keeps the "
+        "lowest. 0: any lower loss.", "validation", ge=0.0, le=1000.0)
 
     # --- training ------------------------------------------------------------------------------
     epochs: int = _field(3, "Passes over the data.", "training", ge=1, le=1000)
@@ -180,6 +185,8 @@ class TrainConfig(BaseModel):
             raise ValueError("val_ratio and val_data_path both choose the validation set: give one of them")
         if self.early_stop_patience and not self.has_validation:
             raise ValueError("early_stop_patience stops on the validation loss: give val_ratio or val_data_path too")
+        if self.early_stop_min_delta and not self.early_stop_patience:
+            raise ValueError("early_stop_min_delta applies to early stopping: give early_stop_patience too")
         return self
 
     @property

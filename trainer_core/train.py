@@ -478,7 +478,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     # again) or of another validation set (--val_data_path may change on resume); a run starting afresh from none.
     val_set = validation_set_id(cfg, data_sha256) if env.is_main and val is not None else None
     lowest = LowestLoss(read_best(best_dir, up_to_step=step, val_set=val_set) if val_set and last is not None
-                        else None, since_best)
+                        else None, since_best, cfg.early_stop_min_delta)
     if env.is_main and last is None:
         remove_best_adapter(best_dir)
     elif val_set and lowest.best is None and (best_dir / BEST_FILE).exists():
@@ -610,27 +610,31 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
 
 @dataclass
 class LowestLoss:
-    """The lowest validation loss so far, (loss, step), and the validations since it: what adapter_best/ holds
-    and what --early_stop_patience counts."""
+    """The lowest validation loss so far, (loss, step), what adapter_best/ holds, and what --early_stop_patience
+    counts: the validations since the last improvement, a loss below the lowest then by more than `min_delta`
+    (as HF's EarlyStoppingCallback threshold: a loss lower by less is the new lowest, but no improvement)."""
 
     best: tuple[float, int] | None = None
     since_best: int = 0
+    min_delta: float = 0.0
 
     def add(self, val_loss: float, step: int) -> bool:
         """Count a validation: True when it is the new lowest. A NaN never is (no later loss is below one)."""
-        if math.isfinite(val_loss) and (self.best is None or val_loss < self.best[0]):
-            self.best, self.since_best = (val_loss, step), 0
-            return True
-        self.since_best += 1
-        return False
+        if not math.isfinite(val_loss) or (self.best is not None and val_loss >= self.best[0]):
+            self.since_best += 1
+            return False
+        improved = self.best is None or val_loss < self.best[0] - self.min_delta
+        self.best, self.since_best = (val_loss, step), 0 if improved else self.since_best + 1
+        return True
 
     def out_of(self, patience: int) -> bool:
-        """`patience` validations in a row without a lower loss (0: never)."""
+        """`patience` validations in a row without an improvement (0: never)."""
         return 0 < patience <= self.since_best
 
     def describe(self, patience: int) -> str:
-        return (f"the validation loss has not improved on {self.best[0]:.4f} (step {self.best[1]}) in "
-                f"{self.since_best} validations (--early_stop_patience {patience})" if self.best else "")
+        by = f" by more than {self.min_delta:g}" if self.min_delta else ""
+        return (f"the validation loss has not improved{by} on the lowest, {self.best[0]:.4f} (step {self.best[1]}), "
+                f"in {self.since_best} validations (--early_stop_patience {patience})" if self.best else "")
 
 
 @dataclass

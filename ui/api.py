@@ -49,6 +49,12 @@ def stopped_early(job: dict[str, Any]) -> bool:
             and (job.get("step") or 0) < (job.get("total_steps") or 0))
 
 
+def improvement_text(cfg: dict[str, Any]) -> str:
+    """What a job's early stop counts as an improvement: 'a lower loss', or 'a loss lower by more than 0.01'."""
+    min_delta = cfg.get("early_stop_min_delta")
+    return f"a loss lower by more than {min_delta:g}" if min_delta else "a lower loss"
+
+
 class ApiClient:
     def __init__(self, base_url: str, token: str | None, transport: httpx.BaseTransport | None = None,
                  timeout_s: float = TIMEOUT_S):

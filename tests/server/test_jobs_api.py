@@ -113,6 +113,8 @@ def test_a_validation_file_is_checked_and_confined_as_the_data_file_is(client, s
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "val_ratio"], r.text
     r = client.post("/api/jobs", json=job_body(early_stop_patience=3))   # stops on a validation loss it lacks
     assert r.status_code == 422 and "give val_ratio or val_data_path too" in r.json()["detail"][0]["msg"], r.text
+    r = client.post("/api/jobs", json=job_body(val_ratio=0.1, early_stop_min_delta=0.01))   # no early stop to tune
+    assert r.status_code == 422 and "give early_stop_patience too" in r.json()["detail"][0]["msg"], r.text
     assert client.get("/api/jobs").json()["count"] == 0
     (settings.data_dir / "datasets" / "val.jsonl").write_text('{"text": "held out"}\n')
     job = client.post("/api/jobs", json=job_body(val_data_path="datasets/val.jsonl")).json()

@@ -299,12 +299,12 @@ def test_early_stopping_ends_the_run_after_the_patience_and_a_rerun_stops_there_
 
     out = tmp_path / "out"
 
-    def run(patience: int, losses: list[float]) -> tuple[list[dict], str]:
+    def run(patience: int, losses: list[float], min_delta: float = 0.0, out=out) -> tuple[list[dict], str]:
         scripted = iter(losses)   # StopIteration (a failed run) on a validation not scripted
         monkeypatch.setattr(train_module, "validation_loss", lambda *args: (next(scripted), 100))
         cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path), output_dir=str(out),
                           max_steps=10, batch_size=2, batch_by_samples=True, val_ratio=0.1, eval_interval=1,
-                          save_interval=100, early_stop_patience=patience)
+                          save_interval=100, early_stop_patience=patience, early_stop_min_delta=min_delta)
         capsys.readouterr()
         assert train_module.train(cfg, DistEnv(False, 0, 0, 1, torch.device("cpu")), train_module.StopFlag()) == 0
         assert next(scripted, None) is None   # every scripted validation ran
@@ -315,14 +315,15 @@ def test_early_stopping_ends_the_run_after_the_patience_and_a_rerun_stops_there_
     assert [r["step"] for r in records if "val_loss" in r] == [0, 1, 2, 3]
     done = records[-1]
     assert (done["event"], done["step"], done["stopped_early"], done["best_step"]) == ("done", 3, True, 1)
-    assert "early stop at step 3/10: the validation loss has not improved on 6.0000 (step 1) in 2 validations" in err
+    assert ("early stop at step 3/10: the validation loss has not improved on the lowest, 6.0000 (step 1), in 2 "
+            "validations") in err
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000003"]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     final = (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
 
     records, err = run(2, [])   # again: no step trained, no validation, the final outputs written again
     assert records[-1]["event"] == "done" and records[-1]["stopped_early"] and records[-1]["step"] == 3
-    assert "not training on from" in err and "has not improved on 6.0000 (step 1) in 2 validations" in err
+    assert "not training on from" in err and "has not improved on the lowest, 6.0000 (step 1), in 2 validations" in err
     assert (out / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns > final
 
     records, err = run(3, [6.3])   # the count goes on from the checkpoint's 2: step 4 is the third
@@ -334,6 +335,11 @@ def test_early_stopping_ends_the_run_after_the_patience_and_a_rerun_stops_there_
     assert "the early stop's count (3 validations without a lower loss) starts again" in err
     assert records[-1]["step"] == 8 and records[-1]["best_step"] == 5
 
+    # a loss that creeps down by less than early_stop_min_delta stops too; adapter_best/ keeps the lowest
+    records, err = run(2, [7.0, 6.98, 6.96], min_delta=0.05, out=tmp_path / "creeping")
+    assert (records[-1]["step"], records[-1]["stopped_early"], records[-1]["best_step"]) == (2, True, 2)
+    assert "has not improved by more than 0.05 on the lowest, 6.9600 (step 2), in 2 validations" in err
+
 
 def test_the_lowest_loss_record_counts_validations_since_it():
     from trainer_core.train import LowestLoss
@@ -343,6 +349,11 @@ def test_the_lowest_loss_record_counts_validations_since_it():
         True, False, True, False, False]   # equal is no lower; a NaN counts as no lower
     assert lowest.best == (6.5, 2) and lowest.since_best == 2
     assert lowest.out_of(2) and not lowest.out_of(3) and not lowest.out_of(0)   # 0: no early stop
+    # with a min_delta, a lower loss by less is the new lowest (adapter_best/) but no improvement to the count
+    creeping = LowestLoss(min_delta=0.05)
+    assert [creeping.add(loss, step) for step, loss in enumerate([7.0, 6.98, 6.96, 6.90, 6.89])] == [True] * 5
+    assert creeping.best == (6.89, 4) and creeping.since_best == 1   # 6.90 was 0.06 below 6.96: the last improvement
+    assert "has not improved by more than 0.05 on the lowest, 6.8900 (step 4), in 1 validations" in creeping.describe(1)
 
 
 def test_a_nan_validation_loss_is_never_the_lowest(tmp_path, monkeypatch, capsys, tiny_model_dir, demo_data_path):

@@ -332,6 +332,9 @@ def test_a_job_that_stopped_early_says_so_in_its_summary_and_progress():
     text = job_summary(job, best=(12, 6.7804))
     assert "validation 10% held out, early stop after 2 validations without a lower loss" in text
     assert "**Stopped early** at step 14 of 30: 2 validations in a row without a lower loss" in text
+    text = job_summary({**job, "config": {**job["config"], "early_stop_min_delta": 0.01}})
+    assert "early stop after 2 validations without a loss lower by more than 0.01" in text
+    assert "2 validations in a row without a loss lower by more than 0.01" in text
     assert "**outputs** `/data/jobs/4/out`" in job_summary({**job, "config": {**job["config"],
                                                                             "output_dir": "/data/jobs/4/out"}})
     # still running at step 14, or ended at its last step, or without a patience: not stopped early

@@ -24,7 +24,7 @@ import yaml
 
 from trainer_core import exit_codes
 from trainer_core.config import BEST_ADAPTER_DIR, JOB_SET_FIELDS
-from ui.api import ApiClient, ApiError, stopped_early
+from ui.api import ApiClient, ApiError, improvement_text, stopped_early
 from ui.charts import PlotData, curve_chart
 from ui.context import (SAVE_FILE_JS, UiContext, fmt_duration, fmt_number, parse_api_time, scratch_file,
                         warn)
@@ -164,7 +164,7 @@ def when_text(job: dict[str, Any]) -> str:
 def validation_text(cfg: dict[str, Any]) -> str:
     """' · validation 5% held out' or ' · validation FILE' (and its early stop), or '' without a validation set."""
     patience = cfg.get("early_stop_patience")
-    stop = f", early stop after {patience} validations without a lower loss" if patience else ""
+    stop = f", early stop after {patience} validations without {improvement_text(cfg)}" if patience else ""
     if cfg.get("val_data_path"):
         return f" · validation {cfg['val_data_path']}{stop}"
     if cfg.get("val_ratio"):
@@ -214,7 +214,7 @@ def job_summary(job: dict[str, Any], waits: str | None = None, best: tuple[int, 
                      f"{fmt_number(job.get('last_loss'), 4) or '-'}")
     if stopped_early(job):
         lines.append(f"**Stopped early** at step {job['step']} of {job['total_steps']}: "
-                     f"{cfg['early_stop_patience']} validations in a row without a lower loss "
+                     f"{cfg['early_stop_patience']} validations in a row without {improvement_text(cfg)} "
                      f"(`adapter/` is step {job['step']}'s, `adapter_best/` the lowest's).")
     when = when_text(job)
     if when:
