@@ -627,6 +627,25 @@ def test_the_compare_chart_dots_validation_losses_only():
     assert "x" in spec["encoding"] and "domain" not in spec["encoding"]["x"]["scale"]   # the data's steps
 
 
+def test_the_compare_table_says_how_each_job_ended_and_only_the_settings_that_differ():
+    from ui.tabs.compare import results_table
+
+    first = {"id": 1, "state": "succeeded", "gpus": 0, "step": 30, "total_steps": 30, "last_loss": 7.1,
+             "tokens_per_s": 2000.0, "peak_mem_gb": 3.25, "config": {"base_model": "m", "data_path": "d",
+                                                                   "learning_rate": 1e-4, "output_dir": "/j/1"}}
+    second = {**first, "id": 2, "gpus": 1, "state": "running", "step": 3, "peak_mem_gb": None,
+              "config": {**first["config"], "learning_rate": 3e-4, "lora_rank": 16, "output_dir": "/j/2"}}
+    table = results_table([("#1 a", first, [{"step": 0, "val_loss": 7.3}, {"step": 10, "val_loss": 7.0},
+                                            {"step": 20, "val_loss": 7.05}]), ("#2 b", second, [])])
+    # a sweep's --set values, found: the settings that differ, not output_dir (the server's) nor the others
+    assert list(table.columns) == ["job", "state", "progress", "lowest val loss", "last loss", "tokens/s", "peak GB",
+                                   "lora_rank", "learning_rate", "gpus"]
+    assert table.iloc[0].tolist() == ["#1 a", "succeeded", "30/30 (100%)", "7.0000 (step 10)", "7.1000", "2,000",
+                                      "3.2", "8", "0.0001", "0"]   # lora_rank: #1's config lacks it, the default
+    assert table.iloc[1].tolist()[3:] == ["", "7.1000", "2,000", "", "16", "0.0003", "1"]
+    assert list(results_table([("#1 a", first, [])]).columns)[-1] == "peak GB"   # one job: nothing differs
+
+
 def test_compare_plots_against_tokens_seen_or_training_time_and_skips_points_that_lack_them():
     import pandas as pd
 

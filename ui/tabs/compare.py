@@ -11,7 +11,8 @@ import pandas as pd
 from trainer_core.config import TrainConfig
 from ui.api import ApiError
 from ui.charts import PlotData, curve_chart
-from ui.context import UiContext
+from ui.context import UiContext, fmt_number
+from ui.tabs.jobs import progress_text
 
 
 PALETTE = ["#4f46e5", "#e11d48", "#059669", "#d97706", "#0891b2", "#7c3aed", "#65a30d", "#db2777"]
@@ -28,6 +29,7 @@ class CompareTab:
     refresh_button: gr.Button
     plot: gr.Plot   # a Vega-Lite chart (ui/charts.py)
     info: gr.Markdown
+    table: gr.Dataframe   # how each job ended, and the settings in which they differ
 
 
 COMPARE_HINT = "Pick jobs above: their loss curves are drawn on one plot, a colour each."
@@ -55,6 +57,34 @@ def x_value(point: dict, against: str) -> float | None:
     if against == "train_min":
         return None if point.get("train_s") is None else point["train_s"] / 60
     return point.get(against)
+
+
+# Settings that say where and how often a run writes, not what it learns: never a column of the results table
+NOT_COMPARED = frozenset({"output_dir", "name", "resume", "log_interval", "save_interval"})
+
+
+def results_table(jobs: list[tuple[str, dict, list[dict]]]) -> pd.DataFrame:
+    """A row per (label, job, its metric points): how it ended (progress, lowest validation loss and its step,
+    last training loss, speed, peak memory) and each setting in which the jobs differ, a column each (a sweep's
+    `--set`s, found rather than remembered)."""
+    fields = TrainConfig.model_fields
+
+    def setting(job: dict, key: str):
+        return job["gpus"] if key == "gpus" else job["config"].get(key, fields[key].default)
+
+    keys = [k for k in [*fields, "gpus"] if k not in NOT_COMPARED]
+    differing = [k for k in keys if len({repr(setting(job, k)) for _, job, _ in jobs}) > 1]
+    rows = []
+    for label, job, points in jobs:
+        measured = [(p["val_loss"], p["step"]) for p in points if p.get("val_loss") is not None]
+        lowest = min(measured) if measured else None
+        rows.append({"job": label, "state": job["state"], "progress": progress_text(job),
+                     "lowest val loss": f"{lowest[0]:.4f} (step {lowest[1]})" if lowest else "",
+                     "last loss": fmt_number(job.get("last_loss"), 4), "tokens/s": fmt_number(job.get("tokens_per_s")),
+                     "peak GB": fmt_number(job.get("peak_mem_gb"), 1),
+                     **{k: "" if setting(job, k) is None else str(setting(job, k)) for k in differing}})
+    return pd.DataFrame(rows, columns=["job", "state", "progress", "lowest val loss", "last loss", "tokens/s",
+                                       "peak GB", *differing])
 
 
 def validation_set_key(cfg: dict) -> dict:
@@ -93,15 +123,18 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
                            elem_id="compare-against")
     plot = gr.Plot(show_label=False, elem_id="compare-plot", elem_classes="curve-chart")
     info = gr.Markdown(COMPARE_HINT, elem_id="compare-info")
+    table = gr.Dataframe(results_table([]), label="How they ended, and the settings in which they differ",
+                         interactive=False, wrap=True, elem_id="compare-table")
 
     def compare(session, job_ids, curve, against):
-        rows, notes, validated = [], [], {}
+        rows, notes, validated, picked = [], [], {}, []
         try:
             client = ctx.client(session)
             for job_id in job_ids or []:
                 job = client.get_job(int(job_id))
                 points = client.metrics(int(job_id))
                 label = f"#{job['id']} {job.get('name') or job['config'].get('name', '')}"
+                picked.append((label, job, points))
                 measured = [p for p in points if p.get(curve) is not None]
                 drawn = [(x_value(p, against), p[curve], label) for p in measured if x_value(p, against) is not None]
                 rows += drawn
@@ -112,7 +145,7 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
                 notes.append(f"{label}: {len(drawn)} points, {job['state']}" + unplaced
                              + (" (no validation set)" if curve == "val_loss" and not measured and points else ""))
         except ApiError as e:
-            return gr.skip(), f"Cannot compare: {e}"
+            return gr.skip(), f"Cannot compare: {e}", gr.skip()
         frame = pd.DataFrame(rows, columns=[against, "loss", "job"]).astype(
             {against: "int64" if against == "step" else "float64", "loss": "float64", "job": "string"})
         info = " · ".join(notes) or COMPARE_HINT
@@ -120,7 +153,7 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
         if differ:   # a paragraph of its own: easy to miss at the end of the line above
             info += ("\n\n**⚠ These validation losses average different samples**, so they do not compare one to "
                      "one: " + " · ".join(f"`{d}`" for d in differ))
-        return compare_chart(frame, curve, against), info
+        return compare_chart(frame, curve, against), info, results_table(picked)
 
     def choices(session):
         try:
@@ -132,5 +165,5 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
 
     picker.focus(choices, ctx.session, picker, queue=False, show_progress="hidden")  # the list is current when opened
     for trigger in (picker.change, curve.change, against.change, refresh_button.click):
-        trigger(compare, [ctx.session, picker, curve, against], [plot, info], show_progress="hidden")
-    return CompareTab(picker, curve, against, refresh_button, plot, info)
+        trigger(compare, [ctx.session, picker, curve, against], [plot, info, table], show_progress="hidden")
+    return CompareTab(picker, curve, against, refresh_button, plot, info, table)

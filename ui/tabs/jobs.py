@@ -537,7 +537,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
                 settings_yaml(job), *action_updates(job))
 
     def poll(session, current, selected, request: gr.Request):
-        skip = (gr.skip(),) * 10
+        skip = (gr.skip(),) * len(view + actions)
         if not current or current.get("job_id") is None or not (session or {}).get("token"):
             return skip
 
@@ -576,7 +576,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             job = ctx.client(session).cancel_job(_selected_id(selected))
         except (ApiError, TypeError, KeyError) as e:
             warn(f"Cancel failed: {e}")
-            return (gr.skip(),) * 5
+            return (gr.skip(),) * (1 + len(actions))
         gr.Info(f"Job #{job['id']}: cancel {'requested' if job['state'] == 'running' else 'done'}.")
         return job_summary(job), *action_updates(job)
 
