@@ -57,14 +57,17 @@ def resolve_data_file(config: TrainConfig, field: str, settings: Settings) -> Pa
     return path
 
 
-def resolve_init_adapter(config: TrainConfig, settings: Settings) -> Path:
+def resolve_init_adapter(config: TrainConfig, settings: Settings, *, check: bool = True) -> Path:
     """The adapter a job starts from, confined to the read roots or to the jobs' outputs (where an earlier job
-    wrote it), and checked against the job's settings now rather than when a worker starts it."""
+    wrote it), and checked against the job's settings now rather than when a worker starts it (`check`: not for
+    a retry that resumes a checkpoint, which does not read it; its job may have been deleted since)."""
     loc = ("body", "config", "init_adapter")
     try:
         path = confine(config.init_adapter, roots=[*settings.read_roots, settings.jobs_dir], base=settings.data_root)
     except ValueError as e:
         raise FieldError(loc, str(e)) from None
+    if not check:
+        return path
     try:
         check_init_adapter(config.model_copy(update={"init_adapter": str(path)}))
     except DataError as e:
@@ -72,11 +75,13 @@ def resolve_init_adapter(config: TrainConfig, settings: Settings) -> Path:
     return path
 
 
-def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str) -> TrainConfig:
-    """Paths made absolute and confined to the roots; output_dir is the server's choice (jobs/ID/out)."""
+def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str,
+                   resumes: bool = False) -> TrainConfig:
+    """Paths made absolute and confined to the roots; output_dir is the server's choice (jobs/ID/out).
+    `resumes`: a retry that has a checkpoint to resume."""
     data_path = resolve_data_file(config, "data_path", settings)
     val_data_path = resolve_data_file(config, "val_data_path", settings) if config.val_data_path else None
-    init_adapter = resolve_init_adapter(config, settings) if config.init_adapter else None
+    init_adapter = resolve_init_adapter(config, settings, check=not resumes) if config.init_adapter else None
     base_model = confine_field(config.base_model, ("body", "config", "base_model"), settings)
     if not is_dir(base_model):
         raise FieldError(("body", "config", "base_model"),
@@ -92,7 +97,8 @@ def resolve_config(config: TrainConfig, *, settings: Settings, job_id: int | str
                        "output_dir": str(output_dir)})   # stored as it runs: resuming (see stored_config)
 
 
-def create_job(*, session: Session, job_create: JobCreate, settings: Settings, retry_of: int | None = None) -> Job:
+def create_job(*, session: Session, job_create: JobCreate, settings: Settings, retry_of: int | None = None,
+               resumes: bool = False) -> Job:
     if job_create.gpus > 0 and job_create.nproc not in (None, job_create.gpus):
         raise FieldError(("body", "nproc"), "a GPU job runs one process per GPU; set nproc only when gpus is 0")
     job = Job(
@@ -108,7 +114,7 @@ def create_job(*, session: Session, job_create: JobCreate, settings: Settings, r
     session.add(job)
     session.flush()  # the id names the output dir
     assert job.id is not None
-    job.config = resolve_config(job_create.config, settings=settings, job_id=job.id).model_dump()
+    job.config = resolve_config(job_create.config, settings=settings, job_id=job.id, resumes=resumes).model_dump()
     emit_state(session, job)
     note(session, f"{job_label(job)}: queued" + (f" (a retry of job {retry_of})" if retry_of else "")
          + f", {job.gpus} GPU(s) x {job.nodes} node(s), {job.config['base_model']} on {job.config['data_path']}")
@@ -162,8 +168,10 @@ def retry_job(*, session: Session, job_id: int, settings: Settings) -> Job:
     if earlier is not None:
         raise Conflict(f"job {job_id} was already retried as job {earlier}; retry that one if it failed")
     job_create = JobCreate(config=stored_config(old), **JobResources.of_stored_job(old).model_dump())
-    job = create_job(session=session, job_create=job_create, settings=settings, retry_of=old.id)
-    _carry_progress(Path(old.config["output_dir"]), Path(job.config["output_dir"]))
+    old_out = Path(old.config["output_dir"])
+    resumes = is_dir(old_out / "checkpoints") and any((old_out / "checkpoints").glob("step_*"))
+    job = create_job(session=session, job_create=job_create, settings=settings, retry_of=old.id, resumes=resumes)
+    _carry_progress(old_out, Path(job.config["output_dir"]))
     return job
 
 

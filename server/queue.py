@@ -514,7 +514,8 @@ def record_report(*, session: Session, job_id: int, report: Report, settings: Se
         next_idx = -1 if stored is None else stored - base
         for idx, line in enumerate(report.logs, start=report.log_start):
             if idx > next_idx:
-                add_log(session, job, cut_log_line(prefix + line, settings.max_log_line_chars),
+                # the node's prefix on top of the limit: a line its worker cut fits whole, marker included
+                add_log(session, job, prefix + cut_log_line(line, settings.max_log_line_chars),
                         attempt=report.attempt, idx=base + idx)
     session.add(job)
     return job.cancel_requested

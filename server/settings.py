@@ -37,7 +37,8 @@ class Settings(BaseSettings):
                                "gang is not complete after this long (two half-formed gangs never wait forever).")
     sse_poll_s: float = Field(0.25, gt=0, description="How often an SSE stream looks for new events.")
     sse_ping_s: float = Field(15.0, gt=0)
-    max_log_line_chars: int = 4000
+    max_log_line_chars: int = Field(4000, ge=100, description="Kept of a log line (a [node K] prefix on top); "
+                                    "a longer one is cut, saying how much.")
     max_body_mb: float = Field(16.0, gt=0, description="Request bodies larger than this are refused with 413.")
 
     @model_validator(mode="after")

@@ -48,7 +48,7 @@ NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$"   # no leading '.': lora/.{name
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "gradient_checkpointing", "compile", "ddp", "tokens_per_row",
                                "output_dir", "name", "log_interval", "save_interval", "resume", "data_path",
                                "eval_interval", "val_data_path", "early_stop_patience",
-                               "early_stop_min_delta"})
+                               "early_stop_min_delta", "init_adapter"})   # a resumed run's weights are its checkpoint's
 
 
 class TrainConfig(BaseModel):
@@ -371,7 +371,7 @@ def parse_job_file(text: str, overrides: Sequence[str] = ()) -> tuple[dict[str, 
             raise ValueError(f"next to 'config' (the API's request body) only {'/'.join(JobResources.model_fields)} "
                              f"may stand, not {', '.join(named)}")
         data = {**data["config"], **({"job": resources} if resources else {})}
-    given_by: dict[str, str] = {}   # field -> the --set that gave its value
+    given_by: dict[str, str] = {}   # key as written ('lr', 'job.gpus') -> the --set that gave its value
     for override in overrides:
         key, sep, value = override.partition("=")
         if not sep or not key.strip():
@@ -386,7 +386,7 @@ def parse_job_file(text: str, overrides: Sequence[str] = ()) -> tuple[dict[str, 
                 data["job"] = {}
             if isinstance(data["job"], dict):   # else the check below names it
                 data["job"][name] = parsed
-                given_by[name] = f"--set {override}"
+                given_by[f"job.{name}"] = f"--set {override}"
         else:
             data[key.strip()] = parsed
             given_by[key.strip()] = f"--set {override}"
@@ -402,18 +402,19 @@ def parse_job_file(text: str, overrides: Sequence[str] = ()) -> tuple[dict[str, 
         named = {key: f"{key} (did you mean {close}?)" if (close := closest_name(key, known)) else key
                  for key in unknown}
         # a --set's own mistake is named as the --set's; the caller names the file before the others
-        in_file = [named[key] for key in unknown if key.removeprefix("job.") not in given_by]
-        by_set = [f"{given_by[key.removeprefix('job.')]}: unknown config key {named[key]}" for key in unknown
-                  if key.removeprefix("job.") in given_by]
+        in_file = [named[key] for key in unknown if key not in given_by]
+        by_set = [f"{given_by[key]}: unknown config key {named[key]}" for key in unknown if key in given_by]
         raise ValueError("; ".join(([f"unknown config keys: {', '.join(in_file)}"] if in_file else []) + by_set))
     try:   # every value as the schema takes it (required fields it may lack are stand-ins here)
         TrainConfig(**{"base_model": "-", "data_path": "-", **data})
     except ValidationError as e:
-        raise ValueError(format_validation_error(e, given_by=given_by)) from None
+        raise ValueError(format_validation_error(e, given_by={k: v for k, v in given_by.items()
+                                                              if not k.startswith("job.")})) from None
     try:
         JobResources.model_validate(job, strict=True)   # YAML gives numbers as numbers: "2" is a mistake
     except ValidationError as e:
-        raise ValueError(format_validation_error(e, whole="job", prefix="job.", given_by=given_by)) from None
+        job_given_by = {key.removeprefix("job."): source for key, source in given_by.items() if key.startswith("job.")}
+        raise ValueError(format_validation_error(e, whole="job", prefix="job.", given_by=job_given_by)) from None
     return data, job
 
 

@@ -186,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({k: summary[k] for k in ("data_path", "records", "validation_records", "warnings")})
               if args.json else
               "\n".join([f"{args.file}: {summary['records']:,} valid records (give --tokenizer for samples, token "
-                         "lengths and packing" + (f"; {unused} count only with it)" if unused else ")"),
+                         "lengths and packing" + (f"; {unused}: no effect without it)" if unused else ")"),
                          *[f"  warning: {w}" for w in summary["warnings"]], *val_line]))
         return 0
     print(json.dumps(summary, indent=2) if args.json else "\n".join([format_summary(summary), *val_line]))

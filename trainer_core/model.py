@@ -324,26 +324,33 @@ def read_adapter_settings(adapter_dir: str | Path) -> dict:
         raise DataError([f"{adapter_dir}: no such directory (a run writes <output_dir>/adapter when it ends, and "
                          "adapter_best/ as it validates)"])
     try:
-        return json.loads((path / ROPE_SETTINGS_FILE).read_text(encoding="utf-8"))
+        settings = json.loads((path / ROPE_SETTINGS_FILE).read_text(encoding="utf-8"))
     except (FileNotFoundError, NotADirectoryError):   # a directory of something else, or a file such as *_final.pth
         if (path / "adapter").is_dir():
             raise DataError([f"{adapter_dir}: a run's output directory; its adapter is {path / 'adapter'}"]) from None
         raise DataError([f"{adapter_dir}: not a paratrain adapter directory (no {ROPE_SETTINGS_FILE}; it is "
                          "<output_dir>/adapter after training)"]) from None
+    except OSError as e:   # not readable by this user
+        raise DataError([f"{path / ROPE_SETTINGS_FILE}: cannot be read ({e.strerror or e})"]) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError([f"{Path(adapter_dir) / ROPE_SETTINGS_FILE}: not readable as JSON ({e})"]) from None
+        raise DataError([f"{path / ROPE_SETTINGS_FILE}: not readable as JSON ({e})"]) from None
+    if not isinstance(settings, dict):
+        raise DataError([f"{path / ROPE_SETTINGS_FILE}: not a JSON object"])
+    return settings
 
 
-def check_init_adapter(cfg: TrainConfig) -> None:
+def check_init_adapter(cfg: TrainConfig) -> dict:
     """DataError unless --init_adapter holds a paratrain adapter this run can start from: its 2D positions
     (rope_2d_ratio, branch_stride) and its scale (lora_rank, lora_alpha) must be this run's, or its weights
     compute something else than what was trained. Cheap: checked before the model loads (the target modules
-    are checked as the weights load)."""
+    are checked as the weights load). Returns its rope2d.json."""
     settings = read_adapter_settings(cfg.init_adapter)
     try:
         peft_settings = json.loads((Path(cfg.init_adapter) / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise DataError([f"{cfg.init_adapter}: its adapter_config.json is not readable ({e})"]) from None
+    if not isinstance(peft_settings, dict):
+        raise DataError([f"{cfg.init_adapter}: its adapter_config.json is not a JSON object"])
     theirs = {"rope_2d_ratio": settings.get("rope_2d_ratio"), "branch_stride": settings.get("branch_stride"),
               "lora_rank": peft_settings.get("r"), "lora_alpha": peft_settings.get("lora_alpha")}
     ours = {"rope_2d_ratio": cfg.rope_2d_ratio, "branch_stride": cfg.branch_stride, "lora_rank": cfg.lora_rank,
@@ -351,6 +358,7 @@ def check_init_adapter(cfg: TrainConfig) -> None:
     differ = [f"{k} {theirs[k]} (this run: {ours[k]:g})" for k in ours if theirs[k] != ours[k]]
     if differ:
         raise DataError([f"{cfg.init_adapter}: an adapter trained with {', '.join(differ)}; give its values"])
+    return settings
 
 
 def load_init_adapter(peft_model: nn.Module, adapter_dir: str | Path) -> None:

@@ -315,6 +315,20 @@ def prepare_data(cfg: TrainConfig, env: DistEnv) -> tuple[Split, Split | None, s
     return train_split, val_split, prepared[0]["sha256"]
 
 
+def check_starting_adapter(cfg: TrainConfig, env: DistEnv) -> None:
+    """check_init_adapter, outside the output dir (a fresh start there replaces its adapter/ and adapter_best/;
+    --no-resume deletes them before the model loads), and a note when it was trained on another base model."""
+    adapter, out = Path(cfg.init_adapter).resolve(), Path(cfg.output_dir).resolve()
+    if adapter == out or out in adapter.parents:
+        raise DataError([f"--init_adapter {cfg.init_adapter} is in this run's --output_dir {cfg.output_dir}, whose "
+                         "adapters a fresh start replaces: copy it elsewhere first, or give another --output_dir"])
+    trained_on = check_init_adapter(cfg).get("base_model")
+    ours = str(Path(local_model_dir(cfg.base_model)).resolve())
+    if trained_on and trained_on not in (cfg.base_model, ours):
+        print0(env, f"note: --init_adapter {cfg.init_adapter} was trained on {trained_on}, this run's base model is "
+                    f"{cfg.base_model}: right for a copy of the same model, meaningless for another")
+
+
 def checked_on_main(env: DistEnv, check) -> None:
     """`check()` on rank 0; its DataError is raised on every rank (the others would wait in a collective)."""
     error = None
@@ -375,12 +389,15 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     # checkpoint refuses (other settings) stops here, before it claims the directory from the run training there.
     identity = resume_identity(cfg, env.world_size, data_sha256)
     if choose_checkpoint(cfg, env, out_dir, identity) is None and cfg.init_adapter:
-        checked_on_main(env, lambda: check_init_adapter(cfg))   # before the claim and the model load
+        checked_on_main(env, lambda: check_starting_adapter(cfg, env))   # before the claim and the model load
     # From here this run is the output dir's writer: a run still training on it stops at its next step
     # (trainer_core/owner.py). The checkpoint is picked again after the claim, so none is written after the pick.
     owner_token = owner.claim(out_dir) if env.is_main else ""
     last = choose_checkpoint(cfg, env, out_dir, identity)
     init_adapter = cfg.init_adapter if last is None else None   # a resumed run has its weights in the checkpoint
+    if cfg.init_adapter and last is not None:
+        print0(env, f"note: --init_adapter is not read: this run resumes from {last}, with its weights "
+                    "(--no-resume starts over from the adapter)")
 
     def claim_lost_here() -> bool:
         """Whether a newer run has claimed the output dir since (rank 0's answer; the others do not look)."""
@@ -410,8 +427,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
 
     torch.manual_seed(cfg.seed)  # identical LoRA init on every rank
     model = build_lora_model(cfg, env.device)
-    if init_adapter:
-        load_init_adapter(model, init_adapter)
+    if init_adapter:   # on rank 0: wrapping the model, DDP gives every rank rank 0's parameters
+        checked_on_main(env, lambda: load_init_adapter(model, init_adapter))
         print0(env, f"LoRA starts from {init_adapter}")
     trainable = [p for p in model.parameters() if p.requires_grad]
     print0(env, f"model: {cfg.base_model}, LoRA r={cfg.lora_rank} on {cfg.lora_target_modules}, "
@@ -948,7 +965,8 @@ def run_config(cfg: TrainConfig) -> int:
         return report_failure(env, exit_codes.DIVERGED, (
             f"paratrain: training diverged at {e}; the step was not applied and the last checkpoint is intact. "
             f"Try a lower --learning_rate (now {cfg.learning_rate:g})"
-            + (", --dtype bfloat16 instead of float16" if cfg.dtype == "float16" else "") + " or a smaller --lora_alpha."))
+            + (", --dtype bfloat16 instead of float16" if cfg.dtype == "float16" else "")
+            + " or a smaller --lora_alpha."))
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise

@@ -24,7 +24,8 @@ from ui.context import UiContext, warn  # noqa: E402
 from ui.form import job_values  # noqa: E402
 from ui.tabs.compare import CompareTab, create_compare_tab  # noqa: E402
 from ui.tabs.dataset import DatasetTab, create_dataset_tab  # noqa: E402
-from ui.tabs.jobs import JobsTab, create_jobs_tab, parse_job_id, picker_update, train_on_values  # noqa: E402
+from ui.tabs.jobs import (JobsTab, best_adapter, create_jobs_tab, parse_job_id, picker_update,  # noqa: E402
+                          train_on_values)
 from ui.tabs.memory import gpu_mem_update  # noqa: E402
 from ui.tabs.submit import SubmitTab, create_submit_tab  # noqa: E402
 from ui.tabs.workers import WorkersTab, create_workers_tab  # noqa: E402
@@ -190,28 +191,31 @@ def build_ui(api_base_url: str) -> ParatrainUI:
                 return gr.skip(), gr.skip(), gr.skip()
             return update, gr.Tabs(selected="jobs"), "jobs"
 
-        def edit_job(session_value, selected):
-            """The selected job's settings into the New job form, to change and submit as a new job."""
+        def into_form(session_value, selected, fill, failed: str):
+            """`fill(client, job_id)` -> (form values, what to say) into the New job form, which is shown; a
+            toast with `failed` and the reason when the job cannot be read (or is of an older schema)."""
             job_id = parse_job_id(selected)
             try:
-                values = job_values(ctx.client(session_value).get_job(job_id))
-            except (ApiError, ValueError, TypeError) as e:
-                warn(f"Cannot open job #{job_id}'s settings: {e}")
+                values, done = fill(ctx.client(session_value), job_id)
+            except (ApiError, ValueError, TypeError, KeyError) as e:
+                warn(f"{failed.format(job_id=job_id)}: {e}")
                 return [*form.updates({}), gr.skip(), gr.skip()]
-            gr.Info(f"Job #{job_id}'s settings are in the form: change them and submit.")
+            gr.Info(done)
             return [*form.updates(values), gr.Tabs(selected="submit"), "submit"]
+
+        def edit_job(session_value, selected):
+            """The selected job's settings into the New job form, to change and submit as a new job."""
+            return into_form(session_value, selected, lambda client, job_id: (
+                job_values(client.get_job(job_id)), f"Job #{job_id}'s settings are in the form: change them and "
+                                                    "submit."), "Cannot open job #{job_id}'s settings")
 
         def train_on_job(session_value, selected):
             """A new job in the New job form that starts from the selected job's adapter, with its settings."""
-            job_id = parse_job_id(selected)
-            try:
-                values, which = train_on_values(ctx.client(session_value).get_job(job_id))
-            except (ApiError, ValueError, TypeError, KeyError) as e:
-                warn(f"Cannot start from job #{job_id}'s adapter: {e}")
-                return [*form.updates({}), gr.skip(), gr.skip()]
-            gr.Info(f"A new job starting from job #{job_id}'s {which}/ (init_adapter) is in the form, with its "
-                    "settings: change data_path and what else, and submit.")
-            return [*form.updates(values), gr.Tabs(selected="submit"), "submit"]
+            def fill(client, job_id):
+                values, which = train_on_values(client.get_job(job_id), best_adapter(client, job_id))
+                return values, (f"A new job starting from job #{job_id}'s {which} (init_adapter) is in the form, "
+                                "with its settings: change data_path and what else, and submit.")
+            return into_form(session_value, selected, fill, "Cannot start from job #{job_id}'s adapter")
 
         # the job table is filled at once after logging in, not at the next timer tick
         refresh_jobs = (jobs.refresh_fn, session, [jobs.table, jobs.table_ids, jobs.picker])

@@ -21,12 +21,12 @@ GRID_COLOUR = "rgba(128, 128, 128, 0.25)"
 Y_LABELS_PX = 56
 POINT_SIZE = 45   # the area of a measured point's dot, in square pixels (the lines are 2 px wide)
 
-# What a curve can be plotted against: {frame column: (axis title, Vega-Lite axis)}
+# What a curve can be plotted against: {frame column: (axis title, Vega-Lite axis, the tooltip's number format)}
 X_AXES = {
-    "step": ("step", {"format": "d", "tickMinStep": 1}),   # whole steps, also on a short curve
+    "step": ("step", {"format": "d", "tickMinStep": 1}, "d"),   # whole steps, also on a short curve
     # 250k, 1.5M; a tick every 40 px (Vega's default) crowded the axis with "0.5k 1k 1.5k ..."
-    "tokens_seen": ("tokens seen", {"format": "~s", "tickCount": 10}),
-    "train_min": ("training time (minutes)", {"format": "~g", "tickCount": 10}),
+    "tokens_seen": ("tokens seen", {"format": "~s", "tickCount": 10}, ",d"),
+    "train_min": ("training time (minutes)", {"format": "~g", "tickCount": 10}, ".2f"),
 }
 
 
@@ -37,7 +37,7 @@ def curve_chart(frame: pd.DataFrame, *, y: str, series: str, colours: dict[str, 
     `dotted` also have a dot on each point (a single point is a dot alone). The others get invisible dots, which
     give the hover tooltip of the point nearest to the mouse. `x`: a key of X_AXES; `x_domain`: its range (None:
     the data's); `legend`: False for a single curve the title names."""
-    x_title, x_axis = X_AXES[x]
+    x_title, x_axis, x_format = X_AXES[x]
     present = set(frame[series])
     shown = [name for name in colours if name in present]   # the legend names only the curves drawn
     dotted = [name for name in shown if name in set(dotted)]
@@ -71,7 +71,7 @@ def curve_chart(frame: pd.DataFrame, *, y: str, series: str, colours: dict[str, 
                       "legend": {"orient": "bottom"} if legend and shown else None,   # an empty one collapses it
                       "scale": {"domain": shown, "range": [colours[name] for name in shown]}},
             "tooltip": [{"field": series, "type": "nominal"}, {"field": x, "type": "quantitative", "title": x_title,
-                         "format": ".4~g"},
+                         "format": x_format},
                         {"field": y, "type": "quantitative", "format": ".4g"}],
         },
         "layer": [layer([name for name in shown if name not in dotted], "transparent"),

@@ -39,7 +39,7 @@ MAX_FAILURE_REASON_CHARS = 16_000
 METRIC_KEYS = ("step", "loss")
 # `python -m` puts the working directory first on sys.path: started from another checkout of paratrain, the
 # worker, its launcher and the trainer ran that checkout's code (an older one failed every job with "cannot
-# run the stored config"). With this set (Python 3.11+) they do not; their children inherit it.
+# run the stored config"). With this set they do not (Python 3.11+; 3.10 ignores it); their children inherit it.
 SAFE_PATH_ENV = {"PYTHONSAFEPATH": "1"}
 LEFTOVER_WAIT_S = 10.0   # for SIGKILLed leftovers of a run to be gone before its end is reported
 

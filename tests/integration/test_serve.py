@@ -256,6 +256,7 @@ def test_the_local_worker_takes_its_name_and_gpus_from_the_worker_settings_unles
     assert flags("none", PARATRAIN_WORKER_NAME="box-3") == {"--server": "http://127.0.0.1:8000", "--gpus": "none"}
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="PYTHONSAFEPATH came with Python 3.11")
 def test_serve_started_in_another_checkout_runs_its_own_worker_and_trainer(data_dir, tmp_path):
     """`python -m` puts the working directory first on sys.path: serve started inside an older clone of
     paratrain ran that clone's worker, which failed every job ("cannot run the stored config")."""

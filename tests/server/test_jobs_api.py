@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 from pathlib import Path
 
@@ -589,6 +590,22 @@ def test_a_job_starts_from_an_earlier_jobs_adapter_checked_against_its_settings_
             continue
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "init_adapter"], r.text
         assert message in r.json()["detail"][0]["msg"], r.text
+    # a retry that resumes a checkpoint does not read the adapter: it is retried after that job was deleted
+    started = client.post("/api/jobs", json=job_body(init_adapter="jobs/7/out/adapter_best")).json()
+    never_started = client.post("/api/jobs", json=job_body(init_adapter=str(adapter))).json()
+    for job in (started, never_started):
+        client.post(f"/api/jobs/{job['id']}/cancel")
+    checkpoint = Path(started["config"]["output_dir"]) / "checkpoints" / "step_00000002"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text("{}")
+    shutil.rmtree(settings.jobs_dir / "7")
+    r = client.post(f"/api/jobs/{started['id']}/retry")
+    assert r.status_code == 201, r.text
+    r = client.post(f"/api/jobs/{never_started['id']}/retry")   # no checkpoint: the retry would read it, gone
+    assert r.status_code == 422 and "adapter_best: no such directory" in r.json()["detail"][0]["msg"], r.text
+    (adapter / "rope2d.json").parent.mkdir(parents=True)
+    (adapter / "rope2d.json").write_text(json.dumps({"rope_2d_ratio": 0.5, "branch_stride": 128, "base_model": "m"}))
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
     r = client.post("/api/jobs", json=job_body(init_adapter="jobs/7/out/adapter_best", lora_rank=16))
     assert r.status_code == 422
     assert r.json()["detail"][0]["msg"] == ("jobs/7/out/adapter_best: an adapter trained with lora_rank 8 (this run: "

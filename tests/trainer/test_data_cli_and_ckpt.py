@@ -97,7 +97,7 @@ def test_data_check_without_a_tokenizer_checks_the_lines(tmp_path, demo_data_pat
     # the sample flags need tokens: without a tokenizer they are named as not counted, not silently dropped
     proc = subprocess.run([PARATRAIN, "data", "check", str(demo_data_path), "--val_ratio", "0.1"], capture_output=True,
                           text=True, timeout=60)
-    assert proc.returncode == 0 and "--val_ratio count only with it" in proc.stdout, proc.stdout
+    assert proc.returncode == 0 and "--val_ratio: no effect without it" in proc.stdout, proc.stdout
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"branches": 3}\n')
     proc = subprocess.run([PARATRAIN, "data", "check", str(bad)], capture_output=True, text=True, timeout=60)

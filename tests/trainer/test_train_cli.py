@@ -549,11 +549,20 @@ def test_a_run_starts_from_another_runs_adapter_and_refuses_one_of_other_setting
     second_start = [r for r in json_lines(second.stdout) if r.get("step") == 0][0]["val_loss"]
     assert abs(second_start - first_end) < 1e-4 and abs(second_start - first_start) > 1e-3, (second_start, first_end)
 
+    # the same command again resumes its own checkpoint (whatever --init_adapter says now), and says so
+    again = train(tmp_path / "second", "--init_adapter", str(tmp_path / "elsewhere"))
+    assert again.returncode == 0 and "note: --init_adapter is not read: this run resumes from" in again.stderr
+    # an adapter in the run's own output dir would be replaced (--no-resume deletes it first): refused, kept
+    own = train(tmp_path / "first", "--init_adapter", str(adapter), "--no-resume")
+    assert own.returncode == 2 and "is in this run's --output_dir" in own.stderr, own.stderr[-2000:]
+    assert (adapter / "adapter_model.safetensors").exists() and (tmp_path / "first" / "checkpoints").exists()
+
     # other settings are refused before the model loads, naming each; so are a missing or a cut-short adapter
     broken = tmp_path / "broken"
     shutil.copytree(adapter, broken)
     (broken / "adapter_model.safetensors").write_bytes(b"\xff" * 8)
-    for extra, message in [(["--lora_rank", "4"], "adapter: an adapter trained with lora_rank 8 (this run: 4), lora_alpha 16"),
+    for extra, message in [(["--lora_rank", "4"], "adapter: an adapter trained with lora_rank 8 (this run: 4), "
+                                                  "lora_alpha 16"),
                            (["--rope_2d_ratio", "0.65"], "rope_2d_ratio 0.5 (this run: 0.65)"),
                            (["--lora_target_modules", "q_proj,v_proj"], "LoRA weights for other modules"),
                            (["--init_adapter", str(tmp_path / "none")], "none: no such directory"),

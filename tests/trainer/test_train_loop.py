@@ -262,3 +262,25 @@ def test_a_run_whose_directory_is_claimed_while_its_model_loads_writes_nothing(t
     assert train_module.train(cfg, ONE_PROCESS, train_module.StopFlag()) == exit_codes.SUPERSEDED
     assert (out / "metrics.jsonl").read_text() == theirs
     assert sorted(p.name for p in out.iterdir()) == [owner.OWNER_FILE, "metrics.jsonl"]
+
+
+def test_an_adapter_trained_on_another_base_model_is_named_and_one_in_the_output_dir_refused(tmp_path, capsys):
+    from trainer_core.config import TrainConfig
+    from trainer_core.train import check_starting_adapter
+
+    adapter = tmp_path / "old" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "rope2d.json").write_text(json.dumps({"rope_2d_ratio": 0.5, "branch_stride": 128,
+                                                     "base_model": "/models/Qwen2.5-0.5B"}))
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    cfg = TrainConfig(base_model=str(tmp_path / "instruct"), data_path="d", init_adapter=str(adapter),
+                      output_dir=str(tmp_path / "new"))
+    check_starting_adapter(cfg, ONE_PROCESS)
+    assert "was trained on /models/Qwen2.5-0.5B, this run's base model is" in capsys.readouterr().err
+    check_starting_adapter(cfg.model_copy(update={"base_model": "/models/Qwen2.5-0.5B"}), ONE_PROCESS)
+    assert capsys.readouterr().err == ""   # the same model: nothing to say
+    with pytest.raises(DataError, match="is in this run's --output_dir"):
+        check_starting_adapter(cfg.model_copy(update={"output_dir": str(tmp_path / "old")}), ONE_PROCESS)
+    (adapter / "rope2d.json").write_text("[1, 2]")   # JSON, but no settings: named, not an AttributeError
+    with pytest.raises(DataError, match="rope2d.json: not a JSON object"):
+        check_starting_adapter(cfg, ONE_PROCESS)

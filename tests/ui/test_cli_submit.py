@@ -282,6 +282,11 @@ def test_set_changes_fields_of_the_file_for_a_sweep(live_server, tmp_path, token
     assert main([*argv, "--set", "job.gpus=-1"]) == 2
     assert "paratrain submit: --set job.gpus=-1: job.gpus: Input should be greater than or equal to 0" in (
         capsys.readouterr().err)
+    # a --set job.gpus does not take the blame for the file's own top-level gpus
+    job_file.write_text(JOB_FILE + "gpus: 1\n")
+    assert main([*argv, "--set", "job.gpus=2"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"paratrain submit: {job_file}: unknown config keys: gpus (did you mean job.gpus?)")
 
 
 def test_submit_finds_the_server_serve_wrote_in_the_data_dir(tmp_path, monkeypatch):

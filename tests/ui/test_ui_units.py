@@ -494,15 +494,20 @@ def test_job_actions_follow_the_jobs_state():
 def test_train_on_starts_from_the_adapter_of_the_lowest_validation_loss_when_there_is_one():
     from ui.tabs.jobs import train_on_values
 
-    job = {"id": 3, "state": "succeeded", "gpus": 0, "nodes": 1, "priority": 0, "max_attempts": 3,
+    job = {"id": 3, "state": "succeeded", "step": 30, "gpus": 0, "nodes": 1, "priority": 0, "max_attempts": 3,
            "config": {"base_model": "/d/models/tiny", "data_path": "/d/a.jsonl", "output_dir": "/d/jobs/3/out",
                       "lora_rank": 16}}
-    values, which = train_on_values(job)
-    assert (values["init_adapter"], which) == ("/d/jobs/3/out/adapter", "adapter")
+    values, which = train_on_values(job, None)   # no validation set
+    assert (values["init_adapter"], which) == ("/d/jobs/3/out/adapter", "adapter/ (its last step, 30)")
     assert values["lora_rank"] == 16 and values["data_path"] == "/d/a.jsonl"   # the settings the adapter needs
     assert values["output_dir"] != "/d/jobs/3/out"   # the server chooses the new job's
-    values, which = train_on_values({**job, "last_val_loss": 6.1})
-    assert (values["init_adapter"], which) == ("/d/jobs/3/out/adapter_best", "adapter_best")
+    values, which = train_on_values({**job, "last_val_loss": 6.1}, (20, 6.05))
+    assert (values["init_adapter"], which) == ("/d/jobs/3/out/adapter_best",
+                                               "adapter_best/ (step 20, validation loss 6.0500)")
+    # its lowest was before training (adapter_best/ is the untrained adapter): the last step's, when it has one
+    assert train_on_values(job, (0, 7.3))[0]["init_adapter"] == "/d/jobs/3/out/adapter"
+    values, which = train_on_values({**job, "state": "cancelled"}, (0, 7.3))   # no adapter/: said
+    assert values["init_adapter"] == "/d/jobs/3/out/adapter_best" and "before training" in which
 
 
 def test_jobs_table_shows_about_ten_jobs_before_it_scrolls():
@@ -657,9 +662,11 @@ def test_compare_plots_against_tokens_seen_or_training_time_and_skips_points_tha
     frame = pd.DataFrame([(1.5, 6.0, "#1 a")], columns=["train_min", "loss", "job"])
     spec = json.loads(compare_chart(frame, "loss", "train_min").plot)
     assert spec["encoding"]["x"]["field"] == "train_min" and spec["encoding"]["x"]["title"] == "training time (minutes)"
-    assert spec["encoding"]["tooltip"][1]["field"] == "train_min"
+    assert spec["encoding"]["tooltip"][1] | {"title": None} == {"field": "train_min", "type": "quantitative",
+                                                               "title": None, "format": ".2f"}
     tokens = json.loads(compare_chart(frame.rename(columns={"train_min": "tokens_seen"}), "loss", "tokens_seen").plot)
     assert tokens["encoding"]["x"]["axis"]["format"] == "~s" and tokens["data"]["values"][0]["tokens_seen"] == 1.5
+    assert tokens["encoding"]["tooltip"][1]["format"] == ",d"   # 2,500,000 tokens, not 2.5e+6 (nor step 1.235e+4)
 
 
 def test_job_summary_names_a_retry_and_a_cancel_is_not_a_failure_and_the_log_tail_is_for_people():
@@ -709,6 +716,17 @@ def test_the_log_tail_ends_with_the_trainers_error_not_torchruns_report_of_it():
     assert shown == [f"[node 1] {error}", "[node 1] [torchrun: local rank 0 exited with code 2; its report of 4 "
                      "lines is not shown]"]
     assert readable_lines(["=" * 60, "plain"]) == ["=" * 60, "plain"]   # a fence alone is the trainer's own
+    # a report cut short (torchrun killed) ends at the worker's next line: the next attempt's lines show
+    shown = readable_lines(["step 1/10", *TORCHRUN_REPORT[:3], "[paratrain] attempt 1 ended: crash",
+                            "resuming from step 1", "paratrain: training diverged at step 3"])
+    assert shown[1:] == ["[torchrun: local rank 0 exited with code 2; its report of 3 lines is not shown]",
+                         "[paratrain] attempt 1 ended: crash", "resuming from step 1",
+                         "paratrain: training diverged at step 3"]
+    # another node's lines, arriving amid node 0's report, are shown
+    node0 = [f"[node 0] {line}" for line in TORCHRUN_REPORT]
+    shown = readable_lines([*node0[:5], "[node 1] paratrain: out of memory on rank 1", *node0[5:]])
+    assert shown == [f"[node 0] [torchrun: local rank 0 exited with code 2; its report of {len(node0)} lines is not "
+                     "shown]", "[node 1] paratrain: out of memory on rank 1"]
 
 
 def test_a_queued_job_no_online_worker_can_take_says_why_in_its_summary():

@@ -17,7 +17,7 @@ from ui.tabs.jobs import progress_text
 
 PALETTE = ["#4f46e5", "#e11d48", "#059669", "#d97706", "#0891b2", "#7c3aed", "#65a30d", "#db2777"]
 CURVES = {"loss": "Training loss", "val_loss": "Validation loss"}
-# Against tokens or time, jobs with other batch sizes or speeds compare: {choice: (its label, X_AXES column)}
+# Against tokens or time, jobs with other batch sizes or speeds compare: {X_AXES column: the choice's label}
 AGAINST = {"step": "Step", "tokens_seen": "Tokens seen", "train_min": "Training time"}
 
 

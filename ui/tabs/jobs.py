@@ -274,13 +274,18 @@ def action_updates(job: dict[str, Any] | None) -> list[dict[str, Any]]:
                                                            has_adapter)]
 
 
-def train_on_values(job: dict[str, Any]) -> tuple[dict[str, Any], str]:
+def train_on_values(job: dict[str, Any], best: tuple[int, float] | None) -> tuple[dict[str, Any], str]:
     """Form values of a new job that starts from `job`'s adapter (init_adapter): its settings, which the
-    adapter needs, and the adapter of its lowest validation loss when it measured one, else its final one;
-    and which of the two that is."""
+    adapter needs, and the adapter of its lowest validation loss (`best`: best_adapter's step and loss) when
+    training lowered it, else its final one; and what that adapter is, for the user."""
     values = job_values(job)
-    which = BEST_ADAPTER_DIR if job.get("last_val_loss") is not None else "adapter"
-    values["init_adapter"] = str(Path(job["config"]["output_dir"]) / which)
+    if best is not None and (best[0] > 0 or job["state"] != "succeeded"):
+        which = f"{BEST_ADAPTER_DIR}/ (step {best[0]}, validation loss {best[1]:.4f}" + (
+            ": before training, the adapter it started from)" if best[0] == 0 else ")")
+        values["init_adapter"] = str(Path(job["config"]["output_dir"]) / BEST_ADAPTER_DIR)
+    else:   # no validation, or none lower than before training: the adapter of its last step
+        which = f"adapter/ (its last step, {job.get('step')})"
+        values["init_adapter"] = str(Path(job["config"]["output_dir"]) / "adapter")
     return values, which
 
 
@@ -423,31 +428,38 @@ def fetch_new(client: ApiClient, watch: dict[str, Any]) -> tuple[bool, bool]:
 # that followed the trainer's error and pushed it out of the log box
 TORCHRUN_FAILED = re.compile(r"torch/distributed/elastic/\S+\] failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
 REPORT_FENCE = "=" * 20
+MAX_REPORT_LINES = 80   # a report cut short (torchrun killed) ends here at the latest
 
 
 def readable_lines(lines: list[str]) -> list[str]:
     """The log without the trainer's JSON lines (metrics and events, `[node K] ` prefixed or not): the curves
     show those, and each step also has its human line. torchrun's failure report is one line here (the API's
-    log keeps it whole)."""
+    log keeps it whole): a node's report ends at its closing fence, at the worker's next `[paratrain]` line (a
+    report cut short) or after MAX_REPORT_LINES; another node's lines go on showing meanwhile."""
     shown: list[str] = []
-    report: dict[str, Any] | None = None   # the torchrun report being passed over
+    reports: dict[str, dict[str, Any]] = {}   # by node prefix: the torchrun report being passed over
     for line in lines:
         prefix, text = re.match(r"(\[node \d+\] )?(.*)", line, re.S).groups()
+        prefix = prefix or ""
         if text.startswith("{"):
             continue
+        report = reports.get(prefix)
+        if report is not None and (text.startswith("[paratrain]") or report["lines"] == MAX_REPORT_LINES):
+            del reports[prefix]   # cut short: this line is the worker's, or the trainer's again
+            report = None
         failed = TORCHRUN_FAILED.search(text) if report is None else None
         if failed:
-            report = {"at": len(shown), "lines": 0, "fences": 0,
-                      "says": f"{prefix or ''}[torchrun: local rank {failed[2]} exited with code {failed[1]}"}
+            says = f"{prefix}[torchrun: local rank {failed[2]} exited with code {failed[1]}"
+            report = reports[prefix] = {"at": len(shown), "lines": 0, "fences": 0, "says": says}
             shown.append("")
-        if report is not None:
-            report["lines"] += 1
-            report["fences"] += text.startswith(REPORT_FENCE)
-            shown[report["at"]] = f"{report['says']}; its report of {report['lines']} lines is not shown]"
-            if report["fences"] == 2:   # the summary's closing fence
-                report = None
+        if report is None:
+            shown.append(line)
             continue
-        shown.append(line)
+        report["lines"] += 1
+        report["fences"] += text.startswith(REPORT_FENCE)
+        shown[report["at"]] = f"{report['says']}; its report of {report['lines']} lines is not shown]"
+        if report["fences"] == 2:   # the summary's closing fence
+            del reports[prefix]
     return shown
 
 
