@@ -549,6 +549,16 @@ def test_a_run_starts_from_another_runs_adapter_and_refuses_one_of_other_setting
     second_start = [r for r in json_lines(second.stdout) if r.get("step") == 0][0]["val_loss"]
     assert abs(second_start - first_end) < 1e-4 and abs(second_start - first_start) > 1e-3, (second_start, first_end)
 
+    # under DDP rank 0 alone reads it: wrapping the model gives the other ranks its weights
+    ddp = subprocess.run([str(BIN / "torchrun"), "--nproc_per_node", "2", "-m", "trainer_core.train", *guide_args(
+        tiny_model_dir, demo_data_path, tmp_path / "ddp", "--max_steps", "1", "--learning_rate", "2e-2",
+        "--val_ratio", "0.1", "--init_adapter", str(adapter), "--ddp")], capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    ddp_records = json_lines(ddp.stdout)
+    assert abs([r for r in ddp_records if r.get("step") == 0][0]["val_loss"] - first_end) < 1e-4
+    digests = ddp_records[-1]["rank_weight_digests"]
+    assert len(digests) == 2 and digests[0] == digests[1]
+
     # the same command again resumes its own checkpoint (whatever --init_adapter says now), and says so
     again = train(tmp_path / "second", "--init_adapter", str(tmp_path / "elsewhere"))
     assert again.returncode == 0 and "note: --init_adapter is not read: this run resumes from" in again.stderr
