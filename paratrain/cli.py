@@ -18,6 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("worker.cli", "Run a worker that claims jobs from a server and launches torchrun."),
     "submit": ("paratrain.submit", "Queue a saved job file (the UI's Save as YAML) on a server; --follow prints "
                                    "its progress to the end."),
+    "jobs": ("paratrain.jobs", "List, show, follow, cancel or retry the server's jobs, or print a job's log (the "
+                               "UI's Jobs tab in a terminal)."),
     "train": ("trainer_core.train", "Train in this process with the guide's flags (several processes: "
                                     "torchrun --nproc_per_node N -m trainer_core.train ... --ddp)."),
     "generate": ("trainer_core.generate", "Continue the branches of a main text with a trained adapter."),

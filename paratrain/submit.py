@@ -51,13 +51,7 @@ def server_url(text: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", type=Path, help="The job: YAML or JSON of TrainConfig fields, JobResources "
                                                 "fields under `job:` (the UI's Save as YAML writes one).")
-    parser.add_argument("--server", type=server_url, default=None,
-                        help=f"The server's URL (default: $PARATRAIN_SERVER, else the URL `paratrain serve` wrote in "
-                             f"$PARATRAIN_DATA_DIR/{SERVER_URL_FILE} (else .paratrain/{SERVER_URL_FILE}), else "
-                             f"{DEFAULT_SERVER}).")
-    parser.add_argument("--token-file", type=Path, default=None,
-                        help="File holding the user token (default: $PARATRAIN_USER_TOKEN, else "
-                             "$PARATRAIN_DATA_DIR/token, else .paratrain/token: what `paratrain serve` creates).")
+    add_connection_arguments(parser)
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="Change one field of the file (job.KEY for a job field; the value is read as YAML: "
                              "--set learning_rate=3e-4 --set job.gpus=2). Repeatable: one file, a sweep.")
@@ -65,8 +59,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Print the job's progress until it ends; exit 0 only if it succeeded.")
 
 
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """--server and --token-file, as `paratrain submit` and `paratrain jobs` take them."""
+    parser.add_argument("--server", type=server_url, default=None,
+                        help=f"The server's URL (default: $PARATRAIN_SERVER, else the URL `paratrain serve` wrote in "
+                             f"$PARATRAIN_DATA_DIR/{SERVER_URL_FILE} (else .paratrain/{SERVER_URL_FILE}), else "
+                             f"{DEFAULT_SERVER}).")
+    parser.add_argument("--token-file", type=Path, default=None,
+                        help="File holding the user token (default: $PARATRAIN_USER_TOKEN, else "
+                             "$PARATRAIN_DATA_DIR/token, else .paratrain/token: what `paratrain serve` creates).")
+
+
+def connect(args: argparse.Namespace, timeout_s: float | None = None) -> tuple[ApiClient, str]:
+    """The API client of --server/--token-file (or their defaults) and its token; ValueError or OSError with a
+    message for the user."""
+    from ui.api import ApiClient
+
+    token = read_token(args.token_file)
+    args.server = args.server or default_server()
+    return ApiClient(args.server, token, **({"timeout_s": timeout_s} if timeout_s else {})), token
+
+
 def run(args: argparse.Namespace) -> int:
-    from ui.api import ApiClient, ApiError
+    from ui.api import ApiError
     from ui.workers import capacity_warning, known_workers
 
     try:
@@ -76,11 +91,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, UnicodeDecodeError) as e:   # a --set's own mistake is not the file's
         return _fail(str(e) if str(e).startswith("--set ") else f"{args.file}: {e}")
     try:
-        token = read_token(args.token_file)
-        args.server = args.server or default_server()
+        api, token = connect(args, timeout_s=SUBMIT_TIMEOUT_S)
     except (OSError, ValueError) as e:
         return _fail(str(e))
-    api = ApiClient(args.server, token, timeout_s=SUBMIT_TIMEOUT_S)
     maybe_queued = f"the job may have been queued: see {args.server}/api/jobs or the UI"
     try:
         job = api.submit_job(body)

@@ -280,7 +280,8 @@ ValueError: data_path: line 7 has no "text" or "main"
 
 
 def test_failure_summary_shows_the_cause_at_the_end_of_a_traceback():
-    from ui.tabs.jobs import job_summary, state_text
+    from ui.jobtext import state_text
+    from ui.tabs.jobs import job_summary
 
     job = {"id": 3, "name": "x", "state": "failed", "config": {}, "failure_class": "crash",
            "failure_reason": TRACEBACK}
@@ -321,7 +322,8 @@ def test_job_summary_says_when_it_was_queued_started_and_how_long_it_ran():
 
 
 def test_a_job_that_stopped_early_says_so_in_its_summary_and_progress():
-    from ui.tabs.jobs import eta_text, job_summary, progress_text
+    from ui.jobtext import progress_text
+    from ui.tabs.jobs import eta_text, job_summary
 
     job = {"id": 4, "name": "x", "state": "succeeded", "step": 14, "total_steps": 30, "last_val_loss": 6.78,
            "config": {"val_ratio": 0.1, "early_stop_patience": 2}}
@@ -704,7 +706,7 @@ Root Cause (first observed failure):
 
 
 def test_the_log_tail_ends_with_the_trainers_error_not_torchruns_report_of_it():
-    from ui.tabs.jobs import readable_lines
+    from ui.jobtext import readable_lines
 
     error = "/data/bad.jsonl:1101: not valid JSON (Expecting value at column 33)"
     ended = "[paratrain] attempt 1 ended: data, exit 2: /data/bad.jsonl:1101: not valid JSON"

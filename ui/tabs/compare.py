@@ -12,7 +12,7 @@ from trainer_core.config import TrainConfig
 from ui.api import ApiError
 from ui.charts import PlotData, curve_chart
 from ui.context import UiContext, fmt_number
-from ui.tabs.jobs import progress_text
+from ui.jobtext import progress_text
 
 
 PALETTE = ["#4f46e5", "#e11d48", "#059669", "#d97706", "#0891b2", "#7c3aed", "#65a30d", "#db2777"]
