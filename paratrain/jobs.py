@@ -85,13 +85,13 @@ def run(args: argparse.Namespace) -> int:
 
 def jobs_table(jobs: list[dict[str, Any]]) -> str:
     """The jobs as the UI's table shows them, in aligned columns."""
-    from ui.jobtext import progress_text, state_text
+    from ui.jobtext import progress_text, state_words
 
     if not jobs:
         return "no jobs"
     rows = [["id", "name", "state", "progress", "loss", "val loss", "tokens/s", "GPUs"]]
     for job in jobs:
-        rows.append([str(job["id"]), job.get("name") or "", state_text(job).split(" ", 1)[-1], progress_text(job),
+        rows.append([str(job["id"]), job.get("name") or "", state_words(job), progress_text(job),
                      _number(job.get("last_loss"), 4), _number(job.get("last_val_loss"), 4),
                      _number(job.get("tokens_per_s"), 0), str(job.get("gpus") or "CPU")])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -100,10 +100,10 @@ def jobs_table(jobs: list[dict[str, Any]]) -> str:
 
 def job_text(job: dict[str, Any]) -> str:
     """A job's summary: what it trains, where it is, where its outputs are, and why it failed."""
-    from ui.jobtext import progress_text, state_text
+    from ui.jobtext import progress_text, state_words
 
     cfg = job.get("config", {})
-    lines = [f"job {job['id']} {job.get('name') or ''}: {state_text(job).split(' ', 1)[-1]}"
+    lines = [f"job {job['id']} {job.get('name') or ''}: {state_words(job)}"
              + (f", {progress_text(job)}" if progress_text(job) else "")
              + f", attempt {job.get('attempt', 1)}/{job.get('max_attempts') or '?'}",
              f"model {cfg.get('base_model', '')}; data {cfg.get('data_path', '')}"]

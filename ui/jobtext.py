@@ -24,11 +24,15 @@ def failure_kind(job: dict[str, Any]) -> str | None:
     return "diverged" if job.get("exit_code") == exit_codes.DIVERGED else job.get("failure_class")
 
 
-def state_text(job: dict[str, Any]) -> str:
-    """'✖ failed (oom)': a failed row says why at a glance (data, oom, diverged, crash, lost)."""
+def state_words(job: dict[str, Any]) -> str:
+    """'failed (oom)': a failed job says why at a glance (data, oom, diverged, crash, lost)."""
     why = failure_kind(job)
-    return f"{STATE_ICONS.get(job['state'], '')} {job['state']}" + (f" ({why})" if job["state"] == "failed" and why
-                                                                    else "")
+    return job["state"] + (f" ({why})" if job["state"] == "failed" and why else "")
+
+
+def state_text(job: dict[str, Any]) -> str:
+    """state_words with the state's icon: '✖ failed (oom)'."""
+    return f"{STATE_ICONS.get(job['state'], '')} {state_words(job)}"
 
 
 # torchrun's report of a failed rank: its own traceback and a summary between two ===== lines, some 30 lines
