@@ -194,6 +194,9 @@ def emit(env: DistEnv, record: dict, metrics_file: Path | None = None) -> None:
 def check_base_model(path: str) -> None:
     """A clear message for a wrong --base_model instead of a loader traceback."""
     model_dir = Path(local_model_dir(path))
+    if not model_dir.is_dir() and os.environ.get("PARATRAIN_JOB_ID"):   # the server found it when it queued the job
+        raise DataError([f"--base_model {path}: no such directory: moved or deleted since the job was queued? "
+                         "(put it back and Retry, or Edit as new job with where it is now)"])
     if not model_dir.is_dir():
         raise DataError([f"--base_model {path}: no such directory, nor a model in the local HuggingFace cache "
                          "(nothing is downloaded: give a model directory, or fetch it first with `hf download`)"])

@@ -138,6 +138,12 @@ def test_a_hub_id_in_the_local_huggingface_cache_trains_offline(tmp_path, tiny_m
                              capture_output=True, text=True, timeout=60, env=env)
     assert missing.returncode == 2 and "nor a model in the local HuggingFace cache" in missing.stderr
     assert "Traceback" not in missing.stderr
+    # a server's job: its model was there when it was queued (the server checks), and hub ids are refused there
+    gone = subprocess.run([PYTHON, "-m", "trainer_core.train", "--base_model", str(tmp_path / "gone-model"),
+                           "--data_path", str(demo_data_path), "--output_dir", str(out)],
+                          capture_output=True, text=True, timeout=60, env={**env, "PARATRAIN_JOB_ID": "5"})
+    assert gone.returncode == 2 and "moved or deleted since the job was queued?" in gone.stderr, gone.stderr[-2000:]
+    assert "hf download" not in gone.stderr
 
 
 def test_bad_flag_value_names_the_field(tmp_path, tiny_model_dir, demo_data_path):
