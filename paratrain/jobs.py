@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--state", choices=STATES, help="list: only the jobs in this state.")
     parser.add_argument("--limit", type=int, default=20, help="list: this many of the newest jobs (default 20).")
     parser.add_argument("--tail", type=int, default=None, metavar="N",
-                        help="logs: only the last N lines (default: all).")
+                        help=f"logs: only the last N lines (default: all); show: N lines (default {SHOW_LOG_LINES}).")
     parser.add_argument("--raw", action="store_true",
                         help="logs: every line as stored, the trainer's JSON lines and torchrun's reports too.")
     add_connection_arguments(parser)
@@ -41,8 +41,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.action != "list" and args.job_id is None:
         return _fail(f"{args.action} needs a job ID (paratrain jobs lists them)")
-    if args.limit < 1 or (args.tail is not None and args.tail < 1):
-        return _fail("--limit and --tail take a count of at least 1")
+    if args.action == "list" and args.job_id is not None:
+        return _fail(f"list takes no job ID: paratrain jobs show {args.job_id}")
+    if args.limit < 1:
+        return _fail("--limit takes a count of at least 1")
+    if args.tail is not None and args.tail < 1:
+        return _fail("--tail takes a count of at least 1")
     try:
         api, token = connect(args)
     except (OSError, ValueError) as e:
@@ -53,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.action == "show":
             job = api.get_job(args.job_id)
             print(job_text(job))
-            lines = log_lines(api, args.job_id)[-SHOW_LOG_LINES:]
+            lines = log_lines(api, args.job_id)[-(args.tail or SHOW_LOG_LINES):]
             print("\nlog (last lines; paratrain jobs logs for all):" if lines else "\nno log lines yet", *lines,
                   sep="\n")
         elif args.action == "logs":
@@ -106,7 +110,8 @@ def job_text(job: dict[str, Any]) -> str:
     lines = [f"job {job['id']} {job.get('name') or ''}: {state_words(job)}"
              + (f", {progress_text(job)}" if progress_text(job) else "")
              + f", attempt {job.get('attempt', 1)}/{job.get('max_attempts') or '?'}",
-             f"model {cfg.get('base_model', '')}; data {cfg.get('data_path', '')}"]
+             f"model {cfg.get('base_model', '')}; data {cfg.get('data_path', '')}"
+             + (f"; LoRA from {cfg['init_adapter']}" if cfg.get("init_adapter") else "")]
     if job.get("last_loss") is not None or job.get("last_val_loss") is not None:
         lines.append(f"loss {_number(job.get('last_loss'), 4) or '-'}; validation loss "
                      f"{_number(job.get('last_val_loss'), 4) or '-'}")

@@ -175,8 +175,8 @@ def read_token(token_file: Path | None) -> str:
     try:
         token = token_file.read_text(encoding="utf-8").strip()
     except OSError as e:
-        raise OSError(f"cannot read the user token from {token_file}: {e.strerror or e} (give --token-file, or "
-                      "set PARATRAIN_USER_TOKEN)") from None
+        raise OSError(f"cannot read the user token from {token_file}: {e.strerror or e} (give --token-file, set "
+                      "PARATRAIN_USER_TOKEN, or PARATRAIN_DATA_DIR to serve's --data-dir)") from None
     except UnicodeDecodeError:
         raise ValueError(f"{token_file} does not hold a token (not text)") from None
     return _checked_token(token, str(token_file))
@@ -310,7 +310,12 @@ def _final(api: ApiClient, job_id: int, state: str) -> int:
     if job.get("last_val_loss") is not None:
         from trainer_core.config import BEST_ADAPTER_DIR
 
-        print(f"the adapter of the lowest validation loss: {where}/{BEST_ADAPTER_DIR}/", flush=True)
+        try:   # the trainer's record of it: the lowest may have been before training (an untrained adapter)
+            best = json.loads(api.download_artifact(job_id, f"{BEST_ADAPTER_DIR}/validation.json"))
+        except (ApiError, ValueError):
+            best = {}
+        before = " (before training: the adapter it started from)" if best.get("step") == 0 else ""
+        print(f"the adapter of the lowest validation loss: {where}/{BEST_ADAPTER_DIR}/{before}", flush=True)
     return 0
 
 

@@ -320,6 +320,8 @@ Plain `PeftModel.from_pretrained` / `AutoPeftModelForCausalLM` load the weights 
 def read_adapter_settings(adapter_dir: str | Path) -> dict:
     """rope2d.json of a paratrain adapter: rope_2d_ratio, branch_stride and the base model (path or hub id)."""
     path = Path(adapter_dir)
+    if path.is_file():
+        raise DataError([f"{adapter_dir}: a file; an adapter is a directory (<output_dir>/adapter after training)"])
     if not path.exists():
         raise DataError([f"{adapter_dir}: no such directory (a run writes <output_dir>/adapter when it ends, and "
                          "adapter_best/ as it validates)"])
@@ -355,7 +357,14 @@ def check_init_adapter(cfg: TrainConfig) -> dict:
               "lora_rank": peft_settings.get("r"), "lora_alpha": peft_settings.get("lora_alpha")}
     ours = {"rope_2d_ratio": cfg.rope_2d_ratio, "branch_stride": cfg.branch_stride, "lora_rank": cfg.lora_rank,
             "lora_alpha": cfg.resolved_lora_alpha}
-    differ = [f"{k} {theirs[k]} (this run: {ours[k]:g})" for k in ours if theirs[k] != ours[k]]
+    differ = [f"{k} {theirs[k]:g} (this run: {ours[k]:g})" if isinstance(theirs[k], (int, float)) else
+              f"{k} {theirs[k]} (this run: {ours[k]:g})" for k in ours if theirs[k] != ours[k]]
+    targets = peft_settings.get("target_modules")
+    if cfg.lora_target_modules != "all-linear" and isinstance(targets, (list, str)):   # all-linear: as they load
+        ours_targets = {t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()}
+        theirs_targets = {targets} if isinstance(targets, str) else set(targets)
+        if ours_targets != theirs_targets:
+            differ.append(f"lora_target_modules {','.join(sorted(theirs_targets))} (this run: {cfg.lora_target_modules})")
     if differ:
         raise DataError([f"{cfg.init_adapter}: an adapter trained with {', '.join(differ)}; give its values"])
     return settings

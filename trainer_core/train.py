@@ -399,8 +399,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     last = choose_checkpoint(cfg, env, out_dir, identity)
     init_adapter = cfg.init_adapter if last is None else None   # a resumed run has its weights in the checkpoint
     if cfg.init_adapter and last is not None:
-        print0(env, f"note: --init_adapter is not read: this run resumes from {last}, with its weights "
-                    "(--no-resume starts over from the adapter)")
+        print0(env, f"note: --init_adapter is not read: this run resumes from {last}, with its weights")
 
     def claim_lost_here() -> bool:
         """Whether a newer run has claimed the output dir since (rank 0's answer; the others do not look)."""
@@ -652,9 +651,14 @@ class LowestLoss:
         return 0 < patience <= self.since_best
 
     def describe(self, patience: int) -> str:
-        by = f" by more than {self.min_delta:g}" if self.min_delta else ""
-        return (f"the validation loss has not improved{by} on the lowest, {self.best[0]:.4f} (step {self.best[1]}), "
-                f"in {self.since_best} validations (--early_stop_patience {patience})" if self.best else "")
+        if not self.best:
+            return ""
+        lowest = f"{self.best[0]:.4f} (step {self.best[1]})"
+        # with a min_delta the lowest may be among the last validations: lower, but by too little to count
+        return (f"in {self.since_best} validations the validation loss has not fallen below the lowest before it by "
+                f"more than {self.min_delta:g} (lowest now {lowest}; --early_stop_patience {patience})"
+                if self.min_delta else f"the validation loss has not improved on the lowest, {lowest}, in "
+                                       f"{self.since_best} validations (--early_stop_patience {patience})")
 
 
 @dataclass

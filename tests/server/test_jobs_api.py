@@ -573,17 +573,19 @@ def test_the_url_a_local_process_reaches_the_server_at_brackets_an_ipv6_address(
 def test_a_job_starts_from_an_earlier_jobs_adapter_checked_against_its_settings_at_submit(client, job_body, settings):
     """config.init_adapter: an adapter under the data root or in the jobs' outputs; one of other settings is a
     422 at once, not a failure when a worker starts the job."""
-    adapter = settings.jobs_dir / "7" / "out" / "adapter_best"
+    # job 700's: no job of this test gets that id (PostgreSQL spends an id on each refused request too)
+    adapter = settings.jobs_dir / "700" / "out" / "adapter_best"
     adapter.mkdir(parents=True)
     (adapter / "rope2d.json").write_text(json.dumps({"rope_2d_ratio": 0.5, "branch_stride": 128, "base_model": "m"}))
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
     r = client.post("/api/jobs", json=job_body(init_adapter=str(adapter)))
     assert r.status_code == 201, r.text
     assert r.json()["config"]["init_adapter"] == str(adapter)
-    for value, message in [("jobs/7/out/adapter_best", None),   # relative: from the data root
-                           ("jobs/7/out/adapter", "jobs/7/out/adapter: no such directory"),
+    for value, message in [("jobs/700/out/adapter_best", None),   # relative: from the data root
+                           ("jobs/700/out/adapter", "jobs/700/out/adapter: no such directory"),
                            ("/etc", "outside"),
-                           ("datasets", "datasets: not a paratrain adapter directory (no rope2d.json")]:
+                           ("datasets", "datasets: not a paratrain adapter directory (no rope2d.json"),
+                           ("datasets/demo.jsonl", "demo.jsonl: a file; an adapter is a directory")]:
         r = client.post("/api/jobs", json=job_body(init_adapter=value))
         if message is None:
             assert r.status_code == 201, r.text
@@ -591,14 +593,14 @@ def test_a_job_starts_from_an_earlier_jobs_adapter_checked_against_its_settings_
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "init_adapter"], r.text
         assert message in r.json()["detail"][0]["msg"], r.text
     # a retry that resumes a checkpoint does not read the adapter: it is retried after that job was deleted
-    started = client.post("/api/jobs", json=job_body(init_adapter="jobs/7/out/adapter_best")).json()
+    started = client.post("/api/jobs", json=job_body(init_adapter="jobs/700/out/adapter_best")).json()
     never_started = client.post("/api/jobs", json=job_body(init_adapter=str(adapter))).json()
     for job in (started, never_started):
         client.post(f"/api/jobs/{job['id']}/cancel")
     checkpoint = Path(started["config"]["output_dir"]) / "checkpoints" / "step_00000002"
     checkpoint.mkdir(parents=True)
     (checkpoint / "trainer_state.json").write_text("{}")
-    shutil.rmtree(settings.jobs_dir / "7")
+    shutil.rmtree(settings.jobs_dir / "700")
     r = client.post(f"/api/jobs/{started['id']}/retry")
     assert r.status_code == 201, r.text
     r = client.post(f"/api/jobs/{never_started['id']}/retry")   # no checkpoint: the retry would read it, gone
@@ -606,7 +608,14 @@ def test_a_job_starts_from_an_earlier_jobs_adapter_checked_against_its_settings_
     (adapter / "rope2d.json").parent.mkdir(parents=True)
     (adapter / "rope2d.json").write_text(json.dumps({"rope_2d_ratio": 0.5, "branch_stride": 128, "base_model": "m"}))
     (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
-    r = client.post("/api/jobs", json=job_body(init_adapter="jobs/7/out/adapter_best", lora_rank=16))
+    r = client.post("/api/jobs", json=job_body(init_adapter="jobs/700/out/adapter_best", lora_target_modules="q_proj"))
+    assert r.status_code == 201, r.text   # its adapter_config.json names no target modules: checked as they load
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16.0,
+                                                             "target_modules": ["v_proj", "q_proj"]}))
+    r = client.post("/api/jobs", json=job_body(init_adapter="jobs/700/out/adapter_best", lora_target_modules="q_proj"))
+    assert r.status_code == 422 and ("an adapter trained with lora_target_modules q_proj,v_proj (this run: q_proj)"
+                                     in r.json()["detail"][0]["msg"]), r.text
+    r = client.post("/api/jobs", json=job_body(init_adapter="jobs/700/out/adapter_best", lora_rank=16))
     assert r.status_code == 422
-    assert r.json()["detail"][0]["msg"] == ("jobs/7/out/adapter_best: an adapter trained with lora_rank 8 (this run: "
+    assert r.json()["detail"][0]["msg"] == ("jobs/700/out/adapter_best: an adapter trained with lora_rank 8 (this run: "
                                             "16), lora_alpha 16 (this run: 32); give its values")

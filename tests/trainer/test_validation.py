@@ -338,7 +338,8 @@ def test_early_stopping_ends_the_run_after_the_patience_and_a_rerun_stops_there_
     # a loss that creeps down by less than early_stop_min_delta stops too; adapter_best/ keeps the lowest
     records, err = run(2, [7.0, 6.98, 6.96], min_delta=0.05, out=tmp_path / "creeping")
     assert (records[-1]["step"], records[-1]["stopped_early"], records[-1]["best_step"]) == (2, True, 2)
-    assert "has not improved by more than 0.05 on the lowest, 6.9600 (step 2), in 2 validations" in err
+    assert ("in 2 validations the validation loss has not fallen below the lowest before it by more than 0.05 "
+            "(lowest now 6.9600 (step 2)") in err
 
 
 def test_the_lowest_loss_record_counts_validations_since_it():
@@ -353,7 +354,7 @@ def test_the_lowest_loss_record_counts_validations_since_it():
     creeping = LowestLoss(min_delta=0.05)
     assert [creeping.add(loss, step) for step, loss in enumerate([7.0, 6.98, 6.96, 6.90, 6.89])] == [True] * 5
     assert creeping.best == (6.89, 4) and creeping.since_best == 1   # 6.90 was 0.06 below 6.96: the last improvement
-    assert "has not improved by more than 0.05 on the lowest, 6.8900 (step 4), in 1 validations" in creeping.describe(1)
+    assert "by more than 0.05 (lowest now 6.8900 (step 4); --early_stop_patience 1)" in creeping.describe(1)
 
 
 def test_a_nan_validation_loss_is_never_the_lowest(tmp_path, monkeypatch, capsys, tiny_model_dir, demo_data_path):

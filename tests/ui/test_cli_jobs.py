@@ -61,3 +61,9 @@ def test_jobs_cancels_and_retries_and_names_what_it_cannot_do(jobs, capsys):
     assert "job 3 queued, a retry of job 1" in capsys.readouterr().out
     assert jobs("show", "99") == 2 and "paratrain jobs: no job 99 on http" in capsys.readouterr().err
     assert jobs("show") == 2 and "show needs a job ID" in capsys.readouterr().err
+    assert jobs("list", "3") == 2 and "list takes no job ID: paratrain jobs show 3" in capsys.readouterr().err
+    assert jobs("logs", "1", "--tail", "0") == 2 and "--tail takes a count" in capsys.readouterr().err
+    assert jobs("show", "1", "--tail", "1") == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-2:] == [
+        "log (last lines; paratrain jobs logs for all):", "[torchrun: local rank 0 exited with code 2; its report of 5 "
+        "lines is not shown]"]

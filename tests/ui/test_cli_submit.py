@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -244,15 +245,24 @@ def test_a_job_that_stopped_early_says_so_at_its_end(monkeypatch, capsys):
     class FakeApi:
         base_url = "http://server"
 
+        best_step = 12
+
         def get_job(self, job_id):
             return {"state": "succeeded", "step": 14, "total_steps": 30, "last_val_loss": 6.78,
                     "config": {"output_dir": "/out", "val_ratio": 0.1, "early_stop_patience": 2}}
+
+        def download_artifact(self, job_id, path):
+            assert path == "adapter_best/validation.json"
+            return json.dumps({"step": self.best_step, "val_loss": 6.7}).encode()
 
     monkeypatch.setattr(submit, "sse_events", lambda *args: iter([("end", {"state": "succeeded"})]))
     assert submit.follow(FakeApi(), "token", 1) == 0
     out = capsys.readouterr().out
     assert "stopped early at step 14 of 30: 2 validations in a row without a lower loss" in out
-    assert "the adapter of the lowest validation loss: /out/adapter_best/" in out
+    assert "the adapter of the lowest validation loss: /out/adapter_best/\n" in out
+    FakeApi.best_step = 0   # no validation after the first beat the one before training: say what that adapter is
+    assert submit.follow(FakeApi(), "token", 1) == 0
+    assert "/out/adapter_best/ (before training: the adapter it started from)" in capsys.readouterr().out
     FakeApi.get_job = lambda self, job_id: {"state": "succeeded", "step": 30, "total_steps": 30,
                                             "config": {"early_stop_patience": 2}}
     assert submit.follow(FakeApi(), "token", 1) == 0

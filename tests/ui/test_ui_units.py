@@ -568,6 +568,9 @@ def test_the_loss_plot_draws_the_validation_loss_beside_the_training_loss():
     assert "validation 5% held out" in job_summary(job) and "**validation loss** 7.2000 ·" in job_summary(job)
     assert "**validation loss** 7.2000 (lowest 7.2000 at step 3: `adapter_best/`)" in job_summary(job, best=(3, 7.2))
     assert "**validation loss** 7.2000 at step 3 ·" in job_summary(job, val_step=last_validation_step(points))
+    # the lowest before training: adapter_best/ is the untrained adapter, which the summary says
+    assert "at step 0, before training: `adapter_best/` is the adapter it started from" in job_summary(job, best=(0, 7.4))
+    assert "LoRA from `/d/jobs/1/out/adapter`" in job_summary({**job, "config": {"init_adapter": "/d/jobs/1/out/adapter"}})
     job["config"] = {"val_data_path": "/data/val.jsonl"}
     assert "validation /data/val.jsonl" in job_summary(job)
     assert "validation" not in job_summary({"id": 4, "state": "queued", "config": {}})

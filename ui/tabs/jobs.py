@@ -184,12 +184,15 @@ def job_summary(job: dict[str, Any], waits: str | None = None, best: tuple[int, 
                  ("progress", progress_text(job)), ("ETA", eta_text(job)),
                  ("tokens/s", fmt_number(job.get("tokens_per_s"))), ("GPU", gpu_text(job)),
                  ("attempt", f"{job.get('attempt', 1)}/{job.get('max_attempts') or '?'}")) if value),
-             f"model {cfg.get('base_model', '')} · data {cfg.get('data_path', '')}" + validation_text(cfg)]
+             f"model {cfg.get('base_model', '')} · data {cfg.get('data_path', '')}" + validation_text(cfg)
+             + (f" · LoRA from `{cfg['init_adapter']}`" if cfg.get("init_adapter") else "")]
     if cfg.get("output_dir"):   # where adapter/ is, for `paratrain generate --adapter` on the server's machine
         lines.append(f"**outputs** `{cfg['output_dir']}`")
     if job.get("last_val_loss") is not None:
         at = f" at step {val_step}" if val_step is not None else ""
-        lowest = f" (lowest {best[1]:.4f} at step {best[0]}: `adapter_best/`)" if best else ""
+        lowest = "" if not best else (f" (lowest {best[1]:.4f} at step 0, before training: `adapter_best/` is the "
+                                      "adapter it started from)" if best[0] == 0 else
+                                      f" (lowest {best[1]:.4f} at step {best[0]}: `adapter_best/`)")
         lines.append(f"**validation loss** {fmt_number(job['last_val_loss'], 4)}{at}{lowest} · **training loss** "
                      f"{fmt_number(job.get('last_loss'), 4) or '-'}")
     if stopped_early(job):
