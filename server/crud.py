@@ -209,6 +209,15 @@ def delete_job(*, session: Session, job_id: int, settings: Settings) -> None:
     job = get_job(session=session, job_id=job_id, for_update=True)
     if job.state not in FINAL_STATES:
         raise Conflict(f"job {job_id} is {job.state.value}; cancel it first")
+    outputs = settings.jobs_dir / str(job_id)
+    unfinished = session.exec(select(Job).where(col(Job.state).not_in(FINAL_STATES))).all()
+    starting_here = [other for other in unfinished if (other.config or {}).get("init_adapter")
+                     and outputs in Path(other.config["init_adapter"]).parents]
+    if starting_here:   # a queued job would fail for want of it (a running one may start again, without a checkpoint)
+        named = ", ".join(f"job {other.id} ({other.state.value})" for other in starting_here)
+        raise Conflict(f"{named} starts from job {job_id}'s adapter (init_adapter): delete job {job_id} once "
+                       f"{'they have' if len(starting_here) > 1 else 'it has'} ended, or cancel "
+                       f"{'them' if len(starting_here) > 1 else 'it'} first")
     for table in (Metric, LogLine, JobEvent, JobNode):
         session.exec(delete(table).where(table.job_id == job_id))  # type: ignore[attr-defined]
     session.delete(job)

@@ -619,3 +619,20 @@ def test_a_job_starts_from_an_earlier_jobs_adapter_checked_against_its_settings_
     assert r.status_code == 422
     assert r.json()["detail"][0]["msg"] == ("jobs/700/out/adapter_best: an adapter trained with lora_rank 8 (this run: "
                                             "16), lora_alpha 16 (this run: 32); give its values")
+
+
+def test_a_job_whose_adapter_a_queued_job_starts_from_is_not_deleted_under_it(client, job_body):
+    source = client.post("/api/jobs", json=job_body(name="source")).json()
+    client.post(f"/api/jobs/{source['id']}/cancel")
+    adapter = Path(source["config"]["output_dir"]) / "adapter_best"
+    adapter.mkdir(parents=True)
+    (adapter / "rope2d.json").write_text(json.dumps({"rope_2d_ratio": 0.5, "branch_stride": 128, "base_model": "m"}))
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
+    follower = client.post("/api/jobs", json=job_body(init_adapter=str(adapter))).json()
+    r = client.delete(f"/api/jobs/{source['id']}")
+    assert r.status_code == 409, r.text
+    assert r.json()["detail"] == (f"job {follower['id']} (queued) starts from job {source['id']}'s adapter "
+                                  f"(init_adapter): delete job {source['id']} once it has ended, or cancel it first")
+    assert adapter.is_dir()   # nothing deleted
+    client.post(f"/api/jobs/{follower['id']}/cancel")
+    assert client.delete(f"/api/jobs/{source['id']}").status_code == 204 and not adapter.exists()
