@@ -650,9 +650,17 @@ def test_the_compare_table_says_how_each_job_ended_and_only_the_settings_that_di
     # a sweep's --set values, found: the settings that differ, not output_dir (the server's) nor the others
     assert list(table.columns) == ["job", "state", "progress", "lowest val loss", "last loss", "tokens/s", "peak GB",
                                    "lora_rank", "learning_rate", "gpus"]
-    assert table.iloc[0].tolist() == ["#1 a", "succeeded", "30/30 (100%)", "7.0000 (step 10)", "7.1000", "2,000",
+    assert table.iloc[0].tolist() == ["#1 a", "succeeded", "30/30 (100%)", "7.0000 (step 10)", "7.1000", "",
                                       "3.2", "8", "0.0001", "0"]   # lora_rank: #1's config lacks it, the default
-    assert table.iloc[1].tolist()[3:] == ["", "7.1000", "2,000", "", "16", "0.0003", "1"]
+    assert table.iloc[1].tolist()[3:] == ["", "7.1000", "", "", "16", "0.0003", "1"]
+    # tokens/s over the run (what it trained in its training loops' time), not its last step's
+    points = [{"step": 1, "loss": 7.0, "tokens_seen": 1000, "train_s": 2.0},
+              {"step": 2, "loss": 6.9, "tokens_seen": 3000, "train_s": 2.5}]
+    assert results_table([("#1 a", first, points)]).iloc[0]["tokens/s"] == "1,200"
+    paths = results_table([("#1 a", first, []), ("#2 b", {**second, "config": {**second["config"],
+                                                                               "data_path": "/srv/p/datasets/b.jsonl"}},
+                                                []),])
+    assert paths.iloc[1]["data_path"] == "…/datasets/b.jsonl" and paths.iloc[0]["data_path"] == "d"
     assert list(results_table([("#1 a", first, [])]).columns)[-1] == "peak GB"   # one job: nothing differs
 
 
@@ -823,12 +831,14 @@ def test_compare_says_when_the_validation_losses_average_other_samples():
     held_out = {"data_path": "/d/demo.jsonl", "val_ratio": 0.1, "seed": 42, "max_seq_len": 1024}
     sweep = {"#1": held_out, "#2": {**held_out, "learning_rate": 1e-3}}
     assert validation_set_differences(sweep) == []   # a learning-rate sweep: comparable
-    assert validation_set_differences({**sweep, "#3": {**held_out, "seed": 1}}) == ["seed 42 for #1, #2; 1 for #3"]
+    assert validation_set_differences({**sweep, "#3": {**held_out, "seed": 1}}) == [
+        "validation set 10% of /d/demo.jsonl held out (seed 42) for #1, #2; 10% of /d/demo.jsonl held out (seed 1) "
+        "for #3"]
     assert validation_set_differences({"#1": held_out, "#4": {**held_out, "max_seq_len": 256}}) == [
         "max_seq_len 1024 for #1; 256 for #4"]
-    # (an unset field is its default: max_seq_len 1024 is the same)
-    assert validation_set_differences({"#1": held_out, "#5": {"val_data_path": "/d/val.jsonl"}}) == [
-        "data_path /d/demo.jsonl for #1; none for #5", "val_ratio 0.1 for #1; none for #5",
-        "seed 42 for #1; none for #5", "val_data_path none for #1; /d/val.jsonl for #5"]
+    # (an unset field is its default: max_seq_len 1024 is the same); one held out, one from a file: said so, in
+    # words (it read "data_path ... none for #5" and "val_ratio 0.1 for #1; none for #5")
+    assert validation_set_differences({"#1": held_out, "#5": {"val_data_path": "/srv/d/val.jsonl"}}) == [
+        "validation set 10% of /d/demo.jsonl held out (seed 42) for #1; the file …/d/val.jsonl for #5"]
     from_file = {"val_data_path": "/d/val.jsonl", "data_path": "/d/a.jsonl"}
     assert validation_set_differences({"#6": from_file, "#7": {**from_file, "data_path": "/d/b.jsonl"}}) == []

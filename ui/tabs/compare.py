@@ -4,6 +4,7 @@ for each)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -61,16 +62,33 @@ def x_value(point: dict, against: str) -> float | None:
 
 # Settings that say where and how often a run writes, not what it learns: never a column of the results table
 NOT_COMPARED = frozenset({"output_dir", "name", "resume", "log_interval", "save_interval"})
+PATH_FIELDS = frozenset({"base_model", "data_path", "val_data_path", "init_adapter"})
+
+
+def short_path(path: str) -> str:
+    """A path's last two parts ('…/datasets/demo.jsonl'): whole server paths made the table wider than the page."""
+    parts = Path(path).relative_to(Path(path).anchor).parts
+    return path if len(parts) <= 2 else "…/" + "/".join(parts[-2:])
+
+
+def run_speed(points: list[dict]) -> float | None:
+    """Tokens per second over the whole run (all its attempts' training loops), from its last point that counts
+    both; a single step's speed (the job's tokens_per_s) swung 3x between steps of one run."""
+    last = next((p for p in reversed(points) if p.get("tokens_seen") and p.get("train_s")), None)
+    return last["tokens_seen"] / last["train_s"] if last else None
 
 
 def results_table(jobs: list[tuple[str, dict, list[dict]]]) -> pd.DataFrame:
     """A row per (label, job, its metric points): how it ended (progress, lowest validation loss and its step,
-    last training loss, speed, peak memory) and each setting in which the jobs differ, a column each (a sweep's
-    `--set`s, found rather than remembered)."""
+    last training loss, tokens/s over the run, peak memory) and each setting in which the jobs differ, a column
+    each (a sweep's `--set`s, found rather than remembered)."""
     fields = TrainConfig.model_fields
 
     def setting(job: dict, key: str):
         return job["gpus"] if key == "gpus" else job["config"].get(key, fields[key].default)
+
+    def shown(key: str, value) -> str:
+        return "" if value is None else short_path(str(value)) if key in PATH_FIELDS else str(value)
 
     keys = [k for k in [*fields, "gpus"] if k not in NOT_COMPARED]
     differing = [k for k in keys if len({repr(setting(job, k)) for _, job, _ in jobs}) > 1]
@@ -80,16 +98,22 @@ def results_table(jobs: list[tuple[str, dict, list[dict]]]) -> pd.DataFrame:
         lowest = min(measured) if measured else None
         rows.append({"job": label, "state": job["state"], "progress": progress_text(job),
                      "lowest val loss": f"{lowest[0]:.4f} (step {lowest[1]})" if lowest else "",
-                     "last loss": fmt_number(job.get("last_loss"), 4), "tokens/s": fmt_number(job.get("tokens_per_s")),
+                     "last loss": fmt_number(job.get("last_loss"), 4), "tokens/s": fmt_number(run_speed(points)),
                      "peak GB": fmt_number(job.get("peak_mem_gb"), 1),
-                     **{k: "" if setting(job, k) is None else str(setting(job, k)) for k in differing}})
+                     **{k: shown(k, setting(job, k)) for k in differing}})
     return pd.DataFrame(rows, columns=["job", "state", "progress", "lowest val loss", "last loss", "tokens/s",
                                        "peak GB", *differing])
 
 
 def validation_set_key(cfg: dict) -> dict:
-    source = ("val_data_path",) if cfg.get("val_data_path") else ("data_path", "val_ratio", "seed")
-    return {k: cfg.get(k, TrainConfig.model_fields[k].default) for k in (*source, *SAMPLE_FIELDS)}
+    """What decides a job's validation samples: where they come from, in words ('10% of …/demo.jsonl held out
+    (seed 42)', 'the file …/val.jsonl'), and how samples are cut."""
+    def get(key: str):
+        return cfg.get(key, TrainConfig.model_fields[key].default)
+
+    source = (f"the file {short_path(get('val_data_path'))}" if get("val_data_path") else
+              f"{get('val_ratio') * 100:.3g}% of {short_path(get('data_path'))} held out (seed {get('seed')})")
+    return {"validation set": source, **{k: get(k) for k in SAMPLE_FIELDS}}
 
 
 def validation_set_differences(configs: dict[str, dict]) -> list[str]:
@@ -124,7 +148,7 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
     plot = gr.Plot(show_label=False, elem_id="compare-plot", elem_classes="curve-chart")
     info = gr.Markdown(COMPARE_HINT, elem_id="compare-info")
     table = gr.Dataframe(results_table([]), label="How they ended, and the settings in which they differ",
-                         interactive=False, wrap=True, elem_id="compare-table")
+                         interactive=False, elem_id="compare-table")   # wrap=True broke headers letter by letter
 
     def compare(session, job_ids, curve, against):
         rows, notes, validated, picked = [], [], {}, []
