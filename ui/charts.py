@@ -27,6 +27,7 @@ X_AXES = {
     # 250k, 1.5M; a tick every 40 px (Vega's default) crowded the axis with "0.5k 1k 1.5k ..."
     "tokens_seen": ("tokens seen", {"format": "~s", "tickCount": 10}, ",d"),
     "train_min": ("training time (minutes)", {"format": "~g", "tickCount": 10}, ".2f"),
+    "train_s": ("training time (seconds)", {"format": "~g", "tickCount": 10}, ".1f"),   # runs of under 2 minutes
 }
 
 

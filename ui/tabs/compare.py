@@ -20,6 +20,7 @@ PALETTE = ["#4f46e5", "#e11d48", "#059669", "#d97706", "#0891b2", "#7c3aed", "#6
 CURVES = {"loss": "Training loss", "val_loss": "Validation loss"}
 # Against tokens or time, jobs with other batch sizes or speeds compare: {X_AXES column: the choice's label}
 AGAINST = {"step": "Step", "tokens_seen": "Tokens seen", "train_min": "Training time"}
+SECONDS_AXIS_BELOW_MIN = 2.0   # training time in seconds while every curve ends within this many minutes
 
 
 @dataclass
@@ -170,6 +171,8 @@ def create_compare_tab(ctx: UiContext) -> CompareTab:
                              + (" (no validation set)" if curve == "val_loss" and not measured and points else ""))
         except ApiError as e:
             return gr.skip(), f"Cannot compare: {e}", gr.skip()
+        if against == "train_min" and rows and max(x for x, _, _ in rows) < SECONDS_AXIS_BELOW_MIN:
+            against, rows = "train_s", [(x * 60, loss, job) for x, loss, job in rows]   # not 0.02-minute ticks
         frame = pd.DataFrame(rows, columns=[against, "loss", "job"]).astype(
             {against: "int64" if against == "step" else "float64", "loss": "float64", "job": "string"})
         info = " · ".join(notes) or COMPARE_HINT
