@@ -362,7 +362,8 @@ def check_init_adapter(cfg: TrainConfig) -> dict:
     targets = peft_settings.get("target_modules")
     if cfg.lora_target_modules != "all-linear" and isinstance(targets, (list, str)):   # all-linear: as they load
         ours_targets = {t.strip() for t in cfg.lora_target_modules.split(",") if t.strip()}
-        theirs_targets = {targets} if isinstance(targets, str) else set(targets)
+        # all-linear is saved as every module's full name (model.layers.0.self_attn.q_proj): compared by the last part
+        theirs_targets = {t.rsplit(".", 1)[-1] for t in ([targets] if isinstance(targets, str) else targets)}
         if ours_targets != theirs_targets:
             differ.append(f"lora_target_modules {','.join(sorted(theirs_targets))} (this run: {cfg.lora_target_modules})")
     if differ:

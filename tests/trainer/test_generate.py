@@ -132,7 +132,8 @@ def test_a_file_or_a_broken_rope2d_json_is_no_adapter_named_in_one_line(tmp_path
     broken = tmp_path / "adapter"
     broken.mkdir()
     (broken / "rope2d.json").write_text('{"rope_2d_ratio": 0.5,')
-    for path, message in ((pth, "not a paratrain adapter directory"), (broken, "rope2d.json: not readable as JSON")):
+    for path, message in ((pth, "x_final.pth: a file; an adapter is a directory"),
+                          (broken, "rope2d.json: not readable as JSON")):
         with pytest.raises(DataError) as refused:
             read_adapter_settings(path)
         assert message in refused.value.lines[0], refused.value.lines

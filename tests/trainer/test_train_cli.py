@@ -580,7 +580,10 @@ def test_a_run_starts_from_another_runs_adapter_and_refuses_one_of_other_setting
     for extra, message in [(["--lora_rank", "4"], "adapter: an adapter trained with lora_rank 8 (this run: 4), "
                                                   "lora_alpha 16"),
                            (["--rope_2d_ratio", "0.65"], "rope_2d_ratio 0.5 (this run: 0.65)"),
-                           (["--lora_target_modules", "q_proj,v_proj"], "LoRA weights for other modules"),
+                           # all-linear saved as the module names: compared before the model loads, too
+                           (["--lora_target_modules", "q_proj,v_proj"], "lora_target_modules down_proj,gate_proj,"
+                                                                        "k_proj,o_proj,q_proj,up_proj,v_proj (this run: "
+                                                                        "q_proj,v_proj)"),
                            (["--init_adapter", str(tmp_path / "none")], "none: no such directory"),
                            (["--init_adapter", str(broken)], "adapter_model.safetensors: not readable")]:
         refused = train(tmp_path / f"other{len(extra[1])}", "--init_adapter", str(adapter), *extra)
