@@ -89,22 +89,22 @@ def run(args: argparse.Namespace) -> int:
 
 def jobs_table(jobs: list[dict[str, Any]]) -> str:
     """The jobs as the UI's table shows them, in aligned columns."""
-    from ui.jobtext import progress_text, state_words
+    from ui.jobtext import fmt_number, progress_text, state_words
 
     if not jobs:
         return "no jobs"
     rows = [["id", "name", "state", "progress", "loss", "val loss", "tokens/s", "GPUs"]]
     for job in jobs:
         rows.append([str(job["id"]), job.get("name") or "", state_words(job), progress_text(job),
-                     _number(job.get("last_loss"), 4), _number(job.get("last_val_loss"), 4),
-                     _number(job.get("tokens_per_s"), 0), str(job.get("gpus") or "CPU")])
+                     fmt_number(job.get("last_loss"), 4), fmt_number(job.get("last_val_loss"), 4),
+                     fmt_number(job.get("tokens_per_s"), 0), str(job.get("gpus") or "CPU")])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
 def job_text(job: dict[str, Any]) -> str:
     """A job's summary: what it trains, where it is, where its outputs are, and why it failed."""
-    from ui.jobtext import progress_text, state_words
+    from ui.jobtext import fmt_number, progress_text, state_words
 
     cfg = job.get("config", {})
     lines = [f"job {job['id']} {job.get('name') or ''}: {state_words(job)}"
@@ -113,8 +113,8 @@ def job_text(job: dict[str, Any]) -> str:
              f"model {cfg.get('base_model', '')}; data {cfg.get('data_path', '')}"
              + (f"; LoRA from {cfg['init_adapter']}" if cfg.get("init_adapter") else "")]
     if job.get("last_loss") is not None or job.get("last_val_loss") is not None:
-        lines.append(f"loss {_number(job.get('last_loss'), 4) or '-'}; validation loss "
-                     f"{_number(job.get('last_val_loss'), 4) or '-'}")
+        lines.append(f"loss {fmt_number(job.get('last_loss'), 4) or '-'}; validation loss "
+                     f"{fmt_number(job.get('last_val_loss'), 4) or '-'}")
     if cfg.get("output_dir"):
         lines.append(f"outputs {cfg['output_dir']}")
     if job.get("retry_of"):
@@ -139,10 +139,6 @@ def log_lines(api: ApiClient, job_id: int, raw: bool = False) -> list[str]:
             break
         offset = page["next_offset"]
     return lines if raw else readable_lines(lines)
-
-
-def _number(value: float | None, digits: int) -> str:
-    return "" if value is None else f"{value:,.{digits}f}"
 
 
 def _fail(message: str) -> int:

@@ -76,12 +76,6 @@ def fmt_duration(seconds: float | None) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def fmt_number(value: float | None, digits: int = 0) -> str:
-    if value is None:
-        return ""
-    return f"{value:,.{digits}f}"
-
-
 # The browser saves a gr.File's file (its value: {url, orig_name, ...}) as if its link were clicked.
 SAVE_FILE_JS = """(file) => {
   if (file && file.url) {

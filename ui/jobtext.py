@@ -9,6 +9,11 @@ from typing import Any
 from trainer_core import exit_codes
 from ui.api import stopped_early
 
+def fmt_number(value: float | None, digits: int = 0) -> str:
+    """'1,234' / '7.1000' (`digits` decimals); '' for no value."""
+    return "" if value is None else f"{value:,.{digits}f}"
+
+
 STATE_ICONS = {"queued": "…", "running": "▶", "succeeded": "✔", "failed": "✖", "cancelled": "■"}
 
 

@@ -12,8 +12,8 @@ import pandas as pd
 from trainer_core.config import TrainConfig
 from ui.api import ApiError
 from ui.charts import PlotData, curve_chart
-from ui.context import UiContext, fmt_number
-from ui.jobtext import progress_text
+from ui.context import UiContext
+from ui.jobtext import fmt_number, progress_text
 
 
 PALETTE = ["#4f46e5", "#e11d48", "#059669", "#d97706", "#0891b2", "#7c3aed", "#65a30d", "#db2777"]

@@ -25,10 +25,10 @@ import yaml
 from trainer_core.config import BEST_ADAPTER_DIR, JOB_SET_FIELDS
 from ui.api import ApiClient, ApiError, improvement_text, stopped_early
 from ui.charts import PlotData, curve_chart
-from ui.context import (SAVE_FILE_JS, UiContext, fmt_duration, fmt_number, parse_api_time, scratch_file,
+from ui.context import (SAVE_FILE_JS, UiContext, fmt_duration, parse_api_time, scratch_file,
                         warn)
 from ui.form import job_values, to_yaml
-from ui.jobtext import STATE_ICONS, failure_kind, progress_text, readable_lines, state_text
+from ui.jobtext import STATE_ICONS, failure_kind, fmt_number, progress_text, readable_lines, state_text
 from ui.workers import capacity_warning, known_workers
 
 TABLE_COLUMNS = ["id", "name", "state", "progress", "ETA", "tokens/s", "GPU", "attempt", "loss", "peak GB"]
