@@ -347,6 +347,9 @@ class Claim(BaseModel):
     gpu_ids: list[int]
     argv: list[str]
     rendezvous: Rendezvous | None = Field(None, description="Set for a node of a multi-node job.")
+    default_fields: list[str] = Field(default_factory=list, description="The fields of job.config at the "
+                                      "server's defaults: a worker of an older version drops those it does not "
+                                      "know (the job does not use that feature) instead of refusing the job.")
 
 
 class Report(BaseModel):

@@ -14,9 +14,10 @@ import argparse
 import difflib
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal, get_args, get_origin
 
+import pydantic_core
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # Tokens per cross-entropy chunk: the trainer never holds more logits than this many rows of the
@@ -438,10 +439,27 @@ JOB_SET_FIELDS = {"output_dir": "set by the server for a job: <data_dir>/jobs/<i
 BEST_ADAPTER_DIR = "adapter_best"
 
 
-def job_config(stored: dict[str, Any]) -> TrainConfig:
+def job_config(stored: dict[str, Any], unknown_allowed: Collection[str] = ()) -> TrainConfig:
     """A queued job's stored config as its trainer runs it, on the server (its command) and on the worker
-    (which derives its own): always resuming, also for a job stored before the server set that."""
-    return TrainConfig(**{**stored, "resume": True})
+    (which derives its own): always resuming, also for a job stored before the server set that.
+    `unknown_allowed`: fields this schema may not know and may drop, because the job leaves them at the
+    default of the schema that stored it (a worker older than its server: the job does not use that feature)."""
+    known = {name: value for name, value in stored.items()
+             if name in TrainConfig.model_fields or name not in unknown_allowed}
+    return TrainConfig(**{**known, "resume": True})
+
+
+def fields_at_default(stored: dict[str, Any]) -> list[str]:
+    """The stored config's fields whose value is this schema's default: a worker of an older version may
+    drop those it does not know (see job_config)."""
+    return [name for name, info in TrainConfig.model_fields.items()
+            if name in stored and not info.is_required()
+            and stored[name] == _json_value(info.get_default(call_default_factory=True))]
+
+
+def _json_value(value: Any) -> Any:
+    """A default as a stored (JSON) config holds it: paths as strings, tuples as lists."""
+    return pydantic_core.to_jsonable_python(value)
 
 # The fields that change what a dataset check reports (samples, batches, packed rows, the example layout):
 # `paratrain data check` takes them as flags, and the UI's check sends them from its form.

@@ -326,12 +326,13 @@ class Agent:
     def _start(self, claim: Claim) -> None:
         job, gpu_ids = claim.job, claim.gpu_ids
         try:
-            config = job_config(job.config)
+            config = job_config(job.config, unknown_allowed=claim.default_fields)
         except ValidationError as e:  # stored by a server whose schema differs from ours: that job fails, not the worker
-            self._fail_unstarted(job.id, job.attempt,
-                                 "this worker cannot run the stored config (is its paratrain the server's version?): "
-                                 f"{format_validation_error(e)}")
+            self._fail_unstarted(job.id, job.attempt, unrunnable_config_reason(e))
             return
+        if dropped := sorted(set(job.config) - set(type(config).model_fields)):
+            log.info("job %s: leaves %s at the server's default, which this worker does not know",
+                     job.id, ", ".join(dropped))
         # Derived here, not taken from claim.argv: this machine's trainer program and schema are the ones
         # that run. For a standard worker it is the same command (trainer_core.command.trainer_argv on both sides).
         argv = trainer_argv(config, nproc=job.nproc, rendezvous=claim.rendezvous,
@@ -430,6 +431,17 @@ class Agent:
             run.ack(batch)
             if not final:
                 return True
+
+
+def unrunnable_config_reason(e: ValidationError) -> str:
+    """Why this worker refuses a claimed job's config. Fields it does not know mean a newer server (the job
+    uses a feature this worker lacks); other errors, a schema that changed in some other way."""
+    unknown = [str(err["loc"][0]) for err in e.errors() if err["type"] == "extra_forbidden" and err["loc"]]
+    if unknown and len(unknown) == len(e.errors()):
+        return (f"this worker's paratrain does not know the config field(s) {', '.join(unknown)}, which this job "
+                "sets: upgrade the worker to the server's version")
+    return ("this worker cannot run the stored config (is its paratrain the server's version?): "
+            f"{format_validation_error(e)}")
 
 
 def describe_outcome(run: JobRun, outcome: Outcome) -> str:

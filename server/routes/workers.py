@@ -21,6 +21,7 @@ from server.models import (
     WorkerRegistered,
     WorkersPublic,
 )
+from trainer_core.config import fields_at_default
 
 router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[UserAuth])
 agent_router = APIRouter(tags=["worker agent"], dependencies=[WorkerAuth])
@@ -70,7 +71,7 @@ def claim(worker_id: WorkerIdPath, request: ClaimRequest, session: WriteSessionD
     if launch is None:
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     return Claim(job=JobPublic.model_validate(launch.job, from_attributes=True), gpu_ids=launch.gpu_ids,
-                 argv=launch.argv, rendezvous=launch.rendezvous)
+                 argv=launch.argv, rendezvous=launch.rendezvous, default_fields=fields_at_default(launch.job.config))
 
 
 @agent_router.post("/jobs/{job_id}/report", response_model=ReportReply)

@@ -82,6 +82,18 @@ def test_a_launch_whose_answer_was_lost_is_offered_again_as_it_was(client, worke
     assert any("offered again to worker w" in x["line"] for x in client.get(f"/api/jobs/{job_id}/logs").json()["data"])
 
 
+def test_a_claim_names_the_config_fields_the_job_leaves_at_their_defaults(client, worker_headers, job_body):
+    """What a worker older than the server may drop (see worker.agent): only fields at the server's defaults,
+    compared as the database holds them (JSON), never one the job sets."""
+    client.post("/api/jobs", json=job_body(lora_rank=4, init_adapter=None, early_stop_min_delta=0.0))
+    wid = _register(client, worker_headers)
+    claim = client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers).json()
+    at_default = set(claim["default_fields"])
+    assert {"init_adapter", "early_stop_min_delta", "lora_alpha", "rope_2d_ratio"} <= at_default
+    assert not at_default & {"lora_rank", "base_model", "data_path", "output_dir", "max_steps"}
+    assert at_default <= set(claim["job"]["config"])
+
+
 def test_lost_lease_requeues_then_fails_with_reason(client, worker_headers, job_body, caplog):
     import logging
 

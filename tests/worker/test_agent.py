@@ -134,6 +134,31 @@ def test_a_stored_config_that_is_no_longer_valid_fails_that_job_only(live_server
     assert agent.thread.is_alive() and agent.exit_code is None
 
 
+@pytest.mark.parametrize("newer_value", [None, 3])
+def test_a_worker_older_than_its_server_runs_jobs_that_leave_newer_fields_at_their_default(
+        live_server, start_agent, job_body, monkeypatch, newer_value):
+    """A rolling upgrade: the server's schema has a field this worker's lacks. A job that leaves it at the
+    server's default runs here; one that sets it fails with the field named and the fix."""
+    from server import queue
+    from server.routes import workers
+    from trainer_core.config import TrainConfig, fields_at_default
+
+    job = live_server.api.post("/jobs", json=job_body(max_steps=2)).json()
+    _store_config(live_server, job["id"], newer_feature=newer_value)
+    # the newer server: its schema knows newer_feature, with default None
+    monkeypatch.setattr(queue, "stored_config", lambda job: TrainConfig.model_construct(**job.config))
+    monkeypatch.setattr(workers, "fields_at_default", lambda config: fields_at_default(config) + (
+        ["newer_feature"] if config.get("newer_feature") is None else []))
+    start_agent()
+    done = live_server.wait_for(job["id"], {"succeeded", "failed"})
+    if newer_value is None:
+        assert done["state"] == "succeeded", done
+    else:
+        assert done["state"] == "failed" and done["failure_class"] == "data", done
+        assert done["failure_reason"] == ("this worker's paratrain does not know the config field(s) newer_feature, "
+                                          "which this job sets: upgrade the worker to the server's version")
+
+
 def test_a_job_stored_with_resume_off_before_the_server_forced_it_still_resumes(live_server, start_agent,
                                                                                 job_body):
     """resume=false in a job only ever deleted its own earlier attempts' checkpoints. New jobs are stored
