@@ -117,6 +117,15 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+# The method in a 32x32 icon: a main row over three branch columns of other lengths.
+FAVICON_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32">'
+               '<rect width="32" height="32" rx="6" fill="#4f46e5"/>'
+               '<rect x="5" y="5" width="22" height="5" rx="2" fill="#fff"/>'
+               '<rect x="5" y="13" width="5" height="14" rx="2" fill="#fff"/>'
+               '<rect x="13.5" y="13" width="5" height="9" rx="2" fill="#fff"/>'
+               '<rect x="22" y="13" width="5" height="12" rx="2" fill="#fff"/></svg>')
+
+
 def _mount_ui(app: FastAPI, settings: Settings) -> None:
     try:
         from ui.app import mount_ui
@@ -179,6 +188,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         api.include_router(module.router)
     api.include_router(workers.agent_router)
     app.include_router(api)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def favicon() -> Response:  # browsers ask for it on every page: a 404 in the console of the UI and /docs
+        return Response(FAVICON_SVG, media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
+
     if settings.mount_ui:
         _mount_ui(app, settings)
     return app

@@ -48,6 +48,8 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request, cap
     with sync_playwright() as p, _stopping(stop):
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport=LAPTOP)
+        console_errors: list[str] = []   # a missing resource (the favicon was one) or a script error
+        page.on("console", lambda m: m.type == "error" and console_errors.append(f"{m.text} {m.location}"))
         expect.set_options(timeout=30_000)  # the default 5 s is short for a 2-core machine that also trains
         page.set_default_timeout(20_000)
 
@@ -277,6 +279,7 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request, cap
         expect(field(page, "job-gpus")).to_have_value("0")
         stop.set()
         browser.close()
+    assert not console_errors, console_errors
     trainer.join(timeout=5)
     # Gradio prints a handler's exception (a poll that returned one value too few) and the page goes on: the
     # server, in this process, must have printed none
