@@ -37,8 +37,10 @@ MAX_STEPS = 1_000_000_000    # optimiser steps, log and save intervals
 GROUPS = ("model", "data", "validation", "training", "output")
 
 
-def _field(default: Any, help: str, group: str, **kw: Any) -> Any:
-    return Field(default, description=help, json_schema_extra={"group": group}, **kw)
+def _field(default: Any, help: str, group: str, *, is_path: bool = False, **kw: Any) -> Any:
+    """A schema field in one of GROUPS; `is_path`: a file or directory (the UI gives it a wide input)."""
+    extra = {"group": group, **({"format": "path"} if is_path else {})}
+    return Field(default, description=help, json_schema_extra=extra, **kw)
 
 
 # What a run may change when it resumes a checkpoint: how long it runs (the LR schedule follows the new
@@ -62,7 +64,7 @@ class TrainConfig(BaseModel):
     # --- model ---------------------------------------------------------------------------------
     base_model: str = _field(..., "HuggingFace model directory (a local path; from the command line also a hub id "
                                   "already in the local HuggingFace cache; nothing is downloaded).", "model",
-                             min_length=1)
+                             is_path=True, min_length=1)
     lora_rank: int = _field(8, "LoRA rank. Guide: <1B models 4-8, 1-3B 8-16, >3B 16-32.", "model", ge=1, le=1024)
     lora_alpha: float | None = _field(None, "LoRA alpha; empty means 2 x lora_rank.", "model", gt=0,
                                       le=16384)
@@ -85,11 +87,11 @@ class TrainConfig(BaseModel):
     init_adapter: str | None = _field(
         None, "Start LoRA from this paratrain adapter (a run's <output_dir>/adapter or adapter_best/) instead of "
         "zero, e.g. to train on with other data. Its lora_rank, lora_alpha, lora_target_modules, rope_2d_ratio and "
-        "branch_stride must be this run's.", "model", min_length=1)
+        "branch_stride must be this run's.", "model", is_path=True, min_length=1)
 
     # --- data ----------------------------------------------------------------------------------
     data_path: str = _field(..., "Parallel JSONL file: {\"main\", \"branches\"} or {\"text\"} per line.", "data",
-                            min_length=1)
+                            is_path=True, min_length=1)
     max_seq_len: int = _field(1024, "Each branch (and the main) is truncated to this many tokens.", "data", ge=1,
                              le=MAX_POSITION)
     branches_per_sample: int = _field(8, "Fixed number of consecutive text records grouped into one sample.",
@@ -110,7 +112,7 @@ class TrainConfig(BaseModel):
         "trained on), at most half. 0: none.", "validation", ge=0.0, le=0.5)
     val_data_path: str | None = _field(
         None, "A separate Parallel JSONL for the validation loss (instead of val_ratio).", "validation",
-        min_length=1)
+        is_path=True, min_length=1)
     eval_interval: int = _field(50, "With a validation set (val_ratio or val_data_path): its loss every N "
                                 "optimiser steps, before the first and after the last.", "validation", ge=1,
                                 le=MAX_STEPS)
@@ -145,7 +147,7 @@ class TrainConfig(BaseModel):
 
     # --- output --------------------------------------------------------------------------------
     output_dir: str = _field("out", "Where lora/, adapter/, checkpoints/ and metrics.jsonl go.", "output",
-                             min_length=1)
+                             is_path=True, min_length=1)
     # the pattern is in the schema for clients, and checked by _name_is_part_of_a_file_name, whose message
     # a person reads (pydantic's own would quote the regex)
     name: str = Field("paratrain", description="Run name used in <output_dir>/lora/{name}_{model}.pth.",

@@ -115,22 +115,35 @@ def build_config_form(open_groups: tuple[str, ...] = ("model", "data", "validati
         with gr.Accordion(GROUP_TITLES.get(group, group.title()), open=group in open_groups,
                           elem_id=f"group-{group}"):
             form.fields.update(_grid(names, lambda name: component_for(name, TrainConfig.model_fields[name],
-                                                                       placeholders.get(name))))
+                                                                       placeholders.get(name)),
+                                     wide={n for n in names if is_path_field(TrainConfig.model_fields[n])}))
     with gr.Accordion("Resources", open=True, elem_id="group-resources"):
         form.job.update(_grid(JOB_FIELDS, lambda name: component_for(name, JobResources.model_fields[name],
                                                                      elem_prefix="job")))
     return form
 
 
-def _grid(names: typing.Sequence[str], make: typing.Callable[[str], gr.components.Component]) -> dict[str, Any]:
-    """Inputs made by `make`, filled into FORM_COLUMNS columns row by row."""
+def _grid(names: typing.Sequence[str], make: typing.Callable[[str], gr.components.Component],
+          wide: typing.Collection[str] = ()) -> dict[str, Any]:
+    """Inputs made by `make`: the `wide` ones (paths, cut short in a column) first, sharing one row, then the
+    others filled into FORM_COLUMNS columns row by row."""
+    made = {}
+    if wide_here := [name for name in names if name in wide]:
+        with gr.Row(equal_height=False):
+            for name in wide_here:
+                made[name] = make(name)
     with gr.Row(equal_height=False):
         columns = [gr.Column(min_width=200) for _ in range(FORM_COLUMNS)]
-    made = {}
-    for i, name in enumerate(names):
+    for i, name in enumerate(name for name in names if name not in wide):
         with columns[i % FORM_COLUMNS]:
             made[name] = make(name)
-    return made
+    return {name: made[name] for name in names}   # the schema's order, as callbacks and saved files see it
+
+
+def is_path_field(info: Any) -> bool:
+    """A file or directory field (TrainConfig's `is_path`)."""
+    extra = info.json_schema_extra
+    return isinstance(extra, dict) and extra.get("format") == "path"
 
 
 # --- values <-> config ------------------------------------------------------------------------------

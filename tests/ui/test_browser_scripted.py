@@ -61,6 +61,12 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request, cap
         page.screenshot(path=shots / "01-login-refused.png")
         login(page, live_server.base_url, live_server.token)
 
+        # paths get wide inputs: in a column of three, a data dir's absolute path was cut after ~22 characters
+        width = {name: page.locator(f"#cfg-{name}").bounding_box()["width"]
+                 for name in ("base_model", "init_adapter", "data_path", "lora_rank")}
+        assert min(width["base_model"], width["init_adapter"]) > 1.4 * width["lora_rank"], width
+        assert width["data_path"] > 2.5 * width["lora_rank"], width
+
         # the GPU size defaults to what the workers report (the scripted worker has a 24 GB GPU)
         expect(field(page, "gpu-mem")).to_have_value("24")
         set_field(page, "cfg-base_model", "models/tiny")
