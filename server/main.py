@@ -76,10 +76,16 @@ def _add_exception_handlers(app: FastAPI) -> None:
         return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own 422, except that a refused NaN/Infinity is echoed as text: JSON has no such numbers
-        return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))},
-                            status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+        detail = _json_safe(jsonable_encoder(exc.errors()))
+        content_type = request.headers.get("content-type", "")
+        if request.method in ("POST", "PUT", "PATCH") and "json" not in content_type:
+            for error in detail:   # FastAPI reads a body that is not declared JSON as a string
+                if error.get("loc") == ["body"] and error.get("type") in ("model_attributes_type", "dict_type"):
+                    error["msg"] = (f"a JSON object was expected, sent as Content-Type: application/json "
+                                    f"(this request's: {content_type or 'none'})")
+        return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -87,6 +93,9 @@ def _add_exception_handlers(app: FastAPI) -> None:
             # FastAPI's bare "There was an error parsing the body": say what is wrong, as for other bad JSON
             detail = [{"loc": ["body"], "type": "json_invalid",
                        "msg": f"not UTF-8 text (byte {exc.__cause__.start}): JSON bodies are UTF-8"}]
+            return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+        if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
+            detail = [{"loc": ["body"], "type": "json_invalid", "msg": "JSON nested too deeply to read"}]
             return JSONResponse({"detail": detail}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
         return await http_exception_handler(request, exc)
 
@@ -108,12 +117,16 @@ def _add_exception_handlers(app: FastAPI) -> None:
 
 
 def _json_safe(value: Any) -> Any:
+    """A refused input as JSON can echo it: NaN and Infinity as text, a lone UTF-16 surrogate (JSON's "\\udcff",
+    which UTF-8 cannot encode) as its escape."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, list):
         return [_json_safe(v) for v in value]
     if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {_json_safe(k): _json_safe(v) for k, v in value.items()}
     return value
 
 

@@ -19,10 +19,18 @@ from trainer_core.config import JobResources, TrainConfig
 MAX_DB_INT = 2**63 - 1  # 64-bit integer columns
 HostAddress = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9._:%-]+$")]
 DbInt = Annotated[int, Field(ge=0, le=MAX_DB_INT)]
-# Text from clients. PostgreSQL text cannot hold NUL: names with one are refused (422); what a process
-# printed keeps its line, with U+FFFD in place of each NUL.
-Label = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
-Printed = Annotated[str, AfterValidator(lambda text: text.replace("\x00", "\ufffd"))]
+# Text from clients. PostgreSQL text cannot hold NUL, and no database a lone UTF-16 surrogate (JSON's "\udcff",
+# which is not UTF-8): names with either, or with a control character (a newline would forge a line of the
+# server's log), are refused (422); what a process printed keeps its line, with U+FFFD in place of each.
+Label = Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]*$")]
+
+
+def printable(text: str) -> str:
+    """`text` with U+FFFD in place of each NUL and each lone surrogate."""
+    return text.replace("\x00", "\ufffd").encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
+Printed = Annotated[str, AfterValidator(printable)]
 # The column type of every integer a client can name or make grow (ids, steps, event ids, log offsets,
 # exit codes): BIGINT, so PostgreSQL compares and stores the whole 64-bit range the API accepts; INTEGER on
 # SQLite, which is 64-bit already and keeps `INTEGER PRIMARY KEY` a rowid (autoincrement).
@@ -253,6 +261,7 @@ class CommandPublic(BaseModel):
 # --- workers -------------------------------------------------------------------------------------------
 
 class GpuInfo(BaseModel):
+    model_config = ConfigDict(allow_inf_nan=False)   # an infinite GPU was stored as null, against the schema
     index: int = Field(ge=0, le=1_000_000)
     name: Label = ""
     memory_gb: float = Field(0.0, ge=0)
@@ -336,7 +345,7 @@ class ClaimRequest(BaseModel):
     rdzv_port: int | None = Field(None, ge=1, le=65535, description="A port free on this machine now; used when "
                                   "this worker becomes node 0 of a multi-node job.")
     instance: WorkerInstance = None
-    busy_job_ids: list[int] | None = Field(None, max_length=4096, description="Every job this worker runs or has "
+    busy_job_ids: list[DbInt] | None = Field(None, max_length=4096, description="Every job this worker runs or has "
                                            "not reported the end of: none of them is offered to it again, and a job "
                                            "leased to it but not among them (a lost claim answer) is offered again. "
                                            "Null: the worker does not say.")

@@ -68,7 +68,10 @@ def confine_data_file(value: str, loc: tuple[str, ...], settings: Settings) -> P
 
 def safe_child(root: Path, relative: str) -> Path:
     """`root/relative`, refusing anything that resolves outside `root` (artifact downloads)."""
-    target = (root / relative).resolve()
+    try:
+        target = (root / relative).resolve()
+    except RuntimeError as e:   # a symlink loop (Python < 3.13; later ones raise OSError)
+        raise OSError(str(e)) from None
     if not target.is_relative_to(root.resolve()):
         raise ValueError(f"{relative!r} is outside the job's output directory")
     return target

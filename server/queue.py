@@ -274,6 +274,8 @@ def _online_workers(session: Session, worker: Worker, settings: Settings, now: d
 def claim_job(*, session: Session, worker: Worker, request: ClaimRequest, settings: Settings) -> Launch | None:
     """The worker's next launch with its command (see _next_launch). A job whose stored config today's
     schema refuses fails here, as bad data: no worker could run it, and it must not hold the queue's head."""
+    if worker.left_at is not None:   # offline: a job it took would show running on a worker that is not there
+        raise Conflict(f"worker {worker.name} left (POST .../leave); it registers again to take jobs")
     launch = _next_launch(session, worker, request, settings)
     if launch is None:
         return None

@@ -320,9 +320,13 @@ Plain `PeftModel.from_pretrained` / `AutoPeftModelForCausalLM` load the weights 
 def read_adapter_settings(adapter_dir: str | Path) -> dict:
     """rope2d.json of a paratrain adapter: rope_2d_ratio, branch_stride and the base model (path or hub id)."""
     path = Path(adapter_dir)
-    if path.is_file():
+    try:
+        is_file, exists = path.is_file(), path.exists()
+    except OSError as e:   # a name too long for the file system, a symlink loop
+        raise DataError([f"{adapter_dir}: not a usable path ({e.strerror or e})"]) from None
+    if is_file:
         raise DataError([f"{adapter_dir}: a file; an adapter is a directory (<output_dir>/adapter after training)"])
-    if not path.exists():
+    if not exists:
         raise DataError([f"{adapter_dir}: no such directory (a run writes <output_dir>/adapter when it ends, and "
                          "adapter_best/ as it validates)"])
     try:

@@ -103,8 +103,10 @@ def _output_dir(job: Job) -> Path:
 def list_artifacts(job_id: JobIdPath, session: SessionDep) -> ArtifactsPublic:
     root = _output_dir(crud.get_job(session=session, job_id=job_id))
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()) if root.is_dir() else []
-    # dot names are the trainer's own: its claim on the directory, a checkpoint being written
-    shown = [p for p in files if not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    # dot names are the trainer's own (its claim on the directory, a checkpoint being written); a name that is
+    # not UTF-8 (its bytes are surrogates here) cannot go into JSON or a URL, and no trainer writes one
+    shown = [p for p in files if all(not part.startswith(".") and part.isprintable()
+                                     for part in p.relative_to(root).parts)]
     return ArtifactsPublic(data=[Artifact(path=p.relative_to(root).as_posix(), size=p.stat().st_size)
                                  for p in shown])
 

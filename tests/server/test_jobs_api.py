@@ -275,6 +275,12 @@ def test_artifacts_are_confined_to_the_output_dir(client, settings, job_body):
     assert r.status_code == 404 and "'adapter' is a directory" in r.json()["detail"]
     r = client.get(f"/api/jobs/{job['id']}/artifacts/..%2F..%2F..%2Ftoken_copy")
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["path", "path"], r.text
+    # what no trainer writes is no 500 either: a name that is not UTF-8 (unlisted), a symlink loop (missing)
+    (out / os.fsdecode(b"latin1-\xe9.txt")).write_text("x")
+    (out / "loop1").symlink_to(out / "loop2")
+    (out / "loop2").symlink_to(out / "loop1")
+    assert client.get(f"/api/jobs/{job['id']}/artifacts").json()["data"] == listed
+    assert client.get(f"/api/jobs/{job['id']}/artifacts/loop1").status_code == 404
 
 
 def test_estimate_and_presets_answer_or_501(client, job_body):
@@ -398,6 +404,35 @@ def test_nan_infinity_and_unknown_keys_are_422_naming_the_field(client, job_body
     for gpus in (True, "2", 1.5):   # not silently 1 or 2
         r = client.post("/api/jobs", json={**job_body(), "gpus": gpus})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "gpus"], r.text
+
+
+def test_a_lone_surrogate_or_an_overlong_path_is_a_422_naming_the_field(client, job_body, worker_headers):
+    """JSON can spell a lone UTF-16 surrogate ("\\udcff"), which UTF-8 cannot encode: the 422 that refused it
+    failed to encode its own echo of it (a 500). A path too long for the file system is the field's too."""
+    surrogate = '"\\udcff"'
+    for url, body, loc in [
+            ("/api/jobs", json.dumps(job_body(name="x")).replace('"x"', surrogate), ["body", "config", "name"]),
+            ("/api/datasets/check", '{"data_path": "demo.jsonl", ' + surrogate + ': 1}', ["body"]),   # a key
+            ("/api/workers/register", '{"name": ' + surrogate + '}', ["body", "name"])]:
+        headers = {"Content-Type": "application/json", **(worker_headers if "workers" in url else {})}
+        r = client.post(url, content=body, headers=headers)
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == loc, (url, r.text)
+    r = client.post("/api/workers/register", json={"name": "w\n2026-11-29 ERROR forged"}, headers=worker_headers)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "name"], r.text   # no forged log line
+    r = client.post("/api/workers/register", content='{"name": "w", "gpus": [{"index": 0, "memory_gb": Infinity}]}',
+                    headers={"Content-Type": "application/json", **worker_headers})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "memory_gb", r.text
+    for path in ("a" * 300, "a/" * 3000):
+        r = client.post("/api/jobs", json=job_body(init_adapter=path))
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "init_adapter"], r.text
+
+
+def test_a_body_not_sent_as_json_or_nested_too_deeply_says_so(client, job_body):
+    for headers in ({"Content-Type": "text/plain"}, {}):
+        r = client.post("/api/jobs", content=json.dumps(job_body()), headers=headers)
+        assert r.status_code == 422 and "Content-Type: application/json" in r.json()["detail"][0]["msg"], r.text
+    r = client.post("/api/jobs", content="[" * 100_000 + "]" * 100_000, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["msg"] == "JSON nested too deeply to read", r.text
     assert client.get("/api/jobs").json()["count"] == 0   # nothing half-stored
 
 

@@ -190,6 +190,9 @@ def test_a_worker_that_leaves_is_offline_at_once_and_online_again_when_it_regist
     assert listed()["online"] is False and listed()["left_at"] is not None   # not after a TTL: now
     again = client.get(f"/api/jobs/{job['id']}").json()    # what it still held is not stranded with it
     assert again["state"] == "queued" and again["worker_id"] is None
+    r = client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers)   # it left: it takes no job
+    assert r.status_code == 409 and "left" in r.json()["detail"], r.text
+    assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "queued"
     assert _register(client, worker_headers, name="box") == wid
     assert listed()["online"] is True and listed()["left_at"] is None
     assert client.post("/api/workers/999/leave", json={}, headers=worker_headers).status_code == 404
@@ -218,6 +221,29 @@ def test_a_database_of_an_older_version_gains_the_new_columns_and_keeps_its_rows
 def _run_one(client, worker_headers, wid):
     claim = client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers).json()
     return claim["job"]["id"], claim["job"]["attempt"]
+
+
+def test_printed_text_with_a_lone_surrogate_is_kept_with_a_replacement_character(client, worker_headers,
+                                                                                  job_body):
+    """A worker of another make may send what JSON allows and UTF-8 cannot hold ("\\udcff"): the batch (its
+    other lines, its metrics) and the job's end are stored, not lost to a 500."""
+    client.post("/api/jobs", json=job_body())
+    wid = _register(client, worker_headers)
+    job_id, attempt = _run_one(client, worker_headers, wid)
+    body = ('{"worker_id": %d, "attempt": %d, "log_start": 0, "logs": ["ok", "bad \\udcff"], '
+            '"metrics": [{"step": 1, "loss": 2.0}]}' % (wid, attempt))
+    headers = {**worker_headers, "Content-Type": "application/json"}
+    assert client.post(f"/api/jobs/{job_id}/report", content=body, headers=headers).status_code == 200
+    lines = [x["line"] for x in client.get(f"/api/jobs/{job_id}/logs").json()["data"]]
+    assert lines[-2:] == ["ok", "bad \ufffd"]
+    assert [m["step"] for m in client.get(f"/api/jobs/{job_id}/metrics").json()["data"]] == [1]
+    body = ('{"worker_id": %d, "attempt": %d, "exit_code": 1, "failure_class": "crash", '
+            '"failure_reason": "bad \\udcff"}' % (wid, attempt))
+    assert client.post(f"/api/jobs/{job_id}/finish", content=body, headers=headers).status_code == 200
+    job = client.get(f"/api/jobs/{job_id}").json()
+    assert job["state"] == "failed" and job["failure_reason"] == "bad \ufffd"
+    r = client.post(f"/api/workers/{wid}/claim", json={"busy_job_ids": [2**63]}, headers=worker_headers)
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][:2] == ["body", "busy_job_ids"], r.text
 
 
 def test_reports_are_idempotent_and_a_rerun_step_replaces(client, worker_headers, job_body):
