@@ -32,7 +32,8 @@ from torch import nn
 from trainer_core import exit_codes
 from trainer_core.data import DataError, load_tokenizer, local_model_dir
 from trainer_core.layout import build_sample_layout
-from trainer_core.model import DTYPES, load_adapter_dir, parallel_logits, quiet_libraries, read_adapter_settings
+from trainer_core.model import (DTYPES, hidden_states, load_adapter_dir, output_layer, quiet_libraries,
+                                read_adapter_settings)
 
 
 @dataclass
@@ -85,15 +86,16 @@ def generate_branch_ids(gen: Generator, main_ids: list[int], branch_ids: list[li
         frontier = min(len(branches[k]) for k in growing)
         active = [k for k in growing if len(branches[k]) == frontier]
         layout = build_sample_layout(main_ids, branches, gen.branch_stride)
-        logits = parallel_logits(gen.model, *(t[None].to(device) for t in (layout.input_ids, layout.pos1d,
-                                                                           layout.branch_pos, layout.time_ids)),
-                                 torch.zeros(1, len(layout), dtype=torch.long, device=device))[0]
+        hidden = hidden_states(gen.model, *(t[None].to(device) for t in (layout.input_ids, layout.pos1d,
+                                                                         layout.branch_pos, layout.time_ids)),
+                               torch.zeros(1, len(layout), dtype=torch.long, device=device))[0]
         # each active branch's last token: its (branch coordinate, time) is unique in the layout
         last_time = len(main_ids) + frontier - 1
         branch_pos = (first_branch + torch.tensor(active)) * gen.branch_stride
         at = ((layout.branch_pos[None, :] == branch_pos[:, None])
               & (layout.time_ids[None, :] == last_time)).float().argmax(dim=1)
-        next_logits = logits[at.to(device)].float().cpu()
+        # the logits of those positions only: all of them would be [T, vocabulary], GBs for a long sample
+        next_logits = output_layer(gen.model)(hidden[at.to(device)]).float().cpu()
         if temperature > 0:
             next_ids = torch.multinomial(torch.softmax(next_logits / temperature, dim=-1), 1, generator=generator)[:, 0]
         else:

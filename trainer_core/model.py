@@ -8,6 +8,8 @@ time, and each chunk's gradient is computed while its logits exist (`LinearCross
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -267,11 +269,32 @@ def hidden_states(peft_model: nn.Module, input_ids, pos1d, branch_pos, time_ids,
     return out.last_hidden_state
 
 
+@contextmanager
+def eager_inference(peft_model: nn.Module) -> Iterator[None]:
+    """The training model, for a few forwards after training (probe logits, samples): in eval mode, with SDPA,
+    as load_adapter_dir loads it, and not compiled. FlexAttention run eagerly (not worth compiling for a few
+    forwards of new shapes) would hold every head's full score matrix, tens of GB for a long sample."""
+    config = peft_model.get_base_model().config
+    was_training, attn = peft_model.training, config._attn_implementation
+    peft_model.eval()
+    config._attn_implementation = "sdpa"
+    try:
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
+            yield
+    finally:
+        config._attn_implementation = attn
+        peft_model.train(was_training)
+
+
+def output_layer(model: nn.Module) -> nn.Module:
+    """Hidden states -> logits: the LM head."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_output_embeddings()
+
+
 def parallel_logits(model: nn.Module, input_ids, pos1d, branch_pos, time_ids, sample_ids) -> torch.Tensor:
     """Full logits [B,T,V] for evaluation and tests (training never builds these)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    h = hidden_states(model, input_ids, pos1d, branch_pos, time_ids, sample_ids)
-    return base.get_output_embeddings()(h)
+    return output_layer(model)(hidden_states(model, input_ids, pos1d, branch_pos, time_ids, sample_ids))
 
 
 # --- saving and loading adapters --------------------------------------------------------------------
