@@ -51,7 +51,7 @@ NAME_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*$"   # no leading '.': lora/.{name
 RESUMABLE_CHANGES = frozenset({"epochs", "max_steps", "gradient_checkpointing", "compile", "ddp", "tokens_per_row",
                                "output_dir", "name", "log_interval", "save_interval", "resume", "data_path",
                                "eval_interval", "val_data_path", "early_stop_patience",
-                               "early_stop_min_delta", "init_adapter"})   # a resumed run's weights are its checkpoint's
+                               "early_stop_min_delta", "init_adapter", "sample_count", "sample_new_tokens"})   # a resumed run's weights are its checkpoint's
 
 
 class TrainConfig(BaseModel):
@@ -156,6 +156,12 @@ class TrainConfig(BaseModel):
     save_interval: int = _field(50, "Save a resumable checkpoint every N optimiser steps.", "output", ge=1,
                                 le=MAX_STEPS)
     resume: bool = _field(True, "Continue from the newest checkpoint in output_dir when there is one.", "output")
+    sample_count: int = _field(2, "After training, continue this many samples (the validation set's first, else the "
+                               "training set's) from each branch's first tokens, and write what the model wrote "
+                               "beside what the data has in <output_dir>/samples.jsonl. 0: none.", "output", ge=0,
+                               le=100)
+    sample_new_tokens: int = _field(32, "The most tokens each branch of such a sample grows by (greedy).", "output",
+                                    ge=1, le=4096)
 
     @field_validator("*", mode="after")
     @classmethod
@@ -439,6 +445,8 @@ JOB_SET_FIELDS = {"output_dir": "set by the server for a job: <data_dir>/jobs/<i
 # Where the trainer keeps the adapter of the lowest validation loss, in the output dir (a job's retry carries
 # it over with the checkpoints; the UI downloads it with adapter/)
 BEST_ADAPTER_DIR = "adapter_best"
+# What the trained model wrote after training (trainer_core/samples.py; the UI shows it with the job)
+SAMPLES_FILE = "samples.jsonl"
 
 
 def job_config(stored: dict[str, Any], unknown_allowed: Collection[str] = ()) -> TrainConfig:

@@ -337,10 +337,11 @@ def encode_truncated(tokenizer, texts: list[str], max_seq_len: int) -> list[tupl
 
 
 class Progress:
-    """`tokenising: 12,288 of 88,486 records (14%), 0:00:10, about 0:01:02 left`, at most every PROGRESS_EVERY_S."""
+    """`tokenising: 12,288 of 88,486 records (14%), 0:00:10, about 0:01:02 left`, at most every PROGRESS_EVERY_S
+    (`what` and `unit` name the work: "validating", "batches")."""
 
-    def __init__(self, total: int, log):
-        self.total, self.log, self.every_s = total, log, PROGRESS_EVERY_S
+    def __init__(self, total: int, log, what: str = "tokenising", unit: str = "records"):
+        self.total, self.log, self.every_s, self.what, self.unit = total, log, PROGRESS_EVERY_S, what, unit
         self.start = self.last = time.monotonic()
 
     def update(self, done: int) -> None:
@@ -350,7 +351,7 @@ class Progress:
         self.last = now
         elapsed = now - self.start
         left = elapsed * (self.total - done) / done
-        self.log(f"tokenising: {done:,} of {self.total:,} records ({100 * done // self.total}%), "
+        self.log(f"{self.what}: {done:,} of {self.total:,} {self.unit} ({100 * done // self.total}%), "
                  f"{timedelta(seconds=round(elapsed))}, about {timedelta(seconds=round(left))} left")
 
 

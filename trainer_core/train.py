@@ -31,19 +31,21 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from trainer_core import checkpoint as ckpt
 from trainer_core import exit_codes, owner
-from trainer_core.config import (BEST_ADAPTER_DIR, RESUMABLE_CHANGES, TrainConfig, add_cli_arguments,
-                                 format_validation_error)
-from trainer_core.data import (DataError, SampleIndex, TokenizedDataset, build_samples, collate_batch,
-                               epoch_batches, file_sha256, has_tokenizer_files, local_model_dir, open_tokens,
-                               prepare_tokens, rank_batches, sample_lengths, split_validation,
+from trainer_core.config import (BEST_ADAPTER_DIR, RESUMABLE_CHANGES, SAMPLES_FILE, TrainConfig,
+                                 add_cli_arguments, format_validation_error)
+from trainer_core.data import (DataError, Progress, SampleIndex, TokenizedDataset, build_samples, collate_batch,
+                               epoch_batches, file_sha256, has_tokenizer_files, load_tokenizer, local_model_dir,
+                               open_tokens, prepare_tokens, rank_batches, sample_lengths, split_validation,
                                total_optimizer_steps)
 from trainer_core.dist import (DistEnv, all_reduce_sum, any_rank, barrier, broadcast_object, compute_cleanup,
                                compute_init, gather_objects, print0, write_line)
+from trainer_core.generate import Generator
 from trainer_core.layout import PackedBatch
 from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_model, check_init_adapter,
-                               hidden_states, load_init_adapter, load_lora_weights, lora_state_dict, quiet_libraries,
-                               save_adapter_dir, training_dtype)
+                               eager_inference, hidden_states, load_init_adapter, load_lora_weights, lora_state_dict,
+                               output_layer, quiet_libraries, save_adapter_dir, training_dtype)
 from trainer_core.rope2d import rope_2d_pairs
+from trainer_core.samples import write_samples
 from trainer_core.vram import memory_levers
 
 # Test-only fault injection, off unless set (tests/reliability): `oom_at_step:N`, `crash_rank:R_at_step:N`
@@ -522,8 +524,15 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         print0(env, f"not training on from {last}: {lowest.describe(cfg.early_stop_patience)}. Writing the final "
                     "outputs; a larger --early_stop_patience (or 0) trains on from it")
 
+    # The ETA counts the validations still to come: a third of a training step's time per token (forward only)
+    # until one has been timed: the one before training unless it compiled (flex attention, --compile)
+    val_tokens = int(sample_lengths(*val).sum()) if val is not None else 0
+    eval_s: float | None = None
     if val is not None and last is None:   # before training (LoRA at zero, or --init_adapter's): where the curve starts
+        t_val = time.time()
         measured = validation_loss(lm, val, cfg, env, dense_attention)
+        if measured is not None and dense_attention and not cfg.compile:
+            eval_s = time.time() - t_val
         if superseded():   # while it ran
             return stop_superseded()
         if measured is not None:
@@ -531,10 +540,6 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             emit(env, {"step": 0, "epoch": 0, "loss": None, **val_fields(measured), "total_steps": total_steps,
                        "time": round(time.time(), 3), "tokens": 0, **trained.fields()}, metrics_file)
             print0(env, f"step 0/{total_steps} | val loss {measured[0]:.4f} (before training)")
-    # The ETA counts the validations still to come: a third of a training step's time per token (forward only)
-    # until one has been timed in the loop (the one before training includes the first compiles)
-    val_tokens = int(sample_lengths(*val).sum()) if val is not None else 0
-    eval_s: float | None = None
 
     step_time_ema = None
     epoch = start_epoch
@@ -576,7 +581,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             # not while stopping: the stop's checkpoint comes first
             if val is not None and not stopping and (step % cfg.eval_interval == 0 or step == total_steps):
                 t_val = time.time()
-                measured = validation_loss(lm, val, cfg, env, dense_attention)
+                measured = validation_loss(lm, val, cfg, env, dense_attention, stop)
                 if measured is not None:   # one that ran out of memory ended early: no measure of the next
                     eval_s = time.time() - t_val
                 # it may have taken minutes: a stop or a takeover meanwhile counts before this step writes
@@ -624,6 +629,9 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     write_final_outputs(model, cfg, env, step=step, elapsed_s=time.time() - t_start,
                         probe=probe_logits(model, ds, samples, cfg, env),
                         best=lowest.best, stopped_early=stopped_early)
+    if cfg.sample_count and env.is_main:   # the adapter is written: nothing here can cost it
+        write_samples_after_training(model, cfg, env, val if val is not None else (ds, samples),
+                                     source="validation" if val is not None else "training", step=step, stop=stop)
     return 0
 
 
@@ -739,33 +747,43 @@ def accumulate_gradients(lm: torch.nn.Module, micro: list[PackedBatch], env: Dis
 
 @torch.no_grad()
 def validation_loss(lm: ParallelBranchLM, val: Split, cfg: TrainConfig, env: DistEnv,
-                    dense_attention: bool) -> tuple[float, int] | None:
+                    dense_attention: bool, stop: StopFlag | None = None) -> tuple[float, int] | None:
     """(mean loss per label token, label tokens) over every validation sample, the batches shared out over the
-    ranks (each sample counted once), in eval mode (no LoRA dropout). Called on every rank. None when a rank
-    ran out of memory: the validation is skipped, said once, and training goes on (a validation batch is a
-    training batch without gradients: it fits where training fits, unless --val_data_path holds longer
-    samples)."""
+    ranks (each sample counted once), in eval mode (no LoRA dropout). Called on every rank; rank 0 reports its
+    progress when it takes long. None when a rank ran out of memory: the validation is skipped, said once, and
+    training goes on (a validation batch is a training batch without gradients: it fits where training fits,
+    unless --val_data_path holds longer samples). None too when a stop is requested during it: it can take
+    minutes, and the stop's checkpoint must be saved before the worker's grace period ends."""
     ds, samples = val
     batches = epoch_batches(samples, cfg, epoch=0)[env.rank::env.world_size]
     model = lm.peft_model
     was_training = model.training
     model.eval()
-    loss_sum, label_tokens, ran_out = 0.0, 0, False
+    progress = Progress(len(batches), lambda line: print0(env, line), what="validating", unit="batches")
+    loss_sum, label_tokens, ran_out, stopped = 0.0, 0, False, False
     try:
-        for batch in batches:
+        for done, batch in enumerate(batches):
+            if stop is not None and stop.requested:
+                stopped = True
+                break
             mb = collate_batch(ds, samples, batch, cfg, dense_attention)
             loss_sum += float(lm(**vars(mb.to(env.device))))
             label_tokens += mb.num_label_tokens
+            progress.update(done + 1)
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not out_of_memory(e):
             raise
         ran_out = True
     finally:
         model.train(was_training)
-    if any_rank(env, ran_out)[0]:
+    ran_out, stopped = any_rank(env, ran_out, stopped)
+    if ran_out:
         print0(env, "warning: the validation ran out of memory and is skipped (training goes on); its batches "
                     "are --batch_size samples as in training: a --val_data_path with longer samples needs a lower "
                     "--max_seq_len")
+        return None
+    if stopped:
+        print0(env, "stop requested: this validation is left unfinished, so that the checkpoint is saved now")
         return None
     total_tokens = all_reduce_sum(env, float(label_tokens))
     return all_reduce_sum(env, loss_sum) / max(1.0, total_tokens), int(total_tokens)
@@ -799,6 +817,25 @@ def write_final_outputs(model, cfg: TrainConfig, env: DistEnv, *, step: int, ela
         print0(env, f"done{' (stopped early)' if stopped_early else ''}: {final_pth} and {adapter_dir}/" + (
             f"; the lowest validation loss, {best[0]:.4f}, was at step {best[1]}: {best_dir}/" if best else ""))
     barrier(env)
+
+
+def write_samples_after_training(model, cfg: TrainConfig, env: DistEnv, split: Split, *, source: str, step: int,
+                                 stop: StopFlag) -> None:
+    """<output_dir>/samples.jsonl (trainer_core/samples.py), on rank 0. A failure is a warning: the run has
+    succeeded, its adapter is written. A stop signal ends it between two samples."""
+    path = Path(cfg.output_dir) / SAMPLES_FILE
+    t0 = time.time()
+    try:
+        gen = Generator(model, load_tokenizer(cfg.base_model), cfg.branch_stride)
+        with eager_inference(model):
+            written = write_samples(gen, split, source=source, count=cfg.sample_count,
+                                    new_tokens=cfg.sample_new_tokens, step=step, path=path,
+                                    should_stop=lambda: stop.requested)
+    except Exception as e:   # noqa: BLE001 (out of memory included)
+        print0(env, f"warning: no samples written ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return
+    print0(env, f"samples: {written} {source} sample(s) continued by up to {cfg.sample_new_tokens} tokens a branch "
+                f"in {time.time() - t0:.1f} s: {path}")
 
 
 BEST_FILE = "validation.json"   # in adapter_best/: {"step", "val_loss", "val_set"} of the adapter saved there
@@ -869,20 +906,15 @@ def weights_digest(weights: dict[str, torch.Tensor]) -> str:
 @torch.no_grad()
 def probe_logits(model, ds, samples, cfg: TrainConfig, env: DistEnv) -> list[float] | None:
     """A few logits of the trained model on the first sample: lets anyone check that the saved adapter
-    reproduces the model as it was at the end of training. Computed with SDPA, as load_adapter_dir loads
-    it: flex run eagerly (not worth compiling for one forward) would hold every head's full score matrix,
-    tens of GB for a long sample. None, rather than no final outputs, when even that does not fit."""
+    reproduces the model as it was at the end of training (computed as load_adapter_dir loads it: SDPA).
+    None, rather than no final outputs, when even that does not fit."""
     batch = collate_batch(ds, samples, np.array([0]), cfg).to(env.device)
-    config = model.get_base_model().config
-    was_training, attn = model.training, config._attn_implementation
-    model.eval()
-    config._attn_implementation = "sdpa"
     try:
-        with torch.compiler.set_stance("force_eager"):  # one forward: not worth compiling --compile's layers again
+        with eager_inference(model):
             hidden = hidden_states(model, batch.input_ids, batch.pos1d, batch.branch_pos, batch.time_ids,
                                    batch.sample_ids)
-        last = int((batch.sample_ids[0] >= 0).sum()) - 1
-        logits = model.get_base_model().get_output_embeddings()(hidden[0, last])   # one position, not [T, V]
+            last = int((batch.sample_ids[0] >= 0).sum()) - 1
+            logits = output_layer(model)(hidden[0, last])   # one position, not [T, V]
         return [round(float(x), 5) for x in logits[:8]]
     except (torch.OutOfMemoryError, RuntimeError) as e:
         if not out_of_memory(e):
@@ -890,9 +922,6 @@ def probe_logits(model, ds, samples, cfg: TrainConfig, env: DistEnv) -> list[flo
         print0(env, "out of memory computing the probe logits of the first sample; the final outputs are "
                     "written without them")
         return None
-    finally:
-        config._attn_implementation = attn
-        model.train(was_training)
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:

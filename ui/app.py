@@ -54,6 +54,10 @@ footer { display: none !important; }
 /* the loss charts (ui/charts.py): the width of their box, their text in the theme's font and colour */
 .curve-chart .vega-embed { width: 100%; }
 .curve-chart .vega-embed text { font-family: var(--font); fill: var(--body-text-color); }
+/* samples after training: the three texts side by side, each wrapping in its third */
+#job-samples table { width: 100%; table-layout: fixed; font-size: 13px; margin-bottom: 12px; }
+#job-samples th:first-child, #job-samples td:first-child { width: 56px; }
+#job-samples td { vertical-align: top; white-space: pre-wrap; overflow-wrap: anywhere; }
 """
 
 

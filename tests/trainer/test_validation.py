@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from trainer_core.config import TrainConfig
-from trainer_core.data import build_samples, collate_batch, load_or_tokenize, split_validation
+from trainer_core.data import (build_samples, collate_batch, load_or_tokenize, load_tokenizer, sample_token_ids,
+                               split_validation)
+from trainer_core.generate import Generator
 from trainer_core.layout import IGNORE_INDEX
 from trainer_core.model import load_adapter_dir, parallel_logits
+from trainer_core.samples import continue_sample
 
 pytestmark = pytest.mark.slow
 
@@ -67,6 +70,21 @@ def test_held_out_samples_give_the_saved_adapters_loss_before_during_and_after_t
     assert records[-1]["val_loss"] == pytest.approx(after, abs=2e-5)
     assert records[0]["val_loss"] == pytest.approx(before, abs=2e-5)
     assert records[0]["loss"] is None and after < before   # trained on the rest, it predicts the held-out better
+
+    # after training, the first held-out samples continued by the trained model (greedy, the default count
+    # and length) beside what the data has there; the saved adapter writes the same
+    written = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    gen = Generator(model, load_tokenizer(str(tiny_model_dir)), cfg.branch_stride)
+    decode = lambda ids: gen.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    assert len(written) == 2
+    for record in written:
+        main, branches = sample_token_ids(ds, held_out, record["sample"])
+        branches = [b.tolist() for b in branches]
+        assert (record["step"], record["source"], record["main"]) == (7, "validation", decode(main.tolist()))
+        assert record["branches"] == continue_sample(gen, main.tolist(), branches, new_tokens=32)
+        for branch, ids in zip(record["branches"], branches):
+            assert decode(ids).startswith(branch["start"] + branch["data"])
+            assert len(gen.tokenizer(branch["generated"], add_special_tokens=False)["input_ids"]) <= 34
 
 
 def test_a_validation_file_changes_nothing_in_training_and_ranks_share_its_samples(tmp_path, tiny_model_dir,
@@ -132,7 +150,7 @@ def test_a_checkpoint_saved_before_validation_existed_held_nothing_out():
     check_resume_identity(Path("ckpt"), saved, {"lora_rank": 8, "seed": 42, "world_size": 2})   # not a field
 
 
-def test_a_run_taken_over_or_stopped_while_it_validates_writes_nothing_of_that_step(tmp_path, monkeypatch,
+def test_a_run_taken_over_or_stopped_while_it_validates_writes_nothing_of_that_step(tmp_path, monkeypatch, capsys,
                                                                                    tiny_model_dir, demo_data_path):
     """A validation can take minutes; a newer run claiming the directory meanwhile must get it untouched."""
     from trainer_core import exit_codes, owner
@@ -162,12 +180,16 @@ def test_a_run_taken_over_or_stopped_while_it_validates_writes_nothing_of_that_s
     assert train_module.train(cfg(out), one_process, train_module.StopFlag()) == exit_codes.SUPERSEDED
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     assert not (out / "checkpoints").exists()
-    # a stop during it: the step's checkpoint at once, not a step later
+    # a stop during it: the validation is left (a long one outlasted the worker's grace period, and the
+    # checkpoint was lost) and the step's checkpoint saved at once, not a step later
     out = tmp_path / "stopped"
     stop = train_module.StopFlag()
+    capsys.readouterr()
     at_step_2(lambda: setattr(stop, "requested", True))
     assert train_module.train(cfg(out), one_process, stop) == 0
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
+    assert "stop requested: this validation is left unfinished" in capsys.readouterr().err
+    assert [json.loads(line).get("val_loss") for line in (out / "metrics.jsonl").read_text().splitlines()][-1] is None
 
 
 def test_a_validation_out_of_memory_is_skipped_and_training_goes_on(tmp_path, monkeypatch, capsys, tiny_model_dir,
@@ -192,6 +214,33 @@ def test_a_validation_out_of_memory_is_skipped_and_training_goes_on(tmp_path, mo
     assert [r["step"] for r in lines] == [1, 2, 3] and not any("val_loss" in r for r in lines)
     assert capsys.readouterr().err.count("the validation ran out of memory and is skipped") == 3   # steps 0, 2, 3
     assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_samples_come_from_the_training_set_without_a_validation_set_and_cannot_fail_a_run(
+        tmp_path, monkeypatch, capsys, tiny_model_dir, demo_data_path):
+    """Samples are written after the adapter: an error there (out of memory on a long sample) is a warning
+    and the run succeeds; --sample_count 0 writes none."""
+    from trainer_core import train as train_module
+    from trainer_core.dist import DistEnv
+
+    def run(out, **fields) -> int:
+        cfg = TrainConfig(base_model=str(tiny_model_dir), data_path=str(demo_data_path), output_dir=str(out),
+                          max_steps=2, batch_size=2, batch_by_samples=True, **fields)
+        return train_module.train(cfg, DistEnv(False, 0, 0, 1, torch.device("cpu")), train_module.StopFlag())
+
+    assert run(tmp_path / "one", sample_count=1, sample_new_tokens=3) == 0
+    [record] = [json.loads(line) for line in (tmp_path / "one" / "samples.jsonl").read_text().splitlines()]
+    assert (record["source"], record["sample"], record["step"]) == ("training", 0, 2)
+    assert "samples: 1 training sample(s) continued by up to 3 tokens a branch" in capsys.readouterr().err
+    assert run(tmp_path / "none", sample_count=0) == 0
+    assert (tmp_path / "none" / "adapter").is_dir() and not (tmp_path / "none" / "samples.jsonl").exists()
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+    monkeypatch.setattr(train_module, "write_samples", out_of_memory)
+    assert run(tmp_path / "oom") == 0
+    assert "warning: no samples written (OutOfMemoryError: CUDA out of memory." in capsys.readouterr().err
+    assert (tmp_path / "oom" / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_a_validation_file_that_is_the_training_data_is_warned_about(tmp_path, capsys, tiny_model_dir,

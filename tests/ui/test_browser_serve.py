@@ -177,6 +177,12 @@ def test_serve_end_to_end(serve):
         assert page.request.get(link if link.startswith("http") else f"{base}{link}").status == 200, link
         # the final adapter, and the one of the lowest validation loss (the job held out a tenth)
         assert {"adapter/adapter_model.safetensors", "adapter_best/validation.json"} <= set(names), names
+        # what the trained model wrote, beside what the data has: a table per sample, a row per branch
+        samples = [json.loads(line) for line in api.get("/api/jobs/1/artifacts/samples.jsonl").text.splitlines()]
+        expect(page.locator("#job-samples table")).to_have_count(len(samples))
+        expect(page.locator("#job-samples")).to_contain_text(f"Sample {samples[0]['sample']} of the validation set")
+        first = page.locator("#job-samples table").first.locator("tbody tr").first.locator("td")
+        expect(first.nth(2)).to_have_text(samples[0]["branches"][0]["generated"].strip())
         page.screenshot(path=shots / "07-succeeded-adapter.png", full_page=True)
 
         # a new job trains on from that adapter (the lowest validation loss's, unless that was before training:

@@ -22,7 +22,7 @@ import gradio as gr
 import pandas as pd
 import yaml
 
-from trainer_core.config import BEST_ADAPTER_DIR, JOB_SET_FIELDS
+from trainer_core.config import BEST_ADAPTER_DIR, JOB_SET_FIELDS, SAMPLES_FILE
 from ui.api import ApiClient, ApiError, improvement_text, stopped_early
 from ui.charts import PlotData, curve_chart
 from ui.context import (SAVE_FILE_JS, UiContext, fmt_duration, parse_api_time, scratch_file,
@@ -39,6 +39,7 @@ TABLE_HEIGHT_PX = 420
 # e.g. "exit code 1") and its last lines.
 FAILURE_TAIL_LINES = 15
 FINAL_STATES = {"succeeded", "failed", "cancelled"}
+SAMPLE_MAIN_CHARS = 400   # a sample's main text is shown as its last this many characters
 MAX_PAGES_REMEMBERED = 1000   # pages whose last selection the poll guard keeps
 
 
@@ -61,6 +62,8 @@ class JobsTab:
     train_on_button: gr.Button
     settings: gr.Code
     adapter_file: gr.File
+    samples_box: gr.Accordion   # shown for a job that wrote samples.jsonl
+    samples: gr.HTML
     watch: gr.State  # {"job_id", "points": [Metric], "last_step", "log_offset", "log_lines", "final", "best"}
     refresh_fn: Callable[..., tuple] | None = None  # (session) -> (table, table_ids, picker): for app wiring
 
@@ -170,6 +173,42 @@ def best_adapter(client: ApiClient, job_id: int) -> tuple[int, float] | None:
         return int(record["step"]), float(record["val_loss"])
     except (ApiError, ValueError, KeyError, TypeError):
         return None
+
+
+def job_samples(client: ApiClient, job_id: int) -> list[dict[str, Any]]:
+    """The samples the job's trainer continued after training (trainer_core/samples.py); none when it wrote
+    none (a job that did not finish, --sample_count 0) or the file is not readable."""
+    try:
+        text = client.download_artifact(job_id, SAMPLES_FILE).decode("utf-8")
+        records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except (ApiError, ValueError):
+        return []
+    return [r for r in records if isinstance(r, dict) and isinstance(r.get("branches"), list)]
+
+
+def samples_html(records: list[dict[str, Any]]) -> str:
+    """Each sample as a table: a row per branch with its start, what the model wrote after it and what the
+    data has there (all text escaped: a sample is the user's data)."""
+    esc = lambda value: html.escape("" if value is None else str(value))  # noqa: E731
+    parts = []
+    for record in records:
+        source = "validation" if record.get("source") == "validation" else "training"
+        main = str(record.get("main") or "")
+        shown_main = main if len(main) <= SAMPLE_MAIN_CHARS else "…" + main[-SAMPLE_MAIN_CHARS:]
+        rows = "".join(
+            f"<tr><td>{k}</td><td>{esc(b.get('start'))}</td><td><b>{esc(b.get('generated'))}</b></td>"
+            f"<td>{esc(b.get('data'))}</td></tr>"
+            for k, b in enumerate(record["branches"], start=1) if isinstance(b, dict))
+        parts.append(f'<div class="job-sample"><p><b>Sample {esc(record.get("sample"))} of the {source} set</b> '
+                     f'(after step {esc(record.get("step"))}). Main: {esc(shown_main) or "(none)"}</p>'
+                     '<table><thead><tr><th>branch</th><th>start (given)</th><th>the model wrote</th>'
+                     f'<th>the data has</th></tr></thead><tbody>{rows}</tbody></table></div>')
+    return "".join(parts)
+
+
+def samples_updates(records: list[dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """(the accordion, its content): hidden without samples."""
+    return gr.update(visible=bool(records)), samples_html(records)
 
 
 def job_summary(job: dict[str, Any], waits: str | None = None, best: tuple[int, float] | None = None,
@@ -452,6 +491,9 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             curve_info = gr.Markdown(elem_id="curve-info")
             loss_plot = gr.Plot(loss_chart([]), show_label=False, elem_id="loss-plot", elem_classes="curve-chart")
             lr_plot = gr.Plot(lr_chart([]), show_label=False, elem_id="lr-plot", elem_classes="curve-chart")
+    # what the trained model writes, greedy from each branch's first tokens (trainer_core/samples.py)
+    with gr.Accordion("Samples after training", open=True, visible=False, elem_id="job-samples-box") as samples_box:
+        samples = gr.HTML(elem_id="job-samples")
     refresh_timer = gr.Timer(2.0)
     poll_timer = gr.Timer(1.0)
     # The job each page (session) selected last. Polls run unqueued, beside a new selection's load: a poll
@@ -476,7 +518,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         while len(selected_by_page) > MAX_PAGES_REMEMBERED:
             selected_by_page.pop(next(iter(selected_by_page)))
         if job_id is None or not (session or {}).get("token"):
-            return (fresh, PICK_HINT, "", loss_chart([]), lr_chart([]), "", no_adapter_file(),
+            return (fresh, PICK_HINT, "", loss_chart([]), lr_chart([]), "", *samples_updates([]), no_adapter_file(),
                     "", *action_updates(None))
         fresh["job_id"] = job_id
         try:
@@ -484,13 +526,14 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             job = client.get_job(fresh["job_id"])
             fetch_new(client, fresh)
         except ApiError as e:
-            return (fresh, f"Cannot load job #{job_id}: {e}", "", gr.skip(), gr.skip(), "", no_adapter_file(),
-                    "", *action_updates(None))
+            return (fresh, f"Cannot load job #{job_id}: {e}", "", gr.skip(), gr.skip(), "", *samples_updates([]),
+                    no_adapter_file(), "", *action_updates(None))
         return (fresh, job_summary(job, wait_reason(client, job), fresh["best"], last_validation_step(fresh["points"])),
                 curve_text(fresh),
                 loss_chart(fresh["points"]),
-                lr_chart(fresh["points"]), log_html(fresh["log_lines"]), no_adapter_file(),
-                settings_yaml(job), *action_updates(job))
+                lr_chart(fresh["points"]), log_html(fresh["log_lines"]),
+                *samples_updates(job_samples(client, job_id) if job["state"] == "succeeded" else []),
+                no_adapter_file(), settings_yaml(job), *action_updates(job))
 
     def poll(session, current, selected, request: gr.Request):
         skip = (gr.skip(),) * len(view + actions)
@@ -514,12 +557,15 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         if superseded():
             return skip
         current["final"] = job["state"] in FINAL_STATES
+        ended = job["state"] == "succeeded"   # this poll is the last: a final job is not polled again
         return (current, job_summary(job, wait_reason(client, job), current.get("best"),
                                      last_validation_step(current["points"])),
                 curve_text(current) if new_points else gr.skip(),
                 loss_chart(current["points"]) if new_points else gr.skip(),
                 lr_chart(current["points"]) if new_points else gr.skip(),
-                log_html(current["log_lines"]) if new_lines else gr.skip(), *action_updates(job))
+                log_html(current["log_lines"]) if new_lines else gr.skip(),
+                *(samples_updates(job_samples(client, job["id"])) if ended else (gr.skip(), gr.skip())),
+                *action_updates(job))
 
     def pick_row(ids, evt: gr.SelectData):
         row = evt.index[0] if isinstance(evt.index, (list, tuple)) else evt.index
@@ -564,7 +610,7 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         return gr.update(value=target, visible=True)
 
     actions = [cancel_button, retry_button, download_button, edit_button, train_on_button]
-    view = [watch, summary, curve_info, loss_plot, lr_plot, log_tail]
+    view = [watch, summary, curve_info, loss_plot, lr_plot, log_tail, samples_box, samples]
     refresh_timer.tick(refresh, ctx.session, [table, table_ids, picker], queue=False, show_progress="hidden")
     poll_timer.tick(poll, [ctx.session, watch, picker], view + actions, queue=False, show_progress="hidden")
     picker.change(select, [ctx.session, picker], view + [adapter_file, settings] + actions, show_progress="hidden")
@@ -576,5 +622,4 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
         .then(None, adapter_file, None, js=SAVE_FILE_JS)
     return JobsTab(table, table_ids, picker, refresh_timer, poll_timer, summary, curve_info, loss_plot, lr_plot,
                    log_tail, cancel_button, retry_button, download_button, edit_button, train_on_button, settings,
-                   adapter_file, watch,
-                   refresh)
+                   adapter_file, samples_box, samples, watch, refresh)
