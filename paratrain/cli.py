@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from trainer_core.config import parse_args_with_hints
+
+EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141   # as a shell reports death by SIGINT, SIGPIPE
 
 # subcommand -> (owner module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -47,10 +50,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = parse_args_with_hints(build_parser(command), argv)
-    owner = importlib.import_module(args._module)
-    run = getattr(owner, f"run_{args._command.replace('-', '_')}", None) or owner.run
-    return int(run(args) or 0)
+    try:
+        args = parse_args_with_hints(build_parser(command), argv)   # imports the owner: torch, seconds
+        owner = importlib.import_module(args._module)
+        run = getattr(owner, f"run_{args._command.replace('-', '_')}", None) or owner.run
+        return int(run(args) or 0)
+    except KeyboardInterrupt:   # Ctrl-C while a module loads, before a command handles signals itself
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:   # `paratrain jobs logs 5 | head -1`: the reader has what it wanted
+        # Python would report the pipe again when it flushes stdout at exit: point stdout at nothing first
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

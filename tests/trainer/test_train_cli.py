@@ -479,6 +479,26 @@ def test_a_stop_signal_before_the_first_step_stops_at_once(tmp_path, tiny_model_
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+def test_ctrl_c_while_paratrain_loads_and_a_reader_that_leaves_are_no_tracebacks(tmp_path):
+    """Ctrl-C in the seconds `paratrain train` imports torch, before the trainer handles signals (exit 130 as
+    for a stop before the first step); `paratrain ... | head -1`: the pipe's reader left (exit 141)."""
+    proc = subprocess.Popen([PYTHON, "-m", "paratrain", "train", "--base_model", "m", "--data_path", "d.jsonl"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    writes_forever = ("import sys, trainer_core.demo as demo\n"
+                      "demo.run_make_demo_data = lambda args: [print('line ' * 20) for _ in iter(int, 1)]\n"
+                      "from paratrain.cli import main\nsys.exit(main(['make-demo-data', 'x.jsonl']))")
+    proc = subprocess.Popen([PYTHON, "-c", writes_forever], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=tmp_path)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141 and "Traceback" not in err, err
+
+
 def test_weight_decay_clipping_alpha_and_log_interval_reach_the_training_run(tmp_path, tiny_model_dir,
                                                                              demo_data_path):
     """Each flag through the real command line to its effect. Gradients clipped to a norm of 1e-12 are far
