@@ -71,8 +71,11 @@ def run(args: argparse.Namespace) -> int:
                                           if job["state"] == "running" else job["state"]))
         elif args.action == "retry":
             job = api.retry_job(args.job_id)
-            print(f"job {job['id']} queued, a retry of job {args.job_id} (it resumes from its last checkpoint); "
-                  f"paratrain jobs follow {job['id']}")
+            # the server linked the original's checkpoints into the retry's output dir, if it saved any
+            resumes = any(a["path"].startswith("checkpoints/step_") for a in api.artifacts(job["id"]))
+            print(f"job {job['id']} queued, a retry of job {args.job_id} (" + (
+                f"it resumes from job {args.job_id}'s last checkpoint" if resumes else
+                f"job {args.job_id} saved no checkpoint: it starts from step 0") + f"); paratrain jobs follow {job['id']}")
     except ApiError as e:
         if e.status == 0 or e.status >= 500:
             print(f"paratrain jobs: {e}", file=sys.stderr)

@@ -152,7 +152,7 @@ def cancel_job(*, session: Session, job_id: int) -> Job:
             server_log(session, job, "cancel requested; the worker stops the process group")
             emit_state(session, job)
     else:
-        raise Conflict(f"job {job_id} is already {job.state.value}")
+        raise Conflict(f"job {job_id} has already ended ({job.state.value}): there is nothing to cancel")
     return job
 
 

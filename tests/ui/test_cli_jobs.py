@@ -56,9 +56,9 @@ def test_jobs_lists_shows_and_prints_logs_as_the_ui_does(jobs, capsys):
 
 def test_jobs_cancels_and_retries_and_names_what_it_cannot_do(jobs, capsys):
     assert jobs("cancel", "2") == 0 and capsys.readouterr().out.strip() == "job 2: cancelled"
-    assert jobs("cancel", "2") == 2 and "already cancelled" in capsys.readouterr().err   # the server's 409
-    assert jobs("retry", "1") == 0
-    assert "job 3 queued, a retry of job 1" in capsys.readouterr().out
+    assert jobs("cancel", "2") == 2 and "already ended (cancelled)" in capsys.readouterr().err   # the server's 409
+    assert jobs("retry", "1") == 0   # job 1 failed on its data before a checkpoint: nothing to resume, and it says so
+    assert "job 3 queued, a retry of job 1 (job 1 saved no checkpoint: it starts from step 0)" in capsys.readouterr().out
     assert jobs("show", "99") == 2 and "paratrain jobs: no job 99 on http" in capsys.readouterr().err
     assert jobs("show") == 2 and "show needs a job ID" in capsys.readouterr().err
     assert jobs("list", "3") == 2 and "list takes no job ID: paratrain jobs show 3" in capsys.readouterr().err
