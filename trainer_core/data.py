@@ -114,7 +114,7 @@ def parse_line(raw: bytes) -> Record | str:
             return "'branches' is empty"
         for i, b in enumerate(branches):
             if not isinstance(b, str):
-                return f"branches[{i}] must be a string, got {json_type(b)}"
+                return f"branch {i + 1} must be a string, got {json_type(b)}"
         # An empty branch would silently vanish from training (it has no tokens); one of whitespace only
         # is no text either, as for a text record.
         if not any(b.strip() for b in branches):

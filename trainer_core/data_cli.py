@@ -19,11 +19,18 @@ from trainer_core.layout import FLEX_BLOCK_TOKENS, round_up, row_plan
 EXAMPLE_MAX_COLUMNS = 48
 
 
-def summarize(cfg: TrainConfig, with_example: bool = True) -> dict:
-    """Summary dict, or {"errors": ["FILE:LINE: ...", ...]} for a bad file."""
+def tokenising_progress(line: str) -> None:
+    """A large file's tokenising, on stderr: silent for minutes otherwise. A cached one needs no word."""
+    if not line.startswith("using cached tokens"):
+        print(line, file=sys.stderr)
+
+
+def summarize(cfg: TrainConfig, with_example: bool = True, log=None) -> dict:
+    """Summary dict, or {"errors": ["FILE:LINE: ...", ...]} for a bad file; `log` takes the tokenising's
+    progress lines (a large file takes minutes)."""
     warnings: list[str] = []
     try:
-        ds = load_or_tokenize(cfg.data_path, cfg.base_model, cfg.max_seq_len, warnings=warnings)
+        ds = load_or_tokenize(cfg.data_path, cfg.base_model, cfg.max_seq_len, log=log, warnings=warnings)
     except DataError as e:
         return {"errors": e.lines}
     samples = build_samples(ds, cfg)
@@ -170,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
               "local HuggingFace cache", file=sys.stderr)
         return 2
     else:
-        summary = summarize(cfg, with_example=args.json)
+        summary = summarize(cfg, with_example=args.json, log=tokenising_progress)
     summary["validation_records"] = None
     if cfg.val_data_path:
         add_validation_file(summary, cfg.val_data_path)

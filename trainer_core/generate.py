@@ -146,6 +146,15 @@ def run(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1 or args.temperature < 0:
         print("paratrain generate: --max_new_tokens must be >= 1 and --temperature >= 0", file=sys.stderr)
         return exit_codes.BAD_INPUT
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        print(f"paratrain generate: --device {args.device}: not a device (e.g. cpu, cuda, cuda:1)", file=sys.stderr)
+        return exit_codes.BAD_INPUT
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print(f"paratrain generate: --device {args.device}: this machine's torch sees no CUDA GPU; --device cpu",
+              file=sys.stderr)
+        return exit_codes.BAD_INPUT
     quiet_libraries()
     try:
         dtype = DTYPES[args.dtype] if args.dtype != "auto" else (

@@ -243,7 +243,8 @@ def check_resume_identity(checkpoint: Path, saved: dict | None, current: dict) -
     fields = TrainConfig.model_fields
     saved = {**{k: fields[k].get_default(call_default_factory=True) for k in current
                 if k in fields and k not in saved and not fields[k].is_required()}, **saved}
-    diffs = [f"{k} {saved[k]!r} -> {v!r}" for k, v in current.items() if k in saved and saved[k] != v]
+    diffs = [f"{k} {saved[k]!r} -> {v!r}" if k != "data_sha256" else "the training data file has changed since"
+             for k, v in current.items() if k in saved and saved[k] != v]
     if diffs:
         raise DataError([f"{checkpoint}: saved by a run with other settings ({'; '.join(diffs)}).",
                          "Resuming it would mix two runs: use another --output_dir, or --no-resume to start over "

@@ -23,7 +23,7 @@ def write(path, lines):
 @pytest.mark.parametrize("bad_line, message", [
     ("{not json", "not valid JSON"),
     ('{"branches": []}', "'branches' is empty"),
-    ('{"branches": ["ok", 3]}', "branches[1] must be a string"),
+    ('{"branches": ["ok", 3]}', "branch 2 must be a string"),
     ('{"main": 1, "branches": ["x"]}', "'main' must be a string, got a number"),   # JSON's words, not Python's
     ('{"text": null}', "'text' must be a string, got null"),
     ('{"text": ""}', "'text' is empty"),
