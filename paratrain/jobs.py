@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             print(jobs_table(api.list_jobs(state=args.state, limit=args.limit)))
         elif args.action == "show":
             job = api.get_job(args.job_id)
-            print(job_text(job))
+            print(job_text(job, api.best_adapter(args.job_id)))
             lines = log_lines(api, args.job_id)[-(args.tail or SHOW_LOG_LINES):]
             print("\nlog (last lines; paratrain jobs logs for all):" if lines else "\nno log lines yet", *lines,
                   sep="\n")
@@ -105,8 +105,10 @@ def jobs_table(jobs: list[dict[str, Any]]) -> str:
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
-def job_text(job: dict[str, Any]) -> str:
-    """A job's summary: what it trains, where it is, where its outputs are, and why it failed."""
+def job_text(job: dict[str, Any], best: tuple[int, float] | None = None) -> str:
+    """A job's summary: what it trains, where it is, where its outputs are (`best`: the step and loss of its
+    adapter of the lowest validation loss, ApiClient.best_adapter), and why it failed."""
+    from trainer_core.config import BEST_ADAPTER_DIR
     from ui.jobtext import fmt_number, progress_text, state_words
 
     cfg = job.get("config", {})
@@ -120,6 +122,9 @@ def job_text(job: dict[str, Any]) -> str:
                      f"{fmt_number(job.get('last_val_loss'), 4) or '-'}")
     if cfg.get("output_dir"):
         lines.append(f"outputs {cfg['output_dir']}")
+        if best is not None:
+            lines.append(f"lowest validation loss {fmt_number(best[1], 4)} at step {best[0]}: "
+                         f"{cfg['output_dir']}/{BEST_ADAPTER_DIR}/")
     if job.get("retry_of"):
         lines.append(f"a retry of job {job['retry_of']}")
     if job.get("retried_as"):

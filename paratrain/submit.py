@@ -128,8 +128,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"paratrain submit: {e}; job {job['id']} may go on", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print(f"\nstopped following; job {job['id']} goes on (cancel it in the UI or with "
-              f"POST {args.server}/api/jobs/{job['id']}/cancel)", file=sys.stderr)
+        print(f"\nstopped following; job {job['id']} goes on (paratrain jobs cancel {job['id']} cancels it; "
+              f"paratrain jobs follow {job['id']} follows it again)", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -7,9 +7,12 @@ gr.State), never logs the token, and turns every non-2xx answer into `ApiError` 
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
+
+from trainer_core.config import BEST_ADAPTER_DIR
 
 TIMEOUT_S = 15.0
 
@@ -124,6 +127,15 @@ class ApiClient:
 
     def download_artifact(self, job_id: int, path: str) -> bytes:
         return self._request("GET", f"/api/jobs/{job_id}/artifacts/{path}").content
+
+    def best_adapter(self, job_id: int) -> tuple[int, float] | None:
+        """(step, validation loss) of the job's adapter_best/, as its validation.json says (the trainer's record:
+        it restarts with a new validation set, which the metrics do not tell), or None."""
+        try:
+            record = json.loads(self.download_artifact(job_id, f"{BEST_ADAPTER_DIR}/validation.json"))
+            return int(record["step"]), float(record["val_loss"])
+        except (ApiError, ValueError, KeyError, TypeError):
+            return None
 
     def command_preview(self, job: dict[str, Any]) -> list[str]:
         return self._json("POST", "/api/command-preview", json=job)["argv"]

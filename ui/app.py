@@ -24,7 +24,7 @@ from ui.context import UiContext, warn  # noqa: E402
 from ui.form import job_values  # noqa: E402
 from ui.tabs.compare import CompareTab, create_compare_tab  # noqa: E402
 from ui.tabs.dataset import DatasetTab, create_dataset_tab  # noqa: E402
-from ui.tabs.jobs import (JobsTab, best_adapter, create_jobs_tab, parse_job_id, picker_update,  # noqa: E402
+from ui.tabs.jobs import (JobsTab, create_jobs_tab, parse_job_id, picker_update,  # noqa: E402
                           train_on_values)
 from ui.tabs.memory import gpu_mem_update  # noqa: E402
 from ui.tabs.submit import SubmitTab, create_submit_tab  # noqa: E402
@@ -216,7 +216,7 @@ def build_ui(api_base_url: str) -> ParatrainUI:
         def train_on_job(session_value, selected):
             """A new job in the New job form that starts from the selected job's adapter, with its settings."""
             def fill(client, job_id):
-                values, which = train_on_values(client.get_job(job_id), best_adapter(client, job_id))
+                values, which = train_on_values(client.get_job(job_id), client.best_adapter(job_id))
                 return values, (f"A new job starting from job #{job_id}'s {which} (init_adapter) is in the form, "
                                 "with its settings: change data_path and what else, and submit.")
             return into_form(session_value, selected, fill, "Cannot start from job #{job_id}'s adapter")

@@ -184,6 +184,11 @@ def test_the_summary_names_the_trainers_best_adapter_not_the_lowest_point(live_s
     assert watch["best"] == (2, 5.1)
     summary = job_summary(client.get_job(job["id"]), best=watch["best"])
     assert "(lowest 5.1000 at step 2: `adapter_best/`)" in summary
+    # `paratrain jobs show` names it too (it showed the last validation loss only)
+    from paratrain.jobs import job_text
+
+    assert f"lowest validation loss 5.1000 at step 2: {best}/" in job_text(client.get_job(job["id"]),
+                                                                          client.best_adapter(job["id"]))
 
 
 def test_layout_picture_draws_branches_as_rows_and_time_as_columns():

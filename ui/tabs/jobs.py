@@ -165,16 +165,6 @@ def last_validation_step(points: list[dict[str, Any]]) -> int | None:
     return last["step"] if last else None
 
 
-def best_adapter(client: ApiClient, job_id: int) -> tuple[int, float] | None:
-    """(step, validation loss) of the job's adapter_best/, as its validation.json says (the trainer's record:
-    it restarts with a new validation set, which the metrics do not tell), or None."""
-    try:
-        record = json.loads(client.download_artifact(job_id, f"{BEST_ADAPTER_DIR}/validation.json"))
-        return int(record["step"]), float(record["val_loss"])
-    except (ApiError, ValueError, KeyError, TypeError):
-        return None
-
-
 def job_samples(client: ApiClient, job_id: int) -> list[dict[str, Any]]:
     """The samples the job's trainer continued after training (trainer_core/samples.py); none when it wrote
     none (a job that did not finish, --sample_count 0) or the file is not readable."""
@@ -213,7 +203,7 @@ def samples_updates(records: list[dict[str, Any]]) -> tuple[dict[str, Any], str]
 
 def job_summary(job: dict[str, Any], waits: str | None = None, best: tuple[int, float] | None = None,
                 val_step: int | None = None) -> str:
-    """The job's Markdown summary; `best`: (step, loss) of its adapter_best/ (best_adapter); `val_step`: the
+    """The job's Markdown summary; `best`: (step, loss) of its adapter_best/ (ApiClient.best_adapter); `val_step`: the
     step of its last validation loss (last_validation_step)."""
     cfg = job.get("config", {})
     lines = [f"### Job #{job['id']} · {job.get('name') or cfg.get('name', '')} · {STATE_ICONS.get(job['state'], '')} "
@@ -298,7 +288,7 @@ def action_updates(job: dict[str, Any] | None) -> list[dict[str, Any]]:
 
 def train_on_values(job: dict[str, Any], best: tuple[int, float] | None) -> tuple[dict[str, Any], str]:
     """Form values of a new job that starts from `job`'s adapter (init_adapter): its settings, which the
-    adapter needs, and the adapter of its lowest validation loss (`best`: best_adapter's step and loss) when
+    adapter needs, and the adapter of its lowest validation loss (`best`: ApiClient.best_adapter's step and loss) when
     training lowered it, else its final one; and what that adapter is, for the user."""
     values = job_values(job)
     if best is not None and (best[0] > 0 or job["state"] != "succeeded"):
@@ -430,7 +420,7 @@ def fetch_new(client: ApiClient, watch: dict[str, Any]) -> tuple[bool, bool]:
         watch["points"] = [by_step[s] for s in sorted(by_step)]
         watch["last_step"] = watch["points"][-1]["step"]
         if any(p.get("val_loss") is not None for p in metrics):   # adapter_best/ may have changed with it
-            watch["best"] = best_adapter(client, job_id)
+            watch["best"] = client.best_adapter(job_id)
     new_lines = False
     for _ in range(50):  # catch up on a long log a page at a time, bounded per tick
         page = client.logs(job_id, offset=watch["log_offset"], limit=1000)
