@@ -79,21 +79,19 @@ def start_local_worker(url: str, settings, gpus: str | None) -> subprocess.Popen
     # The token by environment (a command line shows in `ps`), and the server's own: a token set by
     # PARATRAIN_WORKER_TOKEN is in no file, and an older <data_dir>/worker_token may hold another.
     env = {**os.environ, "PARATRAIN_CACHE": os.environ.get("PARATRAIN_CACHE", str(settings.data_dir / "cache")),
-           "PARATRAIN_WORKER_TOKEN": ensure_tokens(settings).worker, **SAFE_PATH_ENV}
+           "PARATRAIN_WORKER_TOKEN": ensure_tokens(settings).worker, **SAFE_PATH_ENV,
+           # serve's Ctrl-C: the jobs are handed back at once (they resume at the next start), not waited for
+           "PARATRAIN_WORKER_STOP_MODE": "cold"}
     # Its own session: a terminal's Ctrl-C reaches only us, and we stop the worker in order (below).
     return subprocess.Popen(argv, env=env, start_new_session=True)
 
 
 def stop_local_worker(worker: subprocess.Popen[bytes], grace_s: float = 60) -> None:
-    """Two SIGTERMs = the worker's cold stop: its jobs save a checkpoint and go back to the queue."""
+    """One SIGTERM, a cold stop in the local worker's stop mode (start_local_worker): its jobs save a checkpoint
+    and go back to the queue, to resume at the next start."""
     if worker.poll() is not None:
         return
     worker.send_signal(signal.SIGTERM)
-    try:
-        worker.wait(1)
-        return
-    except subprocess.TimeoutExpired:
-        worker.send_signal(signal.SIGTERM)
     try:
         worker.wait(grace_s)
     except subprocess.TimeoutExpired:
@@ -258,7 +256,9 @@ class LocalWorker:
 
     def stop(self) -> None:
         self.stopping.set()
-        if self.process is not None:
+        if self.process is not None and self.process.poll() is None:
+            log.info("stopping the local worker: running jobs save a checkpoint, go back to the queue and resume "
+                     "at the next start (Ctrl-C again: exit at once)")
             stop_local_worker(self.process)
 
     def kill(self) -> None:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Path, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 from sqlalchemy.engine import Engine
 from sqlmodel import Session
 
@@ -21,6 +22,27 @@ from trainer_core.config import closest_name
 log = logging.getLogger("paratrain.server")
 
 _bearer = HTTPBearer(auto_error=False, description="`paratrain serve` prints the token; it is in <data_dir>/token.")
+
+
+class ErrorMessage(BaseModel):
+    detail: str
+
+
+# The answers a route may give besides its own and a 422, for the OpenAPI schema (clients generated from it
+# need not guess). Every answer of these codes is {"detail": "..."}.
+ERROR_ANSWERS = {
+    401: "No bearer token, or a wrong one.",
+    404: "No such job or worker (or no such artifact).",
+    409: "The job's or the worker's state forbids it now; the detail says why.",
+    410: "Another worker process registered under this worker's name since: this one stops.",
+    413: "The body is larger than PARATRAIN_MAX_BODY_MB.",
+    503: "The server cannot write its database (disk full, permissions); nothing stored was lost.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for a route or router: these error answers, described."""
+    return {code: {"model": ErrorMessage, "description": ERROR_ANSWERS[code]} for code in codes}
 
 
 def app_settings(request: Request) -> Settings:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter
 from pydantic import BaseModel
 
-from server.deps import SessionDep, UserAuth
+from server.deps import SessionDep, UserAuth, error_responses
 from server.integrity import check_integrity
 
-router = APIRouter(tags=["admin"], dependencies=[UserAuth])
+router = APIRouter(tags=["admin"], dependencies=[UserAuth], responses=error_responses(401))
 
 
 class IntegrityPublic(BaseModel):

@@ -9,7 +9,7 @@ from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
 from server import crud
-from server.deps import SettingsDep, UserAuth
+from server.deps import SettingsDep, UserAuth, error_responses
 from server.errors import FieldError
 from server.models import CommandPublic, JobCreate
 from server.paths import confine_data_file, confine_field, is_dir
@@ -17,7 +17,7 @@ from server.settings import Settings
 from trainer_core.command import placeholder_rendezvous, trainer_argv
 from trainer_core.config import SAMPLE_SHAPING_FIELDS, TrainConfig, closest_name
 
-router = APIRouter(tags=["configs"], dependencies=[UserAuth])
+router = APIRouter(tags=["configs"], dependencies=[UserAuth], responses=error_responses(401, 413))
 
 
 class DatasetCheck(BaseModel):

@@ -10,14 +10,14 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import Field
 
-from server.deps import SettingsDep, UserAuth
+from server.deps import SettingsDep, UserAuth, error_responses
 from server.errors import FieldError
 from server.models import RequestBody
 from server.paths import confine, is_dir
 from server.settings import Settings
 from trainer_core.config import TrainConfig
 
-router = APIRouter(tags=["estimate"], dependencies=[UserAuth])
+router = APIRouter(tags=["estimate"], dependencies=[UserAuth], responses=error_responses(401, 413))
 
 
 class MeasuredPeak(RequestBody):

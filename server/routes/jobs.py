@@ -10,7 +10,7 @@ from fastapi.responses import FileResponse
 from sqlmodel import Session
 
 from server import crud, queue
-from server.deps import MAX_DB_INT, JobIdPath, SessionDep, SettingsDep, UserAuth, WriteSessionDep
+from server.deps import MAX_DB_INT, JobIdPath, SessionDep, SettingsDep, UserAuth, WriteSessionDep, error_responses
 from server.errors import FieldError
 from server.models import (
     Artifact,
@@ -29,7 +29,7 @@ from server.models import (
 from server.paths import is_dir, safe_child
 from trainer_core.command import trainer_argv
 
-router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth])
+router = APIRouter(prefix="/jobs", tags=["jobs"], dependencies=[UserAuth], responses=error_responses(401, 503))
 
 
 def _command(job: Job, session: Session) -> CommandPublic:
@@ -38,7 +38,7 @@ def _command(job: Job, session: Session) -> CommandPublic:
     return CommandPublic(argv=trainer_argv(crud.stored_config(job), nproc=job.nproc, rendezvous=rendezvous))
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+@router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic, responses=error_responses(413))
 def create_job(job_in: JobCreate, session: WriteSessionDep, settings: SettingsDep) -> Job:
     job = crud.create_job(session=session, job_create=job_in, settings=settings)
     session.commit()
@@ -53,33 +53,34 @@ def list_jobs(session: SessionDep, state: JobState | None = None,
     return JobsPublic(data=crud.public_jobs(session=session, jobs=jobs), count=count)
 
 
-@router.get("/{job_id}", response_model=JobPublic)
+@router.get("/{job_id}", response_model=JobPublic, responses=error_responses(404))
 def get_job(job_id: JobIdPath, session: SessionDep) -> JobPublic:
     return crud.public_jobs(session=session, jobs=[crud.get_job(session=session, job_id=job_id)])[0]
 
 
-@router.post("/{job_id}/cancel", response_model=JobPublic)
+@router.post("/{job_id}/cancel", response_model=JobPublic, responses=error_responses(404, 409))
 def cancel_job(job_id: JobIdPath, session: WriteSessionDep) -> Job:
     job = crud.cancel_job(session=session, job_id=job_id)
     session.commit()
     return job
 
 
-@router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
+@router.post("/{job_id}/retry", status_code=status.HTTP_201_CREATED, response_model=JobPublic,
+             responses=error_responses(404, 409))
 def retry_job(job_id: JobIdPath, session: WriteSessionDep, settings: SettingsDep) -> Job:
     job = crud.retry_job(session=session, job_id=job_id, settings=settings)
     session.commit()
     return job
 
 
-@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{job_id}", status_code=status.HTTP_204_NO_CONTENT, responses=error_responses(404, 409))
 def delete_job(job_id: JobIdPath, session: WriteSessionDep, settings: SettingsDep) -> Response:
     crud.delete_job(session=session, job_id=job_id, settings=settings)
     session.commit()
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
-@router.get("/{job_id}/metrics", response_model=MetricsPublic)
+@router.get("/{job_id}/metrics", response_model=MetricsPublic, responses=error_responses(404))
 def list_metrics(job_id: JobIdPath, session: SessionDep,
                  since_step: Annotated[int, Query(ge=-1, le=MAX_DB_INT)] = -1) -> MetricsPublic:
     """The points after `since_step`; by default all of them (step 0: the validation loss before training)."""
@@ -87,7 +88,7 @@ def list_metrics(job_id: JobIdPath, session: SessionDep,
     return MetricsPublic(data=[MetricBase.model_validate(r, from_attributes=True) for r in rows])
 
 
-@router.get("/{job_id}/logs", response_model=LogsPublic)
+@router.get("/{job_id}/logs", response_model=LogsPublic, responses=error_responses(404))
 def list_logs(job_id: JobIdPath, session: SessionDep, offset: Annotated[int, Query(ge=0, le=MAX_DB_INT)] = 0,
               limit: Annotated[int, Query(ge=1, le=10_000)] = 1000) -> LogsPublic:
     rows = crud.list_logs(session=session, job_id=job_id, offset=offset, limit=limit)
@@ -99,7 +100,7 @@ def _output_dir(job: Job) -> Path:
     return Path(job.config["output_dir"])
 
 
-@router.get("/{job_id}/artifacts", response_model=ArtifactsPublic)
+@router.get("/{job_id}/artifacts", response_model=ArtifactsPublic, responses=error_responses(404))
 def list_artifacts(job_id: JobIdPath, session: SessionDep) -> ArtifactsPublic:
     root = _output_dir(crud.get_job(session=session, job_id=job_id))
     files = sorted(p for p in root.rglob("*") if p.is_file() and not p.is_symlink()) if root.is_dir() else []
@@ -112,7 +113,7 @@ def list_artifacts(job_id: JobIdPath, session: SessionDep) -> ArtifactsPublic:
 
 
 @router.get("/{job_id}/artifacts/{path:path}", response_class=FileResponse,
-            responses={200: {"content": {"application/octet-stream": {}}}})
+            responses={200: {"content": {"application/octet-stream": {}}}, **error_responses(404)})
 def download_artifact(job_id: JobIdPath, path: str, session: SessionDep) -> FileResponse:
     root = _output_dir(crud.get_job(session=session, job_id=job_id))
     target = None
@@ -132,6 +133,6 @@ def download_artifact(job_id: JobIdPath, path: str, session: SessionDep) -> File
     return FileResponse(target, filename=target.name)
 
 
-@router.get("/{job_id}/command", response_model=CommandPublic)
+@router.get("/{job_id}/command", response_model=CommandPublic, responses=error_responses(404, 409))
 def get_command(job_id: JobIdPath, session: SessionDep) -> CommandPublic:
     return _command(crud.get_job(session=session, job_id=job_id), session)

@@ -17,10 +17,10 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from server import crud
 from server.job_events import list_events
 from server.errors import NotFound
-from server.deps import MAX_DB_INT, EngineDep, JobIdPath, SettingsDep, UserAuth
+from server.deps import MAX_DB_INT, EngineDep, JobIdPath, SettingsDep, UserAuth, error_responses
 from server.models import JobEvent, JobState
 
-router = APIRouter(tags=["events"], dependencies=[UserAuth])
+router = APIRouter(tags=["events"], dependencies=[UserAuth], responses=error_responses(401))
 
 
 def _poll(engine: Engine, job_id: int, after: int) -> tuple[JobState | None, list[JobEvent]]:
@@ -51,7 +51,7 @@ async def _follow(engine: Engine, job_id: int, after: int, poll_s: float) -> Asy
 
 
 @router.get("/jobs/{job_id}/events", response_class=EventSourceResponse,
-            responses={200: {"content": {"text/event-stream": {}}}})
+            responses={200: {"content": {"text/event-stream": {}}}, **error_responses(404)})
 async def job_events(job_id: JobIdPath, engine: EngineDep, settings: SettingsDep,
                      last_event_id: Annotated[int | None, Query(ge=0, le=MAX_DB_INT)] = None,
                      last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,

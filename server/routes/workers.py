@@ -5,7 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter, Response, status
 
 from server import queue
-from server.deps import JobIdPath, SessionDep, SettingsDep, UserAuth, WorkerAuth, WorkerIdPath, WriteSessionDep
+from server.deps import (JobIdPath, SessionDep, SettingsDep, UserAuth, WorkerAuth, WorkerIdPath, WriteSessionDep,
+                         error_responses)
 from server.models import (
     Claim,
     ClaimRequest,
@@ -23,8 +24,10 @@ from server.models import (
 )
 from trainer_core.config import fields_at_default
 
-router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[UserAuth])
-agent_router = APIRouter(tags=["worker agent"], dependencies=[WorkerAuth])
+router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[UserAuth], responses=error_responses(401))
+# every agent call but register names a worker (404), may find another process under its name (410) and writes
+agent_router = APIRouter(tags=["worker agent"], dependencies=[WorkerAuth],
+                         responses=error_responses(401, 404, 410, 413, 503))
 
 
 @router.get("", response_model=WorkersPublic)
@@ -62,7 +65,8 @@ def leave(worker_id: WorkerIdPath, body: WorkerLeave, session: WriteSessionDep) 
 
 @agent_router.post("/workers/{worker_id}/claim", response_model=Claim,
                    responses={204: {"description": "Nothing to start now: nothing queued fits the free GPUs, or "
-                                                   "they were reserved for a multi-node job still forming."}})
+                                                   "they were reserved for a multi-node job still forming."},
+                              **error_responses(409)})
 def claim(worker_id: WorkerIdPath, request: ClaimRequest, session: WriteSessionDep,
           settings: SettingsDep) -> Claim | Response:
     worker = queue.get_worker(session=session, worker_id=worker_id, instance=request.instance)
@@ -74,14 +78,14 @@ def claim(worker_id: WorkerIdPath, request: ClaimRequest, session: WriteSessionD
                  argv=launch.argv, rendezvous=launch.rendezvous, default_fields=fields_at_default(launch.job.config))
 
 
-@agent_router.post("/jobs/{job_id}/report", response_model=ReportReply)
+@agent_router.post("/jobs/{job_id}/report", response_model=ReportReply, responses=error_responses(409))
 def report(job_id: JobIdPath, body: Report, session: WriteSessionDep, settings: SettingsDep) -> ReportReply:
     cancel = queue.record_report(session=session, job_id=job_id, report=body, settings=settings)
     session.commit()
     return ReportReply(cancel_requested=cancel)
 
 
-@agent_router.post("/jobs/{job_id}/finish", response_model=JobPublic)
+@agent_router.post("/jobs/{job_id}/finish", response_model=JobPublic, responses=error_responses(409))
 def finish(job_id: JobIdPath, body: Finish, session: WriteSessionDep) -> Job:
     job = queue.finish_job(session=session, job_id=job_id, finish=body)
     session.commit()

@@ -121,6 +121,9 @@ def test_serve_trains_the_demo_and_hands_jobs_back_on_exit(data_dir, tmp_path):
         pids = pids_of(long_job["config"]["output_dir"])
         _stop_serve(serve)  # Ctrl-C: the local worker hands the job back before the API goes away
         assert not [p for p in pids if alive(p)]
+        # and says so, without first promising to wait for the job ("signal again to hand them back")
+        said = log_path.read_text()
+        assert "stopping the local worker: running jobs save a checkpoint" in said and "waiting for job" not in said
 
         serve = _start_serve(data_dir, port, log_path)
         back = api.get(f"/jobs/{long_job['id']}").json()
