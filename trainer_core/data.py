@@ -162,10 +162,12 @@ def validate_file(path: str | os.PathLike, max_errors: int = MAX_REPORTED_ERRORS
     ignored: set[str] = set()
     ignoring_records = first_ignoring = 0
     read_all = True
+    first_line = None
     for lineno, raw in iter_raw_lines(p):
         if max_lines is not None and lineno > max_lines:
             read_all = False
             break
+        first_line = raw.strip() if first_line is None else first_line
         rec = parse_line(raw)
         if isinstance(rec, str):
             n_errors += 1
@@ -179,6 +181,10 @@ def validate_file(path: str | os.PathLike, max_errors: int = MAX_REPORTED_ERRORS
                 first_ignoring = first_ignoring or lineno
     if n_errors > len(errors):
         errors.append(f"{path}: ... and {n_errors - len(errors)} more bad lines")
+    if errors and first_line is not None and (first_line.startswith(b"[") or first_line == b"{"):
+        # every line of it is an error, none saying why: a JSON array, or one object pretty-printed
+        errors.insert(0, f"{path}: one JSON document over many lines (it starts with {first_line[:1].decode()!r}); "
+                         "Parallel JSONL is one JSON object per line, e.g. {\"main\": \"...\", \"branches\": [...]}")
     if not errors and records == 0 and read_all:
         errors.append(f"{path}:1: empty file (no records)")
     if errors:

@@ -48,7 +48,15 @@ def test_every_bad_line_is_listed_and_empty_file_rejected(tmp_path):
     f = write(tmp_path / "d.jsonl", ["{", {"text": "ok"}, "[]"])
     with pytest.raises(DataError) as e:
         validate_file(f)
-    assert [ln.split(": ")[0] for ln in e.value.lines] == [f"{f}:1", f"{f}:3"]
+    # a first line "{" or "[...": a pretty-printed document, of which every line is an error; said first
+    assert e.value.lines[0].startswith(f"{f}: one JSON document over many lines (it starts with '{{')")
+    assert [ln.split(": ")[0] for ln in e.value.lines[1:]] == [f"{f}:1", f"{f}:3"]
+    array = write(tmp_path / "array.json", ["[", {"text": "ok"}, "]"])
+    with pytest.raises(DataError, match="starts with '\\['.*one JSON object per line"):
+        validate_file(array)
+    with pytest.raises(DataError) as e:   # a JSONL file with a bad line is no JSON document
+        validate_file(write(tmp_path / "one_bad.jsonl", [{"text": "ok"}, "{"]))
+    assert len(e.value.lines) == 1
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n  \n")
     with pytest.raises(DataError, match="empty file"):
