@@ -22,6 +22,7 @@ import argparse
 import json
 import sys
 from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ from trainer_core.model import (DTYPES, hidden_states, load_adapter_dir, output_
 
 @dataclass
 class Generator:
-    model: nn.Module          # base model + adapter + the 2D RoPE patch (load_adapter_dir)
+    model: nn.Module          # base model + adapter + the 2D RoPE patch (load_adapter_dir, or the training's model)
     tokenizer: Any
     branch_stride: int        # the training's branch coordinate per branch (rope2d.json)
 
@@ -63,9 +64,11 @@ def load_generator(adapter_dir: str | Path, base_model: str | None = None, devic
 
 @torch.no_grad()
 def generate_branch_ids(gen: Generator, main_ids: list[int], branch_ids: list[list[int]], max_new_tokens: int,
-                        temperature: float = 0.0, seed: int = 0, eos_token_id: int | None = None) -> list[list[int]]:
+                        temperature: float = 0.0, seed: int = 0, eos_token_id: int | None = None,
+                        should_stop: Callable[[], bool] = lambda: False) -> list[list[int]]:
     """Each branch's new token ids (at most `max_new_tokens`): greedy (temperature 0) or sampled, until the end
-    token (`eos_token_id`, default the tokenizer's; returned, but never part of the sample: training has none).
+    token (`eos_token_id`, default the tokenizer's; returned, but never part of the sample: training has none),
+    or until `should_stop()` (asked before each step: a step runs the whole sample).
 
     The columns fill in order: each step continues only the branches that end earliest, so a token is always
     predicted from complete earlier columns, as in training. (Starts of different lengths: the shorter ones
@@ -81,7 +84,7 @@ def generate_branch_ids(gen: Generator, main_ids: list[int], branch_ids: list[li
     first_branch = 1 if main_ids else 0        # the layout's sequence index of branch 0 (the main is 0)
     while True:
         growing = [k for k in range(len(branches)) if not ended[k] and len(new[k]) < max_new_tokens]
-        if not growing:
+        if not growing or should_stop():
             return new
         frontier = min(len(branches[k]) for k in growing)
         active = [k for k in growing if len(branches[k]) == frontier]
@@ -118,9 +121,14 @@ def generate_branches(gen: Generator, main: str, branch_starts: list[str], max_n
         raise ValueError(f"branch {empty[0] + 1}: give it a start of at least one token (training never predicts "
                          "a branch's first token from the main)")
     new = generate_branch_ids(gen, encode(main) if main else [], starts, max_new_tokens, temperature, seed)
-    # the whole branch decoded, less its start: decoding the new ids alone can drop the space before them
-    decode = lambda ids: gen.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-    return [decode(start + ids)[len(decode(start)):] for start, ids in zip(starts, new)]
+    return [continuation_text(gen.tokenizer, start, ids) for start, ids in zip(starts, new)]
+
+
+def continuation_text(tokenizer, start: list[int], new: list[int]) -> str:
+    """What `new` adds to `start`, as text: the whole decoded less the start's text (decoding the new ids alone
+    can drop the space before them)."""
+    decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    return decode(start + new)[len(decode(start)):]
 
 
 # --- `paratrain generate` -----------------------------------------------------------------------------------
@@ -151,14 +159,14 @@ def run(args: argparse.Namespace) -> int:
     except RuntimeError:
         print(f"paratrain generate: --device {args.device}: not a device (e.g. cpu, cuda, cuda:1)", file=sys.stderr)
         return exit_codes.BAD_INPUT
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print(f"paratrain generate: --device {args.device}: this machine's torch sees no CUDA GPU; --device cpu",
-              file=sys.stderr)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        print(f"paratrain generate: --device {args.device}: this machine's torch sees "
+              f"{torch.cuda.device_count() or 'no'} CUDA GPU(s); --device cpu, or cuda:0 and up", file=sys.stderr)
         return exit_codes.BAD_INPUT
     quiet_libraries()
     try:
         dtype = DTYPES[args.dtype] if args.dtype != "auto" else (
-            torch.bfloat16 if args.device.startswith("cuda") else torch.float32)
+            torch.bfloat16 if device.type == "cuda" else torch.float32)
         gen = load_generator(args.adapter, args.base_model, device=args.device, dtype=dtype)
         texts = generate_branches(gen, args.main, args.branch, args.max_new_tokens, args.temperature, args.seed)
     except DataError as e:

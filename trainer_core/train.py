@@ -45,7 +45,7 @@ from trainer_core.model import (ParallelBranchLM, attention_backend, build_lora_
                                eager_inference, hidden_states, load_init_adapter, load_lora_weights, lora_state_dict,
                                output_layer, quiet_libraries, save_adapter_dir, training_dtype)
 from trainer_core.rope2d import rope_2d_pairs
-from trainer_core.samples import write_samples
+from trainer_core.samples import continue_samples, write_samples
 from trainer_core.vram import memory_levers
 
 # Test-only fault injection, off unless set (tests/reliability): `oom_at_step:N`, `crash_rank:R_at_step:N`
@@ -420,7 +420,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
 
     if not cfg.resume and env.is_main:
         # its final outputs too: left beside this run's checkpoints they would pass for this run's
-        earlier = [p for p in (ckpt.checkpoint_root(out_dir), *output_names(cfg)) if p.exists()]
+        earlier = [p for p in (ckpt.checkpoint_root(out_dir), *output_names(cfg), out_dir / SAMPLES_FILE)
+                   if p.exists()]
         if earlier:
             print0(env, f"--no-resume: deleting an earlier run's {', '.join(p.name + '/' * p.is_dir() for p in earlier)}"
                         f" in {out_dir}")
@@ -451,11 +452,13 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
 
     step, start_epoch, start_epoch_step = 0, 0, 0
     since_best = 0   # the checkpoint's LowestLoss.since_best
+    validation_unfinished = False   # a stop came at (or during) a step's validation: it runs on resume
     trained = Trained()
     if last is not None:
         state = restore_checkpoint(last, model, optimizer, scheduler, scaler)
         step, start_epoch, start_epoch_step = state["step"], state["epoch"], state["epoch_step"]
         since_best = state.get("validations_since_best", 0)
+        validation_unfinished = bool(state.get("validation_unfinished"))
         trained = Trained.from_state(state)
         if step >= total_steps:
             print0(env, f"{last} is at step {step}, the end of this run ({total_steps} steps): "
@@ -485,7 +488,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
         weights = lora_state_dict(model)
         if env.is_main:
             state = {"epoch": epoch, "epoch_step": epoch_step, "total_steps": total_steps, "run": identity,
-                     "validations_since_best": lowest.since_best, **trained.state()}
+                     "validations_since_best": lowest.since_best, "validation_unfinished": validation_unfinished,
+                     **trained.state()}
             path = ckpt.save_checkpoint(out_dir, step=step, lora_weights=weights, optimizer=optimizer,
                                         scheduler=scheduler, scaler=scaler, state=state)
             latest_pth.parent.mkdir(parents=True, exist_ok=True)
@@ -503,6 +507,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                         else None, since_best, cfg.early_stop_min_delta)
     if env.is_main and last is None:
         remove_best_adapter(best_dir)
+        (out_dir / SAMPLES_FILE).unlink(missing_ok=True)   # an earlier run's: it would pass for this one's
     elif val_set and lowest.best is None and (best_dir / BEST_FILE).exists():
         print0(env, f"note: {best_dir}/ was measured on another validation set (or at a step trained again): "
                     "this run's validations start a new best, and the validation curve changes its samples here")
@@ -541,6 +546,19 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             emit(env, {"step": 0, "epoch": 0, "loss": None, **val_fields(measured), "total_steps": total_steps,
                        "time": round(time.time(), 3), "tokens": 0, **trained.fields()}, metrics_file)
             print0(env, f"step 0/{total_steps} | val loss {measured[0]:.4f} (before training)")
+    elif val is not None and validation_unfinished:
+        # the checkpoint's step was saved before its validation (a stop came): the curve's point, adapter_best/
+        # and the early stop's count must not miss it, the last step's least of all
+        measured = validation_loss(lm, val, cfg, env, dense_attention)
+        if superseded():
+            return stop_superseded()
+        if measured is not None:
+            keep_if_best(measured[0])
+            stopped_early = stopped_early or (step < total_steps and patience_ran_out())
+            complete_metric(env, metrics_file, step, val_fields(measured))
+            print0(env, f"step {step}/{total_steps} | val loss {measured[0]:.4f} (the validation a stop left "
+                        "unfinished)")
+        validation_unfinished = False
 
     step_time_ema = None
     epoch = start_epoch
@@ -579,8 +597,9 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                 return stop_superseded()
             step_time_ema = dt if step_time_ema is None else 0.9 * step_time_ema + 0.1 * dt
             measured = None
+            validation_due = val is not None and (step % cfg.eval_interval == 0 or step == total_steps)
             # not while stopping: the stop's checkpoint comes first
-            if val is not None and not stopping and (step % cfg.eval_interval == 0 or step == total_steps):
+            if validation_due and not stopping:
                 t_val = time.time()
                 measured = validation_loss(lm, val, cfg, env, dense_attention, stop)
                 if measured is not None:   # one that ran out of memory ended early: no measure of the next
@@ -592,6 +611,7 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
                 if measured is not None:
                     keep_if_best(measured[0])
                     stopped_early = step < total_steps and patience_ran_out()
+            validation_unfinished = validation_due and stopping and measured is None
             if step % cfg.log_interval == 0 or step == total_steps or measured is not None:
                 evals_to_come = evaluations_left(step, total_steps, cfg.eval_interval) if val is not None else 0
                 eta_s = step_time_ema * (total_steps - step) + evals_to_come * (
@@ -630,9 +650,10 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
     write_final_outputs(model, cfg, env, step=step, elapsed_s=time.time() - t_start,
                         probe=probe_logits(model, ds, samples, cfg, env),
                         best=lowest.best, stopped_early=stopped_early)
-    if cfg.sample_count and env.is_main:   # the adapter is written: nothing here can cost it
+    if env.is_main:   # the adapter is written: nothing here can cost it
         write_samples_after_training(model, cfg, env, val if val is not None else (ds, samples),
-                                     source="validation" if val is not None else "training", step=step, stop=stop)
+                                     source="validation" if val is not None else "training", step=step, stop=stop,
+                                     may_write=lambda: not claim_lost_here())
     return 0
 
 
@@ -821,22 +842,32 @@ def write_final_outputs(model, cfg: TrainConfig, env: DistEnv, *, step: int, ela
 
 
 def write_samples_after_training(model, cfg: TrainConfig, env: DistEnv, split: Split, *, source: str, step: int,
-                                 stop: StopFlag) -> None:
-    """<output_dir>/samples.jsonl (trainer_core/samples.py), on rank 0. A failure is a warning: the run has
-    succeeded, its adapter is written. A stop signal ends it between two samples."""
+                                 stop: StopFlag, may_write) -> None:
+    """<output_dir>/samples.jsonl (trainer_core/samples.py), on rank 0, after the final outputs; none with
+    --sample_count 0 (an earlier one would not describe this adapter). A failure is a warning: the run has
+    succeeded. A stop signal ends it within a token (a cancel must not outlast the worker's grace period), and
+    a run that lost the output dir meanwhile (`may_write()` false) writes nothing."""
     path = Path(cfg.output_dir) / SAMPLES_FILE
+    if not cfg.sample_count:
+        path.unlink(missing_ok=True)
+        return
     t0 = time.time()
     try:
         gen = Generator(model, load_tokenizer(cfg.base_model), cfg.branch_stride)
+        stopping = lambda: stop.requested or not may_write()  # noqa: E731
         with eager_inference(model):
-            written = write_samples(gen, split, source=source, count=cfg.sample_count,
-                                    new_tokens=cfg.sample_new_tokens, step=step, path=path,
-                                    should_stop=lambda: stop.requested)
+            records = continue_samples(gen, split, source=source, count=cfg.sample_count,
+                                       new_tokens=cfg.sample_new_tokens, step=step, should_stop=stopping,
+                                       log=lambda line: print0(env, line))
+        if not may_write():
+            print0(env, f"note: no samples written: {cfg.output_dir} was taken over by a newer run meanwhile")
+            return
+        write_samples(path, records)
     except Exception as e:   # noqa: BLE001 (out of memory included)
         print0(env, f"warning: no samples written ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
         return
-    print0(env, f"samples: {written} {source} sample(s) continued by up to {cfg.sample_new_tokens} tokens a branch "
-                f"in {time.time() - t0:.1f} s: {path}")
+    print0(env, f"samples: {len(records)} {source} sample(s) continued by up to {cfg.sample_new_tokens} tokens a "
+                f"branch in {time.time() - t0:.1f} s: {path}")
 
 
 BEST_FILE = "validation.json"   # in adapter_best/: {"step", "val_loss", "val_set"} of the adapter saved there
@@ -923,6 +954,19 @@ def probe_logits(model, ds, samples, cfg: TrainConfig, env: DistEnv) -> list[flo
         print0(env, "out of memory computing the probe logits of the first sample; the final outputs are "
                     "written without them")
         return None
+
+
+def complete_metric(env: DistEnv, metrics_file: Path, step: int, fields: dict) -> None:
+    """Add `fields` to the step's metric record, in metrics.jsonl and as a new line on stdout (the server
+    replaces a step's point with a newer one); a new record when the step logged none."""
+    if not env.is_main:
+        return
+    lines = metrics_file.read_text(encoding="utf-8").splitlines() if metrics_file.exists() else []
+    records = [json.loads(ln) for ln in lines if ln.strip()]
+    logged = next((r for r in reversed(records) if r.get("step") == step and "event" not in r), None)
+    record = {**(logged or {"step": step, "loss": None, "time": round(time.time(), 3), "tokens": 0}), **fields}
+    _truncate_metrics(metrics_file, after_step=step - 1)
+    emit(env, record, metrics_file)
 
 
 def _truncate_metrics(path: Path, after_step: int) -> None:

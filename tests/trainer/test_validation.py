@@ -18,7 +18,7 @@ from trainer_core.data import (build_samples, collate_batch, load_or_tokenize, l
 from trainer_core.generate import Generator
 from trainer_core.layout import IGNORE_INDEX
 from trainer_core.model import load_adapter_dir, parallel_logits
-from trainer_core.samples import continue_sample
+from trainer_core.samples import continue_sample, continue_samples
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +85,13 @@ def test_held_out_samples_give_the_saved_adapters_loss_before_during_and_after_t
         for branch, ids in zip(record["branches"], branches):
             assert decode(ids).startswith(branch["start"] + branch["data"])
             assert len(gen.tokenizer(branch["generated"], add_special_tokens=False)["input_ids"]) <= 34
+    # a stop signal ends the work within a token (a cancel must not outlast the worker's grace period), and a
+    # sample cut short is not one
+    asked = []
+    stop_at_third_token = lambda: asked.append(1) or len(asked) > 3  # noqa: E731
+    assert continue_samples(gen, (ds, held_out), source="validation", count=2, new_tokens=32, step=7,
+                            should_stop=stop_at_third_token) == []
+    assert len(asked) < 8
 
 
 def test_a_validation_file_changes_nothing_in_training_and_ranks_share_its_samples(tmp_path, tiny_model_dir,
@@ -190,6 +197,14 @@ def test_a_run_taken_over_or_stopped_while_it_validates_writes_nothing_of_that_s
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_00000002"]
     assert "stop requested: this validation is left unfinished" in capsys.readouterr().err
     assert [json.loads(line).get("val_loss") for line in (out / "metrics.jsonl").read_text().splitlines()][-1] is None
+    # resumed, the run validates step 2 first: its point (completed, not repeated), adapter_best/ and the early
+    # stop's count must not miss it
+    monkeypatch.setattr(train_module, "validation_loss", validate)
+    assert train_module.train(cfg(out), one_process, train_module.StopFlag()) == 0
+    assert "step 2/4 | val loss" in capsys.readouterr().err
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1, 2, 3, 4]
+    assert lines[2]["val_loss"] is not None and lines[2]["loss"] is not None   # step 2's training loss kept
 
 
 def test_a_validation_out_of_memory_is_skipped_and_training_goes_on(tmp_path, monkeypatch, capsys, tiny_model_dir,
@@ -232,12 +247,17 @@ def test_samples_come_from_the_training_set_without_a_validation_set_and_cannot_
     [record] = [json.loads(line) for line in (tmp_path / "one" / "samples.jsonl").read_text().splitlines()]
     assert (record["source"], record["sample"], record["step"]) == ("training", 0, 2)
     assert "samples: 1 training sample(s) continued by up to 3 tokens a branch" in capsys.readouterr().err
-    assert run(tmp_path / "none", sample_count=0) == 0
+    # none with --sample_count 0, and none left of an earlier run: it would pass for this adapter's
+    assert run(tmp_path / "one", sample_count=0) == 0   # the same run at its end: its final outputs again
+    assert not (tmp_path / "one" / "samples.jsonl").exists()
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / "samples.jsonl").write_text('{"step": 1}\n')
+    assert run(tmp_path / "none", sample_count=0, resume=False) == 0
     assert (tmp_path / "none" / "adapter").is_dir() and not (tmp_path / "none" / "samples.jsonl").exists()
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
-    monkeypatch.setattr(train_module, "write_samples", out_of_memory)
+    monkeypatch.setattr(train_module, "continue_samples", out_of_memory)
     assert run(tmp_path / "oom") == 0
     assert "warning: no samples written (OutOfMemoryError: CUDA out of memory." in capsys.readouterr().err
     assert (tmp_path / "oom" / "adapter" / "adapter_model.safetensors").exists()
