@@ -11,8 +11,6 @@ import importlib
 import os
 import sys
 
-from trainer_core.config import parse_args_with_hints
-
 EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 130, 141   # as a shell reports death by SIGINT, SIGPIPE
 
 # subcommand -> (owner module, one-line help)
@@ -51,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     try:
+        from trainer_core.config import parse_args_with_hints   # pydantic: a Ctrl-C may come while it loads
+
         args = parse_args_with_hints(build_parser(command), argv)   # imports the owner: torch, seconds
         owner = importlib.import_module(args._module)
         run = getattr(owner, f"run_{args._command.replace('-', '_')}", None) or owner.run

@@ -80,7 +80,9 @@ def _add_exception_handlers(app: FastAPI) -> None:
         # FastAPI's own 422, except that a refused NaN/Infinity is echoed as text: JSON has no such numbers
         detail = _json_safe(jsonable_encoder(exc.errors()))
         content_type = request.headers.get("content-type", "")
-        if request.method in ("POST", "PUT", "PATCH") and "json" not in content_type:
+        media = content_type.split(";")[0].strip().lower()
+        declared_json = media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+        if request.method in ("POST", "PUT", "PATCH") and not declared_json:
             for error in detail:   # FastAPI reads a body that is not declared JSON as a string
                 if error.get("loc") == ["body"] and error.get("type") in ("model_attributes_type", "dict_type"):
                     error["msg"] = (f"a JSON object was expected, sent as Content-Type: application/json "

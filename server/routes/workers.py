@@ -25,7 +25,7 @@ from server.models import (
 from trainer_core.config import fields_at_default
 
 router = APIRouter(prefix="/workers", tags=["workers"], dependencies=[UserAuth], responses=error_responses(401))
-# every agent call but register names a worker (404), may find another process under its name (410) and writes
+# an agent call names a worker (404; register does not), may find another process under its name (410), writes
 agent_router = APIRouter(tags=["worker agent"], dependencies=[WorkerAuth],
                          responses=error_responses(401, 404, 410, 413, 503))
 

@@ -404,6 +404,7 @@ def test_nan_infinity_and_unknown_keys_are_422_naming_the_field(client, job_body
     for gpus in (True, "2", 1.5):   # not silently 1 or 2
         r = client.post("/api/jobs", json={**job_body(), "gpus": gpus})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "gpus"], r.text
+    assert client.get("/api/jobs").json()["count"] == 0   # nothing half-stored
 
 
 def test_a_lone_surrogate_or_an_overlong_path_is_a_422_naming_the_field(client, job_body, worker_headers):
@@ -425,10 +426,11 @@ def test_a_lone_surrogate_or_an_overlong_path_is_a_422_naming_the_field(client, 
     for path in ("a" * 300, "a/" * 3000):
         r = client.post("/api/jobs", json=job_body(init_adapter=path))
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "config", "init_adapter"], r.text
+    assert client.get("/api/jobs").json()["count"] == 0
 
 
 def test_a_body_not_sent_as_json_or_nested_too_deeply_says_so(client, job_body):
-    for headers in ({"Content-Type": "text/plain"}, {}):
+    for headers in ({"Content-Type": "text/plain"}, {"Content-Type": "text/json"}, {}):
         r = client.post("/api/jobs", content=json.dumps(job_body()), headers=headers)
         assert r.status_code == 422 and "Content-Type: application/json" in r.json()["detail"][0]["msg"], r.text
     r = client.post("/api/jobs", content="[" * 100_000 + "]" * 100_000, headers={"Content-Type": "application/json"})

@@ -847,3 +847,17 @@ def test_compare_says_when_the_validation_losses_average_other_samples():
         "validation set 10% of /d/demo.jsonl held out (seed 42) for #1; the file …/d/val.jsonl for #5"]
     from_file = {"val_data_path": "/d/val.jsonl", "data_path": "/d/a.jsonl"}
     assert validation_set_differences({"#6": from_file, "#7": {**from_file, "data_path": "/d/b.jsonl"}}) == []
+
+
+def test_samples_are_shown_as_tables_with_the_users_text_escaped():
+    """A sample is the user's data and the model's words: markup in either is shown, never run."""
+    from ui.tabs.jobs import samples_html
+
+    record = {"step": 30, "source": "validation", "sample": 0, "main": "Q: <script>alert(1)</script> & ${x}",
+              "branches": [{"start": "A <b>", "generated": "</td></tr><img src=x onerror=alert(2)>", "data": "1 < 2"}]}
+    shown = samples_html([record, {**record, "sample": 3, "source": "training"}])
+    assert "<script>" not in shown and "<img" not in shown and "A &lt;b&gt;" in shown
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; &amp; ${x}" in shown and "1 &lt; 2" in shown
+    assert shown.count("<table>") == 2 and "Sample 0 of the validation set" in shown
+    assert "Sample 3 of the training set" in shown and "<td>1</td>" in shown
+    assert samples_html([]) == ""
