@@ -25,14 +25,20 @@ def _start_serve(data_dir, port, log_path, **extra_env):
     log = open(log_path, "ab")
     proc = subprocess.Popen([sys.executable, "-m", "server", "--data-dir", str(data_dir), "--port", str(port)],
                             cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 90
+    _wait_healthy(proc, port, log_path)
+    return proc
+
+
+def _wait_healthy(proc, port, log_path, timeout_s: float = 90) -> None:
+    """Until the server answers /api/health (its data dir, token included, exists before it listens)."""
+    deadline = time.time() + timeout_s
     while True:
         try:
             if httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=1).status_code == 200:
-                return proc
+                return
         except httpx.TransportError:
             pass
-        assert proc.poll() is None and time.time() < deadline, log_path.read_text()
+        assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
         time.sleep(0.2)
 
 
@@ -274,10 +280,8 @@ def test_serve_started_in_another_checkout_runs_its_own_worker_and_trainer(data_
                                 cwd=stale, env={**os.environ, **FAST_LEASES}, stdout=log, stderr=subprocess.STDOUT)
     try:
         token = data_dir / "token"
+        _wait_healthy(proc, port, log_path)
         deadline = time.time() + 90
-        while not token.exists() or httpx.get(f"http://127.0.0.1:{port}/api/health").status_code != 200:
-            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.3)
         api = httpx.Client(base_url=f"http://127.0.0.1:{port}/api", timeout=10,
                            headers={"Authorization": f"Bearer {token.read_text().strip()}"})
         job = api.post("/jobs", json={"config": {**TINY_CONFIG, "max_steps": 2}, "gpus": 0}).json()
