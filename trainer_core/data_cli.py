@@ -62,6 +62,7 @@ def summarize(cfg: TrainConfig, with_example: bool = True, log=None) -> dict:
         "samples": len(samples),
         "validation_samples": held_out,
         "texts": int(branches.sum() + (samples.main >= 0).sum()),
+        "mains": int((samples.main >= 0).sum()),
         "branches_histogram": hist,
         "token_length_percentiles": _percentiles(text_lens),
         "sample_token_percentiles": _percentiles(lengths),
@@ -134,7 +135,8 @@ def format_summary(s: dict) -> str:
     return "\n".join([
         f"{s['data_path']}: OK",
         *[f"  warning: {w}" for w in s["warnings"]],
-        f"  records {s['records']:,} -> samples {s['samples']:,} ({s['texts']:,} texts incl. mains)"
+        f"  records {s['records']:,} -> samples {s['samples']:,} ({s['texts']:,} texts"
+        + (f", {s['mains']:,} of them mains)" if s.get("mains") else ")")
         + (f"; {s['validation_samples']:,} more held out for validation" if s.get("validation_samples") else ""),
         f"  branches per sample, main not counted (branches:samples): {hist}",
         f"  tokens per text   p50 {t['p50']}  p90 {t['p90']}  p99 {t['p99']}  max {t['max']}"

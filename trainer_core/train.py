@@ -384,8 +384,9 @@ def train(cfg: TrainConfig, env: DistEnv, stop: StopFlag) -> int:
             print0(env, f"warning: the validation set has more samples ({len(val[1])}) than training ({len(samples)})")
     for path, tokens in [(cfg.data_path, ds), *([(cfg.val_data_path, val[0])] if cfg.val_data_path else [])]:
         cut = int(tokens.text_truncated.sum())
-        if cut:
-            print0(env, f"warning: {cut:,} of {len(tokens.text_truncated):,} texts of {path} are longer than "
+        if cut:   # of the texts with a token, as data check counts them (an empty main is none)
+            texts = int((np.diff(tokens.text_offsets) > 0).sum())
+            print0(env, f"warning: {cut:,} of {texts:,} texts of {path} are longer than "
                         f"--max_seq_len {cfg.max_seq_len} and are cut to it (`paratrain data check {path} "
                         f"--tokenizer {cfg.base_model} --max_seq_len {cfg.max_seq_len}` counts them)")
     if cfg.max_steps is not None and total_steps < cfg.max_steps:

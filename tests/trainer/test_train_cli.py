@@ -172,13 +172,20 @@ def test_a_misspelt_flag_is_answered_with_the_flag_it_meant(capsys):
 def test_paratrain_train_is_the_trainer_in_one_process(tmp_path, tiny_model_dir, demo_data_path):
     out = tmp_path / "out"
     relative_model = tiny_model_dir.name     # as users type it, from the model's parent directory
-    proc = subprocess.run([str(BIN / "paratrain"), "train", *guide_args(relative_model, demo_data_path, out),
+    data = tmp_path / "data.jsonl"   # the demo, and a record with an empty main
+    data.write_text(demo_data_path.read_text() + json.dumps({"main": "", "branches": ["x " * 100, "y"]}) + "\n")
+    proc = subprocess.run([str(BIN / "paratrain"), "train", *guide_args(relative_model, data, out),
                            "--max_steps", "2", "--max_seq_len", "32"], capture_output=True, text=True, timeout=300,
                           cwd=tiny_model_dir.parent)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r["step"] for r in json_lines(proc.stdout) if "loss" in r] == [1, 2]
     # what the run does to the data and the positions is said, not silent
-    assert f"texts of {demo_data_path} are longer than --max_seq_len 32 and are cut to it" in proc.stderr
+    assert f"texts of {data} are longer than --max_seq_len 32 and are cut to it" in proc.stderr
+    # counted as `paratrain data check` counts them (an empty main was a text to the one, not the other)
+    from trainer_core.data_cli import summarize
+    checked = summarize(TrainConfig.from_cli(guide_args(tiny_model_dir, data, out, "--max_seq_len", "32")),
+                        with_example=False)
+    assert f"warning: {checked['truncated_texts']:,} of {checked['texts']:,} texts of" in proc.stderr
     assert "rope_2d_ratio 0.5 (4 of 8 rotary frequency pairs 2D)" in proc.stderr, proc.stderr
     # the adapter names its base model so that it resolves from anywhere, and says how to load it
     adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
