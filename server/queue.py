@@ -203,6 +203,8 @@ def list_workers(*, session: Session, settings: Settings) -> list[WorkerPublic]:
 def heartbeat(*, session: Session, worker: Worker, beat: Heartbeat, settings: Settings) -> list[int]:
     """Renews the leases of the jobs the worker still runs (and of its reservations); returns the jobs it
     must stop (cancelled, or no longer its own because a lease ran out)."""
+    if worker.left_at is not None:   # the bundled worker registers again on this answer (a 409, as for a lost one)
+        raise Conflict(f"worker {worker.name} left (POST .../leave); it registers again to run jobs")
     now = utcnow()
     lease = now + timedelta(seconds=settings.lease_ttl_s)
     worker.last_heartbeat_at = now

@@ -45,7 +45,7 @@ def register_worker(registration: WorkerRegister, session: WriteSessionDep,
                             lease_ttl_s=settings.lease_ttl_s)
 
 
-@agent_router.post("/workers/{worker_id}/heartbeat", response_model=HeartbeatReply)
+@agent_router.post("/workers/{worker_id}/heartbeat", response_model=HeartbeatReply, responses=error_responses(409))
 def heartbeat(worker_id: WorkerIdPath, beat: Heartbeat, session: WriteSessionDep,
               settings: SettingsDep) -> HeartbeatReply:
     worker = queue.get_worker(session=session, worker_id=worker_id, instance=beat.instance)

@@ -191,6 +191,8 @@ def test_a_worker_that_leaves_is_offline_at_once_and_online_again_when_it_regist
     assert again["state"] == "queued" and again["worker_id"] is None
     r = client.post(f"/api/workers/{wid}/claim", json={}, headers=worker_headers)   # it left: it takes no job
     assert r.status_code == 409 and "left" in r.json()["detail"], r.text
+    r = client.post(f"/api/workers/{wid}/heartbeat", json={"running_job_ids": []}, headers=worker_headers)
+    assert r.status_code == 409 and "registers again" in r.json()["detail"], r.text   # the agent then does
     assert client.get(f"/api/jobs/{job['id']}").json()["state"] == "queued"
     assert _register(client, worker_headers, name="box") == wid
     assert listed()["online"] is True and listed()["left_at"] is None

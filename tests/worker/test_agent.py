@@ -513,6 +513,28 @@ def test_a_worker_registers_again_when_the_server_forgot_it(live_server, start_a
     assert running.thread.is_alive()
 
 
+def test_a_worker_the_server_counts_as_left_registers_again(live_server, start_agent):
+    """A leave the worker did not mean (sent by another client, or answered after the worker went on): its
+    heartbeat gets a 409 and it registers again, instead of running on as an offline worker that claims nothing."""
+    running = start_agent()
+    deadline = time.time() + 10
+
+    def listed() -> list[dict]:
+        return live_server.api.get("/workers").json()["data"]
+
+    while not (listed() and listed()[0]["online"]):
+        assert time.time() < deadline
+        time.sleep(0.05)
+    worker_id = listed()[0]["id"]
+    headers = {"Authorization": f"Bearer {live_server.app.state.tokens.worker}"}
+    assert live_server.api.post(f"/workers/{worker_id}/leave", json={}, headers=headers).status_code == 204
+    assert not listed()[0]["online"]
+    while not listed()[0]["online"]:
+        assert time.time() < deadline + 10, "the worker did not register again"
+        time.sleep(0.05)
+    assert running.thread.is_alive() and listed()[0]["id"] == worker_id
+
+
 def test_a_second_process_under_the_same_name_takes_over_and_the_first_stops(live_server, start_agent,
                                                                             monkeypatch, job_body):
     """Two workers sharing a name (a copied config) must not both run jobs: the later registration wins,
