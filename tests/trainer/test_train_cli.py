@@ -307,7 +307,8 @@ def test_sigterm_saves_and_resume_matches_uninterrupted_run(tmp_path, tiny_model
     assert fresh.returncode == 0, fresh.stderr[-2000:]
     # the earlier run's final outputs go with its checkpoints: they would pass for this run's until it ends
     assert (f"--no-resume: deleting an earlier run's checkpoints/, paratrain_tiny-qwen2.pth, "
-            f"paratrain_tiny-qwen2_final.pth, adapter/ in {tmp_path / 'cut'}") in fresh.stderr, fresh.stderr
+            f"paratrain_tiny-qwen2_final.pth, adapter/, samples.jsonl in {tmp_path / 'cut'}") in fresh.stderr, \
+        fresh.stderr
     assert [r["step"] for r in json_lines(fresh.stdout) if "loss" in r] == [1, 2]
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["step_00000002"]
 
