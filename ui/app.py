@@ -100,7 +100,8 @@ def build_ui(api_base_url: str) -> ParatrainUI:
                                       elem_id="logout")
         with gr.Column(visible=True, elem_id="login-panel") as login_panel:
             token = gr.Textbox(label="API token", type="password", elem_id="login-token",
-                               info="Printed by `paratrain serve` and stored in <data_dir>/token.")
+                               info="`paratrain serve` shows it when it starts on a terminal; it is in "
+                                    "<data_dir>/token (default .paratrain/token).")
             login_button = gr.Button("Log in", variant="primary", elem_id="login-button")
             login_message = gr.Markdown(elem_id="login-message")
         with gr.Column(visible=False, elem_id="main-panel") as main_panel:
@@ -218,7 +219,7 @@ def build_ui(api_base_url: str) -> ParatrainUI:
             def fill(client, job_id):
                 values, which = train_on_values(client.get_job(job_id), client.best_adapter(job_id))
                 return values, (f"A new job starting from job #{job_id}'s {which} (init_adapter) is in the form, "
-                                "with its settings: change data_path and what else, and submit.")
+                                "with its settings: change data_path and anything else, then submit.")
             return into_form(session_value, selected, fill, "Cannot start from job #{job_id}'s adapter")
 
         # the job table is filled at once after logging in, not at the next timer tick

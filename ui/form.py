@@ -125,13 +125,12 @@ def build_config_form(open_groups: tuple[str, ...] = ("model", "data", "validati
 
 def _grid(names: typing.Sequence[str], make: typing.Callable[[str], gr.components.Component],
           wide: typing.Collection[str] = ()) -> dict[str, Any]:
-    """Inputs made by `make`: the `wide` ones (paths, cut short in a column) first, sharing one row, then the
+    """Inputs made by `make`: the `wide` ones (paths, cut short in a column) first, a row each, then the
     others filled into FORM_COLUMNS columns row by row."""
     made = {}
-    if wide_here := [name for name in names if name in wide]:
-        with gr.Row(equal_height=False):
-            for name in wide_here:
-                made[name] = make(name)
+    for name in (name for name in names if name in wide):
+        with gr.Row():
+            made[name] = make(name)
     with gr.Row(equal_height=False):
         columns = [gr.Column(min_width=200) for _ in range(FORM_COLUMNS)]
     for i, name in enumerate(name for name in names if name not in wide):

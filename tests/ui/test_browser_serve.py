@@ -161,6 +161,17 @@ def test_serve_end_to_end(serve):
             expect(page.locator("#dataset-summary")).to_contain_text("padding share")
             expect(page.locator("#layout-picture svg rect").first).to_be_visible()
         page.screenshot(path=shots / "06-dataset.png", full_page=True)
+        # a failed check leaves none of the earlier check's pictures beside its message, as if they were its
+        tab(page, "New job")
+        data_path = field(page, "cfg-data_path").input_value()
+        set_field(page, "cfg-data_path", "datasets/nope.jsonl")
+        tab(page, "Dataset")
+        page.locator("#check-dataset").click()
+        expect(page.locator("#dataset-summary")).to_contain_text("nope.jsonl")
+        expect(page.locator("#layout-picture svg")).to_have_count(0)
+        expect(page.locator("#branches-histogram")).to_be_hidden()
+        tab(page, "New job")
+        set_field(page, "cfg-data_path", data_path)
 
         # when the first job is done, its adapter downloads as a zip
         wait_for(lambda: api.get("/api/jobs/1").json()["state"] == "succeeded", timeout=120)

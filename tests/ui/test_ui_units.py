@@ -653,7 +653,7 @@ def test_the_compare_table_says_how_each_job_ended_and_only_the_settings_that_di
     table = results_table([("#1 a", first, [{"step": 0, "val_loss": 7.3}, {"step": 10, "val_loss": 7.0},
                                             {"step": 20, "val_loss": 7.05}]), ("#2 b", second, [])])
     # a sweep's --set values, found: the settings that differ, not output_dir (the server's) nor the others
-    assert list(table.columns) == ["job", "state", "progress", "lowest val loss", "last loss", "tokens/s", "peak GB",
+    assert list(table.columns) == ["job", "state", "progress", "lowest val loss", "last loss", "run tokens/s", "peak GB",
                                    "lora_rank", "learning_rate", "gpus"]
     assert table.iloc[0].tolist() == ["#1 a", "succeeded", "30/30 (100%)", "7.0000 (step 10)", "7.1000", "",
                                       "3.2", "8", "0.0001", "0"]   # lora_rank: #1's config lacks it, the default
@@ -661,7 +661,7 @@ def test_the_compare_table_says_how_each_job_ended_and_only_the_settings_that_di
     # tokens/s over the run (what it trained in its training loops' time), not its last step's
     points = [{"step": 1, "loss": 7.0, "tokens_seen": 1000, "train_s": 2.0},
               {"step": 2, "loss": 6.9, "tokens_seen": 3000, "train_s": 2.5}]
-    assert results_table([("#1 a", first, points)]).iloc[0]["tokens/s"] == "1,200"
+    assert results_table([("#1 a", first, points)]).iloc[0]["run tokens/s"] == "1,200"
     paths = results_table([("#1 a", first, []), ("#2 b", {**second, "config": {**second["config"],
                                                                                "data_path": "/srv/p/datasets/b.jsonl"}},
                                                 []),])

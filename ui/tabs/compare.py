@@ -99,10 +99,11 @@ def results_table(jobs: list[tuple[str, dict, list[dict]]]) -> pd.DataFrame:
         lowest = min(measured) if measured else None
         rows.append({"job": label, "state": job["state"], "progress": progress_text(job),
                      "lowest val loss": f"{lowest[0]:.4f} (step {lowest[1]})" if lowest else "",
-                     "last loss": fmt_number(job.get("last_loss"), 4), "tokens/s": fmt_number(run_speed(points)),
+                     "last loss": fmt_number(job.get("last_loss"), 4), "run tokens/s": fmt_number(run_speed(points)),
                      "peak GB": fmt_number(job.get("peak_mem_gb"), 1),
                      **{k: shown(k, setting(job, k)) for k in differing}})
-    return pd.DataFrame(rows, columns=["job", "state", "progress", "lowest val loss", "last loss", "tokens/s",
+    # "run tokens/s": the whole run's average (the Jobs table's is the last step's)
+    return pd.DataFrame(rows, columns=["job", "state", "progress", "lowest val loss", "last loss", "run tokens/s",
                                        "peak GB", *differing])
 
 

@@ -217,19 +217,22 @@ def create_dataset_tab(ctx: UiContext, form: ConfigForm, tokens_per_text: gr.Tex
     layout_heading = gr.Markdown("#### One sample's columnar layout (rows: branches, columns: time)", visible=False)
     layout = gr.HTML(elem_id="layout-picture")
 
+    # an earlier check's pictures are not left beside a failed check's message, where they would pass for its
+    # (histogram, layout, tokens_per_text, layout heading)
+    cleared = (gr.update(visible=False), "", gr.skip(), gr.update(visible=False))
+
     def check(session, *form_args):
         body = check_body(form.values(form_args))
         if not body.get("data_path") or not body.get("base_model"):
             return (f"Enter `data_path` and `base_model` in the New job tab first (the demo: `{DEMO_DATA}` and "
-                    f"`{DEMO_MODEL}`).", gr.update(visible=False), gr.skip(), gr.skip(), gr.skip(), gr.skip())
+                    f"`{DEMO_MODEL}`).", gr.update(visible=False), *cleared)
         try:
             s = ctx.client(session).check_dataset(body)
         except ApiError as e:
-            return f"✖ Check failed: {e}", gr.update(visible=False), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+            return f"✖ Check failed: {e}", gr.update(visible=False), *cleared
         errors_text = "\n".join(str(e) for e in s.get("errors") or [])
         if s.get("records") is None:  # only errors: the file could not be read as Parallel JSONL
-            return (summary_markdown(s, body), gr.update(value=errors_text, visible=True), gr.update(visible=False), "",
-                    gr.skip(), gr.update(visible=False))
+            return (summary_markdown(s, body), gr.update(value=errors_text, visible=True), *cleared)
         p90 = (s.get("token_length_percentiles") or {}).get("p90")
         has_histogram = bool(s.get("branches_histogram"))
         return (summary_markdown(s, body), gr.update(value=errors_text, visible=bool(errors_text)),

@@ -483,6 +483,9 @@ def create_jobs_tab(ctx: UiContext) -> JobsTab:
             lr_plot = gr.Plot(lr_chart([]), show_label=False, elem_id="lr-plot", elem_classes="curve-chart")
     # what the trained model writes, greedy from each branch's first tokens (trainer_core/samples.py)
     with gr.Accordion("Samples after training", open=True, visible=False, elem_id="job-samples-box") as samples_box:
+        gr.Markdown("What the trained model writes after each branch's first tokens (greedy), beside what the data "
+                    "has there. A small or briefly trained model writes noise or repeats itself; the tiny demo "
+                    "model always does.")
         samples = gr.HTML(elem_id="job-samples")
     refresh_timer = gr.Timer(2.0)
     poll_timer = gr.Timer(1.0)
