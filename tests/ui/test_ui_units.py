@@ -540,7 +540,8 @@ def test_workers_table_states_gpus_and_ages():
     ]
     rows = table_rows(workers, now)
     assert [r[0] for r in rows] == ["a-on", "c-drain", "b-off"]          # online, stopping, offline
-    assert rows[0][2:] == ["● online", "2 × H100 (79.6 GB)", "#3, #4", "0:00 ago"]
+    assert rows[0][2:] == ["● online", "2 × H100 (79.6 GB)", "#3, #4", "0 s ago"]
+    assert rows[1][5] == "2 s ago"
     assert rows[1][2] == "◐ stopping" and rows[2][2:4] == ["○ offline", "CPU only"]
     assert rows[2][5] == "2:30 ago"
     assert summary_text(workers).startswith("2 of 3 workers online, 3 GPUs among them")

@@ -46,6 +46,13 @@ def seconds_ago(timestamp: str | None, now: datetime) -> float | None:
     return None if then is None else (now - then).total_seconds()
 
 
+def ago_text(seconds: float | None) -> str:
+    """`12 s ago` under a minute (a heartbeat is seconds old: `0:00 ago` read as nothing), else `2:30 ago`."""
+    if seconds is None:
+        return ""
+    return f"{int(max(seconds, 0))} s ago" if seconds < 60 else f"{fmt_duration(seconds)} ago"
+
+
 def table_rows(workers: list[Worker], now: datetime) -> list[list[Any]]:
     """Online workers first, then by name."""
     order = {"online": 0, "stopping": 1, "offline": 2}
@@ -55,7 +62,7 @@ def table_rows(workers: list[Worker], now: datetime) -> list[list[Any]]:
         ago = seconds_ago(w.get("last_heartbeat_at"), now)
         rows.append([w["name"], w.get("hostname") or "", f"{STATE_ICONS[state]} {state}", gpus_text(w),
                      ", ".join(f"#{j}" for j in w.get("running_job_ids") or []),
-                     f"{fmt_duration(ago)} ago" if ago is not None else ""])
+                     ago_text(ago)])
     return rows
 
 
