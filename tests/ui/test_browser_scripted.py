@@ -111,7 +111,9 @@ def test_ui_flow_with_scripted_worker(live_server, scripted_worker, request, cap
         expect(field(page, "cfg-lora_rank")).to_have_value("4")
         expect(field(page, "cfg-max_steps")).to_have_value("40")
 
-        # submit: the UI switches to the Jobs tab with the new job selected
+        # submit: the UI switches to the Jobs tab with the new job selected. A fresh heartbeat first: on busy
+        # cores the steps above can outlast the lease TTL since registering (CI at 2183ccc: "No worker is online")
+        scripted_worker.heartbeat([])
         page.locator("#submit-job").click()
         expect(page.locator("#submit-status")).to_contain_text("is queued")
         expect(page.locator("#submit-status")).not_to_contain_text("⚠")  # the worker has the GPU it asks for
