@@ -242,7 +242,7 @@ class ParallelBranchLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, pos1d: torch.Tensor,
                 branch_pos: torch.Tensor, time_ids: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         hidden = hidden_states(self.peft_model, input_ids, pos1d, branch_pos, time_ids, sample_ids)
-        return chunked_cross_entropy(hidden, labels, self.peft_model.get_base_model().get_output_embeddings())
+        return chunked_cross_entropy(hidden, labels, output_layer(self.peft_model))
 
 
 def attention_mask_for(model: nn.Module, time_ids: torch.Tensor, sample_ids: torch.Tensor):
